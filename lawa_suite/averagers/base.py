@@ -1,0 +1,203 @@
+"""The averager contract shared by every method (one thin base; methods never subclass each other).
+
+An averager is a function of a weight trajectory: it consumes ``(step, weights)`` pairs one at a time and
+hands back averaged weights at any moment. The training loop feeds it after every real optimizer step
+(online); ``posthoc`` feeds it saved checkpoints. Averagers are passive: they never touch the model.
+
+Shared rules (design.md, "Averager semantics"):
+- the first observation fixes the layout (names, shapes, dtypes); a later one that differs is an error;
+- float tensors are accumulated in float32 (float64 for float64 models) and handed back in the model's
+  dtype; non-float tensors (e.g. BatchNorm's ``num_batches_tracked``) are copied from the newest accepted
+  observation, never averaged;
+- an observation holding NaN or Inf is refused with a warning and leaves the average untouched.
+
+A subclass supplies ``Config`` (a dataclass whose fields are its ``<name>.<field>`` keys), ``wants``,
+``_update``, ``_averaged_floats``, ``ready`` and ``_extra_state`` / ``_load_extra_state``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+Weights = nn.Module | Mapping[str, Tensor]
+
+
+class NonFiniteWarning(UserWarning):
+    """An observation held NaN or Inf and was refused."""
+
+
+def named_tensors(weights: Weights) -> dict[str, Tensor]:
+    """The ``name -> tensor`` view of a module (its state_dict: parameters and buffers) or a mapping."""
+    if isinstance(weights, nn.Module):
+        return weights.state_dict()
+    if isinstance(weights, Mapping):
+        return dict(weights)
+    raise TypeError(f"weights must be an nn.Module or a mapping of name -> Tensor, got {type(weights).__name__}")
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for every float dtype up to 32 bits, float64 for float64: never accumulate in bf16/fp16."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def all_finite(tensors: list[Tensor]) -> bool:
+    """True if no tensor holds NaN or Inf. One fused norm pass, one host sync; exact fallback on overflow."""
+    if not tensors:
+        return True
+    norms = torch._foreach_norm(tensors)
+    if bool(torch.isfinite(torch.stack([n.double() for n in norms]).sum())):
+        return True
+    # A huge-but-finite tensor can overflow the norm: decide exactly.
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """What the first observation fixed: order, shapes and dtypes of every tensor, and which are floats."""
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[torch.dtype, ...]
+
+    @classmethod
+    def of(cls, tensors: Mapping[str, Tensor]) -> "Layout":
+        return cls(tuple(tensors), tuple(tuple(t.shape) for t in tensors.values()),
+                   tuple(t.dtype for t in tensors.values()))
+
+    @property
+    def float_names(self) -> list[str]:
+        return [n for n, d in zip(self.names, self.dtypes) if d.is_floating_point]
+
+    @property
+    def other_names(self) -> list[str]:
+        return [n for n, d in zip(self.names, self.dtypes) if not d.is_floating_point]
+
+    def mismatch(self, tensors: Mapping[str, Tensor]) -> str | None:
+        """A one-line description of how ``tensors`` differ from this layout, or None."""
+        if tuple(tensors) != self.names:
+            missing = sorted(set(self.names) - set(tensors))
+            extra = sorted(set(tensors) - set(self.names))
+            return f"keys differ from the first observation (missing: {missing or '-'}; extra: {extra or '-'})"
+        for name, shape, dtype, t in zip(self.names, self.shapes, self.dtypes, tensors.values()):
+            if tuple(t.shape) != shape or t.dtype != dtype:
+                return f"'{name}' is {t.dtype} {tuple(t.shape)}, the first observation had {dtype} {shape}"
+        return None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"names": list(self.names), "shapes": [list(s) for s in self.shapes],
+                "dtypes": [str(d).removeprefix("torch.") for d in self.dtypes]}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "Layout":
+        return cls(tuple(data["names"]), tuple(tuple(s) for s in data["shapes"]),
+                   tuple(getattr(torch, d) for d in data["dtypes"]))
+
+
+class Averager(ABC):
+    """Base of every averager. Construct with keyword arguments: the fields of ``Config``."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type]  # a dataclass; its __post_init__ raises ValueError naming the bad field
+
+    #: True if the averaged weights' BatchNorm statistics are stale and should be recalibrated before
+    #: scoring (all three built-ins: an average of weights does not come with matching statistics).
+    needs_bn_recalibration: ClassVar[bool] = True
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.config = self.Config(**kwargs)
+        self.layout: Layout | None = None
+        self.refused = 0                        # observations refused for NaN/Inf
+        self.updates = 0                        # observations that changed the average
+        self.last_step: int | None = None       # step of the newest accepted observation
+        self._others: list[Tensor] = []         # non-float tensors of the newest accepted observation
+
+    # -- the contract -------------------------------------------------------------------------------
+    def start_run(self, total_steps: int) -> None:
+        """Told once, before the first observation, how many steps the run will take (for fractions)."""
+
+    def observe(self, step: int, weights: Weights) -> bool:
+        """Consume the weights after optimizer step ``step``. Returns True if the average changed."""
+        if not self.wants(step):
+            return False
+        tensors = named_tensors(weights)
+        if self.layout is None:
+            self.layout = Layout.of(tensors)
+        elif (problem := self.layout.mismatch(tensors)) is not None:
+            raise ValueError(f"{self.name}: observation at step {step}: {problem}")
+        floats = [tensors[n] for n in self.layout.float_names]
+        if not all_finite(floats):
+            self.refused += 1
+            warnings.warn(f"{self.name}: the weights at step {step} hold NaN or Inf; observation refused "
+                          f"({self.refused} so far)", NonFiniteWarning, stacklevel=2)
+            return False
+        self._update(step, floats)
+        self._others = [tensors[n].detach().clone() for n in self.layout.other_names]
+        self.last_step = step
+        self.updates += 1
+        return True
+
+    def average(self) -> dict[str, Tensor] | None:
+        """The averaged weights (``name -> tensor`` in the model's dtypes), or None before ready."""
+        if not self.ready or self.layout is None:
+            return None
+        floats = dict(zip(self.layout.float_names, self._averaged_floats()))
+        others = dict(zip(self.layout.other_names, self._others))
+        return {name: (floats[name].to(dtype) if name in floats else others[name].clone())
+                for name, dtype in zip(self.layout.names, self.layout.dtypes)}
+
+    @property
+    @abstractmethod
+    def ready(self) -> bool:
+        """True once ``average()`` has something to return."""
+
+    @abstractmethod
+    def wants(self, step: int) -> bool:
+        """Whether the observation at ``step`` would be used. Pure: no side effects."""
+
+    @abstractmethod
+    def _update(self, step: int, floats: list[Tensor]) -> None:
+        """Fold in the float tensors (in layout order, model dtype) of an accepted, finite observation."""
+
+    @abstractmethod
+    def _averaged_floats(self) -> list[Tensor]:
+        """The averaged float tensors in layout order, in the accumulation dtype (cast by the caller)."""
+
+    @abstractmethod
+    def _extra_state(self) -> dict[str, Any]:
+        """Method state: tensors and JSON-able values (nested dicts and lists allowed)."""
+
+    @abstractmethod
+    def _load_extra_state(self, state: Mapping[str, Any]) -> None:
+        """Inverse of ``_extra_state``."""
+
+    # -- state --------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue identically: config, layout, counters and method state."""
+        return {
+            "name": self.name,
+            "config": dataclasses.asdict(self.config),
+            "layout": self.layout.to_json() if self.layout else None,
+            "counters": {"refused": self.refused, "updates": self.updates, "last_step": self.last_step},
+            "others": list(self._others),
+            "state": self._extra_state(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        saved = self.Config(**state["config"])
+        if saved != self.config:
+            raise ValueError(f"{self.name}: the saved state was made with {saved}, this averager has {self.config}")
+        self.layout = Layout.from_json(state["layout"]) if state["layout"] else None
+        counters = state["counters"]
+        self.refused, self.updates, self.last_step = counters["refused"], counters["updates"], counters["last_step"]
+        self._others = [t.clone() for t in state["others"]]
+        self._load_extra_state(state["state"])
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(self.config).items())
+        return f"{type(self).__name__}({fields})"

@@ -1,0 +1,111 @@
+"""EMA: an exponential moving average of the weights, updated every ``every`` steps from step ``start``.
+
+At observed steps ``s >= start`` with ``(s - start) % every == 0`` the first one copies the weights and each
+later one does ``avg = lerp(avg, w, 1 - decay**every)``, so ``decay`` is per optimizer step whatever the
+update interval (ema-pytorch, NeMo and Lightning apply it per update instead, which changes the averaging
+horizon with ``every``). With ``every=1, start=0`` this is ``torch.optim.swa_utils.AveragedModel(
+multi_avg_fn=get_ema_multi_avg_fn(decay))`` with one fused ``_foreach_lerp_`` per step.
+
+The accumulators are float32 (float64 for float64 tensors) on the weights' device, so a bf16 model's EMA
+keeps moving: in bf16 an update of ``(1 - 0.999) * (w - avg)`` is usually rounded away.
+
+The helpers below are shared by the other averagers (SWA and LAWA import them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lawa_suite import registry
+from lawa_suite.averagers.base import Averager, accumulation_dtype
+from lawa_suite.config import require
+
+__all__ = ["EMA", "ema_update_", "accumulator_copy", "cast_like", "follow_devices", "is_count"]
+
+
+def is_count(value: Any, minimum: int) -> bool:
+    """True for a real integer (not a bool) ``>= minimum``: what step counts and window sizes must be."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def accumulator_copy(floats: list[Tensor]) -> list[Tensor]:
+    """Fresh, contiguous copies of ``floats`` in the accumulation dtype, on their devices.
+
+    ``copy=True`` matters: ``t.to(torch.float32)`` of a float32 tensor returns ``t`` itself, which would make
+    the "average" an alias of the live weights.
+    """
+    return [t.detach().to(dtype=accumulation_dtype(t.dtype), memory_format=torch.contiguous_format, copy=True)
+            for t in floats]
+
+
+def cast_like(tensors: list[Tensor], like: list[Tensor]) -> list[Tensor]:
+    """``tensors[i]`` in the dtype and on the device of ``like[i]``; tensors that already match pass through."""
+    return [t if (t.dtype == ref.dtype and t.device == ref.device) else t.to(device=ref.device, dtype=ref.dtype)
+            for t, ref in zip(tensors, like)]
+
+
+def follow_devices(accumulators: list[Tensor], weights: list[Tensor]) -> list[Tensor]:
+    """``accumulators`` moved to their weights' devices where they differ (after a load from a CPU checkpoint)."""
+    return [a if a.device == w.device else a.to(w.device) for a, w in zip(accumulators, weights)]
+
+
+@torch.no_grad()
+def ema_update_(avg: list[Tensor], new: list[Tensor], weight: float) -> None:
+    """``avg[i] <- avg[i] + weight * (new[i] - avg[i])`` in place, one fused multi-tensor kernel.
+
+    ``new`` is cast to each accumulator's dtype only where it differs (a bf16 model into fp32 accumulators).
+    """
+    torch._foreach_lerp_(avg, cast_like(new, avg), weight)
+
+
+@registry.averagers.register("ema")
+class EMA(Averager):
+    """Exponential moving average with per-step ``decay``, updated every ``every`` steps from ``start``."""
+
+    name = "ema"
+
+    @dataclass
+    class Config:
+        decay: float = 0.999  # per optimizer step; an update every `every` steps uses decay**every
+        every: int = 1        # update on every `every`-th step from `start`
+        start: int = 0        # first step that may update (the first update copies the weights)
+
+        def __post_init__(self) -> None:
+            require(isinstance(self.decay, (int, float)) and 0.0 < self.decay < 1.0, "decay",
+                    "a number in (0, 1)", self.decay)
+            require(is_count(self.every, 1), "every", "an integer >= 1", self.every)
+            require(is_count(self.start, 0), "start", "an integer >= 0", self.start)
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._avg: list[Tensor] = []  # float accumulators in layout order; empty until the first update
+
+    @property
+    def ready(self) -> bool:
+        return bool(self._avg)
+
+    def wants(self, step: int) -> bool:
+        return step >= self.config.start and (step - self.config.start) % self.config.every == 0
+
+    def _update(self, step: int, floats: list[Tensor]) -> None:
+        if not self._avg:
+            self._avg = accumulator_copy(floats)
+            return
+        self._avg = follow_devices(self._avg, floats)
+        ema_update_(self._avg, floats, 1.0 - self.config.decay ** self.config.every)
+
+    def _averaged_floats(self) -> list[Tensor]:
+        # Copies: the base casts with .to(dtype), which returns the accumulator itself for fp32 models, and a
+        # caller that edits the returned average in place must not edit the EMA.
+        return [a.clone() for a in self._avg]
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {"average": list(self._avg)}
+
+    def _load_extra_state(self, state: Mapping[str, Any]) -> None:
+        self._avg = [t.detach().clone() for t in state["average"]]

@@ -1,0 +1,252 @@
+"""LAWA (Latest Weight Averaging; Kaddour 2022, Sanyal et al. 2024): the mean of the latest ``k`` snapshots
+taken every ``nu`` steps.
+
+A snapshot is kept at every step divisible by ``nu``; the average is ready once ``k`` exist. The update is
+O(1) in ``k``: a running sum of the window in float32 (float64 for float64 models), on the weights'
+device, gains the new snapshot and loses the one leaving the window. Adding and subtracting in floating
+point drifts over a long run (a large early snapshot leaves rounding error behind that no later
+subtraction removes), so once every ``k`` evictions the sum is recomputed from the stored window instead:
+``k`` additions every ``k`` evictions, amortised O(1), and the error never outlives two windows.
+
+Snapshots are exact copies in the model's dtype (bf16 stays bf16), never on an accelerator: in host memory
+(``store=cpu``) or as safetensors files in a folder (``store=disk``, read back only to subtract or
+recompute; ``dir`` names the folder, one per averager, else a fresh temporary folder removed with the
+averager). They are always real copies: ``.cpu()`` of a CPU tensor returns the tensor itself, which made the
+original LAWA code store ``k`` aliases of the live weights when training on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import weakref
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from lawa_suite import registry
+from lawa_suite.averagers.base import Averager
+from lawa_suite.averagers.ema import accumulator_copy, cast_like, follow_devices, is_count
+from lawa_suite.config import choice, require
+
+__all__ = ["LAWA", "snapshot_copy", "window_push_", "window_slide_", "window_sum", "window_mean",
+           "MemorySnapshots", "DiskSnapshots"]
+
+
+# -- the window sum: pure helpers ---------------------------------------------------------------------
+def snapshot_copy(floats: list[Tensor]) -> list[Tensor]:
+    """Contiguous host copies of ``floats`` in their own dtype; always copies, even from CPU tensors."""
+    return [t.detach().to("cpu", copy=True, memory_format=torch.contiguous_format) for t in floats]
+
+
+@torch.no_grad()
+def window_push_(total: list[Tensor], new: list[Tensor]) -> None:
+    """``total += new`` in place (``new`` cast to the accumulator's dtype and device)."""
+    torch._foreach_add_(total, cast_like(new, total))
+
+
+@torch.no_grad()
+def window_slide_(total: list[Tensor], new: list[Tensor], old: list[Tensor]) -> None:
+    """``total += new - old`` in place: the snapshot ``old`` leaves the window as ``new`` enters it."""
+    torch._foreach_sub_(total, cast_like(old, total))
+    torch._foreach_add_(total, cast_like(new, total))
+
+
+@torch.no_grad()
+def window_sum(snapshots: Iterable[list[Tensor]], like: list[Tensor]) -> list[Tensor]:
+    """A fresh sum of ``snapshots`` in the dtypes and on the devices of ``like`` (the drift-free recompute)."""
+    total = [torch.zeros_like(t, memory_format=torch.contiguous_format) for t in like]
+    for snapshot in snapshots:
+        window_push_(total, snapshot)
+    return total
+
+
+@torch.no_grad()
+def window_mean(total: list[Tensor], k: int) -> list[Tensor]:
+    """New tensors ``total / k``."""
+    return list(torch._foreach_div(total, float(k)))
+
+
+# -- where the window's snapshots live ------------------------------------------------------------------
+class SnapshotStore(Protocol):
+    """An ordered window of ``(step, tensors)`` snapshots, oldest first."""
+
+    @property
+    def steps(self) -> list[int]: ...
+    def __len__(self) -> int: ...
+    def __iter__(self) -> Iterator[list[Tensor]]: ...
+    def append(self, step: int, tensors: list[Tensor]) -> None: ...
+    def pop_oldest(self) -> list[Tensor]: ...
+    def drop_oldest(self) -> None: ...
+    def clear(self) -> None: ...
+
+
+class MemorySnapshots:
+    """The window in host memory (``store=cpu``)."""
+
+    def __init__(self) -> None:
+        self._steps: deque[int] = deque()
+        self._tensors: deque[list[Tensor]] = deque()
+
+    @property
+    def steps(self) -> list[int]:
+        return list(self._steps)
+
+    def __len__(self) -> int:
+        return len(self._steps)
+
+    def __iter__(self) -> Iterator[list[Tensor]]:
+        return iter(list(self._tensors))
+
+    def append(self, step: int, tensors: list[Tensor]) -> None:
+        self._steps.append(step)
+        self._tensors.append(tensors)
+
+    def pop_oldest(self) -> list[Tensor]:
+        self._steps.popleft()
+        return self._tensors.popleft()
+
+    def drop_oldest(self) -> None:
+        self.pop_oldest()
+
+    def clear(self) -> None:
+        self._steps.clear()
+        self._tensors.clear()
+
+
+class DiskSnapshots:
+    """The window as one safetensors file per snapshot (``store=disk``); host memory holds only their steps.
+
+    ``folder`` is created if needed; an empty one means a fresh temporary folder, made on first use and
+    removed when this store is garbage collected. Files are written under a temporary name and renamed, so
+    a crash never leaves a half-written snapshot under a real name.
+    """
+
+    def __init__(self, folder: str = "") -> None:
+        self._folder = folder
+        self._made = False  # the folder is made on first use: an averager that never snapshots leaves no trace
+        self._steps: deque[int] = deque()
+
+    @property
+    def folder(self) -> str:
+        if not self._made:
+            if self._folder:
+                os.makedirs(self._folder, exist_ok=True)
+            else:
+                self._folder = tempfile.mkdtemp(prefix="lawa-snapshots-")
+                weakref.finalize(self, shutil.rmtree, self._folder, True)
+            self._made = True
+        return self._folder
+
+    def path(self, step: int) -> str:
+        return os.path.join(self.folder, f"snapshot-{step:010d}.safetensors")
+
+    @property
+    def steps(self) -> list[int]:
+        return list(self._steps)
+
+    def __len__(self) -> int:
+        return len(self._steps)
+
+    def __iter__(self) -> Iterator[list[Tensor]]:
+        return (self._read(step) for step in list(self._steps))
+
+    def append(self, step: int, tensors: list[Tensor]) -> None:
+        path = self.path(step)
+        save_file({str(i): t for i, t in enumerate(tensors)}, path + ".tmp")
+        os.replace(path + ".tmp", path)
+        self._steps.append(step)
+
+    def pop_oldest(self) -> list[Tensor]:
+        tensors = self._read(self._steps[0])
+        self.drop_oldest()
+        return tensors
+
+    def drop_oldest(self) -> None:
+        os.remove(self.path(self._steps.popleft()))
+
+    def clear(self) -> None:
+        while self._steps:
+            self.drop_oldest()
+
+    def _read(self, step: int) -> list[Tensor]:
+        by_index = load_file(self.path(step), device="cpu")
+        return [by_index[str(i)] for i in range(len(by_index))]
+
+
+# -- the averager ---------------------------------------------------------------------------------------
+@registry.averagers.register("lawa")
+class LAWA(Averager):
+    """Mean of the latest ``k`` snapshots taken at steps divisible by ``nu``."""
+
+    name = "lawa"
+
+    @dataclass
+    class Config:
+        k: int = 5                              # snapshots in the window
+        nu: int = 100                           # a snapshot at every step divisible by nu
+        store: str = choice("cpu", "cpu", "disk")  # where snapshots live: host memory or safetensors files
+        dir: str = ""                           # folder for store=disk; empty = a fresh temporary folder
+
+        def __post_init__(self) -> None:
+            require(is_count(self.k, 1), "k", "an integer >= 1", self.k)
+            require(is_count(self.nu, 1), "nu", "an integer >= 1", self.nu)
+            require(self.store in ("cpu", "disk"), "store", "one of cpu, disk", self.store)
+            require(isinstance(self.dir, str), "dir", "a folder path (empty = a temporary folder)", self.dir)
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._store: SnapshotStore = (DiskSnapshots(self.config.dir) if self.config.store == "disk"
+                                      else MemorySnapshots())
+        self._sum: list[Tensor] = []  # sum of the window's snapshots in the accumulation dtype, layout order
+        self._evictions = 0           # snapshots that left the window; the sum is recomputed every k of them
+
+    @property
+    def ready(self) -> bool:
+        return len(self._store) == self.config.k
+
+    @property
+    def snapshot_steps(self) -> list[int]:
+        """Steps of the snapshots in the window, oldest first."""
+        return self._store.steps
+
+    def wants(self, step: int) -> bool:
+        return step % self.config.nu == 0
+
+    def _update(self, step: int, floats: list[Tensor]) -> None:
+        k = self.config.k
+        self._store.append(step, snapshot_copy(floats))
+        if not self._sum:
+            self._sum = accumulator_copy(floats)
+            return
+        self._sum = follow_devices(self._sum, floats)
+        if len(self._store) <= k:
+            window_push_(self._sum, floats)
+            return
+        self._evictions += 1
+        if self._evictions % k == 0:  # drift control: an exact sum of the window, amortised O(1)
+            self._store.drop_oldest()
+            self._sum = window_sum(self._store, like=self._sum)
+        else:
+            window_slide_(self._sum, floats, self._store.pop_oldest())
+
+    def _averaged_floats(self) -> list[Tensor]:
+        return window_mean(self._sum, self.config.k)
+
+    def _extra_state(self) -> dict[str, Any]:
+        # The disk store's snapshots are read back too, so a checkpoint is self-contained.
+        return {"steps": self._store.steps, "snapshots": list(self._store), "sum": list(self._sum),
+                "evictions": self._evictions}
+
+    def _load_extra_state(self, state: Mapping[str, Any]) -> None:
+        self._store.clear()
+        for step, tensors in zip(state["steps"], state["snapshots"], strict=True):
+            self._store.append(int(step), snapshot_copy(list(tensors)))
+        self._sum = [t.detach().clone() for t in state["sum"]]
+        self._evictions = int(state["evictions"])

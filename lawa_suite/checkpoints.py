@@ -1,0 +1,314 @@
+"""Crash-safe checkpoints: atomic save, manifest, verify, list, retention, and nested-state serialisation.
+
+Commit protocol (a checkpoint is valid iff ``step-N/manifest.json`` exists and every hash in it verifies):
+  1. every file is written into a staging folder ``.step-N.tmp-<token>/`` and fsynced;
+  2. ``manifest.json`` (format, step, per-file size and sha256, config hash) is written last and fsynced;
+  3. the staging folder is fsynced, renamed to ``step-N``, and the parent folder fsynced;
+  4. only then does retention delete the oldest committed checkpoints beyond ``keep``.
+A crash at any point leaves every earlier checkpoint untouched; staging leftovers are never listed and are
+removed by ``clean_leftovers`` at the next start. Tensors go to safetensors (no pickle); the rest of a nested
+state (optimizer, RNG, counters) goes to JSON with placeholders pointing at the tensors.
+
+``SUITE_FAULT=<point>@<step>`` kills the process with SIGKILL at a named point of the protocol (for the
+crash tests): see ``FAULT_POINTS``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+__all__ = ["CheckpointError", "Checkpoint", "FAULT_POINTS", "fault_point", "flatten_state", "unflatten_state",
+           "write_atomic", "save_tensors_atomic", "commit_checkpoint", "verify", "list_checkpoints",
+           "latest_valid", "apply_retention", "clean_leftovers", "state_writers", "tensor_writer", "read_state",
+           "sha256_file"]
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+_STAGING = re.compile(r"^\.step-(\d+)\.tmp-[0-9a-f]+$")
+FAULT_POINTS = ("after_first_file", "before_manifest", "after_manifest_before_rename",
+                "after_rename_before_dir_fsync", "during_retention_delete")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read; the message names the file."""
+
+
+def fault_point(name: str, step: int) -> None:
+    """Die by SIGKILL here if ``SUITE_FAULT`` names this point and step (crash-safety tests only)."""
+    spec = os.environ.get("SUITE_FAULT")
+    if spec and spec == f"{name}@{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# -- nested state <-> (tensors, JSON) -----------------------------------------------------------------
+def flatten_state(state: Any) -> tuple[dict[str, torch.Tensor], Any]:
+    """Split a nested structure into a flat ``{path: tensor}`` dict and a JSON skeleton that references it.
+
+    Dicts with non-string keys (optimizer states are keyed by int) and tuples survive the round trip.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(node: Any, path: str) -> Any:
+        if isinstance(node, torch.Tensor):
+            tensors[path] = node.detach()
+            return {"__tensor__": path}
+        if isinstance(node, dict):
+            if all(isinstance(k, str) for k in node):
+                return {"__dict__": {k: walk(v, f"{path}/{k}") for k, v in node.items()}}
+            return {"__pairs__": [[k, walk(v, f"{path}/{k}")] for k, v in node.items()]}
+        if isinstance(node, (list, tuple)):
+            items = [walk(v, f"{path}/{i}") for i, v in enumerate(node)]
+            return {"__tuple__": items} if isinstance(node, tuple) else items
+        if node is None or isinstance(node, (bool, int, float, str)):
+            return node
+        if hasattr(node, "tolist"):  # numpy arrays and scalars (numpy RNG state)
+            return {"__array__": node.tolist(), "dtype": str(node.dtype)}
+        raise CheckpointError(f"cannot serialise {type(node).__name__} at {path or '/'}")
+
+    return tensors, walk(state, "")
+
+
+def unflatten_state(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of ``flatten_state``."""
+    if isinstance(skeleton, list):
+        return [unflatten_state(v, tensors) for v in skeleton]
+    if not isinstance(skeleton, dict):
+        return skeleton
+    if "__tensor__" in skeleton:
+        return tensors[skeleton["__tensor__"]]
+    if "__dict__" in skeleton:
+        return {k: unflatten_state(v, tensors) for k, v in skeleton["__dict__"].items()}
+    if "__pairs__" in skeleton:
+        return {k: unflatten_state(v, tensors) for k, v in skeleton["__pairs__"]}
+    if "__tuple__" in skeleton:
+        return tuple(unflatten_state(v, tensors) for v in skeleton["__tuple__"])
+    if "__array__" in skeleton:
+        import numpy as np
+        return np.asarray(skeleton["__array__"], dtype=skeleton["dtype"])
+    raise CheckpointError(f"unknown node in checkpoint state: {sorted(skeleton)}")
+
+
+def _savable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses shared or non-contiguous storage (tied weights): copy only those tensors."""
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for name, t in tensors.items():
+        t = t.detach().cpu()
+        key = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.numel() else (id(t), 0)
+        if key in seen or not t.is_contiguous() or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t = t.contiguous().clone()
+        seen.add(key)
+        out[name] = t
+    return out
+
+
+# -- atomic files ---------------------------------------------------------------------------------------
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Write ``path`` via a temporary sibling, fsync, rename into place, fsync the folder."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
+    try:
+        write(tmp)
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"could not write {path}: {exc.strerror or exc}") from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file, written atomically (trajectory snapshots, derived checkpoints)."""
+    safe = _savable(tensors)
+    write_atomic(path, lambda tmp: save_file(safe, str(tmp), metadata=metadata))
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# -- checkpoints ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Checkpoint:
+    step: int
+    path: Path
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def _write_into(staging: Path, name: str, write: Callable[[Path], None]) -> dict[str, Any]:
+    target = staging / name
+    try:
+        write(target)
+        _fsync_file(target)
+    except OSError as exc:
+        raise CheckpointError(f"could not write {target}: {exc.strerror or exc}") from exc
+    return {"size": target.stat().st_size, "sha256": sha256_file(target)}
+
+
+def commit_checkpoint(root: Path, step: int, files: dict[str, Callable[[Path], None]],
+                      info: dict[str, Any] | None = None, staging_token: str | None = None) -> Path:
+    """Write ``files`` (name -> writer of that path) as checkpoint ``step`` under ``root``, atomically.
+
+    ``staging_token`` lets several processes agree on one staging folder (each writes its own files first).
+    On any error the staging folder is removed and earlier checkpoints are untouched.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / step_dir_name(step)
+    staging = root / f".{step_dir_name(step)}.tmp-{staging_token or secrets.token_hex(6)}"
+    staging.mkdir(exist_ok=True)
+    try:
+        entries = {}
+        for i, (name, write) in enumerate(files.items()):
+            entries[name] = _write_into(staging, name, write)
+            if i == 0:
+                fault_point("after_first_file", step)
+        for extra in sorted(p.name for p in staging.iterdir()):  # files other processes put there
+            if extra not in entries:
+                entries[extra] = {"size": (staging / extra).stat().st_size, "sha256": sha256_file(staging / extra)}
+        fault_point("before_manifest", step)
+        manifest = {"format": FORMAT_VERSION, "step": step, "files": dict(sorted(entries.items())), **(info or {})}
+        _write_into(staging, MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1, sort_keys=True)))
+        _fsync_dir(staging)
+        fault_point("after_manifest_before_rename", step)
+        if final.exists():  # the same step saved again (e.g. a periodic save that is also the final one)
+            shutil.rmtree(staging)
+            return final
+        os.rename(staging, final)
+        fault_point("after_rename_before_dir_fsync", step)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final
+
+
+def verify(path: Path) -> list[str]:
+    """Problems with the checkpoint at ``path`` (empty if valid): missing manifest, files, size or hash."""
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        return [f"{manifest_path}: missing (the checkpoint was never committed)"]
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError, TypeError) as exc:
+        return [f"{manifest_path}: unreadable ({exc})"]
+    problems = []
+    for name, entry in files.items():
+        file = path / name
+        if not file.is_file():
+            problems.append(f"{file}: missing")
+        elif file.stat().st_size != entry["size"]:
+            problems.append(f"{file}: {file.stat().st_size} bytes, the manifest says {entry['size']} (truncated?)")
+        elif sha256_file(file) != entry["sha256"]:
+            problems.append(f"{file}: sha256 differs from the manifest (corrupted)")
+    return problems
+
+
+def list_checkpoints(root: Path) -> list[Checkpoint]:
+    """Committed checkpoints (a manifest exists) in step order; staging folders are never listed."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = _STEP_DIR.match(child.name)
+        if match and child.is_dir() and (child / MANIFEST).is_file():
+            found.append(Checkpoint(int(match.group(1)), child))
+    return sorted(found, key=lambda c: c.step)
+
+
+def latest_valid(root: Path, warn: Callable[[str], None] = print) -> Checkpoint | None:
+    """The newest checkpoint whose files verify; invalid newer ones are reported and left in place."""
+    for ckpt in reversed(list_checkpoints(root)):
+        problems = verify(ckpt.path)
+        if not problems:
+            return ckpt
+        warn(f"skipping checkpoint {ckpt.path.name}: {problems[0]}")
+    return None
+
+
+def apply_retention(root: Path, keep: int, warn: Callable[[str], None] = print) -> list[Path]:
+    """Delete the oldest committed checkpoints beyond ``keep``; a failed delete is reported, not fatal."""
+    doomed = list_checkpoints(root)[:-keep] if keep > 0 else []
+    deleted = []
+    for ckpt in doomed:
+        fault_point("during_retention_delete", ckpt.step)
+        try:
+            # Remove the manifest first: a half-deleted folder is then never listed as a checkpoint.
+            (ckpt.path / MANIFEST).unlink(missing_ok=True)
+            shutil.rmtree(ckpt.path)
+            deleted.append(ckpt.path)
+        except OSError as exc:
+            warn(f"could not delete old checkpoint {ckpt.path}: {exc}")
+    return deleted
+
+
+def clean_leftovers(root: Path) -> list[Path]:
+    """Remove staging folders left by a crash mid-save (they were never committed)."""
+    root = Path(root)
+    removed = []
+    if root.is_dir():
+        for child in root.iterdir():
+            if _STAGING.match(child.name):
+                shutil.rmtree(child, ignore_errors=True)
+                removed.append(child)
+    return removed
+
+
+def state_writers(stem: str, state: Any) -> dict[str, Callable[[Path], None]]:
+    """Writers for a nested state as ``<stem>.safetensors`` (tensors) + ``<stem>.json`` (everything else)."""
+    tensors, skeleton = flatten_state(state)
+    safe = _savable(tensors)
+    text = json.dumps(skeleton)
+    return {f"{stem}.safetensors": lambda p: save_file(safe, str(p)),
+            f"{stem}.json": lambda p: p.write_text(text)}
+
+
+def tensor_writer(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Callable[[Path], None]:
+    safe = _savable(tensors)
+    return lambda p: save_file(safe, str(p), metadata=metadata)
+
+
+def read_state(folder: Path, stem: str) -> Any:
+    """Read back what ``state_writers(stem, ...)`` wrote into ``folder``."""
+    tensors = load_file(str(folder / f"{stem}.safetensors"))
+    skeleton = json.loads((folder / f"{stem}.json").read_text())
+    return unflatten_state(skeleton, tensors)

@@ -1,0 +1,313 @@
+"""Typed run configuration: dataclasses with visible defaults, task presets, ``key=value`` overrides.
+
+Resolution order (later wins): the dataclass defaults below, the task's preset, the command line.
+Every component owns its keys (torchtitan style): run keys live in ``RunConfig``; a task's keys in its
+``Config`` under its name (``cifar.width``; a bare ``width`` reaches it too); an averager's keys in its
+``Config`` under its name (``lawa.k``). Values are parsed by OmegaConf against those dataclasses. Any bad
+key, type or value raises ``ConfigError`` whose message is one line naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+__all__ = ["ConfigError", "RunConfig", "DataConfig", "EvalConfig", "CheckpointConfig", "TrajectoryConfig",
+           "ResolvedConfig", "resolve", "require", "choice", "default_cache_dir"]
+
+
+class ConfigError(ValueError):
+    """A bad key or value. ``str(error)`` is one line: the key, what was wrong, what is allowed."""
+
+
+def require(ok: bool, key: str, allowed: str, value: Any) -> None:
+    """Raise ``ConfigError("<key>: expected <allowed>, got <value>")`` unless ``ok``. For ``__post_init__``."""
+    if not ok:
+        raise ConfigError(f"{key}: expected {allowed}, got {value!r}")
+
+
+def choice(default: str, *choices: str) -> Any:
+    """A string field that accepts only ``choices`` (checked at resolution, listed in the error)."""
+    return field(default=default, metadata={"choices": choices})
+
+
+def default_cache_dir() -> str:
+    """Where downloads and prepared data go: $LAWA_SUITE_CACHE, else ~/.cache/lawa-suite."""
+    return os.environ.get("LAWA_SUITE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lawa-suite")
+
+
+# -- run keys every task understands ----------------------------------------------------------------
+@dataclass
+class DataConfig:
+    source: str = ""      # `data=`; empty means the task's default (its first data source)
+    path: str = ""        # `data.path=`: a local file or folder for sources that read one
+    cache: str = ""       # downloads and prepared data; empty means default_cache_dir()
+
+
+@dataclass
+class EvalConfig:
+    every: int = 100      # evaluate raw and every ready averager each `every` optimizer steps (and at the end)
+    batches: int = 0      # at most this many held-out batches per evaluation; 0 = all the task provides
+    bn_batches: int = 8   # training batches used to recompute BatchNorm statistics of averaged weights
+
+    def __post_init__(self) -> None:
+        require(self.every >= 1, "eval.every", "an integer >= 1", self.every)
+        require(self.batches >= 0, "eval.batches", "an integer >= 0 (0 = all)", self.batches)
+        require(self.bn_batches >= 1, "eval.bn_batches", "an integer >= 1", self.bn_batches)
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0        # save resumable state each `every` steps; 0 = only at the end
+    keep: int = 2         # committed checkpoints kept (oldest deleted only after a new one is committed)
+
+    def __post_init__(self) -> None:
+        require(self.every >= 0, "checkpoint.every", "an integer >= 0 (0 = only at the end)", self.every)
+        require(self.keep >= 1, "checkpoint.keep", "an integer >= 1", self.keep)
+
+
+@dataclass
+class TrajectoryConfig:
+    every: int = 0        # save raw weights for post-hoc averaging each `every` steps; 0 = off
+
+    def __post_init__(self) -> None:
+        require(self.every >= 0, "trajectory.every", "an integer >= 0 (0 = off)", self.every)
+
+
+@dataclass
+class RunConfig:
+    task: str = "cifar"
+    preset: str = ""                          # empty means the task's default preset
+    averager: list[str] = field(default_factory=lambda: ["lawa", "ema", "swa"])
+    seed: int = 0
+    out: str = ""                             # empty means runs/<task>-<preset>-<time>
+    steps: int = 1000                         # optimizer steps
+    lr: float = 1e-3                          # peak learning rate
+    batch_size: int = 128                     # examples per optimizer step, over all processes
+    grad_accum: int = 1                       # micro-batches per optimizer step
+    schedule: str = choice("cosine", "cosine", "constant", "linear")
+    warmup: int = 0                           # linear warm-up steps
+    min_lr: float = 0.0                       # final learning rate as a fraction of `lr` (cosine, linear)
+    grad_clip: float = 0.0                    # clip the gradient norm to this; 0 = no clipping
+    mixed_precision: str = choice("no", "no", "bf16", "fp16")
+    resume: str = ""                          # "" (fresh run), "auto" (newest valid checkpoint) or a path
+    reset_averagers: bool = False             # resume from a checkpoint without averager state, on purpose
+    max_bad_steps: int = 10                   # consecutive non-finite steps before the run stops
+    log_every: int = 10                       # write the training loss to metrics.jsonl each `log_every` steps
+    trackers: list[str] = field(default_factory=list)  # accelerate trackers, e.g. tensorboard
+    progress: bool = True                     # show a progress bar
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    trajectory: TrajectoryConfig = field(default_factory=TrajectoryConfig)
+
+    def __post_init__(self) -> None:
+        require(self.steps >= 1, "steps", "an integer >= 1", self.steps)
+        require(self.lr > 0, "lr", "a number > 0", self.lr)
+        require(self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size)
+        require(self.grad_accum >= 1, "grad_accum", "an integer >= 1", self.grad_accum)
+        require(self.batch_size % self.grad_accum == 0, "grad_accum",
+                f"a divisor of batch_size={self.batch_size}", self.grad_accum)
+        require(0 <= self.warmup < self.steps, "warmup", f"an integer in [0, steps={self.steps})", self.warmup)
+        require(0.0 <= self.min_lr <= 1.0, "min_lr", "a fraction in [0, 1]", self.min_lr)
+        require(self.grad_clip >= 0, "grad_clip", "a number >= 0 (0 = off)", self.grad_clip)
+        require(self.log_every >= 1, "log_every", "an integer >= 1", self.log_every)
+        require(self.max_bad_steps >= 1, "max_bad_steps", "an integer >= 1", self.max_bad_steps)
+        require(len(set(self.averager)) == len(self.averager), "averager", "distinct names", self.averager)
+
+    @property
+    def micro_batch(self) -> int:
+        """Examples per micro-batch over all processes."""
+        return self.batch_size // self.grad_accum
+
+
+@dataclass
+class ResolvedConfig:
+    """The fully resolved configuration of one run: what config.yaml holds."""
+    run: RunConfig
+    task: Any                                 # the task's Config
+    averagers: dict[str, Any]                 # averager name -> its Config
+
+    def as_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self.run)
+        out[self.run.task] = dataclasses.asdict(self.task)
+        for name, cfg in self.averagers.items():
+            out[name] = dataclasses.asdict(cfg)
+        return out
+
+    def to_yaml(self) -> str:
+        return OmegaConf.to_yaml(OmegaConf.create(self.as_dict()), sort_keys=False)
+
+
+# -- resolution -------------------------------------------------------------------------------------
+_LIST_KEYS = {"averager", "trackers"}
+_ALIASES = {"data": "data.source"}
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, str]:
+    """``["a=1", "b.c=x"]`` -> ``{"a": "1", "b.c": "x"}``; malformed or repeated keys are errors."""
+    pairs: dict[str, str] = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"{item!r}: expected key=value (for example lr=0.1)")
+        key = _ALIASES.get(key, key)
+        if key in pairs:
+            raise ConfigError(f"{key}: given twice ({pairs[key]!r} and {value!r})")
+        pairs[key] = value
+    return pairs
+
+
+def _keys_of(schema: Any, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(schema):
+        if dataclasses.is_dataclass(f.type) or (isinstance(f.default_factory, type) and  # type: ignore[misc]
+                                                dataclasses.is_dataclass(f.default_factory)):
+            keys += _keys_of(f.default_factory, f"{prefix}{f.name}.")  # type: ignore[arg-type]
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _lookup(registry_name: str, name: str, key: str) -> Any:
+    from lawa_suite import registry
+    try:
+        return getattr(registry, registry_name).get(name)
+    except Exception as exc:  # UnknownNameError or PluginError: already one line
+        raise ConfigError(f"{key}: {exc}") from None
+
+
+def _split_list(value: str) -> list[str]:
+    return [v.strip() for v in value.strip("[]").split(",") if v.strip()]
+
+
+def _check_choices(obj: Any, prefix: str) -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_choices(value, f"{prefix}{f.name}.")
+        elif "choices" in f.metadata and value not in f.metadata["choices"]:
+            raise ConfigError(f"{prefix}{f.name}: expected one of {', '.join(f.metadata['choices'])}, got {value!r}")
+
+
+def _omegaconf_message(exc: OmegaConfBaseException) -> str:
+    key = getattr(exc, "full_key", "") or "?"
+    msg = str(getattr(exc, "msg", exc)).strip().splitlines()[0]
+    if "could not be converted" in msg or "Value '" in msg:
+        expected = getattr(exc, "ref_type", None)
+        msg = msg.replace("\n", " ")
+        return f"{key}: {msg}" + (f" (expected {getattr(expected, '__name__', expected)})" if expected else "")
+    return f"{key}: {msg}"
+
+
+def _build(section: str, schema: type, values: dict[str, Any]) -> Any:
+    """Instantiate ``schema`` from dotted ``values``: OmegaConf parses and type-checks, __post_init__ ranges."""
+    base = OmegaConf.structured(schema)
+    try:
+        merged = OmegaConf.merge(base, OmegaConf.from_dotlist([]) if not values else _nested(values))
+        obj = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        message = _omegaconf_message(exc)
+        raise ConfigError(f"{section}.{message}" if section else message) from None
+    except ConfigError as exc:
+        text = str(exc)
+        raise ConfigError(f"{section}.{text}" if section and not text.startswith(section + ".") else text) from None
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{section or 'config'}: {exc}") from None
+    _check_choices(obj, f"{section}." if section else "")
+    return obj
+
+
+def _nested(values: dict[str, Any]) -> Any:
+    cfg = OmegaConf.create({})
+    for key, value in values.items():
+        OmegaConf.update(cfg, key, value, force_add=True)
+    return cfg
+
+
+def _parse_value(key: str, raw: Any) -> Any:
+    """Parse a command-line string the way YAML would (``5`` -> int, ``true`` -> bool, ``1e-3`` -> float)."""
+    if not isinstance(raw, str):
+        return raw
+    if key in _LIST_KEYS or key.rsplit(".", 1)[-1] in _LIST_KEYS:
+        return _split_list(raw)
+    parsed = OmegaConf.from_dotlist([f"v={raw}"]).v
+    if isinstance(parsed, str):
+        try:  # YAML reads 1e-3 as a string; a number is what anyone writing it means
+            return float(parsed) if parsed.lower() not in ("nan", "inf", "-inf", "+inf") else parsed
+        except ValueError:
+            return parsed
+    return parsed
+
+
+def resolve(overrides: list[str] | dict[str, Any]) -> ResolvedConfig:
+    """Resolve defaults + task preset + overrides into a validated ``ResolvedConfig``."""
+    pairs = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides)
+    defaults = RunConfig()
+    task_name = str(pairs.get("task", defaults.task))
+    task_cls = _lookup("tasks", task_name, "task")
+    preset = str(pairs.get("preset", "") or task_cls.default_preset)
+    if preset not in task_cls.presets:
+        raise ConfigError(f"preset: task '{task_name}' has no preset {preset!r}; "
+                          f"known: {', '.join(task_cls.presets)}")
+    values: dict[str, Any] = {k: v for k, v in task_cls.presets[preset].items()}
+    values.update({"task": task_name, "preset": preset})
+    for key, raw in pairs.items():
+        values[key] = _parse_value(key, raw)
+    averager_names = values.get("averager", defaults.averager)
+    if isinstance(averager_names, str):
+        averager_names = _split_list(averager_names)
+    averager_cls = {name: _lookup("averagers", name, "averager") for name in averager_names}
+
+    run_keys = set(_keys_of(RunConfig))
+    task_keys = set(_keys_of(task_cls.Config))
+    sections: dict[str, dict[str, Any]] = {"": {}, task_name: {}, **{n: {} for n in averager_cls}}
+    from lawa_suite import registry
+    unused_averagers = set(registry.averagers.names()) - set(averager_cls)
+    for key, value in values.items():
+        head, _, rest = key.partition(".")
+        if key not in pairs and head in unused_averagers:
+            continue  # a preset's setting for an averager this run does not use
+        if key in run_keys:
+            sections[""][key] = value
+        elif head == task_name and rest in task_keys:
+            sections[task_name][rest] = value
+        elif key in task_keys and key not in run_keys:
+            sections[task_name][key] = value
+        elif head in averager_cls and rest in _keys_of(averager_cls[head].Config):
+            sections[head][rest] = value
+        else:
+            raise ConfigError(_unknown_key_message(key, run_keys, task_name, task_keys, averager_cls))
+    run = _build("", RunConfig, sections[""])
+    if not run.out:
+        run.out = os.path.join("runs", f"{task_name}-{preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if run.data.source and run.data.source not in task_cls.data_sources:
+        raise ConfigError(f"data: task '{task_name}' reads {', '.join(task_cls.data_sources)}; got {run.data.source!r}")
+    run.data.source = run.data.source or task_cls.data_sources[0]
+    if not run.data.cache:
+        run.data.cache = default_cache_dir()
+    task_cfg = _build(task_name, task_cls.Config, sections[task_name])
+    averagers = {name: _build(name, cls.Config, sections[name]) for name, cls in averager_cls.items()}
+    return ResolvedConfig(run, task_cfg, averagers)
+
+
+def _unknown_key_message(key: str, run_keys: set[str], task: str, task_keys: set[str],
+                         averagers: dict[str, Any]) -> str:
+    head = key.partition(".")[0]
+    from lawa_suite import registry
+    if head in registry.averagers.names() and head not in averagers:
+        return (f"{key}: averager '{head}' is not selected (averager={','.join(averagers) or '(none)'}); "
+                f"add it to averager= or drop the key")
+    known = sorted(run_keys | {f"{task}.{k}" for k in task_keys} |
+                   {f"{n}.{f}" for n, cls in averagers.items() for f in _keys_of(cls.Config)})
+    close = difflib.get_close_matches(key, known + sorted(task_keys), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(known)}"
+    return f"{key}: unknown key for task '{task}'{hint}"

@@ -1,0 +1,330 @@
+"""Image classification data: every source returns the same ``ImageSet`` of uint8 tensors.
+
+Sources (the values of ``data=`` that image tasks accept):
+
+- ``embedded``: scikit-learn's bundled digits (1,797 8x8 grayscale images, no download), upsampled to the
+  task's size and repeated to 3 channels; a fixed stratified split of 1,497 train / 300 test images.
+- ``imagefolder``: ``data.path`` is a folder holding ``train/<class>/*`` and ``test/<class>/*`` (``val/`` is
+  accepted for test), or a ``.tar.gz``/``.tgz``/``.tar`` of one. Archives are extracted once, safely, into the
+  cache; images are decoded once (both cores) into an ``.npz`` in the cache, so later loads take a second.
+- ``cifar10`` / ``cifar100``: the original pickled batches, downloaded with torchvision into the cache (or
+  read from ``data.path`` when set). Offline, the error names the missing file, the URL and where to put it.
+
+Images are stored once as uint8 ``(N, C, H, W)`` (CIFAR-10 is 150 MB so); tasks convert per batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import pickle
+import shutil
+import tarfile
+import urllib.error
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm import tqdm
+
+from lawa_suite.tasks.base import DataUnavailable
+
+__all__ = ["ImageSet", "load_image_set", "load_embedded", "load_imagefolder", "load_cifar", "IMAGE_EXTENSIONS"]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+LAYOUT = "train/<class>/*.jpg|png and test/<class>/*.jpg|png (val/ also accepted for test)"
+CACHE_FORMAT = 1           # bump when the decoded-cache layout changes, so stale caches are ignored
+POOL_THRESHOLD = 2_000     # below this many files a process pool costs more than it saves
+CHUNK = 500                # files per worker task: big enough to amortise pickling, small for a live bar
+
+
+@dataclass
+class ImageSet:
+    """A labelled train/test split held in memory as uint8 ``(N, C, H, W)`` images and int64 labels."""
+    train_images: Tensor
+    train_labels: Tensor
+    test_images: Tensor
+    test_labels: Tensor
+    classes: list[str]
+    description: str       # where it came from, for the run's summary line
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def load_image_set(source: str, path: str, cache: str, image_size: int = 32) -> ImageSet:
+    """Load ``source`` (embedded | imagefolder | cifar10 | cifar100) at ``image_size`` pixels, RGB."""
+    if source == "embedded":
+        return load_embedded(image_size)
+    if source == "imagefolder":
+        return load_imagefolder(path, cache, image_size)
+    if source in ("cifar10", "cifar100"):
+        return load_cifar(source, path or os.path.join(cache, source), image_size)
+    raise ValueError(f"unknown image source {source!r}; known: embedded, imagefolder, cifar10, cifar100")
+
+
+def _resize(images: Tensor, size: int) -> Tensor:
+    """uint8 ``(N, C, H, W)`` -> uint8 at ``size`` x ``size`` (bilinear, antialiased when shrinking)."""
+    if images.shape[-2:] == (size, size):
+        return images
+    out = F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return out.round().clamp(0, 255).to(torch.uint8)
+
+
+# -- embedded: scikit-learn digits ------------------------------------------------------------------
+def load_embedded(image_size: int = 32, test_size: int = 300) -> ImageSet:
+    """sklearn's digits as 3-channel ``image_size`` px images; the split is fixed (seeded locally)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = torch.from_numpy(digits.images).float().mul(255.0 / 16.0).unsqueeze(1)  # values 0..16 -> 0..255
+    images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    images = images.round().clamp(0, 255).to(torch.uint8).repeat(1, 3, 1, 1)
+    labels = torch.from_numpy(digits.target).long()
+    train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=test_size, stratify=digits.target,
+                                           random_state=0)
+    train_idx, test_idx = torch.from_numpy(np.sort(train_idx)), torch.from_numpy(np.sort(test_idx))
+    return ImageSet(images[train_idx], labels[train_idx], images[test_idx], labels[test_idx],
+                    [str(d) for d in range(10)], "embedded (scikit-learn digits)")
+
+
+# -- imagefolder: a folder or an archive of train/<class>/* and test/<class>/* ------------------------
+def load_imagefolder(path: str, cache: str, image_size: int = 32) -> ImageSet:
+    """Decode (once, into the cache) a ``train/<class>/*`` + ``test/<class>/*`` tree, a folder or an archive."""
+    if not path:
+        raise DataUnavailable(f"imagefolder: data.path is empty; set data.path to a folder or .tar.gz holding {LAYOUT}")
+    source = Path(path).expanduser()
+    if not source.exists():
+        raise DataUnavailable(f"imagefolder: {source} does not exist; expected a folder or .tar.gz holding {LAYOUT}")
+    folder = extract_archive(source, Path(cache) / "extracted") if source.is_file() else source
+    root = _split_root(folder, source)
+    train_files, classes = _list_split(root / "train", None)
+    test_dir = root / "test" if (root / "test").is_dir() else root / "val"
+    test_files, _ = _list_split(test_dir, classes)
+    key = _cache_key(root, train_files + test_files, image_size)
+    cache_file = Path(cache) / "images" / f"{root.name}-{image_size}px-{key}.npz"
+    if not cache_file.exists():
+        _write_cache(cache_file, train_files, test_files, classes, image_size)
+    return _read_cache(cache_file, f"imagefolder {source}")
+
+
+def _is_archive(path: Path) -> bool:
+    return path.name.endswith((".tar.gz", ".tgz", ".tar"))
+
+
+def extract_archive(archive: Path, into: Path) -> Path:
+    """Extract ``archive`` once into ``into/<name>-<size>-<mtime>`` and return that folder.
+
+    Members that would land outside the target (absolute paths, ``..``, links out) are refused before
+    anything is written; ``filter="data"`` guards the extraction itself. Extraction goes to a temporary
+    folder renamed into place, so an interrupted run never leaves a half tree that looks complete.
+    """
+    if not _is_archive(archive):
+        raise DataUnavailable(f"imagefolder: {archive} is a file but not a .tar.gz/.tgz/.tar archive; "
+                              f"expected a folder or archive holding {LAYOUT}")
+    stat = archive.stat()
+    stem = archive.name.split(".")[0]
+    target = into / f"{stem}-{stat.st_size}-{stat.st_mtime_ns}"
+    if target.is_dir():
+        return target
+    into.mkdir(parents=True, exist_ok=True)
+    tmp = into / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            members = tar.getmembers()
+            for member in members:
+                _check_member(member, tmp, archive)
+            tar.extractall(tmp, members=members, filter="data")
+        os.replace(tmp, target)
+    except tarfile.TarError as exc:
+        raise DataUnavailable(f"imagefolder: cannot extract {archive}: {exc}") from None
+    except OSError:
+        if not target.is_dir():  # another process may have renamed its copy into place first
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _check_member(member: tarfile.TarInfo, target: Path, archive: Path) -> None:
+    """Refuse a member whose path, or link target, lands outside ``target`` (pure path arithmetic: fast)."""
+    base = os.path.normpath(target)
+
+    def inside(path: str) -> bool:
+        full = os.path.normpath(os.path.join(base, path))
+        return not os.path.isabs(path) and (full == base or full.startswith(base + os.sep))
+
+    ok = inside(member.name) and not member.isdev()
+    if member.issym():  # relative to the link's own folder
+        ok = ok and inside(os.path.join(os.path.dirname(member.name), member.linkname))
+    elif member.islnk():  # relative to the archive root
+        ok = ok and inside(member.linkname)
+    if not ok:
+        raise DataUnavailable(f"imagefolder: refusing to extract {archive}: member {member.name!r} "
+                              f"would be written outside {target} (or is a device)")
+
+
+def _split_root(folder: Path, source: Path) -> Path:
+    """The folder holding ``train/``: ``folder`` itself or its single sub-folder (archives often wrap one)."""
+    if (folder / "train").is_dir():
+        return folder
+    subdirs = [d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")]
+    if len(subdirs) == 1 and (subdirs[0] / "train").is_dir():
+        return subdirs[0]
+    raise DataUnavailable(f"imagefolder: {source} has no train/ folder; expected {LAYOUT}")
+
+
+def _list_split(split: Path, classes: list[str] | None) -> tuple[list[tuple[str, int]], list[str]]:
+    """``(file, label)`` pairs of one split, sorted; classes are the sorted sub-folders of train/ (ImageFolder)."""
+    if not split.is_dir():
+        raise DataUnavailable(f"imagefolder: {split} is missing; expected {LAYOUT}")
+    found = sorted(d.name for d in split.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if classes is None:
+        classes = found
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise DataUnavailable(f"imagefolder: {split} has classes not in train/: {', '.join(unknown)}")
+    files = [(str(split / name / f), label) for label, name in enumerate(classes) if (split / name).is_dir()
+             for f in sorted(os.listdir(split / name)) if f.lower().endswith(IMAGE_EXTENSIONS)]
+    if not files:
+        raise DataUnavailable(f"imagefolder: {split} holds no images ({', '.join(IMAGE_EXTENSIONS)}); "
+                              f"expected {LAYOUT}")
+    return files, classes
+
+
+def _cache_key(root: Path, files: list[tuple[str, int]], image_size: int) -> str:
+    """Changes when the tree's path, file count, total size or the image size change."""
+    total = sum(os.path.getsize(f) for f, _ in files)
+    text = f"{CACHE_FORMAT}|{root.resolve()}|{len(files)}|{total}|{image_size}"
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def _decode_one(path: str, size: int) -> np.ndarray:
+    """One image file -> uint8 ``(size, size, 3)``; resized (bilinear) only when its size differs."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            if image.size != (size, size):
+                image = image.resize((size, size), Image.Resampling.BILINEAR)
+            return np.asarray(image, dtype=np.uint8)
+    except OSError as exc:
+        raise DataUnavailable(f"imagefolder: cannot decode {path}: {exc}") from None
+
+
+def _decode_chunk(paths: list[str], size: int) -> np.ndarray:
+    return np.stack([_decode_one(p, size) for p in paths])
+
+
+def _decode_all(paths: list[str], size: int, desc: str) -> np.ndarray:
+    """Decode ``paths`` into uint8 ``(N, 3, size, size)``, on every core for big sets, with a progress bar."""
+    chunks = [paths[i:i + CHUNK] for i in range(0, len(paths), CHUNK)]
+    workers = min(len(os.sched_getaffinity(0)), len(chunks))
+    out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
+    with tqdm(total=len(paths), desc=desc, unit="img", leave=False) as bar:
+        if len(paths) < POOL_THRESHOLD or workers < 2:
+            decoded = (_decode_chunk(c, size) for c in chunks)
+            _fill(out, decoded, bar)
+        else:
+            # fork: workers only run PIL and numpy, and skip re-importing torch as spawn would.
+            with multiprocessing.get_context("fork").Pool(workers) as pool:
+                _fill(out, pool.imap(partial(_decode_chunk, size=size), chunks), bar)
+    return out.transpose(0, 3, 1, 2)
+
+
+def _fill(out: np.ndarray, decoded: Iterable[np.ndarray], bar: tqdm) -> None:
+    start = 0
+    for block in decoded:
+        out[start:start + len(block)] = block
+        start += len(block)
+        bar.update(len(block))
+
+
+def _write_cache(cache_file: Path, train: list[tuple[str, int]], test: list[tuple[str, int]], classes: list[str],
+                 size: int) -> None:
+    """Decode both splits and save them as one uncompressed .npz (written to a temp file, then renamed)."""
+    arrays = {}
+    for split, files in (("train", train), ("test", test)):
+        arrays[f"{split}_images"] = _decode_all([f for f, _ in files], size, f"decoding {split} images")
+        arrays[f"{split}_labels"] = np.asarray([label for _, label in files], dtype=np.int64)
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache_file.with_name(f".{cache_file.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:  # a file object keeps np.savez from appending its own .npz
+        np.savez(f, classes=np.asarray(classes, dtype=str), **arrays)
+    os.replace(tmp, cache_file)
+
+
+def _read_cache(cache_file: Path, description: str) -> ImageSet:
+    with np.load(cache_file, allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    tensors = {k: torch.from_numpy(v) for k, v in arrays.items() if k != "classes"}
+    return ImageSet(tensors["train_images"], tensors["train_labels"], tensors["test_images"], tensors["test_labels"],
+                    [str(c) for c in arrays["classes"]], description)
+
+
+# -- cifar10 / cifar100: torchvision's download, the original pickled batches -------------------------
+def _cifar_spec(name: str) -> type:
+    from torchvision import datasets
+
+    return datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+
+
+def load_cifar(name: str, root: str, image_size: int = 32, download: bool = True) -> ImageSet:
+    """CIFAR-10/100 from ``root/<base_folder>``, downloading torchvision's archive there when it is missing.
+
+    torchvision's own dataset class also re-checks every batch's md5 on each load; we trust files already
+    extracted (the archive's md5 is checked on download) and read the batches ourselves, the same way.
+    """
+    spec = _cifar_spec(name)
+    folder = Path(root) / spec.base_folder
+    missing = _missing_cifar_files(spec, folder)
+    if missing and download:
+        try:
+            from torchvision.datasets import utils as tv_utils
+
+            tv_utils.download_and_extract_archive(spec.url, root, filename=spec.filename, md5=spec.tgz_md5)
+        except (OSError, urllib.error.URLError, RuntimeError, ValueError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DataUnavailable(
+                f"{name}: {folder / missing[0]} is missing and the download failed ({reason}); fetch {spec.url} "
+                f"and put it in {root} (it is extracted on the next run), or use data=imagefolder") from None
+        missing = _missing_cifar_files(spec, folder)
+    if missing:
+        raise DataUnavailable(f"{name}: {folder / missing[0]} is missing; fetch {spec.url} and extract it in {root}")
+    train_images, train_labels = _read_batches(folder, [f for f, _ in spec.train_list])
+    test_images, test_labels = _read_batches(folder, [f for f, _ in spec.test_list])
+    meta = _unpickle(folder / spec.meta["filename"])
+    classes = [c.decode() if isinstance(c, bytes) else str(c) for c in meta[spec.meta["key"]]]
+    return ImageSet(_resize(train_images, image_size), train_labels, _resize(test_images, image_size), test_labels,
+                    classes, f"{name} {folder}")
+
+
+def _missing_cifar_files(spec: type, folder: Path) -> list[str]:
+    names = [f for f, _ in spec.train_list + spec.test_list] + [spec.meta["filename"]]
+    return [n for n in names if not (folder / n).is_file()]
+
+
+def _unpickle(path: Path) -> dict[str, object]:
+    """One CIFAR pickle, keys as str (the originals are Python 2 pickles; latin1 is what torchvision uses)."""
+    with open(path, "rb") as f:
+        entry = pickle.load(f, encoding="latin1")
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}
+
+
+def _read_batches(folder: Path, names: list[str]) -> tuple[Tensor, Tensor]:
+    images, labels = [], []
+    for name in names:
+        entry = _unpickle(folder / name)
+        images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        labels.extend(entry["labels"] if "labels" in entry else entry["fine_labels"])
+    return torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.int64)

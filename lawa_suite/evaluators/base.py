@@ -1,0 +1,34 @@
+"""The evaluator contract: score one set of weights on the task's fixed held-out batches."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+class Evaluator(ABC):
+    """Base of every evaluator. ``metrics`` maps each metric it reports to "max" or "min" (which is better);
+    the first one is the headline metric of reports."""
+
+    name: ClassVar[str] = ""
+    metrics: ClassVar[dict[str, str]]
+
+    def __init__(self, task: Any) -> None:
+        self.task = task
+
+    @abstractmethod
+    def evaluate(self, model: nn.Module, batches: list[Any], accelerator: Any = None) -> dict[str, float]:
+        """Score ``model`` (already in eval mode, under no_grad) on this process's ``batches``; with an
+        accelerator, reduce across processes so every rank returns the same numbers."""
+
+
+def reduce_sums(sums: dict[str, float], accelerator: Any = None, device: torch.device | str = "cpu") -> dict[str, float]:
+    """Sum per-process totals over every process (no-op in a single process)."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return sums
+    keys = sorted(sums)
+    total = accelerator.reduce(torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device), "sum")
+    return dict(zip(keys, total.tolist()))

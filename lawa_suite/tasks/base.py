@@ -1,0 +1,88 @@
+"""The task contract: what the one training loop needs from a domain (model, data, loss, evaluation).
+
+A task is one file that registers itself with ``registry.tasks``. Its ``Config`` dataclass owns the task's
+own keys (``cifar.width=16``; a bare ``width=16`` also reaches it), ``presets`` maps preset names to the
+overrides they apply (run keys and task keys, dotted), and ``evaluator`` names the registered evaluator
+that scores it. Everything specific to a domain (augmentation, token shifting, noise sampling) lives in
+the task file; the loop never branches on which task it runs.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from lawa_suite.config import RunConfig
+
+
+class DataUnavailable(RuntimeError):
+    """Data could not be found or fetched; the message says what is missing and where to put it."""
+
+
+class BatchStream(Protocol):
+    """An endless, resumable source of this process's training micro-batches."""
+
+    def next_batch(self) -> Any: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class Task(ABC):
+    """Base of every task. The loop calls, in order: setup, build_model, build_optimizer, train_stream,
+    eval_batches / calibration_batches, then loss once per micro-batch."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type]                          # dataclass of the task's own keys
+    presets: ClassVar[dict[str, dict[str, Any]]]    # preset -> {dotted key: value}
+    default_preset: ClassVar[str] = "cpu"
+    evaluator: ClassVar[str]                        # registered evaluator name
+    data_sources: ClassVar[tuple[str, ...]]         # values `data=` accepts; the first is the default
+
+    def __init__(self, config: Any, run: "RunConfig") -> None:
+        self.config = config
+        self.run = run
+
+    def setup(self) -> None:
+        """Find, fetch or prepare the data. Raise DataUnavailable with a one-line fix when offline."""
+
+    @abstractmethod
+    def build_model(self) -> nn.Module:
+        """A freshly initialised model (seeded by the loop before the call)."""
+
+    @abstractmethod
+    def build_optimizer(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+        """The optimizer; the loop sets each group's learning rate every step from the schedule."""
+
+    @abstractmethod
+    def train_stream(self, micro_batch: int, rank: int, world: int) -> BatchStream:
+        """This process's share (``micro_batch // world`` examples) of each global micro-batch."""
+
+    @abstractmethod
+    def eval_batches(self) -> list[Any]:
+        """Fixed held-out batches: the same ones for raw weights and every averager, every evaluation."""
+
+    @abstractmethod
+    def calibration_batches(self, count: int) -> list[Any]:
+        """``count`` fixed training batches used to recompute BatchNorm statistics of averaged weights."""
+
+    @abstractmethod
+    def loss(self, model: nn.Module, batch: Any, step: int) -> Tensor:
+        """The training loss of one micro-batch. ``step`` seeds any augmentation, so resume is exact."""
+
+    def summary(self, model: nn.Module) -> str:
+        """One line printed at start: what model, how many parameters, what data."""
+        params = sum(p.numel() for p in model.parameters())
+        return f"{self.name}: {type(model).__name__}, {params:,} parameters"
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Unique parameters (tied weights counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

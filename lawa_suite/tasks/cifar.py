@@ -1,0 +1,268 @@
+"""Image classification with a PreAct-ResNet-18 for 32 px inputs (the LAWA paper's CIFAR study).
+
+The model is He et al.'s pre-activation ResNet-18 ("Identity Mappings in Deep Residual Networks", 2016) in
+its CIFAR form: a 3x3 stem convolution and no max-pool, four stages of two pre-activation basic blocks with
+widths w, 2w, 4w, 8w (w=64 is the real network, 11.2M parameters), a final BatchNorm-ReLU, global average
+pooling and a linear head. ``cifar.width`` scales it down for CPU presets.
+
+Data is held once as uint8 ``(N, 3, H, W)``; each batch is converted on the model's device and normalised
+with the training split's per-channel mean and std. Augmentation (a random crop of the reflect-padded
+image and a horizontal flip, the standard CIFAR recipe) is drawn from a generator seeded by the run seed,
+the step and the batch's example indices, never from global RNG, so a resumed run repeats it exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lawa_suite import registry
+from lawa_suite.config import choice, require
+from lawa_suite.data.images import ImageSet, load_image_set
+from lawa_suite.data.stream import IndexStream, TensorStream
+from lawa_suite.tasks.base import Task, parameter_count
+
+Batch = dict[str, Any]  # {"images": uint8 (B, C, H, W), "labels": int64 (B,), "indices": int64 (B,), "augment": bool}
+
+
+# -- model ------------------------------------------------------------------------------------------
+class PreActBlock(nn.Module):
+    """BN-ReLU-conv3x3-BN-ReLU-conv3x3 plus the identity (or a strided 1x1 projection when the shape changes)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, stride=1, padding=1, bias=False)
+        self.shortcut = None
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(x))
+        # the projection sees the pre-activated input, as in the paper (and kuangliu's PreActBlock)
+        shortcut = self.shortcut(out) if self.shortcut is not None else x
+        out = self.conv1(out)
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + shortcut
+
+
+class PreActResNet18(nn.Module):
+    """PreAct-ResNet-18 for small images: 3x3 stem, [2, 2, 2, 2] blocks at widths w, 2w, 4w, 8w."""
+
+    def __init__(self, num_classes: int = 10, width: int = 64, in_channels: int = 3) -> None:
+        super().__init__()
+        self.width = width
+        self.stem = nn.Conv2d(in_channels, width, 3, stride=1, padding=1, bias=False)
+        blocks, channels = [], width
+        for stage, out_channels in enumerate((width, 2 * width, 4 * width, 8 * width)):
+            for i in range(2):
+                stride = 2 if stage > 0 and i == 0 else 1
+                blocks.append(PreActBlock(channels, out_channels, stride))
+                channels = out_channels
+        self.blocks = nn.Sequential(*blocks)
+        self.bn = nn.BatchNorm2d(channels)  # pre-activation blocks end un-normalised: normalise once before pooling
+        self.head = nn.Linear(channels, num_classes)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")  # as torchvision's ResNet
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.blocks(self.stem(x))
+        x = F.relu(self.bn(x))
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+# -- augmentation -----------------------------------------------------------------------------------
+def batch_generator(seed: int, step: int, indices: Tensor) -> torch.Generator:
+    """A CPU generator determined by (seed, step, the batch's example indices) alone: resume-exact, and
+    different for every micro-batch of a step (they hold different examples)."""
+    digest = hashlib.blake2b(np.asarray([seed, step], dtype=np.int64).tobytes() +
+                             indices.cpu().numpy().astype(np.int64).tobytes(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+
+
+def _reflect(index: Tensor, size: int) -> Tensor:
+    """Map coordinates of a reflect-padded axis (``F.pad(mode="reflect")``) back into ``[0, size)``."""
+    index = index.abs()
+    return torch.where(index >= size, 2 * (size - 1) - index, index)
+
+
+def random_crop_flip(images: Tensor, padding: int, generator: torch.Generator) -> Tensor:
+    """Crop each image at a random offset of its ``padding``-px reflect-padded copy, and flip half of them.
+
+    One gather on the (uint8) batch: the padding is never materialised, the crop indexes through it.
+    """
+    n, _, h, w = images.shape
+    offsets = torch.randint(0, 2 * padding + 1, (n, 2), generator=generator)
+    flip = torch.rand(n, generator=generator) < 0.5
+    rows = _reflect(offsets[:, :1] + torch.arange(h) - padding, h)           # (n, h)
+    cols = _reflect(offsets[:, 1:] + torch.arange(w) - padding, w)           # (n, w)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    batch = torch.arange(n)[:, None, None, None]
+    channels = torch.arange(images.shape[1])[None, :, None, None]
+    return images[batch, channels, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+# -- task -------------------------------------------------------------------------------------------
+@dataclass
+class CifarConfig:
+    width: int = 64                  # base channels; 64 is the real PreAct-ResNet-18 (11.2M parameters)
+    image_size: int = 32             # images are resized to this once, when loaded
+    optimizer: str = choice("sgd", "sgd", "adamw")
+    momentum: float = 0.9            # SGD only
+    nesterov: bool = True            # SGD only
+    weight_decay: float = 5e-4       # on every parameter, BatchNorm included, as the standard recipe does
+    augment: bool = True             # random crop + horizontal flip of training batches
+    crop_padding: int = 4            # reflect padding of the random crop
+    label_smoothing: float = 0.0     # training loss only; evaluation reports plain cross-entropy
+    eval_batch_size: int = 500       # examples per held-out batch
+    channels_last: bool = False      # NHWC memory format (faster convolutions on recent GPUs)
+
+    def __post_init__(self) -> None:
+        require(self.width >= 1, "width", "an integer >= 1", self.width)
+        require(self.image_size >= 8, "image_size", "an integer >= 8", self.image_size)
+        require(0.0 <= self.momentum < 1.0, "momentum", "a number in [0, 1)", self.momentum)
+        require(not (self.nesterov and self.optimizer == "sgd" and self.momentum == 0), "nesterov",
+                "false when momentum is 0 (Nesterov needs momentum)", self.nesterov)
+        require(self.weight_decay >= 0, "weight_decay", "a number >= 0", self.weight_decay)
+        require(0 <= self.crop_padding < self.image_size, "crop_padding", f"an integer in [0, {self.image_size})",
+                self.crop_padding)
+        require(0.0 <= self.label_smoothing < 1.0, "label_smoothing", "a number in [0, 1)", self.label_smoothing)
+        require(self.eval_batch_size >= 1, "eval_batch_size", "an integer >= 1", self.eval_batch_size)
+
+
+@registry.tasks.register("cifar")
+class CifarTask(Task):
+    """PreAct-ResNet-18 image classification, scored by top-1 accuracy and cross-entropy on the test split."""
+
+    name = "cifar"
+    Config = CifarConfig
+    evaluator = "accuracy"
+    data_sources = ("embedded", "imagefolder", "cifar10", "cifar100")
+    default_preset = "cpu"
+    presets: dict[str, dict[str, Any]] = {
+        # seconds: the offline digits (the default data), a 4-wide net, 6 steps
+        "tiny": {"steps": 6, "lr": 0.05, "batch_size": 16, "cifar.width": 4, "cifar.eval_batch_size": 150,
+                 "eval.every": 3, "eval.bn_batches": 2, "schedule": "constant"},
+        # minutes on 2 CPU cores: a real CIFAR-10 learning curve (offline: data=imagefolder data.path=<jpg tar.gz>)
+        "cpu": {"data.source": "cifar10", "steps": 600, "lr": 0.1, "batch_size": 64, "warmup": 30,
+                "schedule": "cosine", "cifar.width": 8, "eval.every": 100, "eval.batches": 4,
+                "eval.bn_batches": 4},
+        # the standard recipe: 200 epochs of CIFAR-10 at batch 128 (390 steps an epoch), SGD + Nesterov, cosine
+        "paper": {"data.source": "cifar10", "steps": 78_000, "lr": 0.1, "batch_size": 128, "warmup": 0,
+                  "schedule": "cosine", "cifar.width": 64, "cifar.optimizer": "sgd", "cifar.momentum": 0.9,
+                  "cifar.nesterov": True, "cifar.weight_decay": 5e-4, "eval.every": 390},
+    }
+
+    def __init__(self, config: CifarConfig, run: Any) -> None:
+        super().__init__(config, run)
+        self.data: ImageSet | None = None
+        self.mean = self.std = torch.zeros(0)
+        self._eval: list[Batch] | None = None
+
+    # -- data ---------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        data = self.run.data
+        self.data = load_image_set(data.source, data.path, data.cache, self.config.image_size)
+        self.mean, self.std = channel_stats(self.data.train_images)
+        self._eval = None
+
+    def _require_data(self) -> ImageSet:
+        if self.data is None:
+            raise RuntimeError("CifarTask.setup() must run before the model or data are used")
+        return self.data
+
+    def _batch(self, images: Tensor, labels: Tensor, indices: Tensor, augment: bool) -> Batch:
+        return {"images": images[indices], "labels": labels[indices], "indices": indices, "augment": augment}
+
+    def train_stream(self, micro_batch: int, rank: int, world: int) -> TensorStream:
+        data = self._require_data()
+        indices = IndexStream(len(data.train_labels), micro_batch, self.run.seed, rank, world)
+        return TensorStream(indices, lambda idx: self._batch(data.train_images, data.train_labels, idx,
+                                                             self.config.augment))
+
+    def eval_batches(self) -> list[Batch]:
+        """The test split in order, ``eval_batch_size`` at a time (the first ``eval.batches`` when > 0)."""
+        if self._eval is None:
+            data = self._require_data()
+            chunks = torch.arange(len(data.test_labels)).split(self.config.eval_batch_size)
+            if self.run.eval.batches > 0:
+                chunks = chunks[:self.run.eval.batches]
+            self._eval = [self._batch(data.test_images, data.test_labels, c, False) for c in chunks]
+        return list(self._eval)
+
+    def calibration_batches(self, count: int) -> list[Batch]:
+        """``count`` un-augmented training micro-batches, drawn once from a permutation seeded by the run seed."""
+        data = self._require_data()
+        n = len(data.train_labels)
+        size = min(self.run.micro_batch, n)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.run.seed + 7_777_777))
+        starts = [(i * size) % (n - size + 1) for i in range(count)]
+        return [self._batch(data.train_images, data.train_labels, order[s:s + size], False) for s in starts]
+
+    # -- model --------------------------------------------------------------------------------------
+    def build_model(self) -> nn.Module:
+        data = self._require_data()
+        model = PreActResNet18(data.num_classes, self.config.width, data.train_images.shape[1])
+        return model.to(memory_format=torch.channels_last) if self.config.channels_last else model
+
+    def build_optimizer(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+        cfg = self.config
+        if cfg.optimizer == "adamw":
+            return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                               weight_decay=cfg.weight_decay)
+
+    # -- forward ------------------------------------------------------------------------------------
+    def inputs(self, images: Tensor, device: torch.device) -> Tensor:
+        """uint8 images -> normalised float on ``device`` (the transfer stays uint8: 4x fewer bytes)."""
+        x = images.to(device, non_blocking=True).float().div_(255.0)
+        x = (x - self.mean.to(device)) / self.std.to(device)
+        return x.contiguous(memory_format=torch.channels_last) if self.config.channels_last else x
+
+    def logits_and_targets(self, model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
+        device = next(model.parameters()).device
+        return model(self.inputs(batch["images"], device)), batch["labels"].to(device)
+
+    def loss(self, model: nn.Module, batch: Batch, step: int) -> Tensor:
+        if batch["augment"]:
+            generator = batch_generator(self.run.seed, step, batch["indices"])
+            batch = {**batch, "images": random_crop_flip(batch["images"], self.config.crop_padding, generator)}
+        logits, targets = self.logits_and_targets(model, batch)
+        return F.cross_entropy(logits.float(), targets, label_smoothing=self.config.label_smoothing)
+
+    def summary(self, model: nn.Module) -> str:
+        data = self._require_data()
+        width = getattr(model, "width", self.config.width)
+        return (f"{self.name}: PreActResNet18 width {width}, {parameter_count(model):,} parameters; "
+                f"{data.description}: {len(data.train_labels):,} train / {len(data.test_labels):,} test images, "
+                f"{data.num_classes} classes, {'x'.join(map(str, data.train_images.shape[1:]))}")
+
+
+def channel_stats(images: Tensor, chunk: int = 4096) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and std of uint8 ``(N, C, H, W)`` images in [0, 1] units, shaped ``(C, 1, 1)``.
+    Chunked in float64, so CIFAR-10 never needs a 600 MB float copy."""
+    total = torch.zeros(images.shape[1], dtype=torch.float64)
+    squares = torch.zeros_like(total)
+    for block in images.split(chunk):
+        x = block.to(torch.float64).div_(255.0)
+        total += x.sum(dim=(0, 2, 3))
+        squares += x.square().sum(dim=(0, 2, 3))
+    count = images.numel() / images.shape[1]
+    mean = total / count
+    std = (squares / count - mean.square()).clamp_min(1e-12).sqrt()
+    return mean.float().view(-1, 1, 1), std.float().view(-1, 1, 1)

@@ -1,0 +1,431 @@
+"""EMA, SWA and LAWA against references: torch's AveragedModel, brute-force recomputations, round trips."""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
+from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from lawa_suite import registry
+from lawa_suite.averagers import Averager, NonFiniteWarning
+from lawa_suite.averagers.ema import EMA
+from lawa_suite.averagers.lawa import LAWA, DiskSnapshots
+from lawa_suite.averagers.swa import SWA
+from lawa_suite.config import ConfigError
+
+
+# -- helpers --------------------------------------------------------------------------------------------
+def bn_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A small model with BatchNorm: float running stats and an int64 num_batches_tracked."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).to(dtype)
+
+
+def train_step(model: nn.Module, gen: torch.Generator, scale: float = 0.1) -> None:
+    """A stand-in optimizer step: perturb parameters in place, update BN statistics with a forward pass."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen).to(p.dtype), alpha=scale)
+        model.train()
+        model(torch.randn(16, 4, generator=gen).to(next(model.parameters()).dtype))
+
+
+def trajectory(model: nn.Module, steps: int, seed: int = 1) -> Iterator[int]:
+    """Steps 1..steps, the model updated in place before each is yielded."""
+    gen = torch.Generator().manual_seed(seed)
+    for step in range(1, steps + 1):
+        train_step(model, gen)
+        yield step
+
+
+def recorded(steps: int, seed: int = 0) -> list[dict[str, Tensor]]:
+    """The state dicts (copies) of a BN model after steps 1..steps: one fixed trajectory for several runs."""
+    model = bn_model(seed)
+    return [{n: t.clone() for n, t in model.state_dict().items()} for _ in trajectory(model, steps)]
+
+
+def float_items(weights: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {n: t for n, t in weights.items() if t.is_floating_point()}
+
+
+def assert_same(a: dict[str, Tensor] | None, b: dict[str, Tensor] | None) -> None:
+    assert a is not None and b is not None
+    assert list(a) == list(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype, name
+        assert torch.equal(a[name], b[name]), name
+
+
+def through_safetensors(state: Any) -> Any:
+    """``state`` after a trip through safetensors (tensors) and JSON (everything else), as a checkpoint does."""
+    tensors: dict[str, Tensor] = {}
+
+    def strip(obj: Any) -> Any:
+        if isinstance(obj, Tensor):
+            key = str(len(tensors))
+            tensors[key] = obj
+            return {"__tensor__": key}
+        if isinstance(obj, dict):
+            return {k: strip(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [strip(v) for v in obj]
+        return obj
+
+    skeleton = json.dumps(strip(state))
+    loaded = safetensors_load(safetensors_save(tensors))
+
+    def fill(obj: Any) -> Any:
+        if isinstance(obj, dict):
+            return loaded[obj["__tensor__"]] if set(obj) == {"__tensor__"} else {k: fill(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [fill(v) for v in obj]
+        return obj
+
+    return fill(json.loads(skeleton))
+
+
+MAKERS: dict[str, Callable[..., Averager]] = {
+    "ema": lambda **kw: EMA(decay=0.9, **kw),
+    "swa": lambda **kw: SWA(start=0, **kw),
+    "lawa": lambda **kw: LAWA(k=3, nu=2, **kw),
+    "lawa-disk": lambda **kw: LAWA(k=3, nu=2, store="disk", **kw),
+}
+
+
+# -- EMA --------------------------------------------------------------------------------------------------
+def test_ema_equals_torch_averaged_model() -> None:
+    decay = 0.9
+    model = bn_model()
+    reference = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    ema = EMA(decay=decay)
+    for step in trajectory(model, 50):
+        reference.update_parameters(model)
+        assert ema.observe(step, model)
+        ours = ema.average()
+        assert ours is not None
+        for name, expected in reference.module.state_dict().items():
+            if expected.is_floating_point():
+                torch.testing.assert_close(ours[name], expected, rtol=0, atol=1e-6)
+    # Integer buffers are the newest observation's, never averaged.
+    assert torch.equal(ours["1.num_batches_tracked"], model.state_dict()["1.num_batches_tracked"])
+    assert int(ours["1.num_batches_tracked"]) == 50
+
+
+def test_ema_every_and_start_against_scalar_recomputation() -> None:
+    decay, every, start = 0.8, 3, 5
+    ema = EMA(decay=decay, every=every, start=start)
+    gen = torch.Generator().manual_seed(3)
+    expected: list[float] | None = None
+    for step in range(1, 41):
+        w = torch.randn(4, generator=gen, dtype=torch.float64)
+        used = ema.observe(step, {"w": w})
+        assert used == (step >= start and (step - start) % every == 0)
+        if used:
+            values = w.tolist()
+            expected = values if expected is None else [a + (1 - decay ** every) * (x - a)
+                                                         for a, x in zip(expected, values)]
+        average = ema.average()
+        assert (average is None) == (expected is None)
+        if average is not None:
+            assert average["w"].dtype == torch.float64
+            assert average["w"].tolist() == pytest.approx(expected, abs=1e-12)
+    assert ema.updates == len([s for s in range(1, 41) if s >= start and (s - start) % every == 0]) == 12
+
+
+def test_ema_of_bf16_model_accumulates_in_fp32() -> None:
+    model = bn_model(dtype=torch.bfloat16)
+    ema = EMA(decay=0.999)
+    for step in trajectory(model, 5):
+        ema.observe(step, model)
+    accumulators = ema.state_dict()["state"]["average"]
+    assert all(t.dtype == torch.float32 for t in accumulators)
+    average = ema.average()
+    assert average is not None and average["0.weight"].dtype == torch.bfloat16
+    # A bf16 accumulator would round (1 - 0.999) * (w - avg) away; fp32 keeps it.
+    assert not torch.equal(accumulators[0], accumulators[0].bfloat16().float())
+
+
+# -- SWA --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("start", "every", "total", "first"), [
+    (10, 1, 40, 10),
+    (0.5, 1, 40, 20),
+    (7, 3, 40, 7),
+    (0.3, 4, 40, 12),
+    (0, 2, 20, 0),
+])
+def test_swa_equals_torch_averaged_model(start: float, every: int, total: int, first: int) -> None:
+    model = bn_model()
+    reference = AveragedModel(model, use_buffers=True)
+    swa = SWA(start=start, every=every)
+    swa.start_run(total)
+    assert swa.start_step == first
+    averaged = 0
+    for step in trajectory(model, total):
+        selected = step >= first and (step - first) % every == 0
+        assert swa.observe(step, model) == selected
+        if selected:
+            reference.update_parameters(model)
+            averaged += 1
+        ours = swa.average()
+        assert (ours is None) == (averaged == 0)
+    assert ours is not None and averaged == swa.updates > 1
+    for name, expected in reference.module.state_dict().items():
+        if expected.is_floating_point():
+            torch.testing.assert_close(ours[name], expected, rtol=1e-6, atol=1e-6)
+    assert torch.equal(ours["1.num_batches_tracked"], model.state_dict()["1.num_batches_tracked"])
+
+
+def test_swa_fraction_needs_start_run() -> None:
+    swa = SWA(start=0.75)
+    with pytest.raises(ValueError, match="start_run"):
+        swa.observe(1, {"w": torch.zeros(2)})
+    swa.start_run(100)
+    assert swa.start_step == 75
+    assert SWA(start=100).start_step == 100 and SWA(start=100.0).wants(100) and not SWA(start=100).wants(99)
+    fraction = SWA(start=0.7)
+    fraction.start_run(100)
+    assert fraction.start_step == 70  # not 71: 0.7 * 100 is 70.00000000000001 in floating point
+
+
+def test_swa_start_parses_as_steps_and_fraction_through_omegaconf() -> None:
+    for value, expected in ((100, 100.0), (0.75, 0.75), (0, 0.0)):
+        merged = OmegaConf.merge(OmegaConf.structured(SWA.Config), {"start": value})
+        config = OmegaConf.to_object(merged)
+        assert config.start == expected
+        SWA(**vars(config))
+
+
+# -- LAWA -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("store", ["cpu", "disk"])
+def test_lawa_equals_brute_force_window_mean(store: str, tmp_path: Any) -> None:
+    k, nu = 4, 3
+    model = bn_model()
+    lawa = LAWA(k=k, nu=nu, store=store, dir=str(tmp_path / "snaps") if store == "disk" else "")
+    snapshots: list[dict[str, Tensor]] = []
+    for step in trajectory(model, 200):
+        assert lawa.observe(step, model) == (step % nu == 0)
+        if step % nu == 0:
+            snapshots.append({n: t.clone() for n, t in model.state_dict().items()})
+        average = lawa.average()
+        if len(snapshots) < k:
+            assert average is None
+            continue
+        assert average is not None
+        window = snapshots[-k:]
+        for name, value in average.items():
+            if value.is_floating_point():
+                expected = torch.stack([s[name] for s in window]).sum(0) / k
+                torch.testing.assert_close(value, expected, rtol=1e-6, atol=1e-6)
+            else:
+                assert torch.equal(value, window[-1][name])
+    assert lawa.snapshot_steps == [s for s in range(1, 201) if s % nu == 0][-k:]
+    if store == "disk":
+        assert sorted(os.listdir(tmp_path / "snaps")) == [f"snapshot-{s:010d}.safetensors" for s in lawa.snapshot_steps]
+
+
+@pytest.mark.parametrize("store", ["cpu", "disk"])
+def test_lawa_bf16_is_accumulated_in_fp32_and_stored_in_bf16(store: str) -> None:
+    # Values in [1, 2) have 8 significant bits in bf16: a window sum of 4 needs 10, exact in fp32 (but not bf16).
+    k, nu = 4, 3
+    model = nn.Linear(16, 8).to(torch.bfloat16)
+    gen = torch.Generator().manual_seed(0)
+    lawa = LAWA(k=k, nu=nu, store=store)
+    snapshots: list[dict[str, Tensor]] = []
+    for step in range(1, 201):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.rand(p.shape, generator=gen) + 1)
+        lawa.observe(step, model)
+        if step % nu == 0:
+            snapshots.append({n: t.clone() for n, t in model.state_dict().items()})
+        average = lawa.average()
+        assert (average is None) == (len(snapshots) < k)
+        if average is not None:
+            for name, value in average.items():
+                expected = (torch.stack([s[name].float() for s in snapshots[-k:]]).sum(0) / k).to(torch.bfloat16)
+                assert value.dtype == torch.bfloat16
+                assert torch.equal(value, expected), name
+    state = lawa.state_dict()["state"]
+    assert all(t.dtype == torch.float32 for t in state["sum"])
+    assert all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for snap in state["snapshots"] for t in snap)
+
+
+@pytest.mark.parametrize("store", ["cpu", "disk"])
+def test_lawa_sum_does_not_drift_after_large_snapshots_leave(store: str) -> None:
+    # Subtracting a 1e4-sized snapshot from an fp32 sum leaves ~1e-3 of rounding error behind, as large as
+    # the small weights that follow; the periodic exact recompute must remove it.
+    k = 4
+    gen = torch.Generator().manual_seed(0)
+    lawa = LAWA(k=k, nu=1, store=store)
+    values = [torch.randn(64, generator=gen) * (1e4 if step <= k else 1e-3) for step in range(1, 3 * k + 2)]
+    for step, value in enumerate(values, start=1):
+        lawa.observe(step, {"w": value})
+    average = lawa.average()
+    assert average is not None
+    expected = torch.stack(values[-k:]).double().mean(0).float()
+    torch.testing.assert_close(average["w"], expected, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("store", ["cpu", "disk"])
+def test_lawa_not_ready_before_k_snapshots(store: str) -> None:
+    lawa = LAWA(k=3, nu=5, store=store)
+    assert lawa.average() is None
+    for step in range(1, 15):
+        lawa.observe(step, {"w": torch.full((2,), float(step))})
+        assert lawa.average() is None  # snapshots at 5 and 10 only
+    lawa.observe(15, {"w": torch.full((2,), 15.0)})
+    average = lawa.average()
+    assert average is not None and average["w"].tolist() == [10.0, 10.0]
+
+
+def test_lawa_disk_store_temporary_folder_is_removed_with_the_averager() -> None:
+    lawa = LAWA(k=2, nu=1, store="disk")
+    lawa.observe(1, {"w": torch.ones(2)})
+    store = lawa._store
+    assert isinstance(store, DiskSnapshots)
+    folder = store.folder
+    assert os.listdir(folder) == ["snapshot-0000000001.safetensors"]
+    del lawa, store
+    gc.collect()
+    assert not os.path.exists(folder)
+
+
+# -- shared behaviour -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", list(MAKERS))
+def test_snapshots_and_averages_are_not_aliases(kind: str) -> None:
+    model = bn_model()
+    averager = MAKERS[kind]()
+    steps = trajectory(model, 8)
+    for step in steps:
+        averager.observe(step, model)
+    before = averager.average()
+    assert before is not None
+    with torch.no_grad():  # an optimizer step edits the live weights in place
+        for tensor in model.state_dict().values():
+            tensor.add_(1)
+    assert_same(averager.average(), before)
+    # Editing the returned average must not edit the averager either.
+    returned = averager.average()
+    assert returned is not None
+    for tensor in returned.values():
+        tensor.add_(1)
+    assert_same(averager.average(), before)
+
+
+@pytest.mark.parametrize("kind", list(MAKERS))
+def test_state_dict_round_trip_continues_identically(kind: str) -> None:
+    weights = recorded(60)
+    run_a = MAKERS[kind]()
+    for step, w in enumerate(weights, start=1):
+        run_a.observe(step, w)
+    run_b = MAKERS[kind]()
+    for step, w in enumerate(weights[:30], start=1):
+        run_b.observe(step, w)
+    state = through_safetensors(run_b.state_dict())
+    del run_b
+    resumed = MAKERS[kind]()
+    resumed.load_state_dict(state)
+    for step, w in enumerate(weights[30:], start=31):
+        resumed.observe(step, w)
+    assert_same(resumed.average(), run_a.average())
+    assert (resumed.updates, resumed.last_step) == (run_a.updates, run_a.last_step)
+    assert through_safetensors(resumed.state_dict())["state"].keys() == run_a.state_dict()["state"].keys()
+
+
+def test_lawa_round_trip_mid_recompute_cycle_and_disk_state_is_self_contained(tmp_path: Any) -> None:
+    weights = recorded(60)
+    run_a = LAWA(k=4, nu=2, store="disk", dir=str(tmp_path / "a"))
+    for step, w in enumerate(weights, start=1):
+        run_a.observe(step, w)
+    run_b = LAWA(k=4, nu=2, store="disk", dir=str(tmp_path / "b"))
+    for step, w in enumerate(weights[:34], start=1):
+        run_b.observe(step, w)
+    state = through_safetensors(run_b.state_dict())
+    assert state["state"]["evictions"] % 4 != 0 and len(state["state"]["snapshots"]) == 4
+    resumed = LAWA(k=4, nu=2, store="disk", dir=str(tmp_path / "b"))
+    for name in os.listdir(tmp_path / "b"):  # the checkpoint alone must suffice
+        os.remove(tmp_path / "b" / name)
+    resumed.load_state_dict(state)
+    assert len(os.listdir(tmp_path / "b")) == 4
+    for step, w in enumerate(weights[34:], start=35):
+        resumed.observe(step, w)
+    assert_same(resumed.average(), run_a.average())
+
+
+@pytest.mark.parametrize("kind", list(MAKERS))
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_non_finite_observation_is_refused(kind: str, bad: float) -> None:
+    weights = recorded(12)
+    averager = MAKERS[kind]()
+    for step, w in enumerate(weights[:10], start=1):
+        averager.observe(step, w)
+    before = averager.average()
+    state_before = averager.state_dict()["state"]
+    poisoned = {n: t.clone() for n, t in weights[10].items()}
+    poisoned["3.weight"][0, 0] = bad
+    with pytest.warns(NonFiniteWarning, match="step 12"):
+        assert averager.observe(12, poisoned) is False
+    assert averager.refused == 1 and averager.last_step == 10
+    assert_same(averager.average(), before)
+    assert averager.state_dict()["state"].keys() == state_before.keys()
+    assert averager.observe(14, weights[11])  # and it carries on
+
+
+@pytest.mark.parametrize("kind", list(MAKERS))
+def test_layout_mismatch_is_an_error(kind: str) -> None:
+    averager = MAKERS[kind]()
+    averager.observe(2, {"a": torch.zeros(3), "b": torch.zeros(2)})
+    with pytest.raises(ValueError, match="extra"):
+        averager.observe(4, {"a": torch.zeros(3), "b": torch.zeros(2), "c": torch.zeros(1)})
+    with pytest.raises(ValueError, match="'a'"):
+        averager.observe(4, {"a": torch.zeros(4), "b": torch.zeros(2)})
+
+
+@pytest.mark.parametrize(("name", "kwargs", "field"), [
+    ("ema", {"decay": 1.0}, "decay"),
+    ("ema", {"decay": 0.0}, "decay"),
+    ("ema", {"every": 0}, "every"),
+    ("ema", {"start": -1}, "start"),
+    ("swa", {"every": 0}, "every"),
+    ("swa", {"start": 2.5}, "start"),
+    ("swa", {"start": -1}, "start"),
+    ("lawa", {"k": 0}, "k"),
+    ("lawa", {"nu": 0}, "nu"),
+    ("lawa", {"k": 2.5}, "k"),
+    ("lawa", {"store": "gpu"}, "store"),
+])
+def test_bad_config_names_the_field(name: str, kwargs: dict[str, Any], field: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^{field}: expected"):
+        registry.averagers.create(name, **kwargs)
+
+
+@pytest.mark.parametrize("kind", list(MAKERS))
+def test_module_and_mapping_give_the_same_average(kind: str) -> None:
+    model = bn_model()
+    from_module, from_mapping = MAKERS[kind](), MAKERS[kind]()
+    for step in trajectory(model, 12):
+        from_module.observe(step, model)
+        # Parameters that require grad, as a mapping: no autograd graph may build up in the averager.
+        from_mapping.observe(step, model.state_dict(keep_vars=True))
+    average = from_mapping.average()
+    assert_same(from_module.average(), average)
+    assert average is not None and not any(t.requires_grad for t in average.values())
+
+
+def test_registry_creates_every_averager() -> None:
+    assert {"ema", "lawa", "swa"} <= set(registry.averagers.names())
+    lawa = registry.averagers.create("lawa", k=3, nu=2)
+    assert isinstance(lawa, LAWA) and (lawa.config.k, lawa.config.nu) == (3, 2)
+    assert isinstance(registry.averagers.create("ema", decay=0.99), EMA)
+    assert isinstance(registry.averagers.create("swa", start=10), SWA)

@@ -1,0 +1,216 @@
+"""The training loop on the toy task: artifacts, step boundaries, evaluation isolation, exact resume."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from lawa_suite import checkpoints as ckpt
+from lawa_suite import registry, train as train_module
+from lawa_suite.averagers.base import Averager
+from lawa_suite.config import ConfigError, resolve
+from lawa_suite.train import NonFiniteTraining, lr_factor, train
+
+from conftest import SimulatedCrash, ToyTask
+
+
+def run_toy(out: Path, *overrides: str):
+    return train(resolve(["task=toy", f"out={out}", *overrides]))
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_state(out: Path) -> tuple[dict, dict]:
+    last = ckpt.list_checkpoints(out / "checkpoints")[-1].path
+    return load_file(str(last / "model.safetensors")), ckpt.read_state(last, "state")
+
+
+def assert_same_tree(a, b, path=""):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), f"tensors differ at {path}"
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), f"keys differ at {path}"
+        for key in a:
+            assert_same_tree(a[key], b[key], f"{path}/{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"lengths differ at {path}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tree(x, y, f"{path}/{i}")
+    else:
+        assert a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b)), f"{a!r} != {b!r} at {path}"
+
+
+def test_run_writes_everything(tmp_path):
+    out = tmp_path / "run"
+    result = run_toy(out, "trajectory.every=5", "checkpoint.every=10")
+    assert result.step == 20
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["task"] == "toy" and config["lawa"]["k"] == 3 and config["toy"]["hidden"] == 16
+    records = read_metrics(out)
+    evals = [r for r in records if r["split"] == "val"]
+    assert {r["weights"] for r in evals} == {"raw", "lawa", "ema", "swa"}
+    assert {r["step"] for r in evals if r["weights"] == "raw"} == {5, 10, 15, 20}
+    assert all(0 <= r["accuracy"] <= 1 and r["loss"] > 0 for r in evals)
+    assert [r["step"] for r in records if r["split"] == "train"] == list(range(1, 21))
+    # lawa (k=3, nu=2) is ready from step 6, swa (start=0.5) from step 10
+    assert {r["weights"] for r in evals if r["step"] == 5} == {"raw", "ema"}
+    assert {r["weights"] for r in evals if r["step"] == 10} == {"raw", "lawa", "ema", "swa"}
+    assert [c.step for c in ckpt.list_checkpoints(out / "checkpoints")] == [10, 20]
+    assert sorted(p.name for p in (out / "trajectory").iterdir()) == [f"step-{s:08d}.safetensors" for s in (5, 10, 15, 20)]
+    report = (out / "report.md").read_text()
+    assert "| raw |" in report and "| lawa |" in report and "best accuracy (step)" in report
+    assert (out / "curves.png").stat().st_size > 10_000
+    assert not ckpt.verify(out / "checkpoints" / "step-00000020")
+
+
+def test_lr_schedule():
+    cfg = resolve(["task=toy", "steps=100", "warmup=10", "lr=1.0", "min_lr=0.1"]).run
+    assert lr_factor(0, cfg) == pytest.approx(0.1) and lr_factor(9, cfg) == pytest.approx(1.0)
+    assert lr_factor(10, cfg) == pytest.approx(1.0) and lr_factor(100, cfg) == pytest.approx(0.1)
+    assert lr_factor(55, cfg) == pytest.approx(0.1 + 0.9 * 0.5)
+    constant = resolve(["task=toy", "schedule=constant"]).run
+    assert lr_factor(15, constant) == 1.0
+
+
+@dataclass
+class SpyConfig:
+    pass
+
+
+class Spy(Averager):
+    """Records the steps it is shown; never ready."""
+    name = "spy"
+    Config = SpyConfig
+    seen: list[int] = []
+
+    @property
+    def ready(self):
+        return False
+
+    def wants(self, step):
+        return True
+
+    def _update(self, step, floats):
+        Spy.seen.append(step)
+
+    def _averaged_floats(self):
+        return []
+
+    def _extra_state(self):
+        return {}
+
+    def _load_extra_state(self, state):
+        pass
+
+
+if "spy" not in registry.averagers._builtins:
+    registry.averagers.register("spy")(Spy)
+
+
+def test_averagers_see_optimizer_steps_not_micro_batches(tmp_path):
+    Spy.seen = []
+    run_toy(tmp_path / "run", "averager=spy", "grad_accum=4", "steps=6")
+    assert Spy.seen == [1, 2, 3, 4, 5, 6]
+    assert len(ToyTask.consumed) == 6 * 16  # 4 micro-batches of 4 per step
+
+
+def test_evaluation_does_not_change_training(tmp_path):
+    # Scoring swaps averaged weights in, recalibrates BatchNorm and draws random numbers: none of it may leak.
+    run_toy(tmp_path / "often", "eval.every=1")
+    run_toy(tmp_path / "rarely", "eval.every=20")
+    weights_often, state_often = final_state(tmp_path / "often")
+    weights_rarely, state_rarely = final_state(tmp_path / "rarely")
+    assert_same_tree(weights_often, weights_rarely)
+    assert_same_tree(state_often["averagers"], state_rarely["averagers"])
+
+
+def crash_then_resume(out: Path, crash_at: int, *overrides: str):
+    ToyTask.crash_at = crash_at
+    with pytest.raises(SimulatedCrash):
+        run_toy(out, "checkpoint.every=5", *overrides)
+    ToyTask.crash_at = None
+    return run_toy(out, "checkpoint.every=5", "resume=auto", *overrides)
+
+
+def test_resume_is_bit_exact(tmp_path):
+    run_toy(tmp_path / "whole", "checkpoint.every=5", "grad_accum=2")
+    uninterrupted = list(ToyTask.consumed)
+    ToyTask.consumed = []
+    crash_then_resume(tmp_path / "resumed", 13, "grad_accum=2")  # resumes from step 10, mid-epoch
+    weights_a, state_a = final_state(tmp_path / "whole")
+    weights_b, state_b = final_state(tmp_path / "resumed")
+    assert_same_tree(weights_a, weights_b)
+    for part in ("optimizer", "averagers", "stream", "train"):
+        assert_same_tree(state_a[part], state_b[part], part)
+    # The resumed run replays steps 11-13: the consumed samples are the uninterrupted sequence plus that replay.
+    per_step = 16
+    assert ToyTask.consumed[:13 * per_step] == uninterrupted[:13 * per_step]
+    assert ToyTask.consumed[13 * per_step:] == uninterrupted[10 * per_step:]
+    metrics = read_metrics(tmp_path / "resumed")
+    assert [r["step"] for r in metrics if r["split"] == "train"] == list(range(1, 21))  # no duplicated lines
+
+
+def test_resume_negative_control_without_rng(tmp_path, monkeypatch):
+    # Proves the exact-resume test can fail: without restoring RNG state, dropout masks differ after resume.
+    run_toy(tmp_path / "whole", "checkpoint.every=5")
+    monkeypatch.setattr(train_module, "set_rng_state", lambda state: None)
+    crash_then_resume(tmp_path / "resumed", 13)
+    weights_a, _ = final_state(tmp_path / "whole")
+    weights_b, _ = final_state(tmp_path / "resumed")
+    assert any(not torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+
+
+def test_existing_run_is_never_overwritten(tmp_path):
+    out = tmp_path / "run"
+    run_toy(out, "steps=4", "eval.every=2")
+    before = (out / "metrics.jsonl").read_bytes()
+    with pytest.raises(ConfigError, match="already holds a run; pass resume=auto"):
+        run_toy(out, "steps=4")
+    with pytest.raises(ConfigError, match="differs from the saved run's in lr"):
+        run_toy(out, "steps=4", "eval.every=2", "resume=auto", "lr=0.5")
+    assert (out / "metrics.jsonl").read_bytes() == before
+
+
+def test_changing_averagers_on_resume_needs_consent(tmp_path):
+    out = tmp_path / "run"
+    ToyTask.crash_at = 8
+    with pytest.raises(SimulatedCrash):
+        run_toy(out, "checkpoint.every=5", "averager=ema")
+    ToyTask.crash_at = None
+    with pytest.raises(ConfigError, match="averager.*reset_averagers=true"):
+        run_toy(out, "checkpoint.every=5", "averager=ema,lawa", "resume=auto")
+    result = run_toy(out, "checkpoint.every=5", "averager=ema,lawa", "resume=auto", "reset_averagers=true")
+    assert result.step == 20
+    _, state = final_state(out)
+    assert state["averagers"]["lawa"]["counters"]["updates"] == 8  # steps 6..20 divisible by nu=2, from step 5 on
+
+
+def test_non_finite_steps_are_skipped_and_never_averaged(tmp_path):
+    Spy.seen = []
+    ToyTask.nan_at = {3}
+    result = run_toy(tmp_path / "run", "averager=spy,ema", "steps=6")
+    assert result.step == 6 and result.skipped_steps == 1
+    assert Spy.seen == [1, 2, 3, 4, 5, 6]  # the skipped attempt after step 3 never reached an averager
+    assert len(ToyTask.consumed) == 7 * 16  # ...but it did consume a batch
+    skipped = [r for r in read_metrics(tmp_path / "run") if r.get("skipped")]
+    assert len(skipped) == 1 and skipped[0]["step"] == 3
+    _, state = final_state(tmp_path / "run")
+    ema_tensors, _ = ckpt.flatten_state(state["averagers"]["ema"])
+    assert ema_tensors and all(torch.isfinite(t).all() for t in ema_tensors.values() if t.is_floating_point())
+
+
+def test_too_many_non_finite_steps_stop_the_run(tmp_path):
+    ToyTask.nan_from = 4  # the step counter does not advance while steps are skipped: every retry is NaN
+    with pytest.raises(NonFiniteTraining, match="3 steps in a row"):
+        run_toy(tmp_path / "run", "max_bad_steps=3", "checkpoint.every=2")
+    committed = ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")
+    assert [c.step for c in committed][-1] == 4 and not ckpt.verify(committed[-1].path)
