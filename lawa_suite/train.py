@@ -426,7 +426,8 @@ def train(cfg: ResolvedConfig) -> RunResult:
     if rc.resume:
         run.resume()
     if rc.trackers:
-        run.accelerator.init_trackers(Path(rc.out).name, config=ckpt.flatten_state(cfg.as_dict())[1])
+        hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in _flat(cfg.as_dict()).items()}
+        run.accelerator.init_trackers(Path(rc.out).name, config=hparams)
     metrics = MetricsLog(run.out / "metrics.jsonl", run.is_main)
     bar = _progress(run)
     run.stop.install()

@@ -1,0 +1,35 @@
+"""The CLI through Typer's runner: run, list, report, verify, and exit codes."""
+
+from __future__ import annotations
+
+from typer.testing import CliRunner
+
+from lawa_suite.cli import app
+
+runner = CliRunner()
+
+
+def test_run_report_verify(tmp_path):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["run", "task=toy", f"out={out}", "steps=6", "eval.every=3", "trackers=tensorboard"])
+    assert result.exit_code == 0, result.output
+    assert "done: 6 steps" in result.output
+    assert list(out.rglob("events.out.tfevents.*")), "the tensorboard tracker wrote nothing"
+    (out / "report.md").unlink()
+    again = runner.invoke(app, ["report", str(out)])
+    assert again.exit_code == 0 and (out / "report.md").exists()
+    verified = runner.invoke(app, ["verify", str(out / "checkpoints")])
+    assert verified.exit_code == 0 and "step-00000006: ok" in verified.output
+
+
+def test_report_refuses_a_non_run(tmp_path):
+    result = runner.invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 2 and "not a run directory" in result.output
+
+
+def test_list_shows_what_is_available():
+    result = runner.invoke(app, ["list"])
+    assert result.exit_code == 0, result.output
+    for expected in ("tasks:", "cifar", "presets: tiny, cpu, paper", "averagers:", "lawa", "ema", "swa",
+                     "evaluators:", "accuracy", "built-in lawa_suite.averagers.lawa"):
+        assert expected in result.output
