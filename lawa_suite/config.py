@@ -33,9 +33,9 @@ def require(ok: bool, key: str, allowed: str, value: Any) -> None:
         raise ConfigError(f"{key}: expected {allowed}, got {value!r}")
 
 
-def choice(default: str, *choices: str) -> Any:
+def choice(default: str, *choices: str, **metadata: Any) -> Any:
     """A string field that accepts only ``choices`` (checked at resolution, listed in the error)."""
-    return field(default=default, metadata={"choices": choices})
+    return field(default=default, metadata={"choices": choices, **metadata})
 
 
 def default_cache_dir() -> str:

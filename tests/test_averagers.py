@@ -67,6 +67,17 @@ def assert_same(a: dict[str, Tensor] | None, b: dict[str, Tensor] | None) -> Non
         assert torch.equal(a[name], b[name]), name
 
 
+def tensors_in(state: Any) -> list[Tensor]:
+    """Every tensor in nested dicts and lists."""
+    if isinstance(state, Tensor):
+        return [state]
+    if isinstance(state, dict):
+        return [t for value in state.values() for t in tensors_in(value)]
+    if isinstance(state, (list, tuple)):
+        return [t for value in state for t in tensors_in(value)]
+    return []
+
+
 def assert_equal_states(a: Any, b: Any) -> None:
     """Nested dicts and lists equal, tensors bitwise (dtype included)."""
     if isinstance(a, Tensor):
@@ -209,9 +220,9 @@ def test_swa_fraction_needs_start_run() -> None:
     swa.start_run(100)
     assert swa.start_step == 75
     assert SWA(start=100).start_step == 100 and SWA(start=100.0).wants(100) and not SWA(start=100).wants(99)
-    fraction = SWA(start=0.7)
+    fraction = SWA(start=0.07)
     fraction.start_run(100)
-    assert fraction.start_step == 70  # not 71: 0.7 * 100 is 70.00000000000001 in floating point
+    assert fraction.start_step == 7  # not 8: 0.07 * 100 is 7.000000000000001 in floating point
 
 
 def test_swa_start_parses_as_steps_and_fraction_through_omegaconf() -> None:
@@ -303,6 +314,14 @@ def test_lawa_not_ready_before_k_snapshots(store: str) -> None:
     lawa.observe(15, {"w": torch.full((2,), 15.0)})
     average = lawa.average()
     assert average is not None and average["w"].tolist() == [10.0, 10.0]
+
+
+def test_lawa_snapshot_steps_must_increase() -> None:
+    lawa = LAWA(k=2, nu=2, store="disk")
+    lawa.observe(4, {"w": torch.ones(2)})
+    with pytest.raises(ValueError, match="must increase"):
+        lawa.observe(4, {"w": torch.ones(2)})
+    assert lawa.snapshot_steps == [4] and lawa.updates == 1
 
 
 def test_lawa_disk_store_temporary_folder_is_removed_with_the_averager() -> None:
@@ -435,13 +454,14 @@ def test_bad_config_names_the_field(name: str, kwargs: dict[str, Any], field: st
 def test_module_and_mapping_give_the_same_average(kind: str) -> None:
     model = bn_model()
     from_module, from_mapping = MAKERS[kind](), MAKERS[kind]()
-    for step in trajectory(model, 12):
+    for step in trajectory(model, 14):
         from_module.observe(step, model)
         # Parameters that require grad, as a mapping: no autograd graph may build up in the averager.
         from_mapping.observe(step, model.state_dict(keep_vars=True))
-    average = from_mapping.average()
-    assert_same(from_module.average(), average)
-    assert average is not None and not any(t.requires_grad for t in average.values())
+        average = from_mapping.average()
+        assert average is None or not any(t.requires_grad for t in average.values())
+        assert not any(t.requires_grad for t in tensors_in(from_mapping.state_dict()))
+    assert_same(from_module.average(), from_mapping.average())
 
 
 def test_registry_creates_every_averager() -> None:

@@ -37,8 +37,8 @@ def named_tensors(weights: Weights) -> dict[str, Tensor]:
     """The ``name -> tensor`` view of a module (its state_dict: parameters and buffers) or a mapping."""
     if isinstance(weights, nn.Module):
         return weights.state_dict()
-    if isinstance(weights, Mapping):
-        return dict(weights)
+    if isinstance(weights, Mapping):  # detached: in-place updates must never build an autograd graph
+        return {name: t.detach() for name, t in weights.items()}
     raise TypeError(f"weights must be an nn.Module or a mapping of name -> Tensor, got {type(weights).__name__}")
 
 
@@ -56,6 +56,32 @@ def all_finite(tensors: list[Tensor]) -> bool:
         return True
     # A huge-but-finite tensor can overflow the norm: decide exactly.
     return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def is_count(value: Any, minimum: int) -> bool:
+    """True for a real integer (not a bool) ``>= minimum``: what step counts and window sizes must be."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def accumulator_copy(floats: list[Tensor]) -> list[Tensor]:
+    """Fresh, contiguous copies of ``floats`` in the accumulation dtype, on their devices.
+
+    ``copy=True`` matters: ``t.to(torch.float32)`` of a float32 tensor returns ``t`` itself, which would make
+    the "average" an alias of the live weights.
+    """
+    return [t.detach().to(dtype=accumulation_dtype(t.dtype), memory_format=torch.contiguous_format, copy=True)
+            for t in floats]
+
+
+def cast_like(tensors: list[Tensor], like: list[Tensor]) -> list[Tensor]:
+    """``tensors[i]`` in the dtype and on the device of ``like[i]``; tensors that already match pass through."""
+    return [t if (t.dtype == ref.dtype and t.device == ref.device) else t.to(device=ref.device, dtype=ref.dtype)
+            for t, ref in zip(tensors, like)]
+
+
+def follow_devices(accumulators: list[Tensor], weights: list[Tensor]) -> list[Tensor]:
+    """``accumulators`` moved to their weights' devices where they differ (after a load from a CPU checkpoint)."""
+    return [a if a.device == w.device else a.to(w.device) for a, w in zip(accumulators, weights)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +151,8 @@ class Averager(ABC):
         """Consume the weights after optimizer step ``step``. Returns True if the average changed."""
         if not self.wants(step):
             return False
+        if self.last_step is not None and step <= self.last_step:  # a repeated step would be counted twice
+            raise ValueError(f"{self.name}: observed steps must increase: got step {step} after {self.last_step}")
         tensors = named_tensors(weights)
         if self.layout is None:
             self.layout = Layout.of(tensors)
@@ -166,7 +194,8 @@ class Averager(ABC):
 
     @abstractmethod
     def _averaged_floats(self) -> list[Tensor]:
-        """The averaged float tensors in layout order, in the accumulation dtype (cast by the caller)."""
+        """The averaged float tensors in layout order, in the accumulation dtype (cast by the caller).
+        They must be tensors the caller owns (never the accumulators themselves): callers may edit them."""
 
     @abstractmethod
     def _extra_state(self) -> dict[str, Any]:
@@ -190,7 +219,9 @@ class Averager(ABC):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         saved = self.Config(**state["config"])
-        if saved != self.config:
+        differ = [f.name for f in dataclasses.fields(self.config) if f.metadata.get("affects_average", True)
+                  and getattr(saved, f.name) != getattr(self.config, f.name)]
+        if differ:  # fields marked affects_average=False (where snapshots are stored) may change
             raise ValueError(f"{self.name}: the saved state was made with {saved}, this averager has {self.config}")
         self.layout = Layout.from_json(state["layout"]) if state["layout"] else None
         counters = state["counters"]

@@ -22,36 +22,10 @@ import torch
 from torch import Tensor
 
 from lawa_suite import registry
-from lawa_suite.averagers.base import Averager, accumulation_dtype
+from lawa_suite.averagers.base import Averager, accumulator_copy, cast_like, follow_devices, is_count
 from lawa_suite.config import require
 
-__all__ = ["EMA", "ema_update_", "accumulator_copy", "cast_like", "follow_devices", "is_count"]
-
-
-def is_count(value: Any, minimum: int) -> bool:
-    """True for a real integer (not a bool) ``>= minimum``: what step counts and window sizes must be."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-
-
-def accumulator_copy(floats: list[Tensor]) -> list[Tensor]:
-    """Fresh, contiguous copies of ``floats`` in the accumulation dtype, on their devices.
-
-    ``copy=True`` matters: ``t.to(torch.float32)`` of a float32 tensor returns ``t`` itself, which would make
-    the "average" an alias of the live weights.
-    """
-    return [t.detach().to(dtype=accumulation_dtype(t.dtype), memory_format=torch.contiguous_format, copy=True)
-            for t in floats]
-
-
-def cast_like(tensors: list[Tensor], like: list[Tensor]) -> list[Tensor]:
-    """``tensors[i]`` in the dtype and on the device of ``like[i]``; tensors that already match pass through."""
-    return [t if (t.dtype == ref.dtype and t.device == ref.device) else t.to(device=ref.device, dtype=ref.dtype)
-            for t, ref in zip(tensors, like)]
-
-
-def follow_devices(accumulators: list[Tensor], weights: list[Tensor]) -> list[Tensor]:
-    """``accumulators`` moved to their weights' devices where they differ (after a load from a CPU checkpoint)."""
-    return [a if a.device == w.device else a.to(w.device) for a, w in zip(accumulators, weights)]
+__all__ = ["EMA", "ema_update_"]
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ import tempfile
 import weakref
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -31,8 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from lawa_suite import registry
-from lawa_suite.averagers.base import Averager
-from lawa_suite.averagers.ema import accumulator_copy, cast_like, follow_devices, is_count
+from lawa_suite.averagers.base import Averager, accumulator_copy, cast_like, follow_devices, is_count
 from lawa_suite.config import choice, require
 
 __all__ = ["LAWA", "snapshot_copy", "window_push_", "window_slide_", "window_sum", "window_mean",
@@ -79,6 +78,8 @@ class SnapshotStore(Protocol):
 
     @property
     def steps(self) -> list[int]: ...
+    @property
+    def newest_step(self) -> int | None: ...
     def __len__(self) -> int: ...
     def __iter__(self) -> Iterator[list[Tensor]]: ...
     def append(self, step: int, tensors: list[Tensor]) -> None: ...
@@ -97,6 +98,10 @@ class MemorySnapshots:
     @property
     def steps(self) -> list[int]:
         return list(self._steps)
+
+    @property
+    def newest_step(self) -> int | None:
+        return self._steps[-1] if self._steps else None
 
     def __len__(self) -> int:
         return len(self._steps)
@@ -151,6 +156,10 @@ class DiskSnapshots:
     def steps(self) -> list[int]:
         return list(self._steps)
 
+    @property
+    def newest_step(self) -> int | None:
+        return self._steps[-1] if self._steps else None
+
     def __len__(self) -> int:
         return len(self._steps)
 
@@ -189,10 +198,12 @@ class LAWA(Averager):
 
     @dataclass
     class Config:
-        k: int = 5                              # snapshots in the window
-        nu: int = 100                           # a snapshot at every step divisible by nu
-        store: str = choice("cpu", "cpu", "disk")  # where snapshots live: host memory or safetensors files
-        dir: str = ""                           # folder for store=disk; empty = a fresh temporary folder
+        k: int = 5                                 # snapshots in the window
+        nu: int = 100                              # a snapshot at every step divisible by nu
+        # where snapshots live: host memory or safetensors files (may change on resume: the average does not)
+        store: str = choice("cpu", "cpu", "disk", affects_average=False)
+        # folder for store=disk (one per averager); empty = a temporary one
+        dir: str = field(default="", metadata={"affects_average": False})
 
         def __post_init__(self) -> None:
             require(is_count(self.k, 1), "k", "an integer >= 1", self.k)
@@ -221,6 +232,9 @@ class LAWA(Averager):
 
     def _update(self, step: int, floats: list[Tensor]) -> None:
         k = self.config.k
+        newest = self._store.newest_step
+        if newest is not None and step <= newest:  # a repeated step would count twice (and overwrite a disk file)
+            raise ValueError(f"lawa: snapshot steps must increase: got step {step} after {newest}")
         self._store.append(step, snapshot_copy(floats))
         if not self._sum:
             self._sum = accumulator_copy(floats)

@@ -23,8 +23,8 @@ import torch
 from torch import Tensor
 
 from lawa_suite import registry
-from lawa_suite.averagers.base import Averager
-from lawa_suite.averagers.ema import accumulator_copy, ema_update_, follow_devices, is_count
+from lawa_suite.averagers.base import Averager, accumulator_copy, follow_devices, is_count
+from lawa_suite.averagers.ema import ema_update_
 from lawa_suite.config import require
 
 __all__ = ["SWA", "running_mean_update_", "is_fraction", "resolve_start"]
@@ -48,7 +48,7 @@ def resolve_start(start: float, total_steps: int | None) -> int:
     if total_steps is None:
         raise ValueError(f"swa: start={start} is a fraction of the run's total steps, which this averager was "
                          f"not told: call start_run(total_steps) before observing, or give start in steps")
-    # Rounded first: 0.7 * 100 is 70.00000000000001 in binary floating point, and ceil of that is 71.
+    # Rounded first: 0.07 * 100 is 7.000000000000001 in binary floating point, and ceil of that is 8.
     return math.ceil(round(start * total_steps, 6))
 
 
