@@ -88,12 +88,10 @@ class SnapshotStore(Protocol):
     def clear(self) -> None: ...
 
 
-class MemorySnapshots:
-    """The window in host memory (``store=cpu``)."""
+class _StepWindow:
+    """The steps of the snapshots in the window, oldest first (shared by both stores)."""
 
-    def __init__(self) -> None:
-        self._steps: deque[int] = deque()
-        self._tensors: deque[list[Tensor]] = deque()
+    _steps: deque[int]
 
     @property
     def steps(self) -> list[int]:
@@ -105,6 +103,14 @@ class MemorySnapshots:
 
     def __len__(self) -> int:
         return len(self._steps)
+
+
+class MemorySnapshots(_StepWindow):
+    """The window in host memory (``store=cpu``)."""
+
+    def __init__(self) -> None:
+        self._steps = deque()
+        self._tensors: deque[list[Tensor]] = deque()
 
     def __iter__(self) -> Iterator[list[Tensor]]:
         return iter(list(self._tensors))
@@ -125,7 +131,7 @@ class MemorySnapshots:
         self._tensors.clear()
 
 
-class DiskSnapshots:
+class DiskSnapshots(_StepWindow):
     """The window as one safetensors file per snapshot (``store=disk``); host memory holds only their steps.
 
     ``folder`` is created if needed; an empty one means a fresh temporary folder, made on first use and
@@ -136,7 +142,7 @@ class DiskSnapshots:
     def __init__(self, folder: str = "") -> None:
         self._folder = folder
         self._made = False  # the folder is made on first use: an averager that never snapshots leaves no trace
-        self._steps: deque[int] = deque()
+        self._steps = deque()
 
     @property
     def folder(self) -> str:
@@ -151,17 +157,6 @@ class DiskSnapshots:
 
     def path(self, step: int) -> str:
         return os.path.join(self.folder, f"snapshot-{step:010d}.safetensors")
-
-    @property
-    def steps(self) -> list[int]:
-        return list(self._steps)
-
-    @property
-    def newest_step(self) -> int | None:
-        return self._steps[-1] if self._steps else None
-
-    def __len__(self) -> int:
-        return len(self._steps)
 
     def __iter__(self) -> Iterator[list[Tensor]]:
         return (self._read(step) for step in list(self._steps))
