@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from lawa_suite.tasks.base import DataUnavailable
+from lawa_suite.data import DataUnavailable
 
 __all__ = ["ImageSet", "load_image_set", "load_embedded", "load_imagefolder", "load_cifar", "IMAGE_EXTENSIONS"]
 
@@ -107,7 +107,9 @@ def load_imagefolder(path: str, cache: str, image_size: int = 32) -> ImageSet:
     folder = extract_archive(source, Path(cache) / "extracted") if source.is_file() else source
     root = _split_root(folder, source)
     train_files, classes = _list_split(root / "train", None)
-    test_dir = root / "test" if (root / "test").is_dir() else root / "val"
+    test_dir = next((root / name for name in ("test", "val") if (root / name).is_dir()), None)
+    if test_dir is None:
+        raise DataUnavailable(f"imagefolder: {root} has no test/ (or val/) folder; expected {LAYOUT}")
     test_files, _ = _list_split(test_dir, classes)
     key = _cache_key(root, train_files + test_files, image_size)
     cache_file = Path(cache) / "images" / f"{root.name}-{image_size}px-{key}.npz"

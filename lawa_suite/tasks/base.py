@@ -15,12 +15,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 import torch
 from torch import Tensor, nn
 
+from lawa_suite.data import DataUnavailable  # re-exported: tasks raise it from setup()
+
 if TYPE_CHECKING:
     from lawa_suite.config import RunConfig
-
-
-class DataUnavailable(RuntimeError):
-    """Data could not be found or fetched; the message says what is missing and where to put it."""
 
 
 class BatchStream(Protocol):
@@ -67,7 +65,10 @@ class Task(ABC):
 
     @abstractmethod
     def calibration_batches(self, count: int) -> list[Any]:
-        """``count`` fixed training batches used to recompute BatchNorm statistics of averaged weights."""
+        """``count`` fixed training batches used to recompute BatchNorm statistics of averaged weights.
+
+        The loop feeds each to ``loss(model, batch, step=-1)`` in train mode under ``no_grad``: for these
+        batches (and step -1) ``loss`` should skip augmentation and any side effect."""
 
     @abstractmethod
     def loss(self, model: nn.Module, batch: Any, step: int) -> Tensor:
