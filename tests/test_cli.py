@@ -33,3 +33,16 @@ def test_list_shows_what_is_available():
     for expected in ("tasks:", "cifar", "presets: tiny, cpu, paper", "averagers:", "lawa", "ema", "swa",
                      "evaluators:", "accuracy", "built-in lawa_suite.averagers.lawa"):
         assert expected in result.output
+
+
+def test_cifar_tiny_end_to_end(tmp_path):
+    # The example: seconds on CPU, and LAWA (k=3, nu=5) is ready and scored before the end.
+    out = tmp_path / "cifar"
+    result = runner.invoke(app, ["run", "task=cifar", "averager=lawa", "preset=tiny", "lawa.k=3", "lawa.nu=5",
+                                 f"out={out}", f"data.cache={tmp_path / 'cache'}", "progress=false"])
+    assert result.exit_code == 0, result.output
+    import json
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lawa = [r for r in evals if r.get("weights") == "lawa"]
+    assert lawa and lawa[0]["step"] == 16 and 0 <= lawa[0]["accuracy"] <= 1
+    assert "| lawa |" in (out / "report.md").read_text()
