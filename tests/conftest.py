@@ -6,6 +6,8 @@ float buffer, an integer buffer and a consumer of global RNG (dropout), which ex
 
 from __future__ import annotations
 
+import os
+import signal
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -50,6 +52,7 @@ class ToyTask(Task):
     nan_at: ClassVar[set[int]] = set()      # steps whose next loss is NaN, once each (a skipped step is retried)
     nan_from: ClassVar[int | None] = None   # every loss from this step on is NaN
     crash_at: ClassVar[int | None] = None   # step at which loss() raises, simulating a crash
+    sigterm_at: ClassVar[int | None] = None  # step at which loss() sends this process SIGTERM (preemption)
     consumed: ClassVar[list[int]] = []      # sample ids in the order the loop consumed them
 
     def setup(self) -> None:
@@ -82,6 +85,9 @@ class ToyTask(Task):
         if step >= 0 and len(batch) > 2:
             if step == ToyTask.crash_at:
                 raise SimulatedCrash(f"simulated crash at step {step}")
+            if step == ToyTask.sigterm_at:
+                ToyTask.sigterm_at = None
+                os.kill(os.getpid(), signal.SIGTERM)
             ToyTask.consumed.extend(batch[2].tolist())
         loss = F.cross_entropy(model(x), y)
         poisoned = step in ToyTask.nan_at or (ToyTask.nan_from is not None and step >= ToyTask.nan_from)
@@ -98,6 +104,6 @@ if "toy" not in registry.tasks._builtins:
 
 @pytest.fixture(autouse=True)
 def _reset_toy_faults():
-    ToyTask.nan_at, ToyTask.nan_from, ToyTask.crash_at, ToyTask.consumed = set(), None, None, []
+    ToyTask.nan_at, ToyTask.nan_from, ToyTask.crash_at, ToyTask.sigterm_at, ToyTask.consumed = set(), None, None, None, []
     yield
-    ToyTask.nan_at, ToyTask.nan_from, ToyTask.crash_at, ToyTask.consumed = set(), None, None, []
+    ToyTask.nan_at, ToyTask.nan_from, ToyTask.crash_at, ToyTask.sigterm_at, ToyTask.consumed = set(), None, None, None, []

@@ -16,7 +16,7 @@ from lawa_suite import checkpoints as ckpt
 from lawa_suite import registry, train as train_module
 from lawa_suite.averagers.base import Averager
 from lawa_suite.config import ConfigError, resolve
-from lawa_suite.train import NonFiniteTraining, lr_factor, train
+from lawa_suite.train import NonFiniteTraining, Preempted, lr_factor, train
 
 from conftest import SimulatedCrash, ToyTask
 
@@ -214,3 +214,16 @@ def test_too_many_non_finite_steps_stop_the_run(tmp_path):
         run_toy(tmp_path / "run", "max_bad_steps=3", "checkpoint.every=2")
     committed = ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")
     assert [c.step for c in committed][-1] == 4 and not ckpt.verify(committed[-1].path)
+
+
+def test_sigterm_saves_within_the_step_and_resume_is_exact(tmp_path):
+    run_toy(tmp_path / "whole", "checkpoint.every=5")
+    ToyTask.sigterm_at = 12  # arrives during the 13th optimizer step
+    with pytest.raises(Preempted, match="after step 13"):
+        run_toy(tmp_path / "preempted", "checkpoint.every=5")
+    assert [c.step for c in ckpt.list_checkpoints(tmp_path / "preempted" / "checkpoints")][-1] == 13
+    run_toy(tmp_path / "preempted", "checkpoint.every=5", "resume=auto")
+    weights_a, state_a = final_state(tmp_path / "whole")
+    weights_b, state_b = final_state(tmp_path / "preempted")
+    assert_same_tree(weights_a, weights_b)
+    assert_same_tree(state_a["averagers"], state_b["averagers"])
