@@ -148,8 +148,7 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
 
 def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """A safetensors file, written atomically (trajectory snapshots, derived checkpoints)."""
-    safe = _savable(tensors)
-    write_atomic(path, lambda tmp: save_file(safe, str(tmp), metadata=metadata))
+    write_atomic(path, tensor_writer(tensors, metadata))
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -296,9 +295,8 @@ def clean_leftovers(root: Path) -> list[Path]:
 def state_writers(stem: str, state: Any) -> dict[str, Callable[[Path], None]]:
     """Writers for a nested state as ``<stem>.safetensors`` (tensors) + ``<stem>.json`` (everything else)."""
     tensors, skeleton = flatten_state(state)
-    safe = _savable(tensors)
     text = json.dumps(skeleton)
-    return {f"{stem}.safetensors": lambda p: save_file(safe, str(p)),
+    return {f"{stem}.safetensors": tensor_writer(tensors),
             f"{stem}.json": lambda p: p.write_text(text)}
 
 

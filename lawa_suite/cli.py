@@ -89,8 +89,8 @@ def verify(paths: Annotated[list[Path], typer.Argument(help="Checkpoint folders,
 
     bad = 0
     for path in paths:
-        targets = [c.path for c in ckpt.list_checkpoints(path)] if not (path / "manifest.json").exists() and \
-            not path.name.startswith("step-") else [path]
+        is_checkpoint = (path / "manifest.json").exists() or path.name.startswith("step-")
+        targets = [path] if is_checkpoint else [c.path for c in ckpt.list_checkpoints(path)]
         if not targets:
             raise fail(f"{path}: no checkpoint found (expected step-NNNNNNNN/ folders with a manifest.json)", 1)
         for target in targets:

@@ -212,7 +212,7 @@ def _build(section: str, schema: type, values: dict[str, Any]) -> Any:
     """Instantiate ``schema`` from dotted ``values``: OmegaConf parses and type-checks, __post_init__ ranges."""
     base = OmegaConf.structured(schema)
     try:
-        merged = OmegaConf.merge(base, OmegaConf.from_dotlist([]) if not values else _nested(values))
+        merged = OmegaConf.merge(base, _nested(values))
         obj = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         message = _omegaconf_message(exc)

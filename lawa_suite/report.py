@@ -33,7 +33,7 @@ def load_metrics(path: Path) -> tuple[Curves, list[tuple[int, float]]]:
                 train.append((step, record["loss"]))
             continue
         for key, value in record.items():
-            if key not in ("step", "split", "weights") and isinstance(value, (int, float)) and value is not None:
+            if key not in ("step", "split", "weights") and isinstance(value, (int, float)):
                 curves[weights][key].append((step, float(value)))
     return curves, train
 
@@ -46,6 +46,11 @@ def metric_directions(task: str) -> dict[str, str]:
         return dict(evaluator.metrics)
     except Exception:  # a plugin that is no longer installed: fall back on names
         return {}
+
+
+def _ordered(curves: Curves) -> list[str]:
+    """Weights names, raw first, then averagers alphabetically."""
+    return sorted(curves, key=lambda w: (w != "raw", w))
 
 
 def _direction(metric: str, directions: dict[str, str]) -> str:
@@ -65,7 +70,7 @@ def summarise(curves: Curves, directions: dict[str, str]) -> tuple[list[str], li
     headline = metrics[0] if metrics else None
     raw_final = curves.get("raw", {}).get(headline, [])[-1][1] if headline and curves.get("raw", {}).get(headline) else None
     rows = []
-    for weights in sorted(curves, key=lambda w: (w != "raw", w)):
+    for weights in _ordered(curves):
         row: dict[str, Any] = {"weights": weights}
         for metric in metrics:
             points = curves[weights].get(metric, [])
@@ -119,14 +124,14 @@ def plot_curves(curves: Curves, train: list[tuple[int, float]], metrics: list[st
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
     colours = {"raw": "black"}
     palette = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"])
-    for weights in sorted(curves, key=lambda w: (w != "raw", w)):
+    for weights in _ordered(curves):
         colours.setdefault(weights, next(palette, None))
     for ax, panel in zip(axes[0], panels):
         if panel == "train loss":
             steps, values = zip(*train)
             ax.plot(steps, values, color="black", alpha=0.6, lw=1)
         else:
-            for weights in sorted(curves, key=lambda w: (w != "raw", w)):
+            for weights in _ordered(curves):
                 points = curves[weights].get(panel)
                 if points:
                     steps, values = zip(*points)

@@ -209,7 +209,7 @@ class Scorer:
         self.task, self.accelerator, self.model = task, accelerator, model
         self.evaluator = registry.evaluators.create(task.evaluator, task=task)
         self.batches = batches[accelerator.process_index::accelerator.num_processes]
-        self.calibration = calibration if has_batchnorm(model) else []
+        self.calibration = calibration  # empty when the model has no BatchNorm (the caller decides)
 
     def _score(self) -> dict[str, float]:
         self.model.eval()
@@ -280,8 +280,9 @@ class Run:
         self.task.setup()
         seed_everything(run.seed)
         model = self.task.build_model()
-        tied = sum(p.numel() for p in model.parameters()) - parameter_count(model)
-        self.log(self.task.summary(model) + (f" ({parameter_count(model):,} unique: {tied:,} tied)" if tied else ""))
+        unique = parameter_count(model)
+        tied = sum(p.numel() for p in model.parameters()) - unique
+        self.log(self.task.summary(model) + (f" ({unique:,} unique: {tied:,} tied)" if tied else ""))
         optimizer = self.task.build_optimizer(model, run.lr)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.unwrapped: nn.Module = self.accelerator.unwrap_model(self.model)
@@ -333,7 +334,8 @@ class Run:
             found = ckpt.latest_valid(self.ckpt_dir, warn=self.log)
             if found is None:
                 self.log(f"resume=auto: no valid checkpoint in {self.ckpt_dir}; starting from step 0")
-                truncate_metrics(self.out / "metrics.jsonl", 0) if self.is_main else None
+                if self.is_main:
+                    truncate_metrics(self.out / "metrics.jsonl", 0)
                 return
             path = found.path
         else:
@@ -461,7 +463,8 @@ def train(cfg: ResolvedConfig) -> RunResult:
                 run.save_trajectory()
             if step % rc.eval.every == 0 or step == rc.steps:
                 scores = run.evaluate(metrics)
-                bar.write(_score_line(step, scores)) if run.is_main and rc.progress else None
+                if run.is_main and rc.progress:
+                    bar.write(_score_line(step, scores))
             if (rc.checkpoint.every and step % rc.checkpoint.every == 0) or step == rc.steps:
                 run.save_checkpoint()
             if run.stop.raised:
