@@ -101,6 +101,28 @@ def verify(paths: Annotated[list[Path], typer.Argument(help="Checkpoint folders,
         raise typer.Exit(1)
 
 
+@app.command()
+def export(
+    path: Annotated[Path, typer.Argument(help="A run folder, a checkpoint folder, or a .safetensors weights file.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder to write (must be new or empty).")],
+    weights: Annotated[str, typer.Option("--weights", help="raw, or the averager whose average to export.")] = "raw",
+    config: Annotated[Optional[Path], typer.Option("--config", help="The run's config.yaml, when PATH lies outside the run.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out.")] = False,
+) -> None:
+    """Write raw or averaged weights in the task's standard format (a Hugging Face model, a diffusers pipeline)."""
+    from lawa_suite.checkpoints import CheckpointError
+    from lawa_suite.config import ConfigError
+    from lawa_suite.export import export as export_weights
+    from lawa_suite.tasks.base import ExportUnsupported
+
+    try:
+        typer.echo(export_weights(path, out, weights, config, force))
+    except (ConfigError, ExportUnsupported) as exc:
+        raise fail(str(exc), 2) from None
+    except CheckpointError as exc:
+        raise fail(str(exc), 1) from None
+
+
 def main() -> None:
     app()
 

@@ -14,6 +14,7 @@ import difflib
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
@@ -297,6 +298,30 @@ def resolve(overrides: list[str] | dict[str, Any]) -> ResolvedConfig:
     task_cfg = _build(task_name, task_cls.Config, sections[task_name])
     averagers = {name: _build(name, cls.Config, sections[name]) for name, cls in averager_cls.items()}
     return ResolvedConfig(run, task_cfg, averagers)
+
+
+def load_resolved(path: str | os.PathLike[str]) -> ResolvedConfig:
+    """Re-resolve a saved ``config.yaml`` (or the run folder holding it) into the config that made the run."""
+    import yaml
+
+    file = Path(path)
+    file = file / "config.yaml" if file.is_dir() else file
+    if not file.is_file():
+        raise ConfigError(f"config: {file} not found (expected a run folder holding config.yaml)")
+    saved = yaml.safe_load(file.read_text())
+    if not isinstance(saved, dict) or "task" not in saved:
+        raise ConfigError(f"config: {file} is not a lawa-suite run config (no 'task' key)")
+    return resolve(_dotted(saved))
+
+
+def _dotted(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
 
 
 def _unknown_key_message(key: str, run_keys: set[str], task: str, task_keys: set[str],

@@ -10,6 +10,8 @@ the task file; the loop never branches on which task it runs.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
@@ -19,6 +21,10 @@ from lawa_suite.data import DataUnavailable  # re-exported: tasks raise it from 
 
 if TYPE_CHECKING:
     from lawa_suite.config import RunConfig
+
+
+class ExportUnsupported(RuntimeError):
+    """The task defines no export format."""
 
 
 class BatchStream(Protocol):
@@ -73,6 +79,14 @@ class Task(ABC):
     @abstractmethod
     def loss(self, model: nn.Module, batch: Any, step: int) -> Tensor:
         """The training loss of one micro-batch. ``step`` seeds any augmentation, so resume is exact."""
+
+    def export(self, weights: Mapping[str, Tensor], out: Path) -> None:
+        """Write ``weights`` (a state_dict of ``build_model()``'s model) into the empty folder ``out`` in the
+        domain's standard format (a Hugging Face model folder, a diffusers pipeline). ``suite export`` calls it
+        without ``setup()`` (the training data may be absent where weights are exported); tasks without a
+        standard format keep this default."""
+        raise ExportUnsupported(f"task '{self.name}' has no export format; its weights are plain safetensors "
+                                f"(the checkpoint's model.safetensors)")
 
     def summary(self, model: nn.Module) -> str:
         """One line printed at start: what model, how many parameters, what data."""
