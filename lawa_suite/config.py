@@ -15,6 +15,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 from omegaconf import OmegaConf
@@ -240,7 +241,11 @@ def _parse_value(key: str, raw: Any) -> Any:
         return raw
     if key in _LIST_KEYS or key.rsplit(".", 1)[-1] in _LIST_KEYS:
         return _split_list(raw)
+    if not raw.strip():
+        return ""  # `resume=` means the empty string (YAML would read null; `key=null` still says that)
     parsed = OmegaConf.from_dotlist([f"v={raw}"]).v
+    if isinstance(parsed, bool) and raw.strip().lower() not in ("true", "false"):
+        return raw  # YAML 1.1 reads no/yes/on/off as booleans; mixed_precision=no means "no" (bool fields accept it)
     if isinstance(parsed, str):
         try:  # YAML reads 1e-3 as a string; a number is what anyone writing it means
             return float(parsed) if parsed.lower() not in ("nan", "inf", "-inf", "+inf") else parsed
@@ -249,17 +254,23 @@ def _parse_value(key: str, raw: Any) -> Any:
     return parsed
 
 
-def resolve(overrides: list[str] | dict[str, Any]) -> ResolvedConfig:
-    """Resolve defaults + task preset + overrides into a validated ``ResolvedConfig``."""
+def resolve(overrides: list[str] | dict[str, Any], base: dict[str, Any] | None = None) -> ResolvedConfig:
+    """Resolve defaults + task preset + ``base`` + overrides into a validated ``ResolvedConfig``.
+
+    ``overrides`` are command-line strings (parsed the way YAML would read them); ``base`` holds dotted values that
+    are already typed, such as a saved ``config.yaml``, and is taken as is (its '' stays '', its 'no' stays 'no').
+    """
     pairs = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides)
+    typed = dict(base or {})
     defaults = RunConfig()
-    task_name = str(pairs.get("task", defaults.task))
+    task_name = str(pairs.get("task", typed.get("task", defaults.task)))
     task_cls = _lookup("tasks", task_name, "task")
-    preset = str(pairs.get("preset", "") or task_cls.default_preset)
+    preset = str(pairs.get("preset", "") or typed.get("preset") or task_cls.default_preset)
     if preset not in task_cls.presets:
         raise ConfigError(f"preset: task '{task_name}' has no preset {preset!r}; "
                           f"known: {', '.join(task_cls.presets)}")
     values: dict[str, Any] = {k: v for k, v in task_cls.presets[preset].items()}
+    values.update(typed)
     values.update({"task": task_name, "preset": preset})
     for key, raw in pairs.items():
         values[key] = _parse_value(key, raw)
@@ -275,7 +286,7 @@ def resolve(overrides: list[str] | dict[str, Any]) -> ResolvedConfig:
     unused_averagers = set(registry.averagers.names()) - set(averager_cls)
     for key, value in values.items():
         head, _, rest = key.partition(".")
-        if key not in pairs and head in unused_averagers:
+        if key not in pairs and key not in typed and head in unused_averagers:
             continue  # a preset's setting for an averager this run does not use
         if key in run_keys:
             sections[""][key] = value
@@ -311,14 +322,15 @@ def load_resolved(path: str | os.PathLike[str]) -> ResolvedConfig:
     saved = yaml.safe_load(file.read_text())
     if not isinstance(saved, dict) or "task" not in saved:
         raise ConfigError(f"config: {file} is not a lawa-suite run config (no 'task' key)")
-    return resolve(_dotted(saved))
+    return resolve({}, base=dotted(saved))
 
 
-def _dotted(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def dotted(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: a nested config as the dotted keys the command line uses."""
     out: dict[str, Any] = {}
     for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_dotted(value, f"{prefix}{key}."))
+        if isinstance(value, Mapping):
+            out.update(dotted(value, f"{prefix}{key}."))
         else:
             out[prefix + key] = value
     return out

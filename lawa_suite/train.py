@@ -31,7 +31,7 @@ from torch import nn
 from lawa_suite import checkpoints as ckpt
 from lawa_suite import registry
 from lawa_suite.averagers.base import Averager, all_finite
-from lawa_suite.config import ConfigError, ResolvedConfig, RunConfig
+from lawa_suite.config import ConfigError, ResolvedConfig, RunConfig, dotted
 from lawa_suite.tasks.base import Task, has_batchnorm, parameter_count
 
 __all__ = ["train", "RunResult", "NonFiniteTraining", "Preempted", "lr_factor", "EXIT_NONFINITE", "EXIT_PREEMPTED"]
@@ -126,19 +126,9 @@ def truncate_metrics(path: Path, last_step: int) -> None:
     ckpt.write_atomic(path, lambda p: p.write_text("".join(line + "\n" for line in kept)))
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
-
-
 def config_differences(saved: dict[str, Any], now: dict[str, Any], reset_averagers: bool = False) -> list[str]:
     """Keys whose values differ; with ``reset_averagers`` the averager list and sections may change."""
-    a, b = _flat(saved), _flat(now)
+    a, b = dotted(saved), dotted(now)
     averager_keys = {"averager"} | {f"{n}." for n in list(saved.get("averager", [])) + list(now.get("averager", []))}
     diffs = []
     for key in sorted(set(a) | set(b)):
@@ -429,7 +419,7 @@ def train(cfg: ResolvedConfig) -> RunResult:
     if rc.resume:
         run.resume()
     if rc.trackers:
-        hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in _flat(cfg.as_dict()).items()}
+        hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in dotted(cfg.as_dict()).items()}
         run.accelerator.init_trackers(Path(rc.out).name, config=hparams)
     metrics = MetricsLog(run.out / "metrics.jsonl", run.is_main)
     bar = _progress(run)

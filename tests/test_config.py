@@ -78,3 +78,17 @@ def test_help_does_not_import_torch():
     code = "import sys, lawa_suite.cli; heavy = [m for m in ('torch', 'numpy', 'accelerate') if m in sys.modules]; print(heavy)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_saved_config_round_trips_exactly(tmp_path):
+    """A saved config.yaml re-resolves to the same config: its strings are not re-parsed ('' stays '', 'no' stays
+    'no', '1e-3'-like strings stay strings), while command-line overrides on top still are."""
+    from lawa_suite.config import dotted, load_resolved
+
+    cfg = resolve(["task=toy", "mixed_precision=no", "resume=", "averager=lawa,ema", "lawa.k=3", f"out={tmp_path}"])
+    (tmp_path / "config.yaml").write_text(cfg.to_yaml())
+    again = load_resolved(tmp_path)
+    assert again.as_dict() == cfg.as_dict()
+    assert again.run.mixed_precision == "no" and again.run.resume == ""
+    on_top = resolve(["lawa.k=4"], base=dotted(cfg.as_dict()))
+    assert on_top.averagers["lawa"].k == 4 and on_top.run.mixed_precision == "no"
