@@ -144,7 +144,10 @@ def prepare_run_dir(cfg: ResolvedConfig, is_main: bool) -> Path:
     """Create ``out``; refuse to overwrite an earlier run unless resuming it with the same config."""
     out = Path(cfg.run.out)
     config_file = out / "config.yaml"
-    if config_file.exists():
+    # A run that stopped before its first step (missing data, a bad tokenizer) left only config.yaml: starting
+    # again there loses nothing, so it is allowed and the config is rewritten.
+    never_started = out.is_dir() and {p.name for p in out.iterdir()} == {"config.yaml"} and not cfg.run.resume
+    if config_file.exists() and not never_started:
         if not cfg.run.resume:
             raise ConfigError(f"out: {out} already holds a run; pass resume=auto to continue it, or another out=")
         saved = yaml.safe_load(config_file.read_text())
@@ -157,11 +160,11 @@ def prepare_run_dir(cfg: ResolvedConfig, is_main: bool) -> Path:
                               f"resume with the same settings or start a new out={hint}")
         if cfg.run.reset_averagers and is_main:  # the run's record follows the averagers it now has
             ckpt.write_atomic(config_file, lambda p: p.write_text(cfg.to_yaml()))
-    elif out.exists() and any(out.iterdir()) and not cfg.run.resume:
+    elif out.exists() and any(out.iterdir()) and not cfg.run.resume and not never_started:
         raise ConfigError(f"out: {out} exists and is not empty; choose another out=")
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
-        if not config_file.exists():
+        if not config_file.exists() or never_started:
             ckpt.write_atomic(config_file, lambda p: p.write_text(cfg.to_yaml()))
     return out
 

@@ -180,6 +180,17 @@ def test_existing_run_is_never_overwritten(tmp_path):
     assert (out / "metrics.jsonl").read_bytes() == before
 
 
+def test_a_run_that_failed_before_its_first_step_can_be_started_again(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    monkeypatch.setattr(ToyTask, "setup", lambda self: (_ for _ in ()).throw(FileNotFoundError("no data")))
+    with pytest.raises(FileNotFoundError):
+        run_toy(out, "steps=4", "lr=0.5")
+    assert [p.name for p in out.iterdir()] == ["config.yaml"]
+    monkeypatch.undo()
+    assert run_toy(out, "steps=4", "eval.every=2").step == 4      # another config: nothing was lost by replacing it
+    assert "lr: 0.05" in (out / "config.yaml").read_text()
+
+
 def test_changing_averagers_on_resume_needs_consent(tmp_path):
     out = tmp_path / "run"
     ToyTask.crash_at = 8
