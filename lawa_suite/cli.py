@@ -123,6 +123,118 @@ def export(
         raise fail(str(exc), 1) from None
 
 
+AVERAGE_HELP = ("averager=NAME[,NAME...] <averager>.<key>=V[,V...] (a grid: every combination) [interval=N] out=DIR "
+                "[eval=true and task/run keys such as task=, preset=, data.path=, eval.batches=]")
+
+
+@app.command()
+def average(
+    source: Annotated[Path, typer.Argument(help="A trajectory: a run folder, its trajectory/ or checkpoints/, or a "
+                                                "folder of step-N.safetensors files or step-N/ model folders.")],
+    overrides: Annotated[Optional[list[str]], typer.Argument(help=AVERAGE_HELP, show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing out folder (atomically).")] = False,
+    allow_torch_load: Annotated[bool, typer.Option("--allow-torch-load", help="Also read .pt/.bin checkpoints, "
+                                                   "with torch.load(weights_only=True).")] = False,
+) -> None:
+    """Replay saved checkpoints through averagers (post hoc), in constant memory; optionally score the results.
+
+    Example: suite average runs/cifar/trajectory averager=lawa lawa.k=5 lawa.nu=100 interval=300 out=runs/cifar-lawa
+    """
+    from lawa_suite.config import ConfigError
+    from lawa_suite.posthoc import PosthocError, average as average_trajectory, parse_command
+
+    try:
+        command = parse_command(list(overrides or []))
+        if command.evaluate:  # a bad task or run key stops the command before the averaging, not after it
+            from lawa_suite.analysis import eval_config
+
+            eval_config(source, command.eval_overrides)
+        result = average_trajectory(source, command.jobs, command.out, command.interval, force, allow_torch_load,
+                                    log=lambda message: typer.echo(message, err=True))
+    except (ConfigError, PosthocError) as exc:
+        raise fail(str(exc), 2) from None
+    except OSError as exc:
+        raise fail(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "), 1) from None
+    for folder, steps in result.outputs.items():
+        typer.echo(f"{folder}: {len(steps)} derived checkpoint(s) at step(s) {', '.join(map(str, steps))}")
+    typer.echo(f"wrote {result.out}")
+    if command.evaluate:
+        _evaluate(result.out, command.eval_overrides, allow_torch_load)
+
+
+def _evaluate(out: Path, overrides: list[str], allow_torch_load: bool) -> None:
+    from lawa_suite.analysis import AnalysisError, evaluate_posthoc
+    from lawa_suite.checkpoints import CheckpointError
+    from lawa_suite.config import ConfigError
+    from lawa_suite.posthoc import PosthocError
+    from lawa_suite.tasks.base import DataUnavailable
+
+    try:
+        report_path = evaluate_posthoc(out, overrides, allow_torch_load, log=lambda m: typer.echo(m, err=True))
+    except (ConfigError, PosthocError, AnalysisError) as exc:
+        raise fail(str(exc), 2) from None
+    except (DataUnavailable, CheckpointError, OSError) as exc:
+        raise fail(str(exc), 1) from None
+    typer.echo(f"report: {report_path}")
+
+
+@app.command("eval")
+def evaluate(
+    out: Annotated[Path, typer.Argument(help="A folder written by suite average.")],
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="task and run keys (task=, preset=, data.path=, "
+                                                             "eval.batches=...); default: the source run's config.yaml",
+                                                             show_default=False)] = None,
+    allow_torch_load: Annotated[bool, typer.Option("--allow-torch-load",
+                                                   help="The raw checkpoints are .pt/.bin.")] = False,
+) -> None:
+    """Score every derived checkpoint of a suite average output against the raw checkpoint of its step."""
+    _evaluate(out, list(overrides or []), allow_torch_load)
+
+
+analyze_app = typer.Typer(no_args_is_help=True, help="Trajectory analysis: linear paths between checkpoints.")
+app.add_typer(analyze_app, name="analyze")
+
+
+LMC_HELP = "points=N (default 6: alpha 0, 0.2, ..., 1), out=DIR, and task/run keys (default: A's run config.yaml)"
+
+
+@analyze_app.command("lmc")
+def analyze_lmc(
+    a: Annotated[Path, typer.Argument(help="Checkpoint A: a .safetensors file or a checkpoint/model folder.")],
+    b: Annotated[Path, typer.Argument(help="Checkpoint B.")],
+    overrides: Annotated[Optional[list[str]], typer.Argument(help=LMC_HELP, show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Write into a non-empty out folder.")] = False,
+    allow_torch_load: Annotated[bool, typer.Option("--allow-torch-load",
+                                                   help="Also read .pt/.bin checkpoints.")] = False,
+) -> None:
+    """Scores along alpha*A + (1-alpha)*B (is there a barrier?) and how often A and B predict differently."""
+    from lawa_suite.analysis import (AnalysisError, Evaluation, check_out, default_out, eval_config, lmc, lmc_lines,
+                                     write_lmc)
+    from lawa_suite.config import ConfigError, parse_overrides
+    from lawa_suite.posthoc import PosthocError, load_weights
+    from lawa_suite.tasks.base import DataUnavailable
+
+    try:
+        pairs = parse_overrides(list(overrides or []))
+        out = pairs.pop("out", "") or default_out("lmc")
+        raw_points = pairs.pop("points", "6")
+        if not raw_points.strip().isdigit() or int(raw_points) < 2:
+            raise ConfigError(f"points: expected an integer >= 2, got {raw_points!r}")
+        cfg = eval_config(a, [f"{k}={v}" for k, v in pairs.items()])
+        check_out(out, force)  # before the work, which may take long
+        weights_a, weights_b = load_weights(a, allow_torch_load), load_weights(b, allow_torch_load)
+        evaluation = Evaluation(cfg)
+        result = lmc(evaluation, weights_a, weights_b, int(raw_points))
+        path = write_lmc(out, result, evaluation.metrics, (str(a), str(b)), force)
+    except (ConfigError, PosthocError, AnalysisError) as exc:
+        raise fail(str(exc), 2) from None
+    except (DataUnavailable, OSError) as exc:
+        raise fail(str(exc), 1) from None
+    for line in lmc_lines(result, evaluation.metrics):
+        typer.echo(line)
+    typer.echo(f"wrote {path} and {path.with_suffix('.png').name}")
+
+
 def main() -> None:
     app()
 

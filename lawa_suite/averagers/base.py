@@ -135,6 +135,11 @@ class Averager(ABC):
     #: scoring (all three built-ins: an average of weights does not come with matching statistics).
     needs_bn_recalibration: ClassVar[bool] = True
 
+    #: True if each element of the average depends only on the same element of the observations (EMA, SWA
+    #: and LAWA are elementwise). Post-hoc averaging then streams a large tensor in slices, each its own
+    #: problem, so memory stays at a few slices; an averager that leaves this False sees whole tensors.
+    elementwise: ClassVar[bool] = False
+
     def __init__(self, **kwargs: Any) -> None:
         self.config = self.Config(**kwargs)
         self.layout: Layout | None = None
@@ -142,6 +147,9 @@ class Averager(ABC):
         self.updates = 0                        # observations that changed the average
         self.last_step: int | None = None       # step of the newest accepted observation
         self._others: list[Tensor] = []         # non-float tensors of the newest accepted observation
+        # False when the caller has checked every value already (post-hoc averaging checks the whole trajectory
+        # before any arithmetic): observe() then skips its own NaN/Inf pass over the weights.
+        self.check_finite = True
 
     # -- the contract -------------------------------------------------------------------------------
     def start_run(self, total_steps: int) -> None:
@@ -159,7 +167,7 @@ class Averager(ABC):
         elif (problem := self.layout.mismatch(tensors)) is not None:
             raise ValueError(f"{self.name}: observation at step {step}: {problem}")
         floats = [tensors[n] for n in self.layout.float_names]
-        if not all_finite(floats):
+        if self.check_finite and not all_finite(floats):
             self.refused += 1
             warnings.warn(f"{self.name}: the weights at step {step} hold NaN or Inf; observation refused "
                           f"({self.refused} so far)", NonFiniteWarning, stacklevel=2)

@@ -42,6 +42,7 @@ class EMA(Averager):
     """Exponential moving average with per-step ``decay``, updated every ``every`` steps from ``start``."""
 
     name = "ema"
+    elementwise = True
 
     @dataclass
     class Config:

@@ -82,7 +82,7 @@ class SnapshotStore(Protocol):
     def newest_step(self) -> int | None: ...
     def __len__(self) -> int: ...
     def __iter__(self) -> Iterator[list[Tensor]]: ...
-    def append(self, step: int, tensors: list[Tensor]) -> None: ...
+    def append(self, step: int, tensors: list[Tensor]) -> None: ...  # keeps its own copy (the caller's may change)
     def pop_oldest(self) -> list[Tensor]: ...
     def drop_oldest(self) -> None: ...
     def clear(self) -> None: ...
@@ -117,7 +117,7 @@ class MemorySnapshots(_StepWindow):
 
     def append(self, step: int, tensors: list[Tensor]) -> None:
         self._steps.append(step)
-        self._tensors.append(tensors)
+        self._tensors.append(snapshot_copy(tensors))
 
     def pop_oldest(self) -> list[Tensor]:
         self._steps.popleft()
@@ -163,7 +163,7 @@ class DiskSnapshots(_StepWindow):
 
     def append(self, step: int, tensors: list[Tensor]) -> None:
         path = self.path(step)
-        save_file({str(i): t for i, t in enumerate(tensors)}, path + ".tmp")
+        save_file({str(i): t for i, t in enumerate(snapshot_copy(tensors))}, path + ".tmp")
         os.replace(path + ".tmp", path)
         self._steps.append(step)
 
@@ -190,6 +190,7 @@ class LAWA(Averager):
     """Mean of the latest ``k`` snapshots taken at steps divisible by ``nu``."""
 
     name = "lawa"
+    elementwise = True
 
     @dataclass
     class Config:
@@ -217,6 +218,13 @@ class LAWA(Averager):
     def ready(self) -> bool:
         return len(self._store) == self.config.k
 
+    def use_store(self, store: SnapshotStore) -> None:
+        """Keep the window in ``store`` (before the first snapshot). Post-hoc averaging passes a store that
+        re-reads the saved checkpoints instead of copying them, so memory does not grow with ``k``."""
+        if len(self._store):
+            raise ValueError("lawa: use_store must come before the first snapshot")
+        self._store = store
+
     @property
     def snapshot_steps(self) -> list[int]:
         """Steps of the snapshots in the window, oldest first."""
@@ -230,7 +238,7 @@ class LAWA(Averager):
         newest = self._store.newest_step
         if newest is not None and step <= newest:  # a repeated step would count twice (and overwrite a disk file)
             raise ValueError(f"lawa: snapshot steps must increase: got step {step} after {newest}")
-        self._store.append(step, snapshot_copy(floats))
+        self._store.append(step, floats)
         if not self._sum:
             self._sum = accumulator_copy(floats)
             return
@@ -256,6 +264,6 @@ class LAWA(Averager):
     def _load_extra_state(self, state: Mapping[str, Any]) -> None:
         self._store.clear()
         for step, tensors in zip(state["steps"], state["snapshots"], strict=True):
-            self._store.append(int(step), snapshot_copy(list(tensors)))
+            self._store.append(int(step), list(tensors))
         self._sum = [t.detach().clone() for t in state["sum"]]
         self._evictions = int(state["evictions"])

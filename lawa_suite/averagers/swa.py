@@ -57,6 +57,7 @@ class SWA(Averager):
     """Uniform average of every ``every``-th step from ``start`` (a step, or a fraction of the run)."""
 
     name = "swa"
+    elementwise = True
 
     @dataclass
     class Config:

@@ -1,0 +1,337 @@
+"""Scoring saved weights outside a training run, exactly as a run scores them.
+
+- ``evaluate_posthoc``: every derived checkpoint of a ``suite average`` output and the raw checkpoint of the
+  same step, on the same held-out batches, written as ``metrics.jsonl``, ``report.md`` and ``curves.png``
+  (raw versus averaged against the step, like the LAWA paper's Figures 4-8);
+- ``lmc``: the linear path ``alpha * A + (1 - alpha) * B`` between two checkpoints (the paper's Figure 13:
+  is there a barrier?), and ``disagreement``: how often A and B predict differently on held-out data (the
+  paper's diversity measure).
+
+The task and its settings come from the ``config.yaml`` of the run the inputs lie in, or from ``task=`` and
+overrides. Scoring follows the training loop: the model in eval mode under the run's autocast, the task's
+evaluator on the task's fixed held-out batches, and, for averaged (and interpolated) weights of a model with
+BatchNorm, running statistics recomputed on ``eval.bn_batches`` training batches first; raw checkpoints keep
+the statistics they were saved with.
+
+Predictions for the disagreement rate come from the task: ``predictions(model, batch)`` if it defines one,
+else the arg-max of ``logits_and_targets(model, batch)``'s logits (classes for images, next tokens for text).
+A task with neither (a diffusion model) gets the curve but no disagreement rate, and is told why.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lawa_suite import registry
+from lawa_suite.config import ConfigError, ResolvedConfig, dotted, parse_overrides, resolve
+
+__all__ = ["AnalysisError", "Evaluation", "eval_config", "evaluate_posthoc", "interpolate", "lmc", "disagreement",
+           "write_lmc", "check_out"]
+
+
+class AnalysisError(ValueError):
+    """The weights or the task cannot be analysed as asked. ``str(error)`` is one line."""
+
+
+# -- configuration ---------------------------------------------------------------------------------------
+def eval_config(near: str | os.PathLike[str], overrides: Sequence[str] = ()) -> ResolvedConfig:
+    """The config to score weights lying at ``near``: its run's ``config.yaml`` (the nearest one above it) plus
+    ``overrides``; with ``task=<another task>``, or where no run config exists, the overrides alone."""
+    import yaml
+
+    from lawa_suite.export import find_run_config
+
+    pairs = parse_overrides(list(overrides))
+    try:
+        saved = yaml.safe_load(find_run_config(Path(near)).read_text())
+    except ConfigError:
+        saved = None
+    if isinstance(saved, dict) and "task" in saved and pairs.get("task", saved["task"]) == saved["task"]:
+        base, values = dotted(saved), {**pairs, "progress": "false"}
+    elif "task" in pairs:
+        base, values = {}, {**pairs, "progress": "false"}
+    else:
+        raise ConfigError(f"task: no run config.yaml at {near} or above it; pass task=<name> (and its keys, "
+                          f"e.g. preset=, data.path=)")
+    return resolve(values, base=base)
+
+
+# -- scoring ---------------------------------------------------------------------------------------------
+def _short(names: Sequence[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+class Evaluation:
+    """A task's model, fixed held-out batches, calibration batches and evaluator, built once from a config;
+    ``score`` then rates any state_dict of that model as the training loop would."""
+
+    def __init__(self, cfg: ResolvedConfig) -> None:
+        from accelerate import Accelerator
+
+        from lawa_suite.tasks.base import has_batchnorm
+        from lawa_suite.train import seed_everything
+
+        self.cfg = cfg
+        self.task = registry.tasks.get(cfg.run.task)(cfg.task, cfg.run)
+        self.task.setup()
+        seed_everything(cfg.run.seed)
+        self.accelerator = Accelerator(mixed_precision=cfg.run.mixed_precision)
+        self.model = self.task.build_model().to(self.accelerator.device)
+        self.evaluator = registry.evaluators.create(self.task.evaluator, task=self.task)
+        self.batches = self.task.eval_batches()
+        self.calibration = self.task.calibration_batches(cfg.run.eval.bn_batches) if has_batchnorm(self.model) else []
+        self._expected = {n: (tuple(t.shape), t.dtype.is_floating_point) for n, t in self.model.state_dict().items()}
+
+    @property
+    def metrics(self) -> dict[str, str]:
+        """Metric -> "max"|"min" (the first is the headline)."""
+        return dict(self.evaluator.metrics)
+
+    def load(self, weights: Mapping[str, Tensor]) -> None:
+        """Copy ``weights`` into the model; a key or shape the model does not have is a one-line error."""
+        missing = sorted(set(self._expected) - set(weights))
+        extra = sorted(set(weights) - set(self._expected))
+        shapes = sorted(n for n in set(weights) & set(self._expected)
+                        if tuple(weights[n].shape) != self._expected[n][0])
+        if missing or extra or shapes:
+            parts = [f"{what} {_short(names)}" for what, names in
+                     (("missing", missing), ("unexpected", extra), ("other shapes for", shapes)) if names]
+            raise AnalysisError(f"the weights do not fit task '{self.cfg.run.task}''s model ({'; '.join(parts)}); "
+                                f"check task= and its keys (e.g. the width) against the run that saved them")
+        self.model.load_state_dict(dict(weights))
+
+    @torch.no_grad()
+    def score(self, weights: Mapping[str, Tensor], recalibrate: bool) -> dict[str, float]:
+        """The evaluator's metrics for ``weights``; ``recalibrate`` recomputes BatchNorm statistics first (as the
+        loop does for averaged weights)."""
+        from lawa_suite.train import forked_rng, recalibrate_batchnorm
+
+        with forked_rng():
+            self.load(weights)
+            if recalibrate and self.calibration:
+                with self.accelerator.autocast():
+                    recalibrate_batchnorm(self.model, self.task, self.calibration)
+            self.model.eval()
+            with self.accelerator.autocast():
+                return self.evaluator.evaluate(self.model, self.batches, self.accelerator)
+
+    def predictor(self) -> Any:
+        """``(model, batch) -> discrete predictions``, from the task; an AnalysisError says what is missing."""
+        if callable(getattr(self.task, "predictions", None)):
+            return self.task.predictions
+        if callable(getattr(self.task, "logits_and_targets", None)):
+            return lambda model, batch: self.task.logits_and_targets(model, batch)[0].argmax(dim=-1)
+        raise AnalysisError(f"task '{self.cfg.run.task}' defines neither predictions(model, batch) nor "
+                            f"logits_and_targets(model, batch), so its predictions cannot be compared")
+
+    @torch.no_grad()
+    def predictions(self, weights: Mapping[str, Tensor]) -> Tensor:
+        """Every held-out prediction of ``weights`` (as saved: no recalibration), flattened, on the CPU."""
+        from lawa_suite.train import forked_rng
+
+        predict = self.predictor()
+        with forked_rng():
+            self.load(weights)
+            self.model.eval()
+            with self.accelerator.autocast():
+                return torch.cat([predict(self.model, batch).reshape(-1).cpu() for batch in self.batches])
+
+
+# -- post-hoc outputs: raw versus averaged ----------------------------------------------------------------
+def _write_text(path: Path, text: str) -> None:
+    from lawa_suite.checkpoints import write_atomic
+
+    write_atomic(path, lambda p: p.write_text(text))
+
+
+def evaluate_posthoc(out: str | os.PathLike[str], overrides: Sequence[str] = (), allow_torch_load: bool = False,
+                     log: Any = lambda message: None) -> Path:
+    """Score every derived checkpoint in a ``suite average`` output and the raw checkpoint of its step; write
+    ``metrics.jsonl``, ``config.yaml``, ``report.md`` and ``curves.png`` into ``out``. Returns the report."""
+    from lawa_suite import posthoc
+    from lawa_suite.report import load_metrics
+
+    out = Path(out)
+    try:
+        manifest = json.loads((out / "manifest.json").read_text())
+        source, folders = Path(manifest["source"]), [a["folder"] for a in manifest["averagers"]]
+        assert manifest["format"] == posthoc.FORMAT
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        raise AnalysisError(f"{out}: not a suite average output (no readable manifest.json of format "
+                            f"{posthoc.FORMAT})") from None
+    cfg = eval_config(source, overrides)
+    evaluation = Evaluation(cfg)
+    derived: dict[int, dict[str, Path]] = {}
+    for folder in folders:
+        entries = json.loads((out / folder / "manifest.json").read_text())["outputs"]
+        for entry in entries:
+            derived.setdefault(int(entry["step"]), {})[folder] = out / folder / entry["file"]
+    _, snapshots, problems = posthoc.discover(source, allow_torch_load)
+    by_step = {s.step: s for s in snapshots}
+    lost = sorted(set(derived) - set(by_step))
+    if problems or lost:
+        raise AnalysisError(f"{source}: the raw checkpoints are needed for comparison: "
+                            + "; ".join(problems + ([f"steps {', '.join(map(str, lost))} are gone"] if lost else [])))
+    records = []
+    for step in sorted(derived):
+        raw = posthoc.load_snapshot(by_step[step])
+        records.append({"step": step, "weights": "raw", "split": "val", **evaluation.score(raw, recalibrate=False)})
+        for folder, path in sorted(derived[step].items()):
+            weights = posthoc.load_weights(path)
+            scores = evaluation.score(weights, recalibrate=True)
+            records.append({"step": step, "weights": folder, "split": "val", **scores})
+        log(f"step {step}: " + " | ".join(f"{r['weights']} " + " ".join(f"{k}={v:.4g}" for k, v in r.items()
+                                                                             if k not in ("step", "weights", "split"))
+                                          for r in records if r["step"] == step))
+    _write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    _write_text(out / "config.yaml", cfg.to_yaml())
+    curves, _ = load_metrics(out / "metrics.jsonl")
+    return _posthoc_report(out, curves, evaluation, source, sorted(by_step), folders)
+
+
+def _posthoc_report(out: Path, curves: Any, evaluation: Evaluation, source: Path, steps: list[int],
+                    folders: list[str]) -> Path:
+    from lawa_suite.report import _table, plot_curves, summarise
+
+    metrics, rows = summarise(curves, evaluation.metrics)
+    headline = metrics[0] if metrics else None
+    raw = curves.get("raw", {}).get(headline, []) if headline else []
+    run = evaluation.cfg.run
+    title = f"post-hoc averaging: {run.task} ({run.preset}) from {source.name}"
+    bn = (f" Averaged weights get BatchNorm statistics recomputed on {run.eval.bn_batches} training batches "
+          f"first; raw checkpoints keep theirs." if evaluation.calibration else "")
+    lines = [f"# Post-hoc averaging report: {out.name}", "",
+             f"Source: `{source}` ({len(steps)} checkpoints, steps {steps[0]}..{steps[-1]}); task {run.task} "
+             f"({run.preset}), evaluator {evaluation.task.evaluator}; averagers: {', '.join(folders)}. Each derived "
+             f"checkpoint and the raw checkpoint of its step are scored on the same held-out batches.{bn} "
+             f"Config: `config.yaml`; inputs and hashes: `manifest.json`.", ""]
+    if rows:
+        lines += [_table(metrics, rows, headline, raw[-1][0] if raw else None), ""]
+        plot_curves(curves, [], metrics, out / "curves.png", title)
+        lines += ["![metrics vs step](curves.png)", ""]
+    report = out / "report.md"
+    _write_text(report, "\n".join(lines))
+    return report
+
+
+# -- linear mode connectivity and disagreement --------------------------------------------------------------
+def interpolate(a: Mapping[str, Tensor], b: Mapping[str, Tensor], alpha: float) -> dict[str, Tensor]:
+    """``alpha * a + (1 - alpha) * b`` per float tensor, computed in float32 (float64 for float64) and cast
+    back; exact at ``alpha`` 0 and 1. Integer tensors come from the nearer endpoint."""
+    from lawa_suite.averagers.base import accumulation_dtype
+
+    if a.keys() != b.keys():
+        raise AnalysisError(f"the checkpoints hold different keys (only in A: {_short(sorted(set(a) - set(b)))}; "
+                            f"only in B: {_short(sorted(set(b) - set(a)))})")
+    out = {}
+    for name, ta in a.items():
+        tb = b[name]
+        if ta.shape != tb.shape or ta.dtype != tb.dtype:
+            raise AnalysisError(f"key {name}: A is {list(ta.shape)} {ta.dtype}, B is {list(tb.shape)} {tb.dtype}")
+        if ta.is_floating_point():
+            acc = accumulation_dtype(ta.dtype)
+            out[name] = torch.lerp(tb.to(acc), ta.to(acc), alpha).to(ta.dtype)
+        else:
+            out[name] = (ta if alpha >= 0.5 else tb).clone()
+    return out
+
+
+def disagreement(evaluation: Evaluation, a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> tuple[float, int]:
+    """``(fraction of held-out predictions where A and B differ, number of predictions)``."""
+    pa, pb = evaluation.predictions(a), evaluation.predictions(b)
+    if pa.numel() == 0:
+        raise AnalysisError("no held-out predictions to compare (the task returned no evaluation batches)")
+    return float((pa != pb).double().mean()), pa.numel()
+
+
+def _barrier(values: list[float], alphas: list[float], direction: str) -> float:
+    """The largest gap between the path and the straight line joining its ends, in the worse direction."""
+    v_b, v_a = values[0], values[-1]
+    gaps = [(v - (al * v_a + (1 - al) * v_b)) * (1 if direction == "min" else -1) for al, v in zip(alphas, values)]
+    return max(0.0, max(gaps))
+
+
+def lmc(evaluation: Evaluation, a: Mapping[str, Tensor], b: Mapping[str, Tensor], points: int = 6) -> dict[str, Any]:
+    """Scores along ``alpha * A + (1 - alpha) * B`` for ``points`` evenly spaced alphas in [0, 1] (6: 0, 0.2, ...,
+    1), each metric's barrier, and the disagreement rate of A and B. Interpolated weights of a BatchNorm
+    model are recalibrated at every alpha, ends included, so the curve compares like with like."""
+    if points < 2:
+        raise AnalysisError(f"points: expected an integer >= 2, got {points}")
+    alphas = [round(i / (points - 1), 10) for i in range(points)]
+    rows = [{"alpha": alpha, **evaluation.score(interpolate(a, b, alpha), recalibrate=True)} for alpha in alphas]
+    barriers = {m: _barrier([r[m] for r in rows], alphas, d) for m, d in evaluation.metrics.items() if m in rows[0]}
+    result: dict[str, Any] = {"alphas": alphas, "rows": rows, "barrier": barriers,
+                              "recalibrated": bool(evaluation.calibration)}
+    try:
+        rate, count = disagreement(evaluation, a, b)
+        result["disagreement"] = {"rate": rate, "predictions": count}
+    except AnalysisError as exc:
+        result["disagreement"] = {"rate": None, "why": str(exc)}
+    return result
+
+
+def lmc_lines(result: dict[str, Any], metrics: Mapping[str, str]) -> list[str]:
+    """A markdown table of the curve plus the barrier and disagreement lines (also what the CLI prints)."""
+    names = [m for m in metrics if m in result["rows"][0]]
+    lines = ["| alpha | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    lines += ["| " + " | ".join([f"{r['alpha']:.2f}"] + [f"{r[m]:.4f}" for m in names]) + " |" for r in result["rows"]]
+    lines += ["", "barrier (worst gap to the straight line between the ends): "
+              + ", ".join(f"{m} {result['barrier'][m]:.4f}" for m in names)]
+    d = result["disagreement"]
+    lines.append(f"disagreement of A and B: {d['rate']:.4f} of {d['predictions']} held-out predictions"
+                 if d["rate"] is not None else f"disagreement: not available ({d['why']})")
+    return lines
+
+
+def check_out(out: str | os.PathLike[str], force: bool) -> None:
+    """Refuse a non-empty ``out`` folder (or a file there) unless ``force``."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise AnalysisError(f"out: {out} exists and is not empty; choose another folder or pass --force")
+
+
+def write_lmc(out: str | os.PathLike[str], result: dict[str, Any], metrics: Mapping[str, str], labels: tuple[str, str],
+              force: bool = False) -> Path:
+    """``lmc.json``, ``lmc.md`` and ``lmc.png`` in ``out`` (new or empty unless ``force``). Returns ``lmc.md``."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    check_out(out, force)
+    out.mkdir(parents=True, exist_ok=True)
+    names = [m for m in metrics if m in result["rows"][0]]
+    alphas = result["alphas"]
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.8), squeeze=False)
+    for ax, m in zip(axes[0], names):
+        values = [r[m] for r in result["rows"]]
+        ax.plot(alphas, values, marker="o", color="black", label="path")
+        ax.plot([0, 1], [values[0], values[-1]], ls="--", color="grey", label="straight line")
+        ax.set_xlabel("alpha (weight of A)")
+        ax.set_title(f"{m} (barrier {result['barrier'][m]:.4g})")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"alpha * A + (1 - alpha) * B; A = {labels[0]}, B = {labels[1]}")
+    fig.tight_layout()
+    fig.savefig(out / "lmc.png", dpi=110)
+    plt.close(fig)
+    _write_text(out / "lmc.json", json.dumps({"a": labels[0], "b": labels[1], **result}, indent=1) + "\n")
+    text = ["# Linear path between two checkpoints", "", f"A = `{labels[0]}`, B = `{labels[1]}`; alpha is A's weight.",
+            "BatchNorm statistics were recomputed at every alpha." if result["recalibrated"] else "", "",
+            *lmc_lines(result, metrics), "", "![scores along the path](lmc.png)", ""]
+    _write_text(out / "lmc.md", "\n".join(text))
+    return out / "lmc.md"
+
+
+def default_out(prefix: str) -> str:
+    return os.path.join("runs", f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}")
+

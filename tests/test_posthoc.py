@@ -1,0 +1,581 @@
+"""Post-hoc averaging (`suite average`): the math against online averagers, validation, output safety, determinism."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib
+import json
+import os
+import pickle
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from typer.testing import CliRunner
+
+from lawa_suite import posthoc, registry
+from lawa_suite.cli import app
+from lawa_suite.config import ConfigError, resolve
+from lawa_suite.export import load_weights as load_run_weights
+from lawa_suite.posthoc import PosthocError, average, parse_jobs
+from lawa_suite.train import train
+
+runner = CliRunner()
+
+
+# -- helpers --------------------------------------------------------------------------------------------
+def weights_at(step: int, shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, Tensor]:
+    """Deterministic weights for a step: fp32 and bf16 floats and an integer counter."""
+    g = torch.Generator().manual_seed(step)
+    shapes = shapes or {"w": (4, 6), "b": (6,)}
+    out = {name: torch.randn(shape, generator=g) for name, shape in shapes.items()}
+    out["h"] = torch.randn(5, generator=g).to(torch.bfloat16)
+    out["count"] = torch.tensor(step, dtype=torch.int64)
+    return out
+
+
+def write_trajectory(folder: Path, steps: list[int], **kwargs: Any) -> dict[int, dict[str, Tensor]]:
+    folder.mkdir(parents=True, exist_ok=True)
+    saved = {}
+    for step in steps:
+        saved[step] = weights_at(step, **kwargs)
+        save_file(saved[step], str(folder / f"step-{step:08d}.safetensors"), metadata={"step": str(step)})
+    return saved
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder`` (relative path -> digest): inputs must never change."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def same_bits(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:
+    return a.keys() == b.keys() and all(
+        a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and
+        _bytes(a[k]) == _bytes(b[k]) for k in a)
+
+
+def _bytes(t: Tensor) -> bytes:
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def online(name: str, saved: dict[int, dict[str, Tensor]], until: int, clock: str = "steps", **config: Any):
+    """The online averager fed the saved weights in step order up to ``until`` (steps or observation counts)."""
+    averager = registry.averagers.create(name, **config)
+    averager.start_run(len(saved))
+    for i, step in enumerate(sorted(saved), start=1):
+        if step > until:
+            break
+        averager.observe(step if clock == "steps" else i, saved[step])
+    return averager
+
+
+@pytest.fixture
+def traj(tmp_path: Path) -> tuple[Path, dict[int, dict[str, Tensor]]]:
+    folder = tmp_path / "traj"
+    return folder, write_trajectory(folder, list(range(100, 1001, 100)))
+
+
+# -- the math ---------------------------------------------------------------------------------------------
+def test_lawa_windows_equal_online_lawa_and_the_window_mean(traj, tmp_path):
+    folder, saved = traj
+    result = average(folder, parse_jobs(["lawa"], {"lawa.k": "3", "lawa.nu": "200"}), tmp_path / "out", interval=400)
+    # step 400's window (400, 200, 0) reaches before the first saved step: not ready, no output, no error
+    assert result.outputs == {"lawa-k3-nu200": [800]}
+    out = load_file(str(tmp_path / "out" / "lawa-k3-nu200" / "step-00000800.safetensors"))
+    assert same_bits(out, online("lawa", saved, 800, k=3, nu=200).average())
+    brute = (saved[400]["w"] + saved[600]["w"] + saved[800]["w"]) / 3
+    torch.testing.assert_close(out["w"], brute)
+    assert out["h"].dtype == torch.bfloat16 and out["count"].item() == 800  # ints: copied from the newest
+
+
+def test_ema_and_swa_count_observations_of_saved_steps(traj, tmp_path):
+    folder, saved = traj
+    jobs = parse_jobs(["ema", "swa"], {"ema.decay": "0.5", "ema.every": "2", "swa.start": "0.5"})
+    result = average(folder, jobs, tmp_path / "out", interval=500)
+    assert result.outputs == {"ema-decay0.5-every2": [500, 1000], "swa-start0.5": [500, 1000]}
+    for job, config in (("ema-decay0.5-every2", {"decay": 0.5, "every": 2}), ("swa-start0.5", {"start": 0.5})):
+        name = job.split("-")[0]
+        for step in (500, 1000):
+            out = load_file(str(tmp_path / "out" / job / f"step-{step:08d}.safetensors"))
+            assert same_bits(out, online(name, saved, step, clock="observations", **config).average())
+    # SWA from observation 5 of 10 (step 500) to step 1000: the plain mean of six checkpoints
+    swa = load_file(str(tmp_path / "out" / "swa-start0.5" / "step-00001000.safetensors"))
+    torch.testing.assert_close(swa["w"], torch.stack([saved[s]["w"] for s in range(500, 1001, 100)]).mean(0))
+
+
+def test_slices_of_large_tensors_give_the_same_bits(tmp_path, monkeypatch):
+    # 10,000-element tensors in 4,096-element slices; LAWA with evictions and the exact recompute
+    monkeypatch.setattr(posthoc, "BLOCK_ELEMENTS", 4096)
+    folder = tmp_path / "traj"
+    saved = write_trajectory(folder, list(range(1, 13)), shapes={"big": (100, 100), "odd": (4097,)})
+    jobs = parse_jobs(["lawa", "ema", "swa"], {"lawa.k": "3", "lawa.nu": "1", "ema.decay": "0.9", "swa.start": "2"})
+    average(folder, jobs, tmp_path / "out")
+    for job, name, config in (("lawa-k3-nu1", "lawa", {"k": 3, "nu": 1}), ("ema-decay0.9", "ema", {"decay": 0.9}),
+                              ("swa-start2.0", "swa", {"start": 2})):
+        out = load_file(str(tmp_path / "out" / job / "step-00000012.safetensors"))
+        assert same_bits(out, online(name, saved, 12, clock="observations", **config).average()), job
+
+
+def test_real_run_post_hoc_equals_online_bit_for_bit(tmp_path):
+    # The toy preset: LAWA k=3 nu=2, EMA decay 0.9, SWA from half of 20 steps; a snapshot every step, so the
+    # observation clock of EMA and SWA is the step itself and every averager must match its online twin.
+    run = tmp_path / "run"
+    train(resolve(["task=toy", f"out={run}", "trajectory.every=1", "eval.every=10"]))
+    keys = {"lawa.k": "3", "lawa.nu": "2", "ema.decay": "0.9", "swa.start": "0.5"}
+    result = runner.invoke(app, ["average", str(run / "trajectory"), "averager=lawa,ema,swa",
+                                 *[f"{k}={v}" for k, v in keys.items()], f"out={tmp_path / 'post'}"])
+    assert result.exit_code == 0, result.output
+    cfg = resolve(["task=toy", f"out={run}"])
+    final = run / "checkpoints" / "step-00000020"
+    for name, folder in (("lawa", "lawa-k3-nu2"), ("ema", "ema-decay0.9"), ("swa", "swa-start0.5")):
+        held_online, _ = load_run_weights(final, name, cfg)
+        post = load_file(str(tmp_path / "post" / folder / "step-00000020.safetensors"))
+        assert same_bits(post, held_online), name
+
+
+def test_a_grid_averages_reading_each_checkpoint_once(traj, tmp_path, monkeypatch):
+    folder, saved = traj
+    reads: dict[tuple[int, str], int] = {}
+    flat = posthoc.Reader.flat
+
+    def counting(self, name):
+        if threading.current_thread() is threading.main_thread():  # the averaging (worker threads check values)
+            key = (self.snapshot.step, name)
+            reads[key] = reads.get(key, 0) + 1
+        return flat(self, name)
+
+    monkeypatch.setattr(posthoc.Reader, "flat", counting)
+    jobs = parse_jobs(["lawa", "ema"], {"lawa.k": "2,3", "lawa.nu": "100,200", "ema.decay": "0.9,0.99"})
+    result = average(folder, jobs, tmp_path / "out", interval=200)
+    assert sorted(result.outputs) == sorted(["lawa-k2-nu100", "lawa-k2-nu200", "lawa-k3-nu100", "lawa-k3-nu200",
+                                             "ema-decay0.9", "ema-decay0.99"])
+    assert set(reads.values()) == {1} and len(reads) == len(saved) * 4  # once for all six settings
+    out = load_file(str(tmp_path / "out" / "lawa-k2-nu200" / "step-00000600.safetensors"))
+    assert same_bits(out, online("lawa", saved, 600, k=2, nu=200).average())
+
+
+SPY_PLUGIN = '''
+from dataclasses import dataclass
+from lawa_suite.averagers.base import Averager
+
+SEEN = []
+
+class SpyAverager(Averager):
+    """A third-party averager: the newest observation, with no elementwise promise; records what it is fed."""
+    name = "spy_last"
+
+    @dataclass
+    class Config:
+        every: int = 1
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._last = []
+
+    @property
+    def ready(self):
+        return bool(self._last)
+
+    def wants(self, step):
+        return step % self.config.every == 0
+
+    def _update(self, step, floats):
+        SEEN.append(tuple(floats[0].shape))
+        self._last = [t.clone() for t in floats]
+
+    def _averaged_floats(self):
+        return [t.clone() for t in self._last]
+
+    def _extra_state(self):
+        return {}
+
+    def _load_extra_state(self, state):
+        pass
+'''
+
+
+@pytest.fixture
+def spy_plugin(tmp_path, monkeypatch):
+    """``spy_last`` installed as a real third-party plugin (a fake distribution with an entry point)."""
+    root = tmp_path / "site"
+    info = root / "fake_spy-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-spy\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[lawa_suite.averagers]\nspy_last = fake_spy_plugin:SpyAverager\n")
+    (root / "fake_spy_plugin.py").write_text(SPY_PLUGIN)
+    monkeypatch.syspath_prepend(str(root))
+    importlib.invalidate_caches()
+    registry.averagers.reset()
+    yield
+    sys.modules.pop("fake_spy_plugin", None)
+    registry.averagers.reset()
+
+
+def test_a_plugin_averager_works_post_hoc_and_sees_whole_tensors(tmp_path, monkeypatch, spy_plugin):
+    monkeypatch.setattr(posthoc, "BLOCK_ELEMENTS", 4096)
+    folder = tmp_path / "traj"
+    saved = write_trajectory(folder, [1, 2, 3, 4], shapes={"big": (90, 100)})
+    result = average(folder, parse_jobs(["spy_last"], {"spy_last.every": "2"}), tmp_path / "out", interval=2)
+    assert result.outputs == {"spy_last-every2": [2, 4]}
+    out = load_file(str(tmp_path / "out" / "spy_last-every2" / "step-00000004.safetensors"))
+    assert same_bits(out, saved[4])
+    import fake_spy_plugin
+    assert (90, 100) in fake_spy_plugin.SEEN  # not elementwise: fed whole tensors, never slices
+
+
+# -- inputs ---------------------------------------------------------------------------------------------------
+def test_hugging_face_folders_sharded_and_not(tmp_path):
+    flat, hf = tmp_path / "flat", tmp_path / "hf"
+    saved = write_trajectory(flat, [1000, 2000, 3000])
+    hf.mkdir()
+    (hf / "checkpoint-1000").mkdir()
+    save_file(saved[1000], str(hf / "checkpoint-1000" / "model.safetensors"))
+    (hf / "checkpoint-1000" / "config.json").write_text("{}")
+    (hf / "step2000").mkdir()  # Pythia-style revision name, sharded
+    names = sorted(saved[2000])
+    shards = {"model-00001-of-00002.safetensors": names[:2], "model-00002-of-00002.safetensors": names[2:]}
+    for shard, keys in shards.items():
+        save_file({k: saved[2000][k] for k in keys}, str(hf / "step2000" / shard))
+    (hf / "step2000" / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: shard for shard, keys in shards.items() for k in keys}}))
+    save_file(saved[3000], str(hf / "step-3000.safetensors"))
+    jobs = parse_jobs(["lawa"], {"lawa.k": "3", "lawa.nu": "1000"})
+    average(flat, jobs, tmp_path / "a")
+    average(hf, jobs, tmp_path / "b")
+    a = load_file(str(tmp_path / "a" / "lawa-k3-nu1000" / "step-00003000.safetensors"))
+    b = load_file(str(tmp_path / "b" / "lawa-k3-nu1000" / "step-00003000.safetensors"))
+    assert same_bits(a, b)
+
+
+def test_suite_checkpoints_folder_and_its_recorded_hashes(tmp_path):
+    run = tmp_path / "run"
+    train(resolve(["task=toy", f"out={run}", "checkpoint.every=5", "checkpoint.keep=10", "eval.every=10"]))
+    ckpts = run / "checkpoints"
+    ok = average(ckpts, parse_jobs(["lawa"], {"lawa.k": "2", "lawa.nu": "5"}), tmp_path / "ok")
+    assert ok.steps == [5, 10, 15, 20] and ok.outputs == {"lawa-k2-nu5": [20]}
+    # same size, one flipped byte in the data: only the recorded sha256 can tell
+    model = ckpts / "step-00000010" / "model.safetensors"
+    data = bytearray(model.read_bytes())
+    data[-3] ^= 0x01
+    model.write_bytes(bytes(data))
+    with pytest.raises(PosthocError, match=r"step-00000010/model.safetensors: sha256 differs"):
+        average(ckpts, parse_jobs(["lawa"], {"lawa.k": "2", "lawa.nu": "5"}), tmp_path / "bad")
+    assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad*"))
+    # checked before any arithmetic, so it is listed beside the other problems
+    with pytest.raises(PosthocError) as info:
+        average(ckpts, parse_jobs(["lawa"], {"lawa.k": "2", "lawa.nu": "5"}), tmp_path / "bad", interval=4)
+    assert "sha256 differs" in str(info.value) and "interval=4 asks for step(s) 8, 12, 16" in str(info.value)
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_torch_files_need_the_flag_and_never_unpickle_code(tmp_path):
+    folder = tmp_path / "pt"
+    folder.mkdir()
+    saved = {s: weights_at(s) for s in (1, 2)}
+    for s, w in saved.items():
+        torch.save(w, folder / f"step-{s}.pt")
+    jobs = parse_jobs(["lawa"], {"lawa.k": "2", "lawa.nu": "1"})
+    with pytest.raises(PosthocError, match=r"step-1.pt: a pickle-based file; pass --allow-torch-load"):
+        average(folder, jobs, tmp_path / "out")
+    average(folder, jobs, tmp_path / "out", allow_torch_load=True)
+    out = load_file(str(tmp_path / "out" / "lawa-k2-nu1" / "step-00000002.safetensors"))
+    assert same_bits(out, online("lawa", saved, 2, k=2, nu=1).average())
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    with open(folder / "step-3.pt", "wb") as f:
+        pickle.dump({"w": Evil()}, f)
+    with pytest.raises(PosthocError, match=r"step-3.pt: unreadable"):
+        average(folder, jobs, tmp_path / "out2", allow_torch_load=True)
+    assert not marker.exists() and not (tmp_path / "out2").exists()
+
+
+def _every_format(nonfinite: bool) -> dict[str, Tensor]:
+    """One tensor per dtype post-hoc averaging reads (empty and 0-dim ones too), each float one holding
+    NaN or Inf past the first scan piece when ``nonfinite``."""
+    g = torch.Generator().manual_seed(0)
+    floats = {f"f_{str(d).removeprefix('torch.')}": torch.randn(3000, generator=g).to(d)
+              for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16,
+                        torch.float8_e4m3fn, torch.float8_e5m2)}
+    if nonfinite:
+        for name, t in floats.items():
+            bits = t.view(torch.uint8) if t.element_size() == 1 else None
+            if bits is not None:  # float8: e4m3fn has no Inf, its NaN is S.1111.111; e5m2 Inf is S.11111.00
+                bits[2999] = 0x7F if "e4m3" in name else 0x7C
+            else:
+                t[2999] = float("inf") if t.dtype == torch.float16 else float("nan")
+    others = {"i_bool": torch.tensor([True, False]), "i_uint8": torch.arange(7, dtype=torch.uint8),
+              "i_int32": torch.arange(5, dtype=torch.int32), "i_scalar": torch.tensor(3),
+              "f_empty": torch.zeros(0, 4), "f_scalar": torch.tensor(1.5)}
+    return {**floats, **others}
+
+
+@pytest.mark.parametrize("nonfinite", [False, True])
+def test_nan_and_inf_are_found_in_every_float_format(tmp_path, monkeypatch, nonfinite):
+    monkeypatch.setattr(posthoc, "CHECK_BYTES", 4096)  # several pieces per tensor: the bad value is in a later one
+    path = tmp_path / "step-1.safetensors"
+    save_file(_every_format(nonfinite), str(path))
+    reader = posthoc.Reader(posthoc.Snapshot(1, path.name, (path.resolve(),)))
+    try:
+        found = posthoc.nonfinite_keys(reader, sorted(reader.layout))
+    finally:
+        reader.close()
+    floats = sorted(n for n in _every_format(False) if n.startswith("f_") and n not in ("f_empty", "f_scalar"))
+    assert found == (floats if nonfinite else [])
+
+
+def test_input_hashes_cover_every_byte_including_tensors_the_reader_skips(tmp_path):
+    path = tmp_path / "step-1.safetensors"
+    skipped = {"z_complex": torch.ones(3, dtype=torch.complex64)}  # a dtype post-hoc averaging does not handle
+    save_file({**_every_format(False), **skipped}, str(path), metadata={"note": "x" * 13})
+    reader = posthoc.Reader(posthoc.Snapshot(1, path.name, (path.resolve(),)))
+    try:
+        assert "z_complex" not in reader.layout and any("z_complex has dtype C64" in p for p in reader.problems)
+        assert posthoc.hash_input(reader, path.resolve()) == hashlib.sha256(path.read_bytes()).hexdigest()
+    finally:
+        reader.close()
+
+
+# -- validation: one error listing everything, nothing written, inputs untouched -----------------------------
+def _break(kind: str, folder: Path) -> str:
+    """Damage a 10-step trajectory one way; return the text the error must contain."""
+    path = folder / "step-00000500.safetensors"
+    w = load_file(str(path))
+    if kind == "missing key":
+        del w["b"]
+        expect = "step-00000500.safetensors: missing keys b"
+    elif kind == "extra key":
+        w["stray"] = torch.zeros(2)
+        expect = "step-00000500.safetensors: extra keys stray"
+    elif kind == "broadcastable shape":
+        w["b"] = torch.zeros(1)
+        expect = "step-00000500.safetensors: key b has shape [1], the others [6]"
+    elif kind == "dtype":
+        w["b"] = w["b"].to(torch.bfloat16)
+        expect = "step-00000500.safetensors: key b has dtype BF16, the others F32"
+    elif kind in ("nan", "inf"):
+        w["w"][1, 2] = float("nan") if kind == "nan" else float("-inf")
+        w["h"][0] = float("inf")
+        expect = "step-00000500.safetensors: NaN or Inf in h, w"
+    elif kind == "missing window step":
+        path.unlink()
+        return "the window of step 800 needs step(s) 500"
+    elif kind == "symlink outside":
+        outside = folder.parent / "elsewhere"
+        outside.mkdir()
+        save_file(w, str(outside / "x.safetensors"))
+        (folder / "step-00001100.safetensors").symlink_to(outside / "x.safetensors")
+        return "step-00001100.safetensors: a link that leads outside the input folder"
+    elif kind == "dotdot shard":
+        shard_dir = folder / "step-00001100"
+        shard_dir.mkdir()
+        save_file(w, str(folder.parent / "secret.safetensors"))
+        (shard_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+            k: "../../secret.safetensors" for k in w}}))
+        return "shard '../../secret.safetensors' lies outside the checkpoint folder"
+    elif kind == "garbage file":
+        path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+        return "step-00000500.safetensors: unreadable"
+    elif kind == "truncated file":
+        path.write_bytes(path.read_bytes()[:-8])
+        return "step-00000500.safetensors: unreadable"
+    elif kind == "step saved twice":
+        (folder / "checkpoint-500").mkdir()
+        save_file(w, str(folder / "checkpoint-500" / "model.safetensors"))
+        return "step 500 is saved twice"
+    elif kind == "metadata step":
+        save_file(w, str(path), metadata={"step": "7"})
+        return "named step 500, but its metadata says step 7"
+    else:
+        raise AssertionError(kind)
+    save_file(w, str(path), metadata={"step": "500"})
+    return expect
+
+
+@pytest.mark.parametrize("kind", ["missing key", "extra key", "broadcastable shape", "dtype", "nan", "inf",
+                                  "missing window step", "symlink outside", "dotdot shard", "garbage file",
+                                  "truncated file", "step saved twice", "metadata step"])
+def test_each_validation_failure_is_named_and_nothing_is_written(traj, tmp_path, kind):
+    folder, _ = traj
+    expect = _break(kind, folder)
+    before = tree_digest(folder)
+    with pytest.raises(PosthocError) as info:
+        average(folder, parse_jobs(["lawa", "ema"], {"lawa.k": "4", "lawa.nu": "100"}), tmp_path / "out", interval=400)
+    message = str(info.value)
+    assert expect in message and "nothing was written" in message and "\n" not in message
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+    assert tree_digest(folder) == before
+
+
+def test_all_problems_come_in_one_error(traj, tmp_path):
+    folder, _ = traj
+    expected = [_break("missing key", folder), _break("symlink outside", folder)]
+    w = load_file(str(folder / "step-00000300.safetensors"))
+    w["w"][0, 0] = float("nan")
+    w["b"] = torch.zeros(1)  # broadcastable: must not slip through
+    save_file(w, str(folder / "step-00000300.safetensors"))
+    with pytest.raises(PosthocError) as info:
+        average(folder, parse_jobs(["lawa"], {"lawa.k": "2", "lawa.nu": "100"}), tmp_path / "out", interval=250)
+    message = str(info.value)
+    for part in expected + ["step-00000300.safetensors: key b has shape [1], the others [6]",
+                            "interval=250 asks for step(s) 250, 750", "step-00000300.safetensors: NaN or Inf in w"]:
+        assert part in message, part
+    assert message.startswith("5 problem(s) with ")
+
+
+def test_lawa_window_before_the_first_step_or_never_fitting(traj, tmp_path):
+    folder, _ = traj
+    with pytest.raises(PosthocError, match=r"lawa-k20-nu100: no window fits"):
+        average(folder, parse_jobs(["lawa"], {"lawa.k": "20", "lawa.nu": "100"}), tmp_path / "out")
+    with pytest.raises(PosthocError, match=r"no saved step is a multiple of nu=3000"):
+        average(folder, parse_jobs(["lawa"], {"lawa.k": "1", "lawa.nu": "3000"}), tmp_path / "out")
+    # interval not a multiple of nu: windows on another residue class (t, t - nu, ...) still work
+    result = average(folder, parse_jobs(["lawa"], {"lawa.k": "2", "lawa.nu": "200"}), tmp_path / "out", interval=300)
+    assert result.outputs == {"lawa-k2-nu200": [300, 600, 900]}
+
+
+def test_bad_settings_are_one_line_config_errors():
+    with pytest.raises(ConfigError, match=r"lawa.k: expected an integer >= 1, got 0"):
+        parse_jobs(["lawa"], {"lawa.k": "2,0"})
+    with pytest.raises(ConfigError, match=r"lawa.kk: unknown key for averager 'lawa'; known: k, nu"):
+        parse_jobs(["lawa"], {"lawa.kk": "2"})
+    with pytest.raises(ConfigError, match=r"ema.decay: averager 'ema' is not selected"):
+        parse_jobs(["lawa"], {"ema.decay": "0.9"})
+    with pytest.raises(ConfigError, match=r"averager: .*nosuch"):
+        parse_jobs(["nosuch"], {})
+    with pytest.raises(ConfigError, match=r"task: not a key of suite average"):
+        posthoc.parse_command(["averager=lawa", "out=x", "task=toy"])
+    with pytest.raises(ConfigError, match=r"interval: expected an integer >= 1"):
+        posthoc.parse_command(["averager=lawa", "out=x", "interval=-3"])
+
+
+# -- output safety ----------------------------------------------------------------------------------------------
+def test_output_inside_or_around_the_input_or_existing_is_refused(traj, tmp_path):
+    folder, _ = traj
+    jobs = parse_jobs(["ema"], {})
+    with pytest.raises(PosthocError, match=r"lies inside the input folder"):
+        average(folder, jobs, folder / "avg")
+    with pytest.raises(PosthocError, match=r"contains the input folder"):
+        average(folder, jobs, tmp_path)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    with pytest.raises(PosthocError, match=r"already exists; choose another folder or pass --force"):
+        average(folder, jobs, tmp_path / "taken")
+    assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+    average(folder, jobs, tmp_path / "taken", force=True)
+    assert sorted(p.name for p in (tmp_path / "taken").iterdir()) == ["ema", "manifest.json"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".taken")]  # no staging or old copy left
+
+
+def test_manifests_record_inputs_outputs_and_settings(traj, tmp_path):
+    folder, _ = traj
+    average(folder, parse_jobs(["lawa"], {"lawa.k": "2", "lawa.nu": "200"}), tmp_path / "out", interval=400)
+    manifest = json.loads((tmp_path / "out" / "lawa-k2-nu200" / "manifest.json").read_text())
+    from lawa_suite import __version__
+    assert manifest["suite_version"] == __version__ and manifest["averager"] == "lawa"
+    assert manifest["config"]["k"] == 2 and manifest["config"]["nu"] == 200 and manifest["interval"] == 400
+    outputs = {o["step"]: o for o in manifest["outputs"]}
+    assert sorted(outputs) == [400, 800] and outputs[800]["inputs"] == [600, 800]
+    out_file = tmp_path / "out" / "lawa-k2-nu200" / "step-00000800.safetensors"
+    assert outputs[800]["sha256"] == hashlib.sha256(out_file.read_bytes()).hexdigest()
+    for step in ("200", "400", "600", "800"):
+        entry = manifest["inputs"][step][0]
+        assert entry["sha256"] == hashlib.sha256((folder / entry["file"]).read_bytes()).hexdigest()
+    top = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert [i["step"] for i in top["inputs"]] == list(range(100, 1001, 100))
+
+
+def test_output_bytes_do_not_depend_on_runs_or_directory_order(traj, tmp_path, monkeypatch):
+    folder, _ = traj
+    jobs = parse_jobs(["lawa", "ema", "swa"], {"lawa.k": "3", "lawa.nu": "100", "swa.start": "0.3"})
+    average(folder, jobs, tmp_path / "first", interval=300)
+    average(folder, jobs, tmp_path / "second", interval=300)
+    listdir = os.listdir
+    monkeypatch.setattr(posthoc.os, "listdir", lambda path: list(reversed(listdir(path))))
+    average(folder, jobs, tmp_path / "reversed", interval=300)
+    first = tree_digest(tmp_path / "first")
+    assert len(first) == 1 + 3 * 4  # top manifest + per averager: manifest and 3 derived checkpoints
+    assert first == tree_digest(tmp_path / "second") == tree_digest(tmp_path / "reversed")
+
+
+@pytest.mark.parametrize("how", ["direct", "no O_DIRECT", "refused at open", "refused at write", "reopened"])
+def test_output_bytes_do_not_depend_on_how_they_reach_the_disk(traj, tmp_path, monkeypatch, how):
+    folder, _ = traj
+    jobs = parse_jobs(["lawa", "ema"], {"lawa.k": "3", "lawa.nu": "100"})
+    average(folder, jobs, tmp_path / "reference", interval=300)
+    monkeypatch.setattr(posthoc, "DIRECT_BUFFER", 16 * 4096)  # a 64 KiB buffer: several flushes per file
+    monkeypatch.setattr(posthoc, "BLOCK_BUDGET", 1)           # ... also for the smallest buffer the budget allows
+    real_open, real_write = os.open, os.write
+    direct = getattr(os, "O_DIRECT", 0)
+    if how == "no O_DIRECT":
+        monkeypatch.delattr(os, "O_DIRECT", raising=False)
+    elif how == "refused at open":  # as tmpfs did before Linux 6.6: the file is created, then EINVAL
+        def refusing_open(path, flags, *args):
+            if flags & direct:
+                real_open(path, flags & ~direct, *args)
+                raise OSError(22, "Invalid argument")
+            return real_open(path, flags, *args)
+        monkeypatch.setattr(os, "open", refusing_open)
+    elif how == "refused at write":
+        def refusing_write(fd, data):
+            if direct and fcntl.fcntl(fd, fcntl.F_GETFL) & direct:
+                raise OSError(22, "Invalid argument")
+            return real_write(fd, data)
+        monkeypatch.setattr(os, "write", refusing_write)
+    elif how == "reopened":  # more outputs than open descriptors allowed: each write reopens its file
+        monkeypatch.setattr(posthoc, "MAX_OPEN_OUTPUTS", 1)
+    average(folder, jobs, tmp_path / "out", interval=300)
+    assert tree_digest(tmp_path / "out") == tree_digest(tmp_path / "reference")
+
+
+# -- the command line -------------------------------------------------------------------------------------------
+def test_cli_average_grid_and_errors(traj, tmp_path):
+    folder, _ = traj
+    result = runner.invoke(app, ["average", str(folder), "averager=lawa", "lawa.k=2,3", "lawa.nu=100",
+                                 "interval=500", f"out={tmp_path / 'g'}"])
+    assert result.exit_code == 0, result.output
+    assert "lawa-k2-nu100: 2 derived checkpoint(s) at step(s) 500, 1000" in result.output
+    assert (tmp_path / "g" / "lawa-k3-nu100" / "step-00001000.safetensors").is_file()
+    bad = runner.invoke(app, ["average", str(folder), "averager=lawa", "lawa.k=abc", f"out={tmp_path / 'x'}"])
+    assert bad.exit_code == 2 and "lawa.k" in bad.output and len(bad.output.strip().splitlines()) == 1
+    again = runner.invoke(app, ["average", str(folder), "averager=ema", f"out={tmp_path / 'g'}"])
+    assert again.exit_code == 2 and "already exists" in again.output
+    forced = runner.invoke(app, ["average", str(folder), "averager=ema", f"out={tmp_path / 'g'}", "--force"])
+    assert forced.exit_code == 0 and not (tmp_path / "g" / "lawa-k3-nu100").exists()
+
+
+def test_cli_average_then_eval_writes_the_raw_versus_averaged_report(tmp_path):
+    run = tmp_path / "run"
+    train(resolve(["task=toy", f"out={run}", "trajectory.every=2", "eval.every=10"]))
+    out = tmp_path / "post"
+    result = runner.invoke(app, ["average", str(run), "averager=lawa,ema", "lawa.k=3", "lawa.nu=2", "interval=10",
+                                 f"out={out}", "eval=true", "eval.bn_batches=1"])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {(r["step"], r["weights"]) for r in records} == {(s, w) for s in (10, 20)
+                                                            for w in ("raw", "lawa-k3-nu2", "ema")}
+    assert all(0 <= r["accuracy"] <= 1 for r in records)
+    # the raw scores are the ones the training run logged at the same steps (same batches, same weights)
+    logged = {r["step"]: r["accuracy"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+              if r.get("weights") == "raw" and r.get("split") == "val"}
+    assert all(r["accuracy"] == logged[r["step"]] for r in records if r["weights"] == "raw")
+    report = (out / "report.md").read_text()
+    assert "| lawa-k3-nu2 |" in report and (out / "curves.png").stat().st_size > 0
+    rerun = runner.invoke(app, ["eval", str(out)])
+    assert rerun.exit_code == 0 and "report:" in rerun.output
+    orphan = runner.invoke(app, ["eval", str(tmp_path)])
+    assert orphan.exit_code == 2 and "not a suite average output" in orphan.output
+    typo = runner.invoke(app, ["average", str(run), "averager=ema", f"out={tmp_path / 'never'}", "eval=true",
+                               "eval.batchez=1"])
+    assert typo.exit_code == 2 and "eval.batchez" in typo.output and not (tmp_path / "never").exists()
