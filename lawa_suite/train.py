@@ -204,16 +204,17 @@ class Scorer:
         self.batches = batches[accelerator.process_index::accelerator.num_processes]
         self.calibration = calibration  # empty when the model has no BatchNorm (the caller decides)
 
-    def _score(self) -> dict[str, float]:
+    def _score(self, step: int, weights: str) -> dict[str, float]:
+        self.evaluator.begin(step, weights)
         self.model.eval()
         with self.accelerator.autocast():
             return self.evaluator.evaluate(self.model, self.batches, self.accelerator)
 
     @torch.no_grad()
-    def score_all(self, averagers: dict[str, Averager]) -> dict[str, dict[str, float]]:
+    def score_all(self, averagers: dict[str, Averager], step: int) -> dict[str, dict[str, float]]:
         was_training = self.model.training
         with forked_rng():
-            scores = {"raw": self._score()}
+            scores = {"raw": self._score(step, "raw")}
             ready = {name: avg for name, avg in averagers.items() if avg.ready}
             if ready:
                 raw = {k: v.clone() for k, v in self.model.state_dict().items()}
@@ -222,7 +223,7 @@ class Scorer:
                     if self.calibration and avg.needs_bn_recalibration:
                         with self.accelerator.autocast():
                             recalibrate_batchnorm(self.model, self.task, self.calibration)
-                    scores[name] = self._score()
+                    scores[name] = self._score(step, name)
                 self.model.load_state_dict(raw)
         self.model.train(was_training)
         return scores
@@ -392,7 +393,7 @@ class Run:
         return mean_loss
 
     def evaluate(self, metrics: MetricsLog) -> dict[str, dict[str, float]]:
-        scores = self.scorer.score_all(self.averagers)
+        scores = self.scorer.score_all(self.averagers, self.state.step)
         for weights, values in scores.items():
             metrics.write({"step": self.state.step, "weights": weights, "split": "val", **values})
         if self.cfg.run.trackers:

@@ -7,6 +7,9 @@ Sources (the values of ``data=`` that image tasks accept):
 - ``imagefolder``: ``data.path`` is a folder holding ``train/<class>/*`` and ``test/<class>/*`` (``val/`` is
   accepted for test), or a ``.tar.gz``/``.tgz``/``.tar`` of one. Archives are extracted once, safely, into the
   cache; images are decoded once (both cores) into an ``.npz`` in the cache, so later loads take a second.
+  Images are squashed to the square size by default; ``crop=True`` resizes the short side and takes the
+  centre square instead (ADM's ``center_crop_arr``, what diffusion models on ImageNet use). Sets too big to
+  hold in memory are read file by file instead (``imagefolder_files`` + ``decode_image``; see ``imagestream.py``).
 - ``cifar10`` / ``cifar100``: the original pickled batches, downloaded with torchvision into the cache (or
   read from ``data.path`` when set). Offline, the error names the missing file, the URL and where to put it.
 
@@ -35,7 +38,8 @@ from tqdm import tqdm
 
 from lawa_suite.data import DataUnavailable
 
-__all__ = ["ImageSet", "load_image_set", "load_embedded", "load_imagefolder", "load_cifar", "IMAGE_EXTENSIONS"]
+__all__ = ["ImageSet", "ImageFiles", "load_image_set", "load_embedded", "load_imagefolder", "imagefolder_files",
+           "decode_image", "load_cifar", "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 LAYOUT = "train/<class>/*.jpg|png and test/<class>/*.jpg|png (val/ also accepted for test)"
@@ -59,12 +63,23 @@ class ImageSet:
         return len(self.classes)
 
 
-def load_image_set(source: str, path: str, cache: str, image_size: int = 32) -> ImageSet:
-    """Load ``source`` (embedded | imagefolder | cifar10 | cifar100) at ``image_size`` pixels, RGB."""
+@dataclass
+class ImageFiles:
+    """An imagefolder's files, listed but not decoded: ``(path, label)`` pairs of each split, sorted."""
+    root: Path
+    train: list[tuple[str, int]]
+    test: list[tuple[str, int]]
+    classes: list[str]
+    description: str
+
+
+def load_image_set(source: str, path: str, cache: str, image_size: int = 32, crop: bool = False) -> ImageSet:
+    """Load ``source`` (embedded | imagefolder | cifar10 | cifar100) at ``image_size`` pixels, RGB.
+    ``crop`` (imagefolder only) centre-crops instead of squashing non-square images."""
     if source == "embedded":
         return load_embedded(image_size)
     if source == "imagefolder":
-        return load_imagefolder(path, cache, image_size)
+        return load_imagefolder(path, cache, image_size, crop)
     if source in ("cifar10", "cifar100"):
         return load_cifar(source, path or os.path.join(cache, source), image_size)
     raise ValueError(f"unknown image source {source!r}; known: embedded, imagefolder, cifar10, cifar100")
@@ -97,8 +112,18 @@ def load_embedded(image_size: int = 32, test_size: int = 300) -> ImageSet:
 
 
 # -- imagefolder: a folder or an archive of train/<class>/* and test/<class>/* ------------------------
-def load_imagefolder(path: str, cache: str, image_size: int = 32) -> ImageSet:
+def load_imagefolder(path: str, cache: str, image_size: int = 32, crop: bool = False) -> ImageSet:
     """Decode (once, into the cache) a ``train/<class>/*`` + ``test/<class>/*`` tree, a folder or an archive."""
+    files = imagefolder_files(path, cache)
+    key = _cache_key(files.root, files.train + files.test, image_size) + ("-crop" if crop else "")
+    cache_file = Path(cache) / "images" / f"{files.root.name}-{image_size}px-{key}.npz"
+    if not cache_file.exists():
+        _write_cache(cache_file, files.train, files.test, files.classes, image_size, crop)
+    return _read_cache(cache_file, files.description)
+
+
+def imagefolder_files(path: str, cache: str) -> ImageFiles:
+    """List (without decoding) the files of a ``train/<class>/*`` + ``test/<class>/*`` folder or archive."""
     if not path:
         raise DataUnavailable(f"imagefolder: data.path is empty; set data.path to a folder or .tar.gz holding {LAYOUT}")
     source = Path(path).expanduser()
@@ -111,11 +136,7 @@ def load_imagefolder(path: str, cache: str, image_size: int = 32) -> ImageSet:
     if test_dir is None:
         raise DataUnavailable(f"imagefolder: {root} has no test/ (or val/) folder; expected {LAYOUT}")
     test_files, _ = _list_split(test_dir, classes)
-    key = _cache_key(root, train_files + test_files, image_size)
-    cache_file = Path(cache) / "images" / f"{root.name}-{image_size}px-{key}.npz"
-    if not cache_file.exists():
-        _write_cache(cache_file, train_files, test_files, classes, image_size)
-    return _read_cache(cache_file, f"imagefolder {source}")
+    return ImageFiles(root, train_files, test_files, classes, f"imagefolder {source}")
 
 
 def _is_archive(path: Path) -> bool:
@@ -210,37 +231,56 @@ def _cache_key(root: Path, files: list[tuple[str, int]], image_size: int) -> str
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
-def _decode_one(path: str, size: int) -> np.ndarray:
-    """One image file -> uint8 ``(size, size, 3)``; resized (bilinear) only when its size differs."""
+def _decode_one(path: str, size: int, crop: bool = False) -> np.ndarray:
+    """One image file -> uint8 ``(size, size, 3)``: squashed (bilinear) to the square, or with ``crop`` the
+    short side resized to ``size`` and the centre square cut out; untouched when already that size."""
     from PIL import Image
 
     try:
         with Image.open(path) as image:
             image = image.convert("RGB")
             if image.size != (size, size):
-                image = image.resize((size, size), Image.Resampling.BILINEAR)
+                image = _center_crop(image, size) if crop else image.resize((size, size), Image.Resampling.BILINEAR)
             return np.asarray(image, dtype=np.uint8)
     except OSError as exc:
         raise DataUnavailable(f"imagefolder: cannot decode {path}: {exc}") from None
 
 
-def _decode_chunk(paths: list[str], size: int) -> np.ndarray:
-    return np.stack([_decode_one(p, size) for p in paths])
+def decode_image(path: str, size: int, crop: bool = True) -> np.ndarray:
+    """Public form of the decoder: one file -> uint8 ``(size, size, 3)`` (centre-cropped by default)."""
+    return _decode_one(path, size, crop)
 
 
-def _decode_all(paths: list[str], size: int, desc: str) -> np.ndarray:
+def _center_crop(image: "Image.Image", size: int) -> "Image.Image":
+    """ADM's ``center_crop_arr`` (guided-diffusion): halve with a box filter while the short side is at least
+    twice ``size`` (cheap, alias-free), resize the short side to ``size`` (bicubic), cut out the centre."""
+    from PIL import Image
+
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.Resampling.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(max(size, round(x * scale)) for x in image.size), resample=Image.Resampling.BICUBIC)
+    left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def _decode_chunk(paths: list[str], size: int, crop: bool = False) -> np.ndarray:
+    return np.stack([_decode_one(p, size, crop) for p in paths])
+
+
+def _decode_all(paths: list[str], size: int, desc: str, crop: bool = False) -> np.ndarray:
     """Decode ``paths`` into uint8 ``(N, 3, size, size)``, on every core for big sets, with a progress bar."""
     chunks = [paths[i:i + CHUNK] for i in range(0, len(paths), CHUNK)]
     workers = min(len(os.sched_getaffinity(0)), len(chunks))
     out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
     with tqdm(total=len(paths), desc=desc, unit="img", leave=False) as bar:
         if len(paths) < POOL_THRESHOLD or workers < 2:
-            decoded = (_decode_chunk(c, size) for c in chunks)
+            decoded = (_decode_chunk(c, size, crop) for c in chunks)
             _fill(out, decoded, bar)
         else:
             # fork: workers only run PIL and numpy, and skip re-importing torch as spawn would.
             with multiprocessing.get_context("fork").Pool(workers) as pool:
-                _fill(out, pool.imap(partial(_decode_chunk, size=size), chunks), bar)
+                _fill(out, pool.imap(partial(_decode_chunk, size=size, crop=crop), chunks), bar)
     return out.transpose(0, 3, 1, 2)
 
 
@@ -253,11 +293,11 @@ def _fill(out: np.ndarray, decoded: Iterable[np.ndarray], bar: tqdm) -> None:
 
 
 def _write_cache(cache_file: Path, train: list[tuple[str, int]], test: list[tuple[str, int]], classes: list[str],
-                 size: int) -> None:
+                 size: int, crop: bool = False) -> None:
     """Decode both splits and save them as one uncompressed .npz (written to a temp file, then renamed)."""
     arrays = {}
     for split, files in (("train", train), ("test", test)):
-        arrays[f"{split}_images"] = _decode_all([f for f, _ in files], size, f"decoding {split} images")
+        arrays[f"{split}_images"] = _decode_all([f for f, _ in files], size, f"decoding {split} images", crop)
         arrays[f"{split}_labels"] = np.asarray([label for _, label in files], dtype=np.int64)
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache_file.with_name(f".{cache_file.name}.tmp-{os.getpid()}")

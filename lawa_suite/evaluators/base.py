@@ -19,6 +19,10 @@ class Evaluator(ABC):
     def __init__(self, task: Any) -> None:
         self.task = task
 
+    def begin(self, step: int, weights: str) -> None:
+        """Called before each ``evaluate`` with the step and the weights ("raw" or an averager's name) it
+        scores, for evaluators that write per-evaluation artefacts (sample grids). Most ignore it."""
+
     @abstractmethod
     def evaluate(self, model: nn.Module, batches: list[Any], accelerator: Any = None) -> dict[str, float]:
         """Score ``model`` (already in eval mode, under no_grad) on this process's ``batches``; with an

@@ -1,0 +1,309 @@
+"""Fréchet Inception Distance of generated samples, through torch-fidelity, plus a held-out denoising loss.
+
+What a generative task supplies (``ddpm`` does):
+
+- ``config.fid``: a ``FidConfig`` (``fid.samples=...`` on the command line);
+- ``eval_batches()`` holding sampling batches (``{"kind": "sample", ...}``: which noise to start from) and
+  held-out loss batches (anything else);
+- ``sample_images(model, batch)`` -> uint8 ``(B, 3, H, W)``; ``eval_loss(model, batch)`` -> ``(sum, count)``;
+- ``fid_reference_key(count)`` and ``fid_reference_batches(count, batch, rank, world)``: the real images the
+  reference statistics come from (uint8 batches) and a key naming them (dataset, resolution, count).
+
+Features come from a feature extractor registered with torch-fidelity and created the way torch-fidelity
+creates it: ``inception-v3-compat`` (the standard FID network; torch-fidelity loads its weights,
+``weights-inception-2015-12-05-6726825d.pth``, from torch's hub cache, downloading them there when missing)
+or ``standin`` (registered by this file: a fixed random conv net for machines without the Inception
+weights; its scores rank samples but are not comparable with published FIDs). The Fréchet distance itself is
+torch-fidelity's (``fid_statistics_to_metric``).
+
+The reference statistics (mean and covariance of the real images' features) are computed once and cached
+in ``<data.cache>/fid/`` under a name holding the dataset key, the resolution, the count and the extractor.
+With several processes, each extracts features of its share of the images and the first and second moments
+are summed over processes (float64) before the mean and covariance are formed: exactly the statistics of
+the whole set, identical on every rank.
+
+Sample grids: each evaluation writes ``<run>/samples/step-NNNNNNNN-<weights>.png`` (the first ``fid.grid``
+samples; the same noise for raw weights and every averager), named from ``begin(step, weights)``, which the
+loop calls before each score; a caller that does not call it gets no grid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from lawa_suite import registry
+from lawa_suite.config import ConfigError, require
+from lawa_suite.data import DataUnavailable
+from lawa_suite.evaluators.base import Evaluator, reduce_sums
+
+__all__ = ["FidConfig", "FID", "FeatureStats", "INCEPTION", "STANDIN", "inception_weights_path", "create_extractor",
+           "register_standin", "frechet_distance", "write_grid"]
+
+INCEPTION = "inception-v3-compat"        # torch-fidelity's name for the standard FID network
+STANDIN = "standin"                      # the offline stand-in registered below
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+
+
+@dataclass
+class FidConfig:
+    samples: int = 10_000        # generated images per FID (for raw and for each averager); "FID-10K"
+    reference: int = 50_000      # real training images behind the reference statistics (all, if fewer); cached
+    extractor: str = INCEPTION   # torch-fidelity feature extractor; "standin" = offline random convnet;
+    #                              "auto" = Inception when its weights are on disk, else the stand-in
+    weights: str = ""            # a local Inception weights file (.pth); empty = torch hub cache (torch-fidelity's).
+    #                              Trusted files only: torch-fidelity reads it with torch.load(weights_only=False)
+    batch_size: int = 100        # images per feature-extractor call
+    grid: int = 64               # samples in each PNG grid (per weights, per evaluation); 0 = no grids
+
+    def __post_init__(self) -> None:
+        require(self.samples >= 2, "fid.samples", "an integer >= 2 (a covariance needs two samples)", self.samples)
+        require(self.reference >= 2, "fid.reference", "an integer >= 2", self.reference)
+        require(bool(self.extractor.strip()), "fid.extractor",
+                f"auto, {INCEPTION}, {STANDIN} or another torch-fidelity feature extractor", self.extractor)
+        require(self.batch_size >= 1, "fid.batch_size", "an integer >= 1", self.batch_size)
+        require(self.grid >= 0, "fid.grid", "an integer >= 0 (0 = no grids)", self.grid)
+
+
+# -- the offline stand-in (its class lives in _standin.py: importing torch-fidelity costs seconds) ---------
+def register_standin() -> None:
+    """Register the stand-in with torch-fidelity (once: its registry refuses a name twice)."""
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+
+    from lawa_suite.evaluators._standin import StandinFeatures
+
+    if STANDIN not in FEATURE_EXTRACTORS_REGISTRY:
+        register_feature_extractor(STANDIN, StandinFeatures)
+
+
+# -- creating an extractor the way torch-fidelity does ----------------------------------------------------
+def inception_weights_path() -> Path:
+    """Where torch-fidelity's ``load_state_dict_from_url`` keeps the Inception weights: torch's hub cache."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+
+
+def resolve_extractor(cfg: FidConfig) -> str:
+    """``auto`` -> Inception if its weights are on disk (or ``fid.weights`` is set), else the stand-in."""
+    if cfg.extractor != "auto":
+        return cfg.extractor
+    return INCEPTION if cfg.weights or inception_weights_path().is_file() else STANDIN
+
+
+def create_extractor(cfg: FidConfig) -> tuple[nn.Module, str, str]:
+    """``(extractor on the CPU, its name, its feature layer for FID)``; a clear one-line error offline."""
+    import torch_fidelity.registry as tf_registry
+    from torch_fidelity.utils import create_feature_extractor
+
+    register_standin()
+    name = resolve_extractor(cfg)
+    if name not in tf_registry.FEATURE_EXTRACTORS_REGISTRY:
+        known = ", ".join(["auto", *tf_registry.FEATURE_EXTRACTORS_REGISTRY])
+        raise ConfigError(f"fid.extractor: expected one of {known}, got {name!r}")
+    layer = tf_registry.FEATURE_EXTRACTORS_REGISTRY[name].get_default_feature_layer_for_metric("fid")
+    kwargs: dict[str, Any] = {"verbose": False}
+    if cfg.weights:
+        if not Path(cfg.weights).is_file():
+            raise DataUnavailable(f"fid.weights: {cfg.weights} does not exist; point it at {INCEPTION_FILE} "
+                                  f"(from {_inception_url()})")
+        kwargs["feature_extractor_weights_path"] = cfg.weights
+    try:
+        with torch.random.fork_rng(devices=[]):  # default inits must not move the training run's global RNG
+            extractor = create_feature_extractor(name, [layer], cuda=False, **kwargs)
+    except (OSError, RuntimeError, ValueError) as exc:  # URLError and HTTPError are OSErrors
+        if name != INCEPTION:
+            raise DataUnavailable(f"fid.extractor: cannot create {name!r}: {_first_line(exc)}") from None
+        target = inception_weights_path()
+        raise DataUnavailable(
+            f"fid: the Inception weights {target} are missing and could not be downloaded ({_first_line(exc)}); "
+            f"fetch {_inception_url()} into {target.parent} (torch hub cache: $TORCH_HOME/hub/checkpoints), or set "
+            f"fid.weights=<file>, or use fid.extractor={STANDIN} to score offline with the stand-in") from None
+    return extractor, name, layer
+
+
+def _inception_url() -> str:
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+    return URL_INCEPTION_V3
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+# -- statistics ------------------------------------------------------------------------------------------
+class FeatureStats:
+    """Running first and second moments of features (float64), summable over processes; the mean and the
+    unbiased covariance (``np.cov``'s) come out at the end."""
+
+    def __init__(self) -> None:
+        self.total: Tensor | None = None
+        self.outer: Tensor | None = None
+        self.count = 0
+
+    def add(self, features: Tensor) -> None:
+        f = features.detach().double()
+        if self.total is None:
+            self.total = torch.zeros(f.shape[1], dtype=torch.float64, device=f.device)
+            self.outer = torch.zeros(f.shape[1], f.shape[1], dtype=torch.float64, device=f.device)
+        self.total += f.sum(0)
+        self.outer += f.T @ f
+        self.count += f.shape[0]
+
+    def reduce(self, accelerator: Any, dim: int, device: torch.device) -> None:
+        """Sum over processes. Every rank takes part, even one that saw no images (it adds zeros)."""
+        if accelerator is None or accelerator.num_processes == 1:
+            return
+        if self.total is None:
+            self.total = torch.zeros(dim, dtype=torch.float64, device=device)
+            self.outer = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+        self.total = accelerator.reduce(self.total.to(device), "sum")
+        self.outer = accelerator.reduce(self.outer.to(device), "sum")
+        self.count = int(accelerator.reduce(torch.tensor([self.count], dtype=torch.float64, device=device), "sum"))
+
+    def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.total is None or self.count < 2:
+            raise ValueError(f"fid: {self.count} images are too few for a covariance (need at least 2)")
+        n = self.count
+        mu = self.total / n
+        sigma = (self.outer - n * torch.outer(mu, mu)) / (n - 1)
+        return mu.cpu().numpy(), sigma.cpu().numpy()
+
+
+def frechet_distance(reference: dict[str, np.ndarray], generated: dict[str, np.ndarray]) -> float:
+    """torch-fidelity's Fréchet distance between two ``{"mu", "sigma"}`` statistics."""
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
+
+    return float(fid_statistics_to_metric(reference, generated, False)[KEY_METRIC_FID])
+
+
+# -- the evaluator -----------------------------------------------------------------------------------------
+def _is_sample_batch(batch: Any) -> bool:
+    return isinstance(batch, dict) and batch.get("kind") == "sample"
+
+
+def _is_main(accelerator: Any) -> bool:
+    return accelerator is None or accelerator.is_main_process
+
+
+@registry.evaluators.register("fid")
+class FID(Evaluator):
+    """``fid`` (Fréchet distance of ``fid.samples`` samples to the real data's reference statistics) and
+    ``loss`` (the denoising objective on held-out images, with fixed timesteps and noise)."""
+
+    name = "fid"
+    metrics = {"fid": "min", "loss": "min"}
+
+    def __init__(self, task: Any) -> None:
+        super().__init__(task)
+        self.cfg: FidConfig = task.config.fid
+        # Created now, before any training step, so a missing Inception file stops the run at once.
+        self.extractor, self.extractor_name, self.layer = create_extractor(self.cfg)
+        self.device = torch.device("cpu")  # where the extractor is (it may have no parameters to ask)
+        self.reference: dict[str, np.ndarray] | None = None
+        self._context: tuple[int, str] | None = None
+        if self.cfg.extractor == "auto":
+            note = f" (auto: {inception_weights_path()} not found)" if self.extractor_name == STANDIN else " (auto)"
+            print(f"fid: features from {self.extractor_name}{note}", file=sys.stderr, flush=True)
+
+    def begin(self, step: int, weights: str) -> None:
+        """Say which step and weights the next ``evaluate`` scores (names the sample grid)."""
+        self._context = (step, weights)
+
+    # -- features --
+    @torch.no_grad()
+    def features(self, images: Tensor) -> Tensor:
+        """Features of uint8 images, in float32 whatever autocast the caller runs under."""
+        out = []
+        with torch.autocast(self.device.type, enabled=False):
+            for chunk in images.split(self.cfg.batch_size):
+                out.append(self.extractor(chunk.to(self.device))[0].float())
+        return torch.cat(out)
+
+    def _dim(self) -> int:
+        return int(self.features(torch.zeros(1, 3, 8, 8, dtype=torch.uint8)).shape[1])
+
+    def reference_stats(self, accelerator: Any, device: torch.device) -> dict[str, np.ndarray]:
+        """The real images' statistics: from the cache, or computed (over every process) and cached."""
+        if self.reference is not None:
+            return self.reference
+        weights_tag = f"-{hashlib.sha1(self.cfg.weights.encode()).hexdigest()[:8]}" if self.cfg.weights else ""
+        key = f"{self.task.fid_reference_key(self.cfg.reference)}-{self.extractor_name}{weights_tag}-{self.layer}"
+        path = Path(self.task.run.data.cache) / "fid" / f"{key}.npz"
+        cached = path.is_file()
+        if accelerator is not None and accelerator.num_processes > 1:  # one decision for all ranks
+            from accelerate.utils import broadcast_object_list
+            cached = broadcast_object_list([cached])[0]
+        if cached:
+            with np.load(path) as npz:
+                self.reference = {"mu": npz["mu"], "sigma": npz["sigma"]}
+            return self.reference
+        rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+        stats = FeatureStats()
+        for images in self.task.fid_reference_batches(self.cfg.reference, self.cfg.batch_size, rank, world):
+            stats.add(self.features(images))
+        stats.reduce(accelerator, self._dim(), device)
+        mu, sigma = stats.mean_cov()
+        self.reference = {"mu": mu, "sigma": sigma}
+        if _is_main(accelerator):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            with open(tmp, "wb") as f:  # a file object keeps np.savez from renaming it
+                np.savez(f, mu=mu, sigma=sigma, count=stats.count)
+            os.replace(tmp, path)
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
+        return self.reference
+
+    # -- scoring --
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batches: list[Any], accelerator: Any = None) -> dict[str, float]:
+        context, self._context = self._context, None
+        device = next(model.parameters()).device
+        self.extractor.to(device)
+        self.device = device
+        reference = self.reference_stats(accelerator, device)
+        generated, grid = FeatureStats(), []
+        loss_sum, loss_count = 0.0, 0
+        for batch in batches:
+            if _is_sample_batch(batch):
+                images = self.task.sample_images(model, batch)
+                generated.add(self.features(images))
+                if sum(len(g) for g in grid) < self.cfg.grid:
+                    grid.append(images[:self.cfg.grid - sum(len(g) for g in grid)].cpu())
+            else:
+                total, count = self.task.eval_loss(model, batch)
+                loss_sum, loss_count = loss_sum + float(total), loss_count + int(count)
+        generated.reduce(accelerator, len(reference["mu"]), device)
+        sums = reduce_sums({"loss": loss_sum, "count": float(loss_count)}, accelerator, device)
+        mu, sigma = generated.mean_cov()
+        scores = {"fid": frechet_distance(reference, {"mu": mu, "sigma": sigma})}
+        if sums["count"] > 0:
+            scores["loss"] = sums["loss"] / sums["count"]
+        if grid and context is not None and _is_main(accelerator):
+            step, weights = context
+            write_grid(torch.cat(grid), Path(self.task.run.out) / "samples" / f"step-{step:08d}-{weights}.png")
+        return scores
+
+
+def write_grid(images: Tensor, path: Path, min_tile: int = 64) -> None:
+    """uint8 ``(N, 3, H, W)`` -> a square-ish PNG grid; small images are enlarged (nearest) to ``min_tile`` px."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    scale = max(1, min_tile // images.shape[-1])
+    if scale > 1:
+        images = images.repeat_interleave(scale, dim=-1).repeat_interleave(scale, dim=-2)
+    grid = make_grid(images, nrow=math.ceil(math.sqrt(len(images))), padding=2, pad_value=255)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
+    os.replace(tmp, path)
