@@ -693,10 +693,13 @@ class RereadSnapshots:
         return (self._read(step) for step in list(self._steps))
 
     def append(self, step: int, tensors: list[Tensor]) -> None:
-        self._steps.append(step)  # the copy LAWA made is dropped: the input still holds the snapshot
+        self._steps.append(step)  # no copy: the input still holds the snapshot
 
     def pop_oldest(self) -> list[Tensor]:
         return self._read(self._steps.popleft())
+
+    def recycle(self, tensors: list[Tensor]) -> None:
+        """Nothing to reuse: a popped snapshot is a view of the input."""
 
     def drop_oldest(self) -> None:
         self._steps.popleft()

@@ -470,3 +470,76 @@ def test_registry_creates_every_averager() -> None:
     assert isinstance(lawa, LAWA) and (lawa.config.k, lawa.config.nu) == (3, 2)
     assert isinstance(registry.averagers.create("ema", decay=0.99), EMA)
     assert isinstance(registry.averagers.create("swa", start=10), SWA)
+
+
+# -- tied weights, reused buffers, persistent staging (issue 9) -------------------------------------------
+class TiedModel(nn.Module):
+    """GPT-2's tying in miniature: the output layer's weight is the embedding's (two state_dict names)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(10, 4)
+        self.hidden = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 10, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.hidden(x))
+
+
+@pytest.mark.parametrize("kind", ["ema", "swa", "lawa"])
+def test_tied_weights_are_averaged_once_and_returned_under_both_names(kind: str) -> None:
+    model = TiedModel()
+    avg = MAKERS[kind]()
+    oracle = MAKERS[kind]()
+    for step in trajectory(model, 8):
+        avg.observe(step, model)
+        oracle.observe(step, {n: t.clone() for n, t in model.state_dict().items()})  # no aliasing: both averaged
+    assert avg.layout.aliases == (("head.weight", "embed.weight"),)
+    assert len(avg.layout.float_names) == 3          # embed.weight, hidden.weight, hidden.bias
+    assert_same(avg.average(), oracle.average())
+    restored = MAKERS[kind]()
+    restored.load_state_dict(through_safetensors(avg.state_dict()))
+    assert restored.layout.aliases == avg.layout.aliases
+    assert_same(restored.average(), avg.average())
+    model.load_state_dict(avg.average())               # loads into the tied model as it is
+    assert model.head.weight is model.embed.weight
+
+
+def test_untied_later_observation_of_an_aliased_name_is_an_error() -> None:
+    model = TiedModel()
+    ema = EMA(decay=0.9)
+    ema.observe(1, model)
+    weights = {n: t.clone() for n, t in model.state_dict().items()}
+    weights["head.weight"] = weights["head.weight"] + 1.0
+    with pytest.raises(ValueError, match="'head.weight' was the same tensor as 'embed.weight'"):
+        ema.observe(2, weights)
+
+
+def test_lawa_memory_store_reuses_the_leaving_snapshots_buffers() -> None:
+    model = bn_model()
+    lawa = LAWA(k=2, nu=1)
+    steps = trajectory(model, 6)
+    for step in range(1, 3):
+        lawa.observe(next(steps), model)
+    oldest = [t.data_ptr() for t in list(lawa._store)[0]]
+    lawa.observe(next(steps), model)   # step 3: a slide; the snapshot of step 1 leaves, step 3 takes its memory
+    assert [t.data_ptr() for t in list(lawa._store)[-1]] == oldest
+    lawa.observe(next(steps), model)   # step 4: the recompute; again into the leaving buffers
+    assert lawa.snapshot_steps == [3, 4]
+    first, second = list(lawa._store)
+    brute = {n: (a + b) / 2 for n, a, b in zip(lawa.layout.float_names, first, second)}
+    assert all(torch.equal(lawa.average()[n], brute[n]) for n in lawa.layout.float_names)
+
+
+def test_bf16_updates_stage_into_persistent_fp32_buffers() -> None:
+    model = bn_model(dtype=torch.bfloat16)
+    ema = EMA(decay=0.9)
+    steps = trajectory(model, 3)
+    ema.observe(next(steps), model)
+    ema.observe(next(steps), model)
+    buffers = [b.data_ptr() for b in ema._staging if b is not None]
+    ema.observe(next(steps), model)
+    assert buffers and [b.data_ptr() for b in ema._staging if b is not None] == buffers
+    assert all(b.dtype == torch.float32 for b in ema._staging if b is not None)

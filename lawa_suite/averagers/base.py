@@ -9,7 +9,9 @@ Shared rules (design.md, "Averager semantics"):
 - float tensors are accumulated in float32 (float64 for float64 models) and handed back in the model's
   dtype; non-float tensors (e.g. BatchNorm's ``num_batches_tracked``) are copied from the newest accepted
   observation, never averaged;
-- an observation holding NaN or Inf is refused with a warning and leaves the average untouched.
+- an observation holding NaN or Inf is refused with a warning and leaves the average untouched;
+- names that alias one tensor (GPT-2's tied ``transformer.wte.weight`` / ``lm_head.weight``) are averaged
+  once and handed back under every name: averaging both would double the work and the memory for nothing.
 
 A subclass supplies ``Config`` (a dataclass whose fields are its ``<name>.<field>`` keys), ``wants``,
 ``_update``, ``_averaged_floats``, ``ready`` and ``_extra_state`` / ``_load_extra_state``.
@@ -79,6 +81,41 @@ def cast_like(tensors: list[Tensor], like: list[Tensor]) -> list[Tensor]:
             for t, ref in zip(tensors, like)]
 
 
+def staged_like(tensors: list[Tensor], like: list[Tensor], staging: list[Tensor | None]) -> list[Tensor]:
+    """``cast_like`` without allocating per call: entries whose dtype or device differ from ``like`` are copied
+    into persistent ``staging`` buffers (filled on first use), so a bf16 model's update into fp32 accumulators
+    costs one fused copy instead of a fresh fp32 copy of the weights every step."""
+    if len(staging) != len(tensors) or any(b is not None and b.device != r.device for b, r in zip(staging, like)):
+        staging[:] = [None if (t.dtype == r.dtype and t.device == r.device) else torch.empty_like(r)
+                      for t, r in zip(tensors, like)]
+    pairs = [(buffer, t) for buffer, t in zip(staging, tensors) if buffer is not None]
+    if pairs:
+        torch._foreach_copy_([b for b, _ in pairs], [t for _, t in pairs])
+    return [t if buffer is None else buffer for t, buffer in zip(tensors, staging)]
+
+
+def storage_key(t: Tensor) -> tuple | None:
+    """What makes two tensors one tensor in memory; None where that cannot be told (meta or empty tensors)."""
+    if t.device.type == "meta" or t.numel() == 0:
+        return None
+    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+
+
+def find_aliases(tensors: Mapping[str, Tensor]) -> tuple[tuple[str, str], ...]:
+    """``(alias, source)`` pairs: later names that are the same tensor in memory as an earlier one."""
+    first: dict[tuple, str] = {}
+    aliases = []
+    for name, t in tensors.items():
+        key = storage_key(t)
+        if key is None:
+            continue
+        if key in first:
+            aliases.append((name, first[key]))
+        else:
+            first[key] = name
+    return tuple(aliases)
+
+
 def follow_devices(accumulators: list[Tensor], weights: list[Tensor]) -> list[Tensor]:
     """``accumulators`` moved to their weights' devices where they differ (after a load from a CPU checkpoint)."""
     return [a if a.device == w.device else a.to(w.device) for a, w in zip(accumulators, weights)]
@@ -86,23 +123,27 @@ def follow_devices(accumulators: list[Tensor], weights: list[Tensor]) -> list[Te
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """What the first observation fixed: order, shapes and dtypes of every tensor, and which are floats."""
+    """What the first observation fixed: order, shapes and dtypes of every tensor, which are floats, and which
+    names alias an earlier one (``(alias, source)``; aliases are neither averaged nor stored)."""
     names: tuple[str, ...]
     shapes: tuple[tuple[int, ...], ...]
     dtypes: tuple[torch.dtype, ...]
+    aliases: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def of(cls, tensors: Mapping[str, Tensor]) -> "Layout":
         return cls(tuple(tensors), tuple(tuple(t.shape) for t in tensors.values()),
-                   tuple(t.dtype for t in tensors.values()))
+                   tuple(t.dtype for t in tensors.values()), find_aliases(tensors))
 
     @property
     def float_names(self) -> list[str]:
-        return [n for n, d in zip(self.names, self.dtypes) if d.is_floating_point]
+        aliased = {alias for alias, _ in self.aliases}
+        return [n for n, d in zip(self.names, self.dtypes) if d.is_floating_point and n not in aliased]
 
     @property
     def other_names(self) -> list[str]:
-        return [n for n, d in zip(self.names, self.dtypes) if not d.is_floating_point]
+        aliased = {alias for alias, _ in self.aliases}
+        return [n for n, d in zip(self.names, self.dtypes) if not d.is_floating_point and n not in aliased]
 
     def mismatch(self, tensors: Mapping[str, Tensor]) -> str | None:
         """A one-line description of how ``tensors`` differ from this layout, or None."""
@@ -113,16 +154,22 @@ class Layout:
         for name, shape, dtype, t in zip(self.names, self.shapes, self.dtypes, tensors.values()):
             if tuple(t.shape) != shape or t.dtype != dtype:
                 return f"'{name}' is {t.dtype} {tuple(t.shape)}, the first observation had {dtype} {shape}"
+        for alias, source in self.aliases:  # averaged once: they must still hold one value
+            a, b = tensors[alias], tensors[source]
+            if storage_key(a) != storage_key(b) and not torch.equal(a, b):
+                return f"'{alias}' was the same tensor as '{source}' in the first observation; now it differs"
         return None
 
     def to_json(self) -> dict[str, Any]:
         return {"names": list(self.names), "shapes": [list(s) for s in self.shapes],
-                "dtypes": [str(d).removeprefix("torch.") for d in self.dtypes]}
+                "dtypes": [str(d).removeprefix("torch.") for d in self.dtypes],
+                "aliases": [list(pair) for pair in self.aliases]}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "Layout":
         return cls(tuple(data["names"]), tuple(tuple(s) for s in data["shapes"]),
-                   tuple(getattr(torch, d) for d in data["dtypes"]))
+                   tuple(getattr(torch, d) for d in data["dtypes"]),
+                   tuple((a, b) for a, b in data.get("aliases", ())))  # states saved before aliases: none
 
 
 class Averager(ABC):
@@ -150,6 +197,7 @@ class Averager(ABC):
         # False when the caller has checked every value already (post-hoc averaging checks the whole trajectory
         # before any arithmetic): observe() then skips its own NaN/Inf pass over the weights.
         self.check_finite = True
+        self._staging: list[Tensor | None] = []  # fp32 buffers for a low-precision model's updates (staged_like)
 
     # -- the contract -------------------------------------------------------------------------------
     def start_run(self, total_steps: int) -> None:
@@ -184,8 +232,11 @@ class Averager(ABC):
             return None
         floats = dict(zip(self.layout.float_names, self._averaged_floats()))
         others = dict(zip(self.layout.other_names, self._others))
-        return {name: (floats[name].to(dtype) if name in floats else others[name].clone())
-                for name, dtype in zip(self.layout.names, self.layout.dtypes)}
+        out = {name: (floats[name].to(dtype) if name in floats else others[name].clone())
+               for name, dtype in zip(self.layout.names, self.layout.dtypes) if name in floats or name in others}
+        for alias, source in self.layout.aliases:
+            out[alias] = out[source]  # one tensor under both names, as in the model
+        return {name: out[name] for name in self.layout.names}
 
     @property
     @abstractmethod

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from lawa_suite import registry
-from lawa_suite.averagers.base import Averager, accumulator_copy, cast_like, follow_devices, is_count
+from lawa_suite.averagers.base import Averager, accumulator_copy, cast_like, follow_devices, is_count, staged_like
 from lawa_suite.config import require
 
 __all__ = ["EMA", "ema_update_"]
@@ -72,7 +72,8 @@ class EMA(Averager):
             self._avg = accumulator_copy(floats)
             return
         self._avg = follow_devices(self._avg, floats)
-        ema_update_(self._avg, floats, 1.0 - self.config.decay ** self.config.every)
+        weight = 1.0 - self.config.decay ** self.config.every
+        ema_update_(self._avg, staged_like(floats, self._avg, self._staging), weight)
 
     def _averaged_floats(self) -> list[Tensor]:
         # Copies: the base casts with .to(dtype), which returns the accumulator itself for fp32 models, and a

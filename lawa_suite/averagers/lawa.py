@@ -31,10 +31,10 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from lawa_suite import registry
-from lawa_suite.averagers.base import Averager, accumulator_copy, cast_like, follow_devices, is_count
+from lawa_suite.averagers.base import Averager, accumulator_copy, cast_like, follow_devices, is_count, staged_like
 from lawa_suite.config import choice, require
 
-__all__ = ["LAWA", "snapshot_copy", "window_push_", "window_slide_", "window_sum", "window_mean",
+__all__ = ["LAWA", "snapshot_copy", "window_push_", "window_resum_", "window_mean",
            "MemorySnapshots", "DiskSnapshots"]
 
 
@@ -51,19 +51,11 @@ def window_push_(total: list[Tensor], new: list[Tensor]) -> None:
 
 
 @torch.no_grad()
-def window_slide_(total: list[Tensor], new: list[Tensor], old: list[Tensor]) -> None:
-    """``total += new - old`` in place: the snapshot ``old`` leaves the window as ``new`` enters it."""
-    torch._foreach_sub_(total, cast_like(old, total))
-    torch._foreach_add_(total, cast_like(new, total))
-
-
-@torch.no_grad()
-def window_sum(snapshots: Iterable[list[Tensor]], like: list[Tensor]) -> list[Tensor]:
-    """A fresh sum of ``snapshots`` in the dtypes and on the devices of ``like`` (the drift-free recompute)."""
-    total = [torch.zeros_like(t, memory_format=torch.contiguous_format) for t in like]
+def window_resum_(total: list[Tensor], snapshots: Iterable[list[Tensor]]) -> None:
+    """``total`` <- the exact sum of ``snapshots``, in place (no new accumulators)."""
+    torch._foreach_zero_(total)
     for snapshot in snapshots:
         window_push_(total, snapshot)
-    return total
 
 
 @torch.no_grad()
@@ -84,6 +76,7 @@ class SnapshotStore(Protocol):
     def __iter__(self) -> Iterator[list[Tensor]]: ...
     def append(self, step: int, tensors: list[Tensor]) -> None: ...  # keeps its own copy (the caller's may change)
     def pop_oldest(self) -> list[Tensor]: ...
+    def recycle(self, tensors: list[Tensor]) -> None: ...  # a popped snapshot's buffers, free for reuse (or ignored)
     def drop_oldest(self) -> None: ...
     def clear(self) -> None: ...
 
@@ -111,24 +104,39 @@ class MemorySnapshots(_StepWindow):
     def __init__(self) -> None:
         self._steps = deque()
         self._tensors: deque[list[Tensor]] = deque()
+        self._spare: list[Tensor] | None = None   # the buffers of the snapshot that left last, reused by append
 
     def __iter__(self) -> Iterator[list[Tensor]]:
         return iter(list(self._tensors))
 
     def append(self, step: int, tensors: list[Tensor]) -> None:
         self._steps.append(step)
-        self._tensors.append(snapshot_copy(tensors))
+        self._tensors.append(self._copy(tensors))
+
+    def _copy(self, tensors: list[Tensor]) -> list[Tensor]:
+        """Into the spare buffers when they fit (one fused copy, no fresh pages to fault in), else fresh ones."""
+        spare, self._spare = self._spare, None
+        if spare is not None and all(b.shape == t.shape and b.dtype == t.dtype for b, t in zip(spare, tensors)) \
+                and len(spare) == len(tensors):
+            torch._foreach_copy_(spare, [t.detach() for t in tensors])
+            return spare
+        return snapshot_copy(tensors)
 
     def pop_oldest(self) -> list[Tensor]:
         self._steps.popleft()
         return self._tensors.popleft()
 
+    def recycle(self, tensors: list[Tensor]) -> None:
+        """Hand back a popped snapshot the caller is done with: the next append copies into it."""
+        self._spare = tensors
+
     def drop_oldest(self) -> None:
-        self.pop_oldest()
+        self.recycle(self.pop_oldest())
 
     def clear(self) -> None:
         self._steps.clear()
         self._tensors.clear()
+        self._spare = None
 
 
 class DiskSnapshots(_StepWindow):
@@ -171,6 +179,9 @@ class DiskSnapshots(_StepWindow):
         tensors = self._read(self._steps[0])
         self.drop_oldest()
         return tensors
+
+    def recycle(self, tensors: list[Tensor]) -> None:
+        """Nothing to reuse: each snapshot is a file."""
 
     def drop_oldest(self) -> None:
         os.remove(self.path(self._steps.popleft()))
@@ -238,20 +249,27 @@ class LAWA(Averager):
         newest = self._store.newest_step
         if newest is not None and step <= newest:  # a repeated step would count twice (and overwrite a disk file)
             raise ValueError(f"lawa: snapshot steps must increase: got step {step} after {newest}")
-        self._store.append(step, floats)
         if not self._sum:
+            self._store.append(step, floats)
             self._sum = accumulator_copy(floats)
             return
         self._sum = follow_devices(self._sum, floats)
-        if len(self._store) <= k:
-            window_push_(self._sum, floats)
+        if len(self._store) < k:
+            self._store.append(step, floats)
+            window_push_(self._sum, staged_like(floats, self._sum, self._staging))
             return
+        # The oldest snapshot leaves before the new one is copied, so the new one can reuse its buffers.
         self._evictions += 1
         if self._evictions % k == 0:  # drift control: an exact sum of the window, amortised O(1)
             self._store.drop_oldest()
-            self._sum = window_sum(self._store, like=self._sum)
+            self._store.append(step, floats)
+            window_resum_(self._sum, self._store)
         else:
-            window_slide_(self._sum, floats, self._store.pop_oldest())
+            old = self._store.pop_oldest()
+            torch._foreach_sub_(self._sum, staged_like(old, self._sum, self._staging))
+            self._store.recycle(old)
+            self._store.append(step, floats)
+            window_push_(self._sum, staged_like(floats, self._sum, self._staging))
 
     def _averaged_floats(self) -> list[Tensor]:
         return window_mean(self._sum, self.config.k)

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from lawa_suite import registry
-from lawa_suite.averagers.base import Averager, accumulator_copy, follow_devices, is_count
+from lawa_suite.averagers.base import Averager, accumulator_copy, follow_devices, is_count, staged_like
 from lawa_suite.averagers.ema import ema_update_
 from lawa_suite.config import require
 
@@ -101,7 +101,7 @@ class SWA(Averager):
             self._avg = accumulator_copy(floats)
             return
         self._avg = follow_devices(self._avg, floats)
-        running_mean_update_(self._avg, floats, self._count)
+        running_mean_update_(self._avg, staged_like(floats, self._avg, self._staging), self._count)
 
     def _averaged_floats(self) -> list[Tensor]:
         # Copies: the base casts with .to(dtype), which returns the accumulator itself for fp32 models.
