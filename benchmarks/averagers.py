@@ -1,0 +1,599 @@
+"""One averaging update, timed side by side: the suite's ``ema``, ``swa`` and ``lawa`` against the libraries people
+use today and against the floor, on a GPT-2-small-shaped parameter set (124,439,808 parameters).
+
+The floor is what nothing can beat: one fused ``torch._foreach_lerp_`` over the model's (unique) parameters for an
+EMA or a running mean (read weights + average, write average: 12 bytes per fp32 parameter), and one
+``torch._foreach_copy_`` into preallocated buffers for a LAWA snapshot. The parameter set has GPT-2 small's Hugging
+Face names and shapes, including the output head tied to the input embedding: ``state_dict()`` lists
+``lm_head.weight`` beside ``transformer.wte.weight`` (163,037,184 values, 38.6M of them twice), ``parameters()``
+lists it once. Two settings: fp32 weights, and bf16 weights with an fp32 average (where a library cannot keep an
+fp32 average of bf16 weights it is timed with a bf16 one and says so).
+
+Every candidate is built once; then each round times one update of every candidate, in a shuffled order, and the
+table reports the median over rounds and the ratio to the floor's median. The suite's averagers are fed exactly as
+the training loop feeds them, ``observe(step, model)``. LAWA (``nu=2``) alternates plain steps (no snapshot) with
+snapshot steps; a snapshot step either slides the window (subtracts the snapshot that leaves it) or, every ``k``-th
+eviction, recomputes the window sum from scratch; both are reported.
+
+Memory: "state" is the bytes of tensor storage an averager holds (found by walking the object, storages of the
+live model excluded); "peak" is the growth of the process's peak resident set (``VmHWM``, reset through
+``/proc/self/clear_refs``) while a fresh subprocess builds the candidate and runs a few updates: transient
+allocations included. The parent's RSS says nothing useful about torch tensors, so neither number uses it.
+
+    python benchmarks/averagers.py                      # ~4 minutes on 2 CPU cores (fp32 and bf16, peaks)
+    python benchmarks/averagers.py --dtypes fp32 --no-peak --rounds 5      # ~1 minute
+    python benchmarks/averagers.py --layers 2 --rounds 3                    # a smoke test
+    python benchmarks/averagers.py --json benchmarks/results/averagers.json
+
+Libraries that are not installed are skipped with a printed reason (``pip install timm ema-pytorch diffusers``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
+
+DECAY = 0.999
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+# -- the parameter set ------------------------------------------------------------------------------------------
+def gpt2_small_shapes(layers: int = 12, width: int = 768, vocab: int = 50257, context: int = 1024) -> dict:
+    """Hugging Face ``GPT2LMHeadModel`` parameter names and shapes, without the tied ``lm_head.weight``."""
+    shapes = {"transformer.wte.weight": (vocab, width), "transformer.wpe.weight": (context, width)}
+    for i in range(layers):
+        h = f"transformer.h.{i}."
+        shapes.update({h + "ln_1.weight": (width,), h + "ln_1.bias": (width,),
+                       h + "attn.c_attn.weight": (width, 3 * width), h + "attn.c_attn.bias": (3 * width,),
+                       h + "attn.c_proj.weight": (width, width), h + "attn.c_proj.bias": (width,),
+                       h + "ln_2.weight": (width,), h + "ln_2.bias": (width,),
+                       h + "mlp.c_fc.weight": (width, 4 * width), h + "mlp.c_fc.bias": (4 * width,),
+                       h + "mlp.c_proj.weight": (4 * width, width), h + "mlp.c_proj.bias": (width,)})
+    shapes.update({"transformer.ln_f.weight": (width,), "transformer.ln_f.bias": (width,)})
+    return shapes
+
+
+def build_model(dtype: torch.dtype, layers: int, device: str = "cpu") -> nn.Module:
+    """A module tree with GPT-2 small's parameter names and shapes, ``lm_head.weight`` tied to the embedding."""
+    root = nn.Module()
+    generator = torch.Generator().manual_seed(0)
+    for name, shape in gpt2_small_shapes(layers).items():
+        *path, leaf = name.split(".")
+        module = root
+        for part in path:
+            if part not in module._modules:
+                module.add_module(part, nn.Module())
+            module = module._modules[part]
+        weight = torch.empty(shape, dtype=torch.float32)
+        weight.normal_(0.0, 0.02, generator=generator)
+        module.register_parameter(leaf, nn.Parameter(weight.to(device=device, dtype=dtype)))
+    root.add_module("lm_head", nn.Module())
+    root.lm_head.weight = root.transformer.wte.weight  # tied, as GPT2LMHeadModel ties it
+    return root
+
+
+def check_against_transformers(model: nn.Module) -> str:
+    """Compare names and shapes with transformers' GPT2LMHeadModel on the meta device (no memory), if installed."""
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+    except ImportError:
+        return "transformers not installed: names not cross-checked"
+    with torch.device("meta"):
+        hf = GPT2LMHeadModel(GPT2Config(n_layer=sum(1 for _ in model.transformer.h.children())))
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in hf.state_dict().items()}
+    return "same state_dict names and shapes as transformers GPT2LMHeadModel" if ours == theirs else \
+        f"DIFFERS from GPT2LMHeadModel: {sorted(set(ours) ^ set(theirs))[:4]}"
+
+
+# -- candidates -----------------------------------------------------------------------------------------------------
+@dataclass
+class Built:
+    update: Callable[[], None]   # one timed update
+    holder: Any                  # the object whose tensors are the averager's state
+    note: str = ""
+    kind: Callable[[], str] | None = None  # sub-row of the update just timed (lawa: plain / slide / recompute)
+
+
+@dataclass
+class Candidate:
+    name: str
+    build: Callable[[nn.Module, torch.dtype], Built]
+    needs: str = ""              # module to import first (skipped with a reason if missing)
+    group: str = "ema"           # which floor it is compared with: ema (lerp) or copy
+    max_rounds: int = 0          # 0 = every round
+    warmup: int = 2              # untimed updates first (the first update of an EMA copies)
+
+
+def _unique_params(model: nn.Module) -> list[torch.Tensor]:
+    return [p.detach() for p in model.parameters()]
+
+
+def floor_lerp(model: nn.Module, dtype: torch.dtype) -> Built:
+    params = _unique_params(model)
+    if dtype == torch.float32:
+        avg = [p.clone() for p in params]
+        return Built(lambda: torch._foreach_lerp_(avg, params, 1 - DECAY), avg,
+                     "one _foreach_lerp_ over the unique parameters")
+    # a bf16 -> fp32 lerp has no fused kernel; the floor is the fp32 lerp over the same shapes
+    avg = [p.to(torch.float32, copy=True) for p in params]
+    src = [p.to(torch.float32, copy=True) for p in params]
+    return Built(lambda: torch._foreach_lerp_(avg, src, 1 - DECAY), [avg, src],
+                 "one fp32 _foreach_lerp_ over the same shapes (bf16->fp32 lerp has no fused kernel)")
+
+
+def floor_cast_lerp(model: nn.Module, dtype: torch.dtype) -> Built:
+    if dtype == torch.float32:
+        raise NotImplementedError("only for bf16 weights")
+    params = _unique_params(model)
+    avg = [p.to(torch.float32, copy=True) for p in params]
+    scratch = [p.to(torch.float32, copy=True) for p in params]
+
+    def update() -> None:
+        torch._foreach_copy_(scratch, params)
+        torch._foreach_lerp_(avg, scratch, 1 - DECAY)
+    return Built(update, [avg, scratch], "_foreach_copy_ into a preallocated fp32 scratch, then _foreach_lerp_")
+
+
+def floor_copy(model: nn.Module, dtype: torch.dtype) -> Built:
+    params = _unique_params(model)
+    buffers = [torch.empty_like(p) for p in params]
+    return Built(lambda: torch._foreach_copy_(buffers, params), buffers,
+                 "one _foreach_copy_ into preallocated buffers (model dtype)")
+
+
+def ours(name: str, **kwargs: Any) -> Callable[[nn.Module, torch.dtype], Built]:
+    def build(model: nn.Module, dtype: torch.dtype) -> Built:
+        from lawa_suite import registry
+        avg = registry.averagers.create(name, **kwargs)
+        avg.start_run(10**9)
+        step = [0]
+
+        def update() -> None:
+            step[0] += 1
+            avg.observe(step[0], model)
+        return Built(update, avg, "observe(step, model), as the training loop calls it")
+    return build
+
+
+def ours_lawa(k: int) -> Callable[[nn.Module, torch.dtype], Built]:
+    """LAWA with nu=2: each timed update is one plain step then one snapshot step, timed separately."""
+    def build(model: nn.Module, dtype: torch.dtype) -> Built:
+        from lawa_suite import registry
+        avg = registry.averagers.create("lawa", k=k, nu=2)
+        state = {"step": 0, "snapshots": 0, "kind": ""}
+
+        def update() -> None:
+            state["step"] += 1
+            if state["step"] % 2:
+                state["kind"] = "plain"
+            else:
+                state["snapshots"] += 1
+                evictions = state["snapshots"] - k
+                state["kind"] = ("filling" if evictions <= 0 else "recompute" if evictions % k == 0 else "slide")
+            avg.observe(state["step"], model)
+        return Built(update, avg, f"k={k}, nu=2; observe(step, model)", kind=lambda: state["kind"])
+    return build
+
+
+def ours_eval_swap(model: nn.Module, dtype: torch.dtype) -> Built:
+    """What the loop's Scorer does per averager at an evaluation: clone the raw state_dict, load average(), load raw."""
+    from lawa_suite import registry
+    avg = registry.averagers.create("ema", decay=DECAY)
+    avg.observe(1, model)
+
+    def update() -> None:
+        raw = {k: v.clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(avg.average())
+        model.load_state_dict(raw)
+    return Built(update, avg, "Scorer.score_all: clone raw, load_state_dict(average()), load_state_dict(raw)")
+
+
+def torch_averaged(kind: str) -> Callable[[nn.Module, torch.dtype], Built]:
+    def build(model: nn.Module, dtype: torch.dtype) -> Built:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+        fn = get_ema_multi_avg_fn(DECAY) if kind == "ema" else None
+        averaged = AveragedModel(model, multi_avg_fn=fn)
+        note = "get_ema_multi_avg_fn" if kind == "ema" else "default (SWA running mean)"
+        if dtype != torch.float32:
+            averaged.module.float()
+            try:
+                averaged.update_parameters(model)
+                averaged.update_parameters(model)
+            except RuntimeError as exc:
+                averaged = AveragedModel(model, multi_avg_fn=fn)
+                note += f"; bf16 average (an fp32 one fails: {str(exc).splitlines()[0][:60]})"
+        return Built(lambda: averaged.update_parameters(model), averaged, note)
+    return build
+
+
+def timm_v3(model: nn.Module, dtype: torch.dtype) -> Built:
+    from timm.utils.model_ema import ModelEmaV3
+    ema = ModelEmaV3(model, decay=DECAY, dtype=None if dtype == torch.float32 else torch.float32)
+    step = [0]
+
+    def update() -> None:
+        step[0] += 1
+        ema.update(model, step=step[0])
+    return Built(update, ema, "foreach=True" + ("" if dtype == torch.float32 else ", dtype=float32"))
+
+
+def timm_v2(model: nn.Module, dtype: torch.dtype) -> Built:
+    from timm.utils.model_ema import ModelEmaV2
+    ema = ModelEmaV2(model, decay=DECAY)
+    if dtype != torch.float32:
+        ema.module.float()
+    return Built(lambda: ema.update(model), ema, "per-tensor state_dict loop" +
+                 ("" if dtype == torch.float32 else "; module.float()"))
+
+
+def ema_pytorch(foreach: bool) -> Callable[[nn.Module, torch.dtype], Built]:
+    def build(model: nn.Module, dtype: torch.dtype) -> Built:
+        from ema_pytorch import EMA
+        mixed = dtype != torch.float32
+        ema = EMA(model, beta=DECAY, update_after_step=0, update_every=1, use_foreach=foreach,
+                  include_online_model=False, coerce_dtype=mixed)
+        if mixed:
+            ema.ema_model.float()
+        note = f"update_every=1, use_foreach={foreach}" + (", coerce_dtype, ema_model.float()" if mixed else "")
+        return Built(ema.update, ema, note)
+    return build
+
+
+def diffusers_ema(foreach: bool) -> Callable[[nn.Module, torch.dtype], Built]:
+    def build(model: nn.Module, dtype: torch.dtype) -> Built:
+        from diffusers.training_utils import EMAModel
+        ema = EMAModel(model.parameters(), decay=DECAY, foreach=foreach)
+        note = f"foreach={foreach}"
+        if dtype != torch.float32:
+            ema.to(dtype=torch.float32)
+            note += ", .to(float32)"
+            try:
+                ema.step(model.parameters())
+            except RuntimeError as exc:
+                ema = EMAModel(model.parameters(), decay=DECAY, foreach=foreach)
+                note += f"; bf16 average (fp32 fails: {str(exc).splitlines()[0][:60]})"
+        return Built(lambda: ema.step(model.parameters()), ema, note)
+    return build
+
+
+def candidates(lawa_k: int) -> list[Candidate]:
+    return [
+        Candidate("floor: _foreach_lerp_", floor_lerp),
+        Candidate("floor: _foreach_copy_", floor_copy, group="copy"),
+        Candidate("ref: copy to fp32 + lerp", floor_cast_lerp),
+        Candidate("suite ema", ours("ema", decay=DECAY)),
+        Candidate("suite swa", ours("swa", start=0)),
+        Candidate("suite lawa", ours_lawa(lawa_k), group="copy", warmup=2 * (lawa_k + 1)),
+        Candidate("suite eval swap, ema", ours_eval_swap, group="copy", max_rounds=5, warmup=1),
+        Candidate("torch AveragedModel EMA", torch_averaged("ema")),
+        Candidate("torch AveragedModel SWA", torch_averaged("swa")),
+        Candidate("timm ModelEmaV3", timm_v3, needs="timm"),
+        Candidate("timm ModelEmaV2", timm_v2, needs="timm", max_rounds=3, warmup=1),
+        Candidate("ema-pytorch EMA", ema_pytorch(False), needs="ema_pytorch"),
+        Candidate("ema-pytorch EMA foreach", ema_pytorch(True), needs="ema_pytorch"),
+        Candidate("diffusers EMAModel", diffusers_ema(False), needs="diffusers", max_rounds=5, warmup=1),
+        Candidate("diffusers EMAModel foreach", diffusers_ema(True), needs="diffusers"),
+    ]
+
+
+# -- memory ------------------------------------------------------------------------------------------------------
+def held_bytes(obj: Any, exclude: set[int]) -> int:
+    """Bytes of the distinct tensor storages reachable from ``obj`` (containers, modules, plain objects), except
+    storages whose data pointer is in ``exclude`` (the live model's)."""
+    storages: dict[int, int] = {}
+    seen: set[int] = set()
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if id(item) in seen or item is None or isinstance(item, (str, bytes, int, float, bool, type)):
+            continue
+        seen.add(id(item))
+        if isinstance(item, torch.Tensor):
+            storage = item.untyped_storage()
+            if storage.data_ptr() and storage.data_ptr() not in exclude:
+                storages[storage.data_ptr()] = storage.nbytes()
+            continue
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple, set, frozenset, deque)):
+            stack.extend(item)
+        elif hasattr(item, "__dict__") and not callable(item) or isinstance(item, nn.Module):
+            stack.extend(vars(item).values())
+    return sum(storages.values())
+
+
+def _status(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def peak_child(name: str, dtype_name: str, layers: int, lawa_k: int, updates: int) -> None:
+    """Subprocess body: build the model, reset the peak RSS, build the candidate, run updates, print the growth."""
+    torch.set_num_threads(1)
+    candidate = next(c for c in candidates(lawa_k) if c.name == name)
+    if candidate.needs:
+        __import__(candidate.needs)
+    import lawa_suite.averagers  # noqa: F401 (imported before the baseline, like the libraries)
+    from lawa_suite import registry
+    registry.averagers.names()
+    model = build_model(DTYPES[dtype_name], layers)
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    base = _status("VmRSS")
+    built = candidate.build(model, DTYPES[dtype_name])
+    for _ in range(max(updates, candidate.warmup + 2 * lawa_k)):  # lawa: through a window recompute
+        built.update()
+    print(json.dumps({"peak_extra": _status("VmHWM") - base}))
+
+
+def measure_peak(name: str, dtype_name: str, args: argparse.Namespace) -> int | None:
+    command = [sys.executable, __file__, "--_peak", name, "--dtypes", dtype_name, "--layers", str(args.layers),
+               "--lawa-k", str(args.lawa_k)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        print(f"  peak of {name}: child failed: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])["peak_extra"]
+
+
+def sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def device_peak(candidate: Candidate, dtype: torch.dtype, args: argparse.Namespace) -> int | None:
+    """Peak accelerator memory above the model while ``candidate`` is built and updated (fresh model)."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    model = build_model(dtype, args.layers, args.device)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        built = candidate.build(model, dtype)
+        for _ in range(candidate.warmup + 2 * args.lawa_k):
+            built.update()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    except Exception:  # noqa: BLE001 (a candidate that cannot run here was reported as skipped)
+        return None
+
+
+# -- where the suite's observe() spends its time ---------------------------------------------------------------
+def breakdown(model: nn.Module, rounds: int) -> list[dict[str, Any]]:
+    """Time the pieces of ``Averager.observe(step, model)`` one by one (fp32)."""
+    from lawa_suite.averagers.base import Layout, all_finite, named_tensors
+    tensors = named_tensors(model)
+    layout = Layout.of(tensors)
+    floats = [tensors[n] for n in layout.float_names]
+    unique = _unique_params(model)
+    avg = [t.clone() for t in floats]
+    pieces: dict[str, Callable[[], Any]] = {
+        "model.state_dict() (named_tensors)": lambda: named_tensors(model),
+        "Layout.mismatch (per-step layout check)": lambda: layout.mismatch(tensors),
+        "all_finite (a _foreach_norm pass + host sync)": lambda: all_finite(floats),
+        "_foreach_lerp_ over state_dict floats (tied twice)": lambda: torch._foreach_lerp_(avg, floats, 1 - DECAY),
+        "_foreach_lerp_ over unique parameters (the floor)": lambda: torch._foreach_lerp_(avg[:len(unique)], unique,
+                                                                                            1 - DECAY),
+    }
+    times: dict[str, list[float]] = {k: [] for k in pieces}
+    for _ in range(rounds):
+        for key, fn in pieces.items():
+            start = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - start)
+    return [{"piece": k, "ms": 1e3 * statistics.median(v)} for k, v in times.items()]
+
+
+# -- the run ---------------------------------------------------------------------------------------------------------
+def loadavg() -> str:
+    return Path("/proc/loadavg").read_text().split(" ")[:3].__str__()
+
+
+def bench_dtype(dtype_name: str, args: argparse.Namespace) -> dict[str, Any]:
+    dtype = DTYPES[dtype_name]
+    model = build_model(dtype, args.layers, args.device)
+    model_ptrs = {t.untyped_storage().data_ptr() for t in model.state_dict().values()}
+    unique = sum(p.numel() for p in model.parameters())
+    listed = sum(t.numel() for t in model.state_dict().values())
+    print(f"\n[{dtype_name}] {unique:,} parameters ({listed:,} in state_dict: lm_head tied to wte)", file=sys.stderr)
+
+    built: dict[str, Built] = {}
+    skipped: dict[str, str] = {}
+    todo = [c for c in candidates(args.lawa_k) if (not args.only or any(s in c.name for s in args.only))
+            and not (c.name.startswith("ref:") and dtype == torch.float32)]
+    for c in todo:
+        if c.needs:
+            try:
+                __import__(c.needs)
+            except ImportError as exc:
+                skipped[c.name] = f"not installed ({exc.name}); pip install {c.needs.replace('_', '-')}"
+                print(f"  skip {c.name}: {skipped[c.name]}", file=sys.stderr)
+                continue
+        try:
+            b = c.build(model, dtype)
+            for _ in range(c.warmup):
+                b.update()
+            built[c.name] = b
+        except Exception as exc:  # a library that cannot do this setting is reported, not fatal
+            skipped[c.name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
+            print(f"  skip {c.name}: {skipped[c.name]}", file=sys.stderr)
+    by_name = {c.name: c for c in todo}
+
+    # Each timed update is paired with a floor update timed just before it (lerp or copy, by the candidate's
+    # group): on a shared machine the interference of the moment cancels in the ratio.
+    floor_of = {"ema": "floor: _foreach_lerp_", "copy": "floor: _foreach_copy_"}
+    times: dict[str, list[float]] = {}
+    ratios: dict[str, list[float]] = {}
+
+    def timed(b: Built) -> float:
+        sync()
+        start = time.perf_counter()
+        b.update()
+        sync()
+        return time.perf_counter() - start
+
+    rng = random.Random(0)
+    for r in range(args.rounds):
+        order = [n for n in built if not by_name[n].max_rounds or r < by_name[n].max_rounds]
+        rng.shuffle(order)
+        for name in order:
+            b = built[name]
+            floor_name = floor_of[by_name[name].group]
+            subs = 2 if name == "suite lawa" else 1  # lawa: a plain step and a snapshot step each round
+            for _ in range(subs):
+                floor_time = timed(built[floor_name]) if floor_name in built and name != floor_name else None
+                elapsed = timed(b)
+                key = f"{name} ({b.kind()})" if b.kind else name
+                times.setdefault(key, []).append(elapsed)
+                if floor_time is not None:
+                    times.setdefault(floor_name, []).append(floor_time)
+                    ratios.setdefault(key, []).append(elapsed / floor_time)
+        print(f"  round {r + 1}/{args.rounds} done (load {loadavg()})", file=sys.stderr)
+
+    floor_mins = {g: min(times[n]) for g, n in floor_of.items() if n in times}
+    rows = []
+    position = {c.name: i for i, c in enumerate(todo)}
+    for key, values in sorted(times.items(), key=lambda kv: (position[kv[0].split(" (")[0]], kv[0])):
+        base = key.split(" (")[0] if key.startswith("suite lawa") else key
+        c, b = by_name[base], built[base]
+        paired = ratios.get(key, [1.0])
+        rows.append({"candidate": key, "median_ms": 1e3 * statistics.median(values), "min_ms": 1e3 * min(values),
+                     "n": len(values), "floor": "copy" if c.group == "copy" else "lerp",
+                     "ratio": statistics.median(paired), "ratio_min": min(values) / floor_mins[c.group],
+                     "state_bytes": held_bytes(b.holder, model_ptrs), "note": b.note})
+    tied = {}
+    if "suite ema" in built:
+        names = built["suite ema"].holder.layout.names
+        tied = {"lm_head_and_wte_both_averaged": "lm_head.weight" in names and "transformer.wte.weight" in names,
+                "values_averaged": listed, "unique_parameters": unique}
+    result = {"dtype": dtype_name, "parameters": unique, "state_dict_values": listed, "rows": rows,
+              "skipped": skipped, "tied": tied, "model_check": check_against_transformers(model)}
+    if dtype_name == "fp32" and not args.only:
+        result["breakdown"] = breakdown(model, max(3, args.rounds))
+    del built, model
+    gc.collect()
+    if args.peak and args.device != "cpu":
+        for row in rows:  # on an accelerator: allocator statistics of a fresh build and a few updates
+            name = row["candidate"].split(" (")[0] if row["candidate"].startswith("suite lawa") else row["candidate"]
+            row["peak_bytes"] = device_peak(next(c for c in todo if c.name == name), dtype, args)
+    elif args.peak:
+        for row in rows:
+            name = row["candidate"].split(" (")[0] if row["candidate"].startswith("suite lawa") else row["candidate"]
+            if name.startswith("suite eval swap"):
+                continue
+            if "peak_cache" not in result:
+                result["peak_cache"] = {}
+            if name not in result["peak_cache"]:
+                result["peak_cache"][name] = measure_peak(name, dtype_name, args)
+            row["peak_bytes"] = result["peak_cache"][name]
+        result.pop("peak_cache", None)
+    return result
+
+
+def _mb(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:,.0f}"
+
+
+def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    lines = [f"Machine: {meta['machine']}; torch {meta['torch']}, {meta['threads']} threads; "
+             f"load average before {meta['load_before']}, after {meta['load_after']}.", ""]
+    for res in results:
+        lines += [f"### {res['dtype']} weights" + (", fp32 average" if res["dtype"] != "fp32" else ""), "",
+                  f"{res['parameters']:,} parameters ({res['state_dict_values']:,} values in state_dict); "
+                  f"{res['model_check']}.", "",
+                  "| candidate | median ms | ratio to floor (median of paired) | min ms | ratio of mins | floor | "
+                  "state MB | peak extra MB | n | notes |",
+                  "|---|---:|---:|---:|---:|---|---:|---:|---:|---|"]
+        for r in res["rows"]:
+            lines.append(f"| {r['candidate']} | {r['median_ms']:,.1f} | {r['ratio']:.2f}x | {r['min_ms']:,.1f} | "
+                         f"{r['ratio_min']:.2f}x | {r['floor']} | "
+                         f"{_mb(r['state_bytes'])} | {_mb(r.get('peak_bytes'))} | {r['n']} | {r['note']} |")
+        for name, why in res["skipped"].items():
+            lines.append(f"| {name} | - | - | - | - | - | - | - | 0 | skipped: {why} |")
+        if res.get("tied"):
+            t = res["tied"]
+            how = ("two separate accumulators (the embedding is averaged twice)"
+                   if t["lm_head_and_wte_both_averaged"] else "one")
+            lines += ["", f"Tied weights: the suite's averagers keep `lm_head.weight` and `transformer.wte.weight` "
+                      f"as {how}: {t['values_averaged']:,} values per update for {t['unique_parameters']:,} parameters."]
+        if res.get("breakdown"):
+            lines += ["", "Where `suite ema`'s `observe(step, model)` goes (fp32, each piece timed alone):", "",
+                      "| piece | median ms |", "|---|---:|"]
+            lines += [f"| {b['piece']} | {b['ms']:,.2f} |" for b in res["breakdown"]]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=7, help="timed updates per candidate (medians reported)")
+    parser.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16")
+    parser.add_argument("--layers", type=int, default=12, help="transformer blocks (12 = GPT-2 small, 124M)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch.set_num_threads (1: on a busy machine, 2 threads wait on a descheduled one)")
+    parser.add_argument("--lawa-k", type=int, default=3, help="LAWA window (memory grows with k; timing does not)")
+    parser.add_argument("--only", action="append", default=[], help="only candidates whose name contains this")
+    parser.add_argument("--no-peak", dest="peak", action="store_false", help="skip the peak-memory subprocesses")
+    parser.add_argument("--json", type=Path, help="also write the results as JSON here")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (untested on cuda: no GPU was lent when "
+                                                             "this was written)")
+    parser.add_argument("--_peak", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args._peak:
+        peak_child(args._peak, args.dtypes, args.layers, args.lawa_k, updates=4)
+        return
+    torch.set_num_threads(args.threads)
+    meta = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs ({_cpu_model()}), "
+                       f"{_meminfo()} GiB RAM, Python {platform.python_version()}",
+            "torch": torch.__version__, "threads": args.threads, "load_before": loadavg(),
+            "command": " ".join([Path(sys.executable).name, *sys.argv])}
+    started = time.time()
+    results = [bench_dtype(d, args) for d in args.dtypes.split(",")]
+    meta["load_after"] = loadavg()
+    meta["seconds"] = round(time.time() - started)
+    text = markdown(results, meta)
+    print(text)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+
+
+def _cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def _meminfo() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return round(int(line.split()[1]) / 2**20)
+    return 0
+
+
+if __name__ == "__main__":
+    main()
