@@ -485,9 +485,10 @@ def bench_dtype(dtype_name: str, args: argparse.Namespace) -> dict[str, Any]:
                      "state_bytes": held_bytes(b.holder, model_ptrs), "note": b.note})
     tied = {}
     if "suite ema" in built:
-        names = built["suite ema"].holder.layout.names
-        tied = {"lm_head_and_wte_both_averaged": "lm_head.weight" in names and "transformer.wte.weight" in names,
-                "values_averaged": listed, "unique_parameters": unique}
+        floats = built["suite ema"].holder.layout.float_names
+        averaged = sum(t.numel() for name, t in model.state_dict().items() if name in set(floats))
+        tied = {"lm_head_and_wte_both_averaged": "lm_head.weight" in floats and "transformer.wte.weight" in floats,
+                "values_averaged": averaged, "unique_parameters": unique}
     result = {"dtype": dtype_name, "parameters": unique, "state_dict_values": listed, "rows": rows,
               "skipped": skipped, "tied": tied, "model_check": check_against_transformers(model)}
     if dtype_name == "fp32" and not args.only:
