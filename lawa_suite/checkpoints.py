@@ -6,7 +6,9 @@ Commit protocol (a checkpoint is valid iff ``step-N/manifest.json`` exists and e
   3. the staging folder is fsynced, renamed to ``step-N``, and the parent folder fsynced;
   4. only then does retention delete the oldest committed checkpoints beyond ``keep``.
 A crash at any point leaves every earlier checkpoint untouched; staging leftovers are never listed and are
-removed by ``clean_leftovers`` at the next start. Tensors go to safetensors (no pickle); the rest of a nested
+removed by ``clean_leftovers`` at the next start. A write error (full disk, file size limit, a failing writer)
+raises ``CheckpointError`` naming the file, and retention never runs. An invalid folder in the way of a new
+commit (corrupt, or never committed) is renamed to ``step-N.invalid-<token>``, never deleted. Tensors go to safetensors (no pickle); the rest of a nested
 state (optimizer, RNG, counters) goes to JSON with placeholders pointing at the tensors.
 
 ``SUITE_FAULT=<point>@<step>`` kills the process with SIGKILL at a named point of the protocol (for the
@@ -31,8 +33,8 @@ from safetensors.torch import load_file, save_file
 
 __all__ = ["CheckpointError", "Checkpoint", "FAULT_POINTS", "fault_point", "flatten_state", "unflatten_state",
            "write_atomic", "save_tensors_atomic", "commit_checkpoint", "verify", "list_checkpoints",
-           "latest_valid", "apply_retention", "clean_leftovers", "state_writers", "tensor_writer", "read_state",
-           "sha256_file"]
+           "latest_valid", "apply_retention", "clean_leftovers", "quarantine", "state_writers", "tensor_writer",
+           "read_state", "sha256_file"]
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -138,12 +140,20 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
         _fsync_file(tmp)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except OSError as exc:
+    except Exception as exc:  # OSError, or safetensors' own error for a failed write
         tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"could not write {path}: {exc.strerror or exc}") from exc
+        raise CheckpointError(f"could not write {path}: {_reason(exc)}") from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _reason(exc: BaseException) -> str:
+    """One line: errno text for OS errors ("No space left on device"), the first line of anything else."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror} (errno {exc.errno})"
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
 
 
 def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -176,7 +186,9 @@ def _write_into(staging: Path, name: str, write: Callable[[Path], None]) -> dict
         write(target)
         _fsync_file(target)
     except OSError as exc:
-        raise CheckpointError(f"could not write {target}: {exc.strerror or exc}") from exc
+        raise CheckpointError(f"could not write {target}: {_reason(exc)}") from exc
+    except Exception as exc:  # safetensors reports a failed write (full disk, file size limit) as its own error
+        raise CheckpointError(f"could not write {target}: {_reason(exc)}") from exc
     return {"size": target.stat().st_size, "sha256": sha256_file(target)}
 
 
@@ -206,9 +218,11 @@ def commit_checkpoint(root: Path, step: int, files: dict[str, Callable[[Path], N
         _write_into(staging, MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1, sort_keys=True)))
         _fsync_dir(staging)
         fault_point("after_manifest_before_rename", step)
-        if final.exists():  # the same step saved again (e.g. a periodic save that is also the final one)
-            shutil.rmtree(staging)
-            return final
+        if final.exists():
+            if not verify(final):  # the same step saved again (e.g. a periodic save that is also the final one)
+                shutil.rmtree(staging)
+                return final
+            quarantine(final)  # an invalid folder in the way (corrupt, never committed): keep it as evidence
         os.rename(staging, final)
         fault_point("after_rename_before_dir_fsync", step)
         _fsync_dir(root)
@@ -239,6 +253,13 @@ def verify(path: Path) -> list[str]:
         elif sha256_file(file) != entry["sha256"]:
             problems.append(f"{file}: sha256 differs from the manifest (corrupted)")
     return problems
+
+
+def quarantine(path: Path) -> Path:
+    """Rename an invalid checkpoint folder out of the way (``step-N.invalid-<token>``); never delete it."""
+    target = path.with_name(f"{path.name}.invalid-{secrets.token_hex(4)}")
+    os.rename(path, target)
+    return target
 
 
 def list_checkpoints(root: Path) -> list[Checkpoint]:

@@ -6,7 +6,11 @@ step, then every averager observes the new weights. Every ``eval.every`` steps t
 averager are scored on the same held-out batches: averaged weights are copied into the model, BatchNorm
 statistics are recomputed for them if the model has BatchNorm, and the raw weights are copied back, bit for
 bit; evaluation runs under a forked RNG so it never changes training. Checkpoints hold everything needed to
-continue an uninterrupted run exactly (raw weights, optimizer, data position, RNG, every averager).
+continue an uninterrupted run exactly (raw weights, optimizer, data position, RNG, every averager), and
+a checkpoint whose state holds NaN or Inf is never written. SIGTERM (to the process or its whole group) ends
+the current step, saves and exits with 143. With several processes only rank 0 writes checkpoints, the
+processes stop together, each one's RNG is saved, and rank 0's buffers are shared after every step (as DDP
+does before every forward pass) so that every process's averagers hold the same weights.
 """
 
 from __future__ import annotations
@@ -96,6 +100,15 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def nonfinite_parts(state: Any) -> list[str]:
+    """Paths (``optimizer/state/0/exp_avg``) of the floating tensors in a nested state that hold NaN or Inf."""
+    tensors, _ = ckpt.flatten_state(state)
+    floats = {path: t for path, t in tensors.items() if t.is_floating_point() and t.numel()}
+    if all_finite(list(floats.values())):
+        return []
+    return [path.lstrip("/") for path, t in floats.items() if not bool(torch.isfinite(t).all())]
 
 
 # -- run directory -----------------------------------------------------------------------------------------
@@ -231,24 +244,49 @@ class Scorer:
 
 # -- preemption ----------------------------------------------------------------------------------------------
 class StopFlag:
-    """SIGTERM sets a flag; the loop saves and stops at the end of the current step (handlers stay tiny)."""
+    """SIGTERM asks the loop to save and stop at the end of the current step; nothing else happens in a handler.
+
+    While installed, SIGTERM is also *blocked* in the main thread, so every process forked from it afterwards
+    (DataLoader workers, in particular) inherits the block: a SIGTERM sent to the whole process group (as
+    SLURM does) stays pending in the workers instead of killing them under the loop, and the loop can still
+    fetch its batches and save. The main thread notices its own pending SIGTERM in ``poll`` (a SIGTERM that
+    lands on another, unblocked thread runs the handler instead). A second SIGTERM while saving changes
+    nothing: signals of one kind do not queue up. ``uninstall`` discards a pending SIGTERM, since the run
+    is already stopping for it.
+    """
 
     def __init__(self) -> None:
         self.raised = False
         self._previous: Any = None
+        self._blocked = False
 
     def install(self) -> None:
         try:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not the main thread: the caller handles its own signals
             self._previous = None
+            return
+        if hasattr(signal, "pthread_sigmask"):
+            self._blocked = signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.raised = True
 
+    def poll(self) -> bool:
+        """True once SIGTERM has arrived (delivered to a handler, or pending on the blocked main thread)."""
+        if self._blocked and not self.raised and signal.SIGTERM in signal.sigpending():
+            self.raised = True
+        return self.raised
+
     def uninstall(self) -> None:
+        if self._blocked:
+            if self.poll():
+                signal.sigtimedwait({signal.SIGTERM}, 0)  # consume it: unblocking must not deliver it again
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+            self._blocked = False
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
 
 
 # -- the run ---------------------------------------------------------------------------------------------------
@@ -261,10 +299,23 @@ class Run:
         self.cfg, run = cfg, cfg.run
         if run.mixed_precision == "fp16" and not torch.cuda.is_available():
             raise ConfigError("mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on this machine")
+        # Launched as several processes (torchrun, accelerate launch) on a machine without a GPU: accelerate
+        # joins them over gloo only when told to use the CPU; otherwise each would train alone into one folder.
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        has_xpu = hasattr(torch, "xpu") and torch.xpu.is_available()
+        on_cpu = world > 1 and not torch.cuda.is_available() and not has_xpu
         self.accelerator = Accelerator(mixed_precision=run.mixed_precision, log_with=run.trackers or None,
-                                       project_dir=run.out)
+                                       project_dir=run.out, cpu=on_cpu)
+        if self.accelerator.num_processes != world:
+            raise ConfigError(f"launched as {world} processes (WORLD_SIZE), but accelerate joined "
+                              f"{self.accelerator.num_processes}; check the launcher and its backend")
         self.is_main = self.accelerator.is_main_process
-        self.out = prepare_run_dir(cfg, self.is_main)
+        # Every process checks the folder before the main one writes to it (else the others would find its
+        # fresh config.yaml and refuse to overwrite "an earlier run").
+        self.out = prepare_run_dir(cfg, is_main=False)
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            prepare_run_dir(cfg, is_main=True)
         self.accelerator.wait_for_everyone()
         self.ckpt_dir = self.out / "checkpoints"
         if self.is_main:
@@ -314,9 +365,17 @@ class Run:
         weights = self.unwrapped.state_dict()
         if not all_finite([t for t in weights.values() if t.is_floating_point()]):
             raise NonFiniteTraining(f"the raw weights at step {step} hold NaN or Inf; no checkpoint was written")
+        rngs = self.rng_states_of_all_processes()
         if self.is_main:
+            state = self.checkpoint_state()
+            if rngs is not None:
+                state["rng_ranks"] = rngs
+            poisoned = nonfinite_parts(state)
+            if poisoned:  # a checkpoint that would poison every resumed run is never committed
+                raise NonFiniteTraining(f"the training state at step {step} holds NaN or Inf in "
+                                        f"{', '.join(poisoned)}; no checkpoint was written")
             files = {"model.safetensors": ckpt.tensor_writer(weights, {"step": str(step)}),
-                     **ckpt.state_writers("state", self.checkpoint_state())}
+                     **ckpt.state_writers("state", state)}
             info = {"averagers": sorted(self.averagers), "task": self.cfg.run.task}
             ckpt.commit_checkpoint(self.ckpt_dir, step, files, info)
             ckpt.apply_retention(self.ckpt_dir, self.cfg.run.checkpoint.keep, warn=self.log)
@@ -364,9 +423,52 @@ class Run:
                 self.log(f"resume: averager {name} starts afresh at step {self.state.step} (its settings changed)")
         if "scaler" in state and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
+        ranks = state.get("rng_ranks") or []
+        if len(ranks) == self.accelerator.num_processes:
+            set_rng_state(ranks[self.accelerator.process_index])
+        else:
+            set_rng_state(state["rng"])
+            if self.accelerator.num_processes > 1:
+                self.log(f"resume: {path} was saved by {max(len(ranks), 1)} process(es), not "
+                         f"{self.accelerator.num_processes}: every process continues rank 0's random streams")
         if self.is_main:
             truncate_metrics(self.out / "metrics.jsonl", self.state.step)
+
+    # -- several processes --
+    def rng_states_of_all_processes(self) -> list[dict[str, Any]] | None:
+        """Each process's RNG state (its own dropout stream), gathered for the checkpoint; None for one process."""
+        if self.accelerator.num_processes == 1:
+            return None
+        from accelerate.utils import gather_object
+        return gather_object([rng_state()])
+
+    def stop_requested(self) -> bool:
+        """Whether any process got SIGTERM: all decide together, or one would save while the others step on."""
+        local = self.stop.poll()
+        if self.accelerator.num_processes == 1:
+            return local
+        flag = torch.tensor([float(local)], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+
+    def sync_buffers(self) -> None:
+        """Give every process rank 0's buffers (BatchNorm statistics) after each step.
+
+        DDP broadcasts them from rank 0 at the start of every forward pass anyway, so training does not change;
+        without this, each process's averagers (and its share of the evaluation) would see its own buffers.
+        """
+        if self.accelerator.num_processes == 1 or not getattr(self.model, "broadcast_buffers", False):
+            return
+        buffers = [b for b in self.unwrapped.buffers() if b.numel()]
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for b in buffers:
+            by_dtype.setdefault(b.dtype, []).append(b)
+        for group in by_dtype.values():
+            flat = torch.cat([b.reshape(-1) for b in group])
+            torch.distributed.broadcast(flat, src=0)
+            offset = 0
+            for b in group:
+                b.copy_(flat[offset:offset + b.numel()].view_as(b))
+                offset += b.numel()
 
     # -- one step --
     def optimizer_step(self) -> float | None:
@@ -443,6 +545,7 @@ def train(cfg: ResolvedConfig) -> RunResult:
                 continue
             run.state.bad_in_a_row = 0
             run.state.step += 1
+            run.sync_buffers()
             step = run.state.step
             for avg in run.averagers.values():
                 avg.observe(step, run.unwrapped)
@@ -461,7 +564,7 @@ def train(cfg: ResolvedConfig) -> RunResult:
                     bar.write(_score_line(step, scores))
             if (rc.checkpoint.every and step % rc.checkpoint.every == 0) or step == rc.steps:
                 run.save_checkpoint()
-            if run.stop.raised:
+            if run.stop_requested():
                 run.save_checkpoint()
                 raise Preempted(f"stopped by SIGTERM after step {step}; checkpoint saved in {run.ckpt_dir} "
                                 f"(continue with resume=auto)")

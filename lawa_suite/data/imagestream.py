@@ -69,7 +69,10 @@ class FileImageStream:
         ahead.load_state_dict(self.indices.state_dict())
         loader = DataLoader(self.dataset, batch_sampler=_Batches(ahead), num_workers=self.workers,
                             collate_fn=_collate, prefetch_factor=self.prefetch if self.workers else None,
-                            persistent_workers=False)
+                            persistent_workers=False,
+                            # its own generator: seeding the workers must not draw from the global RNG,
+                            # or a resumed run's dropout and diffusion noise would differ from an uninterrupted one
+                            generator=torch.Generator().manual_seed(0))
         return iter(loader)
 
     def next_batch(self) -> dict[str, Any]:
@@ -95,7 +98,7 @@ def decode_batches(files: Sequence[str], size: int, batch: int, workers: int = 4
     if not files:
         return iter(())
     loader = DataLoader(FileImages(files, size), batch_size=batch, shuffle=False, num_workers=workers,
-                        collate_fn=_collate)
+                        collate_fn=_collate, generator=torch.Generator().manual_seed(0))
     return iter(loader)
 
 
