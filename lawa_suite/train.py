@@ -338,6 +338,7 @@ class Run:
             name: registry.averagers.create(name, **dataclasses.asdict(c)) for name, c in cfg.averagers.items()}
         for avg in self.averagers.values():
             avg.start_run(run.steps)
+            avg.check_finite = False  # the loop checks the weights once per step for all of them (feed_averagers)
         self.state = TrainState()
         self.scorer = Scorer(self.task, self.accelerator, self.unwrapped, self.task.eval_batches(),
                              self.task.calibration_batches(run.eval.bn_batches) if has_batchnorm(model) else [])
@@ -471,23 +472,40 @@ class Run:
                 offset += b.numel()
 
     # -- one step --
+    def feed_averagers(self, step: int) -> None:
+        """Give the weights after ``step`` to every averager that wants them, after one shared NaN/Inf check (not
+        one per averager: on a memory-bound update that check costs as much as the average itself)."""
+        wanting = [avg for avg in self.averagers.values() if avg.wants(step)]
+        if not wanting:
+            return
+        if not all_finite([t for t in self.unwrapped.state_dict().values() if t.is_floating_point()]):
+            self.log(f"warning: the weights after step {step} hold NaN or Inf; no averager sees them")
+            for avg in wanting:
+                avg.refused += 1
+            return
+        for avg in wanting:
+            avg.observe(step, self.unwrapped)
+
     def optimizer_step(self) -> float | None:
         """One optimizer step over ``grad_accum`` micro-batches. Returns the mean loss, or None if skipped."""
         run = self.cfg.run
         factor = lr_factor(self.state.step, run)
         for group in self.optimizer.param_groups:
             group["lr"] = run.lr * factor
-        total = torch.zeros((), dtype=torch.float64)
+        # summed on the device: one host sync per step (below), not one per micro-batch
+        total = torch.zeros((), dtype=torch.float64, device=self.accelerator.device)
         for micro in range(run.grad_accum):
             batch = self.stream.next_batch()
             sync = micro == run.grad_accum - 1
             with (nullcontext() if sync else self.accelerator.no_sync(self.model)), self.accelerator.autocast():
                 loss = self.task.loss(self.model, batch, self.state.step)
                 self.accelerator.backward(loss / run.grad_accum)
-            total += loss.detach().double().cpu()
+            total += loss.detach().double()
         grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), run.grad_clip or float("inf"))
-        mean_loss = float(total) / run.grad_accum
-        if not (math.isfinite(mean_loss) and math.isfinite(float(grad_norm))):
+        norm_tensor = torch.as_tensor(grad_norm, dtype=torch.float64, device=total.device)
+        loss_sum, norm = torch.stack([total, norm_tensor]).tolist()
+        mean_loss = loss_sum / run.grad_accum
+        if not (math.isfinite(mean_loss) and math.isfinite(norm)):
             self.optimizer.zero_grad(set_to_none=True)
             return None
         self.optimizer.step()
@@ -547,8 +565,7 @@ def train(cfg: ResolvedConfig) -> RunResult:
             run.state.step += 1
             run.sync_buffers()
             step = run.state.step
-            for avg in run.averagers.values():
-                avg.observe(step, run.unwrapped)
+            run.feed_averagers(step)
             lr = rc.lr * lr_factor(step - 1, rc)
             if step % rc.log_every == 0 or step == 1:
                 metrics.write({"step": step, "weights": "raw", "split": "train", "loss": loss, "lr": lr})

@@ -238,3 +238,19 @@ def test_sigterm_saves_within_the_step_and_resume_is_exact(tmp_path):
     weights_b, state_b = final_state(tmp_path / "preempted")
     assert_same_tree(weights_a, weights_b)
     assert_same_tree(state_a["averagers"], state_b["averagers"])
+
+
+def test_weights_are_checked_once_per_step_and_non_finite_ones_reach_no_averager(tmp_path):
+    from lawa_suite.train import Run
+
+    run = Run(resolve(["task=toy", f"out={tmp_path / 'run'}", "averager=lawa,ema,swa", "lawa.nu=1", "swa.start=0"]))
+    assert all(not avg.check_finite for avg in run.averagers.values())   # the loop checks, not each averager
+    weight = next(run.unwrapped.parameters())
+    with torch.no_grad():
+        saved = weight[0, 0].item()
+        weight[0, 0] = float("nan")
+        run.feed_averagers(1)
+        assert all(avg.refused == 1 and avg.updates == 0 for avg in run.averagers.values())
+        weight[0, 0] = saved
+    run.feed_averagers(2)
+    assert all(avg.updates == 1 for avg in run.averagers.values())
