@@ -30,11 +30,11 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 import yaml
-from torch import nn
+from torch import Tensor, nn
 
 from lawa_suite import checkpoints as ckpt
 from lawa_suite import registry
-from lawa_suite.averagers.base import Averager, all_finite
+from lawa_suite.averagers.base import Averager, all_finite, find_aliases
 from lawa_suite.config import ConfigError, ResolvedConfig, RunConfig, dotted
 from lawa_suite.tasks.base import Task, has_batchnorm, parameter_count
 
@@ -216,6 +216,20 @@ class Scorer:
         self.evaluator = registry.evaluators.create(task.evaluator, task=task)
         self.batches = batches[accelerator.process_index::accelerator.num_processes]
         self.calibration = calibration  # empty when the model has no BatchNorm (the caller decides)
+        self._raw: list[Tensor] = []    # a copy of the raw weights while averages are scored, kept between evaluations
+
+    def _model_tensors(self) -> tuple[list[str], list[Tensor]]:
+        """The model's state tensors, each once (a tied weight appears under two names but is one tensor)."""
+        state = self.model.state_dict()
+        aliased = {alias for alias, _ in find_aliases(state)}
+        names = [n for n in state if n not in aliased]
+        return names, [state[n] for n in names]
+
+    def _save_raw(self, live: list[Tensor]) -> None:
+        if len(self._raw) != len(live) or any(r.shape != t.shape or r.dtype != t.dtype or r.device != t.device
+                                                for r, t in zip(self._raw, live)):
+            self._raw = [torch.empty_like(t) for t in live]
+        torch._foreach_copy_(self._raw, live)
 
     def _score(self, step: int, weights: str) -> dict[str, float]:
         self.evaluator.begin(step, weights)
@@ -230,14 +244,17 @@ class Scorer:
             scores = {"raw": self._score(step, "raw")}
             ready = {name: avg for name, avg in averagers.items() if avg.ready}
             if ready:
-                raw = {k: v.clone() for k, v in self.model.state_dict().items()}
+                # Weights go in and out by fused copies into the model's own tensors: no state_dict clones
+                names, live = self._model_tensors()
+                self._save_raw(live)
                 for name, avg in ready.items():
-                    self.model.load_state_dict(avg.average())
+                    average = avg.average()
+                    torch._foreach_copy_(live, [average[n] for n in names])
                     if self.calibration and avg.needs_bn_recalibration:
                         with self.accelerator.autocast():
                             recalibrate_batchnorm(self.model, self.task, self.calibration)
                     scores[name] = self._score(step, name)
-                self.model.load_state_dict(raw)
+                torch._foreach_copy_(live, self._raw)
         self.model.train(was_training)
         return scores
 
