@@ -195,16 +195,18 @@ def ours_lawa(k: int) -> Callable[[nn.Module, torch.dtype], Built]:
 
 
 def ours_eval_swap(model: nn.Module, dtype: torch.dtype) -> Built:
-    """What the loop's Scorer does per averager at an evaluation: clone the raw state_dict, load average(), load raw."""
+    """What the loop's Scorer does per averager at an evaluation (its WeightSwap): save raw, load average(), restore."""
     from lawa_suite import registry
+    from lawa_suite.train import WeightSwap
     avg = registry.averagers.create("ema", decay=DECAY)
     avg.observe(1, model)
+    swap = WeightSwap(model)
 
     def update() -> None:
-        raw = {k: v.clone() for k, v in model.state_dict().items()}
-        model.load_state_dict(avg.average())
-        model.load_state_dict(raw)
-    return Built(update, avg, "Scorer.score_all: clone raw, load_state_dict(average()), load_state_dict(raw)")
+        swap.save_raw()
+        swap.load(avg.average())
+        swap.restore_raw()
+    return Built(update, avg, "Scorer.score_all's WeightSwap: save raw, load average(), restore raw")
 
 
 def torch_averaged(kind: str) -> Callable[[nn.Module, torch.dtype], Built]:
@@ -421,7 +423,8 @@ def bench_dtype(dtype_name: str, args: argparse.Namespace) -> dict[str, Any]:
 
     built: dict[str, Built] = {}
     skipped: dict[str, str] = {}
-    todo = [c for c in candidates(args.lawa_k) if (not args.only or any(s in c.name for s in args.only))
+    todo = [c for c in candidates(args.lawa_k)  # the floors always run: every ratio is taken against them
+            if (not args.only or c.name.startswith("floor") or any(s in c.name for s in args.only))
             and not (c.name.startswith("ref:") and dtype == torch.float32)]
     for c in todo:
         if c.needs:
@@ -556,7 +559,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch.set_num_threads (1: on a busy machine, 2 threads wait on a descheduled one)")
     parser.add_argument("--lawa-k", type=int, default=3, help="LAWA window (memory grows with k; timing does not)")
-    parser.add_argument("--only", action="append", default=[], help="only candidates whose name contains this")
+    parser.add_argument("--only", action="append", default=[], help="only candidates whose name contains this (repeatable; the floors always run)")
     parser.add_argument("--no-peak", dest="peak", action="store_false", help="skip the peak-memory subprocesses")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (untested on cuda: no GPU was lent when "

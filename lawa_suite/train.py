@@ -208,6 +208,33 @@ def recalibrate_batchnorm(model: nn.Module, task: Task, batches: list[Any]) -> N
         m.momentum = momentum
 
 
+class WeightSwap:
+    """Puts other weights into a model and the raw ones back, by fused copies into the model's own tensors (each
+    tied tensor once): no state_dict clones, and the raw copy is a buffer reused between evaluations."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.names: list[str] = []
+        self.live: list[Tensor] = []
+        self.raw: list[Tensor] = []
+
+    def save_raw(self) -> None:
+        state = self.model.state_dict()  # looked up each time: a resume or a move may have replaced tensors
+        aliased = {alias for alias, _ in find_aliases(state)}
+        self.names = [n for n in state if n not in aliased]
+        self.live = [state[n] for n in self.names]
+        if len(self.raw) != len(self.live) or any(r.shape != t.shape or r.dtype != t.dtype or r.device != t.device
+                                                  for r, t in zip(self.raw, self.live)):
+            self.raw = [torch.empty_like(t) for t in self.live]
+        torch._foreach_copy_(self.raw, self.live)
+
+    def load(self, weights: dict[str, Tensor]) -> None:
+        torch._foreach_copy_(self.live, [weights[n] for n in self.names])
+
+    def restore_raw(self) -> None:
+        torch._foreach_copy_(self.live, self.raw)
+
+
 class Scorer:
     """Scores raw weights and every ready averager on the same batches, restoring the raw weights after."""
 
@@ -216,20 +243,7 @@ class Scorer:
         self.evaluator = registry.evaluators.create(task.evaluator, task=task)
         self.batches = batches[accelerator.process_index::accelerator.num_processes]
         self.calibration = calibration  # empty when the model has no BatchNorm (the caller decides)
-        self._raw: list[Tensor] = []    # a copy of the raw weights while averages are scored, kept between evaluations
-
-    def _model_tensors(self) -> tuple[list[str], list[Tensor]]:
-        """The model's state tensors, each once (a tied weight appears under two names but is one tensor)."""
-        state = self.model.state_dict()
-        aliased = {alias for alias, _ in find_aliases(state)}
-        names = [n for n in state if n not in aliased]
-        return names, [state[n] for n in names]
-
-    def _save_raw(self, live: list[Tensor]) -> None:
-        if len(self._raw) != len(live) or any(r.shape != t.shape or r.dtype != t.dtype or r.device != t.device
-                                                for r, t in zip(self._raw, live)):
-            self._raw = [torch.empty_like(t) for t in live]
-        torch._foreach_copy_(self._raw, live)
+        self.swap = WeightSwap(model)
 
     def _score(self, step: int, weights: str) -> dict[str, float]:
         self.evaluator.begin(step, weights)
@@ -244,17 +258,14 @@ class Scorer:
             scores = {"raw": self._score(step, "raw")}
             ready = {name: avg for name, avg in averagers.items() if avg.ready}
             if ready:
-                # Weights go in and out by fused copies into the model's own tensors: no state_dict clones
-                names, live = self._model_tensors()
-                self._save_raw(live)
+                self.swap.save_raw()
                 for name, avg in ready.items():
-                    average = avg.average()
-                    torch._foreach_copy_(live, [average[n] for n in names])
+                    self.swap.load(avg.average())
                     if self.calibration and avg.needs_bn_recalibration:
                         with self.accelerator.autocast():
                             recalibrate_batchnorm(self.model, self.task, self.calibration)
                     scores[name] = self._score(step, name)
-                torch._foreach_copy_(live, self._raw)
+                self.swap.restore_raw()
         self.model.train(was_training)
         return scores
 
