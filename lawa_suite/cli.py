@@ -72,14 +72,83 @@ def list_plugins() -> None:
 
 
 @app.command()
-def report(run_dirs: Annotated[list[Path], typer.Argument(help="Run directories holding metrics.jsonl.")]) -> None:
-    """(Re)write report.md and curves.png for finished runs."""
-    from lawa_suite.report import write_report
+def report(
+    paths: Annotated[list[Path], typer.Argument(help="One run directory (its own report.md), or several run "
+                                                "directories or a bench directory (one cross-run report).")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Where the cross-run report goes (default: the bench "
+                                                "directory, or the run directories' common parent).")] = None,
+    title: Annotated[str, typer.Option("--title", help="The cross-run report's title.")] = "",
+) -> None:
+    """(Re)write report.md and curves.png for one run, or a cross-run report (report.md, report.html, a PNG per
+    task: seed-mean curves with bands, steps to target, the high-vs-low learning-rate gap, the LAWA claims)."""
+    import os
 
-    for run_dir in run_dirs:
-        if not (run_dir / "metrics.jsonl").is_file() or not (run_dir / "config.yaml").is_file():
-            raise fail(f"{run_dir}: not a run directory (expected config.yaml and metrics.jsonl in it)", 2)
-        typer.echo(write_report(run_dir))
+    from lawa_suite.report import find_runs, write_bench_report, write_report
+
+    def is_run(path: Path) -> bool:
+        return (path / "metrics.jsonl").is_file() and (path / "config.yaml").is_file()
+
+    for path in paths:
+        if not path.is_dir() or not find_runs([path]):
+            raise fail(f"{path}: not a run directory (expected config.yaml and metrics.jsonl in it) nor a folder "
+                       f"holding run directories", 2)
+    if len(paths) == 1 and is_run(paths[0]) and out is None:
+        typer.echo(write_report(paths[0]))
+        return
+    target = out or (paths[0] if len(paths) == 1 else Path(os.path.commonpath([p.resolve() for p in paths])))
+    typer.echo(write_bench_report(list(paths), target, title))
+    typer.echo(target / "report.html")
+
+
+BENCH_HELP = ("[BENCH.yaml] then key=value: the axes tasks=cifar,gpt2 averager=lawa,ema,swa lrs=0.1,0.01 seeds=0,1, "
+              "out=DIR, threads=N, and any suite run setting for every cell (steps=600)")
+
+
+@app.command()
+def bench(
+    words: Annotated[Optional[list[str]], typer.Argument(help=BENCH_HELP, show_default=False)] = None,
+    emit: Annotated[Optional[str], typer.Option("--emit", help="Write cluster jobs instead of running: "
+                                                "accelerate (commands.sh) or slurm (commands.sh + bench.sbatch).")] = None,
+    cell: Annotated[Optional[int], typer.Option("--cell", help="Run only this cell (0-based; what the emitted "
+                                                "commands and the SLURM array use).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List the cells and their status, then stop.")] = False,
+) -> None:
+    """Run a matrix of runs (tasks x learning rates x seeds; every averager watches each run), skipping finished
+    cells and resuming interrupted ones; or write it out as accelerate / SLURM jobs.
+
+    Example: suite bench benchmarks/cpu-reference.yaml, or suite bench tasks=gpt2 lrs=1e-2,1e-3 seeds=0,1 preset=tiny
+    """
+    from lawa_suite.bench import cell_status, emit as emit_jobs, load_bench, run_bench, validate
+    from lawa_suite.config import ConfigError
+
+    words = list(words or [])
+    spec_file = Path(words.pop(0)) if words and "=" not in words[0] else None
+    try:
+        if emit not in (None, "accelerate", "slurm"):
+            raise ConfigError(f"--emit: expected accelerate or slurm, got {emit!r}")
+        plan = load_bench(spec_file, words)
+        if dry_run:
+            for c, cfg in validate(plan):
+                typer.echo(f"{c.index:>3} {cell_status(c, cfg):<8} {c.label:<32} {c.out}")
+            return
+        if emit:
+            for path in emit_jobs(plan, emit):
+                typer.echo(f"wrote {path}")
+            return
+        from lawa_suite.train import EXIT_PREEMPTED, Preempted
+
+        try:
+            result = run_bench(plan, log=lambda m: typer.echo(m, err=True), only=cell)
+        except Preempted as exc:  # the cell is checkpointed: running the bench again continues it
+            raise fail(f"{exc}; run the same suite bench again to continue", EXIT_PREEMPTED) from None
+    except ConfigError as exc:
+        raise fail(str(exc), 2) from None
+    typer.echo(f"bench {plan.out}: {len(result.done)} cell(s) run, {len(result.skipped)} finished before, "
+               f"{len(result.failed)} failed")
+    if result.failed:
+        raise typer.Exit(1)
+    if cell is None:
+        typer.echo(f"report: suite report {plan.out}")
 
 
 @app.command()

@@ -1,0 +1,432 @@
+"""``suite bench``: a matrix of runs (tasks x learning rates x seeds, every averager watching each run).
+
+One training run per (task, lr, seed) cell feeds all the averagers, so raw and averaged weights are always
+scored on the same trajectory and the same held-out batches. Locally the cells run one after another in this
+process; every cell runs with ``resume=auto`` and a periodic checkpoint, so a bench that is killed and started
+again skips the cells that finished (their final checkpoint is there) and continues the interrupted one from its
+newest checkpoint. ``--emit accelerate`` / ``--emit slurm`` write the same cells as cluster jobs instead.
+
+A bench file (YAML; every key optional except ``tasks``; the command line's ``key=value`` words override it)::
+
+    out: runs/bench/cpu-reference     # one folder per cell below it: <out>/<task>/lr<lr>-seed<seed>
+    tasks: cifar,gpt2,ddpm            # a comma list, or a mapping task -> its own settings (below)
+    averager: lawa,ema,swa,swa_early  # the averagers of every run
+    variants:                         # extra instances of a registered averager under a new name
+      swa_early: {of: swa, start: 0.25}
+    lrs: 0.1,0.01                     # the learning rates (a task may have its own)
+    seeds: 0,1
+    threads: 1                        # torch threads per run (0: torch's default)
+    set: {progress: false}            # key=value settings of every run (any `suite run` key)
+    slurm: {gpus: 8, time: "72:00:00"}  # for --emit slurm
+
+    tasks:                            # the mapping form: per-task settings
+      gpt2: {lrs: "1e-2,1e-3", preset: cpu, data: text, data.path: ../shared/data/tinyshakespeare.txt}
+
+Relative paths (``out``, ``data.path``) are relative to the working directory, as with ``suite run``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from lawa_suite.config import ConfigError, ResolvedConfig, parse_overrides, resolve
+
+__all__ = ["Bench", "Cell", "load_bench", "cells", "cell_config", "cell_status", "run_bench", "emit",
+           "register_variants", "BENCH_FILE"]
+
+BENCH_FILE = "bench.yaml"          # the resolved bench spec, written into ``out`` (what `suite report` finds)
+TOP_KEYS = {"out", "tasks", "averager", "variants", "lrs", "seeds", "threads", "set", "slurm", "accelerate"}
+TASK_KEYS = {"lrs", "seeds"}       # per-task axes; every other per-task key is a `suite run` setting
+AXIS_ALIASES = {"task": "tasks", "lr": "lrs", "seed": "seeds", "averagers": "averager"}
+
+
+@dataclass
+class SlurmConfig:
+    gpus: int = 8                  # GPUs per cell (one node; accelerate launch starts one process per GPU)
+    cpus_per_gpu: int = 8
+    time: str = "72:00:00"
+    partition: str = ""            # empty: the cluster's default
+    setup: str = ""                # shell lines run before the launch (module load, source .venv/bin/activate)
+
+
+@dataclass
+class TaskSpec:
+    name: str
+    lrs: list[float] = field(default_factory=list)   # empty: the bench's lrs (or the preset's lr)
+    seeds: list[int] = field(default_factory=list)   # empty: the bench's seeds
+    settings: dict[str, str] = field(default_factory=dict)  # `suite run` key -> value for this task
+
+
+@dataclass
+class Bench:
+    out: str = "runs/bench"
+    tasks: list[TaskSpec] = field(default_factory=list)
+    averager: list[str] = field(default_factory=lambda: ["lawa", "ema", "swa"])
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {"of": averager, key: value}
+    lrs: list[float] = field(default_factory=list)   # empty: each task's preset lr
+    seeds: list[int] = field(default_factory=lambda: [0])
+    threads: int = 0               # torch threads per run; 0 = torch's default
+    settings: dict[str, str] = field(default_factory=dict)  # `suite run` settings of every cell
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    accelerate: str = ""           # extra `accelerate launch` arguments, e.g. "--mixed_precision bf16"
+    subset: bool = False           # tasks= picked some of the file's tasks: bench.yaml keeps the whole bench
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"out": self.out, "averager": ",".join(self.averager), "variants": self.variants,
+                "lrs": ",".join(f"{lr:g}" for lr in self.lrs), "seeds": ",".join(map(str, self.seeds)),
+                "threads": self.threads, "set": self.settings, "slurm": dataclasses.asdict(self.slurm),
+                "accelerate": self.accelerate,
+                "tasks": {t.name: {**({"lrs": ",".join(f"{lr:g}" for lr in t.lrs)} if t.lrs else {}),
+                                   **({"seeds": ",".join(map(str, t.seeds))} if t.seeds else {}), **t.settings}
+                          for t in self.tasks}}
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One training run of the matrix."""
+    index: int
+    task: str
+    lr: float
+    seed: int
+    out: Path
+    overrides: tuple[str, ...]     # the full `suite run` command line of the cell
+
+    @property
+    def label(self) -> str:
+        return f"{self.task} lr={self.lr:g} seed={self.seed}"
+
+
+# -- parsing -------------------------------------------------------------------------------------------------
+def _as_list(key: str, value: Any, kind: Callable[[str], Any], allowed: str) -> list[Any]:
+    items = value if isinstance(value, list) else str(value).strip("[]").split(",")
+    try:
+        parsed = [kind(str(v).strip()) for v in items if str(v).strip()]
+    except ValueError:
+        raise ConfigError(f"{key}: expected {allowed}, got {value!r}") from None
+    if not parsed:
+        raise ConfigError(f"{key}: expected {allowed}, got an empty list")
+    if len(set(parsed)) != len(parsed):
+        raise ConfigError(f"{key}: expected distinct values, got {value!r}")
+    return parsed
+
+
+def _lrs(key: str, value: Any) -> list[float]:
+    lrs = _as_list(key, value, float, "a comma list of numbers > 0 (e.g. 0.1,0.01)")
+    if any(lr <= 0 for lr in lrs):
+        raise ConfigError(f"{key}: expected a comma list of numbers > 0, got {value!r}")
+    return lrs
+
+
+def _seeds(key: str, value: Any) -> list[int]:
+    return _as_list(key, value, int, "a comma list of integers (e.g. 0,1)")
+
+
+def _settings(key: str, value: Any) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a mapping of suite run settings (e.g. {{steps: 600}}), got {value!r}")
+    return {str(k): _scalar(v) for k, v in value.items()}
+
+
+def _scalar(value: Any) -> str:
+    """A YAML value as the command-line word `suite run` would read back to the same value."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):  # [32,64] reads back as a list (ddpm.channels); averager=[a,b] too
+        return "[" + ",".join(_scalar(v) for v in value) + "]"
+    return "" if value is None else str(value)
+
+
+def _task_specs(value: Any) -> list[TaskSpec]:
+    if value is None:
+        raise ConfigError("tasks: missing; expected a comma list of tasks (e.g. tasks=cifar,gpt2) or a mapping "
+                          "task -> settings")
+    if not isinstance(value, dict):
+        return [TaskSpec(name) for name in _as_list("tasks", value, str, "a comma list of task names")]
+    specs = []
+    for name, body in value.items():
+        body = dict(body or {})
+        if not isinstance(body, dict):
+            raise ConfigError(f"tasks.{name}: expected a mapping of settings, got {body!r}")
+        spec = TaskSpec(str(name))
+        if "lrs" in body:
+            spec.lrs = _lrs(f"tasks.{name}.lrs", body.pop("lrs"))
+        if "seeds" in body:
+            spec.seeds = _seeds(f"tasks.{name}.seeds", body.pop("seeds"))
+        spec.settings = _settings(f"tasks.{name}", body)
+        specs.append(spec)
+    return specs
+
+
+def _variants(value: Any) -> dict[str, dict[str, Any]]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"variants: expected a mapping name -> {{of: <averager>, <key>: <value>}}, got {value!r}")
+    out = {}
+    for name, body in value.items():
+        if not isinstance(body, dict) or "of" not in body:
+            raise ConfigError(f"variants.{name}: expected {{of: <averager>, <key>: <value>...}}, got {body!r}")
+        out[str(name)] = dict(body)
+    return out
+
+
+def _select(tasks: dict[str, Any], value: str) -> dict[str, Any]:
+    wanted = _as_list("tasks", value, str, "a comma list of task names")
+    missing = [t for t in wanted if t not in tasks]
+    if missing:
+        raise ConfigError(f"tasks: the bench file has no task {missing[0]!r}; it has {', '.join(tasks)}")
+    return {t: tasks[t] for t in wanted}
+
+
+def load_bench(path: Path | None, overrides: list[str]) -> Bench:
+    """A bench from a YAML file (optional) and command-line ``key=value`` words (which win).
+
+    Bench keys are ``out tasks averager variants lrs seeds threads``; any other word is a `suite run` setting for
+    every cell (``steps=100``). Errors are ``ConfigError`` with one line naming the key and what is allowed.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        if not Path(path).is_file():
+            raise ConfigError(f"bench file: {path} not found")
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"bench file: {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"bench file: {path} must hold a mapping of bench keys ({', '.join(sorted(TOP_KEYS))})")
+        unknown = sorted(set(raw) - TOP_KEYS)
+        if unknown:
+            raise ConfigError(f"{unknown[0]}: unknown bench key; allowed: {', '.join(sorted(TOP_KEYS))} "
+                              f"(run settings go under set:)")
+    run_settings = _settings("set", raw.get("set"))
+    seen: dict[str, str] = {}
+    subset = False
+    for key, value in parse_overrides(overrides).items():
+        given, key = key, AXIS_ALIASES.get(key, key)
+        if key in seen:
+            raise ConfigError(f"{key}: given twice (as {seen[key]}= and {given}=)")
+        seen[key] = given
+        if key == "tasks" and isinstance(raw.get("tasks"), dict):
+            raw["tasks"] = _select(raw["tasks"], value)  # run a subset of the file's tasks, with their settings
+            subset = True
+        elif key in TOP_KEYS - {"set", "variants", "slurm"}:
+            raw[key] = value
+        else:
+            run_settings[key] = value
+    bench = Bench(settings=run_settings, subset=subset)
+    bench.out = str(raw.get("out", bench.out))
+    bench.tasks = _task_specs(raw.get("tasks"))
+    if "averager" in raw:
+        bench.averager = [] if str(raw["averager"]).strip() in ("", "none") else _as_list(
+            "averager", raw["averager"], str, "a comma list of averager names")
+    bench.variants = _variants(raw.get("variants"))
+    bench.lrs = _lrs("lrs", raw["lrs"]) if raw.get("lrs") not in (None, "") else []
+    bench.seeds = _seeds("seeds", raw["seeds"]) if raw.get("seeds") not in (None, "") else bench.seeds
+    try:
+        bench.threads = int(raw.get("threads", 0))
+    except (TypeError, ValueError):
+        raise ConfigError(f"threads: expected an integer >= 0, got {raw.get('threads')!r}") from None
+    if bench.threads < 0:
+        raise ConfigError(f"threads: expected an integer >= 0, got {bench.threads}")
+    bench.accelerate = str(raw.get("accelerate", "") or "")
+    slurm = raw.get("slurm") or {}
+    fields = {f.name for f in dataclasses.fields(SlurmConfig)}
+    if not isinstance(slurm, dict) or set(slurm) - fields:
+        raise ConfigError(f"slurm: expected a mapping with keys {', '.join(sorted(fields))}, got {slurm!r}")
+    bench.slurm = SlurmConfig(**slurm)
+    for key in ("task", "lr", "seed", "out", "resume", "averager"):
+        if key in bench.settings or any(key in t.settings for t in bench.tasks):
+            raise ConfigError(f"{key}: set by the bench itself (use the bench keys tasks, lrs, seeds, out, "
+                              f"averager), not as a run setting")
+    return bench
+
+
+# -- averager variants ------------------------------------------------------------------------------------------
+def register_variants(variants: dict[str, dict[str, Any]]) -> None:
+    """Register each variant (``swa_early: {of: swa, ...}``) as another name for its averager's class.
+
+    The config keys one averager per registry name, so two SWA configurations in one run need two names. The
+    variant is a subclass under the new name, in this process only: a run that uses one must be run, resumed or
+    post-hoc averaged through `suite bench` (whose emitted cluster commands do so).
+    """
+    from lawa_suite import registry
+
+    for name, body in variants.items():
+        base_name = str(body["of"])
+        if name in registry.averagers.names():
+            known = registry.averagers.get(name)
+            if getattr(known, "variant_of", None) == base_name:
+                continue
+            raise ConfigError(f"variants.{name}: '{name}' is already an averager; choose another name")
+        try:
+            base = registry.averagers.get(base_name)
+        except Exception as exc:  # UnknownNameError: one line with the known names
+            raise ConfigError(f"variants.{name}.of: {exc}") from None
+        variant = type(f"{base.__name__}_{name}", (base,), {"variant_of": base_name, "__module__": __name__})
+        registry.averagers.register(name)(variant)
+
+
+def _variant_settings(variants: dict[str, dict[str, Any]], used: list[str]) -> dict[str, str]:
+    return {f"{name}.{k}": _scalar(v) for name, body in variants.items() if name in used
+            for k, v in body.items() if k != "of"}
+
+
+# -- the matrix ---------------------------------------------------------------------------------------------------
+def _preset_lr(task: str, averager: list[str], settings: dict[str, str]) -> float:
+    words = [f"task={task}", f"averager={','.join(averager)}", *(f"{k}={v}" for k, v in settings.items())]
+    return resolve(words).run.lr
+
+
+def cells(bench: Bench) -> list[Cell]:
+    """Every (task, lr, seed) cell, in file order; each with its full `suite run` command line."""
+    register_variants(bench.variants)
+    found = []
+    for spec in bench.tasks:
+        settings = {**bench.settings, **spec.settings, **_variant_settings(bench.variants, bench.averager)}
+        lrs = spec.lrs or bench.lrs or [_preset_lr(spec.name, bench.averager, settings)]
+        for lr in lrs:
+            for seed in spec.seeds or bench.seeds:
+                out = Path(bench.out) / spec.name / f"lr{lr:g}-seed{seed}"
+                words = [f"task={spec.name}", f"averager={','.join(bench.averager)}", f"lr={lr!r}", f"seed={seed}",
+                         f"out={out}", "resume=auto", *(f"{k}={v}" for k, v in settings.items())]
+                found.append(Cell(len(found), spec.name, lr, seed, out, tuple(words)))
+    return found
+
+
+def cell_config(cell: Cell) -> ResolvedConfig:
+    """The cell's resolved run config; checkpoints every evaluation unless the bench says otherwise, so a killed
+    bench loses at most one evaluation period of its interrupted cell."""
+    cfg = resolve(list(cell.overrides))
+    if cfg.run.checkpoint.every == 0:
+        cfg = resolve([*cell.overrides, f"checkpoint.every={cfg.run.eval.every}"])
+    return cfg
+
+
+def cell_status(cell: Cell, cfg: ResolvedConfig) -> str:
+    """``done`` (a committed checkpoint at the final step), ``partial`` (a run folder to resume) or ``new``."""
+    from lawa_suite import checkpoints as ckpt
+
+    if not (cell.out / "config.yaml").is_file():
+        return "new"
+    saved = ckpt.list_checkpoints(cell.out / "checkpoints")
+    final = [c for c in saved if c.step >= cfg.run.steps and not ckpt.verify(c.path)]
+    return "done" if final and (cell.out / "metrics.jsonl").is_file() else "partial"
+
+
+def validate(bench: Bench) -> list[tuple[Cell, ResolvedConfig]]:
+    """Resolve every cell before any work, so a typo in the last task stops the bench at once (exit 2)."""
+    return [(cell, cell_config(cell)) for cell in cells(bench)]
+
+
+def write_spec(bench: Bench) -> Path:
+    out = Path(bench.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / BENCH_FILE
+    path.write_text(yaml.safe_dump(bench.as_dict(), sort_keys=False))
+    return path
+
+
+@dataclass
+class BenchResult:
+    done: list[Cell] = field(default_factory=list)       # finished now
+    skipped: list[Cell] = field(default_factory=list)    # finished before
+    failed: list[tuple[Cell, str]] = field(default_factory=list)
+
+
+def run_bench(bench: Bench, log: Callable[[str], None] = print, only: int | None = None) -> BenchResult:
+    """Run the cells one after another (or only cell ``only``); finished cells are skipped, partial ones resumed.
+
+    A failure in one cell (non-finite training, missing data) is recorded and the next cell runs; a SIGTERM
+    (``Preempted``) stops the bench at once, its cell checkpointed, to be continued by running the bench again.
+    """
+    import torch
+
+    from lawa_suite.checkpoints import CheckpointError
+    from lawa_suite.tasks.base import DataUnavailable
+    from lawa_suite.train import NonFiniteTraining, train
+
+    planned = validate(bench)
+    # a --cell job reads the spec and never rewrites it (many processes, one file); nor does a run of some tasks
+    if only is None and not (bench.subset and (Path(bench.out) / BENCH_FILE).exists()):
+        write_spec(bench)
+    elif not 0 <= only < len(planned):
+        raise ConfigError(f"--cell: expected an index in [0, {len(planned) - 1}], got {only}")
+    if bench.threads:
+        torch.set_num_threads(bench.threads)
+    result = BenchResult()
+    for cell, cfg in planned:
+        if only is not None and cell.index != only:
+            continue
+        status = cell_status(cell, cfg)
+        if status == "done":
+            log(f"[{cell.index + 1}/{len(planned)}] {cell.label}: done before, skipped ({cell.out})")
+            result.skipped.append(cell)
+            continue
+        log(f"[{cell.index + 1}/{len(planned)}] {cell.label}: {'resuming' if status == 'partial' else 'starting'}"
+            f" ({cell.out})")
+        try:
+            train(cfg)
+        except (NonFiniteTraining, DataUnavailable, CheckpointError, ConfigError) as exc:
+            log(f"[{cell.index + 1}/{len(planned)}] {cell.label}: FAILED: {exc}")
+            result.failed.append((cell, str(exc)))
+            continue
+        result.done.append(cell)
+    return result
+
+
+# -- cluster commands -------------------------------------------------------------------------------------------
+def _launch(spec: Path, index: int, bench: Bench) -> str:
+    extra = f" {bench.accelerate}" if bench.accelerate else ""
+    return (f"accelerate launch --num_processes {bench.slurm.gpus}{extra} -m lawa_suite.cli bench "
+            f"{shlex.quote(str(spec))} --cell {index}")
+
+
+def emit(bench: Bench, kind: str) -> list[Path]:
+    """Write the cluster form of the bench into ``out``: ``commands.sh`` (one ``accelerate launch`` per cell)
+    and, for ``slurm``, ``bench.sbatch`` (an array job, one task per cell). Each command runs one cell of the
+    bench spec through `suite bench --cell`, so variants, skipping and resuming work the same as locally."""
+    planned = validate(bench)
+    spec = write_spec(bench)
+    out = Path(bench.out)
+    lines = ["#!/bin/sh", f"# {len(planned)} cells of {spec}; each line is one cell (resume=auto: re-run a line "
+             "to continue it). The equivalent suite run words are in the comment above it.", "set -e"]
+    for cell, _ in planned:
+        lines += [f"# cell {cell.index}: suite run {' '.join(shlex.quote(w) for w in cell.overrides)}",
+                  _launch(spec, cell.index, bench)]
+    commands = out / "commands.sh"
+    commands.write_text("\n".join(lines) + "\n")
+    commands.chmod(0o755)
+    written = [spec, commands]
+    if kind == "slurm":
+        written.append(_write_sbatch(bench, spec, len(planned)))
+    return written
+
+
+def _write_sbatch(bench: Bench, spec: Path, count: int) -> Path:
+    s = bench.slurm
+    lines = ["#!/bin/bash", "#SBATCH --job-name=lawa-bench", f"#SBATCH --array=0-{count - 1}", "#SBATCH --nodes=1",
+             "#SBATCH --ntasks-per-node=1", f"#SBATCH --gpus-per-node={s.gpus}",
+             f"#SBATCH --cpus-per-task={s.gpus * s.cpus_per_gpu}", f"#SBATCH --time={s.time}",
+             f"#SBATCH --output={Path(bench.out) / 'slurm-%A_%a.out'}",
+             # SIGTERM 5 minutes before the time limit: the loop checkpoints and exits 143; requeue to continue
+             "#SBATCH --signal=B:TERM@300", "#SBATCH --requeue"]
+    if s.partition:
+        lines.append(f"#SBATCH --partition={s.partition}")
+    # exec: the batch shell becomes accelerate, so the early SIGTERM reaches the launcher rather than bash
+    lines += ["set -e", s.setup, "exec " + _launch(spec, 0, bench).replace("--cell 0", "--cell $SLURM_ARRAY_TASK_ID")]
+    path = Path(bench.out) / "bench.sbatch"
+    path.write_text("\n".join(line for line in lines if line) + "\n")
+    return path
+
+
+def main_log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
