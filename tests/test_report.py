@@ -1,0 +1,130 @@
+"""The cross-run report on hand-written runs (no training): seed means and bands, steps to target, the
+learning-rate gap, the four claims, and the HTML page with its PNGs embedded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+from typer.testing import CliRunner
+
+from lawa_suite.cli import app
+from lawa_suite.report import find_runs, read_run, seed_band, summarise_lr, to_html, write_bench_report
+
+runner = CliRunner()
+
+# held-out loss (lower is better) at steps 10..50: raw is noisy at the high lr; lawa settles below it sooner
+CURVES = {
+    (0.1, 0): {"raw": [3.0, 2.5, 2.4, 2.2, 2.3], "lawa": [None, 2.3, 2.1, 2.0, 2.0], "swa": [None, None, None, 2.1, 2.05],
+               "swa_early": [None, 2.6, 2.4, 2.3, 2.25]},
+    (0.1, 1): {"raw": [3.2, 2.7, 2.6, 2.4, 2.5], "lawa": [None, 2.5, 2.3, 2.2, 2.2], "swa": [None, None, None, 2.3, 2.25],
+               "swa_early": [None, 2.8, 2.6, 2.5, 2.45]},
+    (0.01, 0): {"raw": [3.5, 3.0, 2.8, 2.7, 2.6], "lawa": [None, 3.1, 2.85, 2.72, 2.61], "swa": [None, None, None, 2.7, 2.62],
+                "swa_early": [None, 3.2, 2.9, 2.8, 2.7]},
+}
+
+
+def make_run(root: Path, lr: float, seed: int, curves: dict[str, list[float | None]]) -> Path:
+    run = root / f"lr{lr:g}-seed{seed}"
+    run.mkdir(parents=True)
+    config = {"task": "gpt2", "preset": "cpu", "lr": lr, "seed": seed, "steps": 50,
+              "averager": ["lawa", "swa", "swa_early"], "swa": {"start": 0.75, "every": 1},
+              "swa_early": {"start": 0.2, "every": 1}, "lawa": {"k": 2, "nu": 5}}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    lines = [{"step": 10, "weights": "raw", "split": "train", "loss": 9.0, "lr": lr}]
+    for i, step in enumerate(range(10, 51, 10)):
+        for weights, values in curves.items():
+            if values[i] is not None:
+                lines.append({"step": step, "weights": weights, "split": "val", "loss": values[i]})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return run
+
+
+def bench(tmp_path: Path) -> Path:
+    root = tmp_path / "bench" / "gpt2"
+    for (lr, seed), curves in CURVES.items():
+        make_run(root, lr, seed, curves)
+    return tmp_path / "bench"
+
+
+def test_seed_band_is_the_mean_and_range_over_common_steps(tmp_path):
+    runs = [read_run(p) for p in find_runs([bench(tmp_path)]) if "lr0.1-" in p.name]
+    band = seed_band(runs, "raw", "loss")
+    assert band.steps == [10, 20, 30, 40, 50] and band.seeds == 2
+    assert band.mean[0] == 3.1 and band.low[0] == 3.0 and band.high[0] == 3.2
+    assert seed_band(runs, "swa", "loss").steps == [40, 50]
+
+
+def test_steps_to_target_uses_raws_smoothed_final_and_best(tmp_path):
+    runs = [read_run(p) for p in find_runs([bench(tmp_path)]) if "lr0.1-" in p.name]
+    s = summarise_lr(0.1, runs, "loss", "min")
+    # raw's seed mean: 3.1 2.6 2.5 2.3 2.4; smoothed final = mean(2.5, 2.3, 2.4) = 2.4, best 2.3 at step 40
+    assert abs(s.target_final - 2.4) < 1e-9 and abs(s.target_best - 2.3) < 1e-9
+    rows = {r["weights"]: r for r in s.rows}
+    assert rows["raw"]["to_final"] == 40 and rows["raw"]["to_best"] == 40
+    # lawa's mean 2.4 at step 20 reaches 2.4, 2.2 at 30 beats the best: half / a quarter of raw's steps saved
+    assert rows["lawa"]["to_final"] == 20 and abs(rows["lawa"]["saved_final"] - 0.5) < 1e-9
+    assert rows["lawa"]["to_best"] == 30 and abs(rows["lawa"]["saved_best"] - 0.25) < 1e-9
+    assert rows["swa_early"]["to_best"] is None
+
+
+def test_bench_report_markdown_html_and_claims(tmp_path):
+    folder = bench(tmp_path)
+    result = runner.invoke(app, ["report", str(folder), "--title", "synthetic"])
+    assert result.exit_code == 0, result.output
+    text = (folder / "report.md").read_text()
+    assert text.startswith("# synthetic") and "![gpt2 (cpu)](gpt2-cpu.png)" in text
+    assert "### lr=0.1" in text and "### lr=0.01" in text and "| lawa | 2.1000 (2.0000-2.2000) |" in text
+    assert "| 20 (+50%) |" in text                                     # steps to raw's smoothed final, saved
+    # (a): lawa's mean gain over raw at steps 30-50 (after half the run): (0.3+0.2+0.3)/3 at lr=0.1, and
+    # (-0.05-0.02-0.01)/3 at lr=0.01
+    assert "(a) LAWA's gain over raw is larger at the higher learning rate: held in 1 of 1" in text
+    assert "+0.2667 at lr=0.1 vs -0.0267 at lr=0.01" in text
+    assert "(c) SWA started early does worse (final) than SWA started at 75%: held in 2 of 2" in text
+    assert "swa not yet averaging" in text                             # (b) compares only what is averaging
+    page = (folder / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 1 and "<table>" in page and 'src="gpt2-cpu.png"' not in page
+    assert (folder / "gpt2-cpu.png").stat().st_size > 1000
+
+
+def test_report_of_several_run_dirs_and_single_run_unchanged(tmp_path):
+    folder = bench(tmp_path)
+    runs = sorted(str(p) for p in (folder / "gpt2").iterdir())
+    out = tmp_path / "together"
+    result = runner.invoke(app, ["report", *runs, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "3 run(s)" in (out / "report.md").read_text() and (out / "report.html").is_file()
+    single = runner.invoke(app, ["report", runs[0]])
+    assert single.exit_code == 0 and (Path(runs[0]) / "report.md").is_file()
+    assert not (Path(runs[0]) / "report.html").exists()  # one run keeps its own report.md + curves.png
+
+
+def test_report_refuses_a_folder_without_runs(tmp_path):
+    result = runner.invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 2 and "not a run directory" in result.output
+
+
+def test_html_escapes_and_keeps_unknown_images_as_links(tmp_path):
+    page = to_html("# a <b>\n\n- **x** `y`\n  - z\n\n![p](missing.png)\n", tmp_path, "t")
+    assert "<h1>a &lt;b&gt;</h1>" in page and "<strong>x</strong> <code>y</code>" in page
+    assert 'src="missing.png"' in page and "class=sub" in page
+
+
+def test_write_bench_report_without_runs_raises(tmp_path):
+    try:
+        write_bench_report([tmp_path], tmp_path / "out")
+    except ValueError as exc:
+        assert "no run folders" in str(exc)
+    else:
+        raise AssertionError("expected ValueError")
+
+
+def test_an_unfinished_run_is_left_out_of_the_means_and_flagged(tmp_path):
+    folder = bench(tmp_path)
+    partial = make_run(folder / "gpt2", 0.1, 7, {"raw": [9.0, 9.0, None, None, None]})  # stopped at step 20 of 50
+    result = runner.invoke(app, ["report", str(folder)])
+    assert result.exit_code == 0, result.output
+    text = (folder / "report.md").read_text()
+    assert "| raw | 2.4000 (2.3000-2.5000) |" in text                  # seeds 0 and 1 only; seed 7 would add 9.0
+    assert f"`{partial}`: gpt2 lr=0.1 seed=7, 20/50 steps" in text and "unfinished: left out of the means" in text
