@@ -22,7 +22,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 __all__ = ["ConfigError", "RunConfig", "DataConfig", "EvalConfig", "CheckpointConfig", "TrajectoryConfig",
-           "ResolvedConfig", "resolve", "require", "choice", "default_cache_dir"]
+           "ResolvedConfig", "resolve", "require", "choice", "default_cache_dir", "build_section", "parse_value",
+           "split_list", "parse_overrides", "dotted"]
 
 
 class ConfigError(ValueError):
@@ -187,7 +188,7 @@ def _lookup(registry_name: str, name: str, key: str) -> Any:
         raise ConfigError(f"{key}: {exc}") from None
 
 
-def _split_list(value: str) -> list[str]:
+def split_list(value: str) -> list[str]:
     return [v.strip() for v in value.strip("[]").split(",") if v.strip()]
 
 
@@ -210,7 +211,7 @@ def _omegaconf_message(exc: OmegaConfBaseException) -> str:
     return f"{key}: {msg}"
 
 
-def _build(section: str, schema: type, values: dict[str, Any]) -> Any:
+def build_section(section: str, schema: type, values: dict[str, Any]) -> Any:
     """Instantiate ``schema`` from dotted ``values``: OmegaConf parses and type-checks, __post_init__ ranges."""
     base = OmegaConf.structured(schema)
     try:
@@ -235,12 +236,12 @@ def _nested(values: dict[str, Any]) -> Any:
     return cfg
 
 
-def _parse_value(key: str, raw: Any) -> Any:
+def parse_value(key: str, raw: Any) -> Any:
     """Parse a command-line string the way YAML would (``5`` -> int, ``true`` -> bool, ``1e-3`` -> float)."""
     if not isinstance(raw, str):
         return raw
     if key in _LIST_KEYS or key.rsplit(".", 1)[-1] in _LIST_KEYS:
-        return _split_list(raw)
+        return split_list(raw)
     if not raw.strip():
         return ""  # `resume=` means the empty string (YAML would read null; `key=null` still says that)
     parsed = OmegaConf.from_dotlist([f"v={raw}"]).v
@@ -273,10 +274,10 @@ def resolve(overrides: list[str] | dict[str, Any], base: dict[str, Any] | None =
     values.update(typed)
     values.update({"task": task_name, "preset": preset})
     for key, raw in pairs.items():
-        values[key] = _parse_value(key, raw)
+        values[key] = parse_value(key, raw)
     averager_names = values.get("averager", defaults.averager)
     if isinstance(averager_names, str):
-        averager_names = _split_list(averager_names)
+        averager_names = split_list(averager_names)
     averager_cls = {name: _lookup("averagers", name, "averager") for name in averager_names}
 
     run_keys = set(_keys_of(RunConfig))
@@ -298,7 +299,7 @@ def resolve(overrides: list[str] | dict[str, Any], base: dict[str, Any] | None =
             sections[head][rest] = value
         else:
             raise ConfigError(_unknown_key_message(key, run_keys, task_name, task_keys, averager_cls))
-    run = _build("", RunConfig, sections[""])
+    run = build_section("", RunConfig, sections[""])
     if not run.out:
         run.out = os.path.join("runs", f"{task_name}-{preset}-{time.strftime('%Y%m%d-%H%M%S')}")
     if run.data.source and run.data.source not in task_cls.data_sources:
@@ -306,8 +307,8 @@ def resolve(overrides: list[str] | dict[str, Any], base: dict[str, Any] | None =
     run.data.source = run.data.source or task_cls.data_sources[0]
     if not run.data.cache:
         run.data.cache = default_cache_dir()
-    task_cfg = _build(task_name, task_cls.Config, sections[task_name])
-    averagers = {name: _build(name, cls.Config, sections[name]) for name, cls in averager_cls.items()}
+    task_cfg = build_section(task_name, task_cls.Config, sections[task_name])
+    averagers = {name: build_section(name, cls.Config, sections[name]) for name, cls in averager_cls.items()}
     return ResolvedConfig(run, task_cfg, averagers)
 
 

@@ -451,7 +451,7 @@ def parse_jobs(averagers: Sequence[str], keys: Mapping[str, str]) -> list[Job]:
     """
     import dataclasses
 
-    from lawa_suite.config import _build, _parse_value
+    from lawa_suite.config import build_section, parse_value
 
     if not averagers:
         raise ConfigError("averager: expected at least one averager name (for example averager=lawa)")
@@ -481,9 +481,9 @@ def parse_jobs(averagers: Sequence[str], keys: Mapping[str, str]) -> list[Job]:
             values = [v.strip() for v in given[f].split(",")]
             if any(not v for v in values):
                 raise ConfigError(f"{name}.{f}: expected a value or a comma list of values, got {given[f]!r}")
-            choices.append([_parse_value(f"{name}.{f}", v) for v in values])
+            choices.append([parse_value(f"{name}.{f}", v) for v in values])
         for combo in itertools.product(*choices):
-            config = _build(name, cls.Config, dict(zip(ordered, combo)))
+            config = build_section(name, cls.Config, dict(zip(ordered, combo)))
             as_dict = dataclasses.asdict(config)
             shown = [f for f in ordered if affects_average[f]]  # where LAWA keeps snapshots does not name a folder
             folder = "-".join([name] + [f"{f}{_name_part(as_dict[f])}" for f in shown])
@@ -508,10 +508,10 @@ class Command:
 def parse_command(words: Sequence[str]) -> Command:
     """Split ``averager=... <averager>.<key>=v1,v2 interval=N out=DIR eval=true <task/run keys>``; one-line
     ConfigError for anything malformed (a task or run key without eval=true included)."""
-    from lawa_suite.config import _split_list, parse_overrides
+    from lawa_suite.config import parse_overrides, split_list
 
     pairs = parse_overrides(list(words))
-    names = _split_list(pairs.pop("averager", ""))
+    names = split_list(pairs.pop("averager", ""))
     if not names:
         raise ConfigError("averager: expected one or more averager names (for example averager=lawa or "
                           "averager=lawa,ema,swa)")
