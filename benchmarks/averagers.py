@@ -111,6 +111,7 @@ class Built:
     holder: Any                  # the object whose tensors are the averager's state
     note: str = ""
     kind: Callable[[], str] | None = None  # sub-row of the update just timed (lawa: plain / slide / recompute)
+    settle: Callable[[], None] | None = None  # untimed, after each timed update (waits for background work)
 
 
 @dataclass
@@ -160,25 +161,42 @@ def floor_copy(model: nn.Module, dtype: torch.dtype) -> Built:
                  "one _foreach_copy_ into preallocated buffers (model dtype)")
 
 
-def ours(name: str, **kwargs: Any) -> Callable[[nn.Module, torch.dtype], Built]:
+def ours(name: str, check_finite: bool = True, **kwargs: Any) -> Callable[[nn.Module, torch.dtype], Built]:
+    """``observe(step, model)``. With ``check_finite=False`` as the training loop calls it: the loop runs one
+    NaN/Inf pass over the weights per step for all its averagers (``Run.feed_averagers``), timed on its own row."""
     def build(model: nn.Module, dtype: torch.dtype) -> Built:
         from lawa_suite import registry
         avg = registry.averagers.create(name, **kwargs)
         avg.start_run(10**9)
+        avg.check_finite = check_finite
         step = [0]
 
         def update() -> None:
             step[0] += 1
             avg.observe(step[0], model)
-        return Built(update, avg, "observe(step, model), as the training loop calls it")
+        how = "its own NaN/Inf check" if check_finite else "check_finite=False, as the loop calls it"
+        return Built(update, avg, f"observe(step, model), {how}")
     return build
 
 
-def ours_lawa(k: int) -> Callable[[nn.Module, torch.dtype], Built]:
-    """LAWA with nu=2: each timed update is one plain step then one snapshot step, timed separately."""
+def shared_finite_check(model: nn.Module, dtype: torch.dtype) -> Built:
+    """The loop's one NaN/Inf pass per step over the weights, shared by every averager (Run.feed_averagers)."""
+    from lawa_suite.averagers.base import Layout, all_finite, named_tensors
+    tensors = named_tensors(model)
+    floats = [tensors[n] for n in Layout.of(tensors).float_names]
+    return Built(lambda: all_finite(floats), [], "all_finite over the weights, once per step for all averagers")
+
+
+def ours_lawa(k: int, blocking_only: bool = False) -> Callable[[nn.Module, torch.dtype], Built]:
+    """LAWA with nu=2: each timed update is one plain step then one snapshot step, timed separately.
+
+    LAWA's window-sum arithmetic runs on a background thread. By default the timed update includes waiting for
+    it (all the work); with ``blocking_only`` only what the training thread pays is timed, and the wait follows
+    untimed (before the floor of the next pair, so the two never overlap)."""
     def build(model: nn.Module, dtype: torch.dtype) -> Built:
         from lawa_suite import registry
         avg = registry.averagers.create("lawa", k=k, nu=2)
+        avg.check_finite = not blocking_only  # the loop's one shared NaN/Inf check has its own row
         state = {"step": 0, "snapshots": 0, "kind": ""}
 
         def update() -> None:
@@ -190,7 +208,13 @@ def ours_lawa(k: int) -> Callable[[nn.Module, torch.dtype], Built]:
                 evictions = state["snapshots"] - k
                 state["kind"] = ("filling" if evictions <= 0 else "recompute" if evictions % k == 0 else "slide")
             avg.observe(state["step"], model)
-        return Built(update, avg, f"k={k}, nu=2; observe(step, model)", kind=lambda: state["kind"])
+            if not blocking_only:
+                avg.wait()
+        if blocking_only:
+            return Built(update, avg, f"k={k}, nu=2; observe(step, model) as the loop calls it (check_finite=False), without the background sum: the training thread's cost",
+                         kind=lambda: state["kind"], settle=avg.wait)
+        return Built(update, avg, f"k={k}, nu=2; observe(step, model) and the background window sum",
+                     kind=lambda: state["kind"])
     return build
 
 
@@ -284,7 +308,12 @@ def candidates(lawa_k: int) -> list[Candidate]:
         Candidate("ref: copy to fp32 + lerp", floor_cast_lerp),
         Candidate("suite ema", ours("ema", decay=DECAY)),
         Candidate("suite swa", ours("swa", start=0)),
+        Candidate("suite ema, in the loop", ours("ema", check_finite=False, decay=DECAY)),
+        Candidate("suite swa, in the loop", ours("swa", check_finite=False, start=0)),
+        Candidate("suite loop's shared NaN/Inf check", shared_finite_check),
         Candidate("suite lawa", ours_lawa(lawa_k), group="copy", warmup=2 * (lawa_k + 1)),
+        Candidate("suite lawa, training thread", ours_lawa(lawa_k, blocking_only=True), group="copy",
+                  warmup=2 * (lawa_k + 1)),
         Candidate("suite eval swap, ema", ours_eval_swap, group="copy", max_rounds=5, warmup=1),
         Candidate("torch AveragedModel EMA", torch_averaged("ema")),
         Candidate("torch AveragedModel SWA", torch_averaged("swa")),
@@ -455,7 +484,10 @@ def bench_dtype(dtype_name: str, args: argparse.Namespace) -> dict[str, Any]:
         start = time.perf_counter()
         b.update()
         sync()
-        return time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        if b.settle is not None:
+            b.settle()
+        return elapsed
 
     rng = random.Random(0)
     for r in range(args.rounds):
@@ -464,7 +496,7 @@ def bench_dtype(dtype_name: str, args: argparse.Namespace) -> dict[str, Any]:
         for name in order:
             b = built[name]
             floor_name = floor_of[by_name[name].group]
-            subs = 2 if name == "suite lawa" else 1  # lawa: a plain step and a snapshot step each round
+            subs = 2 if name.startswith("suite lawa") else 1  # lawa: a plain step and a snapshot step each round
             for _ in range(subs):
                 floor_time = timed(built[floor_name]) if floor_name in built and name != floor_name else None
                 elapsed = timed(b)

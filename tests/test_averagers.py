@@ -6,6 +6,7 @@ import gc
 import json
 import math
 import os
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -517,20 +518,64 @@ def test_untied_later_observation_of_an_aliased_name_is_an_error() -> None:
         ema.observe(2, weights)
 
 
-def test_lawa_memory_store_reuses_the_leaving_snapshots_buffers() -> None:
+def test_lawa_memory_store_cycles_k_plus_one_buffers() -> None:
+    """After the window first slides, every snapshot is copied into the buffers of one that left (no fresh
+    memory); k + 1 buffers take turns because the leaving one is still being subtracted in the background."""
     model = bn_model()
     lawa = LAWA(k=2, nu=1)
-    steps = trajectory(model, 6)
-    for step in range(1, 3):
+    steps = trajectory(model, 12)
+    seen = []
+    for _ in range(12):
         lawa.observe(next(steps), model)
-    oldest = [t.data_ptr() for t in list(lawa._store)[0]]
-    lawa.observe(next(steps), model)   # step 3: a slide; the snapshot of step 1 leaves, step 3 takes its memory
-    assert [t.data_ptr() for t in list(lawa._store)[-1]] == oldest
-    lawa.observe(next(steps), model)   # step 4: the recompute; again into the leaving buffers
-    assert lawa.snapshot_steps == [3, 4]
+        seen.append(list(lawa._store)[-1][0].data_ptr())
+    assert len(set(seen)) == 3 and set(seen[3:]) == set(seen[:3])
+    assert lawa.snapshot_steps == [11, 12]
     first, second = list(lawa._store)
     brute = {n: (a + b) / 2 for n, a, b in zip(lawa.layout.float_names, first, second)}
     assert all(torch.equal(lawa.average()[n], brute[n]) for n in lawa.layout.float_names)
+
+
+def test_lawa_window_arithmetic_runs_off_the_calling_thread_and_is_waited_for(monkeypatch) -> None:
+    import threading
+
+    import lawa_suite.averagers.lawa as lawa_module
+
+    threads = []
+    real_push = lawa_module.window_push_
+
+    def slow_push(total, new):
+        threads.append(threading.current_thread().name)
+        time.sleep(0.2)  # the caller must wait for this before it reads the sum
+        real_push(total, new)
+    monkeypatch.setattr(lawa_module, "window_push_", slow_push)
+    model = bn_model()
+    online, inline = LAWA(k=3, nu=1), LAWA(k=3, nu=1, store="disk")
+    steps = trajectory(model, 7)
+    for _ in range(7):
+        step = next(steps)
+        online.observe(step, model)
+        inline.observe(step, model)
+    assert any(name.startswith("lawa-window") for name in threads)
+    assert_same(online.average(), inline.average())        # bit for bit what the inline arithmetic gives
+    restored = LAWA(k=3, nu=1)
+    restored.load_state_dict(online.state_dict())
+    assert_same(restored.average(), online.average())
+
+
+def test_lawa_background_error_surfaces_at_the_next_call(monkeypatch) -> None:
+    import lawa_suite.averagers.lawa as lawa_module
+
+    model = bn_model()
+    lawa = LAWA(k=2, nu=1)
+    steps = trajectory(model, 3)
+    lawa.observe(next(steps), model)
+
+    def broken(total, new):
+        raise RuntimeError("window arithmetic failed")
+    monkeypatch.setattr(lawa_module, "window_push_", broken)
+    lawa.observe(next(steps), model)
+    with pytest.raises(RuntimeError, match="window arithmetic failed"):
+        lawa.average()
 
 
 def test_bf16_updates_stage_into_persistent_fp32_buffers() -> None:

@@ -13,6 +13,14 @@ Snapshots are exact copies in the model's dtype (bf16 stays bf16), never on an a
 recompute; ``dir`` names the folder, one per averager, else a fresh temporary folder removed with the
 averager). They are always real copies: ``.cpu()`` of a CPU tensor returns the tensor itself, which made the
 original LAWA code store ``k`` aliases of the live weights when training on CPU.
+
+With ``store=cpu`` the training thread pays for one copy per snapshot and nothing else: the copy goes into
+the buffers of a snapshot that left the window earlier, and the window-sum arithmetic (add the new snapshot,
+subtract the leaving one, or the periodic recompute) runs on one background thread that all LAWA averagers of
+the process share, overlapping the next training steps. Anything that reads the sum (``average()``,
+``state_dict()``, the next snapshot) first waits for it, so results are bit for bit those of doing it inline.
+The leaving snapshot's buffers are reused once its subtraction is done, so ``store=cpu`` holds ``k + 1``
+snapshots after the window first slides (``k`` plus that spare).
 """
 
 from __future__ import annotations
@@ -20,11 +28,13 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 import weakref
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -34,7 +44,7 @@ from lawa_suite import registry
 from lawa_suite.averagers.base import Averager, accumulator_copy, cast_like, follow_devices, is_count, staged_like
 from lawa_suite.config import choice, require
 
-__all__ = ["LAWA", "snapshot_copy", "window_push_", "window_resum_", "window_mean",
+__all__ = ["LAWA", "snapshot_copy", "window_push_", "window_resum_", "window_mean", "window_worker",
            "MemorySnapshots", "DiskSnapshots"]
 
 
@@ -62,6 +72,20 @@ def window_resum_(total: list[Tensor], snapshots: Iterable[list[Tensor]]) -> Non
 def window_mean(total: list[Tensor], k: int) -> list[Tensor]:
     """New tensors ``total / k``."""
     return list(torch._foreach_div(total, float(k)))
+
+
+_worker: ThreadPoolExecutor | None = None
+_worker_lock = threading.Lock()
+
+
+def window_worker() -> ThreadPoolExecutor:
+    """The one background thread that does the window-sum arithmetic of every LAWA averager in this process
+    (one thread: jobs of one averager run in submission order, and training keeps the other cores)."""
+    global _worker
+    with _worker_lock:
+        if _worker is None:
+            _worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lawa-window")
+        return _worker
 
 
 # -- where the window's snapshots live ------------------------------------------------------------------
@@ -104,18 +128,22 @@ class MemorySnapshots(_StepWindow):
     def __init__(self) -> None:
         self._steps = deque()
         self._tensors: deque[list[Tensor]] = deque()
-        self._spare: list[Tensor] | None = None   # the buffers of the snapshot that left last, reused by append
+        self._spares: list[list[Tensor]] = []     # buffers of snapshots that left the window, reused by append
 
     def __iter__(self) -> Iterator[list[Tensor]]:
         return iter(list(self._tensors))
+
+    def newest(self) -> list[Tensor]:
+        """The newest snapshot's own buffers (read-only for the caller)."""
+        return self._tensors[-1]
 
     def append(self, step: int, tensors: list[Tensor]) -> None:
         self._steps.append(step)
         self._tensors.append(self._copy(tensors))
 
     def _copy(self, tensors: list[Tensor]) -> list[Tensor]:
-        """Into the spare buffers when they fit (one fused copy, no fresh pages to fault in), else fresh ones."""
-        spare, self._spare = self._spare, None
+        """Into spare buffers when they fit (one fused copy, no fresh pages to fault in), else fresh ones."""
+        spare = self._spares.pop() if self._spares else None
         if spare is not None and all(b.shape == t.shape and b.dtype == t.dtype for b, t in zip(spare, tensors)) \
                 and len(spare) == len(tensors):
             torch._foreach_copy_(spare, [t.detach() for t in tensors])
@@ -127,8 +155,9 @@ class MemorySnapshots(_StepWindow):
         return self._tensors.popleft()
 
     def recycle(self, tensors: list[Tensor]) -> None:
-        """Hand back a popped snapshot the caller is done with: the next append copies into it."""
-        self._spare = tensors
+        """Hand back a popped snapshot the caller is done with: a later append copies into it. At most two are
+        kept: one for the next snapshot while the previous one's buffers are still being subtracted."""
+        self._spares = [*self._spares, tensors][-2:]
 
     def drop_oldest(self) -> None:
         self.recycle(self.pop_oldest())
@@ -136,7 +165,7 @@ class MemorySnapshots(_StepWindow):
     def clear(self) -> None:
         self._steps.clear()
         self._tensors.clear()
-        self._spare = None
+        self._spares = []
 
 
 class DiskSnapshots(_StepWindow):
@@ -224,6 +253,7 @@ class LAWA(Averager):
                                       else MemorySnapshots())
         self._sum: list[Tensor] = []  # sum of the window's snapshots in the accumulation dtype, layout order
         self._evictions = 0           # snapshots that left the window; the sum is recomputed every k of them
+        self._pending: Future | None = None  # the window-sum job running on the background thread (store=cpu)
 
     @property
     def ready(self) -> bool:
@@ -245,41 +275,63 @@ class LAWA(Averager):
         return step % self.config.nu == 0
 
     def _update(self, step: int, floats: list[Tensor]) -> None:
-        k = self.config.k
         newest = self._store.newest_step
         if newest is not None and step <= newest:  # a repeated step would count twice (and overwrite a disk file)
             raise ValueError(f"lawa: snapshot steps must increase: got step {step} after {newest}")
+        self.wait()
+        if self._sum:
+            self._sum = follow_devices(self._sum, floats)
+        if isinstance(self._store, MemorySnapshots):
+            # copy now (the weights change at the next step); do the arithmetic on the stored copy, off this thread
+            arithmetic = self._take_snapshot(step, floats)
+            self._pending = window_worker().submit(arithmetic)
+        else:  # disk or a post-hoc reader: the arithmetic reads from where the snapshots are, inline
+            self._take_snapshot(step, floats)()
+
+    def _take_snapshot(self, step: int, floats: list[Tensor]) -> Callable[[], None]:
+        """Put ``floats`` into the window now; return the window-sum arithmetic that goes with it."""
+        store, k = self._store, self.config.k
         if not self._sum:
-            self._store.append(step, floats)
-            self._sum = accumulator_copy(floats)
-            return
-        self._sum = follow_devices(self._sum, floats)
-        if len(self._store) < k:
-            self._store.append(step, floats)
-            window_push_(self._sum, staged_like(floats, self._sum, self._staging))
-            return
-        # The oldest snapshot leaves before the new one is copied, so the new one can reuse its buffers.
+            store.append(step, floats)
+            new = store.newest() if isinstance(store, MemorySnapshots) else floats
+            return lambda: setattr(self, "_sum", accumulator_copy(new))
+        if len(store) < k:
+            store.append(step, floats)
+            new = store.newest() if isinstance(store, MemorySnapshots) else floats
+            return lambda: window_push_(self._sum, staged_like(new, self._sum, self._staging))
         self._evictions += 1
         if self._evictions % k == 0:  # drift control: an exact sum of the window, amortised O(1)
-            self._store.drop_oldest()
-            self._store.append(step, floats)
-            window_resum_(self._sum, self._store)
-        else:
-            old = self._store.pop_oldest()
+            store.drop_oldest()  # its buffers take the new snapshot
+            store.append(step, floats)
+            return lambda: window_resum_(self._sum, store)
+        old = store.pop_oldest()
+        store.append(step, floats)
+        new = store.newest() if isinstance(store, MemorySnapshots) else floats
+
+        def slide() -> None:
             torch._foreach_sub_(self._sum, staged_like(old, self._sum, self._staging))
-            self._store.recycle(old)
-            self._store.append(step, floats)
-            window_push_(self._sum, staged_like(floats, self._sum, self._staging))
+            window_push_(self._sum, staged_like(new, self._sum, self._staging))
+            store.recycle(old)  # the next snapshot is copied into these buffers
+        return slide
+
+    def wait(self) -> None:
+        """Wait for the background window-sum job, if any (re-raising its error)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
 
     def _averaged_floats(self) -> list[Tensor]:
+        self.wait()
         return window_mean(self._sum, self.config.k)
 
     def _extra_state(self) -> dict[str, Any]:
+        self.wait()
         # The disk store's snapshots are read back too, so a checkpoint is self-contained.
         return {"steps": self._store.steps, "snapshots": list(self._store), "sum": list(self._sum),
                 "evictions": self._evictions}
 
     def _load_extra_state(self, state: Mapping[str, Any]) -> None:
+        self.wait()
         self._store.clear()
         for step, tensors in zip(state["steps"], state["snapshots"], strict=True):
             self._store.append(int(step), list(tensors))
