@@ -578,6 +578,50 @@ def test_lawa_background_error_surfaces_at_the_next_call(monkeypatch) -> None:
         lawa.average()
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork exists only on POSIX")
+def test_lawa_keeps_working_in_a_forked_child(monkeypatch) -> None:
+    """A process that forks (DataLoader workers, a crash harness) after LAWA started its background thread:
+    the fork waits for the queued job, and the child, which has no copy of the thread, starts its own."""
+    import lawa_suite.averagers.lawa as lawa_module
+
+    real_push = lawa_module.window_push_
+
+    def slow_push(total, new):
+        time.sleep(0.3)  # still running when fork is called
+        real_push(total, new)
+    monkeypatch.setattr(lawa_module, "window_push_", slow_push)
+    model = bn_model()
+    online, inline = LAWA(k=3, nu=1), LAWA(k=3, nu=1, store="disk")
+    steps = trajectory(model, 6)
+    for _ in range(2):
+        step = next(steps)
+        online.observe(step, model)
+        inline.observe(step, model)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: finish the trajectory in both, report whether they agree bit for bit
+        ok = False
+        try:
+            for _ in range(4):
+                step = next(steps)
+                online.observe(step, model)
+                inline.observe(step, model)
+            a, b = online.average(), inline.average()
+            ok = a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+        finally:
+            os.write(write, b"same" if ok else b"different")
+            os._exit(0)
+    os.close(write)
+    deadline = time.monotonic() + 60
+    while os.waitpid(pid, os.WNOHANG) == (0, 0):
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            pytest.fail("the forked child hung on LAWA's background thread")
+        time.sleep(0.05)
+    assert os.read(read, 16) == b"same"
+    assert online.snapshot_steps == [1, 2]  # the parent's own averager is unaffected
+
+
 def test_bf16_updates_stage_into_persistent_fp32_buffers() -> None:
     model = bn_model(dtype=torch.bfloat16)
     ema = EMA(decay=0.9)

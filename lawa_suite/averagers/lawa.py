@@ -88,6 +88,25 @@ def window_worker() -> ThreadPoolExecutor:
         return _worker
 
 
+def _drain_before_fork() -> None:
+    """Finish every queued window job before ``fork``: the child gets no copy of the thread, so a job still
+    queued would never run there and a half-done one would leave its sums torn."""
+    with _worker_lock:
+        if _worker is not None:
+            try:
+                _worker.submit(lambda: None).result()  # one thread, jobs in order: this one runs last
+            except RuntimeError:  # shut down (interpreter exit): nothing left queued
+                pass
+
+
+def _forget_worker_in_child() -> None:
+    global _worker, _worker_lock
+    _worker, _worker_lock = None, threading.Lock()  # the child starts its own thread when it first needs one
+
+
+os.register_at_fork(before=_drain_before_fork, after_in_child=_forget_worker_in_child)
+
+
 # -- where the window's snapshots live ------------------------------------------------------------------
 class SnapshotStore(Protocol):
     """An ordered window of ``(step, tensors)`` snapshots, oldest first."""
