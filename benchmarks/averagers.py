@@ -219,7 +219,7 @@ def ours_lawa(k: int, blocking_only: bool = False) -> Callable[[nn.Module, torch
 
 
 def ours_eval_swap(model: nn.Module, dtype: torch.dtype) -> Built:
-    """What the loop's Scorer does per averager at an evaluation (its WeightSwap): save raw, load average(), restore."""
+    """What the loop's Scorer does per averager at an evaluation (its WeightSwap): save raw, load the average, restore."""
     from lawa_suite import registry
     from lawa_suite.train import WeightSwap
     avg = registry.averagers.create("ema", decay=DECAY)
@@ -228,9 +228,9 @@ def ours_eval_swap(model: nn.Module, dtype: torch.dtype) -> Built:
 
     def update() -> None:
         swap.save_raw()
-        swap.load(avg.average())
+        swap.load(avg)
         swap.restore_raw()
-    return Built(update, avg, "Scorer.score_all's WeightSwap: save raw, load average(), restore raw")
+    return Built(update, avg, "Scorer.score_all's WeightSwap: save raw, copy the average in, restore raw (floor: 3 copies)")
 
 
 def torch_averaged(kind: str) -> Callable[[nn.Module, torch.dtype], Built]:

@@ -228,8 +228,9 @@ class WeightSwap:
             self.raw = [torch.empty_like(t) for t in self.live]
         torch._foreach_copy_(self.raw, self.live)
 
-    def load(self, weights: dict[str, Tensor]) -> None:
-        torch._foreach_copy_(self.live, [weights[n] for n in self.names])
+    def load(self, averager: Averager) -> None:
+        """The averager's weights into the model, copied from its own tensors (no new set of weights)."""
+        averager.load_average_into(dict(zip(self.names, self.live)))
 
     def restore_raw(self) -> None:
         torch._foreach_copy_(self.live, self.raw)
@@ -260,7 +261,7 @@ class Scorer:
             if ready:
                 self.swap.save_raw()
                 for name, avg in ready.items():
-                    self.swap.load(avg.average())
+                    self.swap.load(avg)
                     if self.calibration and avg.needs_bn_recalibration:
                         with self.accelerator.autocast():
                             recalibrate_batchnorm(self.model, self.task, self.calibration)

@@ -622,6 +622,31 @@ def test_lawa_keeps_working_in_a_forked_child(monkeypatch) -> None:
     assert online.snapshot_steps == [1, 2]  # the parent's own averager is unaffected
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["ema", "swa", "lawa"])
+def test_load_average_into_equals_average_and_leaves_the_averager_alone(name, dtype) -> None:
+    """What evaluation uses: the average copied into the model's own tensors, bit for bit average(); editing
+    the model afterwards (training goes on) must not reach the accumulators it was copied from."""
+    model = bn_model(dtype=dtype)
+    avg = registry.averagers.create(name, **({"k": 2, "nu": 1} if name == "lawa" else {}))
+    avg.start_run(6)
+    target = bn_model(seed=5, dtype=dtype)
+    assert avg.load_average_into(target.state_dict()) is False  # not ready: nothing copied
+    assert not torch.equal(target.state_dict()["0.weight"], model.state_dict()["0.weight"])
+    steps = trajectory(model, 6)
+    for _ in range(6):
+        avg.observe(next(steps), model)
+    expected = avg.average()
+    assert avg.load_average_into(target.state_dict()) is True
+    assert_same(dict(target.state_dict()), expected)
+    with torch.no_grad():
+        for t in target.state_dict().values():
+            t.add_(1) if t.is_floating_point() else t.add_(7)
+    assert_same(avg.average(), expected)
+    with pytest.raises(KeyError, match="no target tensor for"):
+        avg.load_average_into({"0.weight": target.state_dict()["0.weight"]})
+
+
 def test_bf16_updates_stage_into_persistent_fp32_buffers() -> None:
     model = bn_model(dtype=torch.bfloat16)
     ema = EMA(decay=0.9)

@@ -14,7 +14,8 @@ Shared rules (design.md, "Averager semantics"):
   once and handed back under every name: averaging both would double the work and the memory for nothing.
 
 A subclass supplies ``Config`` (a dataclass whose fields are its ``<name>.<field>`` keys), ``wants``,
-``_update``, ``_averaged_floats``, ``ready`` and ``_extra_state`` / ``_load_extra_state``.
+``_update``, ``_averaged_floats``, ``ready`` and ``_extra_state`` / ``_load_extra_state``; optionally
+``_average_view`` (read-only averaged tensors, when its accumulators are the average: evaluation copies from them).
 """
 
 from __future__ import annotations
@@ -237,6 +238,25 @@ class Averager(ABC):
         for alias, source in self.layout.aliases:
             out[alias] = out[source]  # one tensor under both names, as in the model
         return {name: out[name] for name in self.layout.names}
+
+    def load_average_into(self, targets: Mapping[str, Tensor]) -> bool:
+        """Copy the averaged weights into ``targets`` (name -> a tensor of the layout's shape, such as the model's
+        own; aliases may be left out), casting to the targets' dtypes: fused copies from the averager's own
+        tensors, without a new full set of weights (evaluation swaps averages in this way). Bit for bit what
+        ``average()`` returns. False, leaving ``targets`` alone, before ready."""
+        if not self.ready or self.layout is None:
+            return False
+        names = self.layout.float_names + self.layout.other_names
+        if missing := [n for n in names if n not in targets]:
+            raise KeyError(f"{self.name}: load_average_into: no target tensor for {missing[:3]} "
+                           f"({len(missing)} of {len(names)} missing)")
+        torch._foreach_copy_([targets[n] for n in names], [*self._average_view(), *self._others])
+        return True
+
+    def _average_view(self) -> list[Tensor]:
+        """The averaged float tensors in layout order, read only: they may be the accumulators themselves.
+        ``load_average_into`` copies from them; an averager whose accumulators are its average overrides this."""
+        return self._averaged_floats()
 
     @property
     @abstractmethod

@@ -80,6 +80,9 @@ class EMA(Averager):
         # caller that edits the returned average in place must not edit the EMA.
         return [a.clone() for a in self._avg]
 
+    def _average_view(self) -> list[Tensor]:
+        return list(self._avg)  # the accumulators are the average: evaluation copies straight from them
+
     def _extra_state(self) -> dict[str, Any]:
         return {"average": list(self._avg)}
 

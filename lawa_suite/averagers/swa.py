@@ -107,6 +107,9 @@ class SWA(Averager):
         # Copies: the base casts with .to(dtype), which returns the accumulator itself for fp32 models.
         return [a.clone() for a in self._avg]
 
+    def _average_view(self) -> list[Tensor]:
+        return list(self._avg)  # the accumulators are the average: evaluation copies straight from them
+
     def _extra_state(self) -> dict[str, Any]:
         return {"average": list(self._avg), "count": self._count, "total_steps": self._total_steps}
 
