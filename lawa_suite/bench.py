@@ -36,7 +36,7 @@ from typing import Any, Callable
 
 import yaml
 
-from lawa_suite.config import ConfigError, ResolvedConfig, parse_overrides, resolve
+from lawa_suite.config import ConfigError, ResolvedConfig, parse_overrides, resolve, split_list
 
 __all__ = ["Bench", "Cell", "load_bench", "cells", "cell_config", "cell_status", "run_bench", "emit",
            "register_variants", "BENCH_FILE"]
@@ -105,7 +105,7 @@ class Cell:
 
 # -- parsing -------------------------------------------------------------------------------------------------
 def _as_list(key: str, value: Any, kind: Callable[[str], Any], allowed: str) -> list[Any]:
-    items = value if isinstance(value, list) else str(value).strip("[]").split(",")
+    items = value if isinstance(value, list) else split_list(str(value))
     try:
         parsed = [kind(str(v).strip()) for v in items if str(v).strip()]
     except ValueError:

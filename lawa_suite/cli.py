@@ -83,16 +83,13 @@ def report(
     task: seed-mean curves with bands, steps to target, the high-vs-low learning-rate gap, the LAWA claims)."""
     import os
 
-    from lawa_suite.report import find_runs, write_bench_report, write_report
-
-    def is_run(path: Path) -> bool:
-        return (path / "metrics.jsonl").is_file() and (path / "config.yaml").is_file()
+    from lawa_suite.report import find_runs, is_run_dir, write_bench_report, write_report
 
     for path in paths:
         if not path.is_dir() or not find_runs([path]):
             raise fail(f"{path}: not a run directory (expected config.yaml and metrics.jsonl in it) nor a folder "
                        f"holding run directories", 2)
-    if len(paths) == 1 and is_run(paths[0]) and out is None:
+    if len(paths) == 1 and is_run_dir(paths[0]) and out is None:
         typer.echo(write_report(paths[0]))
         return
     target = out or (paths[0] if len(paths) == 1 else Path(os.path.commonpath([p.resolve() for p in paths])))

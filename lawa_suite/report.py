@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,16 +79,11 @@ def summarise(curves: Curves, directions: dict[str, str]) -> tuple[list[str], li
             points = curves[weights].get(metric, [])
             if not points:
                 continue
-            direction = _direction(metric, directions)
-            best = points[0]
-            for point in points[1:]:
-                if _better(direction, point[1], best[1]):
-                    best = point
-            row[metric] = {"final": points[-1][1], "final_step": points[-1][0], "best": best[1], "best_step": best[0]}
+            best, best_step = best_point(points, _direction(metric, directions))
+            row[metric] = {"final": points[-1][1], "final_step": points[-1][0], "best": best, "best_step": best_step}
         if headline and raw_final is not None and headline in curves[weights]:
-            direction = _direction(headline, directions)
-            reached = [s for s, v in curves[weights][headline] if v == raw_final or _better(direction, v, raw_final)]
-            row["steps_to_raw_final"] = reached[0] if reached else None
+            row["steps_to_raw_final"] = first_reaching(curves[weights][headline], raw_final,
+                                                       _direction(headline, directions))
         rows.append(row)
     return metrics, rows
 
@@ -214,15 +210,25 @@ class Band:
     def at(self, step: int) -> float | None:
         return self.mean[self.steps.index(step)] if step in self.steps else None
 
+    @property
+    def points(self) -> list[tuple[int, float]]:
+        """(step, seed-mean value) pairs."""
+        return list(zip(self.steps, self.mean))
+
+
+def is_run_dir(path: Path) -> bool:
+    """A run folder: its config.yaml and metrics.jsonl."""
+    return (path / "config.yaml").is_file() and (path / "metrics.jsonl").is_file()
+
 
 def find_runs(paths: list[Path]) -> list[Path]:
     """Run folders (config.yaml + metrics.jsonl) among ``paths`` and below them (a bench folder), sorted."""
     found: list[Path] = []
     for path in map(Path, paths):
-        if (path / "config.yaml").is_file() and (path / "metrics.jsonl").is_file():
+        if is_run_dir(path):
             found.append(path)
         elif path.is_dir():
-            found += sorted(p.parent for p in path.rglob("metrics.jsonl") if (p.parent / "config.yaml").is_file())
+            found += sorted(p.parent for p in path.rglob("metrics.jsonl") if is_run_dir(p.parent))
     return list(dict.fromkeys(found))
 
 
@@ -245,17 +251,21 @@ def seed_band(runs: list[RunRecord], weights: str, metric: str) -> Band | None:
                 len(series))
 
 
-def first_reaching(band: Band, target: float, direction: str) -> int | None:
-    for step, value in zip(band.steps, band.mean):
+def first_reaching(points: Iterable[tuple[int, float]], target: float, direction: str) -> int | None:
+    """The first step whose value is ``target`` or better, or None."""
+    for step, value in points:
         if value == target or _better(direction, value, target):
             return step
     return None
 
 
-def _best(band: Band, direction: str) -> tuple[float, int]:
-    pick = max if direction == "max" else min
-    value = pick(band.mean)
-    return value, band.steps[band.mean.index(value)]
+def best_point(points: Iterable[tuple[int, float]], direction: str) -> tuple[float, int]:
+    """The best value and its step; ties go to the earliest step."""
+    best_step, best = None, None
+    for step, value in points:
+        if best is None or _better(direction, value, best):
+            best_step, best = step, value
+    return best, best_step
 
 
 def _gain(direction: str, raw: float, other: float) -> float:
@@ -288,13 +298,13 @@ def summarise_lr(lr: float, runs: list[RunRecord], headline: str, direction: str
     if raw is None:
         return summary
     summary.target_final = sum(raw.mean[-SMOOTH:]) / len(raw.mean[-SMOOTH:])
-    summary.target_best = _best(raw, direction)[0]
-    raw_final_at = first_reaching(raw, summary.target_final, direction)
-    raw_best_at = first_reaching(raw, summary.target_best, direction)
+    summary.target_best = best_point(raw.points, direction)[0]
+    raw_final_at = first_reaching(raw.points, summary.target_final, direction)
+    raw_best_at = first_reaching(raw.points, summary.target_best, direction)
     for name, band in bands.items():
-        best, best_step = _best(band, direction)
-        to_final = first_reaching(band, summary.target_final, direction)
-        to_best = first_reaching(band, summary.target_best, direction)
+        best, best_step = best_point(band.points, direction)
+        to_final = first_reaching(band.points, summary.target_final, direction)
+        to_best = first_reaching(band.points, summary.target_best, direction)
         summary.rows.append({
             "weights": name, "final": band.mean[-1], "final_low": band.low[-1], "final_high": band.high[-1],
             "best": best, "best_step": best_step, "to_final": to_final, "to_best": to_best,
