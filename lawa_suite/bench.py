@@ -153,9 +153,9 @@ def _task_specs(value: Any) -> list[TaskSpec]:
         return [TaskSpec(name) for name in _as_list("tasks", value, str, "a comma list of task names")]
     specs = []
     for name, body in value.items():
-        body = dict(body or {})
-        if not isinstance(body, dict):
+        if not isinstance(body, (dict, type(None))):  # checked before dict(): dict(5) would be a TypeError
             raise ConfigError(f"tasks.{name}: expected a mapping of settings, got {body!r}")
+        body = dict(body or {})
         spec = TaskSpec(str(name))
         if "lrs" in body:
             spec.lrs = _lrs(f"tasks.{name}.lrs", body.pop("lrs"))

@@ -188,5 +188,11 @@ def test_bad_bench_file_keys(tmp_path):
     spec.write_text("tasks: toy\nvariants: {early: {start: 0.1}}\n")
     result = runner.invoke(app, ["bench", str(spec)])
     assert result.exit_code == 2 and "variants.early: expected {of: <averager>" in result.output
+    for body in ("5", "[a, b]"):  # a task's settings that are not a mapping: one line, not a traceback
+        spec.write_text(f"tasks: {{toy: {body}}}\n")
+        result = runner.invoke(app, ["bench", str(spec)])
+        assert result.exit_code == 2 and "tasks.toy: expected a mapping of settings" in result.output, result.output
+    spec.write_text("tasks: {toy: }\n")  # an empty body is the task with no settings of its own
+    assert runner.invoke(app, ["bench", str(spec), "--dry-run"]).exit_code == 0
     result = runner.invoke(app, ["bench", str(tmp_path / "missing.yaml")])
     assert result.exit_code == 2 and "not found" in result.output
