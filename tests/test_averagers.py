@@ -68,6 +68,14 @@ def assert_same(a: dict[str, Tensor] | None, b: dict[str, Tensor] | None) -> Non
         assert torch.equal(a[name], b[name]), name
 
 
+def observe_all(averagers: list[Averager], model: nn.Module, steps: Iterator[int], n: int) -> None:
+    """The next ``n`` steps of ``steps`` into every averager."""
+    for _ in range(n):
+        step = next(steps)
+        for avg in averagers:
+            avg.observe(step, model)
+
+
 def tensors_in(state: Any) -> list[Tensor]:
     """Every tensor in nested dicts and lists."""
     if isinstance(state, Tensor):
@@ -550,11 +558,7 @@ def test_lawa_window_arithmetic_runs_off_the_calling_thread_and_is_waited_for(mo
     monkeypatch.setattr(lawa_module, "window_push_", slow_push)
     model = bn_model()
     online, inline = LAWA(k=3, nu=1), LAWA(k=3, nu=1, store="disk")
-    steps = trajectory(model, 7)
-    for _ in range(7):
-        step = next(steps)
-        online.observe(step, model)
-        inline.observe(step, model)
+    observe_all([online, inline], model, trajectory(model, 7), 7)
     assert any(name.startswith("lawa-window") for name in threads)
     assert_same(online.average(), inline.average())        # bit for bit what the inline arithmetic gives
     restored = LAWA(k=3, nu=1)
@@ -593,19 +597,13 @@ def test_lawa_keeps_working_in_a_forked_child(monkeypatch) -> None:
     model = bn_model()
     online, inline = LAWA(k=3, nu=1), LAWA(k=3, nu=1, store="disk")
     steps = trajectory(model, 6)
-    for _ in range(2):
-        step = next(steps)
-        online.observe(step, model)
-        inline.observe(step, model)
+    observe_all([online, inline], model, steps, 2)
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: finish the trajectory in both, report whether they agree bit for bit
         ok = False
         try:
-            for _ in range(4):
-                step = next(steps)
-                online.observe(step, model)
-                inline.observe(step, model)
+            observe_all([online, inline], model, steps, 4)
             a, b = online.average(), inline.average()
             ok = a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
         finally:

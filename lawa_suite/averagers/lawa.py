@@ -311,27 +311,30 @@ class LAWA(Averager):
         """Put ``floats`` into the window now; return the window-sum arithmetic that goes with it."""
         store, k = self._store, self.config.k
         if not self._sum:
-            store.append(step, floats)
-            new = store.newest() if isinstance(store, MemorySnapshots) else floats
+            new = self._append(step, floats)
             return lambda: setattr(self, "_sum", accumulator_copy(new))
         if len(store) < k:
-            store.append(step, floats)
-            new = store.newest() if isinstance(store, MemorySnapshots) else floats
+            new = self._append(step, floats)
             return lambda: window_push_(self._sum, staged_like(new, self._sum, self._staging))
         self._evictions += 1
         if self._evictions % k == 0:  # drift control: an exact sum of the window, amortised O(1)
             store.drop_oldest()  # its buffers take the new snapshot
-            store.append(step, floats)
+            self._append(step, floats)
             return lambda: window_resum_(self._sum, store)
         old = store.pop_oldest()
-        store.append(step, floats)
-        new = store.newest() if isinstance(store, MemorySnapshots) else floats
+        new = self._append(step, floats)
 
         def slide() -> None:
             torch._foreach_sub_(self._sum, staged_like(old, self._sum, self._staging))
             window_push_(self._sum, staged_like(new, self._sum, self._staging))
             store.recycle(old)  # the next snapshot is copied into these buffers
         return slide
+
+    def _append(self, step: int, floats: list[Tensor]) -> list[Tensor]:
+        """Append ``floats`` to the window; return what the arithmetic reads: the stored copy when the window is
+        in memory (the live weights change at the next step), else ``floats`` (the arithmetic runs now)."""
+        self._store.append(step, floats)
+        return self._store.newest() if isinstance(self._store, MemorySnapshots) else floats
 
     def wait(self) -> None:
         """Wait for the background window-sum job, if any (re-raising its error)."""
