@@ -100,7 +100,7 @@ def naive_average(files: list[Path], out: Path) -> None:
 
     total = None
     for file in files:
-        state = torch.load(file, map_location="cpu")
+        state = torch.load(file, map_location="cpu", weights_only=True)  # torch's default since 2.6, said outright
         if total is None:
             total = {name: t.float().clone() for name, t in state.items()}
         else:
@@ -178,7 +178,7 @@ def max_difference(suite_out: Path, naive_out: Path) -> float:
     import torch
     from safetensors import safe_open
 
-    naive = torch.load(naive_out, map_location="cpu", mmap=True)
+    naive = torch.load(naive_out, map_location="cpu", mmap=True, weights_only=True)
     worst = 0.0
     with safe_open(str(suite_out), framework="pt") as f:
         assert sorted(f.keys()) == sorted(naive), "the two outputs hold different tensors"
