@@ -551,10 +551,10 @@ def test_lawa_window_arithmetic_runs_off_the_calling_thread_and_is_waited_for(mo
     threads = []
     real_push = lawa_module.window_push_
 
-    def slow_push(total, new):
+    def slow_push(total, new, *rest):
         threads.append(threading.current_thread().name)
         time.sleep(0.2)  # the caller must wait for this before it reads the sum
-        real_push(total, new)
+        real_push(total, new, *rest)
     monkeypatch.setattr(lawa_module, "window_push_", slow_push)
     model = bn_model()
     online, inline = LAWA(k=3, nu=1), LAWA(k=3, nu=1, store="disk")
@@ -574,7 +574,7 @@ def test_lawa_background_error_surfaces_at_the_next_call(monkeypatch) -> None:
     steps = trajectory(model, 3)
     lawa.observe(next(steps), model)
 
-    def broken(total, new):
+    def broken(total, new, *rest):
         raise RuntimeError("window arithmetic failed")
     monkeypatch.setattr(lawa_module, "window_push_", broken)
     lawa.observe(next(steps), model)
@@ -590,9 +590,9 @@ def test_lawa_keeps_working_in_a_forked_child(monkeypatch) -> None:
 
     real_push = lawa_module.window_push_
 
-    def slow_push(total, new):
+    def slow_push(total, new, *rest):
         time.sleep(0.3)  # still running when fork is called
-        real_push(total, new)
+        real_push(total, new, *rest)
     monkeypatch.setattr(lawa_module, "window_push_", slow_push)
     model = bn_model()
     online, inline = LAWA(k=3, nu=1), LAWA(k=3, nu=1, store="disk")
@@ -618,6 +618,116 @@ def test_lawa_keeps_working_in_a_forked_child(monkeypatch) -> None:
         time.sleep(0.05)
     assert os.read(read, 16) == b"same"
     assert online.snapshot_steps == [1, 2]  # the parent's own averager is unaffected
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs a CUDA device: LAWA's queued-copy path exists only there")
+
+
+def on_cpu(state: Any) -> Any:
+    """``state`` with every tensor moved to the CPU (nested dicts and lists)."""
+    if isinstance(state, Tensor):
+        return state.cpu()
+    if isinstance(state, dict):
+        return {k: on_cpu(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return [on_cpu(v) for v in state]
+    return state
+
+
+def set_weights(live: dict[str, Tensor], state: dict[str, Tensor]) -> None:
+    """Overwrite a model's tensors in place, as an optimizer step does (LAWA's copy must come first)."""
+    for name, t in live.items():
+        t.copy_(state[name])
+
+
+def test_lawa_queued_path_bookkeeping_on_the_cpu(monkeypatch) -> None:
+    """The CUDA path's bookkeeping, run on the CPU with a stand-in for CUDA events: the arithmetic runs in the
+    calling thread from the live weights (no background job), an event is recorded after each snapshot, and
+    the host copies are read (next snapshot, state_dict, average) only after synchronizing on it."""
+    import lawa_suite.averagers.lawa as lawa_module
+
+    events = []
+
+    class StandInEvent:
+        def __init__(self) -> None:
+            self.recorded = self.synchronized = False
+            events.append(self)
+
+        def record(self, stream: Any = None) -> None:
+            self.recorded = True
+
+        def synchronize(self) -> None:
+            self.synchronized = True
+
+    monkeypatch.setattr(torch.cuda, "Event", StandInEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
+    monkeypatch.setattr(LAWA, "_on_cuda", lambda self, floats: isinstance(self._store, lawa_module.MemorySnapshots))
+    monkeypatch.setattr(lawa_module, "window_worker", lambda: pytest.fail("the queued path needs no thread"))
+    model = bn_model()
+    queued, reference = LAWA(k=3, nu=1), LAWA(k=3, nu=1, store="disk")
+    observe_all([queued, reference], model, trajectory(model, 10), 10)  # fills, slides, recomputes
+    assert len(events) == 10 and all(e.recorded for e in events)
+    assert all(e.synchronized for e in events[:-1]) and not events[-1].synchronized  # each snapshot: the last's
+    state = queued.state_dict()
+    assert events[-1].synchronized
+    assert_equal_states(state["state"], reference.state_dict()["state"])
+    assert_same(queued.average(), reference.average())
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lawa_on_cuda_equals_lawa_on_cpu_bit_for_bit(dtype) -> None:
+    """CUDA weights: snapshots go to pinned host memory unwaited, the sum is updated on the device. Through the
+    window filling, sliding, recomputing and a state round trip mid-run, the numbers are the CPU's exactly."""
+    states = [{n: t.to(dtype) if t.is_floating_point() else t for n, t in s.items()} for s in recorded(11)]
+    model = bn_model(dtype=dtype).cuda()
+    live = model.state_dict()
+    on_device, reference = LAWA(k=3, nu=1), LAWA(k=3, nu=1)
+    on_device.check_finite = False  # as in the loop, whose one NaN/Inf check per step is its host sync
+    for step, state in enumerate(states, start=1):
+        set_weights(live, state)
+        on_device.observe(step, model)
+        reference.observe(step, state)
+        if step == 6:
+            restored = LAWA(k=3, nu=1)
+            restored.load_state_dict(on_device.state_dict())
+            on_device = restored
+    assert_equal_states(on_cpu(on_device.state_dict()), reference.state_dict())  # snapshots and sum, bitwise
+    assert all(t.is_pinned() for snapshot in on_device._store for t in snapshot)
+    average = on_device.average()
+    assert average is not None and all(t.is_cuda for t in average.values())
+    # sum / k: a device may round the division differently by an ulp; a misordered copy is far larger
+    torch.testing.assert_close(on_cpu(average), reference.average())
+
+
+@needs_cuda
+def test_lawa_on_cuda_takes_a_snapshot_without_waiting_for_the_device() -> None:
+    """With a second of device work queued, a snapshot step returns at once; ``average()`` then waits, and the
+    result is right (the copy happened before the weights changed)."""
+    states = recorded(8)
+    model = bn_model().cuda()
+    live = model.state_dict()
+    lawa = LAWA(k=2, nu=1)
+    lawa.check_finite = False
+    for step in range(1, 7):  # past the first fill, slide and recompute: pinned spares exist
+        set_weights(live, states[step - 1])
+        lawa.observe(step, model)
+    set_weights(live, states[6])
+    torch.cuda.synchronize()
+    torch.cuda._sleep(int(2e9))  # about a second of device time ahead of the snapshot
+    start = time.perf_counter()
+    lawa.observe(7, model)  # a slide: copy the new weights off the device, upload and subtract the leaving ones
+    queued_for = time.perf_counter() - start
+    set_weights(live, states[7])  # the next optimizer step: stream order keeps it behind the copy
+    average = lawa.average()
+    waited_for = time.perf_counter() - start
+    assert queued_for < 0.25 * waited_for, f"the snapshot step waited {queued_for:.3f} s of {waited_for:.3f} s"
+    reference = LAWA(k=2, nu=1)
+    for step, state in enumerate(states[:7], start=1):
+        reference.observe(step, state)
+    assert_equal_states(on_cpu(lawa.state_dict()["state"]), reference.state_dict()["state"])
+    torch.testing.assert_close(on_cpu(average), reference.average())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

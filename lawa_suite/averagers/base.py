@@ -76,13 +76,15 @@ def accumulator_copy(floats: list[Tensor]) -> list[Tensor]:
             for t in floats]
 
 
-def cast_like(tensors: list[Tensor], like: list[Tensor]) -> list[Tensor]:
-    """``tensors[i]`` in the dtype and on the device of ``like[i]``; tensors that already match pass through."""
-    return [t if (t.dtype == ref.dtype and t.device == ref.device) else t.to(device=ref.device, dtype=ref.dtype)
-            for t, ref in zip(tensors, like)]
+def cast_like(tensors: list[Tensor], like: list[Tensor], non_blocking: bool = False) -> list[Tensor]:
+    """``tensors[i]`` in the dtype and on the device of ``like[i]``; tensors that already match pass through.
+    ``non_blocking``: uploads from pinned host memory are queued on the device's stream, not waited for."""
+    return [t if (t.dtype == ref.dtype and t.device == ref.device)
+            else t.to(device=ref.device, dtype=ref.dtype, non_blocking=non_blocking) for t, ref in zip(tensors, like)]
 
 
-def staged_like(tensors: list[Tensor], like: list[Tensor], staging: list[Tensor | None]) -> list[Tensor]:
+def staged_like(tensors: list[Tensor], like: list[Tensor], staging: list[Tensor | None],
+                non_blocking: bool = False) -> list[Tensor]:
     """``cast_like`` without allocating per call: entries whose dtype or device differ from ``like`` are copied
     into persistent ``staging`` buffers (filled on first use), so a bf16 model's update into fp32 accumulators
     costs one fused copy instead of a fresh fp32 copy of the weights every step."""
@@ -91,7 +93,7 @@ def staged_like(tensors: list[Tensor], like: list[Tensor], staging: list[Tensor 
                       for t, r in zip(tensors, like)]
     pairs = [(buffer, t) for buffer, t in zip(staging, tensors) if buffer is not None]
     if pairs:
-        torch._foreach_copy_([b for b, _ in pairs], [t for _, t in pairs])
+        torch._foreach_copy_([b for b, _ in pairs], [t for _, t in pairs], non_blocking=non_blocking)
     return [t if buffer is None else buffer for t, buffer in zip(tensors, staging)]
 
 

@@ -21,6 +21,13 @@ the process share, overlapping the next training steps. Anything that reads the 
 ``state_dict()``, the next snapshot) first waits for it, so results are bit for bit those of doing it inline.
 The leaving snapshot's buffers are reused once its subtraction is done, so ``store=cpu`` holds ``k + 1``
 snapshots after the window first slides (``k`` plus that spare).
+
+With ``store=cpu`` and weights on a CUDA device, the training thread never waits for the device either: the
+snapshot goes into pinned host buffers with a non-blocking copy, and the window-sum arithmetic (on the device,
+reading the live weights for the new member and a non-blocking upload of the leaving one) is queued on the
+same stream right away, so no thread is needed and stream order keeps the copy ahead of the next optimizer
+step. An event recorded after that work is what ``wait()`` (and so ``average()``, ``state_dict()`` and the
+next snapshot, ``nu`` steps later) synchronizes on before the host reads the copies.
 """
 
 from __future__ import annotations
@@ -44,8 +51,8 @@ from lawa_suite import registry
 from lawa_suite.averagers.base import Averager, accumulator_copy, cast_like, follow_devices, is_count, staged_like
 from lawa_suite.config import choice, require
 
-__all__ = ["LAWA", "snapshot_copy", "window_push_", "window_resum_", "window_mean", "window_worker",
-           "MemorySnapshots", "DiskSnapshots"]
+__all__ = ["LAWA", "snapshot_copy", "pinned_snapshot_copy", "window_push_", "window_resum_", "window_mean",
+           "window_worker", "MemorySnapshots", "DiskSnapshots"]
 
 
 # -- the window sum: pure helpers ---------------------------------------------------------------------
@@ -54,18 +61,30 @@ def snapshot_copy(floats: list[Tensor]) -> list[Tensor]:
     return [t.detach().to("cpu", copy=True, memory_format=torch.contiguous_format) for t in floats]
 
 
-@torch.no_grad()
-def window_push_(total: list[Tensor], new: list[Tensor]) -> None:
-    """``total += new`` in place (``new`` cast to the accumulator's dtype and device)."""
-    torch._foreach_add_(total, cast_like(new, total))
+def pinned_snapshot_copy(floats: list[Tensor]) -> list[Tensor]:
+    """Host copies of CUDA tensors ``floats`` in pinned memory, queued on the current stream and not waited for:
+    read them on the host only after synchronizing. Where pinned memory runs out, plain copies (they wait)."""
+    try:
+        host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in floats]
+    except RuntimeError:  # cudaHostAlloc failed: page-locked memory is limited by the OS
+        return snapshot_copy(floats)
+    torch._foreach_copy_(host, [t.detach() for t in floats], non_blocking=True)
+    return host
 
 
 @torch.no_grad()
-def window_resum_(total: list[Tensor], snapshots: Iterable[list[Tensor]]) -> None:
+def window_push_(total: list[Tensor], new: list[Tensor], non_blocking: bool = False) -> None:
+    """``total += new`` in place (``new`` cast to the accumulator's dtype and device; ``non_blocking``: an upload
+    from pinned host memory is queued, not waited for)."""
+    torch._foreach_add_(total, cast_like(new, total, non_blocking))
+
+
+@torch.no_grad()
+def window_resum_(total: list[Tensor], snapshots: Iterable[list[Tensor]], non_blocking: bool = False) -> None:
     """``total`` <- the exact sum of ``snapshots``, in place (no new accumulators)."""
     torch._foreach_zero_(total)
     for snapshot in snapshots:
-        window_push_(total, snapshot)
+        window_push_(total, snapshot, non_blocking)
 
 
 @torch.no_grad()
@@ -161,13 +180,15 @@ class MemorySnapshots(_StepWindow):
         self._tensors.append(self._copy(tensors))
 
     def _copy(self, tensors: list[Tensor]) -> list[Tensor]:
-        """Into spare buffers when they fit (one fused copy, no fresh pages to fault in), else fresh ones."""
+        """Into spare buffers when they fit (one fused copy, no fresh pages to fault in), else fresh ones. From a
+        CUDA device the copy is queued, not waited for (pinned buffers; see ``pinned_snapshot_copy``)."""
+        from_cuda = bool(tensors) and all(t.is_cuda for t in tensors)
         spare = self._spares.pop() if self._spares else None
         if spare is not None and all(b.shape == t.shape and b.dtype == t.dtype for b, t in zip(spare, tensors)) \
-                and len(spare) == len(tensors):
-            torch._foreach_copy_(spare, [t.detach() for t in tensors])
+                and len(spare) == len(tensors) and (not from_cuda or all(b.is_pinned() for b in spare)):
+            torch._foreach_copy_(spare, [t.detach() for t in tensors], non_blocking=from_cuda)
             return spare
-        return snapshot_copy(tensors)
+        return pinned_snapshot_copy(tensors) if from_cuda else snapshot_copy(tensors)
 
     def pop_oldest(self) -> list[Tensor]:
         self._steps.popleft()
@@ -273,6 +294,7 @@ class LAWA(Averager):
         self._sum: list[Tensor] = []  # sum of the window's snapshots in the accumulation dtype, layout order
         self._evictions = 0           # snapshots that left the window; the sum is recomputed every k of them
         self._pending: Future | None = None  # the window-sum job running on the background thread (store=cpu)
+        self._queued: Any = None      # CUDA event after the last snapshot's queued copies and arithmetic
 
     @property
     def ready(self) -> bool:
@@ -297,50 +319,66 @@ class LAWA(Averager):
         newest = self._store.newest_step
         if newest is not None and step <= newest:  # a repeated step would count twice (and overwrite a disk file)
             raise ValueError(f"lawa: snapshot steps must increase: got step {step} after {newest}")
-        self.wait()
+        self.wait()  # on CUDA: the previous snapshot's event, nu steps old, long since passed
         if self._sum:
             self._sum = follow_devices(self._sum, floats)
-        if isinstance(self._store, MemorySnapshots):
+        if self._on_cuda(floats):
+            # copies and arithmetic queued on the device's stream, in order; the host goes on at once
+            self._take_snapshot(step, floats)()
+            self._queued = torch.cuda.Event()
+            self._queued.record(torch.cuda.current_stream(floats[0].device))
+        elif isinstance(self._store, MemorySnapshots):
             # copy now (the weights change at the next step); do the arithmetic on the stored copy, off this thread
             arithmetic = self._take_snapshot(step, floats)
             self._pending = window_worker().submit(arithmetic)
         else:  # disk or a post-hoc reader: the arithmetic reads from where the snapshots are, inline
             self._take_snapshot(step, floats)()
 
+    def _on_cuda(self, floats: list[Tensor]) -> bool:
+        """Whether this snapshot takes the queued path: the window in host memory, the weights on CUDA."""
+        return isinstance(self._store, MemorySnapshots) and bool(floats) and all(t.is_cuda for t in floats)
+
     def _take_snapshot(self, step: int, floats: list[Tensor]) -> Callable[[], None]:
         """Put ``floats`` into the window now; return the window-sum arithmetic that goes with it."""
         store, k = self._store, self.config.k
+        queued = self._on_cuda(floats)  # uploads of host copies are queued too (they come from pinned memory)
         if not self._sum:
             new = self._append(step, floats)
             return lambda: setattr(self, "_sum", accumulator_copy(new))
         if len(store) < k:
             new = self._append(step, floats)
-            return lambda: window_push_(self._sum, staged_like(new, self._sum, self._staging))
+            return lambda: window_push_(self._sum, staged_like(new, self._sum, self._staging, queued))
         self._evictions += 1
         if self._evictions % k == 0:  # drift control: an exact sum of the window, amortised O(1)
             store.drop_oldest()  # its buffers take the new snapshot
             self._append(step, floats)
-            return lambda: window_resum_(self._sum, store)
+            return lambda: window_resum_(self._sum, store, queued)
         old = store.pop_oldest()
         new = self._append(step, floats)
 
         def slide() -> None:
-            torch._foreach_sub_(self._sum, staged_like(old, self._sum, self._staging))
-            window_push_(self._sum, staged_like(new, self._sum, self._staging))
-            store.recycle(old)  # the next snapshot is copied into these buffers
+            torch._foreach_sub_(self._sum, staged_like(old, self._sum, self._staging, queued))
+            window_push_(self._sum, staged_like(new, self._sum, self._staging, queued))
+            store.recycle(old)  # the next snapshot is copied into these buffers (queued after this upload)
         return slide
 
     def _append(self, step: int, floats: list[Tensor]) -> list[Tensor]:
-        """Append ``floats`` to the window; return what the arithmetic reads: the stored copy when the window is
-        in memory (the live weights change at the next step), else ``floats`` (the arithmetic runs now)."""
+        """Append ``floats`` to the window; return what the arithmetic reads: the stored copy when the arithmetic
+        runs later on the background thread (the live weights change at the next step), else ``floats`` (the
+        arithmetic runs, or on CUDA is queued, now)."""
+        background = isinstance(self._store, MemorySnapshots) and not self._on_cuda(floats)
         self._store.append(step, floats)
-        return self._store.newest() if isinstance(self._store, MemorySnapshots) else floats
+        return self._store.newest() if background else floats
 
     def wait(self) -> None:
-        """Wait for the background window-sum job, if any (re-raising its error)."""
+        """Wait for the background window-sum job (re-raising its error), and on CUDA for the queued copies and
+        arithmetic of the last snapshot: after this the host copies may be read."""
         pending, self._pending = self._pending, None
+        queued, self._queued = self._queued, None
         if pending is not None:
             pending.result()
+        if queued is not None:
+            queued.synchronize()
 
     def _averaged_floats(self) -> list[Tensor]:
         self.wait()
