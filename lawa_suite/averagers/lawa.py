@@ -324,37 +324,39 @@ class LAWA(Averager):
             self._sum = follow_devices(self._sum, floats)
         if self._on_cuda(floats):
             # copies and arithmetic queued on the device's stream, in order; the host goes on at once
-            self._take_snapshot(step, floats)()
+            self._take_snapshot(step, floats, queued=True)()
             self._queued = torch.cuda.Event()
             self._queued.record(torch.cuda.current_stream(floats[0].device))
         elif isinstance(self._store, MemorySnapshots):
             # copy now (the weights change at the next step); do the arithmetic on the stored copy, off this thread
-            arithmetic = self._take_snapshot(step, floats)
+            arithmetic = self._take_snapshot(step, floats, queued=False)
             self._pending = window_worker().submit(arithmetic)
         else:  # disk or a post-hoc reader: the arithmetic reads from where the snapshots are, inline
-            self._take_snapshot(step, floats)()
+            self._take_snapshot(step, floats, queued=False)()
 
     def _on_cuda(self, floats: list[Tensor]) -> bool:
         """Whether this snapshot takes the queued path: the window in host memory, the weights on CUDA."""
         return isinstance(self._store, MemorySnapshots) and bool(floats) and all(t.is_cuda for t in floats)
 
-    def _take_snapshot(self, step: int, floats: list[Tensor]) -> Callable[[], None]:
-        """Put ``floats`` into the window now; return the window-sum arithmetic that goes with it."""
+    def _take_snapshot(self, step: int, floats: list[Tensor], queued: bool) -> Callable[[], None]:
+        """Put ``floats`` into the window now; return the window-sum arithmetic that goes with it. ``queued``: the
+        CUDA path, whose uploads of host copies are queued too (they come from pinned memory)."""
         store, k = self._store, self.config.k
-        queued = self._on_cuda(floats)  # uploads of host copies are queued too (they come from pinned memory)
+        # on the background thread the arithmetic reads the stored copy: the live weights change at the next step
+        later = isinstance(store, MemorySnapshots) and not queued
         if not self._sum:
-            new = self._append(step, floats)
+            new = self._append(step, floats, later)
             return lambda: setattr(self, "_sum", accumulator_copy(new))
         if len(store) < k:
-            new = self._append(step, floats)
+            new = self._append(step, floats, later)
             return lambda: window_push_(self._sum, staged_like(new, self._sum, self._staging, queued))
         self._evictions += 1
         if self._evictions % k == 0:  # drift control: an exact sum of the window, amortised O(1)
             store.drop_oldest()  # its buffers take the new snapshot
-            self._append(step, floats)
+            store.append(step, floats)
             return lambda: window_resum_(self._sum, store, queued)
         old = store.pop_oldest()
-        new = self._append(step, floats)
+        new = self._append(step, floats, later)
 
         def slide() -> None:
             torch._foreach_sub_(self._sum, staged_like(old, self._sum, self._staging, queued))
@@ -362,13 +364,11 @@ class LAWA(Averager):
             store.recycle(old)  # the next snapshot is copied into these buffers (queued after this upload)
         return slide
 
-    def _append(self, step: int, floats: list[Tensor]) -> list[Tensor]:
-        """Append ``floats`` to the window; return what the arithmetic reads: the stored copy when the arithmetic
-        runs later on the background thread (the live weights change at the next step), else ``floats`` (the
-        arithmetic runs, or on CUDA is queued, now)."""
-        background = isinstance(self._store, MemorySnapshots) and not self._on_cuda(floats)
+    def _append(self, step: int, floats: list[Tensor], later: bool) -> list[Tensor]:
+        """Append ``floats`` to the window; return what the arithmetic reads: the stored copy when it runs
+        ``later`` (on the background thread), else ``floats`` (it runs, or on CUDA is queued, now)."""
         self._store.append(step, floats)
-        return self._store.newest() if background else floats
+        return self._store.newest() if later else floats
 
     def wait(self) -> None:
         """Wait for the background window-sum job (re-raising its error), and on CUDA for the queued copies and
