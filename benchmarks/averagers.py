@@ -51,26 +51,14 @@ from torch import nn
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 
+from _shapes import gpt2_small_shapes  # noqa: E402 - benchmarks/ is sys.path[0] when this script runs
+from lawa_suite.files import first_line  # noqa: E402
+
 DECAY = 0.999
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 # -- the parameter set ------------------------------------------------------------------------------------------
-def gpt2_small_shapes(layers: int = 12, width: int = 768, vocab: int = 50257, context: int = 1024) -> dict:
-    """Hugging Face ``GPT2LMHeadModel`` parameter names and shapes, without the tied ``lm_head.weight``."""
-    shapes = {"transformer.wte.weight": (vocab, width), "transformer.wpe.weight": (context, width)}
-    for i in range(layers):
-        h = f"transformer.h.{i}."
-        shapes.update({h + "ln_1.weight": (width,), h + "ln_1.bias": (width,),
-                       h + "attn.c_attn.weight": (width, 3 * width), h + "attn.c_attn.bias": (3 * width,),
-                       h + "attn.c_proj.weight": (width, width), h + "attn.c_proj.bias": (width,),
-                       h + "ln_2.weight": (width,), h + "ln_2.bias": (width,),
-                       h + "mlp.c_fc.weight": (width, 4 * width), h + "mlp.c_fc.bias": (4 * width,),
-                       h + "mlp.c_proj.weight": (4 * width, width), h + "mlp.c_proj.bias": (width,)})
-    shapes.update({"transformer.ln_f.weight": (width,), "transformer.ln_f.bias": (width,)})
-    return shapes
-
-
 def build_model(dtype: torch.dtype, layers: int, device: str = "cpu") -> nn.Module:
     """A module tree with GPT-2 small's parameter names and shapes, ``lm_head.weight`` tied to the embedding."""
     root = nn.Module()
@@ -161,20 +149,19 @@ def floor_copy(model: nn.Module, dtype: torch.dtype) -> Built:
                  "one _foreach_copy_ into preallocated buffers (model dtype)")
 
 
-def ours(name: str, check_finite: bool = True, **kwargs: Any) -> Callable[[nn.Module, torch.dtype], Built]:
-    """``observe(step, model)``. With ``check_finite=False`` as the training loop calls it: the loop runs one
-    NaN/Inf pass over the weights per step for all its averagers (``Run.feed_averagers``), timed on its own row."""
+def ours(name: str, checked: bool = False, **kwargs: Any) -> Callable[[nn.Module, torch.dtype], Built]:
+    """``observe(step, model)``. With ``checked=True`` as the training loop calls it: the loop runs one NaN/Inf
+    pass over the weights per step for all its averagers (``Run.feed_averagers``), timed on its own row."""
     def build(model: nn.Module, dtype: torch.dtype) -> Built:
         from lawa_suite import registry
         avg = registry.averagers.create(name, **kwargs)
         avg.start_run(10**9)
-        avg.check_finite = check_finite
         step = [0]
 
         def update() -> None:
             step[0] += 1
-            avg.observe(step[0], model)
-        how = "its own NaN/Inf check" if check_finite else "check_finite=False, as the loop calls it"
+            avg.observe(step[0], model, checked=checked)
+        how = "checked=True, as the loop calls it" if checked else "its own NaN/Inf check"
         return Built(update, avg, f"observe(step, model), {how}")
     return build
 
@@ -196,7 +183,6 @@ def ours_lawa(k: int, blocking_only: bool = False) -> Callable[[nn.Module, torch
     def build(model: nn.Module, dtype: torch.dtype) -> Built:
         from lawa_suite import registry
         avg = registry.averagers.create("lawa", k=k, nu=2)
-        avg.check_finite = not blocking_only  # the loop's one shared NaN/Inf check has its own row
         state = {"step": 0, "snapshots": 0, "kind": ""}
 
         def update() -> None:
@@ -207,11 +193,12 @@ def ours_lawa(k: int, blocking_only: bool = False) -> Callable[[nn.Module, torch
                 state["snapshots"] += 1
                 evictions = state["snapshots"] - k
                 state["kind"] = ("filling" if evictions <= 0 else "recompute" if evictions % k == 0 else "slide")
-            avg.observe(state["step"], model)
+            avg.observe(state["step"], model, checked=blocking_only)  # the loop's shared check has its own row
             if not blocking_only:
                 avg.wait()
         if blocking_only:
-            return Built(update, avg, f"k={k}, nu=2; observe(step, model) as the loop calls it (check_finite=False), without the background sum: the training thread's cost",
+            return Built(update, avg, f"k={k}, nu=2; observe(step, model) as the loop calls it (checked=True), "
+                         f"without the background sum: the training thread's cost",
                          kind=lambda: state["kind"], settle=avg.wait)
         return Built(update, avg, f"k={k}, nu=2; observe(step, model) and the background window sum",
                      kind=lambda: state["kind"])
@@ -219,7 +206,8 @@ def ours_lawa(k: int, blocking_only: bool = False) -> Callable[[nn.Module, torch
 
 
 def ours_eval_swap(model: nn.Module, dtype: torch.dtype) -> Built:
-    """What the loop's Scorer does per averager at an evaluation (its WeightSwap): save raw, load the average, restore."""
+    """What the loop's Scorer does per averager at an evaluation (its WeightSwap): save raw, load the average,
+    restore."""
     from lawa_suite import registry
     from lawa_suite.train import WeightSwap
     avg = registry.averagers.create("ema", decay=DECAY)
@@ -230,7 +218,8 @@ def ours_eval_swap(model: nn.Module, dtype: torch.dtype) -> Built:
         swap.save_raw()
         swap.load(avg)
         swap.restore_raw()
-    return Built(update, avg, "Scorer.score_all's WeightSwap: save raw, copy the average in, restore raw (floor: 3 copies)")
+    return Built(update, avg,
+                 "Scorer.score_all's WeightSwap: save raw, copy the average in, restore raw (floor: 3 copies)")
 
 
 def torch_averaged(kind: str) -> Callable[[nn.Module, torch.dtype], Built]:
@@ -308,8 +297,8 @@ def candidates(lawa_k: int) -> list[Candidate]:
         Candidate("ref: copy to fp32 + lerp", floor_cast_lerp),
         Candidate("suite ema", ours("ema", decay=DECAY)),
         Candidate("suite swa", ours("swa", start=0)),
-        Candidate("suite ema, in the loop", ours("ema", check_finite=False, decay=DECAY)),
-        Candidate("suite swa, in the loop", ours("swa", check_finite=False, start=0)),
+        Candidate("suite ema, in the loop", ours("ema", checked=True, decay=DECAY)),
+        Candidate("suite swa, in the loop", ours("swa", checked=True, start=0)),
         Candidate("suite loop's shared NaN/Inf check", shared_finite_check),
         Candidate("suite lawa", ours_lawa(lawa_k), group="copy", warmup=2 * (lawa_k + 1)),
         Candidate("suite lawa, training thread", ours_lawa(lawa_k, blocking_only=True), group="copy",
@@ -468,8 +457,8 @@ def bench_dtype(dtype_name: str, args: argparse.Namespace) -> dict[str, Any]:
             for _ in range(c.warmup):
                 b.update()
             built[c.name] = b
-        except Exception as exc:  # a library that cannot do this setting is reported, not fatal
-            skipped[c.name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
+        except Exception as exc:  # noqa: BLE001 - a library that cannot do this setting is reported, not fatal
+            skipped[c.name] = f"{type(exc).__name__}: {first_line(exc)[:100]}"
             print(f"  skip {c.name}: {skipped[c.name]}", file=sys.stderr)
     by_name = {c.name: c for c in todo}
 
@@ -573,7 +562,8 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             how = ("two separate accumulators (the embedding is averaged twice)"
                    if t["lm_head_and_wte_both_averaged"] else "one")
             lines += ["", f"Tied weights: the suite's averagers keep `lm_head.weight` and `transformer.wte.weight` "
-                      f"as {how}: {t['values_averaged']:,} values per update for {t['unique_parameters']:,} parameters."]
+                      f"as {how}: {t['values_averaged']:,} values per update for {t['unique_parameters']:,} "
+                      f"parameters."]
         if res.get("breakdown"):
             lines += ["", "Where `suite ema`'s `observe(step, model)` goes (fp32, each piece timed alone):", "",
                       "| piece | median ms |", "|---|---:|"]
@@ -591,7 +581,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch.set_num_threads (1: on a busy machine, 2 threads wait on a descheduled one)")
     parser.add_argument("--lawa-k", type=int, default=3, help="LAWA window (memory grows with k; timing does not)")
-    parser.add_argument("--only", action="append", default=[], help="only candidates whose name contains this (repeatable; the floors always run)")
+    parser.add_argument("--only", action="append", default=[],
+                        help="only candidates whose name contains this (repeatable; the floors always run)")
     parser.add_argument("--no-peak", dest="peak", action="store_false", help="skip the peak-memory subprocesses")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (untested on cuda: no GPU was lent when "

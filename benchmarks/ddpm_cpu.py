@@ -45,7 +45,7 @@ import yaml
 from lawa_suite import registry
 from lawa_suite.config import dotted, load_resolved, resolve
 from lawa_suite.evaluators.fid import FID, FeatureStats, frechet_distance, resolve_extractor
-from lawa_suite.export import load_weights
+from lawa_suite.export import select_weights
 from lawa_suite.report import load_metrics, metric_directions, plot_curves, summarise
 
 HERE = Path(__file__).resolve().parent
@@ -121,7 +121,7 @@ def recheck_final(run: Path, weights_names: list[str], samples: int, seeds: list
         task = setup_task(cfg)
         fid, model = FID(task), task.build_model().eval()
         for weights in weights_names:
-            state, _ = load_weights(run, weights, cfg)
+            state, _ = select_weights(run, weights, cfg)
             model.load_state_dict(state)
             start = time.perf_counter()
             with torch.no_grad():

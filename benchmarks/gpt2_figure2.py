@@ -143,8 +143,9 @@ def plot(runs: list[dict], rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(lrs) + 1, figsize=(5 * (len(lrs) + 1), 4))
     for ax, lr in zip(axes, lrs):
         for run in (r for r in runs if r["lr"] == lr):
-            ax.plot(*zip(*run["raw"]), color="tab:gray", alpha=0.8, label="raw" if run["seed"] == runs[0]["seed"] else None)
-            ax.plot(*zip(*run["lawa"]), color="tab:red", alpha=0.8, label="LAWA" if run["seed"] == runs[0]["seed"] else None)
+            first = run["seed"] == runs[0]["seed"]  # one legend entry per line kind
+            ax.plot(*zip(*run["raw"]), color="tab:gray", alpha=0.8, label="raw" if first else None)
+            ax.plot(*zip(*run["lawa"]), color="tab:red", alpha=0.8, label="LAWA" if first else None)
         ax.set(title=f"lr = {lr:g}", xlabel="step", ylabel="held-out loss (nats/byte)")
         low = min(v for r in runs if r["lr"] == lr for _, v in r["raw"])
         ax.set_ylim(low - 0.05, low + 1.0)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import resource
@@ -39,6 +38,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _shapes import gpt2_small_shapes  # benchmarks/ is sys.path[0] when this script runs
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 STEPS = (1000, 2000, 3000, 4000, 5000)   # k=5, nu=1000: the one window ends at the last step
@@ -46,22 +47,6 @@ SAMPLE_SECONDS = 0.002                   # how often the parent reads the child'
 
 
 # -- the synthetic trajectory ---------------------------------------------------------------------------------
-def gpt2_small_shapes(layers: int = 12, width: int = 768, vocab: int = 50257, context: int = 1024) -> dict:
-    """Hugging Face GPT-2 state_dict names and shapes (lm_head is tied to wte and not saved): 124,439,808
-    parameters at 12 layers."""
-    shapes = {"transformer.wte.weight": (vocab, width), "transformer.wpe.weight": (context, width)}
-    for i in range(layers):
-        h = f"transformer.h.{i}."
-        shapes.update({h + "ln_1.weight": (width,), h + "ln_1.bias": (width,),
-                       h + "attn.c_attn.weight": (width, 3 * width), h + "attn.c_attn.bias": (3 * width,),
-                       h + "attn.c_proj.weight": (width, width), h + "attn.c_proj.bias": (width,),
-                       h + "ln_2.weight": (width,), h + "ln_2.bias": (width,),
-                       h + "mlp.c_fc.weight": (width, 4 * width), h + "mlp.c_fc.bias": (4 * width,),
-                       h + "mlp.c_proj.weight": (4 * width, width), h + "mlp.c_proj.bias": (width,)})
-    shapes.update({"transformer.ln_f.weight": (width,), "transformer.ln_f.bias": (width,)})
-    return shapes
-
-
 def write_trajectory(work: Path, layers: int) -> tuple[Path, Path, int]:
     """The same five checkpoints twice: ``safetensors/step-N.safetensors`` (for the suite) and ``pt/step-N.pt``
     (``torch.save``, for the baseline). Weights drift a little from step to step, as a trajectory does.

@@ -23,38 +23,36 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from lawa_suite import registry
-from lawa_suite.config import ConfigError, ResolvedConfig, dotted, parse_overrides, resolve
+from lawa_suite import posthoc, registry
+from lawa_suite.averagers.base import accumulation_dtype
+from lawa_suite.config import ResolvedConfig, dotted, find_run_config, parse_overrides, read_saved, resolve
+from lawa_suite.errors import AnalysisError, ConfigError
+from lawa_suite.files import require_new_out, write_text_atomic
+from lawa_suite.report import comparison_table, load_metrics, plot_curves, summarise
+from lawa_suite.scoring import Scorer, forked_rng, score_line, seed_everything
+from lawa_suite.tasks.base import has_batchnorm
 
 __all__ = ["AnalysisError", "Evaluation", "eval_config", "evaluate_posthoc", "interpolate", "lmc", "disagreement",
-           "write_lmc", "check_out"]
-
-
-class AnalysisError(ValueError):
-    """The weights or the task cannot be analysed as asked. ``str(error)`` is one line."""
+           "lmc_lines", "write_lmc", "check_out", "default_out"]
 
 
 # -- configuration ---------------------------------------------------------------------------------------
 def eval_config(near: str | os.PathLike[str], overrides: Sequence[str] = ()) -> ResolvedConfig:
     """The config to score weights lying at ``near``: its run's ``config.yaml`` (the nearest one above it) plus
     ``overrides``; with ``task=<another task>``, or where no run config exists, the overrides alone."""
-    import yaml
-
-    from lawa_suite.export import find_run_config
-
     pairs = parse_overrides(list(overrides))
     try:
-        saved = yaml.safe_load(find_run_config(Path(near)).read_text())
+        saved: dict[str, Any] | None = read_saved(find_run_config(Path(near)))
     except ConfigError:
         saved = None
-    if isinstance(saved, dict) and "task" in saved and pairs.get("task", saved["task"]) == saved["task"]:
+    if saved is not None and pairs.get("task", saved["task"]) == saved["task"]:
         base, values = dotted(saved), {**pairs, "progress": "false"}
     elif "task" in pairs:
         base, values = {}, {**pairs, "progress": "false"}
@@ -72,13 +70,10 @@ def _short(names: Sequence[str], limit: int = 5) -> str:
 
 class Evaluation:
     """A task's model, fixed held-out batches, calibration batches and evaluator, built once from a config;
-    ``score`` then rates any state_dict of that model as the training loop would."""
+    ``score`` then rates any state_dict of that model as the training loop would (``scoring.Scorer``)."""
 
     def __init__(self, cfg: ResolvedConfig) -> None:
         from accelerate import Accelerator
-
-        from lawa_suite.tasks.base import has_batchnorm
-        from lawa_suite.train import seed_everything
 
         self.cfg = cfg
         self.task = registry.tasks.get(cfg.run.task)(cfg.task, cfg.run)
@@ -86,15 +81,24 @@ class Evaluation:
         seed_everything(cfg.run.seed)
         self.accelerator = Accelerator(mixed_precision=cfg.run.mixed_precision)
         self.model = self.task.build_model().to(self.accelerator.device)
-        self.evaluator = registry.evaluators.create(self.task.evaluator, task=self.task)
-        self.batches = self.task.eval_batches()
-        self.calibration = self.task.calibration_batches(cfg.run.eval.bn_batches) if has_batchnorm(self.model) else []
+        calibration = self.task.calibration_batches(cfg.run.eval.bn_batches) if has_batchnorm(self.model) else []
+        self.scorer = Scorer(self.task, self.accelerator, self.model, self.task.eval_batches(), calibration)
         self._expected = {n: (tuple(t.shape), t.dtype.is_floating_point) for n, t in self.model.state_dict().items()}
 
     @property
     def metrics(self) -> dict[str, str]:
         """Metric -> "max"|"min" (the first is the headline)."""
-        return dict(self.evaluator.metrics)
+        return self.scorer.metrics
+
+    @property
+    def batches(self) -> list[Any]:
+        """The fixed held-out batches every weights are scored on."""
+        return self.scorer.batches
+
+    @property
+    def recalibrates(self) -> bool:
+        """Whether averaged weights get fresh BatchNorm statistics before they are scored."""
+        return bool(self.scorer.calibration)
 
     def load(self, weights: Mapping[str, Tensor]) -> None:
         """Copy ``weights`` into the model; a key or shape the model does not have is a one-line error."""
@@ -113,16 +117,11 @@ class Evaluation:
     def score(self, weights: Mapping[str, Tensor], recalibrate: bool) -> dict[str, float]:
         """The evaluator's metrics for ``weights``; ``recalibrate`` recomputes BatchNorm statistics first (as the
         loop does for averaged weights)."""
-        from lawa_suite.train import forked_rng, recalibrate_batchnorm
-
         with forked_rng():
             self.load(weights)
-            if recalibrate and self.calibration:
-                with self.accelerator.autocast():
-                    recalibrate_batchnorm(self.model, self.task, self.calibration)
-            self.model.eval()
-            with self.accelerator.autocast():
-                return self.evaluator.evaluate(self.model, self.batches, self.accelerator)
+            if recalibrate:
+                self.scorer.recalibrate()
+            return self.scorer.score()
 
     def predictor(self) -> Any:
         """``(model, batch) -> discrete predictions``, from the task; an AnalysisError says what is missing."""
@@ -136,8 +135,6 @@ class Evaluation:
     @torch.no_grad()
     def predictions(self, weights: Mapping[str, Tensor]) -> Tensor:
         """Every held-out prediction of ``weights`` (as saved: no recalibration), flattened, on the CPU."""
-        from lawa_suite.train import forked_rng
-
         predict = self.predictor()
         with forked_rng():
             self.load(weights)
@@ -147,19 +144,10 @@ class Evaluation:
 
 
 # -- post-hoc outputs: raw versus averaged ----------------------------------------------------------------
-def _write_text(path: Path, text: str) -> None:
-    from lawa_suite.checkpoints import write_atomic
-
-    write_atomic(path, lambda p: p.write_text(text))
-
-
 def evaluate_posthoc(out: str | os.PathLike[str], overrides: Sequence[str] = (), allow_torch_load: bool = False,
-                     log: Any = lambda message: None) -> Path:
+                     log: Callable[[str], None] = lambda message: None) -> Path:
     """Score every derived checkpoint in a ``suite average`` output and the raw checkpoint of its step; write
     ``metrics.jsonl``, ``config.yaml``, ``report.md`` and ``curves.png`` into ``out``. Returns the report."""
-    from lawa_suite import posthoc
-    from lawa_suite.report import load_metrics
-
     out = Path(out)
     try:
         manifest = json.loads((out / "manifest.json").read_text())
@@ -183,43 +171,37 @@ def evaluate_posthoc(out: str | os.PathLike[str], overrides: Sequence[str] = (),
                             + "; ".join(problems + ([f"steps {', '.join(map(str, lost))} are gone"] if lost else [])))
     records = []
     for step in sorted(derived):
-        raw = posthoc.load_snapshot(by_step[step])
-        records.append({"step": step, "weights": "raw", "split": "val", **evaluation.score(raw, recalibrate=False)})
+        scores = {"raw": evaluation.score(posthoc.load_snapshot(by_step[step]), recalibrate=False)}
         for folder, path in sorted(derived[step].items()):
-            weights = posthoc.load_weights(path)
-            scores = evaluation.score(weights, recalibrate=True)
-            records.append({"step": step, "weights": folder, "split": "val", **scores})
-        log(f"step {step}: " + " | ".join(f"{r['weights']} " + " ".join(f"{k}={v:.4g}" for k, v in r.items()
-                                                                             if k not in ("step", "weights", "split"))
-                                          for r in records if r["step"] == step))
-    _write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-    _write_text(out / "config.yaml", cfg.to_yaml())
+            scores[folder] = evaluation.score(posthoc.read_checkpoint(path), recalibrate=True)
+        records += [{"step": step, "weights": name, "split": "val", **values} for name, values in scores.items()]
+        log(score_line(step, scores))
+    write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    write_text_atomic(out / "config.yaml", cfg.to_yaml())
     curves, _ = load_metrics(out / "metrics.jsonl")
     return _posthoc_report(out, curves, evaluation, source, sorted(by_step), folders)
 
 
 def _posthoc_report(out: Path, curves: Any, evaluation: Evaluation, source: Path, steps: list[int],
                     folders: list[str]) -> Path:
-    from lawa_suite.report import _table, plot_curves, summarise
-
     metrics, rows = summarise(curves, evaluation.metrics)
     headline = metrics[0] if metrics else None
     raw = curves.get("raw", {}).get(headline, []) if headline else []
     run = evaluation.cfg.run
     title = f"post-hoc averaging: {run.task} ({run.preset}) from {source.name}"
     bn = (f" Averaged weights get BatchNorm statistics recomputed on {run.eval.bn_batches} training batches "
-          f"first; raw checkpoints keep theirs." if evaluation.calibration else "")
+          f"first; raw checkpoints keep theirs." if evaluation.recalibrates else "")
     lines = [f"# Post-hoc averaging report: {out.name}", "",
              f"Source: `{source}` ({len(steps)} checkpoints, steps {steps[0]}..{steps[-1]}); task {run.task} "
              f"({run.preset}), evaluator {evaluation.task.evaluator}; averagers: {', '.join(folders)}. Each derived "
              f"checkpoint and the raw checkpoint of its step are scored on the same held-out batches.{bn} "
              f"Config: `config.yaml`; inputs and hashes: `manifest.json`.", ""]
     if rows:
-        lines += [_table(metrics, rows, headline, raw[-1][0] if raw else None), ""]
+        lines += [comparison_table(metrics, rows, headline, raw[-1][0] if raw else None), ""]
         plot_curves(curves, [], metrics, out / "curves.png", title)
         lines += ["![metrics vs step](curves.png)", ""]
     report = out / "report.md"
-    _write_text(report, "\n".join(lines))
+    write_text_atomic(report, "\n".join(lines))
     return report
 
 
@@ -227,8 +209,6 @@ def _posthoc_report(out: Path, curves: Any, evaluation: Evaluation, source: Path
 def interpolate(a: Mapping[str, Tensor], b: Mapping[str, Tensor], alpha: float) -> dict[str, Tensor]:
     """``alpha * a + (1 - alpha) * b`` per float tensor, computed in float32 (float64 for float64) and cast
     back; exact at ``alpha`` 0 and 1. Integer tensors come from the nearer endpoint."""
-    from lawa_suite.averagers.base import accumulation_dtype
-
     if a.keys() != b.keys():
         raise AnalysisError(f"the checkpoints hold different keys (only in A: {_short(sorted(set(a) - set(b)))}; "
                             f"only in B: {_short(sorted(set(b) - set(a)))})")
@@ -270,7 +250,7 @@ def lmc(evaluation: Evaluation, a: Mapping[str, Tensor], b: Mapping[str, Tensor]
     rows = [{"alpha": alpha, **evaluation.score(interpolate(a, b, alpha), recalibrate=True)} for alpha in alphas]
     barriers = {m: _barrier([r[m] for r in rows], alphas, d) for m, d in evaluation.metrics.items() if m in rows[0]}
     result: dict[str, Any] = {"alphas": alphas, "rows": rows, "barrier": barriers,
-                              "recalibrated": bool(evaluation.calibration)}
+                              "recalibrated": evaluation.recalibrates}
     try:
         rate, count = disagreement(evaluation, a, b)
         result["disagreement"] = {"rate": rate, "predictions": count}
@@ -294,9 +274,7 @@ def lmc_lines(result: dict[str, Any], metrics: Mapping[str, str]) -> list[str]:
 
 def check_out(out: str | os.PathLike[str], force: bool) -> None:
     """Refuse a non-empty ``out`` folder (or a file there) unless ``force``."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise AnalysisError(f"out: {out} exists and is not empty; choose another folder or pass --force")
+    require_new_out(Path(out), force, AnalysisError)
 
 
 def write_lmc(out: str | os.PathLike[str], result: dict[str, Any], metrics: Mapping[str, str], labels: tuple[str, str],
@@ -324,11 +302,11 @@ def write_lmc(out: str | os.PathLike[str], result: dict[str, Any], metrics: Mapp
     fig.tight_layout()
     fig.savefig(out / "lmc.png", dpi=110)
     plt.close(fig)
-    _write_text(out / "lmc.json", json.dumps({"a": labels[0], "b": labels[1], **result}, indent=1) + "\n")
+    write_text_atomic(out / "lmc.json", json.dumps({"a": labels[0], "b": labels[1], **result}, indent=1) + "\n")
     text = ["# Linear path between two checkpoints", "", f"A = `{labels[0]}`, B = `{labels[1]}`; alpha is A's weight.",
             "BatchNorm statistics were recomputed at every alpha." if result["recalibrated"] else "", "",
             *lmc_lines(result, metrics), "", "![scores along the path](lmc.png)", ""]
-    _write_text(out / "lmc.md", "\n".join(text))
+    write_text_atomic(out / "lmc.md", "\n".join(text))
     return out / "lmc.md"
 
 

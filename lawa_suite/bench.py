@@ -11,7 +11,7 @@ A bench file (YAML; every key optional except ``tasks``; the command line's ``ke
     out: runs/bench/cpu-reference     # one folder per cell below it: <out>/<task>/lr<lr>-seed<seed>
     tasks: cifar,gpt2,ddpm            # a comma list, or a mapping task -> its own settings (below)
     averager: lawa,ema,swa,swa_early  # the averagers of every run
-    variants:                         # extra instances of a registered averager under a new name
+    variants:                         # named instances: a registered averager again, under a new name
       swa_early: {of: swa, start: 0.25}
     lrs: 0.1,0.01                     # the learning rates (a task may have its own)
     seeds: 0,1
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import shlex
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -37,9 +36,10 @@ from typing import Any, Callable
 import yaml
 
 from lawa_suite.config import ConfigError, ResolvedConfig, parse_overrides, resolve, split_list
+from lawa_suite.files import first_line
 
 __all__ = ["Bench", "Cell", "load_bench", "cells", "cell_config", "cell_status", "run_bench", "emit",
-           "register_variants", "BENCH_FILE"]
+           "BENCH_FILE"]
 
 BENCH_FILE = "bench.yaml"          # the resolved bench spec, written into ``out`` (what `suite report` finds)
 TOP_KEYS = {"out", "tasks", "averager", "variants", "lrs", "seeds", "threads", "set", "slurm", "accelerate"}
@@ -200,7 +200,7 @@ def load_bench(path: Path | None, overrides: list[str]) -> Bench:
         try:
             raw = yaml.safe_load(Path(path).read_text()) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"bench file: {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+            raise ConfigError(f"bench file: {path} is not valid YAML ({first_line(exc)})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"bench file: {path} must hold a mapping of bench keys ({', '.join(sorted(TOP_KEYS))})")
         unknown = sorted(set(raw) - TOP_KEYS)
@@ -251,33 +251,10 @@ def load_bench(path: Path | None, overrides: list[str]) -> Bench:
 
 
 # -- averager variants ------------------------------------------------------------------------------------------
-def register_variants(variants: dict[str, dict[str, Any]]) -> None:
-    """Register each variant (``swa_early: {of: swa, ...}``) as another name for its averager's class.
-
-    The config keys one averager per registry name, so two SWA configurations in one run need two names. The
-    variant is a subclass under the new name, in this process only: a run that uses one must be run, resumed or
-    post-hoc averaged through `suite bench` (whose emitted cluster commands do so).
-    """
-    from lawa_suite import registry
-
-    for name, body in variants.items():
-        base_name = str(body["of"])
-        if name in registry.averagers.names():
-            known = registry.averagers.get(name)
-            if getattr(known, "variant_of", None) == base_name:
-                continue
-            raise ConfigError(f"variants.{name}: '{name}' is already an averager; choose another name")
-        try:
-            base = registry.averagers.get(base_name)
-        except Exception as exc:  # UnknownNameError: one line with the known names
-            raise ConfigError(f"variants.{name}.of: {exc}") from None
-        variant = type(f"{base.__name__}_{name}", (base,), {"variant_of": base_name, "__module__": __name__})
-        registry.averagers.register(name)(variant)
-
-
 def _variant_settings(variants: dict[str, dict[str, Any]], used: list[str]) -> dict[str, str]:
-    return {f"{name}.{k}": _scalar(v) for name, body in variants.items() if name in used
-            for k, v in body.items() if k != "of"}
+    """A variant is a named instance (``config.averager_bases``): its body becomes the run settings
+    ``<name>.of=<averager>`` and ``<name>.<key>=<value>``, so each cell's config.yaml is self-contained."""
+    return {f"{name}.{k}": _scalar(v) for name, body in variants.items() if name in used for k, v in body.items()}
 
 
 # -- the matrix ---------------------------------------------------------------------------------------------------
@@ -288,7 +265,6 @@ def _preset_lr(task: str, averager: list[str], settings: dict[str, str]) -> floa
 
 def cells(bench: Bench) -> list[Cell]:
     """Every (task, lr, seed) cell, in file order; each with its full `suite run` command line."""
-    register_variants(bench.variants)
     found = []
     for spec in bench.tasks:
         settings = {**bench.settings, **spec.settings, **_variant_settings(bench.variants, bench.averager)}
@@ -350,9 +326,8 @@ def run_bench(bench: Bench, log: Callable[[str], None] = print, only: int | None
     """
     import torch
 
-    from lawa_suite.checkpoints import CheckpointError
-    from lawa_suite.tasks.base import DataUnavailable
-    from lawa_suite.train import NonFiniteTraining, train
+    from lawa_suite.errors import CheckpointError, DataUnavailable, NonFiniteTraining, Preempted
+    from lawa_suite.train import train
 
     planned = validate(bench)
     # a --cell job reads the spec and never rewrites it (many processes, one file); nor does a run of some tasks
@@ -375,6 +350,8 @@ def run_bench(bench: Bench, log: Callable[[str], None] = print, only: int | None
             f" ({cell.out})")
         try:
             train(cfg)
+        except Preempted as exc:  # the cell is checkpointed: running the bench again continues it
+            raise Preempted(f"{exc}; run the same suite bench again to continue") from None
         except (NonFiniteTraining, DataUnavailable, CheckpointError, ConfigError) as exc:
             log(f"[{cell.index + 1}/{len(planned)}] {cell.label}: FAILED: {exc}")
             result.failed.append((cell, str(exc)))
@@ -427,6 +404,3 @@ def _write_sbatch(bench: Bench, spec: Path, count: int) -> Path:
     path.write_text("\n".join(line for line in lines if line) + "\n")
     return path
 
-
-def main_log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)

@@ -8,7 +8,8 @@ Commit protocol (a checkpoint is valid iff ``step-N/manifest.json`` exists and e
 A crash at any point leaves every earlier checkpoint untouched; staging leftovers are never listed and are
 removed by ``clean_leftovers`` at the next start. A write error (full disk, file size limit, a failing writer)
 raises ``CheckpointError`` naming the file, and retention never runs. An invalid folder in the way of a new
-commit (corrupt, or never committed) is renamed to ``step-N.invalid-<token>``, never deleted. Tensors go to safetensors (no pickle); the rest of a nested
+commit (corrupt, or never committed) is renamed to ``step-N.invalid-<token>``, never deleted. Tensors go to
+safetensors (no pickle); the rest of a nested
 state (optimizer, RNG, counters) goes to JSON with placeholders pointing at the tensors.
 
 ``SUITE_FAULT=<point>@<step>`` kills the process with SIGKILL at a named point of the protocol (for the
@@ -17,7 +18,6 @@ crash tests): see ``FAULT_POINTS``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -31,10 +31,13 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save_file
 
+from lawa_suite.errors import CheckpointError
+from lawa_suite.files import fsync_dir, fsync_file, os_reason, sha256_file, write_atomic
+
 __all__ = ["CheckpointError", "Checkpoint", "FAULT_POINTS", "fault_point", "flatten_state", "unflatten_state",
-           "write_atomic", "save_tensors_atomic", "commit_checkpoint", "verify", "list_checkpoints",
-           "latest_valid", "apply_retention", "clean_leftovers", "quarantine", "state_writers", "tensor_writer",
-           "read_state", "sha256_file"]
+           "save_tensors_atomic", "commit_checkpoint", "verify", "list_checkpoints", "latest_valid",
+           "apply_retention", "clean_leftovers", "quarantine", "state_writers", "tensor_writer", "read_state",
+           "sha256_file", "step_dir_name"]
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -42,10 +45,6 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 _STAGING = re.compile(r"^\.step-(\d+)\.tmp-[0-9a-f]+$")
 FAULT_POINTS = ("after_first_file", "before_manifest", "after_manifest_before_rename",
                 "after_rename_before_dir_fsync", "during_retention_delete")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written or read; the message names the file."""
 
 
 def fault_point(name: str, step: int) -> None:
@@ -117,56 +116,10 @@ def _savable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-# -- atomic files ---------------------------------------------------------------------------------------
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Write ``path`` via a temporary sibling, fsync, rename into place, fsync the folder."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
-    try:
-        write(tmp)
-        _fsync_file(tmp)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except Exception as exc:  # OSError, or safetensors' own error for a failed write
-        tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"could not write {path}: {_reason(exc)}") from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _reason(exc: BaseException) -> str:
-    """One line: errno text for OS errors ("No space left on device"), the first line of anything else."""
-    if isinstance(exc, OSError) and exc.strerror:
-        return f"{exc.strerror} (errno {exc.errno})"
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
+# -- single files -----------------------------------------------------------------------------------
 def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """A safetensors file, written atomically (trajectory snapshots, derived checkpoints)."""
     write_atomic(path, tensor_writer(tensors, metadata))
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # -- checkpoints ------------------------------------------------------------------------------------------
@@ -184,39 +137,33 @@ def _write_into(staging: Path, name: str, write: Callable[[Path], None]) -> dict
     target = staging / name
     try:
         write(target)
-        _fsync_file(target)
-    except OSError as exc:
-        raise CheckpointError(f"could not write {target}: {_reason(exc)}") from exc
-    except Exception as exc:  # safetensors reports a failed write (full disk, file size limit) as its own error
-        raise CheckpointError(f"could not write {target}: {_reason(exc)}") from exc
+        fsync_file(target)
+    except Exception as exc:  # OSError, or safetensors' own error for a failed write (full disk, size limit)
+        raise CheckpointError(f"could not write {target}: {os_reason(exc)}") from exc
     return {"size": target.stat().st_size, "sha256": sha256_file(target)}
 
 
 def commit_checkpoint(root: Path, step: int, files: dict[str, Callable[[Path], None]],
-                      info: dict[str, Any] | None = None, staging_token: str | None = None) -> Path:
+                      info: dict[str, Any] | None = None) -> Path:
     """Write ``files`` (name -> writer of that path) as checkpoint ``step`` under ``root``, atomically.
 
-    ``staging_token`` lets several processes agree on one staging folder (each writes its own files first).
     On any error the staging folder is removed and earlier checkpoints are untouched.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
-    staging = root / f".{step_dir_name(step)}.tmp-{staging_token or secrets.token_hex(6)}"
-    staging.mkdir(exist_ok=True)
+    staging = root / f".{step_dir_name(step)}.tmp-{secrets.token_hex(6)}"
+    staging.mkdir()
     try:
         entries = {}
         for i, (name, write) in enumerate(files.items()):
             entries[name] = _write_into(staging, name, write)
             if i == 0:
                 fault_point("after_first_file", step)
-        for extra in sorted(p.name for p in staging.iterdir()):  # files other processes put there
-            if extra not in entries:
-                entries[extra] = {"size": (staging / extra).stat().st_size, "sha256": sha256_file(staging / extra)}
         fault_point("before_manifest", step)
         manifest = {"format": FORMAT_VERSION, "step": step, "files": dict(sorted(entries.items())), **(info or {})}
         _write_into(staging, MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1, sort_keys=True)))
-        _fsync_dir(staging)
+        fsync_dir(staging)
         fault_point("after_manifest_before_rename", step)
         if final.exists():
             if not verify(final):  # the same step saved again (e.g. a periodic save that is also the final one)
@@ -225,7 +172,7 @@ def commit_checkpoint(root: Path, step: int, files: dict[str, Callable[[Path], N
             quarantine(final)  # an invalid folder in the way (corrupt, never committed): keep it as evidence
         os.rename(staging, final)
         fault_point("after_rename_before_dir_fsync", step)
-        _fsync_dir(root)
+        fsync_dir(root)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -1,12 +1,17 @@
 """The ``suite`` command line: parses, then delegates. Heavy imports happen inside commands so that
-``suite --help`` stays fast. Bad input exits with code 2 and one line naming the key and what is allowed."""
+``suite --help`` stays fast. Every error a user can cause is a ``SuiteError`` carrying its exit code
+(``errors.py``); ``user_errors`` turns it into ``error: <one line>`` and that code, in one place."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
+
+from lawa_suite.errors import SuiteError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
                   help="lawa-suite: does averaging weights along a training run make the model better, sooner?")
@@ -20,39 +25,41 @@ def fail(message: str, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
+def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a command; a ``SuiteError`` exits with its code and message, an ``OSError`` with 1 and the file and
+    reason. Anything else is a bug, and its traceback is what a report needs."""
+    @functools.wraps(command)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except SuiteError as exc:
+            raise fail(str(exc), exc.exit_code) from None
+        except OSError as exc:
+            raise fail(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "), 1) from None
+    return guarded
+
+
 @app.command()
+@user_errors
 def run(
     overrides: Annotated[Optional[list[str]], typer.Argument(help=OVERRIDES_HELP, show_default=False)] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and exit.")] = False,
 ) -> None:
     """Train a task while averagers watch; score raw and averaged weights on the same data."""
-    from lawa_suite.config import ConfigError, resolve
+    from lawa_suite.config import resolve
 
-    try:
-        cfg = resolve(list(overrides or []))
-    except ConfigError as exc:
-        raise fail(str(exc), 2) from None
+    cfg = resolve(list(overrides or []))
     if dry_run:
         typer.echo(cfg.to_yaml(), nl=False)
         return
-    from lawa_suite.checkpoints import CheckpointError
-    from lawa_suite.tasks.base import DataUnavailable
-    from lawa_suite.train import EXIT_NONFINITE, EXIT_PREEMPTED, NonFiniteTraining, Preempted, train
+    from lawa_suite.train import train
 
-    try:
-        result = train(cfg)
-    except ConfigError as exc:
-        raise fail(str(exc), 2) from None
-    except (DataUnavailable, CheckpointError) as exc:
-        raise fail(str(exc), 1) from None
-    except NonFiniteTraining as exc:
-        raise fail(str(exc), EXIT_NONFINITE) from None
-    except Preempted as exc:
-        raise fail(str(exc), EXIT_PREEMPTED) from None
+    result = train(cfg)
     typer.echo(f"done: {result.step} steps; report: {result.out / 'report.md'}")
 
 
 @app.command("list")
+@user_errors
 def list_plugins() -> None:
     """Tasks (with presets and data sources), averagers and evaluators, and where each comes from."""
     from lawa_suite import registry
@@ -72,6 +79,7 @@ def list_plugins() -> None:
 
 
 @app.command()
+@user_errors
 def report(
     paths: Annotated[list[Path], typer.Argument(help="One run directory (its own report.md), or several run "
                                                 "directories or a bench directory (one cross-run report).")],
@@ -102,10 +110,12 @@ BENCH_HELP = ("[BENCH.yaml] then key=value: the axes tasks=cifar,gpt2 averager=l
 
 
 @app.command()
+@user_errors
 def bench(
     words: Annotated[Optional[list[str]], typer.Argument(help=BENCH_HELP, show_default=False)] = None,
-    emit: Annotated[Optional[str], typer.Option("--emit", help="Write cluster jobs instead of running: "
-                                                "accelerate (commands.sh) or slurm (commands.sh + bench.sbatch).")] = None,
+    emit: Annotated[Optional[str], typer.Option(
+        "--emit", help="Write cluster jobs instead of running: accelerate (commands.sh) or slurm (commands.sh + "
+                       "bench.sbatch).")] = None,
     cell: Annotated[Optional[int], typer.Option("--cell", help="Run only this cell (0-based; what the emitted "
                                                 "commands and the SLURM array use).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the cells and their status, then stop.")] = False,
@@ -120,26 +130,18 @@ def bench(
 
     words = list(words or [])
     spec_file = Path(words.pop(0)) if words and "=" not in words[0] else None
-    try:
-        if emit not in (None, "accelerate", "slurm"):
-            raise ConfigError(f"--emit: expected accelerate or slurm, got {emit!r}")
-        plan = load_bench(spec_file, words)
-        if dry_run:
-            for c, cfg in validate(plan):
-                typer.echo(f"{c.index:>3} {cell_status(c, cfg):<8} {c.label:<32} {c.out}")
-            return
-        if emit:
-            for path in emit_jobs(plan, emit):
-                typer.echo(f"wrote {path}")
-            return
-        from lawa_suite.train import EXIT_PREEMPTED, Preempted
-
-        try:
-            result = run_bench(plan, log=lambda m: typer.echo(m, err=True), only=cell)
-        except Preempted as exc:  # the cell is checkpointed: running the bench again continues it
-            raise fail(f"{exc}; run the same suite bench again to continue", EXIT_PREEMPTED) from None
-    except ConfigError as exc:
-        raise fail(str(exc), 2) from None
+    if emit not in (None, "accelerate", "slurm"):
+        raise ConfigError(f"--emit: expected accelerate or slurm, got {emit!r}")
+    plan = load_bench(spec_file, words)
+    if dry_run:
+        for c, cfg in validate(plan):
+            typer.echo(f"{c.index:>3} {cell_status(c, cfg):<8} {c.label:<32} {c.out}")
+        return
+    if emit:
+        for path in emit_jobs(plan, emit):
+            typer.echo(f"wrote {path}")
+        return
+    result = run_bench(plan, log=lambda m: typer.echo(m, err=True), only=cell)
     typer.echo(f"bench {plan.out}: {len(result.done)} cell(s) run, {len(result.skipped)} finished before, "
                f"{len(result.failed)} failed")
     if result.failed:
@@ -149,6 +151,7 @@ def bench(
 
 
 @app.command()
+@user_errors
 def verify(paths: Annotated[list[Path], typer.Argument(help="Checkpoint folders, or a run's checkpoints/.")]) -> None:
     """Check checkpoints against their manifests (sizes and sha256); exit 1 if any is invalid."""
     from lawa_suite import checkpoints as ckpt
@@ -168,25 +171,19 @@ def verify(paths: Annotated[list[Path], typer.Argument(help="Checkpoint folders,
 
 
 @app.command()
+@user_errors
 def export(
     path: Annotated[Path, typer.Argument(help="A run folder, a checkpoint folder, or a .safetensors weights file.")],
     out: Annotated[Path, typer.Option("--out", help="Folder to write (must be new or empty).")],
     weights: Annotated[str, typer.Option("--weights", help="raw, or the averager whose average to export.")] = "raw",
-    config: Annotated[Optional[Path], typer.Option("--config", help="The run's config.yaml, when PATH lies outside the run.")] = None,
+    config: Annotated[Optional[Path], typer.Option(
+        "--config", help="The run's config.yaml, when PATH lies outside the run.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out.")] = False,
 ) -> None:
     """Write raw or averaged weights in the task's standard format (a Hugging Face model, a diffusers pipeline)."""
-    from lawa_suite.checkpoints import CheckpointError
-    from lawa_suite.config import ConfigError
     from lawa_suite.export import export as export_weights
-    from lawa_suite.tasks.base import ExportUnsupported
 
-    try:
-        typer.echo(export_weights(path, out, weights, config, force))
-    except (ConfigError, ExportUnsupported) as exc:
-        raise fail(str(exc), 2) from None
-    except CheckpointError as exc:
-        raise fail(str(exc), 1) from None
+    typer.echo(export_weights(path, out, weights, config, force))
 
 
 AVERAGE_HELP = ("averager=NAME[,NAME...] <averager>.<key>=V[,V...] (a grid: every combination) [interval=N] out=DIR "
@@ -194,6 +191,7 @@ AVERAGE_HELP = ("averager=NAME[,NAME...] <averager>.<key>=V[,V...] (a grid: ever
 
 
 @app.command()
+@user_errors
 def average(
     source: Annotated[Path, typer.Argument(help="A trajectory: a run folder, its trajectory/ or checkpoints/, or a "
                                                 "folder of step-N.safetensors files or step-N/ model folders.")],
@@ -206,21 +204,15 @@ def average(
 
     Example: suite average runs/cifar/trajectory averager=lawa lawa.k=5 lawa.nu=100 interval=300 out=runs/cifar-lawa
     """
-    from lawa_suite.config import ConfigError
-    from lawa_suite.posthoc import PosthocError, average as average_trajectory, parse_command
+    from lawa_suite.posthoc import average as average_trajectory, parse_command
 
-    try:
-        command = parse_command(list(overrides or []))
-        if command.evaluate:  # a bad task or run key stops the command before the averaging, not after it
-            from lawa_suite.analysis import eval_config
+    command = parse_command(list(overrides or []))
+    if command.evaluate:  # a bad task or run key stops the command before the averaging, not after it
+        from lawa_suite.analysis import eval_config
 
-            eval_config(source, command.eval_overrides)
-        result = average_trajectory(source, command.jobs, command.out, command.interval, force, allow_torch_load,
-                                    log=lambda message: typer.echo(message, err=True))
-    except (ConfigError, PosthocError) as exc:
-        raise fail(str(exc), 2) from None
-    except OSError as exc:
-        raise fail(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "), 1) from None
+        eval_config(source, command.eval_overrides)
+    result = average_trajectory(source, command.jobs, command.out, command.interval, force, allow_torch_load,
+                                log=lambda message: typer.echo(message, err=True))
     for folder, steps in result.outputs.items():
         typer.echo(f"{folder}: {len(steps)} derived checkpoint(s) at step(s) {', '.join(map(str, steps))}")
     typer.echo(f"wrote {result.out}")
@@ -229,22 +221,14 @@ def average(
 
 
 def _evaluate(out: Path, overrides: list[str], allow_torch_load: bool) -> None:
-    from lawa_suite.analysis import AnalysisError, evaluate_posthoc
-    from lawa_suite.checkpoints import CheckpointError
-    from lawa_suite.config import ConfigError
-    from lawa_suite.posthoc import PosthocError
-    from lawa_suite.tasks.base import DataUnavailable
+    from lawa_suite.analysis import evaluate_posthoc
 
-    try:
-        report_path = evaluate_posthoc(out, overrides, allow_torch_load, log=lambda m: typer.echo(m, err=True))
-    except (ConfigError, PosthocError, AnalysisError) as exc:
-        raise fail(str(exc), 2) from None
-    except (DataUnavailable, CheckpointError, OSError) as exc:
-        raise fail(str(exc), 1) from None
+    report_path = evaluate_posthoc(out, overrides, allow_torch_load, log=lambda m: typer.echo(m, err=True))
     typer.echo(f"report: {report_path}")
 
 
 @app.command("eval")
+@user_errors
 def evaluate(
     out: Annotated[Path, typer.Argument(help="A folder written by suite average.")],
     overrides: Annotated[Optional[list[str]], typer.Argument(help="task and run keys (task=, preset=, data.path=, "
@@ -265,6 +249,7 @@ LMC_HELP = "points=N (default 6: alpha 0, 0.2, ..., 1), out=DIR, and task/run ke
 
 
 @analyze_app.command("lmc")
+@user_errors
 def analyze_lmc(
     a: Annotated[Path, typer.Argument(help="Checkpoint A: a .safetensors file or a checkpoint/model folder.")],
     b: Annotated[Path, typer.Argument(help="Checkpoint B.")],
@@ -274,28 +259,21 @@ def analyze_lmc(
                                                    help="Also read .pt/.bin checkpoints.")] = False,
 ) -> None:
     """Scores along alpha*A + (1-alpha)*B (is there a barrier?) and how often A and B predict differently."""
-    from lawa_suite.analysis import (AnalysisError, Evaluation, check_out, default_out, eval_config, lmc, lmc_lines,
-                                     write_lmc)
+    from lawa_suite.analysis import Evaluation, check_out, default_out, eval_config, lmc, lmc_lines, write_lmc
     from lawa_suite.config import ConfigError, parse_overrides
-    from lawa_suite.posthoc import PosthocError, load_weights
-    from lawa_suite.tasks.base import DataUnavailable
+    from lawa_suite.posthoc import read_checkpoint
 
-    try:
-        pairs = parse_overrides(list(overrides or []))
-        out = pairs.pop("out", "") or default_out("lmc")
-        raw_points = pairs.pop("points", "6")
-        if not raw_points.strip().isdigit() or int(raw_points) < 2:
-            raise ConfigError(f"points: expected an integer >= 2, got {raw_points!r}")
-        cfg = eval_config(a, [f"{k}={v}" for k, v in pairs.items()])
-        check_out(out, force)  # before the work, which may take long
-        weights_a, weights_b = load_weights(a, allow_torch_load), load_weights(b, allow_torch_load)
-        evaluation = Evaluation(cfg)
-        result = lmc(evaluation, weights_a, weights_b, int(raw_points))
-        path = write_lmc(out, result, evaluation.metrics, (str(a), str(b)), force)
-    except (ConfigError, PosthocError, AnalysisError) as exc:
-        raise fail(str(exc), 2) from None
-    except (DataUnavailable, OSError) as exc:
-        raise fail(str(exc), 1) from None
+    pairs = parse_overrides(list(overrides or []))
+    out = pairs.pop("out", "") or default_out("lmc")
+    raw_points = pairs.pop("points", "6")
+    if not raw_points.strip().isdigit() or int(raw_points) < 2:
+        raise ConfigError(f"points: expected an integer >= 2, got {raw_points!r}")
+    cfg = eval_config(a, [f"{k}={v}" for k, v in pairs.items()])
+    check_out(out, force)  # before the work, which may take long
+    weights_a, weights_b = read_checkpoint(a, allow_torch_load), read_checkpoint(b, allow_torch_load)
+    evaluation = Evaluation(cfg)
+    result = lmc(evaluation, weights_a, weights_b, int(raw_points))
+    path = write_lmc(out, result, evaluation.metrics, (str(a), str(b)), force)
     for line in lmc_lines(result, evaluation.metrics):
         typer.echo(line)
     typer.echo(f"wrote {path} and {path.with_suffix('.png').name}")

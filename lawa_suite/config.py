@@ -21,13 +21,16 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from lawa_suite.errors import ConfigError
+from lawa_suite.files import first_line
+
 __all__ = ["ConfigError", "RunConfig", "DataConfig", "EvalConfig", "CheckpointConfig", "TrajectoryConfig",
            "ResolvedConfig", "resolve", "require", "choice", "default_cache_dir", "build_section", "parse_value",
-           "split_list", "parse_overrides", "dotted"]
+           "split_list", "parse_overrides", "dotted", "averager_bases", "find_run_config", "load_resolved",
+           "config_differences", "RESUMABLE_CHANGES"]
 
-
-class ConfigError(ValueError):
-    """A bad key or value. ``str(error)`` is one line: the key, what was wrong, what is allowed."""
+# Keys that may change between a run and its resumption; any other difference is refused.
+RESUMABLE_CHANGES = {"resume", "reset_averagers", "progress", "trackers", "out", "data.cache"}
 
 
 def require(ok: bool, key: str, allowed: str, value: Any) -> None:
@@ -137,12 +140,29 @@ class ResolvedConfig:
     run: RunConfig
     task: Any                                 # the task's Config
     averagers: dict[str, Any]                 # averager name -> its Config
+    averager_of: dict[str, str] = field(default_factory=dict)  # a named instance -> the registered averager it runs
+
+    def registered(self, name: str) -> str:
+        """The registered averager that the selected averager ``name`` runs (itself, or an instance's ``of``)."""
+        return self.averager_of.get(name, name)
+
+    def build_averagers(self) -> dict[str, Any]:
+        """A fresh averager per selected name, named as selected (an instance reports its own name)."""
+        from lawa_suite import registry
+
+        built = {}
+        for name, cfg in self.averagers.items():
+            averager = registry.averagers.create(self.registered(name), **dataclasses.asdict(cfg))
+            averager.name = name
+            built[name] = averager
+        return built
 
     def as_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self.run)
         out[self.run.task] = dataclasses.asdict(self.task)
         for name, cfg in self.averagers.items():
-            out[name] = dataclasses.asdict(cfg)
+            of = {"of": self.averager_of[name]} if name in self.averager_of else {}
+            out[name] = {**of, **dataclasses.asdict(cfg)}
         return out
 
     def to_yaml(self) -> str:
@@ -182,9 +202,10 @@ def _keys_of(schema: Any, prefix: str = "") -> list[str]:
 
 def _lookup(registry_name: str, name: str, key: str) -> Any:
     from lawa_suite import registry
+    from lawa_suite.errors import RegistryError
     try:
         return getattr(registry, registry_name).get(name)
-    except Exception as exc:  # UnknownNameError or PluginError: already one line
+    except RegistryError as exc:  # unknown name or a plugin that cannot be used: already one line
         raise ConfigError(f"{key}: {exc}") from None
 
 
@@ -203,7 +224,7 @@ def _check_choices(obj: Any, prefix: str) -> None:
 
 def _omegaconf_message(exc: OmegaConfBaseException) -> str:
     key = getattr(exc, "full_key", "") or "?"
-    msg = str(getattr(exc, "msg", exc)).strip().splitlines()[0]
+    msg = first_line(getattr(exc, "msg", None) or exc)
     if "could not be converted" in msg or "Value '" in msg:
         expected = getattr(exc, "ref_type", None)
         msg = msg.replace("\n", " ")
@@ -278,7 +299,8 @@ def resolve(overrides: list[str] | dict[str, Any], base: dict[str, Any] | None =
     averager_names = values.get("averager", defaults.averager)
     if isinstance(averager_names, str):
         averager_names = split_list(averager_names)
-    averager_cls = {name: _lookup("averagers", name, "averager") for name in averager_names}
+    bases = averager_bases(averager_names, values)
+    averager_cls = {name: _lookup("averagers", base, "averager") for name, base in bases.items()}
 
     run_keys = set(_keys_of(RunConfig))
     task_keys = set(_keys_of(task_cls.Config))
@@ -289,6 +311,8 @@ def resolve(overrides: list[str] | dict[str, Any], base: dict[str, Any] | None =
         head, _, rest = key.partition(".")
         if key not in pairs and key not in typed and head in unused_averagers:
             continue  # a preset's setting for an averager this run does not use
+        if head in averager_cls and rest == "of":
+            continue  # consumed by averager_bases
         if key in run_keys:
             sections[""][key] = value
         elif head == task_name and rest in task_keys:
@@ -309,21 +333,92 @@ def resolve(overrides: list[str] | dict[str, Any], base: dict[str, Any] | None =
         run.data.cache = default_cache_dir()
     task_cfg = build_section(task_name, task_cls.Config, sections[task_name])
     averagers = {name: build_section(name, cls.Config, sections[name]) for name, cls in averager_cls.items()}
-    return ResolvedConfig(run, task_cfg, averagers)
+    instances = {name: base for name, base in bases.items() if base != name}
+    return ResolvedConfig(run, task_cfg, averagers, instances)
 
 
-def load_resolved(path: str | os.PathLike[str]) -> ResolvedConfig:
-    """Re-resolve a saved ``config.yaml`` (or the run folder holding it) into the config that made the run."""
+def averager_bases(names: list[str], values: Mapping[str, Any]) -> dict[str, str]:
+    """Each selected averager name -> the registered averager it runs: the name itself, or for a named instance
+    the averager its ``<name>.of`` key gives (``averager=swa,swa_early swa_early.of=swa swa_early.start=0.25``).
+
+    An instance is a second configuration of a registered averager under its own name, for ``suite run``,
+    ``suite average``, resume and export alike: the name keys its settings, metrics, state and output folder.
+    """
+    from lawa_suite import registry
+
+    known = set(registry.averagers.names())
+    bases = {}
+    for name in names:
+        of = values.get(f"{name}.of")
+        if of in (None, ""):
+            if name not in known:
+                message = str(_lookup_error("averagers", name))
+                hint = ("" if "did you mean" in message
+                        else f"; a new name for a second instance needs {name}.of=<averager>")
+                raise ConfigError(f"averager: {message}{hint}")
+            bases[name] = name
+            continue
+        of = str(of)
+        if name in known and of != name:
+            raise ConfigError(f"{name}.of: '{name}' is a registered averager itself; give the instance of '{of}' "
+                              f"another name")
+        if of not in known:
+            raise ConfigError(f"{name}.of: {_lookup_error('averagers', of)}")
+        bases[name] = of
+    return bases
+
+
+def _lookup_error(registry_name: str, name: str) -> Exception:
+    """The registry's one-line error for a name it does not know."""
+    from lawa_suite import registry
+    try:
+        getattr(registry, registry_name).get(name)
+    except Exception as exc:  # noqa: BLE001 - UnknownNameError or PluginError: already one line
+        return exc
+    raise AssertionError(f"{name} is registered")
+
+
+def find_run_config(path: Path) -> Path:
+    """The ``config.yaml`` of the run that ``path`` lies in (the nearest one at or above it)."""
+    path = Path(path)
+    for folder in [path, *path.parents] if path.is_dir() else list(path.parents):
+        if (folder / "config.yaml").is_file():
+            return folder / "config.yaml"
+    raise ConfigError(f"config: no config.yaml in {path} or any folder above it; pass --config <run>/config.yaml")
+
+
+def read_saved(file: Path) -> dict[str, Any]:
+    """A saved ``config.yaml`` as the nested dict it holds; a file that is not a run config is a ConfigError."""
     import yaml
 
-    file = Path(path)
-    file = file / "config.yaml" if file.is_dir() else file
     if not file.is_file():
         raise ConfigError(f"config: {file} not found (expected a run folder holding config.yaml)")
     saved = yaml.safe_load(file.read_text())
     if not isinstance(saved, dict) or "task" not in saved:
         raise ConfigError(f"config: {file} is not a lawa-suite run config (no 'task' key)")
-    return resolve({}, base=dotted(saved))
+    return saved
+
+
+def load_resolved(path: str | os.PathLike[str]) -> ResolvedConfig:
+    """Re-resolve a saved ``config.yaml`` (or the run folder holding it) into the config that made the run."""
+    file = Path(path)
+    file = file / "config.yaml" if file.is_dir() else file
+    return resolve({}, base=dotted(read_saved(file)))
+
+
+def config_differences(saved: dict[str, Any], now: dict[str, Any], reset_averagers: bool = False) -> list[str]:
+    """Dotted keys whose values differ between two configs, except ``RESUMABLE_CHANGES``; with
+    ``reset_averagers`` the averager list and the averagers' sections may change too."""
+    a, b = dotted(saved), dotted(now)
+    averager_keys = {"averager"} | {f"{n}." for n in list(saved.get("averager", [])) + list(now.get("averager", []))}
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        if key in RESUMABLE_CHANGES or a.get(key) == b.get(key):
+            continue
+        if reset_averagers and (key == "averager" or any(key.startswith(p) for p in averager_keys if p.endswith("."))):
+            continue
+        diffs.append(key)
+    return diffs
 
 
 def dotted(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -339,9 +434,9 @@ def dotted(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _unknown_key_message(key: str, run_keys: set[str], task: str, task_keys: set[str],
                          averagers: dict[str, Any]) -> str:
-    head = key.partition(".")[0]
+    head, _, rest = key.partition(".")
     from lawa_suite import registry
-    if head in registry.averagers.names() and head not in averagers:
+    if (head in registry.averagers.names() or rest == "of") and head not in averagers:
         return (f"{key}: averager '{head}' is not selected (averager={','.join(averagers) or '(none)'}); "
                 f"add it to averager= or drop the key")
     known = sorted(run_keys | {f"{task}.{k}" for k in task_keys} |

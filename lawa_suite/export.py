@@ -13,26 +13,18 @@ The task and its settings come from the ``config.yaml`` of the run the path lies
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
-import tempfile
 from pathlib import Path
 
 from torch import Tensor
 
 from lawa_suite import checkpoints as ckpt
 from lawa_suite import registry
-from lawa_suite.config import ConfigError, ResolvedConfig, load_resolved
+from lawa_suite.config import ResolvedConfig, find_run_config, load_resolved
+from lawa_suite.errors import CheckpointError, ConfigError
+from lawa_suite.files import commit_folder, require_new_out, staged_folder
 
-__all__ = ["find_run_config", "load_weights", "export"]
-
-
-def find_run_config(path: Path) -> Path:
-    """The ``config.yaml`` of the run that ``path`` lies in (the nearest one above it)."""
-    for folder in [path, *path.parents] if path.is_dir() else list(path.parents):
-        if (folder / "config.yaml").is_file():
-            return folder / "config.yaml"
-    raise ConfigError(f"config: no config.yaml in {path} or any folder above it; pass config=<run>/config.yaml")
+__all__ = ["select_weights", "export"]
 
 
 def _checkpoint_folder(path: Path) -> Path:
@@ -40,56 +32,56 @@ def _checkpoint_folder(path: Path) -> Path:
         return path
     found = ckpt.latest_valid(path / "checkpoints", warn=lambda message: None)
     if found is None:
-        raise ckpt.CheckpointError(f"{path}: neither a checkpoint folder (manifest.json) nor a run folder "
-                                   f"holding a valid checkpoint in checkpoints/")
+        raise CheckpointError(f"{path}: neither a checkpoint folder (manifest.json) nor a run folder "
+                              f"holding a valid checkpoint in checkpoints/")
     return found.path
 
 
-def load_weights(path: Path, weights: str, cfg: ResolvedConfig) -> tuple[dict[str, Tensor], str]:
-    """``(state_dict, description)`` of the ``weights`` ("raw" or an averager name) found at ``path``."""
+def select_weights(path: Path, weights_name: str, cfg: ResolvedConfig) -> tuple[dict[str, Tensor], str]:
+    """``(state_dict, description)`` of the weights named ``weights_name`` ("raw" or an averager of the run) found
+    at ``path``: a weights file, a checkpoint folder, or a run folder (its newest valid checkpoint)."""
     from safetensors.torch import load_file
 
     if path.is_file():
-        if weights != "raw":
-            raise ConfigError(f"weights: {path} is a single weights file; weights=raw is the only choice, got {weights!r}")
+        if weights_name != "raw":
+            raise ConfigError(f"weights: {path} is a single weights file; weights=raw is the only choice, "
+                              f"got {weights_name!r}")
         return load_file(str(path)), str(path)
     folder = _checkpoint_folder(path)
     problems = ckpt.verify(folder)
     if problems:
-        raise ckpt.CheckpointError(problems[0])
-    if weights == "raw":
+        raise CheckpointError(problems[0])
+    if weights_name == "raw":
         return load_file(str(folder / "model.safetensors")), f"{folder} (raw)"
     saved = ckpt.read_state(folder, "state")["averagers"]
-    if weights not in saved:
-        raise ConfigError(f"weights: {folder} holds raw, {', '.join(sorted(saved)) or '(no averagers)'}; got {weights!r}")
-    if weights not in cfg.averagers:
-        raise ConfigError(f"weights: averager {weights!r} is not in the run's config.yaml")
-    averager = registry.averagers.create(weights, **dataclasses.asdict(cfg.averagers[weights]))
-    averager.load_state_dict(saved[weights])
+    if weights_name not in saved:
+        raise ConfigError(f"weights: {folder} holds raw, {', '.join(sorted(saved)) or '(no averagers)'}; "
+                          f"got {weights_name!r}")
+    if weights_name not in cfg.averagers:
+        raise ConfigError(f"weights: averager {weights_name!r} is not in the run's config.yaml")
+    averager = cfg.build_averagers()[weights_name]
+    averager.load_state_dict(saved[weights_name])
     average = averager.average()
     if average is None:
-        raise ConfigError(f"weights: averager {weights!r} was not ready yet at {folder.name} (no average to export)")
-    return average, f"{folder} ({weights})"
+        raise ConfigError(f"weights: averager {weights_name!r} was not ready yet at {folder.name} (no average to "
+                          f"export)")
+    return average, f"{folder} ({weights_name})"
 
 
-def export(path: Path, out: Path, weights: str = "raw", config: Path | None = None, force: bool = False) -> str:
+def export(path: Path, out: Path, weights_name: str = "raw", config: Path | None = None, force: bool = False) -> str:
     """Export the chosen weights to ``out``; returns a one-line description of what was written."""
     path, out = Path(path), Path(out)
     if not path.exists():
         raise ConfigError(f"path: {path} does not exist")
     cfg = load_resolved(config or find_run_config(path))
-    if out.exists() and any(out.iterdir()) and not force:
-        raise ConfigError(f"out: {out} exists and is not empty; choose another folder or pass --force")
-    state, source = load_weights(path, weights, cfg)
+    require_new_out(out, force, ConfigError)
+    state, source = select_weights(path, weights_name, cfg)
     task = registry.tasks.get(cfg.run.task)(cfg.task, cfg.run)
     # Written next to the target and renamed into place: a failed export leaves nothing half-written.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    staging = staged_folder(out)
     try:
         task.export(state, staging)
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
+        commit_folder(staging, out)
     finally:
         if staging.exists():
             shutil.rmtree(staging)

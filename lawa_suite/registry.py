@@ -18,20 +18,11 @@ import pkgutil
 from dataclasses import dataclass
 from typing import Any, Callable
 
-__all__ = ["Registry", "PluginInfo", "RegistryError", "UnknownNameError", "PluginError",
+from lawa_suite.errors import PluginError, RegistryError, UnknownNameError
+from lawa_suite.files import first_line
+
+__all__ = ["Registry", "PluginInfo", "RegistryError", "UnknownNameError", "PluginError", "class_contract_problem",
            "averagers", "tasks", "evaluators"]
-
-
-class RegistryError(Exception):
-    """Base for registry errors; the message is one line meant for the user."""
-
-
-class UnknownNameError(RegistryError, LookupError):
-    """No plugin of that kind has that name."""
-
-
-class PluginError(RegistryError):
-    """A plugin exists under that name but cannot be used (import error, wrong shape, name conflict)."""
 
 
 @dataclass
@@ -49,9 +40,25 @@ class PluginInfo:
         return self.error is None
 
 
+def class_contract_problem(obj: Any, kind: str, members: tuple[str, ...], base: str) -> str | None:
+    """The checks every kind shares: ``obj`` is a class, has every member its users call, a dataclass
+    ``Config`` when that is a member, and no method left abstract. ``base`` is the class to subclass."""
+    import dataclasses
+
+    name = getattr(obj, "__qualname__", repr(obj))
+    if not isinstance(obj, type):
+        return f"{name} is not a class (expected a subclass of {base})"
+    missing = [member for member in members if not hasattr(obj, member)]
+    if missing:
+        return f"{name} lacks the {kind} interface (no {', '.join(missing)}); subclass {base}"
+    if "Config" in members and not dataclasses.is_dataclass(obj.Config):
+        return f"{name}.Config is not a dataclass (its fields are the {kind}'s keys)"
+    abstract = sorted(getattr(obj, "__abstractmethods__", ()))
+    return f"{name} does not implement {', '.join(abstract)}" if abstract else None
+
+
 def _short_exc(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+    return f"{type(exc).__name__}: {first_line(exc)}" if str(exc).strip() else type(exc).__name__
 
 
 def _load_guarded(load: Callable[[], Any]) -> tuple[Any, str | None]:
@@ -71,14 +78,15 @@ class Registry:
         kind: what the registered things are, for messages ("averager").
         group: the entry-point group third-party packages use ("lawa_suite.averagers").
         builtin_package: the package whose modules register the built-ins ("lawa_suite.averagers").
-        required: attribute names a factory must have to be accepted (its interface).
+        contract: ``"module:function"`` of the check that a factory has the whole interface its users call
+            (``function(obj) -> problem or None``), imported on first use; the kind's base module owns it.
     """
 
-    def __init__(self, kind: str, group: str, builtin_package: str, required: tuple[str, ...] = ()):
+    def __init__(self, kind: str, group: str, builtin_package: str, contract: str = ""):
         self.kind = kind
         self.group = group
         self.builtin_package = builtin_package
-        self.required = required
+        self.contract = contract
         self._builtins: dict[str, PluginInfo] = {}
         self._plugins: dict[str, list[PluginInfo]] = {}
         self._broken_modules: list[PluginInfo] = []
@@ -106,10 +114,10 @@ class Registry:
     def _interface_problem(self, obj: Any) -> str | None:
         if not callable(obj):
             return f"{obj!r} is not a class or function"
-        missing = [attr for attr in self.required if not callable(getattr(obj, attr, None))]
-        if missing:
-            return f"{getattr(obj, '__qualname__', obj)!r} lacks the {self.kind} interface (no {', '.join(missing)})"
-        return None
+        if not self.contract:
+            return None
+        module, _, function = self.contract.partition(":")
+        return getattr(importlib.import_module(module), function)(obj)
 
     # -- discovery ----------------------------------------------------------------------------------
     def _discover(self) -> None:
@@ -218,7 +226,7 @@ class Registry:
 
 
 averagers = Registry("averager", "lawa_suite.averagers", "lawa_suite.averagers",
-                     required=("observe", "average", "state_dict", "load_state_dict"))
-tasks = Registry("task", "lawa_suite.tasks", "lawa_suite.tasks",
-                 required=("build_model", "loss", "train_stream", "eval_batches"))
-evaluators = Registry("evaluator", "lawa_suite.evaluators", "lawa_suite.evaluators", required=("evaluate",))
+                     contract="lawa_suite.averagers.base:contract_problem")
+tasks = Registry("task", "lawa_suite.tasks", "lawa_suite.tasks", contract="lawa_suite.tasks.base:contract_problem")
+evaluators = Registry("evaluator", "lawa_suite.evaluators", "lawa_suite.evaluators",
+                      contract="lawa_suite.evaluators.base:contract_problem")

@@ -34,6 +34,7 @@ from conftest import ToyTask  # noqa: E402  (registers the toy task)
 from lawa_suite import checkpoints as ckpt, registry, train as train_module  # noqa: E402
 from lawa_suite.data import imagestream  # noqa: E402
 from lawa_suite.data.stream import IndexStream  # noqa: E402
+from lawa_suite.run_checkpoints import RunCheckpointer  # noqa: E402
 
 
 class _Rows(Dataset):
@@ -115,19 +116,19 @@ def install_hooks() -> None:
     fsize = os.environ.get("REL_FSIZE")
     term_during_save = "REL_TERM_DURING_SAVE" in os.environ
     commits = os.environ.get("REL_COMMITS")
-    save = train_module.Run.save_checkpoint
+    save = RunCheckpointer.save
 
-    def hooked_save(self):
-        if fsize and self.state.step == int(fsize.split(":")[0]):
+    def hooked_save(self, run):
+        if fsize and run.state.step == int(fsize.split(":")[0]):
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
             limit = int(fsize.split(":")[1])
             resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
         if commits:
-            tensors, _ = ckpt.flatten_state({n: a.state_dict() for n, a in self.averagers.items()})
+            tensors, _ = ckpt.flatten_state({n: a.state_dict() for n, a in run.averagers.items()})
             from safetensors.torch import save_file
             save_file({k: v.contiguous() for k, v in tensors.items()},
-                      f"{commits}.rank{_rank()}.step{self.state.step}.safetensors")
-        if term_during_save and self.stop.raised:
+                      f"{commits}.rank{_rank()}.step{run.state.step}.safetensors")
+        if term_during_save and run.stop.raised:
             real_fault = ckpt.fault_point
 
             def second_term(name, step):
@@ -136,9 +137,9 @@ def install_hooks() -> None:
                     time.sleep(0.3)  # let it land everywhere while the save is still going on
                 real_fault(name, step)
             ckpt.fault_point = second_term
-        return save(self)
+        return save(self, run)
 
-    train_module.Run.save_checkpoint = hooked_save
+    RunCheckpointer.save = hooked_save
     if commits:
         commit = ckpt.commit_checkpoint
 

@@ -98,12 +98,34 @@ class ToyTask(Task):
         return model(batch[0]), batch[1]
 
 
+# A complete third-party averager (class ``Thing``) as plugin tests install it: the smallest subclass of Averager.
+PLUGIN_AVERAGER = """
+from dataclasses import dataclass
+from lawa_suite import Averager
+class Thing(Averager):
+    @dataclass
+    class Config:
+        alpha: float = 0.5
+    ready = False
+    def wants(self, step): return True
+    def _update(self, step, floats): pass
+    def _averaged_floats(self): return []
+    def _extra_state(self): return {}
+    def _load_extra_state(self, state): pass
+"""
+
+
 if "toy" not in registry.tasks._builtins:
     registry.tasks.register("toy")(ToyTask)
 
 
+def reset_toy_faults() -> None:
+    ToyTask.nan_at, ToyTask.nan_from, ToyTask.crash_at, ToyTask.sigterm_at = set(), None, None, None
+    ToyTask.consumed = []
+
+
 @pytest.fixture(autouse=True)
 def _reset_toy_faults():
-    ToyTask.nan_at, ToyTask.nan_from, ToyTask.crash_at, ToyTask.sigterm_at, ToyTask.consumed = set(), None, None, None, []
+    reset_toy_faults()
     yield
-    ToyTask.nan_at, ToyTask.nan_from, ToyTask.crash_at, ToyTask.sigterm_at, ToyTask.consumed = set(), None, None, None, []
+    reset_toy_faults()

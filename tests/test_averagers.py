@@ -684,10 +684,9 @@ def test_lawa_on_cuda_equals_lawa_on_cpu_bit_for_bit(dtype) -> None:
     model = bn_model(dtype=dtype).cuda()
     live = model.state_dict()
     on_device, reference = LAWA(k=3, nu=1), LAWA(k=3, nu=1)
-    on_device.check_finite = False  # as in the loop, whose one NaN/Inf check per step is its host sync
     for step, state in enumerate(states, start=1):
         set_weights(live, state)
-        on_device.observe(step, model)
+        on_device.observe(step, model, checked=True)  # as in the loop, whose one NaN/Inf check is its host sync
         reference.observe(step, state)
         if step == 6:
             restored = LAWA(k=3, nu=1)
@@ -709,15 +708,15 @@ def test_lawa_on_cuda_takes_a_snapshot_without_waiting_for_the_device() -> None:
     model = bn_model().cuda()
     live = model.state_dict()
     lawa = LAWA(k=2, nu=1)
-    lawa.check_finite = False
     for step in range(1, 7):  # past the first fill, slide and recompute: pinned spares exist
         set_weights(live, states[step - 1])
-        lawa.observe(step, model)
+        lawa.observe(step, model, checked=True)
     set_weights(live, states[6])
     torch.cuda.synchronize()
     torch.cuda._sleep(int(2e9))  # about a second of device time ahead of the snapshot
     start = time.perf_counter()
-    lawa.observe(7, model)  # a slide: copy the new weights off the device, upload and subtract the leaving ones
+    lawa.observe(7, model, checked=True)  # a slide: copy the new weights off the device, upload and subtract the
+    # leaving ones
     queued_for = time.perf_counter() - start
     set_weights(live, states[7])  # the next optimizer step: stream order keeps it behind the copy
     average = lawa.average()

@@ -75,7 +75,8 @@ def test_cli_dry_run_prints_resolved_config(tmp_path):
 
 def test_help_does_not_import_torch():
     # `suite --help` must stay fast: the CLI module may not pull in torch (or anything heavy) at import.
-    code = "import sys, lawa_suite.cli; heavy = [m for m in ('torch', 'numpy', 'accelerate') if m in sys.modules]; print(heavy)"
+    code = ("import sys, lawa_suite.cli; heavy = [m for m in ('torch', 'numpy', 'accelerate') if m in sys.modules]; "
+            "print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

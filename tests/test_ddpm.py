@@ -426,7 +426,7 @@ def test_export_writes_a_diffusers_pipeline_that_loads_and_samples(tiny_run, tmp
     from diffusers import DDIMPipeline, DDPMPipeline
 
     from lawa_suite.config import load_resolved
-    from lawa_suite.export import load_weights
+    from lawa_suite.export import select_weights
 
     out = tmp_path / "lawa-pipeline"
     # a checkpoint folder: the task and its settings come from the run's own config.yaml above it
@@ -439,8 +439,8 @@ def test_export_writes_a_diffusers_pipeline_that_loads_and_samples(tiny_run, tmp
     assert images.shape == (2, 16, 16, 3) and np.isfinite(images).all() and 0 <= images.min() <= images.max() <= 1
     # the pipeline holds exactly the LAWA average of the final checkpoint, not the raw weights
     cfg = load_resolved(tiny_run / "config.yaml")
-    lawa, _ = load_weights(tiny_run, "lawa", cfg)
-    raw, _ = load_weights(tiny_run, "raw", cfg)
+    lawa, _ = select_weights(tiny_run, "lawa", cfg)
+    raw, _ = select_weights(tiny_run, "raw", cfg)
     exported = pipeline.unet.state_dict()
     assert exported.keys() == lawa.keys() and all(torch.equal(exported[k], lawa[k]) for k in lawa)
     assert any(not torch.equal(exported[k], raw[k]) for k in raw)

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from lawa_suite import posthoc, registry
 from lawa_suite.cli import app
 from lawa_suite.config import ConfigError, resolve
-from lawa_suite.export import load_weights as load_run_weights
+from lawa_suite.export import select_weights
 from lawa_suite.posthoc import PosthocError, average, parse_jobs
 from lawa_suite.train import train
 
@@ -112,11 +112,10 @@ def test_ema_and_swa_count_observations_of_saved_steps(traj, tmp_path):
 
 def test_slices_of_large_tensors_give_the_same_bits(tmp_path, monkeypatch):
     # 10,000-element tensors in 4,096-element slices; LAWA with evictions and the exact recompute
-    monkeypatch.setattr(posthoc, "BLOCK_ELEMENTS", 4096)
     folder = tmp_path / "traj"
     saved = write_trajectory(folder, list(range(1, 13)), shapes={"big": (100, 100), "odd": (4097,)})
     jobs = parse_jobs(["lawa", "ema", "swa"], {"lawa.k": "3", "lawa.nu": "1", "ema.decay": "0.9", "swa.start": "2"})
-    average(folder, jobs, tmp_path / "out")
+    average(folder, jobs, tmp_path / "out", limits=posthoc.Limits(block_elements=4096))
     for job, name, config in (("lawa-k3-nu1", "lawa", {"k": 3, "nu": 1}), ("ema-decay0.9", "ema", {"decay": 0.9}),
                               ("swa-start2.0", "swa", {"start": 2})):
         out = load_file(str(tmp_path / "out" / job / "step-00000012.safetensors"))
@@ -135,7 +134,7 @@ def test_real_run_post_hoc_equals_online_bit_for_bit(tmp_path):
     cfg = resolve(["task=toy", f"out={run}"])
     final = run / "checkpoints" / "step-00000020"
     for name, folder in (("lawa", "lawa-k3-nu2"), ("ema", "ema-decay0.9"), ("swa", "swa-start0.5")):
-        held_online, _ = load_run_weights(final, name, cfg)
+        held_online, _ = select_weights(final, name, cfg)
         post = load_file(str(tmp_path / "post" / folder / "step-00000020.safetensors"))
         assert same_bits(post, held_online), name
 
@@ -201,28 +200,128 @@ class SpyAverager(Averager):
 '''
 
 
-@pytest.fixture
-def spy_plugin(tmp_path, monkeypatch):
-    """``spy_last`` installed as a real third-party plugin (a fake distribution with an entry point)."""
-    root = tmp_path / "site"
-    info = root / "fake_spy-1.0.dist-info"
+# A step-clocked third-party averager: the mean of the observations at t and t - gap, online from a kept copy,
+# post hoc from the input re-read. It plans its own replay, as LAWA does; post hoc names neither.
+PAIR_PLUGIN = '''
+from dataclasses import dataclass
+import torch
+from lawa_suite.averagers.base import Averager, ReplayTrack, accumulator_copy
+
+class PairMean(Averager):
+    name = "pair"
+    elementwise = True
+    posthoc_clock = "steps"
+
+    @dataclass
+    class Config:
+        gap: int = 100
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._read = None
+        self._steps, self._kept = [], []
+
+    @classmethod
+    def plan_replay(cls, config, steps, targets):
+        have = set(steps)
+        targets = targets if targets is not None else [steps[-1]]
+        ready = [t for t in targets if t - config.gap >= steps[0]]
+        problems = [f"step {t} needs step {t - config.gap}" for t in ready if t - config.gap not in have]
+        return [ReplayTrack(list(steps), steps[-1], [t for t in ready if t - config.gap in have])], problems
+
+    def replay_from(self, read):
+        self._read = read
+
+    def averaged_clocks(self):
+        return self._steps[-2:]
+
+    @property
+    def ready(self):
+        return len(self._steps) >= 2 and self._steps[-1] - self._steps[-2] == self.config.gap
+
+    def wants(self, step):
+        return step % self.config.gap == 0
+
+    def _update(self, step, floats):
+        self._steps.append(step)
+        self._kept = self._kept[-1:] + ([] if self._read else [[t.clone() for t in floats]])
+
+    def _averaged_floats(self):
+        first, second = (self._read(s) for s in self._steps[-2:]) if self._read else self._kept[-2:]
+        return [(a.float() + b.float()) / 2 for a, b in zip(first, second)]
+
+    def _extra_state(self):
+        return {}
+
+    def _load_extra_state(self, state):
+        pass
+'''
+
+
+def install_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, module: str, source: str, name: str,
+                   target: str) -> None:
+    """``source`` installed as a real third-party plugin: a fake distribution with an entry point."""
+    root = tmp_path / f"site-{module}"
+    info = root / f"{module}-1.0.dist-info"
     info.mkdir(parents=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-spy\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text("[lawa_suite.averagers]\nspy_last = fake_spy_plugin:SpyAverager\n")
-    (root / "fake_spy_plugin.py").write_text(SPY_PLUGIN)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[lawa_suite.averagers]\n{name} = {module}:{target}\n")
+    (root / f"{module}.py").write_text(source)
     monkeypatch.syspath_prepend(str(root))
     importlib.invalidate_caches()
     registry.averagers.reset()
+
+
+@pytest.fixture
+def spy_plugin(tmp_path, monkeypatch):
+    """``spy_last`` installed as a real third-party plugin (a fake distribution with an entry point)."""
+    install_plugin(tmp_path, monkeypatch, "fake_spy_plugin", SPY_PLUGIN, "spy_last", "SpyAverager")
     yield
     sys.modules.pop("fake_spy_plugin", None)
     registry.averagers.reset()
 
 
-def test_a_plugin_averager_works_post_hoc_and_sees_whole_tensors(tmp_path, monkeypatch, spy_plugin):
-    monkeypatch.setattr(posthoc, "BLOCK_ELEMENTS", 4096)
+@pytest.fixture
+def pair_plugin(tmp_path, monkeypatch):
+    install_plugin(tmp_path, monkeypatch, "fake_pair_plugin", PAIR_PLUGIN, "pair", "PairMean")
+    yield
+    sys.modules.pop("fake_pair_plugin", None)
+    registry.averagers.reset()
+
+
+def test_a_step_clocked_plugin_plans_its_own_replay_with_a_grid_an_interval_and_manifests(traj, tmp_path,
+                                                                                         pair_plugin):
+    folder, saved = traj
+    result = average(folder, parse_jobs(["pair"], {"pair.gap": "100,200"}), tmp_path / "out", interval=400)
+    assert result.outputs == {"pair-gap100": [400, 800], "pair-gap200": [400, 800]}
+    for gap in (100, 200):
+        manifest = json.loads((tmp_path / "out" / f"pair-gap{gap}" / "manifest.json").read_text())
+        assert manifest["averager"] == "pair" and manifest["clock"] == "steps" and manifest["config"] == {"gap": gap}
+        assert [o["inputs"] for o in manifest["outputs"]] == [[400 - gap, 400], [800 - gap, 800]]
+        for step in (400, 800):
+            out = load_file(str(tmp_path / "out" / f"pair-gap{gap}" / f"step-{step:08d}.safetensors"))
+            a, b = saved[step - gap], saved[step]
+            expected = {n: ((a[n].float() + b[n].float()) / 2).to(a[n].dtype) if a[n].is_floating_point() else b[n]
+                        for n in a}
+            assert same_bits(out, expected), (gap, step)
+    with pytest.raises(PosthocError, match=r"pair-gap300: step 700 needs step 400"):  # its own problems, named
+        average(write_folder_without(folder, tmp_path / "gappy", 400), parse_jobs(["pair"], {"pair.gap": "300"}),
+                tmp_path / "bad", interval=700)
+
+
+def write_folder_without(folder: Path, into: Path, step: int) -> Path:
+    into.mkdir()
+    for f in folder.iterdir():
+        if f"{step:08d}" not in f.name:
+            (into / f.name).write_bytes(f.read_bytes())
+    return into
+
+
+def test_a_plugin_averager_works_post_hoc_and_sees_whole_tensors(tmp_path, spy_plugin):
     folder = tmp_path / "traj"
     saved = write_trajectory(folder, [1, 2, 3, 4], shapes={"big": (90, 100)})
-    result = average(folder, parse_jobs(["spy_last"], {"spy_last.every": "2"}), tmp_path / "out", interval=2)
+    result = average(folder, parse_jobs(["spy_last"], {"spy_last.every": "2"}), tmp_path / "out", interval=2,
+                     limits=posthoc.Limits(block_elements=4096))
     assert result.outputs == {"spy_last-every2": [2, 4]}
     out = load_file(str(tmp_path / "out" / "spy_last-every2" / "step-00000004.safetensors"))
     assert same_bits(out, saved[4])
@@ -322,13 +421,13 @@ def _every_format(nonfinite: bool) -> dict[str, Tensor]:
 
 
 @pytest.mark.parametrize("nonfinite", [False, True])
-def test_nan_and_inf_are_found_in_every_float_format(tmp_path, monkeypatch, nonfinite):
-    monkeypatch.setattr(posthoc, "CHECK_BYTES", 4096)  # several pieces per tensor: the bad value is in a later one
+def test_nan_and_inf_are_found_in_every_float_format(tmp_path, nonfinite):
     path = tmp_path / "step-1.safetensors"
     save_file(_every_format(nonfinite), str(path))
     reader = posthoc.Reader(posthoc.Snapshot(1, path.name, (path.resolve(),)))
     try:
-        found = posthoc.nonfinite_keys(reader, sorted(reader.layout))
+        # 4 KiB pieces: several per tensor, so the bad value is in a later one
+        found = posthoc.nonfinite_keys(reader, sorted(reader.layout), check_bytes=4096)
     finally:
         reader.close()
     floats = sorted(n for n in _every_format(False) if n.startswith("f_") and n not in ("f_empty", "f_scalar"))
@@ -470,7 +569,7 @@ def test_output_inside_or_around_the_input_or_existing_is_refused(traj, tmp_path
         average(folder, jobs, tmp_path)
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep.txt").write_text("mine")
-    with pytest.raises(PosthocError, match=r"already exists; choose another folder or pass --force"):
+    with pytest.raises(PosthocError, match=r"already exists and is not empty; choose another folder or pass --force"):
         average(folder, jobs, tmp_path / "taken")
     assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
     average(folder, jobs, tmp_path / "taken", force=True)
@@ -502,7 +601,7 @@ def test_output_bytes_do_not_depend_on_runs_or_directory_order(traj, tmp_path, m
     average(folder, jobs, tmp_path / "first", interval=300)
     average(folder, jobs, tmp_path / "second", interval=300)
     listdir = os.listdir
-    monkeypatch.setattr(posthoc.os, "listdir", lambda path: list(reversed(listdir(path))))
+    monkeypatch.setattr(os, "listdir", lambda path: list(reversed(listdir(path))))
     average(folder, jobs, tmp_path / "reversed", interval=300)
     first = tree_digest(tmp_path / "first")
     assert len(first) == 1 + 3 * 4  # top manifest + per averager: manifest and 3 derived checkpoints
@@ -514,8 +613,8 @@ def test_output_bytes_do_not_depend_on_how_they_reach_the_disk(traj, tmp_path, m
     folder, _ = traj
     jobs = parse_jobs(["lawa", "ema"], {"lawa.k": "3", "lawa.nu": "100"})
     average(folder, jobs, tmp_path / "reference", interval=300)
-    monkeypatch.setattr(posthoc, "DIRECT_BUFFER", 16 * 4096)  # a 64 KiB buffer: several flushes per file
-    monkeypatch.setattr(posthoc, "BLOCK_BUDGET", 1)           # ... also for the smallest buffer the budget allows
+    # a 64 KiB buffer (several flushes per file), also for the smallest buffer the budget allows
+    limits = posthoc.Limits(direct_buffer=16 * 4096, block_budget=1)
     real_open, real_write = os.open, os.write
     direct = getattr(os, "O_DIRECT", 0)
     if how == "no O_DIRECT":
@@ -534,8 +633,8 @@ def test_output_bytes_do_not_depend_on_how_they_reach_the_disk(traj, tmp_path, m
             return real_write(fd, data)
         monkeypatch.setattr(os, "write", refusing_write)
     elif how == "reopened":  # more outputs than open descriptors allowed: each write reopens its file
-        monkeypatch.setattr(posthoc, "MAX_OPEN_OUTPUTS", 1)
-    average(folder, jobs, tmp_path / "out", interval=300)
+        limits = posthoc.Limits(direct_buffer=16 * 4096, block_budget=1, max_open_outputs=1)
+    average(folder, jobs, tmp_path / "out", interval=300, limits=limits)
     assert tree_digest(tmp_path / "out") == tree_digest(tmp_path / "reference")
 
 

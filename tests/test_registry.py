@@ -14,9 +14,15 @@ from lawa_suite import registry
 from lawa_suite.cli import app
 from lawa_suite.registry import PluginError, UnknownNameError
 
-GOOD_AVERAGER = '''
+from conftest import PLUGIN_AVERAGER
+
+GOOD_AVERAGER = PLUGIN_AVERAGER  # class Thing
+
+# What the registry accepted before it checked the whole contract: the four methods of the design's public API,
+# but none of what the loop also calls (wants, start_run, ready, refuse, load_average_into, post-hoc hooks).
+DUCK_AVERAGER = '''
 from dataclasses import dataclass
-class Fancy:
+class Duck:
     @dataclass
     class Config:
         alpha: float = 0.5
@@ -73,7 +79,7 @@ def test_unknown_name_lists_known_and_closest():
 
 def test_plugin_is_lazy_and_usable(plugin_path):
     make_distribution(plugin_path, "fancy_avg", {"fake_fancy": GOOD_AVERAGER},
-                      {"lawa_suite.averagers": {"fancy": "fake_fancy:Fancy"}})
+                      {"lawa_suite.averagers": {"fancy": "fake_fancy:Thing"}})
     assert "fancy" in registry.averagers.names()
     assert "fake_fancy" not in sys.modules, "listing names must not import the plugin"
     avg = registry.averagers.create("fancy", alpha=0.25)
@@ -91,7 +97,7 @@ def test_broken_plugin_is_reported_and_breaks_nothing(plugin_path, body, expecte
     make_distribution(plugin_path, "broken_dist", {"fake_broken": body},
                       {"lawa_suite.averagers": {"broken": "fake_broken:Thing"}})
     make_distribution(plugin_path, "fancy_avg", {"fake_fancy": GOOD_AVERAGER},
-                      {"lawa_suite.averagers": {"fancy": "fake_fancy:Fancy"}})
+                      {"lawa_suite.averagers": {"fancy": "fake_fancy:Thing"}})
     assert "broken" in registry.averagers.names()
     with pytest.raises(PluginError) as err:
         registry.averagers.get("broken")
@@ -109,11 +115,31 @@ def test_wrong_interface_is_refused(plugin_path):
         registry.averagers.get("shapeless")
 
 
+def test_a_duck_typed_averager_fails_at_selection_naming_its_distribution_and_what_it_lacks(plugin_path):
+    make_distribution(plugin_path, "duck_dist", {"fake_duck": DUCK_AVERAGER},
+                      {"lawa_suite.averagers": {"duck": "fake_duck:Duck"}})
+    with pytest.raises(PluginError) as err:
+        registry.averagers.get("duck")
+    message = str(err.value)
+    assert "duck_dist 1.0" in message and "lacks the averager interface" in message and "\n" not in message
+    assert all(member in message for member in ("wants", "start_run", "refuse", "load_average_into", "plan_replay"))
+    result = CliRunner().invoke(app, ["run", "task=toy", "averager=duck", "--dry-run"])
+    assert result.exit_code == 2 and "duck_dist 1.0" in result.output and "Traceback" not in result.output
+
+
+def test_an_averager_that_leaves_a_method_abstract_is_refused(plugin_path):
+    body = GOOD_AVERAGER.replace("    def _update(self, step, floats): pass\n", "")
+    make_distribution(plugin_path, "half_dist", {"fake_half": body},
+                      {"lawa_suite.averagers": {"half": "fake_half:Thing"}})
+    with pytest.raises(PluginError, match=r"does not implement _update .*half_dist 1\.0"):
+        registry.averagers.get("half")
+
+
 def test_name_claimed_twice_names_both(plugin_path):
     make_distribution(plugin_path, "first_dist", {"fake_first": GOOD_AVERAGER},
-                      {"lawa_suite.averagers": {"dup": "fake_first:Fancy"}})
+                      {"lawa_suite.averagers": {"dup": "fake_first:Thing"}})
     make_distribution(plugin_path, "second_dist", {"fake_second": GOOD_AVERAGER},
-                      {"lawa_suite.averagers": {"dup": "fake_second:Fancy"}})
+                      {"lawa_suite.averagers": {"dup": "fake_second:Thing"}})
     with pytest.raises(PluginError) as err:
         registry.averagers.get("dup")
     assert "first_dist 1.0" in str(err.value) and "second_dist 1.0" in str(err.value)
@@ -121,7 +147,7 @@ def test_name_claimed_twice_names_both(plugin_path):
 
 def test_plugin_cannot_take_a_builtin_name(plugin_path):
     make_distribution(plugin_path, "usurper", {"fake_usurper": GOOD_AVERAGER},
-                      {"lawa_suite.averagers": {"lawa": "fake_usurper:Fancy"}})
+                      {"lawa_suite.averagers": {"lawa": "fake_usurper:Thing"}})
     with pytest.raises(PluginError) as err:
         registry.averagers.get("lawa")
     assert "built-in lawa_suite.averagers.lawa" in str(err.value) and "usurper 1.0" in str(err.value)
@@ -129,10 +155,10 @@ def test_plugin_cannot_take_a_builtin_name(plugin_path):
 
 def test_same_distribution_seen_twice_is_not_a_conflict(plugin_path, tmp_path_factory, monkeypatch):
     make_distribution(plugin_path, "fancy_avg", {"fake_fancy": GOOD_AVERAGER},
-                      {"lawa_suite.averagers": {"fancy": "fake_fancy:Fancy"}})
+                      {"lawa_suite.averagers": {"fancy": "fake_fancy:Thing"}})
     again = tmp_path_factory.mktemp("again")
     make_distribution(again, "fancy_avg", {"fake_fancy": GOOD_AVERAGER},
-                      {"lawa_suite.averagers": {"fancy": "fake_fancy:Fancy"}})
+                      {"lawa_suite.averagers": {"fancy": "fake_fancy:Thing"}})
     monkeypatch.syspath_prepend(str(again))
     registry.averagers.reset()
     assert registry.averagers.create("fancy").config.alpha == 0.5
@@ -155,7 +181,7 @@ def test_cli_survives_broken_plugins(plugin_path):
 
 def test_decorator_refuses_a_second_owner():
     class Other:
-        observe = average = state_dict = load_state_dict = staticmethod(lambda *a: None)
+        pass
     Other.__module__ = "somewhere_else"
     with pytest.raises(PluginError, match="registered twice"):
         registry.averagers.register("lawa")(Other)

@@ -29,13 +29,13 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from lawa_suite import checkpoints as ckpt
-from lawa_suite import posthoc, train as train_module
+from lawa_suite import posthoc, run_checkpoints
 from lawa_suite.cli import app
 from lawa_suite.config import resolve
 from lawa_suite.posthoc import PosthocError, average, parse_jobs
 from lawa_suite.train import NonFiniteTraining, train
 
-from conftest import ToyTask
+from conftest import PLUGIN_AVERAGER, ToyTask
 import _reliability_child  # noqa: F401  (registers the toyloader task here too)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -185,7 +185,7 @@ def test_a_file_size_limit_in_a_real_process_names_the_file(tmp_path):
     code, _, err = finish(child("run", "task=toy", f"out={out}", "checkpoint.every=5", "checkpoint.keep=2",
                                 env={"REL_FSIZE": "15:3000"}))
     assert code == 1, err
-    line = [l for l in err.splitlines() if l.startswith("error:")][-1]
+    line = [text for text in err.splitlines() if text.startswith("error:")][-1]
     assert "could not write" in line and ".step-00000015.tmp-" in line and ".safetensors" in line, line
     assert "File too large" in line or "27" in line, line
     folder = out / "checkpoints"
@@ -212,7 +212,7 @@ def test_kill_9_between_checkpoints_then_resume_equals_the_uninterrupted_run(ref
     assert killed == uninterrupted[:13 * 16]
     assert ToyTask.consumed == uninterrupted[10 * 16:]
     # negative control: the same resume without restoring the RNG state does not reproduce the run
-    monkeypatch.setattr(train_module, "set_rng_state", lambda state: None)
+    monkeypatch.setattr(run_checkpoints, "set_rng_state", lambda state: None)
     run_toy(control, "checkpoint.every=5", "resume=auto")
     assert not same_run(reference, control)
 
@@ -332,7 +332,7 @@ def test_inf_loss_and_nan_gradient_are_skipped_counted_and_logged(tmp_path, monk
     out = tmp_path / "run"
     result = run_toy(out, "steps=10", "checkpoint.every=5")
     assert result.step == 10 and result.skipped_steps == 1
-    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(text) for text in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["skipped_total"]) for r in records if r.get("skipped")] == [(7, 1)]
     weights, state = final_state(out)
     assert state["train"]["skipped"] == 1
@@ -351,15 +351,17 @@ def test_too_many_bad_steps_exit_3_keep_the_last_good_checkpoint_and_resume(tmp_
 
 
 def test_a_checkpoint_holding_nan_is_never_committed(tmp_path, monkeypatch):
-    real_state = train_module.Run.checkpoint_state
+    from lawa_suite.run_checkpoints import RunCheckpointer
 
-    def poisoned(self):
-        state = real_state(self)
-        if self.state.step == 10:
+    real_state = RunCheckpointer.state
+
+    def poisoned(self, run):
+        state = real_state(self, run)
+        if run.state.step == 10:
             next(iter(state["optimizer"]["state"].values()))["exp_avg"].view(-1)[0] = float("nan")
         return state
 
-    monkeypatch.setattr(train_module.Run, "checkpoint_state", poisoned)
+    monkeypatch.setattr(RunCheckpointer, "state", poisoned)
     out = tmp_path / "run"
     with pytest.raises(NonFiniteTraining, match=r"at step 10 holds NaN or Inf in optimizer/state/0/exp_avg; no"):
         run_toy(out, "checkpoint.every=5")
@@ -506,26 +508,16 @@ def test_links_and_paths_out_of_the_input_are_refused(tmp_path):
 
 
 # -- 7. plugins --------------------------------------------------------------------------------------------------
+GOOD_PLUGIN = PLUGIN_AVERAGER
 BROKEN_PLUGINS = {
     "import_error": "import not_a_module_anywhere\n",
     "syntax_error": "def broken(:\n",
     "exits": "import sys\nsys.exit(3)\n",
     "shapeless": "class Thing:\n    pass\n",
+    "duck": "class Thing:\n    observe = average = state_dict = load_state_dict = lambda *a: None\n",
     "slow": "import pathlib, time\npathlib.Path(__file__).with_name('slow-was-imported').touch()\ntime.sleep(1)\n"
-            "class Thing:\n    observe = average = state_dict = load_state_dict = lambda *a: None\n",
+            + GOOD_PLUGIN,
 }
-GOOD_PLUGIN = """
-from dataclasses import dataclass
-class Thing:
-    @dataclass
-    class Config:
-        alpha: float = 0.5
-    def __init__(self, **kw): self.config = self.Config(**kw)
-    def observe(self, step, weights): return False
-    def average(self): return None
-    def state_dict(self): return {}
-    def load_state_dict(self, state): pass
-"""
 
 
 @pytest.mark.slow
@@ -548,7 +540,8 @@ def test_broken_plugins_never_break_the_installed_cli(tmp_path):
     assert listing.returncode == 0, listing.stderr
     rows = {line.split()[0]: line for line in listing.stdout.splitlines() if line.startswith("  ")}
     for name, expected in (("import_error", "ModuleNotFoundError"), ("syntax_error", "SyntaxError"),
-                           ("exits", "SystemExit"), ("shapeless", "lacks the averager interface")):
+                           ("exits", "SystemExit"), ("shapeless", "lacks the averager interface"),
+                           ("duck", "lacks the averager interface")):
         assert "BROKEN" in rows[name] and expected in rows[name] and f"plug-{name} 0.1" in rows[name], rows[name]
     assert "BROKEN" not in rows["good"] and "BROKEN" not in rows["slow"] and "BROKEN" not in rows["lawa"]
     selected = invoke("run", "averager=syntax_error,good", "--dry-run")
@@ -588,6 +581,6 @@ def test_two_processes_agree_on_averagers_save_once_stop_together_and_resume(tmp
     assert [c.step for c in ckpt.list_checkpoints(out / "checkpoints")] == [8, 12]
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
     assert all(not ckpt.verify(c.path) for c in ckpt.list_checkpoints(out / "checkpoints"))
-    steps = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()
-             if json.loads(l)["split"] == "train"]
+    records = [json.loads(text) for text in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if r["split"] == "train"]
     assert steps == list(range(1, 13)), "a resumed run logs each step once"

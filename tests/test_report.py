@@ -11,17 +11,18 @@ from typer.testing import CliRunner
 
 from lawa_suite.cli import app
 from lawa_suite.report import find_runs, read_run, seed_band, summarise_lr, to_html, write_bench_report
+from lawa_suite.report.claims import swa_like
 
 runner = CliRunner()
 
 # held-out loss (lower is better) at steps 10..50: raw is noisy at the high lr; lawa settles below it sooner
 CURVES = {
-    (0.1, 0): {"raw": [3.0, 2.5, 2.4, 2.2, 2.3], "lawa": [None, 2.3, 2.1, 2.0, 2.0], "swa": [None, None, None, 2.1, 2.05],
-               "swa_early": [None, 2.6, 2.4, 2.3, 2.25]},
-    (0.1, 1): {"raw": [3.2, 2.7, 2.6, 2.4, 2.5], "lawa": [None, 2.5, 2.3, 2.2, 2.2], "swa": [None, None, None, 2.3, 2.25],
-               "swa_early": [None, 2.8, 2.6, 2.5, 2.45]},
-    (0.01, 0): {"raw": [3.5, 3.0, 2.8, 2.7, 2.6], "lawa": [None, 3.1, 2.85, 2.72, 2.61], "swa": [None, None, None, 2.7, 2.62],
-                "swa_early": [None, 3.2, 2.9, 2.8, 2.7]},
+    (0.1, 0): {"raw": [3.0, 2.5, 2.4, 2.2, 2.3], "lawa": [None, 2.3, 2.1, 2.0, 2.0],
+               "swa": [None, None, None, 2.1, 2.05], "swa_early": [None, 2.6, 2.4, 2.3, 2.25]},
+    (0.1, 1): {"raw": [3.2, 2.7, 2.6, 2.4, 2.5], "lawa": [None, 2.5, 2.3, 2.2, 2.2],
+               "swa": [None, None, None, 2.3, 2.25], "swa_early": [None, 2.8, 2.6, 2.5, 2.45]},
+    (0.01, 0): {"raw": [3.5, 3.0, 2.8, 2.7, 2.6], "lawa": [None, 3.1, 2.85, 2.72, 2.61],
+                "swa": [None, None, None, 2.7, 2.62], "swa_early": [None, 3.2, 2.9, 2.8, 2.7]},
 }
 
 
@@ -30,7 +31,7 @@ def make_run(root: Path, lr: float, seed: int, curves: dict[str, list[float | No
     run.mkdir(parents=True)
     config = {"task": "gpt2", "preset": "cpu", "lr": lr, "seed": seed, "steps": 50,
               "averager": ["lawa", "swa", "swa_early"], "swa": {"start": 0.75, "every": 1},
-              "swa_early": {"start": 0.2, "every": 1}, "lawa": {"k": 2, "nu": 5}}
+              "swa_early": {"of": "swa", "start": 0.2, "every": 1}, "lawa": {"k": 2, "nu": 5}}
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     lines = [{"step": 10, "weights": "raw", "split": "train", "loss": 9.0, "lr": lr}]
     for i, step in enumerate(range(10, 51, 10)):
@@ -67,6 +68,17 @@ def test_steps_to_target_uses_raws_smoothed_final_and_best(tmp_path):
     assert rows["lawa"]["to_final"] == 20 and abs(rows["lawa"]["saved_final"] - 0.5) < 1e-9
     assert rows["lawa"]["to_best"] == 30 and abs(rows["lawa"]["saved_best"] - 0.25) < 1e-9
     assert rows["swa_early"]["to_best"] is None
+
+
+def test_swa_instances_are_found_by_of_not_by_name(tmp_path):
+    run = make_run(tmp_path, 0.1, 0, {"raw": [3.0, 2.5, 2.4, 2.2, 2.3], "swa": [None, None, 2.4, 2.2, 2.1],
+                                      "late": [None, None, None, 2.2, 2.15], "swap_thing": [None, 2.6, 2.4, 2.3, 2.2]})
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config.update(swa={"start": 0.5}, late={"of": "swa", "start": 0.8}, swap_thing={"start": 0.2})
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    s = summarise_lr(0.1, [read_run(run)], "loss", "min")
+    # `late` is an instance of swa whatever its name; `swap_thing` only looks like one
+    assert swa_like(s) == [(0.5, "swa"), (0.8, "late")]
 
 
 def test_bench_report_markdown_html_and_claims(tmp_path):

@@ -4,7 +4,7 @@ An averager is a function of a weight trajectory: it consumes ``(step, weights)`
 hands back averaged weights at any moment. The training loop feeds it after every real optimizer step
 (online); ``posthoc`` feeds it saved checkpoints. Averagers are passive: they never touch the model.
 
-Shared rules (design.md, "Averager semantics"):
+Shared rules (README, "Averagers in Python"):
 - the first observation fixes the layout (names, shapes, dtypes); a later one that differs is an error;
 - float tensors are accumulated in float32 (float64 for float64 models) and handed back in the model's
   dtype; non-float tensors (e.g. BatchNorm's ``num_batches_tracked``) are copied from the newest accepted
@@ -16,6 +16,11 @@ Shared rules (design.md, "Averager semantics"):
 A subclass supplies ``Config`` (a dataclass whose fields are its ``<name>.<field>`` keys), ``wants``,
 ``_update``, ``_averaged_floats``, ``ready`` and ``_extra_state`` / ``_load_extra_state``; optionally
 ``_average_view`` (read-only averaged tensors, when its accumulators are the average: evaluation copies from them).
+
+Post hoc (``lawa_suite.posthoc``, which names no averager) an averager is replayed over saved checkpoints. The
+defaults below count observations (the i-th saved checkpoint is step ``i``), as the LAWA paper's Algorithm 2
+applies EMA and SWA to a checkpoint list; an averager that means steps (LAWA's window) overrides
+``plan_replay``, and one that keeps copies of observations may re-read them instead (``replay_from``).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -175,6 +180,15 @@ class Layout:
                    tuple((a, b) for a, b in data.get("aliases", ())))  # states saved before aliases: none
 
 
+@dataclasses.dataclass
+class ReplayTrack:
+    """One post-hoc replay of an averager over saved checkpoints: what ``observe`` is told for each saved
+    checkpoint (in step order), what ``start_run`` is told, and the saved steps at which an output is written."""
+    clocks: list[int]
+    total: int
+    targets: list[int]
+
+
 class Averager(ABC):
     """Base of every averager. Construct with keyword arguments: the fields of ``Config``."""
 
@@ -197,17 +211,18 @@ class Averager(ABC):
         self.updates = 0                        # observations that changed the average
         self.last_step: int | None = None       # step of the newest accepted observation
         self._others: list[Tensor] = []         # non-float tensors of the newest accepted observation
-        # False when the caller has checked every value already (post-hoc averaging checks the whole trajectory
-        # before any arithmetic): observe() then skips its own NaN/Inf pass over the weights.
-        self.check_finite = True
         self._staging: list[Tensor | None] = []  # fp32 buffers for a low-precision model's updates (staged_like)
 
     # -- the contract -------------------------------------------------------------------------------
     def start_run(self, total_steps: int) -> None:
         """Told once, before the first observation, how many steps the run will take (for fractions)."""
 
-    def observe(self, step: int, weights: Weights) -> bool:
-        """Consume the weights after optimizer step ``step``. Returns True if the average changed."""
+    def observe(self, step: int, weights: Weights, checked: bool = False) -> bool:
+        """Consume the weights after optimizer step ``step``. Returns True if the average changed.
+
+        ``checked``: the caller has already found every float value finite (the loop checks the weights once for
+        all averagers; post-hoc averaging checks the whole trajectory before any arithmetic), so this observation
+        skips its own NaN/Inf pass."""
         if not self.wants(step):
             return False
         if self.last_step is not None and step <= self.last_step:  # a repeated step would be counted twice
@@ -218,8 +233,8 @@ class Averager(ABC):
         elif (problem := self.layout.mismatch(tensors)) is not None:
             raise ValueError(f"{self.name}: observation at step {step}: {problem}")
         floats = [tensors[n] for n in self.layout.float_names]
-        if self.check_finite and not all_finite(floats):
-            self.refused += 1
+        if not checked and not all_finite(floats):
+            self.refuse(step)
             warnings.warn(f"{self.name}: the weights at step {step} hold NaN or Inf; observation refused "
                           f"({self.refused} so far)", NonFiniteWarning, stacklevel=2)
             return False
@@ -228,6 +243,11 @@ class Averager(ABC):
         self.last_step = step
         self.updates += 1
         return True
+
+    def refuse(self, step: int) -> None:
+        """Count a wanted observation at ``step`` that was refused because it held NaN or Inf (the caller found
+        it so): the average is untouched; ``refused`` says how many there were."""
+        self.refused += 1
 
     def average(self) -> dict[str, Tensor] | None:
         """The averaged weights (``name -> tensor`` in the model's dtypes), or None before ready."""
@@ -259,6 +279,31 @@ class Averager(ABC):
         """The averaged float tensors in layout order, read only: they may be the accumulators themselves.
         ``load_average_into`` copies from them; an averager whose accumulators are its average overrides this."""
         return self._averaged_floats()
+
+    # -- post hoc: how a replay over saved checkpoints feeds this averager ------------------------------------
+    #: what ``observe`` is told post hoc: "observations" (the i-th saved checkpoint is step i) or "steps"
+    posthoc_clock: ClassVar[str] = "observations"
+
+    @classmethod
+    def plan_replay(cls, config: Any, steps: list[int],
+                    targets: list[int] | None) -> tuple[list[ReplayTrack], list[str]]:
+        """The replays that give this averager's outputs over saved checkpoints at ``steps`` (ascending), and the
+        problems that stop them (one line each). ``targets``: the saved steps where outputs are wanted, or None
+        for the state the online averager would end the run with. The default replays once, counting
+        observations; a target where the averager is not ready simply yields no output."""
+        count = len(steps)
+        wanted = list(targets) if targets is not None else [steps[-1]]
+        return [ReplayTrack(list(range(1, count + 1)), count, wanted)], []
+
+    def replay_from(self, read: Callable[[int], list[Tensor]]) -> None:
+        """Post hoc, before the first observation: ``read(clock)`` gives the float tensors observed at ``clock``
+        again (views of the mapped input), so an averager that would keep copies of observations may keep
+        clocks instead. The default keeps nothing."""
+
+    def averaged_clocks(self) -> list[int] | None:
+        """The clocks of the observations the average is made of when it is a window of them (recorded as an
+        output's inputs); None means every accepted observation."""
+        return None
 
     @property
     @abstractmethod
@@ -313,3 +358,18 @@ class Averager(ABC):
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(self.config).items())
         return f"{type(self).__name__}({fields})"
+
+
+#: What the training loop, evaluation, checkpoints, export and post-hoc averaging use of an averager class.
+CONTRACT = ("Config", "start_run", "wants", "observe", "refuse", "ready", "average", "load_average_into",
+            "state_dict", "load_state_dict", "needs_bn_recalibration", "elementwise", "posthoc_clock", "plan_replay",
+            "replay_from", "averaged_clocks")
+
+
+def contract_problem(obj: Any) -> str | None:
+    """Why ``obj`` cannot serve as an averager (checked by the registry when it is selected), or None: before any
+    work, so a plugin missing a piece fails with one line naming it, never with an AttributeError mid-run.
+    Subclassing ``Averager`` provides everything but the method itself."""
+    from lawa_suite.registry import class_contract_problem
+
+    return class_contract_problem(obj, "averager", CONTRACT, "lawa_suite.Averager")

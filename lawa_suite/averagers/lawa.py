@@ -20,7 +20,7 @@ subtract the leaving one, or the periodic recompute) runs on one background thre
 the process share, overlapping the next training steps. Anything that reads the sum (``average()``,
 ``state_dict()``, the next snapshot) first waits for it, so results are bit for bit those of doing it inline.
 The leaving snapshot's buffers are reused once its subtraction is done, so ``store=cpu`` holds ``k + 1``
-snapshots after the window first slides (``k`` plus that spare).
+snapshots after the window first slides (``k`` plus that spare). The stores live in ``_window.py``.
 
 With ``store=cpu`` and weights on a CUDA device, the training thread never waits for the device either: the
 snapshot goes into pinned host buffers with a non-blocking copy, and the window-sum arithmetic (on the device,
@@ -32,46 +32,25 @@ next snapshot, ``nu`` steps later) synchronizes on before the host reads the cop
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-import threading
-import weakref
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from lawa_suite import registry
-from lawa_suite.averagers.base import Averager, accumulator_copy, cast_like, follow_devices, is_count, staged_like
+from lawa_suite.averagers._window import (DiskSnapshots, MemorySnapshots, RereadSnapshots, SnapshotStore,
+                                          window_worker)
+from lawa_suite.averagers.base import (Averager, ReplayTrack, accumulator_copy, cast_like, follow_devices,
+                                       is_count, staged_like)
 from lawa_suite.config import choice, require
 
-__all__ = ["LAWA", "snapshot_copy", "pinned_snapshot_copy", "window_push_", "window_resum_", "window_mean",
-           "window_worker", "MemorySnapshots", "DiskSnapshots"]
+__all__ = ["LAWA", "window_push_", "window_resum_", "window_mean"]
 
 
 # -- the window sum: pure helpers ---------------------------------------------------------------------
-def snapshot_copy(floats: list[Tensor]) -> list[Tensor]:
-    """Contiguous host copies of ``floats`` in their own dtype; always copies, even from CPU tensors."""
-    return [t.detach().to("cpu", copy=True, memory_format=torch.contiguous_format) for t in floats]
-
-
-def pinned_snapshot_copy(floats: list[Tensor]) -> list[Tensor]:
-    """Host copies of CUDA tensors ``floats`` in pinned memory, queued on the current stream and not waited for:
-    read them on the host only after synchronizing. Where pinned memory runs out, plain copies (they wait)."""
-    try:
-        host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in floats]
-    except RuntimeError:  # cudaHostAlloc failed: page-locked memory is limited by the OS
-        return snapshot_copy(floats)
-    torch._foreach_copy_(host, [t.detach() for t in floats], non_blocking=True)
-    return host
-
-
 @torch.no_grad()
 def window_push_(total: list[Tensor], new: list[Tensor], non_blocking: bool = False) -> None:
     """``total += new`` in place (``new`` cast to the accumulator's dtype and device; ``non_blocking``: an upload
@@ -91,177 +70,6 @@ def window_resum_(total: list[Tensor], snapshots: Iterable[list[Tensor]], non_bl
 def window_mean(total: list[Tensor], k: int) -> list[Tensor]:
     """New tensors ``total / k``."""
     return list(torch._foreach_div(total, float(k)))
-
-
-_worker: ThreadPoolExecutor | None = None
-_worker_lock = threading.Lock()
-
-
-def window_worker() -> ThreadPoolExecutor:
-    """The one background thread that does the window-sum arithmetic of every LAWA averager in this process
-    (one thread: jobs of one averager run in submission order, and training keeps the other cores)."""
-    global _worker
-    with _worker_lock:
-        if _worker is None:
-            _worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lawa-window")
-        return _worker
-
-
-def _drain_before_fork() -> None:
-    """Finish every queued window job before ``fork``: the child gets no copy of the thread, so a job still
-    queued would never run there and a half-done one would leave its sums torn."""
-    with _worker_lock:
-        if _worker is not None:
-            try:
-                _worker.submit(lambda: None).result()  # one thread, jobs in order: this one runs last
-            except RuntimeError:  # shut down (interpreter exit): nothing left queued
-                pass
-
-
-def _forget_worker_in_child() -> None:
-    global _worker, _worker_lock
-    _worker, _worker_lock = None, threading.Lock()  # the child starts its own thread when it first needs one
-
-
-os.register_at_fork(before=_drain_before_fork, after_in_child=_forget_worker_in_child)
-
-
-# -- where the window's snapshots live ------------------------------------------------------------------
-class SnapshotStore(Protocol):
-    """An ordered window of ``(step, tensors)`` snapshots, oldest first."""
-
-    @property
-    def steps(self) -> list[int]: ...
-    @property
-    def newest_step(self) -> int | None: ...
-    def __len__(self) -> int: ...
-    def __iter__(self) -> Iterator[list[Tensor]]: ...
-    def append(self, step: int, tensors: list[Tensor]) -> None: ...  # keeps its own copy (the caller's may change)
-    def pop_oldest(self) -> list[Tensor]: ...
-    def recycle(self, tensors: list[Tensor]) -> None: ...  # a popped snapshot's buffers, free for reuse (or ignored)
-    def drop_oldest(self) -> None: ...
-    def clear(self) -> None: ...
-
-
-class _StepWindow:
-    """The steps of the snapshots in the window, oldest first (shared by both stores)."""
-
-    _steps: deque[int]
-
-    @property
-    def steps(self) -> list[int]:
-        return list(self._steps)
-
-    @property
-    def newest_step(self) -> int | None:
-        return self._steps[-1] if self._steps else None
-
-    def __len__(self) -> int:
-        return len(self._steps)
-
-
-class MemorySnapshots(_StepWindow):
-    """The window in host memory (``store=cpu``)."""
-
-    def __init__(self) -> None:
-        self._steps = deque()
-        self._tensors: deque[list[Tensor]] = deque()
-        self._spares: list[list[Tensor]] = []     # buffers of snapshots that left the window, reused by append
-
-    def __iter__(self) -> Iterator[list[Tensor]]:
-        return iter(list(self._tensors))
-
-    def newest(self) -> list[Tensor]:
-        """The newest snapshot's own buffers (read-only for the caller)."""
-        return self._tensors[-1]
-
-    def append(self, step: int, tensors: list[Tensor]) -> None:
-        self._steps.append(step)
-        self._tensors.append(self._copy(tensors))
-
-    def _copy(self, tensors: list[Tensor]) -> list[Tensor]:
-        """Into spare buffers when they fit (one fused copy, no fresh pages to fault in), else fresh ones. From a
-        CUDA device the copy is queued, not waited for (pinned buffers; see ``pinned_snapshot_copy``)."""
-        from_cuda = bool(tensors) and all(t.is_cuda for t in tensors)
-        spare = self._spares.pop() if self._spares else None
-        if spare is not None and all(b.shape == t.shape and b.dtype == t.dtype for b, t in zip(spare, tensors)) \
-                and len(spare) == len(tensors) and (not from_cuda or all(b.is_pinned() for b in spare)):
-            torch._foreach_copy_(spare, [t.detach() for t in tensors], non_blocking=from_cuda)
-            return spare
-        return pinned_snapshot_copy(tensors) if from_cuda else snapshot_copy(tensors)
-
-    def pop_oldest(self) -> list[Tensor]:
-        self._steps.popleft()
-        return self._tensors.popleft()
-
-    def recycle(self, tensors: list[Tensor]) -> None:
-        """Hand back a popped snapshot the caller is done with: a later append copies into it. At most two are
-        kept: one for the next snapshot while the previous one's buffers are still being subtracted."""
-        self._spares = [*self._spares, tensors][-2:]
-
-    def drop_oldest(self) -> None:
-        self.recycle(self.pop_oldest())
-
-    def clear(self) -> None:
-        self._steps.clear()
-        self._tensors.clear()
-        self._spares = []
-
-
-class DiskSnapshots(_StepWindow):
-    """The window as one safetensors file per snapshot (``store=disk``); host memory holds only their steps.
-
-    ``folder`` is created if needed; an empty one means a fresh temporary folder, made on first use and
-    removed when this store is garbage collected. Files are written under a temporary name and renamed, so
-    a crash never leaves a half-written snapshot under a real name.
-    """
-
-    def __init__(self, folder: str = "") -> None:
-        self._folder = folder
-        self._made = False  # the folder is made on first use: an averager that never snapshots leaves no trace
-        self._steps = deque()
-
-    @property
-    def folder(self) -> str:
-        if not self._made:
-            if self._folder:
-                os.makedirs(self._folder, exist_ok=True)
-            else:
-                self._folder = tempfile.mkdtemp(prefix="lawa-snapshots-")
-                weakref.finalize(self, shutil.rmtree, self._folder, True)
-            self._made = True
-        return self._folder
-
-    def path(self, step: int) -> str:
-        return os.path.join(self.folder, f"snapshot-{step:010d}.safetensors")
-
-    def __iter__(self) -> Iterator[list[Tensor]]:
-        return (self._read(step) for step in list(self._steps))
-
-    def append(self, step: int, tensors: list[Tensor]) -> None:
-        path = self.path(step)
-        save_file({str(i): t for i, t in enumerate(snapshot_copy(tensors))}, path + ".tmp")
-        os.replace(path + ".tmp", path)
-        self._steps.append(step)
-
-    def pop_oldest(self) -> list[Tensor]:
-        tensors = self._read(self._steps[0])
-        self.drop_oldest()
-        return tensors
-
-    def recycle(self, tensors: list[Tensor]) -> None:
-        """Nothing to reuse: each snapshot is a file."""
-
-    def drop_oldest(self) -> None:
-        os.remove(self.path(self._steps.popleft()))
-
-    def clear(self) -> None:
-        while self._steps:
-            self.drop_oldest()
-
-    def _read(self, step: int) -> list[Tensor]:
-        by_index = load_file(self.path(step), device="cpu")
-        return [by_index[str(i)] for i in range(len(by_index))]
 
 
 # -- the averager ---------------------------------------------------------------------------------------
@@ -300,16 +108,58 @@ class LAWA(Averager):
     def ready(self) -> bool:
         return len(self._store) == self.config.k
 
-    def use_store(self, store: SnapshotStore) -> None:
-        """Keep the window in ``store`` (before the first snapshot). Post-hoc averaging passes a store that
-        re-reads the saved checkpoints instead of copying them, so memory does not grow with ``k``."""
-        if len(self._store):
-            raise ValueError("lawa: use_store must come before the first snapshot")
-        self._store = store
-
     @property
     def snapshot_steps(self) -> list[int]:
         """Steps of the snapshots in the window, oldest first."""
+        return self._store.steps
+
+    # -- post hoc: the window is in steps ------------------------------------------------------------------
+    posthoc_clock = "steps"
+
+    @classmethod
+    def plan_replay(cls, config: Any, steps: list[int],
+                    targets: list[int] | None) -> tuple[list[ReplayTrack], list[str]]:
+        """The output at saved step ``t`` is the mean of the saved steps ``t, t - nu, ..., t - (k-1)*nu``; a member
+        the input lacks is a problem naming it, and a window reaching before the first saved step is not ready
+        (no output, no problem). Without ``targets``: the window ending at the newest saved multiple of ``nu``,
+        the state the online LAWA ends the run with.
+
+        Targets are grouped by ``t mod nu``: each group is one replay of the online class whose clock is
+        ``step - residue``, so its snapshots fall exactly on the window members (bit for bit the online LAWA)."""
+        k, nu = config.k, config.nu
+        have, first = set(steps), steps[0]
+        if targets is None:
+            ends = [s for s in steps if s % nu == 0]
+            if not ends:
+                return [], [f"no saved step is a multiple of nu={nu}"]
+            targets = [ends[-1]]
+        problems, ready = [], []
+        for t in targets:
+            window = [t - j * nu for j in range(k)]
+            if window[-1] < first:
+                continue
+            missing = [s for s in reversed(window) if s not in have]
+            if missing:
+                problems.append(f"the window of step {t} needs step(s) {', '.join(map(str, missing))}, which the "
+                                f"input does not hold")
+            else:
+                ready.append(t)
+        if not ready and not problems:
+            problems.append(f"no window fits: {k} checkpoints {nu} steps apart span {(k - 1) * nu} steps before the "
+                            f"step they end at, and the input holds steps {first}..{steps[-1]}")
+        by_residue: dict[int, list[int]] = {}
+        for t in ready:
+            by_residue.setdefault(t % nu, []).append(t)
+        return [ReplayTrack([s - r for s in steps], steps[-1] - r, wanted)
+                for r, wanted in sorted(by_residue.items())], problems
+
+    def replay_from(self, read: Callable[[int], list[Tensor]]) -> None:
+        """Keep the window as clocks and re-read a member when it leaves, instead of copying k snapshots."""
+        if len(self._store):
+            raise ValueError("lawa: replay_from must come before the first snapshot")
+        self._store = RereadSnapshots(read)
+
+    def averaged_clocks(self) -> list[int] | None:
         return self._store.steps
 
     def wants(self, step: int) -> bool:

@@ -1,5 +1,5 @@
 """Data sources shared by tasks: resumable streams, caches, downloads and the embedded offline sets."""
 
+from lawa_suite.errors import DataUnavailable
 
-class DataUnavailable(RuntimeError):
-    """Data could not be found or fetched; the message says what is missing and where to put it."""
+__all__ = ["DataUnavailable"]

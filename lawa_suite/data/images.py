@@ -28,7 +28,7 @@ import urllib.error
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 import torch
@@ -37,6 +37,10 @@ from torch import Tensor
 from tqdm import tqdm
 
 from lawa_suite.data import DataUnavailable
+from lawa_suite.files import first_line, write_atomic
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 __all__ = ["ImageSet", "ImageFiles", "load_image_set", "load_embedded", "load_imagefolder", "imagefolder_files",
            "decode_image", "load_cifar", "IMAGE_EXTENSIONS"]
@@ -300,10 +304,12 @@ def _write_cache(cache_file: Path, train: list[tuple[str, int]], test: list[tupl
         arrays[f"{split}_images"] = _decode_all([f for f, _ in files], size, f"decoding {split} images", crop)
         arrays[f"{split}_labels"] = np.asarray([label for _, label in files], dtype=np.int64)
     cache_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_file.with_name(f".{cache_file.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:  # a file object keeps np.savez from appending its own .npz
-        np.savez(f, classes=np.asarray(classes, dtype=str), **arrays)
-    os.replace(tmp, cache_file)
+    write_atomic(cache_file, lambda p: _save_npz(p, classes=np.asarray(classes, dtype=str), **arrays), durable=False)
+
+
+def _save_npz(path: Path, **arrays: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object keeps np.savez from appending its own .npz
+        np.savez(f, **arrays)
 
 
 def _read_cache(cache_file: Path, description: str) -> ImageSet:
@@ -336,9 +342,9 @@ def load_cifar(name: str, root: str, image_size: int = 32, download: bool = True
 
             tv_utils.download_and_extract_archive(spec.url, root, filename=spec.filename, md5=spec.tgz_md5)
         except (OSError, urllib.error.URLError, RuntimeError, ValueError) as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise DataUnavailable(
-                f"{name}: {folder / missing[0]} is missing and the download failed ({reason}); fetch {spec.url} "
+                f"{name}: {folder / missing[0]} is missing and the download failed ({first_line(exc)}); "
+                f"fetch {spec.url} "
                 f"and put it in {root} (it is extracted on the next run), or use data=imagefolder") from None
         missing = _missing_cifar_files(spec, folder)
     if missing:

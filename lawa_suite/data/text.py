@@ -32,6 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lawa_suite.data import DataUnavailable
+from lawa_suite.files import first_line, write_atomic, write_text_atomic
 
 __all__ = ["Tokenizer", "BytesTokenizer", "Gpt2Tokenizer", "get_tokenizer", "VOCAB_SIZES", "TokenSplits",
            "load_tokens", "embedded_text", "write_token_file", "prepare_openwebtext", "TEXT_SUFFIXES"]
@@ -94,7 +95,7 @@ class Gpt2Tokenizer:
 
         try:
             self.encoding = tiktoken.get_encoding("gpt2")
-        except Exception as exc:  # a network error, or a corrupt cache that tiktoken could not re-fetch
+        except Exception as exc:  # noqa: BLE001 - a network error, or a corrupt cache tiktoken could not re-fetch
             files = gpt2_vocab_files()
             missing = [f"{path.name} ({name}, from {GPT2_VOCAB_URLS[name]})"
                        for name, path in files.items() if not path.is_file()]
@@ -213,12 +214,9 @@ def _write_splits(folder: Path, splits: TokenSplits, meta: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for split in ("train", "val"):
         tokens = np.ascontiguousarray(getattr(splits, split), dtype=TOKEN_DTYPE)
-        tmp = folder / f"{split}.bin.tmp"
-        tokens.tofile(tmp)
-        os.replace(tmp, folder / f"{split}.bin")
+        write_atomic(folder / f"{split}.bin", tokens.tofile, durable=False)
     meta = {**meta, "format": CACHE_FORMAT, "train_tokens": int(len(splits.train)), "val_tokens": int(len(splits.val))}
-    (folder / "meta.json.tmp").write_text(json.dumps(meta, indent=1))
-    os.replace(folder / "meta.json.tmp", folder / "meta.json")
+    write_text_atomic(folder / "meta.json", json.dumps(meta, indent=1))
 
 
 def _open_splits(folder: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -262,10 +260,10 @@ def prepare_openwebtext(folder: Path, tokenizer: Tokenizer, dataset: object | No
     if dataset is None:
         try:
             dataset = datasets.load_dataset("openwebtext", num_proc=num_proc)["train"]
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - datasets raises many kinds; each becomes the one-line fix
             raise DataUnavailable(
                 f"data=openwebtext: could not download 'openwebtext' with HuggingFace datasets "
-                f"({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}); "
+                f"({type(exc).__name__}: {first_line(exc)[:160]}); "
                 f"go online once, or put prepared train.bin and val.bin in {folder}") from None
     split = dataset.train_test_split(test_size=OPENWEBTEXT_VAL_FRACTION, seed=OPENWEBTEXT_SPLIT_SEED, shuffle=True)
     eot = tokenizer.eot if tokenizer.eot is not None else None
@@ -312,9 +310,7 @@ def write_token_file(path: Path, total: int, shards: int, shard_tokens: Callable
         out[offset:offset + len(tokens)] = tokens
         offset += len(tokens)
         out.flush()
-        tmp = progress.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"total": total, "shards": shards, "done": index + 1, "offset": offset}))
-        os.replace(tmp, progress)
+        write_text_atomic(progress, json.dumps({"total": total, "shards": shards, "done": index + 1, "offset": offset}))
     del out
     if offset != total:
         raise ValueError(f"{path.name}: wrote {offset:,} tokens, expected {total:,}")

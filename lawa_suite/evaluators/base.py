@@ -19,8 +19,8 @@ class Evaluator(ABC):
     def __init__(self, task: Any) -> None:
         self.task = task
 
-    def begin(self, step: int, weights: str) -> None:
-        """Called before each ``evaluate`` with the step and the weights ("raw" or an averager's name) it
+    def begin(self, step: int, weights_name: str) -> None:
+        """Called before each ``evaluate`` with the step and the weights' name ("raw" or an averager's) it
         scores, for evaluators that write per-evaluation artefacts (sample grids). Most ignore it."""
 
     @abstractmethod
@@ -29,10 +29,21 @@ class Evaluator(ABC):
         accelerator, reduce across processes so every rank returns the same numbers."""
 
 
-def reduce_sums(sums: dict[str, float], accelerator: Any = None, device: torch.device | str = "cpu") -> dict[str, float]:
+def reduce_sums(sums: dict[str, float], accelerator: Any = None,
+                device: torch.device | str = "cpu") -> dict[str, float]:
     """Sum per-process totals over every process (no-op in a single process)."""
     if accelerator is None or accelerator.num_processes == 1:
         return sums
     keys = sorted(sums)
     total = accelerator.reduce(torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device), "sum")
     return dict(zip(keys, total.tolist()))
+
+
+def contract_problem(obj: Any) -> str | None:
+    """Why ``obj`` cannot serve as an evaluator (checked by the registry when it is selected), or None."""
+    from lawa_suite.registry import class_contract_problem
+
+    problem = class_contract_problem(obj, "evaluator", ("metrics", "begin", "evaluate"), "lawa_suite.Evaluator")
+    if problem is None and (not isinstance(obj.metrics, dict) or not obj.metrics):
+        problem = f"{obj.__qualname__}.metrics must map each metric it reports to 'max' or 'min'"
+    return problem

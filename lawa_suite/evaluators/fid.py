@@ -23,7 +23,7 @@ are summed over processes (float64) before the mean and covariance are formed: e
 the whole set, identical on every rank.
 
 Sample grids: each evaluation writes ``<run>/samples/step-NNNNNNNN-<weights>.png`` (the first ``fid.grid``
-samples; the same noise for raw weights and every averager), named from ``begin(step, weights)``, which the
+samples; the same noise for raw weights and every averager), named from ``begin(step, weights_name)``, which the
 loop calls before each score; a caller that does not call it gets no grid.
 """
 
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +44,7 @@ from lawa_suite import registry
 from lawa_suite.config import ConfigError, require
 from lawa_suite.data import DataUnavailable
 from lawa_suite.evaluators.base import Evaluator, reduce_sums
+from lawa_suite.files import first_line, write_atomic
 
 __all__ = ["FidConfig", "FID", "FeatureStats", "INCEPTION", "STANDIN", "inception_weights_path", "create_extractor",
            "register_standin", "frechet_distance", "write_grid"]
@@ -120,10 +120,10 @@ def create_extractor(cfg: FidConfig) -> tuple[nn.Module, str, str]:
             extractor = create_feature_extractor(name, [layer], cuda=False, **kwargs)
     except (OSError, RuntimeError, ValueError) as exc:  # URLError and HTTPError are OSErrors
         if name != INCEPTION:
-            raise DataUnavailable(f"fid.extractor: cannot create {name!r}: {_first_line(exc)}") from None
+            raise DataUnavailable(f"fid.extractor: cannot create {name!r}: {first_line(exc)}") from None
         target = inception_weights_path()
         raise DataUnavailable(
-            f"fid: the Inception weights {target} are missing and could not be downloaded ({_first_line(exc)}); "
+            f"fid: the Inception weights {target} are missing and could not be downloaded ({first_line(exc)}); "
             f"fetch {_inception_url()} into {target.parent} (torch hub cache: $TORCH_HOME/hub/checkpoints), or set "
             f"fid.weights=<file>, or use fid.extractor={STANDIN} to score offline with the stand-in") from None
     return extractor, name, layer
@@ -133,10 +133,6 @@ def _inception_url() -> str:
     from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
     return URL_INCEPTION_V3
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 # -- statistics ------------------------------------------------------------------------------------------
@@ -214,9 +210,9 @@ class FID(Evaluator):
             note = f" (auto: {inception_weights_path()} not found)" if self.extractor_name == STANDIN else " (auto)"
             print(f"fid: features from {self.extractor_name}{note}", file=sys.stderr, flush=True)
 
-    def begin(self, step: int, weights: str) -> None:
+    def begin(self, step: int, weights_name: str) -> None:
         """Say which step and weights the next ``evaluate`` scores (names the sample grid)."""
-        self._context = (step, weights)
+        self._context = (step, weights_name)
 
     # -- features --
     @torch.no_grad()
@@ -255,10 +251,7 @@ class FID(Evaluator):
         self.reference = {"mu": mu, "sigma": sigma}
         if _is_main(accelerator):
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            with open(tmp, "wb") as f:  # a file object keeps np.savez from renaming it
-                np.savez(f, mu=mu, sigma=sigma, count=stats.count)
-            os.replace(tmp, path)
+            write_atomic(path, lambda p: _save_npz(p, mu=mu, sigma=sigma, count=stats.count), durable=False)
         if accelerator is not None:
             accelerator.wait_for_everyone()
         return self.reference
@@ -289,8 +282,8 @@ class FID(Evaluator):
         if sums["count"] > 0:
             scores["loss"] = sums["loss"] / sums["count"]
         if grid and context is not None and _is_main(accelerator):
-            step, weights = context
-            write_grid(torch.cat(grid), Path(self.task.run.out) / "samples" / f"step-{step:08d}-{weights}.png")
+            step, weights_name = context
+            write_grid(torch.cat(grid), Path(self.task.run.out) / "samples" / f"step-{step:08d}-{weights_name}.png")
         return scores
 
 
@@ -304,6 +297,9 @@ def write_grid(images: Tensor, path: Path, min_tile: int = 64) -> None:
         images = images.repeat_interleave(scale, dim=-1).repeat_interleave(scale, dim=-2)
     grid = make_grid(images, nrow=math.ceil(math.sqrt(len(images))), padding=2, pad_value=255)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    write_atomic(path, lambda p: Image.fromarray(grid.permute(1, 2, 0).numpy()).save(p, format="PNG"), durable=False)
+
+
+def _save_npz(path: Path, **arrays: Any) -> None:
+    with open(path, "wb") as f:  # a file object keeps np.savez from appending its own .npz
+        np.savez(f, **arrays)

@@ -17,14 +17,13 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 import torch
 from torch import Tensor, nn
 
-from lawa_suite.data import DataUnavailable  # re-exported: tasks raise it from setup()
+from lawa_suite.errors import DataUnavailable, ExportUnsupported  # re-exported: tasks raise them
 
 if TYPE_CHECKING:
     from lawa_suite.config import RunConfig
 
-
-class ExportUnsupported(RuntimeError):
-    """The task defines no export format."""
+__all__ = ["Task", "BatchStream", "DataUnavailable", "ExportUnsupported", "has_batchnorm", "parameter_count",
+           "contract_problem"]
 
 
 class BatchStream(Protocol):
@@ -101,3 +100,19 @@ def has_batchnorm(model: nn.Module) -> bool:
 def parameter_count(model: nn.Module) -> int:
     """Unique parameters (tied weights counted once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+#: What the loop, config resolution, evaluation, analysis and export use of a task class.
+CONTRACT = ("Config", "presets", "default_preset", "evaluator", "data_sources", "setup", "build_model",
+            "build_optimizer", "train_stream", "eval_batches", "calibration_batches", "loss", "export", "summary")
+
+
+def contract_problem(obj: Any) -> str | None:
+    """Why ``obj`` cannot serve as a task (checked by the registry when it is selected), or None."""
+    from lawa_suite.registry import class_contract_problem
+
+    problem = class_contract_problem(obj, "task", CONTRACT, "lawa_suite.Task")
+    if problem is None and obj.default_preset not in obj.presets:
+        problem = (f"{obj.__qualname__}: default_preset {obj.default_preset!r} is not one of its presets "
+                   f"({', '.join(obj.presets)})")
+    return problem

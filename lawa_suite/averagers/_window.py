@@ -1,0 +1,249 @@
+"""Where LAWA's window of snapshots lives (host memory, files, or the post-hoc input re-read), the host copies
+that fill it, and the one background thread that does the window-sum arithmetic of every LAWA in a process.
+
+Snapshots are always real copies: ``.cpu()`` of a CPU tensor returns the tensor itself, which made the original
+LAWA code store ``k`` aliases of the live weights when training on CPU. Private to the averagers package (the
+registry does not import modules whose name starts with ``_``); another windowed averager may share it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from lawa_suite.files import write_atomic
+
+__all__ = ["snapshot_copy", "pinned_snapshot_copy", "window_worker", "SnapshotStore", "StepWindow",
+           "MemorySnapshots", "DiskSnapshots", "RereadSnapshots"]
+
+
+# -- host copies ---------------------------------------------------------------------------------------------
+def snapshot_copy(floats: list[Tensor]) -> list[Tensor]:
+    """Contiguous host copies of ``floats`` in their own dtype; always copies, even from CPU tensors."""
+    return [t.detach().to("cpu", copy=True, memory_format=torch.contiguous_format) for t in floats]
+
+
+def pinned_snapshot_copy(floats: list[Tensor]) -> list[Tensor]:
+    """Host copies of CUDA tensors ``floats`` in pinned memory, queued on the current stream and not waited for:
+    read them on the host only after synchronizing. Where pinned memory runs out, plain copies (they wait)."""
+    try:
+        host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in floats]
+    except RuntimeError:  # cudaHostAlloc failed: page-locked memory is limited by the OS
+        return snapshot_copy(floats)
+    torch._foreach_copy_(host, [t.detach() for t in floats], non_blocking=True)
+    return host
+
+
+# -- the background thread ----------------------------------------------------------------------------------
+_worker: ThreadPoolExecutor | None = None
+_worker_lock = threading.Lock()
+
+
+def window_worker() -> ThreadPoolExecutor:
+    """The one background thread that does the window-sum arithmetic of every LAWA averager in this process
+    (one thread: jobs of one averager run in submission order, and training keeps the other cores)."""
+    global _worker
+    with _worker_lock:
+        if _worker is None:
+            _worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lawa-window")
+        return _worker
+
+
+def _drain_before_fork() -> None:
+    """Finish every queued window job before ``fork``: the child gets no copy of the thread, so a job still
+    queued would never run there and a half-done one would leave its sums torn."""
+    with _worker_lock:
+        if _worker is not None:
+            try:
+                _worker.submit(lambda: None).result()  # one thread, jobs in order: this one runs last
+            except RuntimeError:  # shut down (interpreter exit): nothing left queued
+                pass
+
+
+def _forget_worker_in_child() -> None:
+    global _worker, _worker_lock
+    _worker, _worker_lock = None, threading.Lock()  # the child starts its own thread when it first needs one
+
+
+os.register_at_fork(before=_drain_before_fork, after_in_child=_forget_worker_in_child)
+
+
+# -- where the window's snapshots live ------------------------------------------------------------------
+class SnapshotStore(Protocol):
+    """An ordered window of ``(step, tensors)`` snapshots, oldest first."""
+
+    @property
+    def steps(self) -> list[int]: ...
+    @property
+    def newest_step(self) -> int | None: ...
+    def __len__(self) -> int: ...
+    def __iter__(self) -> Iterator[list[Tensor]]: ...
+    def append(self, step: int, tensors: list[Tensor]) -> None: ...  # keeps its own copy (the caller's may change)
+    def pop_oldest(self) -> list[Tensor]: ...
+    def recycle(self, tensors: list[Tensor]) -> None: ...  # a popped snapshot's buffers, free for reuse (or ignored)
+    def drop_oldest(self) -> None: ...
+    def clear(self) -> None: ...
+
+
+class StepWindow:
+    """The steps of the snapshots in the window, oldest first (shared by both stores)."""
+
+    _steps: deque[int]
+
+    @property
+    def steps(self) -> list[int]:
+        return list(self._steps)
+
+    @property
+    def newest_step(self) -> int | None:
+        return self._steps[-1] if self._steps else None
+
+    def __len__(self) -> int:
+        return len(self._steps)
+
+
+class MemorySnapshots(StepWindow):
+    """The window in host memory (``store=cpu``)."""
+
+    def __init__(self) -> None:
+        self._steps = deque()
+        self._tensors: deque[list[Tensor]] = deque()
+        self._spares: list[list[Tensor]] = []     # buffers of snapshots that left the window, reused by append
+
+    def __iter__(self) -> Iterator[list[Tensor]]:
+        return iter(list(self._tensors))
+
+    def newest(self) -> list[Tensor]:
+        """The newest snapshot's own buffers (read-only for the caller)."""
+        return self._tensors[-1]
+
+    def append(self, step: int, tensors: list[Tensor]) -> None:
+        self._steps.append(step)
+        self._tensors.append(self._copy(tensors))
+
+    def _copy(self, tensors: list[Tensor]) -> list[Tensor]:
+        """Into spare buffers when they fit (one fused copy, no fresh pages to fault in), else fresh ones. From a
+        CUDA device the copy is queued, not waited for (pinned buffers; see ``pinned_snapshot_copy``)."""
+        from_cuda = bool(tensors) and all(t.is_cuda for t in tensors)
+        spare = self._spares.pop() if self._spares else None
+        if spare is not None and all(b.shape == t.shape and b.dtype == t.dtype for b, t in zip(spare, tensors)) \
+                and len(spare) == len(tensors) and (not from_cuda or all(b.is_pinned() for b in spare)):
+            torch._foreach_copy_(spare, [t.detach() for t in tensors], non_blocking=from_cuda)
+            return spare
+        return pinned_snapshot_copy(tensors) if from_cuda else snapshot_copy(tensors)
+
+    def pop_oldest(self) -> list[Tensor]:
+        self._steps.popleft()
+        return self._tensors.popleft()
+
+    def recycle(self, tensors: list[Tensor]) -> None:
+        """Hand back a popped snapshot the caller is done with: a later append copies into it. At most two are
+        kept: one for the next snapshot while the previous one's buffers are still being subtracted."""
+        self._spares = [*self._spares, tensors][-2:]
+
+    def drop_oldest(self) -> None:
+        self.recycle(self.pop_oldest())
+
+    def clear(self) -> None:
+        self._steps.clear()
+        self._tensors.clear()
+        self._spares = []
+
+
+class DiskSnapshots(StepWindow):
+    """The window as one safetensors file per snapshot (``store=disk``); host memory holds only their steps.
+
+    ``folder`` is created if needed; an empty one means a fresh temporary folder, made on first use and
+    removed when this store is garbage collected. Files are written under a temporary name and renamed, so
+    a crash never leaves a half-written snapshot under a real name.
+    """
+
+    def __init__(self, folder: str = "") -> None:
+        self._folder = folder
+        self._made = False  # the folder is made on first use: an averager that never snapshots leaves no trace
+        self._steps = deque()
+
+    @property
+    def folder(self) -> str:
+        if not self._made:
+            if self._folder:
+                os.makedirs(self._folder, exist_ok=True)
+            else:
+                self._folder = tempfile.mkdtemp(prefix="lawa-snapshots-")
+                weakref.finalize(self, shutil.rmtree, self._folder, True)
+            self._made = True
+        return self._folder
+
+    def path(self, step: int) -> str:
+        return os.path.join(self.folder, f"snapshot-{step:010d}.safetensors")
+
+    def __iter__(self) -> Iterator[list[Tensor]]:
+        return (self._read(step) for step in list(self._steps))
+
+    def append(self, step: int, tensors: list[Tensor]) -> None:
+        copies = {str(i): t for i, t in enumerate(snapshot_copy(tensors))}
+        # scratch, not a record: a checkpoint holds the window itself, so no fsync is worth its stall
+        write_atomic(Path(self.path(step)), lambda p: save_file(copies, str(p)), durable=False)
+        self._steps.append(step)
+
+    def pop_oldest(self) -> list[Tensor]:
+        tensors = self._read(self._steps[0])
+        self.drop_oldest()
+        return tensors
+
+    def recycle(self, tensors: list[Tensor]) -> None:
+        """Nothing to reuse: each snapshot is a file."""
+
+    def drop_oldest(self) -> None:
+        os.remove(self.path(self._steps.popleft()))
+
+    def clear(self) -> None:
+        while self._steps:
+            self.drop_oldest()
+
+    def _read(self, step: int) -> list[Tensor]:
+        by_index = load_file(self.path(step), device="cpu")
+        return [by_index[str(i)] for i in range(len(by_index))]
+
+
+class RereadSnapshots(StepWindow):
+    """The window as steps only, for post-hoc replays: a snapshot is read again through ``read(step)`` (a view
+    of the memory-mapped input) when it leaves the window or the sum is recomputed, instead of being copied,
+    so memory does not grow with ``k``."""
+
+    def __init__(self, read: Callable[[int], list[Tensor]]) -> None:
+        self._read = read
+        self._steps = deque()
+
+    def __iter__(self) -> Iterator[list[Tensor]]:
+        return (self._read(step) for step in list(self._steps))
+
+    def newest(self) -> list[Tensor]:
+        return self._read(self._steps[-1])
+
+    def append(self, step: int, tensors: list[Tensor]) -> None:
+        self._steps.append(step)  # no copy: the input still holds the snapshot
+
+    def pop_oldest(self) -> list[Tensor]:
+        return self._read(self._steps.popleft())
+
+    def recycle(self, tensors: list[Tensor]) -> None:
+        """Nothing to reuse: a popped snapshot is a view of the input."""
+
+    def drop_oldest(self) -> None:
+        self._steps.popleft()
+
+    def clear(self) -> None:
+        self._steps.clear()

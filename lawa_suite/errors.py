@@ -1,0 +1,95 @@
+"""Every error a user can cause, under one root that carries its exit code.
+
+The CLI maps ``SuiteError`` to ``error: <message>`` and the error's ``exit_code`` in one place
+(``cli.user_errors``); a message is one line naming what was wrong and what is allowed. This module imports
+nothing heavy, so any module (and ``suite --help``) may import it.
+
+| exit | meaning |
+|---|---|
+| 1 | the work could not be done: missing data, an unreadable or unwritable file, a checkpoint that fails |
+| 2 | the command was wrong: a bad key or value, input that cannot be averaged or scored as asked |
+| 3 | training diverged: too many non-finite steps in a row |
+| 143 | SIGTERM: the run saved a checkpoint and stopped (128 + SIGTERM, so schedulers requeue it) |
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+__all__ = ["SuiteError", "ConfigError", "RegistryError", "UnknownNameError", "PluginError", "PosthocError",
+           "AnalysisError", "ExportUnsupported", "DataUnavailable", "CheckpointError", "WriteError",
+           "NonFiniteTraining", "Preempted", "EXIT_NONFINITE", "EXIT_PREEMPTED"]
+
+EXIT_NONFINITE = 3
+EXIT_PREEMPTED = 143
+
+
+class SuiteError(Exception):
+    """Root of every user-facing error. ``str(error)`` is one line; ``exit_code`` is what the CLI exits with."""
+
+    exit_code: ClassVar[int] = 1
+
+
+# -- exit 2: the command was wrong --------------------------------------------------------------------------
+class ConfigError(SuiteError, ValueError):
+    """A bad key or value: the key, what was wrong, what is allowed."""
+
+    exit_code = 2
+
+
+class RegistryError(SuiteError):
+    """A name that no plugin has, or a plugin that cannot be used."""
+
+    exit_code = 2
+
+
+class UnknownNameError(RegistryError, LookupError):
+    """No plugin of that kind has that name."""
+
+
+class PluginError(RegistryError):
+    """A plugin exists under that name but cannot be used (import error, wrong interface, name conflict)."""
+
+
+class PosthocError(SuiteError, ValueError):
+    """The input or the settings of ``suite average`` cannot be averaged; one line lists every problem."""
+
+    exit_code = 2
+
+
+class AnalysisError(SuiteError, ValueError):
+    """The weights or the task cannot be scored or compared as asked."""
+
+    exit_code = 2
+
+
+class ExportUnsupported(SuiteError):
+    """The task defines no export format."""
+
+    exit_code = 2
+
+
+# -- exit 1: the work could not be done ---------------------------------------------------------------------
+class DataUnavailable(SuiteError, RuntimeError):
+    """Data could not be found or fetched; the message says what is missing and where to put it."""
+
+
+class CheckpointError(SuiteError, RuntimeError):
+    """A checkpoint could not be written or read; the message names the file."""
+
+
+class WriteError(SuiteError):
+    """A file could not be written; the message names it and the reason (errno text for OS errors)."""
+
+
+# -- training stopped --------------------------------------------------------------------------------------
+class NonFiniteTraining(SuiteError, RuntimeError):
+    """More than ``max_bad_steps`` consecutive steps had a non-finite loss or gradient."""
+
+    exit_code = EXIT_NONFINITE
+
+
+class Preempted(SuiteError, RuntimeError):
+    """SIGTERM arrived; a checkpoint was committed before stopping."""
+
+    exit_code = EXIT_PREEMPTED

@@ -1,0 +1,135 @@
+"""File helpers every module shares (one copy each): atomic writes, fsyncs, sha256, staged folders, the
+"out must be new" rule, and the one-line reason of an exception.
+
+Atomic means: written under a temporary sibling name, fsynced, renamed into place, and the folder fsynced, so
+a reader (or a crash) sees the old file or the new one, never half of one. Temporary names start with a dot
+and carry a random token, so concurrent writers of one file never collide and listings skip them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+import secrets
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from lawa_suite.errors import SuiteError, WriteError
+
+__all__ = ["first_line", "os_reason", "fsync_dir", "fsync_file", "temporary_sibling", "write_atomic",
+           "write_text_atomic", "sha256_file", "inside", "require_new_out", "staged_folder", "commit_folder"]
+
+
+def first_line(exc: BaseException | str) -> str:
+    """The first line of an exception's message (or of a message), or the exception's type when it has none."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def os_reason(exc: BaseException) -> str:
+    """One line: errno text for OS errors ("No space left on device (errno 28)"), else the first line."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror} (errno {exc.errno})"
+    return first_line(exc)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def temporary_sibling(path: Path, kind: str = "tmp") -> Path:
+    """``.<name>.<kind>-<token>`` beside ``path``: hidden, unique, on the same file system (renames are atomic)."""
+    return path.with_name(f".{path.name}.{kind}-{secrets.token_hex(4)}")
+
+
+def write_atomic(path: Path, write: Callable[[Path], None], durable: bool = True) -> None:
+    """Write ``path`` through ``write(temporary path)``, then fsync, rename into place and fsync the folder.
+
+    ``durable=False`` skips the fsyncs, for files that are cheap to make again (decoded data caches, scratch
+    copies): a crash may then lose the file, but never leaves half of one under its name. Any failure removes
+    the temporary file and raises ``WriteError`` naming ``path`` and the reason.
+    """
+    path = Path(path)
+    tmp = temporary_sibling(path)
+    try:
+        write(tmp)
+        if durable:
+            fsync_file(tmp)
+        os.replace(tmp, path)
+        if durable:
+            fsync_dir(path.parent)
+    except Exception as exc:  # OSError, or a library's own error for a failed write (safetensors, numpy)
+        tmp.unlink(missing_ok=True)
+        raise WriteError(f"could not write {path}: {os_reason(exc)}") from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_atomic(path, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 of a file, read through a memory map (no copies; hashlib releases the GIL while it works)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return digest.hexdigest()
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            view = memoryview(mapped)
+            try:
+                for start in range(0, size, 1 << 23):
+                    digest.update(view[start:start + (1 << 23)])
+            finally:
+                view.release()
+    return digest.hexdigest()
+
+
+def inside(path: Path, root: Path) -> bool:
+    """True if ``path`` is ``root`` or lies below it (both resolved by the caller)."""
+    return path == root or path.is_relative_to(root)
+
+
+def require_new_out(out: Path, force: bool, error: type[SuiteError], key: str = "out") -> None:
+    """Refuse an ``out`` that exists as a file or a non-empty folder unless ``force``: nothing is overwritten by
+    accident. ``error`` is the caller's error class (its exit code)."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise error(f"{key}: {out} already exists and is not empty; choose another folder or pass --force "
+                    f"to replace it")
+
+
+def staged_folder(out: Path) -> Path:
+    """A new, empty, hidden folder beside ``out`` to write into before ``commit_folder`` renames it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = temporary_sibling(out)
+    staging.mkdir()
+    return staging
+
+
+def commit_folder(staging: Path, out: Path) -> None:
+    """Rename the staged folder to ``out`` durably; an existing ``out`` (``--force``) is moved aside first and
+    removed only once the new one is in place."""
+    fsync_dir(staging)
+    old = None
+    if out.exists():
+        old = temporary_sibling(out, "old")
+        os.rename(out, old)
+    os.rename(staging, out)
+    fsync_dir(out.parent)
+    if old is not None:
+        shutil.rmtree(old) if old.is_dir() else old.unlink()

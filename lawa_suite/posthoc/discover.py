@@ -1,0 +1,178 @@
+"""Finding the inputs: which files of a folder hold which step.
+
+Recognised: ``<step>.safetensors`` files and ``<step>/`` folders holding ``model.safetensors`` (or its shards and
+``model.safetensors.index.json``), where ``<step>`` is ``step-1000``, ``step1000``, ``checkpoint-1000`` and the like;
+a suite run folder, its ``trajectory/`` or its ``checkpoints/``; and ``.pt``/``.bin`` files only with
+``allow_torch_load``. Hidden entries and other files are ignored. Nothing that resolves outside the input folder
+(a symlink, ``..`` in a shard index) is ever read: it is a problem.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from lawa_suite.files import inside
+
+__all__ = ["Snapshot", "STEP_NAME", "discover", "folder_snapshot", "snapshot_of_path"]
+
+STEP_NAME = re.compile(r"^(?:step|checkpoint|ckpt|iter|global_step)[-_]?(\d+)$", re.IGNORECASE)
+SAFETENSORS_WEIGHTS = ("model.safetensors", "diffusion_pytorch_model.safetensors")
+TORCH_WEIGHTS = ("pytorch_model.bin", "diffusion_pytorch_model.bin", "model.pt", "model.bin")
+TORCH_SUFFIXES = (".pt", ".bin", ".pth")
+PICKLE_HINT = "a pickle-based file; pass --allow-torch-load to read it with torch.load(weights_only=True)"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The weights saved at one step: one file, or the shards of one (Hugging Face sharded) checkpoint."""
+    step: int
+    label: str                          # as messages name it: the path relative to the input folder
+    files: tuple[Path, ...]             # weight files, real paths
+    torch_format: bool = False          # .pt/.bin, read with torch.load(weights_only=True)
+    index: Path | None = None           # the shard index json of a sharded checkpoint
+    recorded: tuple[tuple[Path, str], ...] = ()  # sha256 recorded by a suite checkpoint's manifest.json
+
+
+def step_of(name: str) -> int | None:
+    match = STEP_NAME.match(name)
+    return int(match.group(1)) if match else None
+
+
+def pick_source(source: Path) -> Path:
+    """A run folder stands for its ``trajectory/`` (or, without one, its ``checkpoints/``)."""
+    if (source / "config.yaml").is_file():
+        for sub in ("trajectory", "checkpoints"):
+            if (source / sub).is_dir() and any(not n.startswith(".") for n in os.listdir(source / sub)):
+                return source / sub
+    return source
+
+
+def discover(source: str | os.PathLike[str], allow_torch_load: bool = False) -> tuple[Path, list[Snapshot], list[str]]:
+    """``(folder, snapshots in step order, problems)`` for a trajectory folder."""
+    folder = pick_source(Path(source))
+    problems: list[str] = []
+    if not folder.is_dir():
+        return folder, [], [f"{folder}: not a folder"]
+    root = folder.resolve()
+    found: dict[int, list[Snapshot]] = {}
+    for entry in sorted(os.listdir(folder)):  # sorted: nothing may depend on directory order
+        if entry.startswith("."):
+            continue
+        snapshot = _entry_snapshot(folder / entry, entry, root, allow_torch_load, problems)
+        if snapshot is not None:
+            found.setdefault(snapshot.step, []).append(snapshot)
+    snapshots = []
+    for step in sorted(found):
+        if len(found[step]) > 1:
+            problems.append(f"step {step} is saved twice ({', '.join(s.label for s in found[step])}); keep one")
+        snapshots.append(found[step][0])
+    if not snapshots and not problems:
+        problems.append(f"{folder}: no checkpoints named by step (expected step-N.safetensors files, or step-N/, "
+                        f"stepN/, checkpoint-N/ folders holding model.safetensors)")
+    return folder, snapshots, problems
+
+
+def _entry_snapshot(path: Path, entry: str, root: Path, allow_torch_load: bool, problems: list[str]) -> Snapshot | None:
+    """The snapshot one folder entry holds, None for entries that are not checkpoints (or have problems)."""
+    stem, suffix = (entry, "") if path.is_dir() else os.path.splitext(entry)
+    step = step_of(stem)
+    if step is None:
+        return None
+    real = path.resolve()
+    if not inside(real, root):
+        problems.append(f"{entry}: a link that leads outside the input folder (to {real})")
+        return None
+    if path.is_dir():
+        return folder_snapshot(path, entry, step, root, allow_torch_load, problems)
+    if suffix == ".safetensors":
+        return Snapshot(step, entry, (real,))
+    if suffix in TORCH_SUFFIXES:
+        if not allow_torch_load:
+            problems.append(f"{entry}: {PICKLE_HINT}, or convert it to safetensors")
+            return None
+        return Snapshot(step, entry, (real,), torch_format=True)
+    return None
+
+
+def folder_snapshot(path: Path, entry: str, step: int, root: Path, allow_torch_load: bool,
+                    problems: list[str]) -> Snapshot | None:
+    """The weights of a checkpoint folder (a suite checkpoint, a Hugging Face or diffusers model folder)."""
+    names = set(os.listdir(path))
+    if "state.json" in names and "manifest.json" not in names:
+        return None  # a suite checkpoint that was never committed (or is being deleted): not a checkpoint
+    recorded: tuple[tuple[Path, str], ...] = ()
+    if "manifest.json" in names:
+        try:
+            files = json.loads((path / "manifest.json").read_text())["files"]
+            recorded = tuple((path.joinpath(n).resolve(), e["sha256"]) for n, e in sorted(files.items())
+                             if n.endswith(".safetensors") and isinstance(e, dict) and "sha256" in e)
+        except (OSError, ValueError, KeyError, TypeError):
+            problems.append(f"{entry}/manifest.json: unreadable")
+    candidates = [(n, False) for n in SAFETENSORS_WEIGHTS]
+    if allow_torch_load:
+        candidates += [(n, True) for n in TORCH_WEIGHTS]
+    for name, is_torch in candidates:
+        if name + ".index.json" in names:
+            return _sharded(path, entry, step, name, is_torch, root, recorded, problems)
+        if name in names:
+            real = (path / name).resolve()
+            if not inside(real, root):
+                problems.append(f"{entry}/{name}: a link that leads outside the input folder (to {real})")
+                return None
+            return Snapshot(step, f"{entry}/{name}", (real,), is_torch, recorded=recorded)
+    hint = "" if allow_torch_load or not any(n.endswith(TORCH_SUFFIXES) for n in names) else \
+        " (it holds pickle-based weights: pass --allow-torch-load)"
+    problems.append(f"{entry}/: no {' or '.join(SAFETENSORS_WEIGHTS)} (nor a sharded index) in it{hint}")
+    return None
+
+
+def _sharded(path: Path, entry: str, step: int, name: str, is_torch: bool, root: Path,
+             recorded: tuple[tuple[Path, str], ...], problems: list[str]) -> Snapshot | None:
+    index = path / f"{name}.index.json"
+    label = f"{entry}/{index.name}"
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        assert isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        problems.append(f"{label}: unreadable (expected JSON with a weight_map of tensor -> shard file)")
+        return None
+    shards, bad = [], False
+    for shard in sorted(set(weight_map.values())):
+        real = (path / shard).resolve()
+        if Path(shard).is_absolute() or ".." in Path(shard).parts or os.sep in shard or not inside(real, root):
+            problems.append(f"{label}: shard {shard!r} lies outside the checkpoint folder")
+            bad = True
+        elif not real.is_file():
+            problems.append(f"{label}: shard {shard!r} is missing")
+            bad = True
+        else:
+            shards.append(real)
+    return None if bad else Snapshot(step, label, tuple(shards), is_torch, index=index, recorded=recorded)
+
+
+def snapshot_of_path(path: Path, allow_torch_load: bool) -> tuple[Snapshot | None, list[str]]:
+    """One checkpoint named directly (a safetensors file, a ``.pt`` file with the flag, or a checkpoint or model
+    folder), as a snapshot of no particular step, and the problems that keep it from being read."""
+    if not path.exists():
+        return None, [f"{path}: does not exist"]
+    if path.is_dir():
+        problems: list[str] = []
+        snapshot = folder_snapshot(path, path.name, 0, path.resolve(), allow_torch_load, problems)
+        if snapshot is None and not problems:
+            problems.append(f"{path}: an uncommitted checkpoint (no manifest.json)")
+    elif path.suffix == ".safetensors":
+        snapshot, problems = Snapshot(0, path.name, (path.resolve(),)), []
+    elif path.suffix in TORCH_SUFFIXES:
+        snapshot, problems = Snapshot(0, path.name, (path.resolve(),), torch_format=True), []
+        if not allow_torch_load:
+            problems.append(f"{path}: {PICKLE_HINT}")
+    else:
+        return None, [f"{path}: expected a .safetensors file or a checkpoint folder"]
+    if snapshot is None:
+        return None, problems
+    # step -1: the reader then skips the check of the step recorded in the file's metadata
+    return Snapshot(-1, snapshot.label, snapshot.files, snapshot.torch_format, snapshot.index), problems

@@ -1,0 +1,22 @@
+"""The tunable sizes of a post-hoc run, in one object passed down (tests shrink them to exercise edge cases)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Limits"]
+
+
+@dataclass(frozen=True)
+class Limits:
+    block_elements: int = 1 << 20   # largest slice of a tensor one elementwise averager sees (a multiple of 4096)
+    block_budget: int = 64 << 20    # bytes of slices all averagers may hold together; slices shrink for big grids
+    max_open_outputs: int = 256     # past this many outputs, files are reopened for each tensor
+    check_bytes: int = 4 << 20      # inputs are checked for NaN/Inf in pieces this size (bounds the temporary masks)
+    read_threads: int = 8           # a file's sha256 runs in order, so a thread per file lets the OS balance cores
+    direct_buffer: int = 4 << 20    # the aligned write buffer of an output (less each when there are many outputs)
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"Limits.{name}: expected an integer >= 1, got {value!r}")

@@ -1,0 +1,110 @@
+"""Planning: which saved steps feed which averager replay, and which outputs each replay writes when.
+
+Each job's averager class plans its own replays (``Averager.plan_replay``: by default one replay that counts
+observations; a window in steps may need one per residue of its spacing), so this module names no averager. Where a
+replay is ready is found by running it on a one-element probe, so a plugin's own notion of "ready" decides.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from lawa_suite.averagers.base import Averager, ReplayTrack
+from lawa_suite.posthoc.jobs import Job
+
+__all__ = ["Output", "Track", "derived_steps", "plan"]
+
+
+@dataclass
+class Output:
+    """One derived checkpoint: written after the track's averager observed snapshot ``index``."""
+    job: Job
+    step: int
+    index: int
+    members: list[int]            # the input steps it averages (a window's, or every accepted one)
+    path: Path | None = None
+    sha256: str = ""
+    size: int = 0
+
+
+@dataclass
+class Track:
+    """One averager instance's replay of the trajectory and what it writes."""
+    job: Job
+    replay: ReplayTrack
+    outputs: dict[int, list[Output]] = field(default_factory=dict)  # snapshot index -> outputs
+
+    def __post_init__(self) -> None:
+        self.cls = self.job.cls
+
+    @property
+    def clocks(self) -> list[int]:
+        return self.replay.clocks
+
+    def new(self, read: Callable[[int], list[Tensor]]) -> Averager:
+        """A fresh averager; ``read(clock)`` gives back what it observed at ``clock`` (see ``replay_from``)."""
+        averager = self.cls(**self.job.config)
+        averager.name = self.job.name
+        averager.start_run(self.replay.total)
+        averager.replay_from(read)
+        return averager
+
+
+def derived_steps(steps: list[int], interval: int | None) -> tuple[list[int], list[str]]:
+    """The saved steps where ``interval`` wants outputs, and the problems (steps it needs that are not saved)."""
+    if interval is None:
+        return [], []
+    first, last = steps[0], steps[-1]
+    wanted = list(range(-(-first // interval) * interval, last + 1, interval))
+    have = set(steps)
+    missing = [t for t in wanted if t not in have]
+    problems = []
+    if missing:
+        problems.append(f"interval={interval} asks for step(s) {', '.join(map(str, missing))}, which the input does "
+                        f"not hold (it holds {len(steps)} steps from {first} to {last})")
+    if not wanted:
+        problems.append(f"interval={interval}: no multiple of it lies between the first and last saved steps "
+                        f"({first}..{last})")
+    return [t for t in wanted if t in have], problems
+
+
+def plan(jobs: Sequence[Job], steps: list[int], interval: int | None) -> tuple[list[Track], list[str]]:
+    """The tracks of every job with their outputs, and the problems: windows with missing steps, jobs that never
+    produce anything."""
+    derived, problems = derived_steps(steps, interval)
+    tracks: list[Track] = []
+    for job in jobs:
+        replays, job_problems = job.cls.plan_replay(job.cls.Config(**job.config), steps,
+                                                    derived if interval else None)
+        problems += [f"{job.folder}: {p}" for p in job_problems]
+        produced = 0
+        for replay in replays:
+            track = Track(job, replay)
+            produced += _probe(track, steps)
+            tracks.append(track)
+        if produced == 0 and not job_problems:
+            at = ", ".join(map(str, derived)) if interval else f"the last step {steps[-1]}"
+            problems.append(f"{job.folder}: no derived checkpoint (the averager is not ready at {at})")
+    return tracks, problems
+
+
+def _probe(track: Track, steps: list[int]) -> int:
+    """Replay ``track`` on a one-element tensor; record an output at each target step where it is ready."""
+    probe = {"probe": torch.zeros(1)}
+    averager = track.new(lambda clock: [probe["probe"]])
+    step_of = dict(zip(track.clocks, steps))
+    accepted: list[int] = []
+    wanted = set(track.replay.targets)
+    for i, (step, clock) in enumerate(zip(steps, track.clocks)):
+        if averager.observe(clock, probe, checked=True):
+            accepted.append(step)
+        if step in wanted and averager.ready:
+            window = averager.averaged_clocks()
+            members = [step_of[c] for c in window] if window is not None else list(accepted)
+            track.outputs.setdefault(i, []).append(Output(track.job, step, i, members))
+    return sum(len(v) for v in track.outputs.values())

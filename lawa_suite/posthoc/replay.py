@@ -1,0 +1,134 @@
+"""The one pass: tensor by tensor, slice by slice, every saved checkpoint in step order through every track.
+
+An ``elementwise`` averager (each element of its average depends only on the same element of the observations)
+sees each large tensor in slices of at most ``Limits.block_elements``, one fresh averager per slice, so memory
+stays at a few slices however large the model; every checkpoint is read once for all averagers and grid points
+together, and the slices stay in cache while all of them work. Other averagers see whole tensors. A windowed
+averager re-reads a member leaving its window from the mapped input (``Averager.replay_from``) instead of
+keeping copies, and so runs the very update sequence of its online class.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from lawa_suite.posthoc.limits import Limits
+from lawa_suite.posthoc.plan import Output, Track
+from lawa_suite.posthoc.reader import Reader
+from lawa_suite.posthoc.writer import DIRECT_ALIGN, OutputFile, Writer, safetensors_header
+
+__all__ = ["DERIVED_FORMAT", "average_all"]
+
+DERIVED_FORMAT = "lawa-suite-derived/1"
+Order = list[tuple[str, torch.dtype, tuple[int, ...]]]
+
+
+def average_all(readers: list[Reader], tracks: list[Track], order: Order, staging: Path,
+                limits: Limits) -> list[Output]:
+    """Compute and write every output of every track into ``staging``; returns the outputs with their hashes."""
+    outputs = [o for t in tracks for outs in t.outputs.values() for o in outs]
+    outputs.sort(key=lambda o: (o.job.folder, o.step))
+    files: dict[int, OutputFile] = {}
+    writer = Writer()
+    try:
+        with _single_torch_thread():
+            _stream_tensors(readers, tracks, order, staging, outputs, files, writer, limits)
+        writer.close()
+    except BaseException:
+        try:
+            writer.close()
+        except BaseException:  # noqa: BLE001 - the first error is the one to report
+            pass
+        for f in files.values():
+            f.close_now()
+        raise
+    for o in outputs:
+        f = files[id(o)]
+        o.sha256, o.size = f.finish(), f.size
+    return outputs
+
+
+def block_elements(tracks: int, limits: Limits) -> int:
+    """Slice size for elementwise averagers: ``block_elements``, smaller when many averagers share the budget."""
+    per_track = limits.block_budget // max(1, tracks) // (4 * 4)  # ~4 fp32 slices live per averager at a time
+    return max(4096, min(limits.block_elements, per_track // 4096 * 4096))
+
+
+@contextmanager
+def _single_torch_thread() -> Iterator[None]:
+    """Torch on one thread while the pass runs (restored after). Its ops work on cache-sized slices, where an
+    OpenMP team per op costs more than it gains, and far more when other processes share the cores: each op then
+    waits for a descheduled team member (``benchmarks/posthoc.py``). The run gets its parallelism from its own
+    threads instead."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _open_outputs(outputs: list[Output], order: Order, staging: Path, files: dict[int, OutputFile], writer: Writer,
+                  limits: Limits) -> None:
+    data_size = sum(math.prod(s) * d.itemsize for _, d, s in order)
+    buffer_bytes = max(16 * DIRECT_ALIGN, min(limits.direct_buffer, limits.block_budget // max(1, len(outputs))))
+    buffer_bytes -= buffer_bytes % DIRECT_ALIGN
+    for o in outputs:
+        (staging / o.job.folder).mkdir(exist_ok=True)
+        o.path = staging / o.job.folder / f"step-{o.step:08d}.safetensors"
+        metadata = {"format": DERIVED_FORMAT, "step": str(o.step), "averager": o.job.name,
+                    "config": json.dumps(o.job.config, sort_keys=True), "inputs": ",".join(map(str, o.members))}
+        files[id(o)] = OutputFile(o.path, safetensors_header(order, metadata), data_size, writer, buffer_bytes)
+
+
+def _stream_tensors(readers: list[Reader], tracks: list[Track], order: Order, staging: Path, outputs: list[Output],
+                    files: dict[int, OutputFile], writer: Writer, limits: Limits) -> None:
+    _open_outputs(outputs, order, staging, files, writer, limits)
+    index_of = {r.snapshot.step: i for i, r in enumerate(readers)}
+    many = len(files) > limits.max_open_outputs
+    if many:
+        for f in files.values():
+            f.release()
+    elementwise = [t for t in tracks if t.cls.elementwise]
+    whole = [t for t in tracks if not t.cls.elementwise]
+    block = block_elements(len(elementwise), limits)
+    with torch.no_grad():
+        for name, dtype, shape in order:
+            numel = math.prod(shape)
+            flats = [r.flat(name) for r in readers]
+            if not dtype.is_floating_point:  # never averaged: the newest observation the averager accepted
+                for o in outputs:
+                    files[id(o)].write(flats[index_of[o.members[-1]]])
+                continue
+            if elementwise:
+                for start in range(0, max(1, numel), block):
+                    _replay(elementwise, [f[start:start + block] for f in flats], name, files)
+            if whole:  # an averager without the elementwise promise sees every tensor whole, in its shape
+                _replay(whole, [f.view(shape) for f in flats], name, files)
+            if many:
+                for f in files.values():
+                    f.release()
+
+
+def _replay(tracks: list[Track], pieces: list[Tensor], name: str, files: dict[int, OutputFile]) -> None:
+    """Feed ``pieces`` (one slice of tensor ``name`` per snapshot, in step order) to a fresh averager per track,
+    writing each track's outputs as they come due. Every value was checked before any arithmetic."""
+    averagers = [track.new(_read_again(pieces, track)) for track in tracks]
+    for i, piece in enumerate(pieces):
+        for track, averager in zip(tracks, averagers):
+            averager.observe(track.clocks[i], {name: piece}, checked=True)
+            for o in track.outputs.get(i, ()):
+                files[id(o)].write(averager.average()[name])
+
+
+def _read_again(pieces: list[Tensor], track: Track) -> Callable[[int], list[Tensor]]:
+    """What ``replay_from`` gets: the piece observed at a clock, read again from the mapped input."""
+    index = {clock: i for i, clock in enumerate(track.clocks)}
+    return lambda clock: [pieces[index[clock]]]

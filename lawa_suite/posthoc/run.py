@@ -1,0 +1,167 @@
+"""The entry point: check everything, average, write, commit.
+
+Nothing is computed before everything is checked: headers first, then every value (NaN/Inf, in threads). The
+sha256 of every input (for the manifests, and against a suite checkpoint's recorded hashes) runs in threads
+meanwhile and alongside the averaging; a corrupted suite checkpoint stops the run before anything is written.
+Inputs are never written. The output folder is staged beside its target and renamed into place (``force``
+replaces an existing one the same way); it may not lie inside the input or contain it. Every averager folder
+carries ``manifest.json`` (input steps and sha256s, averager and keys, suite version, each output's sha256).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lawa_suite.errors import PosthocError
+from lawa_suite.files import commit_folder, fsync_dir, inside, require_new_out, staged_folder, write_text_atomic
+from lawa_suite.posthoc.checks import check_layouts, nonfinite_problem
+from lawa_suite.posthoc.discover import Snapshot, discover
+from lawa_suite.posthoc.jobs import Job
+from lawa_suite.posthoc.limits import Limits
+from lawa_suite.posthoc.plan import Output, Track, plan
+from lawa_suite.posthoc.reader import Reader
+from lawa_suite.posthoc.replay import average_all
+from lawa_suite.posthoc.writer import hash_input, ordered_layout
+
+__all__ = ["FORMAT", "PosthocResult", "average"]
+
+FORMAT = "lawa-suite-posthoc/1"
+
+
+@dataclass
+class PosthocResult:
+    out: Path
+    source: Path
+    steps: list[int]
+    outputs: dict[str, list[int]]      # job folder -> derived steps written
+
+
+def average(source: str | os.PathLike[str], jobs: Sequence[Job], out: str | os.PathLike[str],
+            interval: int | None = None, force: bool = False, allow_torch_load: bool = False,
+            log: Callable[[str], None] = lambda message: None, limits: Limits = Limits()) -> PosthocResult:
+    """Average the trajectory in ``source`` with every job; write ``out/<job.folder>/step-N.safetensors``.
+
+    Raises ``PosthocError`` (one line, nothing written) for bad input or settings, ``OSError`` for I/O.
+    """
+    if interval is not None and (not isinstance(interval, int) or isinstance(interval, bool) or interval < 1):
+        raise PosthocError(f"interval: expected an integer >= 1, got {interval!r}")
+    if not jobs:
+        raise PosthocError("averager: expected at least one averager")
+    out = Path(out)
+    folder, snapshots, problems = discover(source, allow_torch_load)
+    if folder.is_dir():
+        _check_out(out, folder, force)
+    readers = [Reader(s) for s in snapshots]
+    try:
+        with ThreadPoolExecutor(max_workers=limits.read_threads, thread_name_prefix="posthoc-read") as pool:
+            try:
+                outputs, steps = _validated_run(pool, folder, problems, readers, jobs, out, interval, log, limits)
+            except BaseException:
+                pool.shutdown(cancel_futures=True)  # hashes not yet started are not needed any more
+                raise
+    finally:
+        for r in readers:
+            r.close()
+    written: dict[str, list[int]] = {job.folder: [] for job in jobs}
+    for o in outputs:
+        written[o.job.folder].append(o.step)
+    return PosthocResult(out, folder, steps, {k: sorted(v) for k, v in written.items()})
+
+
+def _check_out(out: Path, source: Path, force: bool) -> None:
+    real_out, real_src = out.resolve(), source.resolve()
+    if inside(real_out, real_src):
+        raise PosthocError(f"out: {out} lies inside the input folder {source}; inputs are never written, "
+                           f"choose a folder outside it")
+    if inside(real_src, real_out):
+        raise PosthocError(f"out: {out} contains the input folder {source}; choose a folder outside it")
+    require_new_out(out, force, PosthocError)
+
+
+def _validated_run(pool: ThreadPoolExecutor, folder: Path, found: list[str], readers: list[Reader],
+                   jobs: Sequence[Job], out: Path, interval: int | None, log: Callable[[str], None],
+                   limits: Limits) -> tuple[list[Output], list[int]]:
+    """Check everything (``found``: the problems discovery met), average, commit."""
+    snapshots = [r.snapshot for r in readers]
+    steps = [s.step for s in snapshots]
+    names = sorted({n for r in readers for n in r.layout})
+    # first in the queue: the averaging waits on them
+    checks = [pool.submit(nonfinite_problem, r, names, limits.check_bytes) for r in readers]
+    by_size = sorted(((f, r) for r in readers for f in r.opened), key=lambda fr: (-fr[0].stat().st_size, str(fr[0])))
+    hashes = {f: pool.submit(hash_input, r, f) for f, r in by_size}  # biggest first: the last to finish is short
+    problems = found + [p for r in readers for p in r.problems] + check_layouts(readers)
+    tracks: list[Track] = []
+    if steps:
+        tracks, plan_problems = plan(jobs, steps, interval)
+        problems += plan_problems
+    problems += [line for c in checks if (line := c.result()) is not None]
+    if problems:  # one error lists everything there is to fix, the corrupted checkpoints too
+        raise PosthocError(_summary(problems + _corrupted(snapshots, _results(hashes)), folder))
+    log(f"averaging {len(snapshots)} checkpoints (steps {steps[0]}..{steps[-1]}) with {len(jobs)} "
+        f"averager setting(s)")
+    staging = staged_folder(out)
+    try:
+        outputs = average_all(readers, tracks, ordered_layout(readers[0].layout), staging, limits)
+        digests = _results(hashes)
+        if corrupted := _corrupted(snapshots, digests):
+            raise PosthocError(_summary(corrupted, folder))
+        _write_manifests(staging, jobs, outputs, snapshots, digests, folder.resolve(), interval)
+        commit_folder(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return outputs, steps
+
+
+def _results(futures: Mapping[Path, Future[str]]) -> dict[Path, str]:
+    return {f: future.result() for f, future in futures.items()}
+
+
+def _corrupted(snapshots: Sequence[Snapshot], digests: Mapping[Path, str]) -> list[str]:
+    """Suite checkpoints whose files differ from the sha256 their manifest.json recorded."""
+    return [f"{s.label}: sha256 differs from its manifest.json (corrupted)" for s in snapshots
+            if any(f in digests and digests[f] != recorded for f, recorded in s.recorded)]
+
+
+def _summary(problems: list[str], folder: Path) -> str:
+    return f"{len(problems)} problem(s) with {folder}, nothing was written: " + "; ".join(problems)
+
+
+def _write_manifests(staging: Path, jobs: Sequence[Job], outputs: list[Output], snapshots: list[Snapshot],
+                     digests: Mapping[Path, str], root: Path, interval: int | None) -> None:
+    from lawa_suite import __version__ as version
+
+    def files_of(s: Snapshot) -> list[dict[str, Any]]:
+        return [{"file": f.relative_to(root).as_posix(), "size": f.stat().st_size, "sha256": digests[f]}
+                for f in s.files]
+
+    def averager_of(job: Job) -> dict[str, Any]:
+        return {"averager": job.name, **({"of": job.averager} if job.averager != job.name else {})}
+
+    by_step = {s.step: s for s in snapshots}
+    common = {"format": FORMAT, "suite_version": version, "source": str(root), "interval": interval}
+    for job in jobs:
+        mine = [o for o in outputs if o.job is job]
+        used = sorted({m for o in mine for m in o.members})
+        manifest = {**common, **averager_of(job), "config": job.config, "clock": job.cls.posthoc_clock,
+                    "outputs": [{"file": o.path.name, "step": o.step, "size": o.size, "sha256": o.sha256,
+                                 "inputs": o.members} for o in mine],
+                    "inputs": {str(s): files_of(by_step[s]) for s in used}}
+        (staging / job.folder).mkdir(exist_ok=True)
+        write_text_atomic(staging / job.folder / "manifest.json", _json(manifest))
+    top = {**common, "averagers": [{"folder": j.folder, **averager_of(j), "config": j.config} for j in jobs],
+           "inputs": [{"step": s.step, "files": files_of(s)} for s in snapshots]}
+    write_text_atomic(staging / "manifest.json", _json(top))
+    for job in jobs:
+        fsync_dir(staging / job.folder)
+
+
+def _json(data: Any) -> str:
+    return json.dumps(data, indent=1, sort_keys=True) + "\n"

@@ -1,0 +1,328 @@
+"""The cross-run report: many runs (a bench), grouped by task and learning rate, mean over seeds.
+
+``suite report <bench dir or run dirs> --out DIR`` writes report.md, report.html (the same content, the PNGs
+embedded) and one PNG per task. Steps to target use two targets, both taken from raw's seed-mean curve: raw's
+*smoothed final* value (the mean of its last SMOOTH evaluations: a single noisy final raw value flatters the
+averages) and raw's *best* value. "Saved" compares with the step at which raw itself first reached the same
+target, not with the run's length, so raw never "saves" anything against itself.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from lawa_suite.files import write_text_atomic
+from lawa_suite.report.html import to_html
+from lawa_suite.report.run import (
+    Curves,
+    best_point,
+    direction_of,
+    find_runs,
+    first_reaching,
+    fmt,
+    load_metrics,
+    metric_directions,
+    ordered,
+)
+
+if TYPE_CHECKING:
+    from lawa_suite.report.claims import Verdict
+
+__all__ = ["SMOOTH", "EARLY_MID", "SETTLED_FROM", "RunRecord", "read_run", "Band", "seed_band", "LrSummary",
+           "summarise_lr", "lr_table", "mean_gain", "gap_table", "plot_task", "group_runs", "task_section",
+           "write_bench_report"]
+
+SMOOTH = 3                 # evaluations in raw's smoothed final value
+EARLY_MID = (0.0, 0.6)     # claim (b): evaluations in this fraction of the run
+SETTLED_FROM = 0.5         # claim (a): LAWA's gain is averaged over evaluations from this fraction of the run
+
+
+@dataclass
+class RunRecord:
+    """One run folder, read back: its identity from config.yaml, its curves from metrics.jsonl."""
+    path: Path
+    task: str
+    preset: str
+    lr: float
+    seed: int
+    steps: int
+    config: dict[str, Any]
+    curves: Curves
+    train: list[tuple[int, float]]
+
+    @property
+    def last_step(self) -> int:
+        return max((p[-1][0] for c in self.curves.values() for p in c.values() if p), default=0)
+
+
+@dataclass
+class Band:
+    """A seed-mean curve with its min-max band, over the steps every seed evaluated."""
+    steps: list[int]
+    mean: list[float]
+    low: list[float]
+    high: list[float]
+    seeds: int
+
+    def at(self, step: int) -> float | None:
+        return self.mean[self.steps.index(step)] if step in self.steps else None
+
+    @property
+    def points(self) -> list[tuple[int, float]]:
+        """(step, seed-mean value) pairs."""
+        return list(zip(self.steps, self.mean))
+
+
+def read_run(path: Path) -> RunRecord:
+    config = yaml.safe_load((path / "config.yaml").read_text())
+    curves, train = load_metrics(path / "metrics.jsonl")
+    return RunRecord(path, config["task"], config.get("preset", ""), float(config["lr"]), int(config["seed"]),
+                     int(config["steps"]), config, curves, train)
+
+
+def seed_band(runs: list[RunRecord], weights_name: str, metric: str) -> Band | None:
+    series = [dict(r.curves.get(weights_name, {}).get(metric, [])) for r in runs]
+    if not series or not all(series):
+        return None
+    steps = sorted(set.intersection(*(set(s) for s in series)))
+    if not steps:
+        return None
+    values = [[s[step] for s in series] for step in steps]
+    return Band(steps, [sum(v) / len(v) for v in values], [min(v) for v in values], [max(v) for v in values],
+                len(series))
+
+
+def _gain(direction: str, raw: float, other: float) -> float:
+    """How much better ``other`` is than ``raw`` (positive = better), in the metric's units."""
+    return other - raw if direction == "max" else raw - other
+
+
+@dataclass
+class LrSummary:
+    """One (task, lr) cell of the report: per weights, the seed-mean band and its numbers."""
+    lr: float
+    runs: list[RunRecord]
+    bands: dict[str, Band]
+    headline: str
+    direction: str
+    target_final: float | None = None
+    target_best: float | None = None
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def steps(self) -> int:
+        return self.runs[0].steps
+
+
+def summarise_lr(lr: float, runs: list[RunRecord], headline: str, direction: str) -> LrSummary:
+    weights = ordered({w: None for r in runs for w in r.curves})  # type: ignore[arg-type]
+    bands = {w: b for w in weights if (b := seed_band(runs, w, headline)) is not None}
+    summary = LrSummary(lr, runs, bands, headline, direction)
+    raw = bands.get("raw")
+    if raw is None:
+        return summary
+    summary.target_final = sum(raw.mean[-SMOOTH:]) / len(raw.mean[-SMOOTH:])
+    summary.target_best = best_point(raw.points, direction)[0]
+    raw_final_at = first_reaching(raw.points, summary.target_final, direction)
+    raw_best_at = first_reaching(raw.points, summary.target_best, direction)
+    for name, band in bands.items():
+        best, best_step = best_point(band.points, direction)
+        to_final = first_reaching(band.points, summary.target_final, direction)
+        to_best = first_reaching(band.points, summary.target_best, direction)
+        summary.rows.append({
+            "weights": name, "final": band.mean[-1], "final_low": band.low[-1], "final_high": band.high[-1],
+            "best": best, "best_step": best_step, "to_final": to_final, "to_best": to_best,
+            "saved_final": None if to_final is None or not raw_final_at else 1 - to_final / raw_final_at,
+            "saved_best": None if to_best is None or not raw_best_at else 1 - to_best / raw_best_at,
+        })
+    return summary
+
+
+def _steps_cell(step: int | None, saved: float | None, is_raw: bool) -> str:
+    if step is None:
+        return "not reached"
+    return f"{step}" if is_raw or saved is None else f"{step} ({saved:+.0%})"
+
+
+def lr_table(summary: LrSummary) -> str:
+    h = summary.headline
+    lines = [f"| weights | final {h} (min-max over seeds) | best {h} (step) | steps to raw's smoothed final "
+             f"(saved) | steps to raw's best (saved) |", "|---|---|---|---|---|"]
+    for row in summary.rows:
+        is_raw = row["weights"] == "raw"
+        lines.append(f"| {row['weights']} | {fmt(row['final'])} ({fmt(row['final_low'])}-{fmt(row['final_high'])})"
+                     f" | {fmt(row['best'])} ({row['best_step']})"
+                     f" | {_steps_cell(row['to_final'], row['saved_final'], is_raw)}"
+                     f" | {_steps_cell(row['to_best'], row['saved_best'], is_raw)} |")
+    return "\n".join(lines)
+
+
+def mean_gain(summary: LrSummary, weights_name: str, lo: float, hi: float) -> float | None:
+    """Mean of (weights better than raw) over the seed-mean evaluations in ``(lo, hi]`` of the run."""
+    raw, band = summary.bands.get("raw"), summary.bands.get(weights_name)
+    if raw is None or band is None:
+        return None
+    gains = [_gain(summary.direction, raw.at(s), v) for s, v in zip(band.steps, band.mean)  # type: ignore[arg-type]
+             if lo * summary.steps < s <= hi * summary.steps and raw.at(s) is not None]
+    return sum(gains) / len(gains) if gains else None
+
+
+def gap_table(high: LrSummary, low: LrSummary) -> str:
+    """The paper's Figure 2 view: each weights' final value at both learning rates, and its gain over raw."""
+    h = high.headline
+    lines = [f"| weights | final {h} at lr={high.lr:g} | at lr={low.lr:g} | high minus low | gain over raw at "
+             f"lr={high.lr:g} (final / settled mean) | at lr={low.lr:g} (final / settled mean) |",
+             "|---|---|---|---|---|---|"]
+    finals_high = {r["weights"]: r["final"] for r in high.rows}
+    finals_low = {r["weights"]: r["final"] for r in low.rows}
+    for name in [w for w in finals_high if w in finals_low]:
+        cells = [name, fmt(finals_high[name]), fmt(finals_low[name]), f"{finals_high[name] - finals_low[name]:+.4f}"]
+        for s in (high, low):
+            if name == "raw":
+                cells.append("-")
+                continue
+            final = _gain(s.direction, s.bands["raw"].mean[-1], s.bands[name].mean[-1])
+            settled = mean_gain(s, name, SETTLED_FROM, 1.0)
+            cells.append(f"{final:+.4f} / " + (f"{settled:+.4f}" if settled is not None else "-"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_task(task: str, by_lr: list[LrSummary], metrics: list[str], directions: dict[str, str], path: Path) -> None:
+    """Rows: metrics; columns: learning rates; a line per weights (seed mean) with a min-max band."""
+    import matplotlib  # lazily: importing the package should not pay for matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = len(metrics) + 1  # the last row: each averager's gain over raw on the headline metric, zoomed in
+    fig, axes = plt.subplots(rows, len(by_lr), figsize=(5.2 * len(by_lr), 3.4 * rows), squeeze=False)
+    names = ordered({w: None for s in by_lr for r in s.runs for w in r.curves})  # type: ignore[arg-type]
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colours = {w: ("black" if w == "raw" else palette[i % len(palette)]) for i, w in enumerate(names)}
+    for col, s in enumerate(by_lr):
+        for row, metric in enumerate(metrics):
+            ax = axes[row][col]
+            for w in names:
+                band = seed_band(s.runs, w, metric)
+                if band is None:
+                    continue
+                ax.plot(band.steps, band.mean, marker=".", lw=2 if w == "raw" else 1.4, color=colours[w], label=w)
+                if band.seeds > 1:
+                    ax.fill_between(band.steps, band.low, band.high, color=colours[w], alpha=0.15, lw=0)
+            values = [v for line in ax.get_lines() for v in line.get_ydata()]
+            if values and min(values) > 0 and max(values) / min(values) > 8:  # FID falls from hundreds to tens
+                ax.set_yscale("log")
+            ax.set_title(f"lr={s.lr:g}: {metric} ({'higher' if direction_of(metric, directions) == 'max' else 'lower'}"
+                         f" is better)", fontsize=10)
+            ax.set_xlabel("optimizer step")
+            ax.grid(alpha=0.3)
+            if row == 0 and col == 0 and ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
+    for col, s in enumerate(by_lr):
+        ax, raw = axes[-1][col], s.bands.get("raw")
+        for w, band in s.bands.items():
+            if w == "raw" or raw is None:
+                continue
+            points = [(st, _gain(s.direction, raw.at(st), v)) for st, v in zip(band.steps, band.mean)  # type: ignore
+                      if raw.at(st) is not None]
+            if points:
+                ax.plot(*zip(*points), marker=".", lw=1.4, color=colours[w], label=w)
+        ax.axhline(0, color="black", lw=1)
+        tail = [y for line in ax.get_lines()[:-1] for x, y in zip(line.get_xdata(), line.get_ydata())
+                if x > 0.3 * s.steps]
+        if tail:  # early gains can be hugely negative (an average still holding the random init): zoom on the rest
+            span = max(abs(min(tail)), abs(max(tail))) * 1.3 or 1.0
+            ax.set_ylim(-span, span)
+        ax.set_title(f"lr={s.lr:g}: gain over raw in {s.headline} (above 0: better)", fontsize=10)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{task}: mean over {by_lr[0].bands['raw'].seeds if 'raw' in by_lr[0].bands else '?'} seed(s), "
+                 f"band = min-max")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def group_runs(runs: list[RunRecord]) -> dict[str, dict[float, list[RunRecord]]]:
+    """task label -> lr -> finished runs (an unfinished run would drag the seed mean back to its last step)."""
+    groups: dict[str, dict[float, list[RunRecord]]] = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        if run.last_step < run.steps:
+            continue
+        label = f"{run.task} ({run.preset})" if run.preset else run.task
+        groups[label][run.lr].append(run)
+    return groups
+
+
+def _metrics_of(by_lr_runs: dict[float, list[RunRecord]], directions: dict[str, str]) -> list[str]:
+    present = [m for runs in by_lr_runs.values() for r in runs for c in r.curves.values() for m in c]
+    return [m for m in dict.fromkeys([*directions, *present]) if m in present][:2]
+
+
+def task_section(label: str, by_lr_runs: dict[float, list[RunRecord]], out: Path) -> tuple[list[str], list[Verdict]]:
+    """One task's Markdown (plot, a table per learning rate, the high-vs-low gap) and its claims' verdicts."""
+    from lawa_suite.report.claims import claims  # here, not on top: claims builds on this module's summaries
+
+    first = next(iter(by_lr_runs.values()))[0]
+    directions = metric_directions(first.task)
+    metrics = _metrics_of(by_lr_runs, directions)  # the headline and one more (FID and loss; accuracy and loss)
+    headline = metrics[0]
+    direction = direction_of(headline, directions)
+    by_lr = [summarise_lr(lr, sorted(runs, key=lambda r: r.seed), headline, direction)
+             for lr, runs in sorted(by_lr_runs.items(), reverse=True)]
+    png = f"{first.task}{'-' + first.preset if first.preset else ''}.png"
+    plot_task(label, by_lr, metrics, directions, out / png)
+    lines = [f"## {label}", ""]
+    seeds = sorted({r.seed for runs in by_lr_runs.values() for r in runs})
+    lines += [f"{len(by_lr)} learning rate(s) x seeds {', '.join(map(str, seeds))}; {first.steps} steps; headline "
+              f"metric `{headline}` ({'higher' if direction == 'max' else 'lower'} is better). Unfinished runs are "
+              f"left out of the means (listed under Runs).", "", f"![{label}]({png})", ""]
+    for s in by_lr:
+        lines += [f"### lr={s.lr:g}", ""]
+        if s.target_final is not None:
+            lines += [f"Targets from raw's seed-mean curve: smoothed final {fmt(s.target_final)} (mean of its "
+                      f"last {SMOOTH} evaluations), best {fmt(s.target_best)}. Saved = fewer steps than raw "
+                      f"itself needed to reach the same target.", ""]
+        lines += [lr_table(s), ""]
+    if len(by_lr) >= 2:
+        lines += [f"### High vs low learning rate (lr={by_lr[0].lr:g} vs lr={by_lr[-1].lr:g})", "",
+                  f"Gain = how much better than raw (positive: better) at the final evaluation, and its mean over "
+                  f"the evaluations after {SETTLED_FROM:.0%} of the run (settled).", "",
+                  gap_table(by_lr[0], by_lr[-1]), ""]
+    return lines, claims(label, by_lr)
+
+
+def write_bench_report(paths: list[Path], out: Path, title: str = "") -> Path:
+    """Write ``report.md``, ``report.html`` and one PNG per task into ``out``; returns the Markdown path."""
+    from lawa_suite.report.claims import claims_section  # here, not on top: claims imports this module
+
+    runs = [read_run(p) for p in find_runs(paths)]
+    if not runs:
+        raise ValueError(f"{', '.join(map(str, paths))}: no run folders (config.yaml + metrics.jsonl) found")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [f"# {title or 'Benchmark report'}", "",
+             f"{len(runs)} run(s). Curves and numbers are means over seeds (band: min-max); every evaluation scores "
+             f"raw weights and all averagers of a run on the same held-out batches.", ""]
+    verdicts: list[Verdict] = []
+    sections: list[str] = []
+    if not group_runs(runs):
+        lines += ["No run has finished yet.", ""]
+    for label, by_lr in group_runs(runs).items():
+        text, found = task_section(label, by_lr, out)
+        sections += text
+        verdicts += found
+    lines += claims_section(verdicts) + sections
+    lines += ["## Runs", "", *(f"- `{r.path}`: {r.task} lr={r.lr:g} seed={r.seed}, {r.last_step}/{r.steps} steps, "
+                                  f"averagers {', '.join(r.config.get('averager', [])) or 'none'}"
+                                  + (" (**unfinished: left out of the means**)" if r.last_step < r.steps else "")
+                                  for r in runs), ""]
+    markdown = "\n".join(lines)
+    write_text_atomic(out / "report.md", markdown)
+    write_text_atomic(out / "report.html", to_html(markdown, out, title or "Benchmark report"))
+    return out / "report.md"

@@ -1,0 +1,211 @@
+"""One run's page: its ``metrics.jsonl`` becomes ``report.md`` (a comparison table) and ``curves.png``.
+
+The table has, for raw weights and each averager: the final and best value of every evaluation metric and
+the step of the best, plus "steps to raw's final": the first step at which those weights reached the raw
+run's final headline metric (the LAWA papers' "steps saved" view).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lawa_suite.files import write_text_atomic
+
+__all__ = ["Curves", "load_metrics", "metric_directions", "ordered", "direction_of", "better", "summarise",
+           "first_reaching", "best_point", "fmt", "comparison_table", "plot_curves", "write_report", "is_run_dir",
+           "find_runs"]
+
+Curves = dict[str, dict[str, list[tuple[int, float]]]]  # weights -> metric -> [(step, value)]
+
+
+def load_metrics(path: Path) -> tuple[Curves, list[tuple[int, float]]]:
+    """Validation curves per weights and metric, and the training-loss curve, from ``metrics.jsonl``."""
+    curves: Curves = defaultdict(lambda: defaultdict(list))
+    train: list[tuple[int, float]] = []
+    for line in Path(path).read_text().splitlines():
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        step, split, weights = record["step"], record.get("split"), record.get("weights", "raw")
+        if split == "train":
+            if record.get("loss") is not None:
+                train.append((step, record["loss"]))
+            continue
+        for key, value in record.items():
+            if key not in ("step", "split", "weights") and isinstance(value, (int, float)):
+                curves[weights][key].append((step, float(value)))
+    return curves, train
+
+
+def metric_directions(task: str) -> dict[str, str]:
+    """``metric -> "max"|"min"`` from the task's evaluator; the first metric is the headline."""
+    from lawa_suite import registry
+    try:
+        evaluator = registry.evaluators.get(registry.tasks.get(task).evaluator)
+        return dict(evaluator.metrics)
+    except Exception:  # noqa: BLE001 - a plugin that is no longer installed: fall back on names
+        return {}
+
+
+def ordered(curves: Curves) -> list[str]:
+    """Weights names, raw first, then averagers alphabetically."""
+    return sorted(curves, key=lambda w: (w != "raw", w))
+
+
+def direction_of(metric: str, directions: dict[str, str]) -> str:
+    """``"max"`` or ``"min"``: the evaluator's word, else a guess from the metric's name."""
+    if metric in directions:
+        return directions[metric]
+    return "max" if any(word in metric for word in ("acc", "top", "score")) else "min"
+
+
+def better(direction: str, a: float, b: float) -> bool:
+    """Whether ``a`` is strictly better than ``b``."""
+    return a > b if direction == "max" else a < b
+
+
+def first_reaching(points: Iterable[tuple[int, float]], target: float, direction: str) -> int | None:
+    """The first step whose value is ``target`` or better, or None."""
+    for step, value in points:
+        if value == target or better(direction, value, target):
+            return step
+    return None
+
+
+def best_point(points: Iterable[tuple[int, float]], direction: str) -> tuple[float, int]:
+    """The best value and its step; ties go to the earliest step."""
+    best_step, best = None, None
+    for step, value in points:
+        if best is None or better(direction, value, best):
+            best_step, best = step, value
+    return best, best_step
+
+
+def summarise(curves: Curves, directions: dict[str, str]) -> tuple[list[str], list[dict[str, Any]]]:
+    """The metric order and one row per weights (raw first) with final/best values and steps-to-target."""
+    metrics = list(dict.fromkeys([m for m in directions] + [m for c in curves.values() for m in c]))
+    metrics = [m for m in metrics if any(m in c for c in curves.values())]
+    headline = metrics[0] if metrics else None
+    raw_headline = curves.get("raw", {}).get(headline, []) if headline else []
+    raw_final = raw_headline[-1][1] if raw_headline else None
+    rows = []
+    for weights in ordered(curves):
+        row: dict[str, Any] = {"weights": weights}
+        for metric in metrics:
+            points = curves[weights].get(metric, [])
+            if not points:
+                continue
+            best, best_step = best_point(points, direction_of(metric, directions))
+            row[metric] = {"final": points[-1][1], "final_step": points[-1][0], "best": best, "best_step": best_step}
+        if headline and raw_final is not None and headline in curves[weights]:
+            row["steps_to_raw_final"] = first_reaching(curves[weights][headline], raw_final,
+                                                       direction_of(headline, directions))
+        rows.append(row)
+    return metrics, rows
+
+
+def fmt(value: float) -> str:
+    """A table cell's number: four decimals, one for large values (FID in the hundreds)."""
+    return f"{value:.4f}" if abs(value) < 1000 else f"{value:.1f}"
+
+
+def comparison_table(metrics: list[str], rows: list[dict[str, Any]], headline: str | None,
+                     raw_steps: int | None) -> str:
+    """The Markdown table of ``summarise``'s rows; ``raw_steps``: raw's last evaluated step, for "fewer"."""
+    header = ["weights"]
+    for metric in metrics:
+        header += [f"final {metric}", f"best {metric} (step)"]
+    header.append(f"steps to raw's final {headline}" if headline else "")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row["weights"]]
+        for metric in metrics:
+            m = row.get(metric)
+            cells += [fmt(m["final"]), f"{fmt(m['best'])} ({m['best_step']})"] if m else ["-", "-"]
+        reached = row.get("steps_to_raw_final")
+        if reached is None:
+            cells.append("not reached")
+        else:
+            saved = f" ({1 - reached / raw_steps:.0%} fewer)" if raw_steps and row["weights"] != "raw" else ""
+            cells.append(f"{reached}{saved}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_curves(curves: Curves, train: list[tuple[int, float]], metrics: list[str], path: Path, title: str) -> None:
+    """One panel per metric (a line per weights), plus the training loss when there is one."""
+    import matplotlib  # lazily: importing the package should not pay for matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = metrics + (["train loss"] if train else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
+    colours = {"raw": "black"}
+    palette = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"])
+    for weights in ordered(curves):
+        colours.setdefault(weights, next(palette, None))
+    for ax, panel in zip(axes[0], panels):
+        if panel == "train loss":
+            steps, values = zip(*train)
+            ax.plot(steps, values, color="black", alpha=0.6, lw=1)
+        else:
+            for weights in ordered(curves):
+                points = curves[weights].get(panel)
+                if points:
+                    steps, values = zip(*points)
+                    ax.plot(steps, values, marker=".", label=weights, color=colours[weights],
+                            lw=2 if weights == "raw" else 1.5)
+            ax.legend()
+        ax.set_xlabel("optimizer step")
+        ax.set_title(panel)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(run_dir: Path) -> Path:
+    """Write ``report.md`` and ``curves.png`` into ``run_dir``; returns the report's path."""
+    run_dir = Path(run_dir)
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    curves, train = load_metrics(run_dir / "metrics.jsonl")
+    directions = metric_directions(config["task"])
+    metrics, rows = summarise(curves, directions)
+    headline = metrics[0] if metrics else None
+    raw_points = curves.get("raw", {}).get(headline, []) if headline else []
+    title = f"{config['task']} ({config['preset']}), lr {config['lr']}, seed {config['seed']}"
+    lines = [f"# Run report: {run_dir.name}", "",
+             f"{title}; {config['steps']} steps; averagers: {', '.join(config['averager']) or 'none'}. "
+             f"Every evaluation scores all weights on the same held-out batches. Config: `config.yaml`.", ""]
+    if rows:
+        lines += [comparison_table(metrics, rows, headline, raw_points[-1][0] if raw_points else None), ""]
+        plot_curves(curves, train, metrics, run_dir / "curves.png", title)
+        lines += ["![metrics vs step](curves.png)", ""]
+    else:
+        lines += ["No evaluation was recorded.", ""]
+    report = run_dir / "report.md"
+    write_text_atomic(report, "\n".join(lines))
+    return report
+
+
+def is_run_dir(path: Path) -> bool:
+    """A run folder: its config.yaml and metrics.jsonl."""
+    return (path / "config.yaml").is_file() and (path / "metrics.jsonl").is_file()
+
+
+def find_runs(paths: list[Path]) -> list[Path]:
+    """Run folders (config.yaml + metrics.jsonl) among ``paths`` and below them (a bench folder), sorted."""
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if is_run_dir(path):
+            found.append(path)
+        elif path.is_dir():
+            found += sorted(p.parent for p in path.rglob("metrics.jsonl") if is_run_dir(p.parent))
+    return list(dict.fromkeys(found))

@@ -1,0 +1,150 @@
+"""A training run's checkpoints: what goes into one, saving it, and continuing from one.
+
+A checkpoint holds everything needed to continue an uninterrupted run exactly: raw weights, optimizer (and the
+mixed-precision scaler), data position, every process's RNG, the loop's counters and every averager's state.
+One whose state holds NaN or Inf is never written (it would poison every resumed run). With several processes
+only rank 0 writes; the others wait. The commit protocol itself (staging, manifest last, rename, fsync) is
+``checkpoints.py``'s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lawa_suite import checkpoints as ckpt
+from lawa_suite.averagers.base import all_finite
+from lawa_suite.errors import CheckpointError, NonFiniteTraining
+from lawa_suite.rundir import truncate_metrics
+from lawa_suite.scoring import rng_state, set_rng_state
+
+if TYPE_CHECKING:
+    from lawa_suite.train import Run
+
+__all__ = ["RunCheckpointer", "nonfinite_parts"]
+
+
+def nonfinite_parts(state: Any) -> list[str]:
+    """Paths (``optimizer/state/0/exp_avg``) of the floating tensors in a nested state that hold NaN or Inf."""
+    tensors, _ = ckpt.flatten_state(state)
+    floats = {path: t for path, t in tensors.items() if t.is_floating_point() and t.numel()}
+    if all_finite(list(floats.values())):
+        return []
+    return [path.lstrip("/") for path, t in floats.items() if not bool(torch.isfinite(t).all())]
+
+
+class RunCheckpointer:
+    """Saves and restores a ``Run``'s state in ``folder``. It keeps no reference to the run (each method is
+    given it): a cycle would keep the run, and its DataLoader workers, alive until the garbage collector ran."""
+
+    def __init__(self, folder: Path, is_main: bool) -> None:
+        self.folder = folder
+        if is_main:
+            ckpt.clean_leftovers(self.folder)
+
+    def state(self, run: Run) -> dict[str, Any]:
+        """Everything but the raw weights (those go to ``model.safetensors``)."""
+        state = {
+            "train": dataclasses.asdict(run.state),
+            "optimizer": run.optimizer.state_dict(),
+            "stream": run.stream.state_dict(),
+            "rng": rng_state(),
+            "averagers": {name: avg.state_dict() for name, avg in run.averagers.items()},
+        }
+        if run.accelerator.scaler is not None:
+            state["scaler"] = run.accelerator.scaler.state_dict()
+        return state
+
+    def save(self, run: Run) -> None:
+        step = run.state.step
+        weights = run.unwrapped.state_dict()
+        if not all_finite([t for t in weights.values() if t.is_floating_point()]):
+            raise NonFiniteTraining(f"the raw weights at step {step} hold NaN or Inf; no checkpoint was written")
+        rngs = _rng_states_of_all_processes(run)
+        if run.is_main:
+            state = self.state(run)
+            if rngs is not None:
+                state["rng_ranks"] = rngs
+            poisoned = nonfinite_parts(state)
+            if poisoned:
+                raise NonFiniteTraining(f"the training state at step {step} holds NaN or Inf in "
+                                        f"{', '.join(poisoned)}; no checkpoint was written")
+            files = {"model.safetensors": ckpt.tensor_writer(weights, {"step": str(step)}),
+                     **ckpt.state_writers("state", state)}
+            info = {"averagers": sorted(run.averagers), "task": run.cfg.run.task}
+            ckpt.commit_checkpoint(self.folder, step, files, info)
+            ckpt.apply_retention(self.folder, run.cfg.run.checkpoint.keep, warn=run.log)
+        run.accelerator.wait_for_everyone()
+
+    def resume(self, run: Run) -> None:
+        """Continue from ``resume=auto`` (the newest valid checkpoint, if any) or ``resume=<checkpoint folder>``."""
+        if run.cfg.run.resume == "auto":
+            found = ckpt.latest_valid(self.folder, warn=run.log)
+            if found is None:
+                run.log(f"resume=auto: no valid checkpoint in {self.folder}; starting from step 0")
+                if run.is_main:
+                    truncate_metrics(run.out / "metrics.jsonl", 0)
+                return
+            path = found.path
+        else:
+            path = Path(run.cfg.run.resume)
+            problems = ckpt.verify(path)
+            if problems:
+                raise CheckpointError(f"resume: {problems[0]}")
+        self.load(run, path)
+        run.log(f"resumed from {path} at step {run.state.step}")
+
+    def load(self, run: Run, path: Path) -> None:
+        from safetensors.torch import load_file
+
+        from lawa_suite.train import TrainState
+
+        reset = run.cfg.run.reset_averagers
+        state = ckpt.read_state(path, "state")
+        run.unwrapped.load_state_dict(load_file(str(path / "model.safetensors")))
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.stream.load_state_dict(state["stream"])
+        run.state = TrainState(**state["train"])
+        missing = sorted(set(run.averagers) - set(state["averagers"]))
+        if missing and not reset:
+            raise CheckpointError(f"resume: {path} holds no state for averager(s) {', '.join(missing)}; "
+                                  f"pass reset_averagers=true to start them afresh at step {run.state.step}")
+        for name, avg in run.averagers.items():
+            if name not in state["averagers"]:
+                run.log(f"resume: averager {name} starts afresh at step {run.state.step} (reset_averagers=true)")
+                continue
+            try:
+                avg.load_state_dict(state["averagers"][name])
+            except ValueError as exc:  # saved with other settings
+                if not reset:
+                    raise CheckpointError(f"resume: {exc}") from None
+                run.log(f"resume: averager {name} starts afresh at step {run.state.step} (its settings changed)")
+        if "scaler" in state and run.accelerator.scaler is not None:
+            run.accelerator.scaler.load_state_dict(state["scaler"])
+        _restore_rng(run, state, path)
+        if run.is_main:
+            truncate_metrics(run.out / "metrics.jsonl", run.state.step)
+
+
+def _restore_rng(run: Run, state: dict[str, Any], path: Path) -> None:
+    """This process's own random streams, or rank 0's when the checkpoint came from another number of processes."""
+    accelerator = run.accelerator
+    ranks = state.get("rng_ranks") or []
+    if len(ranks) == accelerator.num_processes:
+        set_rng_state(ranks[accelerator.process_index])
+        return
+    set_rng_state(state["rng"])
+    if accelerator.num_processes > 1:
+        run.log(f"resume: {path} was saved by {max(len(ranks), 1)} process(es), not "
+                f"{accelerator.num_processes}: every process continues rank 0's random streams")
+
+
+def _rng_states_of_all_processes(run: Run) -> list[dict[str, Any]] | None:
+    """Each process's RNG state (its own dropout stream), gathered for the checkpoint; None for one process."""
+    if run.accelerator.num_processes == 1:
+        return None
+    from accelerate.utils import gather_object
+    return gather_object([rng_state()])

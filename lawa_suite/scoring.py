@@ -1,0 +1,159 @@
+"""Scoring weights the one way the suite does it, in training (``train.py``) and after it (``analysis.py``).
+
+Raw weights and every averager are scored on the same fixed held-out batches, in eval mode under the run's
+autocast, by the task's evaluator. Averaged weights of a BatchNorm model first get fresh running statistics
+from a fixed set of training batches (like ``torch.optim.swa_utils.update_bn``): an average of weights does not
+come with matching statistics. Scoring runs under a forked RNG, so it never changes training. Averaged weights
+go into the model by fused copies into its own tensors, and the raw ones come back bit for bit.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from lawa_suite import registry
+from lawa_suite.averagers.base import Averager, find_aliases
+
+__all__ = ["rng_state", "set_rng_state", "seed_everything", "forked_rng", "recalibrate_batchnorm", "WeightSwap",
+           "Scorer", "score_line"]
+
+
+# -- random number generators --------------------------------------------------------------------------------
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@contextmanager
+def forked_rng() -> Iterator[None]:
+    """Evaluation may draw random numbers (dropout in calibration, samplers); training must not notice."""
+    saved = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(saved)
+
+
+# -- weights in and out of the model ---------------------------------------------------------------------------
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, task: Any, batches: list[Any]) -> None:
+    """Recompute BatchNorm running statistics as a plain average over ``batches`` (like swa_utils.update_bn)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the calibration batches
+    model.train()
+    for batch in batches:
+        task.loss(model, batch, step=-1)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+
+
+class WeightSwap:
+    """Puts other weights into a model and the raw ones back, by fused copies into the model's own tensors (each
+    tied tensor once): no state_dict clones, and the raw copy is a buffer reused between evaluations."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.names: list[str] = []
+        self.live: list[Tensor] = []
+        self.raw: list[Tensor] = []
+
+    def save_raw(self) -> None:
+        state = self.model.state_dict()  # looked up each time: a resume or a move may have replaced tensors
+        aliased = {alias for alias, _ in find_aliases(state)}
+        self.names = [n for n in state if n not in aliased]
+        self.live = [state[n] for n in self.names]
+        if len(self.raw) != len(self.live) or any(r.shape != t.shape or r.dtype != t.dtype or r.device != t.device
+                                                  for r, t in zip(self.raw, self.live)):
+            self.raw = [torch.empty_like(t) for t in self.live]
+        torch._foreach_copy_(self.raw, self.live)
+
+    def load(self, averager: Averager) -> None:
+        """The averager's weights into the model, copied from its own tensors (no new set of weights)."""
+        averager.load_average_into(dict(zip(self.names, self.live)))
+
+    def restore_raw(self) -> None:
+        torch._foreach_copy_(self.live, self.raw)
+
+
+# -- scores ------------------------------------------------------------------------------------------------------
+class Scorer:
+    """Scores a model's weights on a task's held-out batches (this process's share of them) the way the loop
+    does; ``calibration`` is empty when the model has no BatchNorm (the caller decides)."""
+
+    def __init__(self, task: Any, accelerator: Any, model: nn.Module, batches: list[Any], calibration: list[Any]):
+        self.task, self.accelerator, self.model = task, accelerator, model
+        self.evaluator = registry.evaluators.create(task.evaluator, task=task)
+        self.batches = batches[accelerator.process_index::accelerator.num_processes]
+        self.calibration = calibration
+        self.swap = WeightSwap(model)
+
+    @property
+    def metrics(self) -> dict[str, str]:
+        """Metric -> "max"|"min" (the first is the headline)."""
+        return dict(self.evaluator.metrics)
+
+    def recalibrate(self) -> None:
+        """Fresh BatchNorm statistics for the weights now in the model (nothing without BatchNorm)."""
+        if self.calibration:
+            with self.accelerator.autocast():
+                recalibrate_batchnorm(self.model, self.task, self.calibration)
+
+    @torch.no_grad()
+    def score(self, step: int | None = None, weights_name: str | None = None) -> dict[str, float]:
+        """The evaluator's metrics for the weights now in the model. ``step`` and ``weights_name`` ("raw" or an
+        averager's name) tell evaluators that write per-evaluation artefacts (sample grids) what they score."""
+        if step is not None and weights_name is not None:
+            self.evaluator.begin(step, weights_name)
+        self.model.eval()
+        with self.accelerator.autocast():
+            return self.evaluator.evaluate(self.model, self.batches, self.accelerator)
+
+    @torch.no_grad()
+    def score_all(self, averagers: Mapping[str, Averager], step: int) -> dict[str, dict[str, float]]:
+        """Raw weights and every ready averager on the same batches; the raw weights are restored after."""
+        was_training = self.model.training
+        with forked_rng():
+            scores = {"raw": self.score(step, "raw")}
+            ready = {name: avg for name, avg in averagers.items() if avg.ready}
+            if ready:
+                self.swap.save_raw()
+                for name, avg in ready.items():
+                    self.swap.load(avg)
+                    if avg.needs_bn_recalibration:
+                        self.recalibrate()
+                    scores[name] = self.score(step, name)
+                self.swap.restore_raw()
+        self.model.train(was_training)
+        return scores
+
+
+def score_line(step: int, scores: Mapping[str, Mapping[str, float]]) -> str:
+    """``step 100 | raw: accuracy=0.91 loss=0.3 | lawa: ...``: one evaluation on one line."""
+    parts = [f"{w}: " + " ".join(f"{k}={v:.4g}" for k, v in values.items()) for w, values in scores.items()]
+    return f"step {step} | " + " | ".join(parts)
