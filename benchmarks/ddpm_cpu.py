@@ -44,7 +44,7 @@ import yaml
 
 from lawa_suite import registry
 from lawa_suite.config import dotted, load_resolved, resolve
-from lawa_suite.evaluators.fid import FID, FeatureStats, frechet_distance, resolve_extractor
+from lawa_suite.evaluators.fid import FID, FeatureStats, fid_metric, frechet_distance, resolve_extractor
 from lawa_suite.export import select_weights
 from lawa_suite.report import load_metrics, metric_directions, plot_curves, summarise
 
@@ -125,7 +125,7 @@ def recheck_final(run: Path, weights_names: list[str], samples: int, seeds: list
             model.load_state_dict(state)
             start = time.perf_counter()
             with torch.no_grad():
-                scores.setdefault(weights, []).append(fid.evaluate(model, task.eval_batches())["fid"])
+                scores.setdefault(weights, []).append(fid.evaluate(model, task.eval_batches())[fid.metric])
             seconds.append(time.perf_counter() - start)
     return {"samples": samples, "seeds": seeds, "fid": scores,
             "s_per_weights_scored": round(sum(seconds) / len(seconds), 1)}
@@ -155,12 +155,13 @@ def main() -> None:
     curves, train_loss = load_metrics(run / "metrics.jsonl")
     metrics, rows = summarise(curves, metric_directions("ddpm"))
     points = reference_points(cfg)
-    scored_last = [w for w in WEIGHTS if any(s == cfg.run.steps for s, _ in curves.get(w, {}).get("fid", []))]
+    extractor = resolve_extractor(cfg.task.fid)  # what the run used: auto picks by the same file test
+    scored_last = [w for w in WEIGHTS
+                   if any(s == cfg.run.steps for s, _ in curves.get(w, {}).get(fid_metric(extractor), []))]
     recheck = recheck_final(run, scored_last, args.recheck_samples, args.recheck_seeds)
 
     results = args.results
     results.mkdir(parents=True, exist_ok=True)
-    extractor = resolve_extractor(cfg.task.fid)  # what the run used: auto picks by the same file test
     plot_curves(curves, train_loss, metrics, results / "curves.png",
                 f"ddpm cpu preset: FID ({extractor}) and held-out loss per weights")
     grids = copy_grids(run, results, cfg.run.eval.every, cfg.run.steps)
@@ -178,7 +179,7 @@ def main() -> None:
 
 
 def markdown(record: dict) -> str:
-    return "\n".join(header(record) + by_step(record, "fid", "FID", "{:.2f}") +
+    return "\n".join(header(record) + by_step(record, fid_metric(record["fid_extractor"]), "FID", "{:.2f}") +
                      by_step(record, "loss", "Held-out denoising loss", "{:.4f}") + summary(record) +
                      recheck_table(record) + footer(record))
 
@@ -215,7 +216,7 @@ def summary(record: dict) -> list[str]:
     lines = ["## Summary", "", "| weights | final FID | best FID (step) | final loss | first step at raw's final FID |",
              "|---|---|---|---|---|"]
     for row in record["summary"]:
-        fid, loss = row.get("fid"), row.get("loss")
+        fid, loss = row.get(fid_metric(record["fid_extractor"])), row.get("loss")
         if fid:
             reached = row.get("steps_to_raw_final")
             lines.append(f"| {row['weights']} | {fid['final']:.2f} | {fid['best']:.2f} ({fid['best_step']}) | "

@@ -279,12 +279,9 @@ def cells(bench: Bench) -> list[Cell]:
 
 
 def cell_config(cell: Cell) -> ResolvedConfig:
-    """The cell's resolved run config; checkpoints every evaluation unless the bench says otherwise, so a killed
-    bench loses at most one evaluation period of its interrupted cell."""
-    cfg = resolve(list(cell.overrides))
-    if cfg.run.checkpoint.every == 0:
-        cfg = resolve([*cell.overrides, f"checkpoint.every={cfg.run.eval.every}"])
-    return cfg
+    """The cell's resolved run config; it checkpoints every evaluation (the default) unless the bench says
+    otherwise, so a killed bench loses at most one evaluation period of its interrupted cell."""
+    return resolve(list(cell.overrides))
 
 
 def cell_status(cell: Cell, cfg: ResolvedConfig) -> str:

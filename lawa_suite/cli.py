@@ -11,7 +11,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from lawa_suite.errors import SuiteError
+from lawa_suite.errors import EXIT_INTERRUPTED, SuiteError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
                   help="lawa-suite: does averaging weights along a training run make the model better, sooner?")
@@ -27,7 +27,8 @@ def fail(message: str, code: int) -> typer.Exit:
 
 def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     """Run a command; a ``SuiteError`` exits with its code and message, an ``OSError`` with 1 and the file and
-    reason. Anything else is a bug, and its traceback is what a report needs."""
+    reason, Ctrl-C outside training (which saves and stops by itself) with 130. Anything else is a bug, and its
+    traceback is what a report needs."""
     @functools.wraps(command)
     def guarded(*args: Any, **kwargs: Any) -> Any:
         try:
@@ -36,6 +37,9 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             raise fail(str(exc), exc.exit_code) from None
         except OSError as exc:
             raise fail(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "), 1) from None
+        except KeyboardInterrupt:
+            raise fail("interrupted (Ctrl-C) before training started or outside it; nothing half-written was "
+                       "left behind", EXIT_INTERRUPTED) from None
     return guarded
 
 
@@ -44,11 +48,17 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
 def run(
     overrides: Annotated[Optional[list[str]], typer.Argument(help=OVERRIDES_HELP, show_default=False)] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and exit.")] = False,
+    config: Annotated[Optional[Path], typer.Option(
+        "--config", help="A saved config.yaml (or the run folder holding it) to run again as it is; key=value "
+                         "words override it.")] = None,
 ) -> None:
     """Train a task while averagers watch; score raw and averaged weights on the same data."""
-    from lawa_suite.config import resolve
+    from lawa_suite.config import dotted, read_saved, resolve
 
-    cfg = resolve(list(overrides or []))
+    base = None
+    if config is not None:
+        base = dotted(read_saved(config / "config.yaml" if config.is_dir() else config))
+    cfg = resolve(list(overrides or []), base=base)
     if dry_run:
         typer.echo(cfg.to_yaml(), nl=False)
         return
@@ -152,14 +162,16 @@ def bench(
 
 @app.command()
 @user_errors
-def verify(paths: Annotated[list[Path], typer.Argument(help="Checkpoint folders, or a run's checkpoints/.")]) -> None:
+def verify(paths: Annotated[list[Path], typer.Argument(
+        help="Checkpoint folders, a run's checkpoints/, or a run folder.")]) -> None:
     """Check checkpoints against their manifests (sizes and sha256); exit 1 if any is invalid."""
     from lawa_suite import checkpoints as ckpt
 
     bad = 0
     for path in paths:
         is_checkpoint = (path / "manifest.json").exists() or path.name.startswith("step-")
-        targets = [path] if is_checkpoint else [c.path for c in ckpt.list_checkpoints(path)]
+        folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path  # a run folder
+        targets = [path] if is_checkpoint else [c.path for c in ckpt.list_checkpoints(folder)]
         if not targets:
             raise fail(f"{path}: no checkpoint found (expected step-NNNNNNNN/ folders with a manifest.json)", 1)
         for target in targets:

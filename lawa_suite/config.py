@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +30,10 @@ __all__ = ["ConfigError", "RunConfig", "DataConfig", "EvalConfig", "CheckpointCo
            "split_list", "parse_overrides", "dotted", "averager_bases", "find_run_config", "load_resolved",
            "config_differences", "RESUMABLE_CHANGES"]
 
-# Keys that may change between a run and its resumption; any other difference is refused.
-RESUMABLE_CHANGES = {"resume", "reset_averagers", "progress", "trackers", "out", "data.cache"}
+# Keys that may change between a run and its resumption (none changes what is computed); any other difference is
+# refused.
+RESUMABLE_CHANGES = {"resume", "reset_averagers", "progress", "trackers", "out", "data.cache", "checkpoint.every",
+                     "checkpoint.keep"}
 
 
 def require(ok: bool, key: str, allowed: str, value: Any) -> None:
@@ -71,11 +74,14 @@ class EvalConfig:
 
 @dataclass
 class CheckpointConfig:
-    every: int = 0        # save resumable state each `every` steps; 0 = only at the end
+    # save resumable state each `every` steps and at the end; 0 = only at the end; unset = every evaluation, so a
+    # crash or Ctrl-C loses at most one evaluation period of work
+    every: int | None = None
     keep: int = 2         # committed checkpoints kept (oldest deleted only after a new one is committed)
 
     def __post_init__(self) -> None:
-        require(self.every >= 0, "checkpoint.every", "an integer >= 0 (0 = only at the end)", self.every)
+        require(self.every is None or self.every >= 0, "checkpoint.every",
+                "an integer >= 0 (0 = only at the end; unset = every evaluation)", self.every)
         require(self.keep >= 1, "checkpoint.keep", "an integer >= 1", self.keep)
 
 
@@ -222,13 +228,21 @@ def _check_choices(obj: Any, prefix: str) -> None:
             raise ConfigError(f"{prefix}{f.name}: expected one of {', '.join(f.metadata['choices'])}, got {value!r}")
 
 
+_TYPE_WORDS = {"Integer": "an integer", "Float": "a number", "Boolean": "true or false", "String": "a string"}
+_NOT_CONVERTED = re.compile(r"Value '(.*)' of type '\w+' could not be converted to (\w+)")
+_NOT_BOOL = re.compile(r"Value '(.*)' is not a valid bool")
+
+
 def _omegaconf_message(exc: OmegaConfBaseException) -> str:
+    """OmegaConf's error as our one line: ``steps: expected an integer, got 'abc'``."""
     key = getattr(exc, "full_key", "") or "?"
     msg = first_line(getattr(exc, "msg", None) or exc)
-    if "could not be converted" in msg or "Value '" in msg:
-        expected = getattr(exc, "ref_type", None)
-        msg = msg.replace("\n", " ")
-        return f"{key}: {msg}" + (f" (expected {getattr(expected, '__name__', expected)})" if expected else "")
+    converted = _NOT_CONVERTED.search(msg)
+    if converted:
+        value, kind = converted.groups()
+        return f"{key}: expected {_TYPE_WORDS.get(kind, kind.lower())}, got {value!r}"
+    if not_bool := _NOT_BOOL.search(msg):
+        return f"{key}: expected true or false, got {not_bool.group(1)!r}"
     return f"{key}: {msg}"
 
 
@@ -329,12 +343,35 @@ def resolve(overrides: list[str] | dict[str, Any], base: dict[str, Any] | None =
     if run.data.source and run.data.source not in task_cls.data_sources:
         raise ConfigError(f"data: task '{task_name}' reads {', '.join(task_cls.data_sources)}; got {run.data.source!r}")
     run.data.source = run.data.source or task_cls.data_sources[0]
+    if run.checkpoint.every is None:
+        run.checkpoint.every = run.eval.every
+    check_trackers(run.trackers)
     if not run.data.cache:
         run.data.cache = default_cache_dir()
     task_cfg = build_section(task_name, task_cls.Config, sections[task_name])
     averagers = {name: build_section(name, cls.Config, sections[name]) for name, cls in averager_cls.items()}
     instances = {name: base for name, base in bases.items() if base != name}
     return ResolvedConfig(run, task_cfg, averagers, instances)
+
+
+def check_trackers(names: list[str]) -> None:
+    """Every tracker is one accelerate knows and is installed: otherwise accelerate would warn and log nothing,
+    or fail with a traceback after the model is built."""
+    if not names:
+        return
+    import accelerate.tracking
+    import accelerate.utils
+
+    known = list(accelerate.tracking.LOGGER_TYPE_TO_CLASS)
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"trackers: unknown tracker {name!r}; known: {', '.join(known)}{hint}")
+        available = getattr(accelerate.utils, f"is_{name}_available", None)
+        if available is not None and not available():
+            raise ConfigError(f"trackers: {name} is not installed; pip install {name.replace('_', '-')} (or drop it "
+                              f"from trackers=)")
 
 
 def averager_bases(names: list[str], values: Mapping[str, Any]) -> dict[str, str]:

@@ -9,6 +9,7 @@ nothing heavy, so any module (and ``suite --help``) may import it.
 | 1 | the work could not be done: missing data, an unreadable or unwritable file, a checkpoint that fails |
 | 2 | the command was wrong: a bad key or value, input that cannot be averaged or scored as asked |
 | 3 | training diverged: too many non-finite steps in a row |
+| 130 | Ctrl-C (SIGINT): the run saved a checkpoint and stopped (128 + SIGINT, as shells report it) |
 | 143 | SIGTERM: the run saved a checkpoint and stopped (128 + SIGTERM, so schedulers requeue it) |
 """
 
@@ -17,10 +18,11 @@ from __future__ import annotations
 from typing import ClassVar
 
 __all__ = ["SuiteError", "ConfigError", "RegistryError", "UnknownNameError", "PluginError", "PosthocError",
-           "AnalysisError", "ExportUnsupported", "DataUnavailable", "CheckpointError", "WriteError",
-           "NonFiniteTraining", "Preempted", "EXIT_NONFINITE", "EXIT_PREEMPTED"]
+           "AnalysisError", "ExportUnsupported", "DataUnavailable", "DataPathError", "CheckpointError", "WriteError",
+           "NonFiniteTraining", "Preempted", "Interrupted", "EXIT_NONFINITE", "EXIT_INTERRUPTED", "EXIT_PREEMPTED"]
 
 EXIT_NONFINITE = 3
+EXIT_INTERRUPTED = 130
 EXIT_PREEMPTED = 143
 
 
@@ -74,6 +76,11 @@ class DataUnavailable(SuiteError, RuntimeError):
     """Data could not be found or fetched; the message says what is missing and where to put it."""
 
 
+class DataPathError(ConfigError, DataUnavailable):
+    """``data.path`` (or the data source's settings) cannot be what the source reads: missing, empty, the wrong
+    kind or the wrong layout. A configuration error (exit 2), and still a ``DataUnavailable``."""
+
+
 class CheckpointError(SuiteError, RuntimeError):
     """A checkpoint could not be written or read; the message names the file."""
 
@@ -93,3 +100,9 @@ class Preempted(SuiteError, RuntimeError):
     """SIGTERM arrived; a checkpoint was committed before stopping."""
 
     exit_code = EXIT_PREEMPTED
+
+
+class Interrupted(Preempted):
+    """Ctrl-C (SIGINT) arrived; a checkpoint was committed before stopping."""
+
+    exit_code = EXIT_INTERRUPTED

@@ -17,7 +17,7 @@ import torch
 
 from lawa_suite import checkpoints as ckpt
 from lawa_suite.averagers.base import all_finite
-from lawa_suite.errors import CheckpointError, NonFiniteTraining
+from lawa_suite.errors import CheckpointError, ConfigError, NonFiniteTraining
 from lawa_suite.rundir import truncate_metrics
 from lawa_suite.scoring import rng_state, set_rng_state
 
@@ -91,6 +91,10 @@ class RunCheckpointer:
             path = found.path
         else:
             path = Path(run.cfg.run.resume)
+            if not path.is_dir():
+                raise ConfigError(f"resume: {path} does not exist or is not a folder; pass resume=auto (the newest "
+                                  f"valid checkpoint of out=) or a checkpoint folder such as "
+                                  f"{self.folder / ckpt.step_dir_name(1000)}")
             problems = ckpt.verify(path)
             if problems:
                 raise CheckpointError(f"resume: {problems[0]}")

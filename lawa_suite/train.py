@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import sys
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -30,8 +31,9 @@ from lawa_suite import checkpoints as ckpt
 from lawa_suite import registry
 from lawa_suite.averagers.base import Averager, all_finite
 from lawa_suite.config import ResolvedConfig, RunConfig, dotted
-from lawa_suite.errors import EXIT_NONFINITE, EXIT_PREEMPTED, ConfigError, NonFiniteTraining, Preempted
+from lawa_suite.errors import EXIT_NONFINITE, EXIT_PREEMPTED, ConfigError, Interrupted, NonFiniteTraining, Preempted
 from lawa_suite.preemption import StopFlag
+from lawa_suite.progress import ProgressBar
 from lawa_suite.rundir import MetricsLog, prepare_run_dir
 from lawa_suite.run_checkpoints import RunCheckpointer
 from lawa_suite.scoring import Scorer, score_line, seed_everything
@@ -207,10 +209,21 @@ class Run:
         scores = self.scorer.score_all(self.averagers, self.state.step)
         for weights_name, values in scores.items():
             metrics.write({"step": self.state.step, "weights": weights_name, "split": "val", **values})
-        if self.cfg.run.trackers:
-            self.accelerator.log({f"val/{w}/{k}": v for w, vals in scores.items() for k, v in vals.items()},
+        if self.cfg.run.trackers:  # val/<metric>/<weights>: one metric's series side by side
+            self.accelerator.log({f"val/{k}/{w}": v for w, vals in scores.items() for k, v in vals.items()},
                                  step=self.state.step)
         return scores
+
+    def start_trackers(self) -> None:
+        """accelerate's trackers with the resolved config as hyperparameters. TensorBoard also gets a chart per
+        metric with raw and every averager overlaid (its custom-scalars layout), the comparison a run is for."""
+        hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+                   for k, v in dotted(self.cfg.as_dict()).items()}
+        self.accelerator.init_trackers(Path(self.cfg.run.out).name, config=hparams)
+        if self.is_main and "tensorboard" in self.cfg.run.trackers:
+            writer = self.accelerator.get_tracker("tensorboard", unwrap=True)
+            writer.add_custom_scalars({"raw and averaged weights": {
+                metric: ["Multiline", [rf"val/{metric}/.*"]] for metric in self.scorer.metrics}})
 
     def save_trajectory(self) -> None:
         if self.is_main:
@@ -225,13 +238,6 @@ def due(step: int, every: int) -> bool:
     return every > 0 and step % every == 0
 
 
-def _progress(run: Run) -> Any:
-    from tqdm.auto import tqdm
-    cfg = run.cfg.run
-    return tqdm(total=cfg.steps, initial=run.state.step, disable=not (run.is_main and cfg.progress),
-                dynamic_ncols=True, desc=f"{cfg.task}", unit="step")
-
-
 def train(cfg: ResolvedConfig) -> RunResult:
     """Run (or resume) training as configured; returns where the run lives and how far it got."""
     run = Run(cfg)
@@ -239,11 +245,9 @@ def train(cfg: ResolvedConfig) -> RunResult:
     if rc.resume:
         run.checkpoints.resume(run)
     if rc.trackers:
-        hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
-                   for k, v in dotted(cfg.as_dict()).items()}
-        run.accelerator.init_trackers(Path(rc.out).name, config=hparams)
+        run.start_trackers()
     metrics = MetricsLog(run.out / "metrics.jsonl", run.is_main)
-    bar = _progress(run)
+    bar = ProgressBar(rc.steps, run.state.step, rc.eval.every, rc.task, run.is_main and rc.progress)
     run.stop.install()
     try:
         while run.state.step < rc.steps:
@@ -261,20 +265,22 @@ def train(cfg: ResolvedConfig) -> RunResult:
                 metrics.write({"step": step, "weights": "raw", "split": "train", "loss": loss, "lr": lr})
                 if rc.trackers:
                     run.accelerator.log({"train/loss": loss, "train/lr": lr}, step=step)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+            bar.stepped(step, loss, lr)
             if due(step, rc.trajectory.every):
                 run.save_trajectory()
             if due(step, rc.eval.every) or step == rc.steps:
+                started = time.perf_counter()
                 scores = run.evaluate(metrics)
-                if run.is_main and rc.progress:
-                    bar.write(score_line(step, scores))
+                bar.evaluated(time.perf_counter() - started, score_line(step, scores))
             if due(step, rc.checkpoint.every) or step == rc.steps:
                 run.checkpoints.save(run)
+            bar.paused()
             if run.stop_requested():
                 run.checkpoints.save(run)
-                raise Preempted(f"stopped by SIGTERM after step {step}; checkpoint saved in {run.checkpoints.folder} "
-                                f"(continue with resume=auto)")
+                where = f"checkpoint saved in {run.checkpoints.folder}; continue with resume=auto"
+                if run.stop.signal == signal.SIGINT:
+                    raise Interrupted(f"interrupted at step {step}; {where}")
+                raise Preempted(f"stopped by SIGTERM after step {step}; {where}")
     finally:
         run.stop.uninstall()
         bar.close()

@@ -7,7 +7,7 @@ Hooks (environment variables, all optional):
     REL_KILL_AT=N         SIGKILL this process when step N+1 starts (between checkpoints)
     REL_CONSUMED=FILE     append the sample ids of every batch to FILE as they are consumed (unbuffered)
     REL_PRINT_STEPS=S     print "step N" when step N+1 starts, then sleep S seconds (the parent times signals)
-    REL_TERM_DURING_SAVE  during the preemption save, send SIGTERM to the whole process group again
+    REL_TERM_DURING_SAVE  a signal number: during the preemption save, send it to the whole process group again
     REL_FSIZE=N:BYTES     before the checkpoint of step N, limit file sizes to BYTES (RLIMIT_FSIZE)
     REL_TERM_AT=N:RANK    send SIGTERM to the process of that rank when step N+1 starts
     REL_COMMITS=FILE      append "rank step" for every checkpoint commit, and each rank's averager states
@@ -114,7 +114,7 @@ def install_hooks() -> None:
         ToyTask.sigterm_at = int(term_at.split(":")[0])
 
     fsize = os.environ.get("REL_FSIZE")
-    term_during_save = "REL_TERM_DURING_SAVE" in os.environ
+    term_during_save = int(os.environ.get("REL_TERM_DURING_SAVE", "0"))  # the signal to send again while saving
     commits = os.environ.get("REL_COMMITS")
     save = RunCheckpointer.save
 
@@ -133,7 +133,7 @@ def install_hooks() -> None:
 
             def second_term(name, step):
                 if name == "after_first_file":
-                    os.killpg(os.getpgrp(), signal.SIGTERM)
+                    os.killpg(os.getpgrp(), term_during_save)
                     time.sleep(0.3)  # let it land everywhere while the save is still going on
                 real_fault(name, step)
             ckpt.fault_point = second_term

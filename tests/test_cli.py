@@ -46,3 +46,19 @@ def test_cifar_tiny_end_to_end(tmp_path):
     lawa = [r for r in evals if r.get("weights") == "lawa"]
     assert lawa and lawa[0]["step"] == 16 and 0 <= lawa[0]["accuracy"] <= 1
     assert "| lawa |" in (out / "report.md").read_text()
+
+
+def test_verify_accepts_a_run_folder(tmp_path):
+    out = tmp_path / "run"
+    assert runner.invoke(app, ["run", "task=toy", f"out={out}", "steps=6", "eval.every=3"]).exit_code == 0
+    verified = runner.invoke(app, ["verify", str(out)])
+    assert verified.exit_code == 0, verified.output
+    assert "step-00000003: ok" in verified.output and "step-00000006: ok" in verified.output
+
+
+def test_resume_from_a_missing_checkpoint_says_so(tmp_path):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["run", "task=toy", f"out={out}", f"resume={tmp_path / 'nowhere'}"])
+    assert result.exit_code == 2, result.output
+    line = result.output.strip().splitlines()[-1]
+    assert "nowhere does not exist" in line and "resume=auto" in line and "never committed" not in line

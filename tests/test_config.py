@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from lawa_suite.cli import app
@@ -36,7 +37,12 @@ def test_no_averager_is_allowed():
     (["averager=lawa", "ema.decay=0.9"], "ema.decay: averager 'ema' is not selected"),
     (["ema.decay=1.5"], "ema.decay"),
     (["steps=-1"], "steps: expected an integer >= 1"),
-    (["steps=ten"], "steps"),
+    (["steps=ten"], "steps: expected an integer, got 'ten'"),
+    (["lr=fast"], "lr: expected a number, got 'fast'"),
+    (["progress=maybe"], "progress: expected true or false, got 'maybe'"),
+    (["trackers=tensorbord"], "trackers: unknown tracker 'tensorbord'; known: "),
+    (["trackers=tensorbord"], "did you mean 'tensorboard'?"),
+    (["checkpoint.every=-1"], "checkpoint.every: expected an integer >= 0 (0 = only at the end; unset = every"),
     (["schedule=exp"], "schedule: expected one of cosine, constant, linear"),
     (["averager=lawa,lawa"], "averager: expected distinct names"),
     (["averager=lawz"], "unknown averager 'lawz'"),
@@ -93,3 +99,31 @@ def test_saved_config_round_trips_exactly(tmp_path):
     assert again.run.mixed_precision == "no" and again.run.resume == ""
     on_top = resolve(["lawa.k=4"], base=dotted(cfg.as_dict()))
     assert on_top.averagers["lawa"].k == 4 and on_top.run.mixed_precision == "no"
+
+
+def test_a_tracker_that_is_not_installed_stops_before_any_work(monkeypatch):
+    import accelerate.utils
+
+    monkeypatch.setattr(accelerate.utils, "is_wandb_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"^trackers: wandb is not installed; pip install wandb \(or drop it"):
+        resolve(["task=toy", "trackers=wandb"])
+
+
+def test_checkpoints_follow_evaluations_unless_told_otherwise():
+    assert resolve(["task=toy", "eval.every=7"]).run.checkpoint.every == 7  # a crash loses one evaluation at most
+    assert resolve(["task=toy", "eval.every=7", "checkpoint.every=0"]).run.checkpoint.every == 0  # only the end
+    assert resolve(["task=toy", "checkpoint.every=3"]).run.checkpoint.every == 3
+
+
+def test_a_saved_config_runs_again_as_it_is_with_words_on_top(tmp_path):
+    first = resolve(["task=toy", "lawa.k=4", "lr=0.02", f"out={tmp_path / 'a'}"])
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "config.yaml").write_text(first.to_yaml())
+    result = CliRunner().invoke(app, ["run", "--config", str(tmp_path / "a"), f"out={tmp_path / 'b'}", "seed=3",
+                                      "--dry-run"])
+    assert result.exit_code == 0, result.output
+    again = yaml.safe_load(result.output)
+    assert again["lawa"]["k"] == 4 and again["lr"] == 0.02 and again["seed"] == 3
+    assert again["out"] == str(tmp_path / "b")
+    missing = CliRunner().invoke(app, ["run", "--config", str(tmp_path / "nope.yaml"), "--dry-run"])
+    assert missing.exit_code == 2 and "nope.yaml not found" in missing.output

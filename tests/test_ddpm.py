@@ -203,7 +203,8 @@ def test_fid_separates_real_samples_from_noise(tmp_path):
     real = fid.evaluate(_Zero(), task.eval_batches())
     task.noise = True
     noise = fid.evaluate(_Zero(), task.eval_batches())
-    assert noise["fid"] > 100 * real["fid"] and noise["fid"] > 100, (real, noise)
+    assert set(real) == {"fid_standin", "loss"}  # the stand-in's distance is never called plain "fid"
+    assert noise["fid_standin"] > 100 * real["fid_standin"] and noise["fid_standin"] > 100, (real, noise)
     assert real["loss"] == noise["loss"] > 0  # the held-out loss does not depend on the samples
 
 
@@ -250,7 +251,7 @@ def test_fid_equals_torch_fidelity_calculate_metrics_with_a_registered_extractor
     task = _Oracle(cfg.task, cfg.run)
     task.setup()
     task.noise = True
-    ours = FID(task).evaluate(_Zero(), task.eval_batches())["fid"]
+    ours = FID(task).evaluate(_Zero(), task.eval_batches())["fid_test_pixels"]
 
     class Images(torch.utils.data.Dataset):
         def __init__(self, images):
@@ -372,12 +373,26 @@ def tiny_run(tmp_path_factory):
 def test_tiny_run_scores_every_weights_and_writes_sample_grids(tiny_run):
     evals = [r for r in read_metrics(tiny_run) if r["split"] == "val"]
     assert {(r["step"], r["weights"]) for r in evals} == {(s, w) for s in (4, 8) for w in ("raw", "lawa", "ema", "swa")}
-    assert all(r["fid"] > 0 and math.isfinite(r["fid"]) and r["loss"] > 0 for r in evals)
+    assert all(r["fid_standin"] > 0 and math.isfinite(r["fid_standin"]) and r["loss"] > 0 for r in evals)
+    assert not any("fid" in r for r in evals)  # offline: the stand-in made the features, and the name says so
     grids = sorted(p.name for p in (tiny_run / "samples").iterdir())
     assert grids == [f"step-{s:08d}-{w}.png" for s in (4, 8) for w in ("ema", "lawa", "raw", "swa")]
     raw, ema = (np.asarray(Image.open(tiny_run / "samples" / f"step-00000008-{w}.png")) for w in ("raw", "ema"))
     assert raw.shape == ema.shape and raw.shape[0] >= 4 * 64 and not np.array_equal(raw, ema)
-    assert "| raw |" in (tiny_run / "report.md").read_text() and "fid" in (tiny_run / "report.md").read_text()
+    report = (tiny_run / "report.md").read_text()
+    assert "| raw |" in report and "final fid_standin" in report and "not Inception's" in report
+
+
+def test_a_sample_grid_is_labelled_with_its_step_and_weights(tmp_path):
+    from lawa_suite.evaluators.fid import LABEL_HEIGHT, write_grid
+
+    images = torch.full((4, 3, 16, 16), 255, dtype=torch.uint8)
+    write_grid(images, tmp_path / "plain.png")
+    write_grid(images, tmp_path / "labelled.png", label="step 8: lawa")
+    plain, labelled = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in ("plain", "labelled"))
+    assert labelled.shape[0] == plain.shape[0] + LABEL_HEIGHT and labelled.shape[1] == plain.shape[1]
+    assert (labelled[:LABEL_HEIGHT] < 128).any()               # text in the band
+    assert np.array_equal(labelled[LABEL_HEIGHT:], plain)      # the samples themselves untouched
 
 
 class _Crash(Exception):
@@ -417,7 +432,7 @@ def test_resume_of_a_ddpm_run_is_bit_exact(tiny_run, tmp_path, monkeypatch):
     assert_same(*(load_file(str(f / "model.safetensors")) for f in final))
     assert_same(*(ckpt.read_state(f, "state")["averagers"] for f in final))
     assert_same(*(ckpt.read_state(f, "state")["optimizer"] for f in final))
-    evals = [[(r["step"], r["weights"], r["fid"]) for r in read_metrics(p) if r["split"] == "val"]
+    evals = [[(r["step"], r["weights"], r["fid_standin"]) for r in read_metrics(p) if r["split"] == "val"]
              for p in (tiny_run, tmp_path / "run")]
     assert evals[0] == evals[1]
 

@@ -6,6 +6,8 @@ where that folder is absent; everything else builds its own data.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import re
 import math
@@ -372,3 +374,52 @@ def test_export_with_gpt2_tokens_carries_a_matching_tokenizer(tmp_path, monkeypa
     text = "Weight averaging, early and often."
     ours = textdata.get_tokenizer("gpt2").encode(text).tolist()
     assert AutoTokenizer.from_pretrained(tmp_path / "hf").encode(text) == ours
+
+
+def test_export_without_the_gpt2_vocabulary_fails_naming_it_and_writes_nothing(tmp_path, monkeypatch):
+    import tiktoken.load
+    import tiktoken.registry
+
+    def offline(url: str) -> bytes:
+        raise ConnectionError(f"no network for {url}")
+
+    cfg = resolve(["task=gpt2", "preset=tiny", "gpt2.tokenizer=gpt2", f"out={tmp_path / 'run'}"])
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(cfg.to_yaml())
+    task = Gpt2Task(cfg.task, cfg.run)
+    with torch.device("meta"):
+        shapes = task.build_model().state_dict()
+    from safetensors.torch import save_file
+    save_file({k: torch.zeros(v.shape) for k, v in shapes.items() if k != "lm_head.weight"},
+              str(tmp_path / "run" / "weights.safetensors"))
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(tiktoken.load, "read_file", offline)
+    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})
+    weights = tmp_path / "run" / "weights.safetensors"
+    result = runner.invoke(app, ["export", str(weights), "--out", str(tmp_path / "hf")])
+    assert result.exit_code == 1, result.output
+    line = result.output.strip().splitlines()[-1]
+    assert "vocab.bpe" in line and "encoder.json" in line and "TIKTOKEN_CACHE_DIR" in line
+    assert not (tmp_path / "hf").exists()
+
+
+def test_a_byte_level_export_says_how_to_encode_text_and_the_recipe_works(tiny_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "hf"
+    assert runner.invoke(app, ["export", str(tiny_run), "--out", str(out)]).exit_code == 0
+    readme = (out / "README.md").read_text()
+    assert "token `i` is byte `i`" in readme
+    recipe = readme.split("```python\n")[1].split("```")[0].replace('"<this folder>"', repr(str(out)))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(recipe, {"AutoModelForCausalLM": AutoModelForCausalLM})  # the README's example, as written
+    assert printed.getvalue().startswith("To be, or not")
+
+
+def test_a_data_path_that_does_not_exist_is_a_configuration_error(tmp_path):
+    result = runner.invoke(app, ["run", "task=gpt2", "preset=tiny", "data=text", f"data.path={tmp_path / 'nope.txt'}",
+                                 f"out={tmp_path / 'run'}", f"data.cache={tmp_path / 'cache'}"])
+    assert result.exit_code == 2, result.output  # README: configuration errors exit with 2
+    line = result.output.strip().splitlines()[-1]
+    assert line.startswith("error: data.path:") and "nope.txt does not exist" in line

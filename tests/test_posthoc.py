@@ -678,3 +678,18 @@ def test_cli_average_then_eval_writes_the_raw_versus_averaged_report(tmp_path):
     typo = runner.invoke(app, ["average", str(run), "averager=ema", f"out={tmp_path / 'never'}", "eval=true",
                                "eval.batchez=1"])
     assert typo.exit_code == 2 and "eval.batchez" in typo.output and not (tmp_path / "never").exists()
+
+
+def test_an_average_that_is_its_first_checkpoint_in_all_but_name_is_called_out(traj, tmp_path):
+    # decay 0.999 was chosen per optimizer step; over 10 saved checkpoints the EMA is 99.1% the first one
+    folder, _ = traj
+    said: list[str] = []
+    jobs = parse_jobs(["ema", "lawa"], {"ema.decay": "0.999,0.5", "lawa.k": "3", "lawa.nu": "100"})
+    average(folder, jobs, tmp_path / "out", log=said.append)
+    warned = [line for line in said if line.startswith("warning: ")]
+    assert len(warned) == 1 and warned[0].startswith("warning: ema-decay0.999: 1 output(s) give most of their weight")
+    assert "gives 99.1% to step 100, of the 10 checkpoints it averages" in warned[0]  # 0.999 ** 9
+    assert "averages over about 1,000 observations (1/(1 - decay))" in warned[0]
+    manifest = json.loads((tmp_path / "out" / "ema-decay0.999" / "manifest.json").read_text())
+    assert manifest["warnings"] == [warned[0].removeprefix("warning: ")]
+    assert "warnings" not in json.loads((tmp_path / "out" / "ema-decay0.5" / "manifest.json").read_text())

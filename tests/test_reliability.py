@@ -252,32 +252,42 @@ def preempt_reference(tmp_path_factory) -> Path:
     return out
 
 
+STOPS = {"SIGTERM": (signal.SIGTERM, 143, "stopped by SIGTERM after step {step}; checkpoint saved in "),
+         "SIGINT": (signal.SIGINT, 130, "interrupted at step {step}; checkpoint saved in ")}
+
+
 @pytest.mark.slow
-def test_sigterm_saves_within_one_step_exits_143_and_resumes_exactly(preempt_reference, tmp_path):
+@pytest.mark.parametrize("stop", STOPS)
+def test_sigterm_or_ctrl_c_saves_within_one_step_and_resumes_exactly(preempt_reference, tmp_path, stop):
+    signum, expected_code, said = STOPS[stop]
     out = tmp_path / "run"
     proc = child("run", "task=toy", f"out={out}", *PREEMPT, env={"REL_PRINT_STEPS": "0.05"})
     seen = wait_for_step(proc, 8)  # the child is inside step seen + 1
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     code, _, err = finish(proc)
-    assert code == 143, err
+    assert code == expected_code, err
     saved = [c.step for c in ckpt.list_checkpoints(out / "checkpoints")]
     assert len(saved) == 1 and seen + 1 <= saved[0] <= seen + 2, (seen, saved)
-    assert f"stopped by SIGTERM after step {saved[0]}" in err
+    line = [text for text in err.splitlines() if text.startswith("error:")][-1]
+    assert said.format(step=saved[0]) in line and line.endswith("continue with resume=auto"), line
     run_toy(out, *PREEMPT, "resume=auto")
     assert same_run(preempt_reference, out)
 
 
 @pytest.mark.slow
-def test_sigterm_to_the_process_group_with_loader_workers_and_again_during_the_save(preempt_reference, tmp_path):
-    # SLURM-style: every process of the group (the loop and its 2 DataLoader workers) gets SIGTERM, and a
-    # second one arrives while the checkpoint is being written.
+@pytest.mark.parametrize("stop", STOPS)
+def test_a_stop_signal_to_the_process_group_with_loader_workers_and_again_during_the_save(preempt_reference,
+                                                                                         tmp_path, stop):
+    # SLURM's SIGTERM or the terminal's Ctrl-C reach every process of the group (the loop and its 2 DataLoader
+    # workers), and a second one arrives while the checkpoint is being written.
+    signum, expected_code, _ = STOPS[stop]
     out = tmp_path / "run"
     proc = child("run", "task=toyloader", f"out={out}", *PREEMPT, "toyloader.dropout=0",
-                 env={"REL_PRINT_STEPS": "0.05", "REL_TERM_DURING_SAVE": "1"}, start_new_session=True)
+                 env={"REL_PRINT_STEPS": "0.05", "REL_TERM_DURING_SAVE": str(int(signum))}, start_new_session=True)
     seen = wait_for_step(proc, 8)
-    os.killpg(proc.pid, signal.SIGTERM)
+    os.killpg(proc.pid, signum)
     code, _, err = finish(proc)
-    assert code == 143, err
+    assert code == expected_code, err
     assert "DataLoader worker" not in err, err
     saved = [c.step for c in ckpt.list_checkpoints(out / "checkpoints")]
     assert len(saved) == 1 and seen + 1 <= saved[0] <= seen + 2 and not ckpt.verify(ckpt.list_checkpoints(

@@ -257,3 +257,36 @@ def test_weights_are_checked_once_per_step_and_non_finite_ones_reach_no_averager
         weight[0, 0] = saved
     run.feed_averagers(2)
     assert all(avg.updates == 1 for avg in run.averagers.values())
+
+
+def test_tensorboard_overlays_raw_and_every_averager_on_one_chart_per_metric(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    out = tmp_path / "run"
+    train(resolve(["task=toy", f"out={out}", "steps=10", "trackers=tensorboard"]))
+    events = EventAccumulator(str(out / out.name)).Reload()  # accelerate logs into <project>/<run name>
+    tags = set(events.Tags()["scalars"])
+    assert {"val/accuracy/raw", "val/accuracy/lawa", "val/accuracy/ema", "val/accuracy/swa", "val/loss/raw"} <= tags
+    layout = layout_pb2.Layout()  # the layout travels as a string tensor under the custom-scalars plugin's tag
+    layout.ParseFromString(events.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
+    charts = {chart.title: list(chart.multiline.tag) for category in layout.category for chart in category.chart}
+    assert charts["accuracy"] == [r"val/accuracy/.*"] and charts["loss"] == [r"val/loss/.*"]
+
+
+def test_the_time_to_go_counts_the_evaluations_left():
+    from lawa_suite.progress import eta_seconds, evaluations_left
+
+    assert evaluations_left(0, 100, 10) == 10 and evaluations_left(95, 100, 10) == 1
+    assert evaluations_left(0, 105, 10) == 11 and evaluations_left(100, 105, 10) == 1  # the final one too
+    assert evaluations_left(100, 100, 10) == 0
+    # 50 steps of 0.1 s and 5 evaluations of 30 s: the evaluations are most of the time left
+    assert eta_seconds(50, 100, 10, step_seconds=0.1, eval_seconds=30.0) == pytest.approx(155.0)
+
+
+def test_how_often_checkpoints_are_saved_may_change_on_resume(tmp_path):
+    # a run saved before checkpoints followed evaluations has checkpoint.every=0 in its config.yaml
+    out = tmp_path / "run"
+    train(resolve(["task=toy", f"out={out}", "steps=10", "checkpoint.every=0"]))
+    resumed = train(resolve(["task=toy", f"out={out}", "steps=10", "resume=auto"]))
+    assert resumed.step == 10

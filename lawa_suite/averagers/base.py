@@ -295,6 +295,12 @@ class Averager(ABC):
         wanted = list(targets) if targets is not None else [steps[-1]]
         return [ReplayTrack(list(range(1, count + 1)), count, wanted)], []
 
+    @classmethod
+    def span_hint(cls, config: Any) -> str:
+        """What the settings mean as a span of observations, said when a post-hoc output turns out to be mostly
+        its first input ("" when there is nothing to add)."""
+        return ""
+
     def replay_from(self, read: Callable[[int], list[Tensor]]) -> None:
         """Post hoc, before the first observation: ``read(clock)`` gives the float tensors observed at ``clock``
         again (views of the mapped input), so an averager that would keep copies of observations may keep
@@ -363,7 +369,7 @@ class Averager(ABC):
 #: What the training loop, evaluation, checkpoints, export and post-hoc averaging use of an averager class.
 CONTRACT = ("Config", "start_run", "wants", "observe", "refuse", "ready", "average", "load_average_into",
             "state_dict", "load_state_dict", "needs_bn_recalibration", "elementwise", "posthoc_clock", "plan_replay",
-            "replay_from", "averaged_clocks")
+            "replay_from", "averaged_clocks", "span_hint")
 
 
 def contract_problem(obj: Any) -> str | None:

@@ -75,6 +75,12 @@ class EMA(Averager):
         weight = 1.0 - self.config.decay ** self.config.every
         ema_update_(self._avg, staged_like(floats, self._avg, self._staging), weight)
 
+    @classmethod
+    def span_hint(cls, config: Any) -> str:
+        span = 1 / (1 - config.decay)
+        return (f"ema.decay={config.decay} averages over about {span:,.0f} observations (1/(1 - decay)), and post "
+                f"hoc an observation is a saved checkpoint: a decay of 1 - 1/N averages over about N of them")
+
     def _averaged_floats(self) -> list[Tensor]:
         # Copies: the base casts with .to(dtype), which returns the accumulator itself for fp32 models, and a
         # caller that edits the returned average in place must not edit the EMA.

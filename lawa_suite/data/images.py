@@ -37,6 +37,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from lawa_suite.data import DataUnavailable
+from lawa_suite.errors import DataPathError
 from lawa_suite.files import first_line, write_atomic
 
 if TYPE_CHECKING:
@@ -129,16 +130,16 @@ def load_imagefolder(path: str, cache: str, image_size: int = 32, crop: bool = F
 def imagefolder_files(path: str, cache: str) -> ImageFiles:
     """List (without decoding) the files of a ``train/<class>/*`` + ``test/<class>/*`` folder or archive."""
     if not path:
-        raise DataUnavailable(f"imagefolder: data.path is empty; set data.path to a folder or .tar.gz holding {LAYOUT}")
+        raise DataPathError(f"imagefolder: data.path is empty; set data.path to a folder or .tar.gz holding {LAYOUT}")
     source = Path(path).expanduser()
     if not source.exists():
-        raise DataUnavailable(f"imagefolder: {source} does not exist; expected a folder or .tar.gz holding {LAYOUT}")
+        raise DataPathError(f"imagefolder: {source} does not exist; expected a folder or .tar.gz holding {LAYOUT}")
     folder = extract_archive(source, Path(cache) / "extracted") if source.is_file() else source
     root = _split_root(folder, source)
     train_files, classes = _list_split(root / "train", None)
     test_dir = next((root / name for name in ("test", "val") if (root / name).is_dir()), None)
     if test_dir is None:
-        raise DataUnavailable(f"imagefolder: {root} has no test/ (or val/) folder; expected {LAYOUT}")
+        raise DataPathError(f"imagefolder: {root} has no test/ (or val/) folder; expected {LAYOUT}")
     test_files, _ = _list_split(test_dir, classes)
     return ImageFiles(root, train_files, test_files, classes, f"imagefolder {source}")
 
@@ -155,7 +156,7 @@ def extract_archive(archive: Path, into: Path) -> Path:
     folder renamed into place, so an interrupted run never leaves a half tree that looks complete.
     """
     if not _is_archive(archive):
-        raise DataUnavailable(f"imagefolder: {archive} is a file but not a .tar.gz/.tgz/.tar archive; "
+        raise DataPathError(f"imagefolder: {archive} is a file but not a .tar.gz/.tgz/.tar archive; "
                               f"expected a folder or archive holding {LAYOUT}")
     stat = archive.stat()
     stem = archive.name.split(".")[0]
@@ -207,23 +208,23 @@ def _split_root(folder: Path, source: Path) -> Path:
     subdirs = [d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")]
     if len(subdirs) == 1 and (subdirs[0] / "train").is_dir():
         return subdirs[0]
-    raise DataUnavailable(f"imagefolder: {source} has no train/ folder; expected {LAYOUT}")
+    raise DataPathError(f"imagefolder: {source} has no train/ folder; expected {LAYOUT}")
 
 
 def _list_split(split: Path, classes: list[str] | None) -> tuple[list[tuple[str, int]], list[str]]:
     """``(file, label)`` pairs of one split, sorted; classes are the sorted sub-folders of train/ (ImageFolder)."""
     if not split.is_dir():
-        raise DataUnavailable(f"imagefolder: {split} is missing; expected {LAYOUT}")
+        raise DataPathError(f"imagefolder: {split} is missing; expected {LAYOUT}")
     found = sorted(d.name for d in split.iterdir() if d.is_dir() and not d.name.startswith("."))
     if classes is None:
         classes = found
     unknown = sorted(set(found) - set(classes))
     if unknown:
-        raise DataUnavailable(f"imagefolder: {split} has classes not in train/: {', '.join(unknown)}")
+        raise DataPathError(f"imagefolder: {split} has classes not in train/: {', '.join(unknown)}")
     files = [(str(split / name / f), label) for label, name in enumerate(classes) if (split / name).is_dir()
              for f in sorted(os.listdir(split / name)) if f.lower().endswith(IMAGE_EXTENSIONS)]
     if not files:
-        raise DataUnavailable(f"imagefolder: {split} holds no images ({', '.join(IMAGE_EXTENSIONS)}); "
+        raise DataPathError(f"imagefolder: {split} holds no images ({', '.join(IMAGE_EXTENSIONS)}); "
                               f"expected {LAYOUT}")
     return files, classes
 

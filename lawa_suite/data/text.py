@@ -32,6 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lawa_suite.data import DataUnavailable
+from lawa_suite.errors import DataPathError
 from lawa_suite.files import first_line, write_atomic, write_text_atomic
 
 __all__ = ["Tokenizer", "BytesTokenizer", "Gpt2Tokenizer", "get_tokenizer", "VOCAB_SIZES", "TokenSplits",
@@ -177,17 +178,17 @@ def text_files(path: Path) -> list[Path]:
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES
                    and not any(part.startswith(".") for part in p.relative_to(path).parts))
     if not files:
-        raise DataUnavailable(f"data.path: {path} holds no text files (looked for {', '.join(TEXT_SUFFIXES)})")
+        raise DataPathError(f"data.path: {path} holds no text files (looked for {', '.join(TEXT_SUFFIXES)})")
     return files
 
 
 def load_text(path: str, cache: str, tokenizer: Tokenizer, val_fraction: float) -> TokenSplits:
     """Tokenize a file or folder once into ``<cache>/text/<key>/``; later runs memory-map the result."""
     if not path:
-        raise DataUnavailable("data.path: data=text needs data.path=<a text file or a folder of .txt/.md files>")
+        raise DataPathError("data.path: data=text needs data.path=<a text file or a folder of .txt/.md files>")
     root = Path(path).expanduser()
     if not root.exists():
-        raise DataUnavailable(f"data.path: {root} does not exist (data=text reads a text file or a folder)")
+        raise DataPathError(f"data.path: {root} does not exist (data=text reads a text file or a folder)")
     files = text_files(root)
     folder = Path(cache) / "text" / _text_key(root, files, tokenizer.name, val_fraction)
     description = f"{root} ({len(files)} file{'s' * (len(files) != 1)}, {tokenizer.name} tokens)"
@@ -236,7 +237,7 @@ def openwebtext_folder(path: str, cache: str) -> Path:
 
 def load_openwebtext(path: str, cache: str, tokenizer: Tokenizer) -> TokenSplits:
     if tokenizer.name != "gpt2":
-        raise DataUnavailable(f"data=openwebtext is stored as gpt2 tokens; use tokenizer=gpt2 (got {tokenizer.name})")
+        raise DataPathError(f"data=openwebtext is stored as gpt2 tokens; use tokenizer=gpt2 (got {tokenizer.name})")
     folder = openwebtext_folder(path, cache)
     if not ((folder / "train.bin").is_file() and (folder / "val.bin").is_file()):
         prepare_openwebtext(folder, tokenizer)

@@ -15,6 +15,8 @@ class Evaluator(ABC):
 
     name: ClassVar[str] = ""
     metrics: ClassVar[dict[str, str]]
+    #: a sentence for a metric whose name alone could mislead; reports print it where the metric appears
+    notes: ClassVar[dict[str, str]] = {}
 
     def __init__(self, task: Any) -> None:
         self.task = task

@@ -14,7 +14,8 @@ creates it: ``inception-v3-compat`` (the standard FID network; torch-fidelity lo
 ``weights-inception-2015-12-05-6726825d.pth``, from torch's hub cache, downloading them there when missing)
 or ``standin`` (registered by this file: a fixed random conv net for machines without the Inception
 weights; its scores rank samples but are not comparable with published FIDs). The Fréchet distance itself is
-torch-fidelity's (``fid_statistics_to_metric``).
+torch-fidelity's (``fid_statistics_to_metric``). The metric is named after its features, so the two never share
+a curve: ``fid`` with Inception, ``fid_standin`` with the stand-in (``fid_<extractor>`` for any other).
 
 The reference statistics (mean and covariance of the real images' features) are computed once and cached
 in ``<data.cache>/fid/`` under a name holding the dataset key, the resolution, the count and the extractor.
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +49,7 @@ from lawa_suite.evaluators.base import Evaluator, reduce_sums
 from lawa_suite.files import first_line, write_atomic
 
 __all__ = ["FidConfig", "FID", "FeatureStats", "INCEPTION", "STANDIN", "inception_weights_path", "create_extractor",
-           "register_standin", "frechet_distance", "write_grid"]
+           "register_standin", "frechet_distance", "fid_metric", "write_grid"]
 
 INCEPTION = "inception-v3-compat"        # torch-fidelity's name for the standard FID network
 STANDIN = "standin"                      # the offline stand-in registered below
@@ -192,11 +194,16 @@ def _is_main(accelerator: Any) -> bool:
 
 @registry.evaluators.register("fid")
 class FID(Evaluator):
-    """``fid`` (Fréchet distance of ``fid.samples`` samples to the real data's reference statistics) and
-    ``loss`` (the denoising objective on held-out images, with fixed timesteps and noise)."""
+    """``fid`` (Fréchet distance of ``fid.samples`` samples to the real data's reference statistics; named
+    ``fid_standin`` when the stand-in network made the features) and ``loss`` (the denoising objective on
+    held-out images, with fixed timesteps and noise)."""
 
     name = "fid"
-    metrics = {"fid": "min", "loss": "min"}
+    metrics = {"fid": "min", f"fid_{STANDIN}": "min", "loss": "min"}
+    notes = {f"fid_{STANDIN}": "Fréchet distance in the features of lawa-suite's offline stand-in network, not "
+                               "Inception's: it ranks sample sets but is not comparable with published FIDs "
+                               "(the Inception weights, or fid.extractor=inception-v3-compat, give the standard "
+                               "FID)"}
 
     def __init__(self, task: Any) -> None:
         super().__init__(task)
@@ -209,6 +216,11 @@ class FID(Evaluator):
         if self.cfg.extractor == "auto":
             note = f" (auto: {inception_weights_path()} not found)" if self.extractor_name == STANDIN else " (auto)"
             print(f"fid: features from {self.extractor_name}{note}", file=sys.stderr, flush=True)
+
+    @property
+    def metric(self) -> str:
+        """The FID's name in metrics.jsonl: which network made the features is part of it."""
+        return fid_metric(self.extractor_name)
 
     def begin(self, step: int, weights_name: str) -> None:
         """Say which step and weights the next ``evaluate`` scores (names the sample grid)."""
@@ -278,26 +290,42 @@ class FID(Evaluator):
         generated.reduce(accelerator, len(reference["mu"]), device)
         sums = reduce_sums({"loss": loss_sum, "count": float(loss_count)}, accelerator, device)
         mu, sigma = generated.mean_cov()
-        scores = {"fid": frechet_distance(reference, {"mu": mu, "sigma": sigma})}
+        scores = {self.metric: frechet_distance(reference, {"mu": mu, "sigma": sigma})}
         if sums["count"] > 0:
             scores["loss"] = sums["loss"] / sums["count"]
         if grid and context is not None and _is_main(accelerator):
             step, weights_name = context
-            write_grid(torch.cat(grid), Path(self.task.run.out) / "samples" / f"step-{step:08d}-{weights_name}.png")
+            write_grid(torch.cat(grid), Path(self.task.run.out) / "samples" / f"step-{step:08d}-{weights_name}.png",
+                       label=f"step {step}: {weights_name}")
         return scores
 
 
-def write_grid(images: Tensor, path: Path, min_tile: int = 64) -> None:
-    """uint8 ``(N, 3, H, W)`` -> a square-ish PNG grid; small images are enlarged (nearest) to ``min_tile`` px."""
-    from PIL import Image
+LABEL_HEIGHT = 16  # pixels of white band above a labelled grid, for one line of PIL's default font
+
+
+def fid_metric(extractor: str) -> str:
+    """``fid`` for Inception's features, ``fid_<extractor>`` for any other network's (``fid_standin``)."""
+    return "fid" if extractor == INCEPTION else "fid_" + re.sub(r"\W", "_", extractor)
+
+
+def write_grid(images: Tensor, path: Path, min_tile: int = 64, label: str = "") -> None:
+    """uint8 ``(N, 3, H, W)`` -> a square-ish PNG grid; small images are enlarged (nearest) to ``min_tile`` px.
+    ``label`` (the step and weights) is written in a band above the grid, so a grid shown alone says what it is."""
+    from PIL import Image, ImageDraw
     from torchvision.utils import make_grid
 
     scale = max(1, min_tile // images.shape[-1])
     if scale > 1:
         images = images.repeat_interleave(scale, dim=-1).repeat_interleave(scale, dim=-2)
-    grid = make_grid(images, nrow=math.ceil(math.sqrt(len(images))), padding=2, pad_value=255)
+    grid = Image.fromarray(make_grid(images, nrow=math.ceil(math.sqrt(len(images))), padding=2,
+                                     pad_value=255).permute(1, 2, 0).numpy())
+    if label:
+        labelled = Image.new("RGB", (grid.width, grid.height + LABEL_HEIGHT), "white")
+        labelled.paste(grid, (0, LABEL_HEIGHT))
+        ImageDraw.Draw(labelled).text((4, 2), label, fill="black")
+        grid = labelled
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, lambda p: Image.fromarray(grid.permute(1, 2, 0).numpy()).save(p, format="PNG"), durable=False)
+    write_atomic(path, lambda p: grid.save(p, format="PNG"), durable=False)
 
 
 def _save_npz(path: Path, **arrays: Any) -> None:

@@ -73,11 +73,12 @@ def derived_steps(steps: list[int], interval: int | None) -> tuple[list[int], li
     return [t for t in wanted if t in have], problems
 
 
-def plan(jobs: Sequence[Job], steps: list[int], interval: int | None) -> tuple[list[Track], list[str]]:
-    """The tracks of every job with their outputs, and the problems: windows with missing steps, jobs that never
-    produce anything."""
+def plan(jobs: Sequence[Job], steps: list[int], interval: int | None) -> tuple[list[Track], list[str], list[str]]:
+    """The tracks of every job with their outputs; the problems (windows with missing steps, jobs that never
+    produce anything); and warnings about outputs that are averages in name only (``dominated_outputs``)."""
     derived, problems = derived_steps(steps, interval)
     tracks: list[Track] = []
+    warnings: list[str] = []
     for job in jobs:
         replays, job_problems = job.cls.plan_replay(job.cls.Config(**job.config), steps,
                                                     derived if interval else None)
@@ -90,7 +91,44 @@ def plan(jobs: Sequence[Job], steps: list[int], interval: int | None) -> tuple[l
         if produced == 0 and not job_problems:
             at = ", ".join(map(str, derived)) if interval else f"the last step {steps[-1]}"
             problems.append(f"{job.folder}: no derived checkpoint (the averager is not ready at {at})")
-    return tracks, problems
+        warnings += dominated_outputs(job, [t for t in tracks if t.job is job], steps)
+    return tracks, problems, warnings
+
+
+DOMINATED = 0.5  # an output giving more than this weight to its first input is that input more than an average
+
+
+def dominated_outputs(job: Job, tracks: list[Track], steps: list[int]) -> list[str]:
+    """A warning when the job's outputs give most of their weight to their first input: an EMA whose decay was
+    chosen for optimizer steps, replayed over a few saved checkpoints, is the first checkpoint in all but name.
+    The weights come from replaying the averager on a one-hot trajectory, so any averager is judged by its own
+    arithmetic."""
+    found = []
+    for track in tracks:
+        for first in sorted({o.members[0] for outs in track.outputs.values() for o in outs}):
+            weights = _weights_on(track, steps, first)
+            found += [(o, weights[id(o)]) for outs in track.outputs.values() for o in outs
+                      if o.members[0] == first and len(o.members) > 1 and weights[id(o)] > DOMINATED]
+    if not found:
+        return []
+    output, weight = max(found, key=lambda pair: pair[0].step)
+    hint = job.cls.span_hint(job.cls.Config(**job.config))
+    return [f"{job.folder}: {len(found)} output(s) give most of their weight to their first input; the one at step "
+            f"{output.step} gives {weight:.1%} to step {output.members[0]}, of the {len(output.members)} "
+            f"checkpoints it averages" + (f" ({hint})" if hint else "")]
+
+
+def _weights_on(track: Track, steps: list[int], first: int) -> dict[int, float]:
+    """Each output's weight on saved step ``first``: the track replayed on 1 at that step and 0 elsewhere."""
+    values = {s: torch.tensor([1.0 if s == first else 0.0]) for s in steps}
+    step_of = dict(zip(track.clocks, steps))
+    averager = track.new(lambda clock: [values[step_of[clock]]])
+    weights = {}
+    for i, (step, clock) in enumerate(zip(steps, track.clocks)):
+        averager.observe(clock, {"probe": values[step]}, checked=True)
+        for o in track.outputs.get(i, ()):
+            weights[id(o)] = float(averager.average()["probe"])
+    return weights
 
 
 def _probe(track: Track, steps: list[int]) -> int:

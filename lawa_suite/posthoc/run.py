@@ -98,21 +98,24 @@ def _validated_run(pool: ThreadPoolExecutor, folder: Path, found: list[str], rea
     hashes = {f: pool.submit(hash_input, r, f) for f, r in by_size}  # biggest first: the last to finish is short
     problems = found + [p for r in readers for p in r.problems] + check_layouts(readers)
     tracks: list[Track] = []
+    warnings: list[str] = []
     if steps:
-        tracks, plan_problems = plan(jobs, steps, interval)
+        tracks, plan_problems, warnings = plan(jobs, steps, interval)
         problems += plan_problems
     problems += [line for c in checks if (line := c.result()) is not None]
     if problems:  # one error lists everything there is to fix, the corrupted checkpoints too
         raise PosthocError(_summary(problems + _corrupted(snapshots, _results(hashes)), folder))
     log(f"averaging {len(snapshots)} checkpoints (steps {steps[0]}..{steps[-1]}) with {len(jobs)} "
         f"averager setting(s)")
+    for warning in warnings:
+        log(f"warning: {warning}")
     staging = staged_folder(out)
     try:
         outputs = average_all(readers, tracks, ordered_layout(readers[0].layout), staging, limits)
         digests = _results(hashes)
         if corrupted := _corrupted(snapshots, digests):
             raise PosthocError(_summary(corrupted, folder))
-        _write_manifests(staging, jobs, outputs, snapshots, digests, folder.resolve(), interval)
+        _write_manifests(staging, jobs, outputs, snapshots, digests, folder.resolve(), interval, warnings)
         commit_folder(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -135,7 +138,7 @@ def _summary(problems: list[str], folder: Path) -> str:
 
 
 def _write_manifests(staging: Path, jobs: Sequence[Job], outputs: list[Output], snapshots: list[Snapshot],
-                     digests: Mapping[Path, str], root: Path, interval: int | None) -> None:
+                     digests: Mapping[Path, str], root: Path, interval: int | None, warnings: list[str]) -> None:
     from lawa_suite import __version__ as version
 
     def files_of(s: Snapshot) -> list[dict[str, Any]]:
@@ -150,7 +153,9 @@ def _write_manifests(staging: Path, jobs: Sequence[Job], outputs: list[Output], 
     for job in jobs:
         mine = [o for o in outputs if o.job is job]
         used = sorted({m for o in mine for m in o.members})
+        mine_warned = [w for w in warnings if w.startswith(f"{job.folder}: ")]
         manifest = {**common, **averager_of(job), "config": job.config, "clock": job.cls.posthoc_clock,
+                    **({"warnings": mine_warned} if mine_warned else {}),
                     "outputs": [{"file": o.path.name, "step": o.step, "size": o.size, "sha256": o.sha256,
                                  "inputs": o.members} for o in mine],
                     "inputs": {str(s): files_of(by_step[s]) for s in used}}

@@ -27,7 +27,9 @@ from lawa_suite.report.run import (
     fmt,
     load_metrics,
     metric_directions,
+    metric_notes,
     ordered,
+    wide_range,
 )
 
 if TYPE_CHECKING:
@@ -215,7 +217,7 @@ def plot_task(task: str, by_lr: list[LrSummary], metrics: list[str], directions:
                 if band.seeds > 1:
                     ax.fill_between(band.steps, band.low, band.high, color=colours[w], alpha=0.15, lw=0)
             values = [v for line in ax.get_lines() for v in line.get_ydata()]
-            if values and min(values) > 0 and max(values) / min(values) > 8:  # FID falls from hundreds to tens
+            if wide_range(values):
                 ax.set_yscale("log")
             ax.set_title(f"lr={s.lr:g}: {metric} ({'higher' if direction_of(metric, directions) == 'max' else 'lower'}"
                          f" is better)", fontsize=10)
@@ -281,7 +283,8 @@ def task_section(label: str, by_lr_runs: dict[float, list[RunRecord]], out: Path
     seeds = sorted({r.seed for runs in by_lr_runs.values() for r in runs})
     lines += [f"{len(by_lr)} learning rate(s) x seeds {', '.join(map(str, seeds))}; {first.steps} steps; headline "
               f"metric `{headline}` ({'higher' if direction == 'max' else 'lower'} is better). Unfinished runs are "
-              f"left out of the means (listed under Runs).", "", f"![{label}]({png})", ""]
+              f"left out of the means (listed under Runs).", *metric_notes(first.task, metrics), "",
+              f"![{label}]({png})", ""]
     for s in by_lr:
         lines += [f"### lr={s.lr:g}", ""]
         if s.target_final is not None:

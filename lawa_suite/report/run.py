@@ -17,9 +17,9 @@ import yaml
 
 from lawa_suite.files import write_text_atomic
 
-__all__ = ["Curves", "load_metrics", "metric_directions", "ordered", "direction_of", "better", "summarise",
-           "first_reaching", "best_point", "fmt", "comparison_table", "plot_curves", "write_report", "is_run_dir",
-           "find_runs"]
+__all__ = ["Curves", "load_metrics", "evaluator_of", "metric_directions", "metric_notes", "wide_range", "ordered",
+           "direction_of", "better", "summarise", "first_reaching", "best_point", "fmt", "comparison_table",
+           "plot_curves", "write_report", "is_run_dir", "find_runs"]
 
 Curves = dict[str, dict[str, list[tuple[int, float]]]]  # weights -> metric -> [(step, value)]
 
@@ -43,14 +43,30 @@ def load_metrics(path: Path) -> tuple[Curves, list[tuple[int, float]]]:
     return curves, train
 
 
-def metric_directions(task: str) -> dict[str, str]:
-    """``metric -> "max"|"min"`` from the task's evaluator; the first metric is the headline."""
+def evaluator_of(task: str) -> Any:
+    """The task's evaluator class, or None (a plugin that is no longer installed: reports fall back on names)."""
     from lawa_suite import registry
     try:
-        evaluator = registry.evaluators.get(registry.tasks.get(task).evaluator)
-        return dict(evaluator.metrics)
-    except Exception:  # noqa: BLE001 - a plugin that is no longer installed: fall back on names
-        return {}
+        return registry.evaluators.get(registry.tasks.get(task).evaluator)
+    except Exception:  # noqa: BLE001 - any failure of a plugin means the same here
+        return None
+
+
+def metric_directions(task: str) -> dict[str, str]:
+    """``metric -> "max"|"min"`` from the task's evaluator; the first metric is the headline."""
+    evaluator = evaluator_of(task)
+    return dict(evaluator.metrics) if evaluator is not None else {}
+
+
+def metric_notes(task: str, metrics: list[str]) -> list[str]:
+    """The evaluator's sentence for each of ``metrics`` whose name alone could mislead."""
+    notes = getattr(evaluator_of(task), "notes", {}) or {}
+    return [f"`{m}`: {notes[m]}." for m in metrics if m in notes]
+
+
+def wide_range(values: list[float]) -> bool:
+    """Positive values spanning more than 8x (FID falls from hundreds to tens): drawn on a log axis."""
+    return bool(values) and min(values) > 0 and max(values) / min(values) > 8
 
 
 def ordered(curves: Curves) -> list[str]:
@@ -161,6 +177,8 @@ def plot_curves(curves: Curves, train: list[tuple[int, float]], metrics: list[st
                     steps, values = zip(*points)
                     ax.plot(steps, values, marker=".", label=weights, color=colours[weights],
                             lw=2 if weights == "raw" else 1.5)
+            if wide_range([v for line in ax.get_lines() for v in line.get_ydata()]):
+                ax.set_yscale("log")
             ax.legend()
         ax.set_xlabel("optimizer step")
         ax.set_title(panel)
@@ -186,6 +204,7 @@ def write_report(run_dir: Path) -> Path:
              f"Every evaluation scores all weights on the same held-out batches. Config: `config.yaml`.", ""]
     if rows:
         lines += [comparison_table(metrics, rows, headline, raw_points[-1][0] if raw_points else None), ""]
+        lines += [*metric_notes(config["task"], metrics), ""] if metric_notes(config["task"], metrics) else []
         plot_curves(curves, train, metrics, run_dir / "curves.png", title)
         lines += ["![metrics vs step](curves.png)", ""]
     else:

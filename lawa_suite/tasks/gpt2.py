@@ -31,7 +31,9 @@ from torch import Tensor, nn
 
 from lawa_suite import registry
 from lawa_suite.config import ConfigError, choice, require
-from lawa_suite.data.text import VOCAB_SIZES, TokenSplits, get_tokenizer, gpt2_vocab_files, load_tokens
+from lawa_suite.data.text import (VOCAB_SIZES, TokenSplits, get_tokenizer, gpt2_vocab_files, load_tokens,
+                                  tiktoken_cache_dir)
+from lawa_suite.errors import DataUnavailable
 from lawa_suite.tasks.base import Task, parameter_count
 
 Batch = dict[str, Tensor]  # {"tokens": int64 (B, seq_len + 1)}
@@ -200,30 +202,68 @@ class Gpt2Task(Task):
 
     # -- export -------------------------------------------------------------------------------------
     def export(self, weights: Mapping[str, Tensor], out: Path) -> None:
-        """A Hugging Face model folder (config.json + model.safetensors) for ``AutoModelForCausalLM``, with the
-        GPT-2 tokenizer files (vocab.json, merges.txt) when the tokenizer is gpt2 and tiktoken has them cached."""
+        """A Hugging Face model folder (config.json + model.safetensors) for ``AutoModelForCausalLM``, with what
+        encodes its text: the GPT-2 tokenizer files (vocab.json, merges.txt) for tokenizer=gpt2, a README saying
+        how to encode bytes for tokenizer=bytes (no Hugging Face tokenizer maps byte i to token i)."""
         from transformers import GPT2LMHeadModel
 
+        if self.config.tokenizer == "gpt2":
+            files = gpt2_tokenizer_files()  # before the model is written: a missing vocabulary writes nothing
         with torch.device("meta"):
             model = GPT2LMHeadModel(self.hf_config())
         model.load_state_dict(dict(weights), strict=True, assign=True)
         model.tie_weights()
         model.save_pretrained(out, safe_serialization=True)
         if self.config.tokenizer == "gpt2":
-            export_gpt2_tokenizer(out)
+            write_gpt2_tokenizer(files, out)
+        (out / "README.md").write_text(TOKENIZER_NOTES[self.config.tokenizer].format(ctx=self.config.seq_len))
 
 
-def export_gpt2_tokenizer(out: Path) -> bool:
-    """Copy tiktoken's cached GPT-2 BPE files as HF's vocab.json / merges.txt (they are the same files)."""
+TOKENIZER_NOTES = {
+    "bytes": """# A lawa-suite GPT-2 trained on UTF-8 bytes
+
+Token ids are the bytes of the UTF-8 text: token `i` is byte `i` (vocabulary 256, no special tokens), so no
+Hugging Face tokenizer file comes with it. Context: {ctx} tokens.
+
+```python
+from transformers import AutoModelForCausalLM
+import torch
+model = AutoModelForCausalLM.from_pretrained("<this folder>")
+ids = torch.tensor([list("To be, or not".encode("utf-8"))])
+new = min(50, model.config.n_positions - ids.shape[1])  # no further than its context
+out = model.generate(ids, max_new_tokens=new, do_sample=False, pad_token_id=0)
+print(bytes(out[0].tolist()).decode("utf-8", errors="replace"))
+```
+""",
+    "gpt2": """# A lawa-suite GPT-2 trained on GPT-2 BPE tokens
+
+The tokenizer files (vocab.json, merges.txt) are GPT-2's, the ones tiktoken's `gpt2` encoding reads; end of
+text is token 50256. Context: {ctx} tokens. `AutoTokenizer.from_pretrained("<this folder>")` loads them.
+""",
+}
+
+
+def gpt2_tokenizer_files() -> dict[str, Path]:
+    """tiktoken's GPT-2 BPE files, fetched into its cache if they are not there yet (which needs the network
+    once); offline and absent, one line naming them and where they go."""
     files = gpt2_vocab_files()
     if not all(p.is_file() for p in files.values()):
-        return False
+        get_tokenizer("gpt2")  # downloads into tiktoken's cache, or raises the one-line DataUnavailable
+    files = gpt2_vocab_files()
+    if not all(p.is_file() for p in files.values()):  # tiktoken loaded them without caching them where we look
+        raise DataUnavailable(f"export: GPT-2's vocabulary files {', '.join(p.name for p in files.values())} are "
+                              f"not in {tiktoken_cache_dir()}; set TIKTOKEN_CACHE_DIR to the folder tiktoken "
+                              f"cached them in when this run trained")
+    return files
+
+
+def write_gpt2_tokenizer(files: Mapping[str, Path], out: Path) -> None:
+    """tiktoken's GPT-2 BPE files as Hugging Face's vocab.json / merges.txt (they are the same files)."""
     shutil.copyfile(files["encoder.json"], out / "vocab.json")
     shutil.copyfile(files["vocab.bpe"], out / "merges.txt")
     (out / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "GPT2Tokenizer", "model_max_length": 1024, "bos_token": "<|endoftext|>",
          "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}, indent=1))
-    return True
 
 
 # -- windows --------------------------------------------------------------------------------------------
