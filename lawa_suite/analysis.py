@@ -186,7 +186,6 @@ def _posthoc_report(out: Path, curves: Any, evaluation: Evaluation, source: Path
                     folders: list[str]) -> Path:
     metrics, rows = summarise(curves, evaluation.metrics)
     headline = metrics[0] if metrics else None
-    raw = curves.get("raw", {}).get(headline, []) if headline else []
     run = evaluation.cfg.run
     title = f"post-hoc averaging: {run.task} ({run.preset}) from {source.name}"
     bn = (f" Averaged weights get BatchNorm statistics recomputed on {run.eval.bn_batches} training batches "
@@ -197,7 +196,7 @@ def _posthoc_report(out: Path, curves: Any, evaluation: Evaluation, source: Path
              f"checkpoint and the raw checkpoint of its step are scored on the same held-out batches.{bn} "
              f"Config: `config.yaml`; inputs and hashes: `manifest.json`.", ""]
     if rows:
-        lines += [comparison_table(metrics, rows, headline, raw[-1][0] if raw else None), ""]
+        lines += [comparison_table(metrics, rows, headline), ""]
         plot_curves(curves, [], metrics, out / "curves.png", title)
         lines += ["![metrics vs step](curves.png)", ""]
     report = out / "report.md"

@@ -140,3 +140,43 @@ def test_an_unfinished_run_is_left_out_of_the_means_and_flagged(tmp_path):
     text = (folder / "report.md").read_text()
     assert "| raw | 2.4000 (2.3000-2.5000) |" in text                  # seeds 0 and 1 only; seed 7 would add 9.0
     assert f"`{partial}`: gpt2 lr=0.1 seed=7, 20/50 steps" in text and "unfinished: left out of the means" in text
+
+
+def test_only_true_replicates_are_averaged_as_seeds(tmp_path):
+    from lawa_suite.report.bench import group_runs
+
+    def run(folder: str, seed: int, **changes: object) -> Path:
+        path = make_run(tmp_path / folder, 0.1, seed, CURVES[(0.1, 0)])
+        config = yaml.safe_load((path / "config.yaml").read_text())
+        config.update(changes, out=str(path), progress=seed % 2 == 0)  # where a run lives is not the experiment
+        (path / "config.yaml").write_text(yaml.safe_dump(config))
+        return path
+
+    digits = run("digits", 0, data={"source": "embedded", "path": ""})
+    cifar = [run("cifar", seed, data={"source": "imagefolder", "path": "c.tgz"}) for seed in (0, 1)]
+    again = run("again", 1, data={"source": "imagefolder", "path": "c.tgz"})  # seed 1 a second time
+    groups = group_runs([read_run(p) for p in (digits, *cifar, again)])
+    seeds = {label: sorted(r.seed for r in by_lr[0.1]) for label, by_lr in groups.items()}
+    assert seeds == {"gpt2 (cpu) [data.path=, data.source=embedded]": [0],
+                     "gpt2 (cpu) [data.path=c.tgz, data.source=imagefolder]": [0, 1],
+                     f"gpt2 (cpu) [data.path=c.tgz, data.source=imagefolder] [{again}]": [1]}
+    report = write_bench_report([tmp_path], tmp_path / "out").read_text()
+    assert "## gpt2 (cpu) [data.path=, data.source=embedded]" in report
+    assert len(list((tmp_path / "out").glob("gpt2-cpu-*.png"))) == 3  # a figure each, none overwritten
+
+
+def test_a_single_runs_fewer_steps_compare_with_raws_own_step(tmp_path):
+    # raw reaches its final accuracy (0.9) at step 500 of 1000; EMA reaches it at 300: 40% fewer, not 70%
+    run = tmp_path / "run"
+    run.mkdir()
+    config = {"task": "cifar", "preset": "cpu", "lr": 0.1, "seed": 0, "steps": 1000, "averager": ["ema"]}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    raw = {100: 0.5, 300: 0.8, 500: 0.9, 700: 0.9, 1000: 0.9}
+    ema = {100: 0.6, 300: 0.9, 500: 0.92, 700: 0.93, 1000: 0.93}
+    lines = [{"step": s, "weights": w, "split": "val", "accuracy": v, "loss": 1 - v}
+             for w, curve in (("raw", raw), ("ema", ema)) for s, v in curve.items()]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert runner.invoke(app, ["report", str(run)]).exit_code == 0
+    rows = {line.split("|")[1].strip(): line for line in (run / "report.md").read_text().splitlines()
+            if line.startswith("| raw") or line.startswith("| ema")}
+    assert rows["ema"].rstrip(" |").endswith("300 (40% fewer)") and rows["raw"].rstrip(" |").endswith("500")

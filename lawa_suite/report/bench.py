@@ -9,6 +9,7 @@ target, not with the run's length, so raw never "saves" anything against itself.
 
 from __future__ import annotations
 
+import hashlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -250,15 +251,48 @@ def plot_task(task: str, by_lr: list[LrSummary], metrics: list[str], directions:
     plt.close(fig)
 
 
+# Keys in which true replicates may differ: where the run lives and how it was watched, not what it computed.
+# The seed is what replicates are; lr is the report's own axis.
+NOT_THE_EXPERIMENT = {"seed", "lr", "out", "progress", "trackers", "resume", "reset_averagers", "data.cache",
+                      "checkpoint.every", "checkpoint.keep"}
+
+
+def experiment_key(run: RunRecord) -> tuple[tuple[str, str], ...]:
+    """What a run computed, from its resolved config: two runs are seeds of one experiment only if this is equal."""
+    from lawa_suite.config import dotted
+
+    return tuple(sorted((k, repr(v)) for k, v in dotted(run.config).items() if k not in NOT_THE_EXPERIMENT))
+
+
 def group_runs(runs: list[RunRecord]) -> dict[str, dict[float, list[RunRecord]]]:
-    """task label -> lr -> finished runs (an unfinished run would drag the seed mean back to its last step)."""
+    """experiment label -> lr -> finished runs (an unfinished run would drag the seed mean back to its last step).
+
+    Runs are seeds of one mean only when their configs differ in nothing but the seed (``experiment_key``): a task
+    run two ways is two experiments, labelled by the keys that tell them apart, and a second run with a seed
+    already in its group is its own experiment, labelled by its folder, never a second seed."""
+    finished = [run for run in runs if run.last_step >= run.steps]
+    by_task: dict[str, list[RunRecord]] = defaultdict(list)
+    for run in finished:
+        by_task[f"{run.task} ({run.preset})" if run.preset else run.task].append(run)
     groups: dict[str, dict[float, list[RunRecord]]] = defaultdict(lambda: defaultdict(list))
-    for run in runs:
-        if run.last_step < run.steps:
-            continue
-        label = f"{run.task} ({run.preset})" if run.preset else run.task
-        groups[label][run.lr].append(run)
+    for task_label, task_runs in by_task.items():
+        keys = {id(run): dict(experiment_key(run)) for run in task_runs}
+        differing = sorted({k for a in keys.values() for b in keys.values() for k in set(a) | set(b)
+                            if a.get(k) != b.get(k)})
+        for run in task_runs:
+            shown = ", ".join(f"{k}={_plain(run, k)}" for k in differing)
+            label = f"{task_label} [{shown}]" if shown else task_label
+            if any(other.seed == run.seed for other in groups[label][run.lr]):
+                label = f"{label} [{run.path}]"  # the same seed twice is the same experiment twice
+            groups[label][run.lr].append(run)
     return groups
+
+
+def _plain(run: RunRecord, key: str) -> str:
+    from lawa_suite.config import dotted
+
+    value = dotted(run.config).get(key, "-")
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def _metrics_of(by_lr_runs: dict[float, list[RunRecord]], directions: dict[str, str]) -> list[str]:
@@ -277,7 +311,10 @@ def task_section(label: str, by_lr_runs: dict[float, list[RunRecord]], out: Path
     direction = direction_of(headline, directions)
     by_lr = [summarise_lr(lr, sorted(runs, key=lambda r: r.seed), headline, direction)
              for lr, runs in sorted(by_lr_runs.items(), reverse=True)]
-    png = f"{first.task}{'-' + first.preset if first.preset else ''}.png"
+    png = f"{first.task}{'-' + first.preset if first.preset else ''}"
+    if "[" in label:  # one task run two ways: a figure each
+        png += "-" + hashlib.sha1(label.encode()).hexdigest()[:8]
+    png += ".png"
     plot_task(label, by_lr, metrics, directions, out / png)
     lines = [f"## {label}", ""]
     seeds = sorted({r.seed for runs in by_lr_runs.values() for r in runs})

@@ -131,9 +131,10 @@ def fmt(value: float) -> str:
     return f"{value:.4f}" if abs(value) < 1000 else f"{value:.1f}"
 
 
-def comparison_table(metrics: list[str], rows: list[dict[str, Any]], headline: str | None,
-                     raw_steps: int | None) -> str:
-    """The Markdown table of ``summarise``'s rows; ``raw_steps``: raw's last evaluated step, for "fewer"."""
+def comparison_table(metrics: list[str], rows: list[dict[str, Any]], headline: str | None) -> str:
+    """The Markdown table of ``summarise``'s rows. "Fewer" compares with the step at which raw itself first
+    reached its final value, not with the run's length: raw never saves anything against itself."""
+    raw_steps = next((row.get("steps_to_raw_final") for row in rows if row["weights"] == "raw"), None)
     header = ["weights"]
     for metric in metrics:
         header += [f"final {metric}", f"best {metric} (step)"]
@@ -148,10 +149,15 @@ def comparison_table(metrics: list[str], rows: list[dict[str, Any]], headline: s
         if reached is None:
             cells.append("not reached")
         else:
-            saved = f" ({1 - reached / raw_steps:.0%} fewer)" if raw_steps and row["weights"] != "raw" else ""
+            saved = f" ({_fewer(reached, raw_steps)})" if raw_steps and row["weights"] != "raw" else ""
             cells.append(f"{reached}{saved}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _fewer(reached: int, raw_reached: int) -> str:
+    saved = 1 - reached / raw_reached
+    return f"{saved:.0%} fewer" if saved >= 0 else f"{-saved:.0%} more"
 
 
 def plot_curves(curves: Curves, train: list[tuple[int, float]], metrics: list[str], path: Path, title: str) -> None:
@@ -197,13 +203,12 @@ def write_report(run_dir: Path) -> Path:
     directions = metric_directions(config["task"])
     metrics, rows = summarise(curves, directions)
     headline = metrics[0] if metrics else None
-    raw_points = curves.get("raw", {}).get(headline, []) if headline else []
     title = f"{config['task']} ({config['preset']}), lr {config['lr']}, seed {config['seed']}"
     lines = [f"# Run report: {run_dir.name}", "",
              f"{title}; {config['steps']} steps; averagers: {', '.join(config['averager']) or 'none'}. "
              f"Every evaluation scores all weights on the same held-out batches. Config: `config.yaml`.", ""]
     if rows:
-        lines += [comparison_table(metrics, rows, headline, raw_points[-1][0] if raw_points else None), ""]
+        lines += [comparison_table(metrics, rows, headline), ""]
         lines += [*metric_notes(config["task"], metrics), ""] if metric_notes(config["task"], metrics) else []
         plot_curves(curves, train, metrics, run_dir / "curves.png", title)
         lines += ["![metrics vs step](curves.png)", ""]
