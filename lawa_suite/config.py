@@ -389,10 +389,9 @@ def averager_bases(names: list[str], values: Mapping[str, Any]) -> dict[str, str
         of = values.get(f"{name}.of")
         if of in (None, ""):
             if name not in known:
-                message = str(_lookup_error("averagers", name))
-                hint = ("" if "did you mean" in message
-                        else f"; a new name for a second instance needs {name}.of=<averager>")
-                raise ConfigError(f"averager: {message}{hint}")
+                close = difflib.get_close_matches(name, sorted(known), n=1)
+                hint = "" if close else f"; a new name for a second instance needs {name}.of=<averager>"
+                raise ConfigError(f"averager: {registry.averagers.unknown_message(name)}{hint}")
             bases[name] = name
             continue
         of = str(of)
@@ -400,19 +399,9 @@ def averager_bases(names: list[str], values: Mapping[str, Any]) -> dict[str, str
             raise ConfigError(f"{name}.of: '{name}' is a registered averager itself; give the instance of '{of}' "
                               f"another name")
         if of not in known:
-            raise ConfigError(f"{name}.of: {_lookup_error('averagers', of)}")
+            raise ConfigError(f"{name}.of: {registry.averagers.unknown_message(of)}")
         bases[name] = of
     return bases
-
-
-def _lookup_error(registry_name: str, name: str) -> Exception:
-    """The registry's one-line error for a name it does not know."""
-    from lawa_suite import registry
-    try:
-        getattr(registry, registry_name).get(name)
-    except Exception as exc:  # noqa: BLE001 - UnknownNameError or PluginError: already one line
-        return exc
-    raise AssertionError(f"{name} is registered")
 
 
 def find_run_config(path: Path) -> Path:

@@ -184,7 +184,7 @@ class Registry:
             info = self._plugins[name][0]
             self._load_plugin(info)
         else:
-            raise UnknownNameError(self._unknown_message(name))
+            raise UnknownNameError(self.unknown_message(name))
         if info.error:
             raise PluginError(f"{self.kind} '{name}' from {info.source} cannot be used: {info.error}")
         return info.obj
@@ -196,7 +196,8 @@ class Registry:
     def __contains__(self, name: str) -> bool:
         return name in self.names()
 
-    def _unknown_message(self, name: str) -> str:
+    def unknown_message(self, name: str) -> str:
+        """``unknown <kind> '<name>'; known: ...; did you mean ...?``: one line."""
         known = self.names()
         close = difflib.get_close_matches(name, known, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
