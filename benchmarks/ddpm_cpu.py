@@ -43,7 +43,8 @@ import torch
 import yaml
 
 from lawa_suite import registry
-from lawa_suite.config import dotted, load_resolved, resolve
+from lawa_suite.config import dotted, resolve
+from lawa_suite.rundir import load_resolved
 from lawa_suite.evaluators.fid import FID, FeatureStats, fid_metric, frechet_distance, resolve_extractor
 from lawa_suite.export import select_weights
 from lawa_suite.report import load_metrics, metric_directions, plot_curves, summarise

@@ -32,10 +32,11 @@ from torch import Tensor
 
 from lawa_suite import posthoc, registry
 from lawa_suite.averagers.base import accumulation_dtype
-from lawa_suite.config import ResolvedConfig, dotted, find_run_config, parse_overrides, read_saved, resolve
+from lawa_suite.config import ResolvedConfig, dotted, parse_overrides, resolve
 from lawa_suite.errors import AnalysisError, ConfigError
 from lawa_suite.files import require_new_out, write_text_atomic
 from lawa_suite.report import comparison_table, load_metrics, plot_curves, summarise
+from lawa_suite.rundir import find_run_config, read_saved
 from lawa_suite.scoring import Scorer, forked_rng, score_line, seed_everything
 from lawa_suite.tasks.base import has_batchnorm
 

@@ -53,7 +53,8 @@ def run(
                          "words override it.")] = None,
 ) -> None:
     """Train a task while averagers watch; score raw and averaged weights on the same data."""
-    from lawa_suite.config import dotted, read_saved, resolve
+    from lawa_suite.config import dotted, resolve
+    from lawa_suite.rundir import read_saved
 
     base = None
     if config is not None:

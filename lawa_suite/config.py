@@ -15,7 +15,6 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,13 +26,8 @@ from lawa_suite.files import first_line
 
 __all__ = ["ConfigError", "RunConfig", "DataConfig", "EvalConfig", "CheckpointConfig", "TrajectoryConfig",
            "ResolvedConfig", "resolve", "require", "choice", "default_cache_dir", "build_section", "parse_value",
-           "split_list", "parse_overrides", "dotted", "averager_bases", "find_run_config", "load_resolved",
-           "config_differences", "RESUMABLE_CHANGES"]
+           "split_list", "parse_overrides", "dotted", "averager_bases", "check_trackers"]
 
-# Keys that may change between a run and its resumption (none changes what is computed); any other difference is
-# refused.
-RESUMABLE_CHANGES = {"resume", "reset_averagers", "progress", "trackers", "out", "data.cache", "checkpoint.every",
-                     "checkpoint.keep"}
 
 
 def require(ok: bool, key: str, allowed: str, value: Any) -> None:
@@ -402,49 +396,6 @@ def averager_bases(names: list[str], values: Mapping[str, Any]) -> dict[str, str
             raise ConfigError(f"{name}.of: {registry.averagers.unknown_message(of)}")
         bases[name] = of
     return bases
-
-
-def find_run_config(path: Path) -> Path:
-    """The ``config.yaml`` of the run that ``path`` lies in (the nearest one at or above it)."""
-    path = Path(path)
-    for folder in [path, *path.parents] if path.is_dir() else list(path.parents):
-        if (folder / "config.yaml").is_file():
-            return folder / "config.yaml"
-    raise ConfigError(f"config: no config.yaml in {path} or any folder above it; pass --config <run>/config.yaml")
-
-
-def read_saved(file: Path) -> dict[str, Any]:
-    """A saved ``config.yaml`` as the nested dict it holds; a file that is not a run config is a ConfigError."""
-    import yaml
-
-    if not file.is_file():
-        raise ConfigError(f"config: {file} not found (expected a run folder holding config.yaml)")
-    saved = yaml.safe_load(file.read_text())
-    if not isinstance(saved, dict) or "task" not in saved:
-        raise ConfigError(f"config: {file} is not a lawa-suite run config (no 'task' key)")
-    return saved
-
-
-def load_resolved(path: str | os.PathLike[str]) -> ResolvedConfig:
-    """Re-resolve a saved ``config.yaml`` (or the run folder holding it) into the config that made the run."""
-    file = Path(path)
-    file = file / "config.yaml" if file.is_dir() else file
-    return resolve({}, base=dotted(read_saved(file)))
-
-
-def config_differences(saved: dict[str, Any], now: dict[str, Any], reset_averagers: bool = False) -> list[str]:
-    """Dotted keys whose values differ between two configs, except ``RESUMABLE_CHANGES``; with
-    ``reset_averagers`` the averager list and the averagers' sections may change too."""
-    a, b = dotted(saved), dotted(now)
-    averager_keys = {"averager"} | {f"{n}." for n in list(saved.get("averager", [])) + list(now.get("averager", []))}
-    diffs = []
-    for key in sorted(set(a) | set(b)):
-        if key in RESUMABLE_CHANGES or a.get(key) == b.get(key):
-            continue
-        if reset_averagers and (key == "averager" or any(key.startswith(p) for p in averager_keys if p.endswith("."))):
-            continue
-        diffs.append(key)
-    return diffs
 
 
 def dotted(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -20,7 +20,8 @@ from torch import Tensor
 
 from lawa_suite import checkpoints as ckpt
 from lawa_suite import registry
-from lawa_suite.config import ResolvedConfig, find_run_config, load_resolved
+from lawa_suite.config import ResolvedConfig
+from lawa_suite.rundir import find_run_config, load_resolved
 from lawa_suite.errors import CheckpointError, ConfigError
 from lawa_suite.files import commit_folder, require_new_out, staged_folder
 

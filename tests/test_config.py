@@ -90,7 +90,8 @@ def test_help_does_not_import_torch():
 def test_saved_config_round_trips_exactly(tmp_path):
     """A saved config.yaml re-resolves to the same config: its strings are not re-parsed ('' stays '', 'no' stays
     'no', '1e-3'-like strings stay strings), while command-line overrides on top still are."""
-    from lawa_suite.config import dotted, load_resolved
+    from lawa_suite.config import dotted
+    from lawa_suite.rundir import load_resolved
 
     cfg = resolve(["task=toy", "mixed_precision=no", "resume=", "averager=lawa,ema", "lawa.k=3", f"out={tmp_path}"])
     (tmp_path / "config.yaml").write_text(cfg.to_yaml())

@@ -440,7 +440,7 @@ def test_resume_of_a_ddpm_run_is_bit_exact(tiny_run, tmp_path, monkeypatch):
 def test_export_writes_a_diffusers_pipeline_that_loads_and_samples(tiny_run, tmp_path):
     from diffusers import DDIMPipeline, DDPMPipeline
 
-    from lawa_suite.config import load_resolved
+    from lawa_suite.rundir import load_resolved
     from lawa_suite.export import select_weights
 
     out = tmp_path / "lawa-pipeline"

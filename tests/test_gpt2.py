@@ -339,7 +339,7 @@ def test_export_loads_with_auto_model_and_gives_the_same_logits(tiny_run, tmp_pa
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from lawa_suite.config import load_resolved
+    from lawa_suite.rundir import load_resolved
     from lawa_suite.export import select_weights
 
     out = tmp_path / "hf-lawa"

@@ -12,9 +12,10 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from lawa_suite.cli import app
-from lawa_suite.config import ConfigError, load_resolved, resolve
+from lawa_suite.config import ConfigError, resolve
 from lawa_suite.export import select_weights
 from lawa_suite.posthoc import average, parse_jobs
+from lawa_suite.rundir import load_resolved
 from lawa_suite.train import train
 
 runner = CliRunner()
