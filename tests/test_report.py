@@ -89,12 +89,16 @@ def test_bench_report_markdown_html_and_claims(tmp_path):
     assert text.startswith("# synthetic") and "![gpt2 (cpu)](gpt2-cpu.png)" in text
     assert "### lr=0.1" in text and "### lr=0.01" in text and "| lawa | 2.1000 (2.0000-2.2000) |" in text
     assert "| 20 (+50%) |" in text                                     # steps to raw's smoothed final, saved
-    # (a): lawa's mean gain over raw at steps 30-50 (after half the run): (0.3+0.2+0.3)/3 at lr=0.1, and
-    # (-0.05-0.02-0.01)/3 at lr=0.01
-    assert "(a) LAWA's gain over raw is larger at the higher learning rate: held in 1 of 1" in text
-    assert "+0.2667 at lr=0.1 vs -0.0267 at lr=0.01" in text
-    assert "(c) SWA started early does worse (final) than SWA started at 75%: held in 2 of 2" in text
+    # (a) pairs seed 0 at both lrs: LAWA's early-mid gain (steps 20 and 30 of 50) is (0.2+0.3)/2 at lr=0.1 and
+    # (-0.1-0.05)/2 at lr=0.01, a difference of +0.325 from one seed: no interval, so inconclusive
+    assert "(a) LAWA's gain over raw is larger at the higher learning rate (early-mid: the first 75%): " \
+           "1 inconclusive (of 1)." in text
+    assert "at lr=0.1 minus at lr=0.01: +0.3250 (1 seed, no interval)" in text
+    # (c) at lr=0.1: swa's final advantage over swa_early is 0.2 in both seeds
+    assert "final loss advantage of swa (from 75%) over swa_early (from 20%): +0.2000 [+0.2000, +0.2000] over " \
+           "2 seeds" in text
     assert "swa not yet averaging" in text                             # (b) compares only what is averaging
+    assert "| lawa | not averaging yet | +0.2500 [+0.2500, +0.2500] over 2 seeds: held |" in text  # phases
     page = (folder / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 1 and "<table>" in page and 'src="gpt2-cpu.png"' not in page
     assert (folder / "gpt2-cpu.png").stat().st_size > 1000
@@ -180,3 +184,53 @@ def test_a_single_runs_fewer_steps_compare_with_raws_own_step(tmp_path):
     rows = {line.split("|")[1].strip(): line for line in (run / "report.md").read_text().splitlines()
             if line.startswith("| raw") or line.startswith("| ema")}
     assert rows["ema"].rstrip(" |").endswith("300 (40% fewer)") and rows["raw"].rstrip(" |").endswith("500")
+
+
+def test_a_paired_interval_is_students_t_over_seeds():
+    from lawa_suite.report.paired import t_interval
+
+    interval = t_interval([0.10, 0.12, 0.11])
+    half = 4.302652729911275 * 0.01 / 3 ** 0.5  # t(0.975, 2 degrees of freedom) * sd / sqrt(n)
+    assert interval.n == 3 and abs(interval.mean - 0.11) < 1e-12
+    assert abs(interval.low - (0.11 - half)) < 1e-9 and abs(interval.high - (0.11 + half)) < 1e-9
+    assert t_interval([]) is None and t_interval([0.2]).verdict == "inconclusive"  # one seed: no interval
+
+
+GAINS = {"positive": [0.10, 0.12, 0.11], "negative": [-0.10, -0.12, -0.11], "zero": [0.0, 0.0, 0.0],
+         "noisy": [0.05, -0.04, 0.01]}
+
+
+def gains_bench(root: Path, per_seed: dict[str, list[float]]) -> Path:
+    """Three seeds of one lr; averager <case> is raw's held-out loss minus that seed's gain, at every evaluation
+    (raw's own curve differs per seed, as seeds do: only the paired gain is fixed)."""
+    for seed in range(3):
+        raw = [3.0 - 0.2 * i + 0.3 * seed for i in range(5)]
+        curves = {"raw": raw, **{case: [v - g[seed] for v in raw] for case, g in per_seed.items()}}
+        make_run(root / "gpt2", 0.1, seed, curves)
+    return root
+
+
+def test_paired_gains_are_labelled_held_not_held_or_inconclusive(tmp_path):
+    from lawa_suite.report.paired import phase_gains, t_interval
+
+    runs = [read_run(p) for p in find_runs([gains_bench(tmp_path, GAINS)])]
+    labels = {case: t_interval(phase_gains(runs, "raw", case, "loss", "min", 0.25, 0.75)).verdict for case in GAINS}
+    assert labels == {"positive": "held", "negative": "did not hold", "zero": "inconclusive",
+                      "noisy": "inconclusive"}
+    report = write_bench_report([tmp_path], tmp_path / "out").read_text()
+    assert "| positive | +0.1100 [+0.0852, +0.1348] over 3 seeds: held |" in report  # early: the step-10 evaluation
+    assert "| negative | -0.1100 [-0.1348, -0.0852] over 3 seeds: did not hold |" in report
+
+
+def test_claim_b_is_judged_on_paired_early_mid_gains_whichever_way_they_fall(tmp_path):
+    from lawa_suite.report.bench import summarise_lr
+    from lawa_suite.report.claims import claim_b
+
+    for name, lawa_gain, expected in (("ahead", [0.10, 0.12, 0.11], "held"),
+                                      ("behind", [-0.10, -0.12, -0.11], "did not hold"),
+                                      ("tied", [0.05, -0.04, 0.01], "inconclusive")):
+        root = gains_bench(tmp_path / name, {"lawa": lawa_gain, "ema": [0.0, 0.0, 0.0]})
+        runs = [read_run(p) for p in find_runs([root])]
+        verdict, = claim_b("gpt2 lr=0.1", summarise_lr(0.1, runs, "loss", "min"))
+        assert verdict.outcome == expected, verdict.evidence
+        assert "LAWA over ema:" in verdict.evidence and "at the end" in verdict.evidence

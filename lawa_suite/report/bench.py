@@ -19,6 +19,7 @@ import yaml
 
 from lawa_suite.files import write_text_atomic
 from lawa_suite.report.html import to_html
+from lawa_suite.report.paired import phase_table
 from lawa_suite.report.run import (
     Curves,
     best_point,
@@ -36,12 +37,11 @@ from lawa_suite.report.run import (
 if TYPE_CHECKING:
     from lawa_suite.report.claims import Verdict
 
-__all__ = ["SMOOTH", "EARLY_MID", "SETTLED_FROM", "RunRecord", "read_run", "Band", "seed_band", "LrSummary",
+__all__ = ["SMOOTH", "SETTLED_FROM", "RunRecord", "read_run", "Band", "seed_band", "LrSummary",
            "summarise_lr", "lr_table", "mean_gain", "gap_table", "plot_task", "group_runs", "task_section",
            "write_bench_report"]
 
 SMOOTH = 3                 # evaluations in raw's smoothed final value
-EARLY_MID = (0.0, 0.6)     # claim (b): evaluations in this fraction of the run
 SETTLED_FROM = 0.5         # claim (a): LAWA's gain is averaged over evaluations from this fraction of the run
 
 
@@ -329,6 +329,9 @@ def task_section(label: str, by_lr_runs: dict[float, list[RunRecord]], out: Path
                       f"last {SMOOTH} evaluations), best {fmt(s.target_best)}. Saved = fewer steps than raw "
                       f"itself needed to reach the same target.", ""]
         lines += [lr_table(s), ""]
+        averagers = [w for w in s.bands if w != "raw"]
+        if averagers:
+            lines += [phase_table(s.runs, averagers, s.headline, s.direction), ""]
     if len(by_lr) >= 2:
         lines += [f"### High vs low learning rate (lr={by_lr[0].lr:g} vs lr={by_lr[-1].lr:g})", "",
                   f"Gain = how much better than raw (positive: better) at the final evaluation, and its mean over "
@@ -347,8 +350,9 @@ def write_bench_report(paths: list[Path], out: Path, title: str = "") -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# {title or 'Benchmark report'}", "",
-             f"{len(runs)} run(s). Curves and numbers are means over seeds (band: min-max); every evaluation scores "
-             f"raw weights and all averagers of a run on the same held-out batches.", ""]
+             f"{len(runs)} run(s). Curves and tables of values are means over seeds (band: min-max); every "
+             f"evaluation scores raw weights and all averagers of a run on the same held-out batches, so gains over "
+             f"raw are paired within each run and given with a 95% t-interval over seeds.", ""]
     verdicts: list[Verdict] = []
     sections: list[str] = []
     if not group_runs(runs):

@@ -1,20 +1,29 @@
-"""The four claims a bench tests, each judged per task and learning rate from the seed-mean summaries."""
+"""The LAWA papers' four claims, each judged per task (and learning rate) on paired per-seed differences.
+
+Every number is a within-run difference computed per seed, summarised over seeds with a 95% t-interval
+(``paired.py``), and every claim is stated as held, did not hold or inconclusive, with the numbers, whichever way
+it falls. Claims (a) and (b) are about early and mid training, as the papers state them (Sanyal et al. 2024:
+LAWA's gains are largest early, at high learning rates), so they are judged on the evaluations in the first 75%
+of the run; the end-of-training comparison is reported beside them, not instead.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lawa_suite.report.bench import EARLY_MID, SETTLED_FROM, LrSummary, mean_gain
-from lawa_suite.report.run import better, fmt
+from lawa_suite.report.bench import LrSummary
+from lawa_suite.report.paired import EARLY_MID, Interval, final_gains, gain, phase_gains, t_interval
 
 __all__ = ["Verdict", "swa_like", "claims", "CLAIM_TEXT", "claims_section"]
+
+OUTCOMES = ("held", "did not hold", "inconclusive")
 
 
 @dataclass
 class Verdict:
     claim: str
     where: str
-    held: bool | None      # None: could not be tested here
+    outcome: str           # held | did not hold | inconclusive
     evidence: str
 
 
@@ -36,70 +45,128 @@ def swa_like(summary: LrSummary) -> list[tuple[float, str]]:
     return sorted(found)
 
 
+def _early_mid(s: LrSummary, baseline: str, name: str) -> Interval | None:
+    return t_interval(phase_gains(s.runs, baseline, name, s.headline, s.direction, *EARLY_MID))
+
+
+def _final(s: LrSummary, baseline: str, name: str) -> Interval | None:
+    return t_interval(final_gains(s.runs, baseline, name, s.headline, s.direction))
+
+
+def _beside(interval: Interval | None) -> str:
+    return f"{interval.text()} ({interval.verdict})" if interval else "not available"
+
+
+def claim_a(task: str, by_lr: list[LrSummary]) -> list[Verdict]:
+    """LAWA gains more over raw at the higher learning rate: per seed, the early-mid gain at the highest lr minus
+    the one at the lowest (seeds paired across the two runs that share them)."""
+    if len(by_lr) < 2 or not all("lawa" in s.bands for s in by_lr):
+        return []
+    high, low = by_lr[0], by_lr[-1]
+    differences, finals = [], []
+    for seed in sorted({r.seed for r in high.runs} & {r.seed for r in low.runs}):
+        pair = [[r for r in s.runs if r.seed == seed] for s in (high, low)]
+        early_mid = [phase_gains(runs, "raw", "lawa", high.headline, high.direction, *EARLY_MID) for runs in pair]
+        final = [final_gains(runs, "raw", "lawa", high.headline, high.direction) for runs in pair]
+        if all(early_mid):
+            differences.append(early_mid[0][0] - early_mid[1][0])
+        if all(final):
+            finals.append(final[0][0] - final[1][0])
+    interval = t_interval(differences)
+    if interval is None:
+        return []
+    return [Verdict("a", task, interval.verdict,
+                    f"LAWA's early-mid gain at lr={high.lr:g} minus at lr={low.lr:g}: {interval.text()}; "
+                    f"early-mid gain itself {_beside(_early_mid(high, 'raw', 'lawa'))} vs "
+                    f"{_beside(_early_mid(low, 'raw', 'lawa'))}; at the end: {_beside(t_interval(finals))}")]
+
+
+def claim_b(where: str, s: LrSummary) -> list[Verdict]:
+    """LAWA beats every other averager early-mid: per rival, LAWA's paired advantage over it, per seed. Held if it
+    held against every rival that was averaging; did not hold if it failed against one; else inconclusive."""
+    rivals = [w for w in s.bands if w not in ("raw", "lawa")]
+    if "lawa" not in s.bands or not rivals:
+        return []
+    duels, absent = {}, []
+    for rival in rivals:
+        interval = _early_mid(s, rival, "lawa")
+        if interval is None:
+            absent.append(rival)
+        else:
+            duels[rival] = interval
+    if not duels:
+        return []
+    verdicts = [i.verdict for i in duels.values()]
+    outcome = ("did not hold" if "did not hold" in verdicts else
+               "held" if all(v == "held" for v in verdicts) else "inconclusive")
+    evidence = "; ".join(f"LAWA over {r}: {i.text()} ({i.verdict}), at the end {_beside(_final(s, r, 'lawa'))}"
+                         for r, i in duels.items())
+    return [Verdict("b", where, outcome, evidence + (f" ({', '.join(absent)} not yet averaging)" if absent else ""))]
+
+
+def claim_c(where: str, s: LrSummary) -> list[Verdict]:
+    """SWA started late beats SWA started early at the end: per seed, the late one's final advantage."""
+    swas = swa_like(s)
+    if len(swas) < 2:
+        return []
+    (early_start, early), (late_start, late) = swas[0], swas[-1]
+    interval = _final(s, early, late)
+    if interval is None:
+        return []
+    return [Verdict("c", where, interval.verdict, f"final {s.headline} advantage of {late} (from {late_start:.0%}) "
+                                                  f"over {early} (from {early_start:.0%}): {interval.text()}")]
+
+
+def claim_d(where: str, s: LrSummary) -> list[Verdict]:
+    """LAWA reaches raw's final value in fewer steps: per seed, the steps raw needed to first reach its own final
+    value minus the steps LAWA needed for the same value (a seed where LAWA never got there counts as the
+    run's length). The target is each run's raw final, so seeds are compared with themselves."""
+    if "lawa" not in s.bands:
+        return []
+    saved, never = [], 0
+    for run in s.runs:
+        raw, lawa = run.curves.get("raw", {}).get(s.headline), run.curves.get("lawa", {}).get(s.headline)
+        if not raw or not lawa:
+            continue
+        target = raw[-1][1]
+        raw_at = next(st for st, v in raw if gain(s.direction, target, v) >= 0)
+        lawa_at = next((st for st, v in lawa if gain(s.direction, target, v) >= 0), None)
+        never += lawa_at is None
+        saved.append(raw_at - (lawa_at if lawa_at is not None else run.steps))
+    interval = t_interval(saved)
+    if interval is None:
+        return []
+    note = f" (LAWA never reached it in {never} seed(s))" if never else ""
+    return [Verdict("d", where, interval.verdict, f"steps saved to reach raw's final {s.headline}: "
+                                                  f"{interval.text('{:+.0f}')}{note}")]
+
+
 def claims(task: str, by_lr: list[LrSummary]) -> list[Verdict]:
-    verdicts: list[Verdict] = []
-    if len(by_lr) >= 2 and all("lawa" in s.bands for s in by_lr):
-        high, low = by_lr[0], by_lr[-1]
-        g_high, g_low = mean_gain(high, "lawa", SETTLED_FROM, 1.0), mean_gain(low, "lawa", SETTLED_FROM, 1.0)
-        if g_high is not None and g_low is not None:
-            verdicts.append(Verdict("a", task, g_high > g_low,
-                                    f"LAWA's mean gain over raw in the second half of the run: {g_high:+.4f} at "
-                                    f"lr={high.lr:g} vs {g_low:+.4f} at lr={low.lr:g}"))
+    verdicts = claim_a(task, by_lr)
     for s in by_lr:
         where = f"{task} lr={s.lr:g}"
-        others = [w for w in s.bands if w not in ("raw", "lawa")]
-        if "lawa" in s.bands and others:
-            # each rival against LAWA over the early-mid evaluations where both are averaging (SWA from 75% has
-            # none: it is left out and named)
-            lo, hi = EARLY_MID[0] * s.steps, EARLY_MID[1] * s.steps
-            duels, absent = [], []
-            for rival in others:
-                steps = [st for st in s.bands["lawa"].steps if lo < st <= hi and s.bands[rival].at(st) is not None]
-                if not steps:
-                    absent.append(rival)
-                    continue
-                mine = sum(s.bands["lawa"].at(st) for st in steps) / len(steps)  # type: ignore[misc]
-                theirs = sum(s.bands[rival].at(st) for st in steps) / len(steps)  # type: ignore[misc]
-                duels.append((rival, steps, mine, theirs, better(s.direction, mine, theirs)))
-            if duels:
-                verdicts.append(Verdict("b", where, all(d[4] for d in duels), "; ".join(
-                    f"mean {s.headline} at steps {st[0]}-{st[-1]}: lawa {fmt(m)} vs {r} {fmt(t)}"
-                    for r, st, m, t, _ in duels) + (f" ({', '.join(absent)} not yet averaging)" if absent else "")))
-        swas = swa_like(s)
-        if len(swas) >= 2:
-            (early_start, early), (late_start, late) = swas[0], swas[-1]
-            e, l_ = s.bands[early].mean[-1], s.bands[late].mean[-1]
-            verdicts.append(Verdict("c", where, better(s.direction, l_, e),
-                                    f"final {s.headline}: {early} (from {early_start:.0%}) {fmt(e)} vs {late} "
-                                    f"(from {late_start:.0%}) {fmt(l_)}"))
-        rows = {r["weights"]: r for r in s.rows}
-        if "raw" in rows and "lawa" in rows:
-            raw_at, lawa_at = rows["raw"]["to_final"], rows["lawa"]["to_final"]
-            held = lawa_at is not None and raw_at is not None and lawa_at < raw_at
-            verdicts.append(Verdict("d", where, held, f"raw's smoothed final {s.headline} {fmt(s.target_final)} "
-                                    f"reached by raw at step {raw_at}, by LAWA at "
-                                    f"{lawa_at if lawa_at is not None else 'never'}; " + ", ".join(
-                                        f"{w} {r['to_final'] if r['to_final'] is not None else 'never'}"
-                                        for w, r in rows.items() if w not in ("raw", "lawa"))))
+        verdicts += claim_b(where, s) + claim_c(where, s) + claim_d(where, s)
     return verdicts
 
 
 CLAIM_TEXT = {
-    "a": "LAWA's gain over raw is larger at the higher learning rate",
-    "b": f"LAWA beats EMA and SWA in the early-mid part of training (evaluations up to {EARLY_MID[1]:.0%} of the run)",
+    "a": f"LAWA's gain over raw is larger at the higher learning rate (early-mid: the first {EARLY_MID[1]:.0%})",
+    "b": f"LAWA beats EMA and SWA in the early-mid part of training (the first {EARLY_MID[1]:.0%} of the run)",
     "c": "SWA started early does worse (final) than SWA started at 75%",
     "d": "the averaged (LAWA) run reaches raw's final metric in fewer steps",
 }
 
 
 def claims_section(verdicts: list[Verdict]) -> list[str]:
-    """The report's "The claims" section: per claim, how often it held, then each verdict with its evidence."""
-    lines = ["## The claims", ""]
+    """The report's "The claims" section: per claim, how the verdicts fell, then each with its numbers."""
+    from lawa_suite.report.paired import INTERVAL_NOTE
+
+    lines = ["## The claims", "", INTERVAL_NOTE, ""]
     for key, text in CLAIM_TEXT.items():
         found = [v for v in verdicts if v.claim == key]
-        tested = [v for v in found if v.held is not None]
-        held = sum(v.held for v in tested)  # type: ignore[misc]
-        summary = f"held in {held} of {len(tested)}" if tested else "not testable with these runs"
+        counts = ", ".join(f"{sum(v.outcome == o for v in found)} {o}" for o in OUTCOMES
+                           if any(v.outcome == o for v in found))
+        summary = f"{counts} (of {len(found)})" if found else "not testable with these runs"
         lines.append(f"- **({key}) {text}: {summary}.**")
-        lines += [f"  - {v.where}: {'held' if v.held else 'did not hold'}; {v.evidence}" for v in found]
+        lines += [f"  - {v.where}: {v.outcome}; {v.evidence}" for v in found]
     return lines + [""]
