@@ -15,11 +15,13 @@ import secrets
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from lawa_suite.errors import SuiteError, WriteError
 
 __all__ = ["first_line", "os_reason", "fsync_dir", "fsync_file", "temporary_sibling", "write_atomic",
-           "write_text_atomic", "sha256_file", "inside", "require_new_out", "staged_folder", "commit_folder"]
+           "write_text_atomic", "write_npz_atomic", "sha256_file", "inside", "require_new_out", "staged_folder",
+           "commit_folder"]
 
 
 def first_line(exc: BaseException | str) -> str:
@@ -80,6 +82,16 @@ def write_atomic(path: Path, write: Callable[[Path], None], durable: bool = True
 
 def write_text_atomic(path: Path, text: str) -> None:
     write_atomic(path, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def write_npz_atomic(path: Path, durable: bool = True, **arrays: Any) -> None:
+    """An uncompressed ``.npz`` of ``arrays``, written atomically (see ``write_atomic`` for ``durable``)."""
+    import numpy as np  # here: the CLI imports this module and must not pay for numpy on --help
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object keeps np.savez from appending its own .npz to the name
+            np.savez(f, **arrays)
+    write_atomic(path, write, durable)
 
 
 def sha256_file(path: Path) -> str:

@@ -67,7 +67,7 @@ def prepare_run_dir(cfg: ResolvedConfig, is_main: bool) -> Path:
     if config_file.exists() and not never_started:
         if not cfg.run.resume:
             raise ConfigError(f"out: {out} already holds a run; pass resume=auto to continue it, or another out=")
-        saved = yaml.safe_load(config_file.read_text())
+        saved = read_saved(config_file)
         diffs = config_differences(saved, cfg.as_dict(), cfg.run.reset_averagers)
         if diffs:
             averager_names = set(saved.get("averager", [])) | set(cfg.averagers)

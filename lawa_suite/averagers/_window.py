@@ -26,7 +26,7 @@ from torch import Tensor
 from lawa_suite.files import write_atomic
 
 __all__ = ["snapshot_copy", "pinned_snapshot_copy", "window_worker", "SnapshotStore", "StepWindow",
-           "MemorySnapshots", "DiskSnapshots", "RereadSnapshots"]
+           "MemorySnapshots", "ReadBackWindow", "DiskSnapshots", "RereadSnapshots"]
 
 
 # -- host copies ---------------------------------------------------------------------------------------------
@@ -162,7 +162,37 @@ class MemorySnapshots(StepWindow):
         self._spares = []
 
 
-class DiskSnapshots(StepWindow):
+class ReadBackWindow(StepWindow):
+    """A window that keeps steps and reads a snapshot back (``_read``) when it is needed: when it leaves the
+    window, or when the sum is recomputed. Subclasses say where snapshots live: ``append``, ``_read`` and
+    ``drop_oldest`` (which forgets the oldest step and whatever holds its snapshot)."""
+
+    def _read(self, step: int) -> list[Tensor]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[list[Tensor]]:
+        return (self._read(step) for step in list(self._steps))
+
+    def newest(self) -> list[Tensor]:
+        return self._read(self._steps[-1])
+
+    def pop_oldest(self) -> list[Tensor]:
+        tensors = self._read(self._steps[0])
+        self.drop_oldest()
+        return tensors
+
+    def recycle(self, tensors: list[Tensor]) -> None:
+        """Nothing to reuse: a popped snapshot was read back, not kept."""
+
+    def drop_oldest(self) -> None:
+        self._steps.popleft()
+
+    def clear(self) -> None:
+        while self._steps:
+            self.drop_oldest()
+
+
+class DiskSnapshots(ReadBackWindow):
     """The window as one safetensors file per snapshot (``store=disk``); host memory holds only their steps.
 
     ``folder`` is created if needed; an empty one means a fresh temporary folder, made on first use and
@@ -189,61 +219,27 @@ class DiskSnapshots(StepWindow):
     def path(self, step: int) -> str:
         return os.path.join(self.folder, f"snapshot-{step:010d}.safetensors")
 
-    def __iter__(self) -> Iterator[list[Tensor]]:
-        return (self._read(step) for step in list(self._steps))
-
     def append(self, step: int, tensors: list[Tensor]) -> None:
         copies = {str(i): t for i, t in enumerate(snapshot_copy(tensors))}
         # scratch, not a record: a checkpoint holds the window itself, so no fsync is worth its stall
         write_atomic(Path(self.path(step)), lambda p: save_file(copies, str(p)), durable=False)
         self._steps.append(step)
 
-    def pop_oldest(self) -> list[Tensor]:
-        tensors = self._read(self._steps[0])
-        self.drop_oldest()
-        return tensors
-
-    def recycle(self, tensors: list[Tensor]) -> None:
-        """Nothing to reuse: each snapshot is a file."""
-
     def drop_oldest(self) -> None:
         os.remove(self.path(self._steps.popleft()))
-
-    def clear(self) -> None:
-        while self._steps:
-            self.drop_oldest()
 
     def _read(self, step: int) -> list[Tensor]:
         by_index = load_file(self.path(step), device="cpu")
         return [by_index[str(i)] for i in range(len(by_index))]
 
 
-class RereadSnapshots(StepWindow):
+class RereadSnapshots(ReadBackWindow):
     """The window as steps only, for post-hoc replays: a snapshot is read again through ``read(step)`` (a view
-    of the memory-mapped input) when it leaves the window or the sum is recomputed, instead of being copied,
-    so memory does not grow with ``k``."""
+    of the memory-mapped input) instead of being copied, so memory does not grow with ``k``."""
 
     def __init__(self, read: Callable[[int], list[Tensor]]) -> None:
-        self._read = read
+        self._read = read  # type: ignore[method-assign]
         self._steps = deque()
-
-    def __iter__(self) -> Iterator[list[Tensor]]:
-        return (self._read(step) for step in list(self._steps))
-
-    def newest(self) -> list[Tensor]:
-        return self._read(self._steps[-1])
 
     def append(self, step: int, tensors: list[Tensor]) -> None:
         self._steps.append(step)  # no copy: the input still holds the snapshot
-
-    def pop_oldest(self) -> list[Tensor]:
-        return self._read(self._steps.popleft())
-
-    def recycle(self, tensors: list[Tensor]) -> None:
-        """Nothing to reuse: a popped snapshot is a view of the input."""
-
-    def drop_oldest(self) -> None:
-        self._steps.popleft()
-
-    def clear(self) -> None:
-        self._steps.clear()

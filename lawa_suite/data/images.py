@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from lawa_suite.data import DataUnavailable
 from lawa_suite.errors import DataPathError
-from lawa_suite.files import first_line, write_atomic
+from lawa_suite.files import first_line, write_npz_atomic
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -305,12 +305,7 @@ def _write_cache(cache_file: Path, train: list[tuple[str, int]], test: list[tupl
         arrays[f"{split}_images"] = _decode_all([f for f, _ in files], size, f"decoding {split} images", crop)
         arrays[f"{split}_labels"] = np.asarray([label for _, label in files], dtype=np.int64)
     cache_file.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(cache_file, lambda p: _save_npz(p, classes=np.asarray(classes, dtype=str), **arrays), durable=False)
-
-
-def _save_npz(path: Path, **arrays: np.ndarray) -> None:
-    with open(path, "wb") as f:  # a file object keeps np.savez from appending its own .npz
-        np.savez(f, **arrays)
+    write_npz_atomic(cache_file, durable=False, classes=np.asarray(classes, dtype=str), **arrays)
 
 
 def _read_cache(cache_file: Path, description: str) -> ImageSet:

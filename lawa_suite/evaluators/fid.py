@@ -46,7 +46,7 @@ from lawa_suite import registry
 from lawa_suite.config import ConfigError, require
 from lawa_suite.data import DataUnavailable
 from lawa_suite.evaluators.base import Evaluator, reduce_sums
-from lawa_suite.files import first_line, write_atomic
+from lawa_suite.files import first_line, write_atomic, write_npz_atomic
 
 __all__ = ["FidConfig", "FID", "FeatureStats", "INCEPTION", "STANDIN", "inception_weights_path", "create_extractor",
            "register_standin", "frechet_distance", "fid_metric", "write_grid"]
@@ -263,7 +263,7 @@ class FID(Evaluator):
         self.reference = {"mu": mu, "sigma": sigma}
         if _is_main(accelerator):
             path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(path, lambda p: _save_npz(p, mu=mu, sigma=sigma, count=stats.count), durable=False)
+            write_npz_atomic(path, durable=False, mu=mu, sigma=sigma, count=stats.count)
         if accelerator is not None:
             accelerator.wait_for_everyone()
         return self.reference
@@ -326,8 +326,3 @@ def write_grid(images: Tensor, path: Path, min_tile: int = 64, label: str = "") 
         grid = labelled
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, lambda p: grid.save(p, format="PNG"), durable=False)
-
-
-def _save_npz(path: Path, **arrays: Any) -> None:
-    with open(path, "wb") as f:  # a file object keeps np.savez from appending its own .npz
-        np.savez(f, **arrays)

@@ -19,7 +19,7 @@ import yaml
 
 from lawa_suite.files import write_text_atomic
 from lawa_suite.report.html import to_html
-from lawa_suite.report.paired import phase_table
+from lawa_suite.report.paired import gain, phase_table
 from lawa_suite.report.run import (
     Curves,
     best_point,
@@ -100,11 +100,6 @@ def seed_band(runs: list[RunRecord], weights_name: str, metric: str) -> Band | N
                 len(series))
 
 
-def _gain(direction: str, raw: float, other: float) -> float:
-    """How much better ``other`` is than ``raw`` (positive = better), in the metric's units."""
-    return other - raw if direction == "max" else raw - other
-
-
 @dataclass
 class LrSummary:
     """One (task, lr) cell of the report: per weights, the seed-mean band and its numbers."""
@@ -170,7 +165,7 @@ def mean_gain(summary: LrSummary, weights_name: str, lo: float, hi: float) -> fl
     raw, band = summary.bands.get("raw"), summary.bands.get(weights_name)
     if raw is None or band is None:
         return None
-    gains = [_gain(summary.direction, raw.at(s), v) for s, v in zip(band.steps, band.mean)  # type: ignore[arg-type]
+    gains = [gain(summary.direction, raw.at(s), v) for s, v in zip(band.steps, band.mean)  # type: ignore[arg-type]
              if lo * summary.steps < s <= hi * summary.steps and raw.at(s) is not None]
     return sum(gains) / len(gains) if gains else None
 
@@ -189,7 +184,7 @@ def gap_table(high: LrSummary, low: LrSummary) -> str:
             if name == "raw":
                 cells.append("-")
                 continue
-            final = _gain(s.direction, s.bands["raw"].mean[-1], s.bands[name].mean[-1])
+            final = gain(s.direction, s.bands["raw"].mean[-1], s.bands[name].mean[-1])
             settled = mean_gain(s, name, SETTLED_FROM, 1.0)
             cells.append(f"{final:+.4f} / " + (f"{settled:+.4f}" if settled is not None else "-"))
         lines.append("| " + " | ".join(cells) + " |")
@@ -231,7 +226,7 @@ def plot_task(task: str, by_lr: list[LrSummary], metrics: list[str], directions:
         for w, band in s.bands.items():
             if w == "raw" or raw is None:
                 continue
-            points = [(st, _gain(s.direction, raw.at(st), v)) for st, v in zip(band.steps, band.mean)  # type: ignore
+            points = [(st, gain(s.direction, raw.at(st), v)) for st, v in zip(band.steps, band.mean)  # type: ignore
                       if raw.at(st) is not None]
             if points:
                 ax.plot(*zip(*points), marker=".", lw=1.4, color=colours[w], label=w)
@@ -257,11 +252,12 @@ NOT_THE_EXPERIMENT = {"seed", "lr", "out", "progress", "trackers", "resume", "re
                       "checkpoint.every", "checkpoint.keep"}
 
 
-def experiment_key(run: RunRecord) -> tuple[tuple[str, str], ...]:
-    """What a run computed, from its resolved config: two runs are seeds of one experiment only if this is equal."""
+def experiment_key(run: RunRecord) -> dict[str, Any]:
+    """What a run computed, from its resolved config (dotted keys): two runs are seeds of one experiment only if
+    these are equal."""
     from lawa_suite.config import dotted
 
-    return tuple(sorted((k, repr(v)) for k, v in dotted(run.config).items() if k not in NOT_THE_EXPERIMENT))
+    return {k: v for k, v in dotted(run.config).items() if k not in NOT_THE_EXPERIMENT}
 
 
 def group_runs(runs: list[RunRecord]) -> dict[str, dict[float, list[RunRecord]]]:
@@ -276,11 +272,11 @@ def group_runs(runs: list[RunRecord]) -> dict[str, dict[float, list[RunRecord]]]
         by_task[f"{run.task} ({run.preset})" if run.preset else run.task].append(run)
     groups: dict[str, dict[float, list[RunRecord]]] = defaultdict(lambda: defaultdict(list))
     for task_label, task_runs in by_task.items():
-        keys = {id(run): dict(experiment_key(run)) for run in task_runs}
-        differing = sorted({k for a in keys.values() for b in keys.values() for k in set(a) | set(b)
-                            if a.get(k) != b.get(k)})
-        for run in task_runs:
-            shown = ", ".join(f"{k}={_plain(run, k)}" for k in differing)
+        keys = [experiment_key(run) for run in task_runs]
+        differing = sorted(k for k in {k for key in keys for k in key}
+                           if len({repr(key.get(k)) for key in keys}) > 1)
+        for run, key in zip(task_runs, keys):
+            shown = ", ".join(f"{k}={_plain(key.get(k, '-'))}" for k in differing)
             label = f"{task_label} [{shown}]" if shown else task_label
             if any(other.seed == run.seed for other in groups[label][run.lr]):
                 label = f"{label} [{run.path}]"  # the same seed twice is the same experiment twice
@@ -288,10 +284,7 @@ def group_runs(runs: list[RunRecord]) -> dict[str, dict[float, list[RunRecord]]]
     return groups
 
 
-def _plain(run: RunRecord, key: str) -> str:
-    from lawa_suite.config import dotted
-
-    value = dotted(run.config).get(key, "-")
+def _plain(value: Any) -> str:
     return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lawa_suite.report.bench import LrSummary
-from lawa_suite.report.paired import EARLY_MID, Interval, final_gains, gain, phase_gains, t_interval
+from lawa_suite.report.paired import EARLY_MID, Interval, final_gains, phase_gains, t_interval
+from lawa_suite.report.run import first_reaching
 
 __all__ = ["Verdict", "swa_like", "claims", "CLAIM_TEXT", "claims_section"]
 
@@ -129,8 +130,8 @@ def claim_d(where: str, s: LrSummary) -> list[Verdict]:
         if not raw or not lawa:
             continue
         target = raw[-1][1]
-        raw_at = next(st for st, v in raw if gain(s.direction, target, v) >= 0)
-        lawa_at = next((st for st, v in lawa if gain(s.direction, target, v) >= 0), None)
+        raw_at = first_reaching(raw, target, s.direction)
+        lawa_at = first_reaching(lawa, target, s.direction)
         never += lawa_at is None
         saved.append(raw_at - (lawa_at if lawa_at is not None else run.steps))
     interval = t_interval(saved)

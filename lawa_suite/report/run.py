@@ -209,7 +209,8 @@ def write_report(run_dir: Path) -> Path:
              f"Every evaluation scores all weights on the same held-out batches. Config: `config.yaml`.", ""]
     if rows:
         lines += [comparison_table(metrics, rows, headline), ""]
-        lines += [*metric_notes(config["task"], metrics), ""] if metric_notes(config["task"], metrics) else []
+        notes = metric_notes(config["task"], metrics)
+        lines += [*notes, ""] if notes else []
         plot_curves(curves, train, metrics, run_dir / "curves.png", title)
         lines += ["![metrics vs step](curves.png)", ""]
     else:
