@@ -258,6 +258,42 @@ analyze_app = typer.Typer(no_args_is_help=True, help="Trajectory analysis: linea
 app.add_typer(analyze_app, name="analyze")
 
 
+PROFILE_HELP = ("averager=lawa,ema,phema (names or named instances), steps=N (default 1000), out=FILE.png (default "
+                "profiles.png), and <averager>.<key>=v1,v2 (each value its own panel)")
+
+
+@app.command()
+@user_errors
+def profile(
+    overrides: Annotated[Optional[list[str]], typer.Argument(help=PROFILE_HELP, show_default=False)] = None,
+) -> None:
+    """Draw the weight each averager gives every step of a run (its profile), read off the averager class itself."""
+    from lawa_suite.config import ConfigError, parse_overrides, split_list
+    from lawa_suite.posthoc import parse_jobs
+    from lawa_suite.profiles import draw, profile as profile_of
+
+    pairs = parse_overrides(list(overrides or []))
+    names = split_list(pairs.pop("averager", "lawa,ema,swa"))
+    out = Path(pairs.pop("out", "") or "profiles.png")
+    raw_steps = pairs.pop("steps", "1000")
+    if not raw_steps.strip().isdigit() or int(raw_steps) < 1:
+        raise ConfigError(f"steps: expected an integer >= 1, got {raw_steps!r}")
+    if out.suffix.lower() != ".png":
+        raise ConfigError(f"out: expected a .png file, got {str(out)!r}")
+    steps = int(raw_steps)
+    drawn = []
+    for job in parse_jobs(names, pairs):
+        found = profile_of(job.cls, job.config, steps, label=job.folder)
+        if found is None:
+            typer.echo(f"{job.folder}: not ready after {steps} steps; nothing to draw", err=True)
+            continue
+        typer.echo(found.summary())
+        drawn.append(found)
+    if not drawn:
+        raise ConfigError(f"steps: no averager is ready after {steps} steps; give more steps")
+    typer.echo(f"wrote {draw(drawn, out, f'averager profiles over a run of {steps} steps')}")
+
+
 LMC_HELP = "points=N (default 6: alpha 0, 0.2, ..., 1), out=DIR, and task/run keys (default: A's run config.yaml)"
 
 

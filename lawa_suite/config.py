@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import os
 import re
+import typing
 import time
 from dataclasses import dataclass, field
 from collections.abc import Mapping
@@ -240,8 +241,28 @@ def _omegaconf_message(exc: OmegaConfBaseException) -> str:
     return f"{key}: {msg}"
 
 
+def list_fields(schema: type) -> set[str]:
+    """The fields of dataclass ``schema`` typed as lists (``phema.sigma_rel``)."""
+    hints = typing.get_type_hints(schema)
+    return {f.name for f in dataclasses.fields(schema) if typing.get_origin(hints.get(f.name)) is list}
+
+
+def _as_lists(schema: type, values: dict[str, Any]) -> dict[str, Any]:
+    """A list field given one value or a comma list on the command line (``0.05,0.1``) as a list of parsed values."""
+    lists = list_fields(schema)
+    out = {}
+    for key, value in values.items():
+        if key in lists and isinstance(value, str):
+            value = [parse_value(key, v) for v in split_list(value)]
+        elif key in lists and not isinstance(value, (list, tuple)) and not OmegaConf.is_list(value):
+            value = [value]
+        out[key] = value
+    return out
+
+
 def build_section(section: str, schema: type, values: dict[str, Any]) -> Any:
     """Instantiate ``schema`` from dotted ``values``: OmegaConf parses and type-checks, __post_init__ ranges."""
+    values = _as_lists(schema, values)
     base = OmegaConf.structured(schema)
     try:
         merged = OmegaConf.merge(base, _nested(values))

@@ -168,6 +168,16 @@ class Run:
         for avg in wanting:
             avg.observe(step, self.unwrapped, checked=True)
 
+    def store_averages(self, step: int) -> None:
+        """Write the averages the averagers ask to keep (``Averager.stored_averages``: EDM2's snapshots) into
+        ``averages/<averager>/``. Every process asks (the averagers are alike); the main one writes."""
+        for name, avg in self.averagers.items():
+            for stored in avg.stored_averages(step):
+                if self.is_main:
+                    path = self.out / "averages" / name / f"{stored.label}.safetensors"
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    ckpt.save_tensors_atomic(path, stored.tensors, {**stored.metadata, "averager": name})
+
     def optimizer_step(self) -> float | None:
         """One optimizer step over ``grad_accum`` micro-batches. Returns the mean loss, or None if skipped."""
         rc = self.cfg.run
@@ -260,6 +270,7 @@ def train(cfg: ResolvedConfig) -> RunResult:
             run.sync_buffers()
             step = run.state.step
             run.feed_averagers(step)
+            run.store_averages(step)
             lr = rc.lr * lr_factor(step - 1, rc)
             if due(step, rc.log_every) or step == 1:
                 metrics.write({"step": step, "weights": "raw", "split": "train", "loss": loss, "lr": lr})

@@ -23,6 +23,9 @@ from lawa_suite.averagers import Averager, NonFiniteWarning
 from lawa_suite.averagers.ema import EMA
 from lawa_suite.averagers.lawa import LAWA, DiskSnapshots
 from lawa_suite.averagers.swa import SWA
+from lawa_suite.averagers.bema import BEMA
+from lawa_suite.averagers.phema import PowerEMA
+from lawa_suite.averagers.wma import WMA
 from lawa_suite.config import ConfigError
 
 
@@ -136,6 +139,11 @@ MAKERS: dict[str, Callable[..., Averager]] = {
     "swa": lambda **kw: SWA(start=0, **kw),
     "lawa": lambda **kw: LAWA(k=3, nu=2, **kw),
     "lawa-disk": lambda **kw: LAWA(k=3, nu=2, store="disk", **kw),
+    "phema": lambda **kw: PowerEMA(sigma_rel=[0.1, 0.05], **kw),
+    "wma": lambda **kw: WMA(k=3, nu=2, **kw),
+    "wma-disk": lambda **kw: WMA(k=3, nu=2, shape="cosine", store="disk", **kw),
+    "bema": lambda **kw: BEMA(**kw),
+    "ema-warmup": lambda **kw: EMA(decay=0.9, warmup=True, **kw),
 }
 
 
@@ -497,7 +505,7 @@ class TiedModel(nn.Module):
         return self.head(self.hidden(x))
 
 
-@pytest.mark.parametrize("kind", ["ema", "swa", "lawa"])
+@pytest.mark.parametrize("kind", ["ema", "swa", "lawa", "phema", "wma", "bema"])
 def test_tied_weights_are_averaged_once_and_returned_under_both_names(kind: str) -> None:
     model = TiedModel()
     avg = MAKERS[kind]()
@@ -730,12 +738,12 @@ def test_lawa_on_cuda_takes_a_snapshot_without_waiting_for_the_device() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("name", ["ema", "swa", "lawa"])
+@pytest.mark.parametrize("name", ["ema", "swa", "lawa", "phema", "wma", "bema"])
 def test_load_average_into_equals_average_and_leaves_the_averager_alone(name, dtype) -> None:
     """What evaluation uses: the average copied into the model's own tensors, bit for bit average(); editing
     the model afterwards (training goes on) must not reach the accumulators it was copied from."""
     model = bn_model(dtype=dtype)
-    avg = registry.averagers.create(name, **({"k": 2, "nu": 1} if name == "lawa" else {}))
+    avg = registry.averagers.create(name, **({"k": 2, "nu": 1} if name in ("lawa", "wma") else {}))
     avg.start_run(6)
     target = bn_model(seed=5, dtype=dtype)
     assert avg.load_average_into(target.state_dict()) is False  # not ready: nothing copied

@@ -23,9 +23,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from lawa_suite.averagers.base import ReplayTrack
 from lawa_suite.files import write_atomic
 
-__all__ = ["snapshot_copy", "pinned_snapshot_copy", "window_worker", "SnapshotStore", "StepWindow",
+__all__ = ["window_replay", "snapshot_copy", "pinned_snapshot_copy", "window_worker", "SnapshotStore", "StepWindow",
            "MemorySnapshots", "ReadBackWindow", "DiskSnapshots", "RereadSnapshots"]
 
 
@@ -243,3 +244,39 @@ class RereadSnapshots(ReadBackWindow):
 
     def append(self, step: int, tensors: list[Tensor]) -> None:
         self._steps.append(step)  # no copy: the input still holds the snapshot
+
+
+# -- post hoc: a window in steps over saved checkpoints ------------------------------------------------------
+def window_replay(k: int, nu: int, steps: list[int], targets: list[int] | None) -> tuple[list[ReplayTrack], list[str]]:
+    """The replays that give a window of ``k`` snapshots ``nu`` steps apart over saved ``steps``: the output at saved
+    step ``t`` is made of the saved steps ``t, t - nu, ..., t - (k-1)*nu``; a member the input lacks is a problem
+    naming it, and a window reaching before the first saved step is not ready (no output, no problem). Without
+    ``targets``: the window ending at the newest saved multiple of ``nu``, the state the online averager ends with.
+
+    Targets are grouped by ``t mod nu``: each group is one replay of the online class whose clock is ``step - residue``,
+    so its snapshots (taken at clocks divisible by ``nu``) fall exactly on the window members."""
+    have, first = set(steps), steps[0]
+    if targets is None:
+        ends = [s for s in steps if s % nu == 0]
+        if not ends:
+            return [], [f"no saved step is a multiple of nu={nu}"]
+        targets = [ends[-1]]
+    problems, ready = [], []
+    for t in targets:
+        window = [t - j * nu for j in range(k)]
+        if window[-1] < first:
+            continue
+        missing = [s for s in reversed(window) if s not in have]
+        if missing:
+            problems.append(f"the window of step {t} needs step(s) {', '.join(map(str, missing))}, which the "
+                            f"input does not hold")
+        else:
+            ready.append(t)
+    if not ready and not problems:
+        problems.append(f"no window fits: {k} checkpoints {nu} steps apart span {(k - 1) * nu} steps before the "
+                        f"step they end at, and the input holds steps {first}..{steps[-1]}")
+    by_residue: dict[int, list[int]] = {}
+    for t in ready:
+        by_residue.setdefault(t % nu, []).append(t)
+    return [ReplayTrack([s - r for s in steps], steps[-1] - r, wanted)
+            for r, wanted in sorted(by_residue.items())], problems

@@ -181,6 +181,15 @@ class Layout:
 
 
 @dataclasses.dataclass
+class StoredAverage:
+    """An average an averager asks the loop to keep in the run folder (``averages/<averager>/<label>.safetensors``),
+    for reconstruction after training: its tensors by name in the model's dtypes, and string metadata."""
+    label: str
+    tensors: dict[str, Tensor]
+    metadata: dict[str, str]
+
+
+@dataclasses.dataclass
 class ReplayTrack:
     """One post-hoc replay of an averager over saved checkpoints: what ``observe`` is told for each saved
     checkpoint (in step order), what ``start_run`` is told, and the saved steps at which an output is written."""
@@ -198,6 +207,9 @@ class Averager(ABC):
     #: True if the averaged weights' BatchNorm statistics are stale and should be recalibrated before
     #: scoring (all three built-ins: an average of weights does not come with matching statistics).
     needs_bn_recalibration: ClassVar[bool] = True
+
+    #: True if the weights of the profile sum to 1 (every method here; a plugin that extrapolates may say False).
+    is_average: ClassVar[bool] = True
 
     #: True if each element of the average depends only on the same element of the observations (EMA, SWA
     #: and LAWA are elementwise). Post-hoc averaging then streams a large tensor in slices, each its own
@@ -279,6 +291,19 @@ class Averager(ABC):
         """The averaged float tensors in layout order, read only: they may be the accumulators themselves.
         ``load_average_into`` copies from them; an averager whose accumulators are its average overrides this."""
         return self._averaged_floats()
+
+    def stored_averages(self, step: int) -> list[StoredAverage]:
+        """Averages to keep in the run folder after observing ``step`` (EDM2's snapshots for post-hoc
+        reconstruction); none by default. Called on every step after the observations."""
+        return []
+
+    @classmethod
+    def documented_profile(cls, config: Any, total: int) -> list[float] | None:
+        """The weight the average after ``total`` online steps (every step observed) gives each step ``1..total``,
+        by the formula the method documents, computed without the update code: the contract tests compare it with
+        the profile the class itself produces from a one-hot trajectory (``lawa_suite.profiles``). None: no
+        closed form to check against."""
+        return None
 
     # -- post hoc: how a replay over saved checkpoints feeds this averager ------------------------------------
     #: what ``observe`` is told post hoc: "observations" (the i-th saved checkpoint is step i) or "steps"
@@ -369,7 +394,7 @@ class Averager(ABC):
 #: What the training loop, evaluation, checkpoints, export and post-hoc averaging use of an averager class.
 CONTRACT = ("Config", "start_run", "wants", "observe", "refuse", "ready", "average", "load_average_into",
             "state_dict", "load_state_dict", "needs_bn_recalibration", "elementwise", "posthoc_clock", "plan_replay",
-            "replay_from", "averaged_clocks", "span_hint")
+            "replay_from", "averaged_clocks", "span_hint", "stored_averages", "documented_profile", "is_average")
 
 
 def contract_problem(obj: Any) -> str | None:

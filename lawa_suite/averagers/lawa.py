@@ -42,7 +42,7 @@ from torch import Tensor
 
 from lawa_suite import registry
 from lawa_suite.averagers._window import (DiskSnapshots, MemorySnapshots, RereadSnapshots, SnapshotStore,
-                                          window_worker)
+                                          window_replay, window_worker)
 from lawa_suite.averagers.base import (Averager, ReplayTrack, accumulator_copy, cast_like, follow_devices,
                                        is_count, staged_like)
 from lawa_suite.config import choice, require
@@ -119,39 +119,18 @@ class LAWA(Averager):
     @classmethod
     def plan_replay(cls, config: Any, steps: list[int],
                     targets: list[int] | None) -> tuple[list[ReplayTrack], list[str]]:
-        """The output at saved step ``t`` is the mean of the saved steps ``t, t - nu, ..., t - (k-1)*nu``; a member
-        the input lacks is a problem naming it, and a window reaching before the first saved step is not ready
-        (no output, no problem). Without ``targets``: the window ending at the newest saved multiple of ``nu``,
-        the state the online LAWA ends the run with.
+        """The output at saved step ``t`` is the mean of the saved steps ``t, t - nu, ..., t - (k-1)*nu``
+        (``window_replay``: one replay per residue of ``nu``, bit for bit the online LAWA)."""
+        return window_replay(config.k, config.nu, steps, targets)
 
-        Targets are grouped by ``t mod nu``: each group is one replay of the online class whose clock is
-        ``step - residue``, so its snapshots fall exactly on the window members (bit for bit the online LAWA)."""
-        k, nu = config.k, config.nu
-        have, first = set(steps), steps[0]
-        if targets is None:
-            ends = [s for s in steps if s % nu == 0]
-            if not ends:
-                return [], [f"no saved step is a multiple of nu={nu}"]
-            targets = [ends[-1]]
-        problems, ready = [], []
-        for t in targets:
-            window = [t - j * nu for j in range(k)]
-            if window[-1] < first:
-                continue
-            missing = [s for s in reversed(window) if s not in have]
-            if missing:
-                problems.append(f"the window of step {t} needs step(s) {', '.join(map(str, missing))}, which the "
-                                f"input does not hold")
-            else:
-                ready.append(t)
-        if not ready and not problems:
-            problems.append(f"no window fits: {k} checkpoints {nu} steps apart span {(k - 1) * nu} steps before the "
-                            f"step they end at, and the input holds steps {first}..{steps[-1]}")
-        by_residue: dict[int, list[int]] = {}
-        for t in ready:
-            by_residue.setdefault(t % nu, []).append(t)
-        return [ReplayTrack([s - r for s in steps], steps[-1] - r, wanted)
-                for r, wanted in sorted(by_residue.items())], problems
+    @classmethod
+    def documented_profile(cls, config: Any, total: int) -> list[float] | None:
+        """1/k on the newest k multiples of nu up to ``total``; None before k exist (not ready)."""
+        newest = total - total % config.nu
+        window = {newest - j * config.nu for j in range(config.k)}
+        if min(window) < config.nu:
+            return None
+        return [1.0 / config.k if s in window else 0.0 for s in range(1, total + 1)]
 
     def replay_from(self, read: Callable[[int], list[Tensor]]) -> None:
         """Keep the window as clocks and re-read a member when it leaves, instead of copying k snapshots."""

@@ -103,6 +103,13 @@ class SWA(Averager):
         self._avg = follow_devices(self._avg, floats)
         running_mean_update_(self._avg, staged_like(floats, self._avg, self._staging), self._count)
 
+    @classmethod
+    def documented_profile(cls, config: Any, total: int) -> list[float] | None:
+        """Uniform over the observed steps from the start step (a fraction resolved against ``total``)."""
+        start = resolve_start(config.start, total)
+        used = [s for s in range(1, total + 1) if s >= start and (s - start) % config.every == 0]
+        return [1.0 / len(used) if s in set(used) else 0.0 for s in range(1, total + 1)] if used else None
+
     def _averaged_floats(self) -> list[Tensor]:
         # Copies: the base casts with .to(dtype), which returns the accumulator itself for fp32 models.
         return [a.clone() for a in self._avg]

@@ -35,6 +35,8 @@ class Job:
 
 
 def _name_part(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "_".join(_name_part(v) for v in value)
     text = repr(value) if isinstance(value, float) else str(value)
     return re.sub(r"[^A-Za-z0-9._]+", "_", text)
 

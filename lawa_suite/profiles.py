@@ -1,0 +1,128 @@
+"""Averager profiles: the weight an averager's output gives each step of the run, read off the class itself.
+
+Every averager here is linear in the weights it observes, so feeding it a trajectory of one-hot vectors (step ``s``
+observes the unit vector ``e_s``) makes its average the vector of weights it gives each step, computed by its own
+update code: exact, whatever the method (plugins included). Above ``EXACT_LIMIT`` steps, step ``s`` observes the
+unit vector of its bin instead, which gives each bin's total weight, still exactly. From the weights: their sum
+(1 for an average), the centre of mass and the relative standard deviation on ``t / T``, EDM2's ``sigma_rel``.
+``suite profile`` draws them side by side (``draw``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lawa_suite.averagers.base import Averager
+
+__all__ = ["EXACT_LIMIT", "Profile", "profile", "draw"]
+
+EXACT_LIMIT = 4096  # up to this many steps, one coordinate per step; above, DEFAULT_BINS bins
+DEFAULT_BINS = 512
+
+
+@dataclass
+class Profile:
+    """The weights an averager's output after ``total`` steps gives the run: per step, or per bin of steps."""
+    label: str
+    total: int
+    weights: np.ndarray        # per step 1..total, or per bin
+    binned: bool
+
+    @property
+    def positions(self) -> np.ndarray:
+        """Where each coordinate lies on t/T: the step itself, or the middle of its bin."""
+        n = len(self.weights)
+        if self.binned:
+            return (np.arange(n) + 0.5) / n
+        return np.arange(1, n + 1) / self.total
+
+    @property
+    def total_weight(self) -> float:
+        return float(self.weights.sum())
+
+    @property
+    def centre(self) -> float:
+        return float((self.weights * self.positions).sum() / self.weights.sum())
+
+    @property
+    def sigma_rel(self) -> float:
+        """The profile's standard deviation on t/T (EDM2's sigma_rel); 0 for a single step."""
+        c = self.centre
+        var = float((self.weights * (self.positions - c) ** 2).sum() / self.weights.sum())
+        return math.sqrt(max(var, 0.0))
+
+    def summary(self) -> str:
+        return (f"{self.label}: weights sum to {self.total_weight:.6f}, centre {self.centre:.3f} T, "
+                f"sigma_rel {self.sigma_rel:.4f}" + (f" ({len(self.weights)} bins)" if self.binned else ""))
+
+
+def profile(cls: type[Averager], config: Mapping[str, Any], total: int, bins: int | None = None,
+            label: str = "") -> Profile | None:
+    """The profile of ``cls(**config)`` after observing every step ``1..total``; None if it is not ready by then.
+    ``bins``: coordinates (default: one per step up to ``EXACT_LIMIT`` steps, else ``DEFAULT_BINS``)."""
+    if total < 1:
+        raise ValueError(f"steps: expected an integer >= 1, got {total}")
+    if bins is None:
+        bins = total if total <= EXACT_LIMIT else DEFAULT_BINS
+    bins = min(bins, total)
+    averager = cls(**config)
+    averager.start_run(total)
+    for step in range(1, total + 1):
+        if not averager.wants(step):
+            continue
+        one_hot = torch.zeros(bins, dtype=torch.float64)  # float64: the weights, not their rounding
+        one_hot[(step - 1) * bins // total] = 1.0
+        averager.observe(step, {"w": one_hot}, checked=True)
+    average = averager.average()
+    if average is None:
+        return None
+    return Profile(label or cls.name, total, average["w"].numpy().copy(), bins != total)
+
+
+def draw(profiles: Sequence[Profile], path: Path, title: str = "") -> Path:
+    """One PNG: a panel per profile, its weight per unit of t/T (bars), with its centre and sigma_rel."""
+    import matplotlib  # lazily: importing the package should not pay for matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(3, len(profiles))
+    rows = -(-len(profiles) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.8 * rows), squeeze=False)
+    for ax, p in zip(axes.flat, profiles):
+        shown = _display_bins(p, 200)
+        width = 1.0 / len(shown)
+        density = shown / width
+        ax.bar((np.arange(len(shown)) + 0.5) * width, density, width=width,
+               color=np.where(density >= 0, "tab:blue", "tab:red"))
+        ax.axvline(p.centre, color="black", lw=0.8, ls="--")
+        ax.set_title(f"{p.label}\ncentre {p.centre:.2f} T, sigma_rel {p.sigma_rel:.3f}, sum {p.total_weight:.3f}",
+                     fontsize=8)
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("t / T", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(profiles):]:
+        ax.axis("off")
+    axes[0][0].set_ylabel("weight per unit t/T", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _display_bins(p: Profile, at_most: int) -> np.ndarray:
+    """The weights summed into at most ``at_most`` equal bins of t/T, for drawing."""
+    n = len(p.weights)
+    if n <= at_most:
+        return p.weights
+    index = np.arange(n) * at_most // n
+    return np.bincount(index, weights=p.weights, minlength=at_most)
