@@ -190,6 +190,15 @@ class StoredAverage:
 
 
 @dataclasses.dataclass
+class Synthesis:
+    """One post-hoc output built from stored averages: ``coefficients[i]`` multiplies the i-th stored average (in
+    the order they were given to ``plan_synthesis``); ``notes`` go into the manifest (the reconstruction's error)."""
+    step: int
+    coefficients: list[float]
+    notes: dict[str, Any]
+
+
+@dataclasses.dataclass
 class ReplayTrack:
     """One post-hoc replay of an averager over saved checkpoints: what ``observe`` is told for each saved
     checkpoint (in step order), what ``start_run`` is told, and the saved steps at which an output is written."""
@@ -326,6 +335,17 @@ class Averager(ABC):
         its first input ("" when there is nothing to add)."""
         return ""
 
+    #: the ``format`` metadata of the averages this class stores (``stored_averages``); post hoc, a run folder holding
+    #: such files is reconstructed from them (``plan_synthesis``) instead of replayed. "" = stores none.
+    stored_format: ClassVar[str] = ""
+
+    @classmethod
+    def plan_synthesis(cls, config: Any, stored: list[Mapping[str, str]],
+                       targets: list[int]) -> tuple[list[Synthesis], list[str]]:
+        """The outputs at saved steps ``targets``, each a linear combination of the stored averages whose metadata
+        ``stored`` lists, and the problems (one line each) that stop them. Only for classes with ``stored_format``."""
+        raise NotImplementedError(f"{cls.name} stores no averages to reconstruct from")
+
     def replay_from(self, read: Callable[[int], list[Tensor]]) -> None:
         """Post hoc, before the first observation: ``read(clock)`` gives the float tensors observed at ``clock``
         again (views of the mapped input), so an averager that would keep copies of observations may keep
@@ -394,7 +414,8 @@ class Averager(ABC):
 #: What the training loop, evaluation, checkpoints, export and post-hoc averaging use of an averager class.
 CONTRACT = ("Config", "start_run", "wants", "observe", "refuse", "ready", "average", "load_average_into",
             "state_dict", "load_state_dict", "needs_bn_recalibration", "elementwise", "posthoc_clock", "plan_replay",
-            "replay_from", "averaged_clocks", "span_hint", "stored_averages", "documented_profile", "is_average")
+            "replay_from", "averaged_clocks", "span_hint", "stored_averages", "documented_profile", "is_average",
+            "stored_format", "plan_synthesis")
 
 
 def contract_problem(obj: Any) -> str | None:

@@ -28,15 +28,20 @@ import numpy as np
 from torch import Tensor
 
 from lawa_suite import registry
-from lawa_suite.averagers.base import (Averager, ReplayTrack, StoredAverage, accumulator_copy, follow_devices,
-                                       is_count, staged_like)
+from lawa_suite.averagers.base import (Averager, ReplayTrack, StoredAverage, Synthesis, accumulator_copy,
+                                       follow_devices, is_count, staged_like)
 from lawa_suite.averagers.ema import ema_update_
 from lawa_suite.config import require
 
-__all__ = ["PowerEMA", "sigma_to_gamma", "gamma_to_sigma", "power_beta", "SIGMA_REL_MAX", "STORED_FORMAT"]
+__all__ = ["PowerEMA", "sigma_to_gamma", "gamma_to_sigma", "power_beta", "profile_inner", "synthesis_coefficients",
+           "SIGMA_REL_MAX", "STORED_FORMAT", "MAX_PROFILE_ERROR"]
 
 SIGMA_REL_MAX = 1 / math.sqrt(12)  # the uniform average over [0, T]: no power profile is wider
 STORED_FORMAT = "lawa-suite-phema/1"
+# The largest relative L2 distance between a reconstructed profile and the requested one that post-hoc synthesis
+# accepts. With EDM2's two tracks (0.05, 0.10) stored 16 times a run it is about 0.04 at sigma_rel 0.03, 0.02 at
+# 0.20 and 0.08 at 0.25; 8 stores give 0.10 at 0.03. Narrower or wider requests need more, or other, tracks.
+MAX_PROFILE_ERROR = 0.10
 
 
 def sigma_to_gamma(sigma_rel: float) -> float:
@@ -53,6 +58,29 @@ def gamma_to_sigma(gamma: float) -> float:
 def power_beta(gamma: float, t: int, dt: int) -> float:
     """EDM2 Eq. 127: the weight the average keeps at an update at step ``t``, ``dt`` steps after the previous one."""
     return (1.0 - dt / t) ** (gamma + 1.0)
+
+
+def profile_inner(t_a: np.ndarray, g_a: np.ndarray, t_b: np.ndarray, g_b: np.ndarray) -> np.ndarray:
+    """The inner product of the power profiles ``(g+1) t^g / T^(g+1)`` on [0, T] ending at ``t_a`` and ``t_b``:
+    ``(g_a+1)(g_b+1) / (g_a+g_b+1) * m^(g_a+g_b+1) / (t_a^(g_a+1) t_b^(g_b+1))`` with m = min(t_a, t_b), written
+    with ratios so large exponents do not overflow (EDM2 Eq. 151)."""
+    m = np.minimum(t_a, t_b)
+    return (g_a + 1) * (g_b + 1) / (g_a + g_b + 1) * (m / t_a) ** (g_a + 1) * (m / t_b) ** (g_b + 1) / m
+
+
+def synthesis_coefficients(steps: list[int], gammas: list[float], step: int,
+                           gamma: float) -> tuple[np.ndarray, float]:
+    """EDM2's post-hoc reconstruction (Algorithm 3): the least-squares combination of the stored profiles
+    (``steps[i]``, ``gammas[i]``) closest to the profile ending at ``step`` with exponent ``gamma``, normalised to sum
+    to 1; and the relative L2 distance between the two profiles."""
+    t, g = np.asarray(steps, dtype=np.float64), np.asarray(gammas, dtype=np.float64)
+    gram = profile_inner(t[:, None], g[:, None], t[None, :], g[None, :])
+    target = profile_inner(t, g, np.float64(step), np.float64(gamma))
+    x = np.linalg.lstsq(gram, target, rcond=None)[0]  # lstsq: two tracks may store the same profile
+    x = x / x.sum()
+    own = float(profile_inner(np.float64(step), np.float64(gamma), np.float64(step), np.float64(gamma)))
+    error = float(x @ gram @ x - 2 * x @ target + own)
+    return x, math.sqrt(max(error, 0.0) / own)
 
 
 def _sigma_list(value: Any) -> list[float]:
@@ -74,6 +102,8 @@ class PowerEMA(Averager):
         # store every track's average each `snapshot_every` steps (a multiple of `every`) for post-hoc
         # reconstruction of other sigma_rel; 0 = never. Where they are kept does not change the average.
         snapshot_every: int = field(default=0, metadata={"affects_average": False})
+        # post hoc: refuse a reconstruction whose profile is further than this from the requested one (relative L2)
+        max_error: float = field(default=MAX_PROFILE_ERROR, metadata={"affects_average": False})
 
         def __post_init__(self) -> None:
             values = _sigma_list(self.sigma_rel)
@@ -84,6 +114,8 @@ class PowerEMA(Averager):
                     self.sigma_rel)
             self.sigma_rel = [float(v) for v in values]
             require(is_count(self.every, 1), "every", "an integer >= 1", self.every)
+            require(isinstance(self.max_error, (int, float)) and self.max_error > 0, "max_error", "a number > 0",
+                    self.max_error)
             require(is_count(self.snapshot_every, 0) and self.snapshot_every % self.every == 0, "snapshot_every",
                     f"0 (never) or a multiple of every={self.every}", self.snapshot_every)
 
@@ -123,11 +155,48 @@ class PowerEMA(Averager):
         return stored
 
     def _full(self, floats: list[Tensor]) -> dict[str, Tensor]:
-        """The track's floats with the non-float tensors and aliases, in the model's dtypes, by name."""
+        """The track by name: floats as accumulated (float32: a reconstruction's coefficients can be large and of both
+        signs, so the model's bf16 would not do), the newest non-float tensors, and aliases under both names."""
         assert self.layout is not None
         values = dict(zip(self.layout.float_names, floats)) | dict(zip(self.layout.other_names, self._others))
-        out = {n: values[n].to(d) for n, d in zip(self.layout.names, self.layout.dtypes) if n in values}
-        return {n: out[n] for n in self.layout.names if n in out}
+        for alias, source in self.layout.aliases:
+            values[alias] = values[source]
+        return {n: values[n] for n in self.layout.names if n in values}
+
+    # -- post hoc from stored averages: EDM2's reconstruction of any sigma_rel ------------------------------------
+    stored_format = STORED_FORMAT
+
+    @classmethod
+    def plan_synthesis(cls, config: Any, stored: list[Mapping[str, str]],
+                       targets: list[int]) -> tuple[list[Synthesis], list[str]]:
+        """At each target step, the combination of the averages stored at or before it that best gives the profile of
+        ``sigma_rel`` (the first value); refused where a target has no stored average or the profile error exceeds
+        ``max_error``."""
+        sigma = config.sigma_rel[0]
+        gamma = sigma_to_gamma(sigma)
+        steps = [int(m["step"]) for m in stored]
+        gammas = [float(m["gamma"]) for m in stored]
+        have = sorted(set(steps))
+        plans, problems = [], []
+        for target in targets:
+            if target not in have:
+                problems.append(f"step {target} has no stored average (stored at steps {_spans(have)})")
+                continue
+            used = [i for i, s in enumerate(steps) if s <= target]
+            x, error = synthesis_coefficients([steps[i] for i in used], [gammas[i] for i in used], target, gamma)
+            if error > config.max_error:
+                tracks = sorted({round(gamma_to_sigma(g), 4) for g in gammas})
+                problems.append(f"sigma_rel={sigma} at step {target}: the {len(used)} stored averages (tracks "
+                                f"sigma_rel {', '.join(map(str, tracks))}) reconstruct its profile with relative "
+                                f"error {error:.3f} > max_error={config.max_error}; store more often "
+                                f"(snapshot_every) or a track nearer {sigma}")
+                continue
+            coefficients = [0.0] * len(stored)
+            for i, c in zip(used, x):
+                coefficients[i] = float(c)
+            plans.append(Synthesis(target, coefficients, {"sigma_rel": sigma, "gamma": gamma,
+                                                          "profile_error": error}))
+        return plans, problems
 
     # -- post hoc over saved raw checkpoints: the profile is in steps, as online ----------------------------
     posthoc_clock = "steps"
@@ -170,3 +239,7 @@ class PowerEMA(Averager):
     def _load_extra_state(self, state: Mapping[str, Any]) -> None:
         self._tracks = [[t.detach().clone() for t in track] for track in state["tracks"]]
         self._updated = int(state["updated"])
+
+
+def _spans(steps: list[int]) -> str:
+    return ", ".join(map(str, steps)) if len(steps) <= 6 else f"{steps[0]}, {steps[1]}, ..., {steps[-1]}"

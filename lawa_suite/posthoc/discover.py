@@ -17,7 +17,7 @@ from pathlib import Path
 
 from lawa_suite.files import inside
 
-__all__ = ["Snapshot", "STEP_NAME", "discover", "folder_snapshot", "snapshot_of_path"]
+__all__ = ["Snapshot", "STEP_NAME", "discover", "find_stored", "folder_snapshot", "snapshot_of_path"]
 
 STEP_NAME = re.compile(r"^(?:step|checkpoint|ckpt|iter|global_step)[-_]?(\d+)$", re.IGNORECASE)
 SAFETENSORS_WEIGHTS = ("model.safetensors", "diffusion_pytorch_model.safetensors")
@@ -176,3 +176,27 @@ def snapshot_of_path(path: Path, allow_torch_load: bool) -> tuple[Snapshot | Non
         return None, problems
     # step -1: the reader then skips the check of the step recorded in the file's metadata
     return Snapshot(-1, snapshot.label, snapshot.files, snapshot.torch_format, snapshot.index), problems
+
+
+def find_stored(source: str | os.PathLike[str], formats: set[str]) -> tuple[Path, list[Snapshot]]:
+    """The averages an averager stored during training whose ``format`` metadata is one of ``formats``: in a run
+    folder's ``averages/<name>/``, or directly in ``source``; in (step, file name) order, with their folder."""
+    from safetensors import safe_open
+
+    source = Path(source)
+    run_folder = (source / "config.yaml").is_file()
+    candidates = sorted((source / "averages").glob("*/*.safetensors") if run_folder else source.glob("*.safetensors"))
+    root = source.resolve()
+    found = []
+    for path in candidates:
+        real = path.resolve()
+        if path.name.startswith(".") or not inside(real, root):
+            continue
+        try:
+            with safe_open(str(real), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+        except Exception:  # noqa: BLE001 - not a safetensors file we can read: not a stored average
+            continue
+        if metadata.get("format") in formats and metadata.get("step", "").isdigit():
+            found.append(Snapshot(int(metadata["step"]), path.relative_to(source).as_posix(), (real,)))
+    return source, sorted(found, key=lambda s: (s.step, s.label))

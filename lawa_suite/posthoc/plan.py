@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -30,6 +31,7 @@ class Output:
     path: Path | None = None
     sha256: str = ""
     size: int = 0
+    notes: dict[str, Any] = field(default_factory=dict)  # for the manifest (a reconstruction's coefficients, error)
 
 
 @dataclass

@@ -24,7 +24,7 @@ from lawa_suite.posthoc.plan import Output, Track
 from lawa_suite.posthoc.reader import Reader
 from lawa_suite.posthoc.writer import DIRECT_ALIGN, OutputFile, Writer, safetensors_header
 
-__all__ = ["DERIVED_FORMAT", "average_all"]
+__all__ = ["DERIVED_FORMAT", "average_all", "write_outputs", "Order"]
 
 DERIVED_FORMAT = "lawa-suite-derived/1"
 Order = list[tuple[str, torch.dtype, tuple[int, ...]]]
@@ -34,12 +34,21 @@ def average_all(readers: list[Reader], tracks: list[Track], order: Order, stagin
                 limits: Limits) -> list[Output]:
     """Compute and write every output of every track into ``staging``; returns the outputs with their hashes."""
     outputs = [o for t in tracks for outs in t.outputs.values() for o in outs]
+    return write_outputs(outputs, order, staging, limits,
+                         lambda files: _stream_tensors(readers, tracks, order, outputs, files, limits))
+
+
+def write_outputs(outputs: list[Output], order: Order, staging: Path, limits: Limits,
+                  stream: Callable[[dict[int, OutputFile]], None]) -> list[Output]:
+    """Open a file per output in ``staging``, let ``stream`` write their tensors in ``order`` (one torch thread),
+    then finish them (fsync, sha256). On any error every file is closed and the error goes on."""
     outputs.sort(key=lambda o: (o.job.folder, o.step))
     files: dict[int, OutputFile] = {}
     writer = Writer()
     try:
+        _open_outputs(outputs, order, staging, files, writer, limits)
         with _single_torch_thread():
-            _stream_tensors(readers, tracks, order, staging, outputs, files, writer, limits)
+            stream(files)
         writer.close()
     except BaseException:
         try:
@@ -88,9 +97,8 @@ def _open_outputs(outputs: list[Output], order: Order, staging: Path, files: dic
         files[id(o)] = OutputFile(o.path, safetensors_header(order, metadata), data_size, writer, buffer_bytes)
 
 
-def _stream_tensors(readers: list[Reader], tracks: list[Track], order: Order, staging: Path, outputs: list[Output],
-                    files: dict[int, OutputFile], writer: Writer, limits: Limits) -> None:
-    _open_outputs(outputs, order, staging, files, writer, limits)
+def _stream_tensors(readers: list[Reader], tracks: list[Track], order: Order, outputs: list[Output],
+                    files: dict[int, OutputFile], limits: Limits) -> None:
     index_of = {r.snapshot.step: i for i, r in enumerate(readers)}
     many = len(files) > limits.max_open_outputs
     if many:

@@ -22,12 +22,13 @@ from typing import Any
 from lawa_suite.errors import PosthocError
 from lawa_suite.files import commit_folder, fsync_dir, inside, require_new_out, staged_folder, write_text_atomic
 from lawa_suite.posthoc.checks import check_layouts, nonfinite_problem
-from lawa_suite.posthoc.discover import Snapshot, discover
+from lawa_suite.posthoc.discover import Snapshot, discover, find_stored
 from lawa_suite.posthoc.jobs import Job
 from lawa_suite.posthoc.limits import Limits
 from lawa_suite.posthoc.plan import Output, Track, plan
 from lawa_suite.posthoc.reader import Reader
 from lawa_suite.posthoc.replay import average_all
+from lawa_suite.posthoc.synthesis import plan_syntheses, synthesize_all
 from lawa_suite.posthoc.writer import hash_input, ordered_layout
 
 __all__ = ["FORMAT", "PosthocResult", "average"]
@@ -55,14 +56,15 @@ def average(source: str | os.PathLike[str], jobs: Sequence[Job], out: str | os.P
     if not jobs:
         raise PosthocError("averager: expected at least one averager")
     out = Path(out)
-    folder, snapshots, problems = discover(source, allow_torch_load)
+    folder, snapshots, problems, reconstructing = _inputs(Path(source), jobs, allow_torch_load, log)
     if folder.is_dir():
         _check_out(out, folder, force)
     readers = [Reader(s) for s in snapshots]
     try:
         with ThreadPoolExecutor(max_workers=limits.read_threads, thread_name_prefix="posthoc-read") as pool:
             try:
-                outputs, steps = _validated_run(pool, folder, problems, readers, jobs, out, interval, log, limits)
+                outputs, steps = _validated_run(pool, folder, problems, readers, jobs, out, interval, log, limits,
+                                                reconstructing)
             except BaseException:
                 pool.shutdown(cancel_futures=True)  # hashes not yet started are not needed any more
                 raise
@@ -73,6 +75,22 @@ def average(source: str | os.PathLike[str], jobs: Sequence[Job], out: str | os.P
     for o in outputs:
         written[o.job.folder].append(o.step)
     return PosthocResult(out, folder, steps, {k: sorted(v) for k, v in written.items()})
+
+
+def _inputs(source: Path, jobs: Sequence[Job], allow_torch_load: bool,
+            log: Callable[[str], None]) -> tuple[Path, list[Snapshot], list[str], bool]:
+    """The saved trajectory (``discover``), or, when the source holds averages the jobs' averager stored during
+    training, those: every job is then reconstructed from them (``synthesis.py``). The last value says which."""
+    formats = {job.cls.stored_format for job in jobs} - {""}
+    folder, stored = find_stored(source, formats) if formats else (source, [])
+    if not stored:
+        return (*discover(source, allow_torch_load), False)
+    if replaying := sorted({job.name for job in jobs if not job.cls.stored_format}):
+        raise PosthocError(f"averager: {', '.join(replaying)} replay the saved trajectory, while "
+                           f"{', '.join(sorted({j.name for j in jobs} - set(replaying)))} are reconstructed from the "
+                           f"averages stored in {source}; run them as two commands")
+    log(f"reconstructing from {len(stored)} stored averages in {source} (steps {stored[0].step}..{stored[-1].step})")
+    return folder, stored, [], True
 
 
 def _check_out(out: Path, source: Path, force: bool) -> None:
@@ -87,8 +105,8 @@ def _check_out(out: Path, source: Path, force: bool) -> None:
 
 def _validated_run(pool: ThreadPoolExecutor, folder: Path, found: list[str], readers: list[Reader],
                    jobs: Sequence[Job], out: Path, interval: int | None, log: Callable[[str], None],
-                   limits: Limits) -> tuple[list[Output], list[int]]:
-    """Check everything (``found``: the problems discovery met), average, commit."""
+                   limits: Limits, reconstructing: bool) -> tuple[list[Output], list[int]]:
+    """Check everything (``found``: the problems discovery met), average (or reconstruct), commit."""
     snapshots = [r.snapshot for r in readers]
     steps = [s.step for s in snapshots]
     names = sorted({n for r in readers for n in r.layout})
@@ -98,20 +116,27 @@ def _validated_run(pool: ThreadPoolExecutor, folder: Path, found: list[str], rea
     hashes = {f: pool.submit(hash_input, r, f) for f, r in by_size}  # biggest first: the last to finish is short
     problems = found + [p for r in readers for p in r.problems] + check_layouts(readers)
     tracks: list[Track] = []
+    syntheses: list[Output] = []
     warnings: list[str] = []
-    if steps:
+    if steps and reconstructing:
+        syntheses, plan_problems = plan_syntheses(jobs, readers, interval)
+        problems += plan_problems
+    elif steps:
         tracks, plan_problems, warnings = plan(jobs, steps, interval)
         problems += plan_problems
     problems += [line for c in checks if (line := c.result()) is not None]
     if problems:  # one error lists everything there is to fix, the corrupted checkpoints too
         raise PosthocError(_summary(problems + _corrupted(snapshots, _results(hashes)), folder))
-    log(f"averaging {len(snapshots)} checkpoints (steps {steps[0]}..{steps[-1]}) with {len(jobs)} "
-        f"averager setting(s)")
+    if not reconstructing:
+        log(f"averaging {len(snapshots)} checkpoints (steps {steps[0]}..{steps[-1]}) with {len(jobs)} "
+            f"averager setting(s)")
     for warning in warnings:
         log(f"warning: {warning}")
     staging = staged_folder(out)
     try:
-        outputs = average_all(readers, tracks, ordered_layout(readers[0].layout), staging, limits)
+        order = ordered_layout(readers[0].layout)
+        outputs = (synthesize_all(readers, syntheses, order, staging, limits) if reconstructing
+                   else average_all(readers, tracks, order, staging, limits))
         digests = _results(hashes)
         if corrupted := _corrupted(snapshots, digests):
             raise PosthocError(_summary(corrupted, folder))
@@ -149,6 +174,7 @@ def _write_manifests(staging: Path, jobs: Sequence[Job], outputs: list[Output], 
         return {"averager": job.name, **({"of": job.averager} if job.averager != job.name else {})}
 
     by_step = {s.step: s for s in snapshots}
+    by_label = {s.label: s for s in snapshots}
     common = {"format": FORMAT, "suite_version": version, "source": str(root), "interval": interval}
     for job in jobs:
         mine = [o for o in outputs if o.job is job]
@@ -157,8 +183,8 @@ def _write_manifests(staging: Path, jobs: Sequence[Job], outputs: list[Output], 
         manifest = {**common, **averager_of(job), "config": job.config, "clock": job.cls.posthoc_clock,
                     **({"warnings": mine_warned} if mine_warned else {}),
                     "outputs": [{"file": o.path.name, "step": o.step, "size": o.size, "sha256": o.sha256,
-                                 "inputs": o.members} for o in mine],
-                    "inputs": {str(s): files_of(by_step[s]) for s in used}}
+                                 "inputs": o.members, **o.notes} for o in mine],
+                    "inputs": _used_inputs(mine, used, by_step, by_label, files_of)}
         (staging / job.folder).mkdir(exist_ok=True)
         write_text_atomic(staging / job.folder / "manifest.json", _json(manifest))
     top = {**common, "averagers": [{"folder": j.folder, **averager_of(j), "config": j.config} for j in jobs],
@@ -166,6 +192,16 @@ def _write_manifests(staging: Path, jobs: Sequence[Job], outputs: list[Output], 
     write_text_atomic(staging / "manifest.json", _json(top))
     for job in jobs:
         fsync_dir(staging / job.folder)
+
+
+def _used_inputs(outputs: list[Output], steps: list[int], by_step: Mapping[int, Snapshot],
+                 by_label: Mapping[str, Snapshot], files_of: Callable[[Snapshot], Any]) -> dict[str, Any]:
+    """The inputs a job's outputs use, with their files: by step, or by file where a reconstruction weighs several
+    stored averages of one step (its outputs' ``coefficients`` name them)."""
+    if any("coefficients" in o.notes for o in outputs):
+        labels = sorted({label for o in outputs for label in o.notes["coefficients"]})
+        return {label: files_of(by_label[label]) for label in labels}
+    return {str(s): files_of(by_step[s]) for s in steps}
 
 
 def _json(data: Any) -> str:
