@@ -52,15 +52,24 @@ class Profile:
         return float((self.weights * self.positions).sum() / self.weights.sum())
 
     @property
+    def extrapolates(self) -> bool:
+        """Some step has a negative weight (BEMA's theta_0): the output lies outside the weights' convex hull."""
+        return bool((self.weights < -1e-15).any())
+
+    @property
     def sigma_rel(self) -> float:
-        """The profile's standard deviation on t/T (EDM2's sigma_rel); 0 for a single step."""
+        """The profile's standard deviation on t/T (EDM2's sigma_rel); 0 for a single step, NaN where weights are
+        negative (no distribution to measure)."""
+        if self.extrapolates:
+            return math.nan
         c = self.centre
         var = float((self.weights * (self.positions - c) ** 2).sum() / self.weights.sum())
         return math.sqrt(max(var, 0.0))
 
     def summary(self) -> str:
-        return (f"{self.label}: weights sum to {self.total_weight:.6f}, centre {self.centre:.3f} T, "
-                f"sigma_rel {self.sigma_rel:.4f}" + (f" ({len(self.weights)} bins)" if self.binned else ""))
+        spread = ("negative weights (an extrapolation)" if self.extrapolates else f"sigma_rel {self.sigma_rel:.4f}")
+        return (f"{self.label}: weights sum to {self.total_weight:.6f}, centre {self.centre:.3f} T, {spread}"
+                + (f" ({len(self.weights)} bins)" if self.binned else ""))
 
 
 def profile(cls: type[Averager], config: Mapping[str, Any], total: int, bins: int | None = None,
@@ -102,8 +111,8 @@ def draw(profiles: Sequence[Profile], path: Path, title: str = "") -> Path:
         ax.bar((np.arange(len(shown)) + 0.5) * width, density, width=width,
                color=np.where(density >= 0, "tab:blue", "tab:red"))
         ax.axvline(p.centre, color="black", lw=0.8, ls="--")
-        ax.set_title(f"{p.label}\ncentre {p.centre:.2f} T, sigma_rel {p.sigma_rel:.3f}, sum {p.total_weight:.3f}",
-                     fontsize=8)
+        spread = "negative weights" if p.extrapolates else f"sigma_rel {p.sigma_rel:.3f}"
+        ax.set_title(f"{p.label}\ncentre {p.centre:.2f} T, {spread}, sum {p.total_weight:.3f}", fontsize=8)
         ax.set_xlim(0, 1)
         ax.set_xlabel("t / T", fontsize=8)
         ax.tick_params(labelsize=7)
