@@ -152,7 +152,8 @@ def evaluate_posthoc(out: str | os.PathLike[str], overrides: Sequence[str] = (),
     out = Path(out)
     try:
         manifest = json.loads((out / "manifest.json").read_text())
-        source, folders = Path(manifest["source"]), [a["folder"] for a in manifest["averagers"]]
+        # the run, when the outputs were reconstructed from the averages it stored: its raw weights are compared
+        source, folders = Path(manifest.get("run") or manifest["source"]), [a["folder"] for a in manifest["averagers"]]
         assert manifest["format"] == posthoc.FORMAT
     except (OSError, ValueError, KeyError, TypeError, AssertionError):
         raise AnalysisError(f"{out}: not a suite average output (no readable manifest.json of format "

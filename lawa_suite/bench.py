@@ -18,6 +18,8 @@ A bench file (YAML; every key optional except ``tasks``; the command line's ``ke
     threads: 1                        # torch threads per run (0: torch's default)
     set: {progress: false}            # key=value settings of every run (any `suite run` key)
     slurm: {gpus: 8, time: "72:00:00"}  # for --emit slurm
+    posthoc:                          # sweeps after each run (``sweeps.py``): suite average words, scored
+      ema_length: averager=phema phema.sigma_rel=0.03,0.05,0.1,0.2
 
     tasks:                            # the mapping form: per-task settings
       gpt2: {lrs: "1e-2,1e-3", preset: cpu, data: text, data.path: ../shared/data/tinyshakespeare.txt}
@@ -37,12 +39,14 @@ import yaml
 
 from lawa_suite.config import ConfigError, ResolvedConfig, parse_overrides, resolve, split_list
 from lawa_suite.files import first_line
+from lawa_suite.sweeps import Sweep, check_sweeps, parse_sweeps, run_sweeps
 
 __all__ = ["Bench", "Cell", "load_bench", "cells", "cell_config", "cell_status", "run_bench", "emit",
            "BENCH_FILE"]
 
 BENCH_FILE = "bench.yaml"          # the resolved bench spec, written into ``out`` (what `suite report` finds)
-TOP_KEYS = {"out", "tasks", "averager", "variants", "lrs", "seeds", "threads", "set", "slurm", "accelerate"}
+TOP_KEYS = {"out", "tasks", "averager", "variants", "lrs", "seeds", "threads", "set", "slurm", "accelerate",
+            "posthoc"}
 TASK_KEYS = {"lrs", "seeds"}       # per-task axes; every other per-task key is a `suite run` setting
 AXIS_ALIASES = {"task": "tasks", "lr": "lrs", "seed": "seeds", "averagers": "averager"}
 
@@ -77,12 +81,13 @@ class Bench:
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     accelerate: str = ""           # extra `accelerate launch` arguments, e.g. "--mixed_precision bf16"
     subset: bool = False           # tasks= picked some of the file's tasks: bench.yaml keeps the whole bench
+    posthoc: list[Sweep] = field(default_factory=list)  # post-hoc sweeps after each run
 
     def as_dict(self) -> dict[str, Any]:
         return {"out": self.out, "averager": ",".join(self.averager), "variants": self.variants,
                 "lrs": ",".join(f"{lr:g}" for lr in self.lrs), "seeds": ",".join(map(str, self.seeds)),
                 "threads": self.threads, "set": self.settings, "slurm": dataclasses.asdict(self.slurm),
-                "accelerate": self.accelerate,
+                "accelerate": self.accelerate, "posthoc": {w.name: " ".join(w.words) for w in self.posthoc},
                 "tasks": {t.name: {**({"lrs": ",".join(f"{lr:g}" for lr in t.lrs)} if t.lrs else {}),
                                    **({"seeds": ",".join(map(str, t.seeds))} if t.seeds else {}), **t.settings}
                           for t in self.tasks}}
@@ -218,7 +223,7 @@ def load_bench(path: Path | None, overrides: list[str]) -> Bench:
         if key == "tasks" and isinstance(raw.get("tasks"), dict):
             raw["tasks"] = _select(raw["tasks"], value)  # run a subset of the file's tasks, with their settings
             subset = True
-        elif key in TOP_KEYS - {"set", "variants", "slurm"}:
+        elif key in TOP_KEYS - {"set", "variants", "slurm", "posthoc"}:
             raw[key] = value
         else:
             run_settings[key] = value
@@ -238,6 +243,7 @@ def load_bench(path: Path | None, overrides: list[str]) -> Bench:
     if bench.threads < 0:
         raise ConfigError(f"threads: expected an integer >= 0, got {bench.threads}")
     bench.accelerate = str(raw.get("accelerate", "") or "")
+    bench.posthoc = parse_sweeps(raw.get("posthoc"))
     slurm = raw.get("slurm") or {}
     fields = {f.name for f in dataclasses.fields(SlurmConfig)}
     if not isinstance(slurm, dict) or set(slurm) - fields:
@@ -297,7 +303,10 @@ def cell_status(cell: Cell, cfg: ResolvedConfig) -> str:
 
 def validate(bench: Bench) -> list[tuple[Cell, ResolvedConfig]]:
     """Resolve every cell before any work, so a typo in the last task stops the bench at once (exit 2)."""
-    return [(cell, cell_config(cell)) for cell in cells(bench)]
+    planned = [(cell, cell_config(cell)) for cell in cells(bench)]
+    for _, cfg in planned:
+        check_sweeps(bench.posthoc, cfg)
+    return planned
 
 
 def write_spec(bench: Bench) -> Path:
@@ -342,6 +351,7 @@ def run_bench(bench: Bench, log: Callable[[str], None] = print, only: int | None
         if status == "done":
             log(f"[{cell.index + 1}/{len(planned)}] {cell.label}: done before, skipped ({cell.out})")
             result.skipped.append(cell)
+            result.failed += [(cell, f) for f in run_sweeps(cell.out, bench.posthoc, log)]
             continue
         log(f"[{cell.index + 1}/{len(planned)}] {cell.label}: {'resuming' if status == 'partial' else 'starting'}"
             f" ({cell.out})")
@@ -354,6 +364,7 @@ def run_bench(bench: Bench, log: Callable[[str], None] = print, only: int | None
             result.failed.append((cell, str(exc)))
             continue
         result.done.append(cell)
+        result.failed += [(cell, f) for f in run_sweeps(cell.out, bench.posthoc, log)]
     return result
 
 

@@ -180,13 +180,16 @@ def snapshot_of_path(path: Path, allow_torch_load: bool) -> tuple[Snapshot | Non
 
 def find_stored(source: str | os.PathLike[str], formats: set[str]) -> tuple[Path, list[Snapshot]]:
     """The averages an averager stored during training whose ``format`` metadata is one of ``formats``: in a run
-    folder's ``averages/<name>/``, or directly in ``source``; in (step, file name) order, with their folder."""
+    folder's ``averages/<name>/`` (the folder returned is then ``averages/``), or directly in ``source``; in (step,
+    file name) order."""
     from safetensors import safe_open
 
     source = Path(source)
-    run_folder = (source / "config.yaml").is_file()
-    candidates = sorted((source / "averages").glob("*/*.safetensors") if run_folder else source.glob("*.safetensors"))
-    root = source.resolve()
+    if (source / "config.yaml").is_file():
+        folder, candidates = source / "averages", sorted((source / "averages").glob("*/*.safetensors"))
+    else:
+        folder, candidates = source, sorted(source.glob("*.safetensors"))
+    root = folder.resolve()
     found = []
     for path in candidates:
         real = path.resolve()
@@ -198,5 +201,5 @@ def find_stored(source: str | os.PathLike[str], formats: set[str]) -> tuple[Path
         except Exception:  # noqa: BLE001 - not a safetensors file we can read: not a stored average
             continue
         if metadata.get("format") in formats and metadata.get("step", "").isdigit():
-            found.append(Snapshot(int(metadata["step"]), path.relative_to(source).as_posix(), (real,)))
-    return source, sorted(found, key=lambda s: (s.step, s.label))
+            found.append(Snapshot(int(metadata["step"]), path.relative_to(folder).as_posix(), (real,)))
+    return folder, sorted(found, key=lambda s: (s.step, s.label))

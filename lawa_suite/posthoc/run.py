@@ -140,7 +140,8 @@ def _validated_run(pool: ThreadPoolExecutor, folder: Path, found: list[str], rea
         digests = _results(hashes)
         if corrupted := _corrupted(snapshots, digests):
             raise PosthocError(_summary(corrupted, folder))
-        _write_manifests(staging, jobs, outputs, snapshots, digests, folder.resolve(), interval, warnings)
+        _write_manifests(staging, jobs, outputs, snapshots, digests, folder.resolve(), interval, warnings,
+                         reconstructing)
         commit_folder(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -163,7 +164,8 @@ def _summary(problems: list[str], folder: Path) -> str:
 
 
 def _write_manifests(staging: Path, jobs: Sequence[Job], outputs: list[Output], snapshots: list[Snapshot],
-                     digests: Mapping[Path, str], root: Path, interval: int | None, warnings: list[str]) -> None:
+                     digests: Mapping[Path, str], root: Path, interval: int | None, warnings: list[str],
+                     reconstructing: bool) -> None:
     from lawa_suite import __version__ as version
 
     def files_of(s: Snapshot) -> list[dict[str, Any]]:
@@ -176,6 +178,8 @@ def _write_manifests(staging: Path, jobs: Sequence[Job], outputs: list[Output], 
     by_step = {s.step: s for s in snapshots}
     by_label = {s.label: s for s in snapshots}
     common = {"format": FORMAT, "suite_version": version, "source": str(root), "interval": interval}
+    if reconstructing and (root.parent / "config.yaml").is_file():  # a run's averages/: its raw weights are there
+        common["run"] = str(root.parent)
     for job in jobs:
         mine = [o for o in outputs if o.job is job]
         used = sorted({m for o in mine for m in o.members})

@@ -20,6 +20,7 @@ import yaml
 from lawa_suite.files import write_text_atomic
 from lawa_suite.report.html import to_html
 from lawa_suite.report.paired import gain, phase_table
+from lawa_suite.report.sweeps import sweep_section
 from lawa_suite.report.run import (
     Curves,
     best_point,
@@ -325,6 +326,7 @@ def task_section(label: str, by_lr_runs: dict[float, list[RunRecord]], out: Path
         averagers = [w for w in s.bands if w != "raw"]
         if averagers:
             lines += [phase_table(s.runs, averagers, s.headline, s.direction), ""]
+    lines += sweep_section(by_lr, out, png.removesuffix(".png"))
     if len(by_lr) >= 2:
         lines += [f"### High vs low learning rate (lr={by_lr[0].lr:g} vs lr={by_lr[-1].lr:g})", "",
                   f"Gain = how much better than raw (positive: better) at the final evaluation, and its mean over "

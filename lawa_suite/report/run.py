@@ -221,8 +221,10 @@ def write_report(run_dir: Path) -> Path:
 
 
 def is_run_dir(path: Path) -> bool:
-    """A run folder: its config.yaml and metrics.jsonl."""
-    return (path / "config.yaml").is_file() and (path / "metrics.jsonl").is_file()
+    """A run folder: its config.yaml and metrics.jsonl (a scored ``suite average`` output has both, and its
+    manifest.json says what it is)."""
+    return ((path / "config.yaml").is_file() and (path / "metrics.jsonl").is_file()
+            and not (path / "manifest.json").is_file())
 
 
 def find_runs(paths: list[Path]) -> list[Path]:
