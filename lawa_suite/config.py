@@ -99,9 +99,11 @@ class RunConfig:
     lr: float = 1e-3                          # peak learning rate
     batch_size: int = 128                     # examples per optimizer step, over all processes
     grad_accum: int = 1                       # micro-batches per optimizer step
-    schedule: str = choice("cosine", "cosine", "constant", "linear")
+    schedule: str = choice("cosine", "cosine", "constant", "linear", "wsd")  # wsd: warm-up, stable, decay
     warmup: int = 0                           # linear warm-up steps
-    min_lr: float = 0.0                       # final learning rate as a fraction of `lr` (cosine, linear)
+    min_lr: float = 0.0                       # final learning rate as a fraction of `lr` (cosine, linear, wsd)
+    decay_fraction: float = 0.2               # wsd: the decay takes this last fraction of the steps
+    decay_shape: str = choice("linear", "linear", "1-sqrt")  # wsd: the decay's shape (1-sqrt: Hägele et al. 2024)
     grad_clip: float = 0.0                    # clip the gradient norm to this; 0 = no clipping
     mixed_precision: str = choice("no", "no", "bf16", "fp16")
     resume: str = ""                          # "" (fresh run), "auto" (newest valid checkpoint) or a path
@@ -124,6 +126,7 @@ class RunConfig:
                 f"a divisor of batch_size={self.batch_size}", self.grad_accum)
         require(0 <= self.warmup < self.steps, "warmup", f"an integer in [0, steps={self.steps})", self.warmup)
         require(0.0 <= self.min_lr <= 1.0, "min_lr", "a fraction in [0, 1]", self.min_lr)
+        require(0.0 < self.decay_fraction <= 1.0, "decay_fraction", "a fraction in (0, 1]", self.decay_fraction)
         require(self.grad_clip >= 0, "grad_clip", "a number >= 0 (0 = off)", self.grad_clip)
         require(self.log_every >= 1, "log_every", "an integer >= 1", self.log_every)
         require(self.max_bad_steps >= 1, "max_bad_steps", "an integer >= 1", self.max_bad_steps)

@@ -64,6 +64,13 @@ def lr_factor(step: int, rc: RunConfig) -> float:
         return (step + 1) / rc.warmup
     if rc.schedule == "constant":
         return 1.0
+    if rc.schedule == "wsd":  # stable until the last decay_fraction of the steps, then linear or 1-sqrt to min_lr
+        start = max(rc.warmup, rc.steps - round(rc.decay_fraction * rc.steps))
+        if step < start:
+            return 1.0
+        progress = min(1.0, (step - start) / max(1, rc.steps - start))
+        shape = 1.0 - (math.sqrt(progress) if rc.decay_shape == "1-sqrt" else progress)
+        return rc.min_lr + (1 - rc.min_lr) * shape
     progress = min(1.0, (step - rc.warmup) / max(1, rc.steps - rc.warmup))
     shape = 0.5 * (1 + math.cos(math.pi * progress)) if rc.schedule == "cosine" else 1.0 - progress
     return rc.min_lr + (1 - rc.min_lr) * shape

@@ -82,6 +82,18 @@ def test_lr_schedule():
     assert lr_factor(15, constant) == 1.0
 
 
+@pytest.mark.parametrize(("shape", "at_half_decay"), [("linear", 0.5), ("1-sqrt", 1 - 0.5 ** 0.5)])
+def test_wsd_schedule_warms_up_holds_then_decays_over_its_fraction(shape: str, at_half_decay: float) -> None:
+    rc = resolve(["task=toy", "schedule=wsd", "steps=100", "warmup=10", "decay_fraction=0.2", "min_lr=0",
+                  f"decay_shape={shape}"]).run
+    assert lr_factor(0, rc) == pytest.approx(0.1) and lr_factor(9, rc) == pytest.approx(1.0)
+    assert [lr_factor(s, rc) for s in (10, 50, 79, 80)] == [1.0, 1.0, 1.0, 1.0]  # stable until step 80
+    assert lr_factor(90, rc) == pytest.approx(at_half_decay)
+    assert lr_factor(100, rc) == pytest.approx(0.0)
+    with pytest.raises(ConfigError, match="decay_fraction: expected a fraction in"):
+        resolve(["task=toy", "schedule=wsd", "decay_fraction=0"])
+
+
 @dataclass
 class SpyConfig:
     pass
