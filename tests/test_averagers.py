@@ -21,7 +21,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from lawa_suite import registry
 from lawa_suite.averagers import Averager, NonFiniteWarning
 from lawa_suite.averagers.ema import EMA
-from lawa_suite.averagers.lawa import LAWA, DiskSnapshots
+from lawa_suite.averagers._window import DiskSnapshots
+from lawa_suite.averagers.lawa import LAWA
 from lawa_suite.averagers.swa import SWA
 from lawa_suite.averagers.bema import BEMA
 from lawa_suite.averagers.phema import PowerEMA

@@ -14,6 +14,7 @@ import tempfile
 import threading
 import weakref
 from collections import deque
+from dataclasses import dataclass, field
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,11 +24,34 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from lawa_suite.averagers.base import ReplayTrack
+from lawa_suite.averagers.base import ReplayTrack, is_count
+from lawa_suite.config import choice, require
 from lawa_suite.files import write_atomic
 
-__all__ = ["window_replay", "snapshot_copy", "pinned_snapshot_copy", "window_worker", "SnapshotStore", "StepWindow",
-           "MemorySnapshots", "ReadBackWindow", "DiskSnapshots", "RereadSnapshots"]
+__all__ = ["WindowConfig", "window_store", "window_replay", "snapshot_copy", "pinned_snapshot_copy", "window_worker",
+           "SnapshotStore", "StepWindow", "MemorySnapshots", "ReadBackWindow", "DiskSnapshots", "RereadSnapshots"]
+
+
+# -- the keys of a window of snapshots (LAWA's, wma's) -------------------------------------------------------
+@dataclass
+class WindowConfig:
+    k: int = 5                                 # snapshots in the window
+    nu: int = 100                              # a snapshot at every step divisible by nu
+    # where snapshots live: host memory or safetensors files (may change on resume: the average does not)
+    store: str = choice("cpu", "cpu", "disk", affects_average=False)
+    # folder for store=disk (one per averager); empty = a temporary one
+    dir: str = field(default="", metadata={"affects_average": False})
+
+    def __post_init__(self) -> None:
+        require(is_count(self.k, 1), "k", "an integer >= 1", self.k)
+        require(is_count(self.nu, 1), "nu", "an integer >= 1", self.nu)
+        require(self.store in ("cpu", "disk"), "store", "one of cpu, disk", self.store)
+        require(isinstance(self.dir, str), "dir", "a folder path (empty = a temporary folder)", self.dir)
+
+
+def window_store(config: WindowConfig) -> SnapshotStore:
+    """The empty window ``config.store`` asks for."""
+    return DiskSnapshots(config.dir) if config.store == "disk" else MemorySnapshots()
 
 
 # -- host copies ---------------------------------------------------------------------------------------------

@@ -34,18 +34,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from lawa_suite import registry
-from lawa_suite.averagers._window import (DiskSnapshots, MemorySnapshots, RereadSnapshots, SnapshotStore,
-                                          window_replay, window_worker)
+from lawa_suite.averagers._window import (MemorySnapshots, RereadSnapshots, SnapshotStore, WindowConfig,
+                                          window_replay, window_store, window_worker)
 from lawa_suite.averagers.base import (Averager, ReplayTrack, accumulator_copy, cast_like, follow_devices,
-                                       is_count, staged_like)
-from lawa_suite.config import choice, require
+                                       staged_like)
 
 __all__ = ["LAWA", "window_push_", "window_resum_", "window_mean"]
 
@@ -81,24 +80,12 @@ class LAWA(Averager):
     elementwise = True
 
     @dataclass
-    class Config:
-        k: int = 5                                 # snapshots in the window
-        nu: int = 100                              # a snapshot at every step divisible by nu
-        # where snapshots live: host memory or safetensors files (may change on resume: the average does not)
-        store: str = choice("cpu", "cpu", "disk", affects_average=False)
-        # folder for store=disk (one per averager); empty = a temporary one
-        dir: str = field(default="", metadata={"affects_average": False})
-
-        def __post_init__(self) -> None:
-            require(is_count(self.k, 1), "k", "an integer >= 1", self.k)
-            require(is_count(self.nu, 1), "nu", "an integer >= 1", self.nu)
-            require(self.store in ("cpu", "disk"), "store", "one of cpu, disk", self.store)
-            require(isinstance(self.dir, str), "dir", "a folder path (empty = a temporary folder)", self.dir)
+    class Config(WindowConfig):
+        """k, nu, store, dir: the window's keys (``_window.WindowConfig``)."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._store: SnapshotStore = (DiskSnapshots(self.config.dir) if self.config.store == "disk"
-                                      else MemorySnapshots())
+        self._store: SnapshotStore = window_store(self.config)
         self._sum: list[Tensor] = []  # sum of the window's snapshots in the accumulation dtype, layout order
         self._evictions = 0           # snapshots that left the window; the sum is recomputed every k of them
         self._pending: Future | None = None  # the window-sum job running on the background thread (store=cpu)

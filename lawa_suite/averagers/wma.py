@@ -19,15 +19,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from lawa_suite import registry
-from lawa_suite.averagers._window import DiskSnapshots, MemorySnapshots, RereadSnapshots, SnapshotStore, window_replay
-from lawa_suite.averagers.base import Averager, ReplayTrack, accumulation_dtype, is_count
+from lawa_suite.averagers._window import RereadSnapshots, SnapshotStore, WindowConfig, window_replay, window_store
+from lawa_suite.averagers.base import Averager, ReplayTrack, accumulation_dtype
 from lawa_suite.config import choice, require
 
 __all__ = ["WMA", "SHAPES", "merge_coefficients"]
@@ -57,25 +57,19 @@ class WMA(Averager):
     elementwise = True
 
     @dataclass
-    class Config:
-        k: int = 5                                   # snapshots in the window
-        nu: int = 100                                # a snapshot at every step divisible by nu
+    class Config(WindowConfig):
+        """LAWA's window keys (k, nu, store, dir; ``_window.WindowConfig``) and the decay shape."""
         shape: str = choice("1-sqrt", "1-sqrt", "cosine", "linear", "uniform")  # the decay the merge emulates
-        store: str = choice("cpu", "cpu", "disk", affects_average=False)  # where snapshots live (as LAWA)
-        dir: str = field(default="", metadata={"affects_average": False})  # folder for store=disk
 
         def __post_init__(self) -> None:
-            require(is_count(self.k, 1), "k", "an integer >= 1", self.k)
-            require(is_count(self.nu, 1), "nu", "an integer >= 1", self.nu)
+            super().__post_init__()
             require(self.shape in (*SHAPES, "uniform"), "shape", f"one of {', '.join([*SHAPES, 'uniform'])}",
                     self.shape)
-            require(self.store in ("cpu", "disk"), "store", "one of cpu, disk", self.store)
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.coefficients = merge_coefficients(self.config.k, self.config.shape)
-        self._store: SnapshotStore = (DiskSnapshots(self.config.dir) if self.config.store == "disk"
-                                      else MemorySnapshots())
+        self._store: SnapshotStore = window_store(self.config)
 
     @property
     def ready(self) -> bool:
