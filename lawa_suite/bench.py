@@ -1,10 +1,13 @@
 """``suite bench``: a matrix of runs (tasks x learning rates x seeds, every averager watching each run).
 
 One training run per (task, lr, seed) cell feeds all the averagers, so raw and averaged weights are always
-scored on the same trajectory and the same held-out batches. Locally the cells run one after another in this
-process; every cell runs with ``resume=auto`` and a periodic checkpoint, so a bench that is killed and started
-again skips the cells that finished (their final checkpoint is there) and continues the interrupted one from its
-newest checkpoint. ``--emit accelerate`` / ``--emit slurm`` write the same cells as cluster jobs instead.
+scored on the same trajectory and the same held-out batches. A run evaluates at least ``MIN_EVALS`` (20) times
+unless the bench sets ``eval.every``: early, mid and late each need several evaluations.
+
+Locally the cells run one after another in this process; every cell runs with ``resume=auto`` and a periodic
+checkpoint, so a bench that is killed and started again skips the cells that finished (their final checkpoint is
+there) and continues the interrupted one from its newest checkpoint. ``--emit accelerate`` / ``--emit slurm``
+write the same cells as cluster jobs instead.
 
 A bench file (YAML; every key optional except ``tasks``; the command line's ``key=value`` words override it)::
 
@@ -269,11 +272,24 @@ def _preset_lr(task: str, averager: list[str], settings: dict[str, str]) -> floa
     return resolve(words).run.lr
 
 
+MIN_EVALS = 20  # evaluations a bench run makes at least, unless eval.every is set: phases and crossings need them
+
+
+def _eval_every(task: str, averager: list[str], settings: dict[str, str]) -> dict[str, str]:
+    """``eval.every`` giving at least ``MIN_EVALS`` evaluations a run, where the bench leaves it to the preset."""
+    if "eval.every" in settings:
+        return {}
+    words = [f"task={task}", f"averager={','.join(averager)}", *(f"{k}={v}" for k, v in settings.items())]
+    run = resolve(words).run
+    return {"eval.every": str(max(1, run.steps // MIN_EVALS))} if run.steps // run.eval.every < MIN_EVALS else {}
+
+
 def cells(bench: Bench) -> list[Cell]:
     """Every (task, lr, seed) cell, in file order; each with its full `suite run` command line."""
     found = []
     for spec in bench.tasks:
         settings = {**bench.settings, **spec.settings, **_variant_settings(bench.variants, bench.averager)}
+        settings.update(_eval_every(spec.name, bench.averager, settings))
         lrs = spec.lrs or bench.lrs or [_preset_lr(spec.name, bench.averager, settings)]
         for lr in lrs:
             for seed in spec.seeds or bench.seeds:

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from conftest import ToyTask
 from lawa_suite.bench import cells, load_bench, run_bench
 from lawa_suite.cli import app
+from lawa_suite.config import resolve
 
 runner = CliRunner()
 TESTS = Path(__file__).resolve().parent
@@ -188,3 +189,13 @@ def test_bad_bench_file_keys(tmp_path):
     assert runner.invoke(app, ["bench", str(spec), "--dry-run"]).exit_code == 0
     result = runner.invoke(app, ["bench", str(tmp_path / "missing.yaml")])
     assert result.exit_code == 2 and "not found" in result.output
+
+
+def test_a_bench_run_evaluates_at_least_twenty_times_unless_told(tmp_path):
+    few = cells(load_bench(None, ["tasks=toy", "steps=400", "eval.every=100", f"out={tmp_path}"]))
+    assert "eval.every=100" in few[0].overrides  # the bench said so: kept
+    preset = cells(load_bench(None, ["tasks=toy", "steps=400", f"out={tmp_path}"]))  # the toy preset: every 5
+    assert resolve(list(preset[0].overrides)).run.eval.every == 5  # 80 evaluations: enough, left alone
+    short = cells(load_bench(None, ["tasks=toy", "steps=60", f"out={tmp_path}"]))  # every 5 would give 12
+    cfg = resolve(list(short[0].overrides))
+    assert cfg.run.eval.every == 3 and cfg.run.steps // cfg.run.eval.every == 20

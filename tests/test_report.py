@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
 from lawa_suite.cli import app
 from lawa_suite.report import find_runs, read_run, seed_band, summarise_lr, to_html, write_bench_report
 from lawa_suite.report.claims import swa_like
+from lawa_suite.report.targets import crossing, saved_fractions, steps_table
 
 runner = CliRunner()
 
@@ -57,17 +59,25 @@ def test_seed_band_is_the_mean_and_range_over_common_steps(tmp_path):
     assert seed_band(runs, "swa", "loss").steps == [40, 50]
 
 
-def test_steps_to_target_uses_raws_smoothed_final_and_best(tmp_path):
+def test_steps_to_target_interpolates_crossings_of_each_runs_own_raw_targets(tmp_path):
     runs = [read_run(p) for p in find_runs([bench(tmp_path)]) if "lr0.1-" in p.name]
-    s = summarise_lr(0.1, runs, "loss", "min")
-    # raw's seed mean: 3.1 2.6 2.5 2.3 2.4; smoothed final = mean(2.5, 2.3, 2.4) = 2.4, best 2.3 at step 40
-    assert abs(s.target_final - 2.4) < 1e-9 and abs(s.target_best - 2.3) < 1e-9
-    rows = {r["weights"]: r for r in s.rows}
-    assert rows["raw"]["to_final"] == 40 and rows["raw"]["to_best"] == 40
-    # lawa's mean 2.4 at step 20 reaches 2.4, 2.2 at 30 beats the best: half / a quarter of raw's steps saved
-    assert rows["lawa"]["to_final"] == 20 and abs(rows["lawa"]["saved_final"] - 0.5) < 1e-9
-    assert rows["lawa"]["to_best"] == 30 and abs(rows["lawa"]["saved_best"] - 0.25) < 1e-9
-    assert rows["swa_early"]["to_best"] is None
+    # seed 0: raw 3.0 2.5 2.4 2.2 2.3 at steps 10..50; smoothed final mean(2.4, 2.2, 2.3) = 2.3, first reached
+    # between step 30 (2.4) and 40 (2.2): at 35. LAWA is at 2.3 at its first evaluation, step 20: 1 - 20/35 saved.
+    # Best 2.2 (raw at 40); LAWA crosses it between 20 (2.3) and 30 (2.1): at 25, so 1 - 25/40. Seed 1 is seed 0
+    # shifted by +0.2 throughout: the same fractions.
+    assert crossing([(10, 3.0), (20, 2.5), (30, 2.4), (40, 2.2)], 2.3, "min") == pytest.approx(35.0)
+    assert crossing([(10, 0.5), (20, 0.9)], 0.6, "max") == pytest.approx(12.5)
+    assert crossing([(10, 3.0)], 2.0, "min") is None
+    saved, never = saved_fractions(runs, "lawa", "loss", "min", "final")
+    assert saved == pytest.approx([1 - 20 / 35] * 2) and never == 0
+    saved, never = saved_fractions(runs, "lawa", "loss", "min", "best")
+    assert saved == pytest.approx([1 - 25 / 40] * 2)
+    # swa_early never reaches raw's best (2.2 / 2.4): it counts the whole run, 50 steps, against raw's 40
+    saved, never = saved_fractions(runs, "swa_early", "loss", "min", "best")
+    assert saved == pytest.approx([1 - 50 / 40] * 2) and never == 2
+    table = steps_table(runs, ["lawa", "swa_early"], "loss", "min")
+    assert "| lawa | +43% [+43%, +43%] over 2 seeds: held | +38% [" in table  # (rounding: +37.5% both seeds)
+    assert "not reached in 2 seed(s)" in table
 
 
 def test_swa_instances_are_found_by_of_not_by_name(tmp_path):
@@ -88,7 +98,7 @@ def test_bench_report_markdown_html_and_claims(tmp_path):
     text = (folder / "report.md").read_text()
     assert text.startswith("# synthetic") and "![gpt2 (cpu)](gpt2-cpu.png)" in text
     assert "### lr=0.1" in text and "### lr=0.01" in text and "| lawa | 2.1000 (2.0000-2.2000) |" in text
-    assert "| 20 (+50%) |" in text                                     # steps to raw's smoothed final, saved
+    assert "| lawa | +43% [+43%, +43%] over 2 seeds: held |" in text   # steps saved to raw's smoothed final
     # (a) pairs seed 0 at both lrs: LAWA's early-mid gain (steps 20 and 30 of 50) is (0.2+0.3)/2 at lr=0.1 and
     # (-0.1-0.05)/2 at lr=0.01, a difference of +0.325 from one seed: no interval, so inconclusive
     assert "(a) LAWA's gain over raw is larger at the higher learning rate (early-mid: the first 75%): " \

@@ -1,10 +1,9 @@
 """The cross-run report: many runs (a bench), grouped by task and learning rate, mean over seeds.
 
 ``suite report <bench dir or run dirs> --out DIR`` writes report.md, report.html (the same content, the PNGs
-embedded) and one PNG per task. Steps to target use two targets, both taken from raw's seed-mean curve: raw's
-*smoothed final* value (the mean of its last SMOOTH evaluations: a single noisy final raw value flatters the
-averages) and raw's *best* value. "Saved" compares with the step at which raw itself first reached the same
-target, not with the run's length, so raw never "saves" anything against itself.
+embedded) and one PNG per task. Gains over raw are paired within each run (``paired.py``); steps to target are
+too: each run's own raw curve gives the targets, crossings are interpolated, and the steps saved are a fraction of
+raw's own steps to the same target (``targets.py``).
 """
 
 from __future__ import annotations
@@ -21,12 +20,12 @@ from lawa_suite.files import write_text_atomic
 from lawa_suite.report.html import to_html
 from lawa_suite.report.paired import gain, phase_table
 from lawa_suite.report.sweeps import sweep_section
+from lawa_suite.report.targets import SMOOTH, steps_table
 from lawa_suite.report.run import (
     Curves,
     best_point,
     direction_of,
     find_runs,
-    first_reaching,
     fmt,
     load_metrics,
     metric_directions,
@@ -38,11 +37,10 @@ from lawa_suite.report.run import (
 if TYPE_CHECKING:
     from lawa_suite.report.claims import Verdict
 
-__all__ = ["SMOOTH", "SETTLED_FROM", "RunRecord", "read_run", "Band", "seed_band", "LrSummary",
+__all__ = ["SETTLED_FROM", "RunRecord", "read_run", "Band", "seed_band", "LrSummary",
            "summarise_lr", "lr_table", "mean_gain", "gap_table", "plot_task", "group_runs", "task_section",
            "write_bench_report"]
 
-SMOOTH = 3                 # evaluations in raw's smoothed final value
 SETTLED_FROM = 0.5         # claim (a): LAWA's gain is averaged over evaluations from this fraction of the run
 
 
@@ -109,8 +107,6 @@ class LrSummary:
     bands: dict[str, Band]
     headline: str
     direction: str
-    target_final: float | None = None
-    target_best: float | None = None
     rows: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -122,42 +118,19 @@ def summarise_lr(lr: float, runs: list[RunRecord], headline: str, direction: str
     weights = ordered({w: None for r in runs for w in r.curves})  # type: ignore[arg-type]
     bands = {w: b for w in weights if (b := seed_band(runs, w, headline)) is not None}
     summary = LrSummary(lr, runs, bands, headline, direction)
-    raw = bands.get("raw")
-    if raw is None:
-        return summary
-    summary.target_final = sum(raw.mean[-SMOOTH:]) / len(raw.mean[-SMOOTH:])
-    summary.target_best = best_point(raw.points, direction)[0]
-    raw_final_at = first_reaching(raw.points, summary.target_final, direction)
-    raw_best_at = first_reaching(raw.points, summary.target_best, direction)
     for name, band in bands.items():
         best, best_step = best_point(band.points, direction)
-        to_final = first_reaching(band.points, summary.target_final, direction)
-        to_best = first_reaching(band.points, summary.target_best, direction)
-        summary.rows.append({
-            "weights": name, "final": band.mean[-1], "final_low": band.low[-1], "final_high": band.high[-1],
-            "best": best, "best_step": best_step, "to_final": to_final, "to_best": to_best,
-            "saved_final": None if to_final is None or not raw_final_at else 1 - to_final / raw_final_at,
-            "saved_best": None if to_best is None or not raw_best_at else 1 - to_best / raw_best_at,
-        })
+        summary.rows.append({"weights": name, "final": band.mean[-1], "final_low": band.low[-1],
+                             "final_high": band.high[-1], "best": best, "best_step": best_step})
     return summary
-
-
-def _steps_cell(step: int | None, saved: float | None, is_raw: bool) -> str:
-    if step is None:
-        return "not reached"
-    return f"{step}" if is_raw or saved is None else f"{step} ({saved:+.0%})"
 
 
 def lr_table(summary: LrSummary) -> str:
     h = summary.headline
-    lines = [f"| weights | final {h} (min-max over seeds) | best {h} (step) | steps to raw's smoothed final "
-             f"(saved) | steps to raw's best (saved) |", "|---|---|---|---|---|"]
+    lines = [f"| weights | final {h} (min-max over seeds) | best {h} of the seed mean (step) |", "|---|---|---|"]
     for row in summary.rows:
-        is_raw = row["weights"] == "raw"
         lines.append(f"| {row['weights']} | {fmt(row['final'])} ({fmt(row['final_low'])}-{fmt(row['final_high'])})"
-                     f" | {fmt(row['best'])} ({row['best_step']})"
-                     f" | {_steps_cell(row['to_final'], row['saved_final'], is_raw)}"
-                     f" | {_steps_cell(row['to_best'], row['saved_best'], is_raw)} |")
+                     f" | {fmt(row['best'])} ({row['best_step']}) |")
     return "\n".join(lines)
 
 
@@ -318,14 +291,15 @@ def task_section(label: str, by_lr_runs: dict[float, list[RunRecord]], out: Path
               f"![{label}]({png})", ""]
     for s in by_lr:
         lines += [f"### lr={s.lr:g}", ""]
-        if s.target_final is not None:
-            lines += [f"Targets from raw's seed-mean curve: smoothed final {fmt(s.target_final)} (mean of its "
-                      f"last {SMOOTH} evaluations), best {fmt(s.target_best)}. Saved = fewer steps than raw "
-                      f"itself needed to reach the same target.", ""]
         lines += [lr_table(s), ""]
         averagers = [w for w in s.bands if w != "raw"]
         if averagers:
-            lines += [phase_table(s.runs, averagers, s.headline, s.direction), ""]
+            lines += [phase_table(s.runs, averagers, s.headline, s.direction), "",
+                      f"Steps to target (AlgoPerf style): in each run, raw's smoothed final value (the mean of its "
+                      f"last {SMOOTH} evaluations) and its best value are the targets; each weights' first crossing "
+                      f"is interpolated between evaluations, and the steps saved are a fraction of raw's own steps "
+                      f"to the same target (a run that never reaches it counts its full length).", "",
+                      steps_table(s.runs, averagers, s.headline, s.direction), ""]
     lines += sweep_section(by_lr, out, png.removesuffix(".png"))
     if len(by_lr) >= 2:
         lines += [f"### High vs low learning rate (lr={by_lr[0].lr:g} vs lr={by_lr[-1].lr:g})", "",

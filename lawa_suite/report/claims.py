@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from lawa_suite.report.bench import LrSummary
 from lawa_suite.report.paired import EARLY_MID, Interval, final_gains, phase_gains, t_interval
-from lawa_suite.report.run import first_reaching
+from lawa_suite.report.targets import saved_fractions
 
 __all__ = ["Verdict", "swa_like", "claims", "CLAIM_TEXT", "claims_section"]
 
@@ -119,27 +119,17 @@ def claim_c(where: str, s: LrSummary) -> list[Verdict]:
 
 
 def claim_d(where: str, s: LrSummary) -> list[Verdict]:
-    """LAWA reaches raw's final value in fewer steps: per seed, the steps raw needed to first reach its own final
-    value minus the steps LAWA needed for the same value (a seed where LAWA never got there counts as the
-    run's length). The target is each run's raw final, so seeds are compared with themselves."""
+    """LAWA reaches raw's final value in fewer steps: per seed, the fraction of raw's own steps to its smoothed
+    final value that LAWA saved, crossings interpolated (``targets.py``)."""
     if "lawa" not in s.bands:
         return []
-    saved, never = [], 0
-    for run in s.runs:
-        raw, lawa = run.curves.get("raw", {}).get(s.headline), run.curves.get("lawa", {}).get(s.headline)
-        if not raw or not lawa:
-            continue
-        target = raw[-1][1]
-        raw_at = first_reaching(raw, target, s.direction)
-        lawa_at = first_reaching(lawa, target, s.direction)
-        never += lawa_at is None
-        saved.append(raw_at - (lawa_at if lawa_at is not None else run.steps))
+    saved, never = saved_fractions(s.runs, "lawa", s.headline, s.direction, "final")
     interval = t_interval(saved)
     if interval is None:
         return []
     note = f" (LAWA never reached it in {never} seed(s))" if never else ""
-    return [Verdict("d", where, interval.verdict, f"steps saved to reach raw's final {s.headline}: "
-                                                  f"{interval.text('{:+.0f}')}{note}")]
+    return [Verdict("d", where, interval.verdict, f"steps saved to reach raw's smoothed final {s.headline}, as a "
+                                                  f"fraction of raw's own: {interval.text('{:+.0%}')}{note}")]
 
 
 def claims(task: str, by_lr: list[LrSummary]) -> list[Verdict]:

@@ -1,0 +1,83 @@
+"""Steps to target, AlgoPerf style (Ajroldi et al., ICML 2025, who report LAWA and EMA reaching the target in about
+78% of the baseline's steps): within each run, targets from raw's own curve (its smoothed final value, the mean of
+its last ``SMOOTH`` evaluations, and its best value), the first crossing of each weights' curve interpolated
+linearly between the evaluations around it, and the steps saved as a fraction of raw's own crossing of the same
+target. Summarised over seeds with the 95% t-interval of ``paired.py``: held when the whole interval saves steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from lawa_suite.report.paired import Interval, t_interval
+
+if TYPE_CHECKING:
+    from lawa_suite.report.bench import RunRecord
+
+__all__ = ["SMOOTH", "TARGETS", "crossing", "run_targets", "saved_fractions", "steps_table"]
+
+SMOOTH = 3   # evaluations in raw's smoothed final value: a single noisy final raw value flatters the averages
+TARGETS = {"final": "raw's smoothed final", "best": "raw's best"}
+
+
+def _reached(value: float, target: float, direction: str) -> bool:
+    return value >= target if direction == "max" else value <= target
+
+
+def crossing(points: Sequence[tuple[int, float]], target: float, direction: str) -> float | None:
+    """The step at which the curve first reaches ``target``, interpolated linearly between the evaluation before
+    and the first that reaches it (the first evaluation itself if it already does); None if it never does."""
+    for i, (step, value) in enumerate(points):
+        if _reached(value, target, direction):
+            if i == 0 or value == points[i - 1][1]:
+                return float(step)
+            before_step, before = points[i - 1]
+            return before_step + (target - before) / (value - before) * (step - before_step)
+    return None
+
+
+def run_targets(raw: Sequence[tuple[int, float]], direction: str) -> dict[str, float]:
+    """The two targets of one run, from its raw curve."""
+    tail = [v for _, v in raw[-SMOOTH:]]
+    values = [v for _, v in raw]
+    return {"final": sum(tail) / len(tail), "best": max(values) if direction == "max" else min(values)}
+
+
+def saved_fractions(runs: Sequence[RunRecord], name: str, metric: str, direction: str,
+                    kind: str) -> tuple[list[float], int]:
+    """Per run: 1 - (steps ``name`` needed) / (steps raw needed) to reach raw's ``kind`` target; a run where
+    ``name`` never reaches it counts as needing the whole run (saving at most that). Also: how many never did."""
+    saved, never = [], 0
+    for run in runs:
+        raw, other = run.curves.get("raw", {}).get(metric), run.curves.get(name, {}).get(metric)
+        if not raw or not other:
+            continue
+        target = run_targets(raw, direction)[kind]
+        raw_at = crossing(raw, target, direction)
+        other_at = crossing(other, target, direction)
+        if not raw_at:
+            continue
+        never += other_at is None
+        saved.append(1.0 - (other_at if other_at is not None else run.steps) / raw_at)
+    return saved, never
+
+
+def _cell(interval: Interval | None, never: int) -> str:
+    if interval is None:
+        return "-"
+    note = f", not reached in {never} seed(s)" if never else ""
+    return f"{interval.text('{:+.0%}')}: {interval.verdict}{note}"
+
+
+def steps_table(runs: Sequence[RunRecord], names: Sequence[str], metric: str, direction: str) -> str:
+    """Markdown: per averager, the steps it saved against raw's own steps to each target, with intervals."""
+    lines = [f"| steps saved to reach (in {metric}) | " + " | ".join(TARGETS.values()) + " |",
+             "|---|" + "---|" * len(TARGETS)]
+    for name in names:
+        cells = []
+        for kind in TARGETS:
+            saved, never = saved_fractions(runs, name, metric, direction, kind)
+            cells.append(_cell(t_interval(saved), never))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
