@@ -20,6 +20,7 @@ from torch import Tensor
 from typer.testing import CliRunner
 
 from lawa_suite import posthoc, registry
+from lawa_suite.averagers.wma import merge_coefficients
 from lawa_suite.cli import app
 from lawa_suite.config import ConfigError, resolve
 from lawa_suite.export import select_weights
@@ -93,6 +94,24 @@ def test_lawa_windows_equal_online_lawa_and_the_window_mean(traj, tmp_path):
     brute = (saved[400]["w"] + saved[600]["w"] + saved[800]["w"]) / 3
     torch.testing.assert_close(out["w"], brute)
     assert out["h"].dtype == torch.bfloat16 and out["count"].item() == 800  # ints: copied from the newest
+
+
+def test_wma_phema_and_bema_post_hoc_equal_their_online_classes(traj, tmp_path):
+    """wma's window is LAWA's (in steps); phema's profile is in steps too (dt = the gap between saved steps); bema,
+    like EMA, counts observations."""
+    folder, saved = traj
+    jobs = parse_jobs(["wma", "phema", "bema"], {"wma.k": "3", "wma.nu": "200", "wma.shape": "cosine",
+                                                 "phema.sigma_rel": "0.1", "bema.every": "1"})
+    result = average(folder, jobs, tmp_path / "out", interval=1000)
+    assert set(result.outputs) == {"wma-k3-nu200-shapecosine", "phema-sigma_rel0.1", "bema-every1"}
+    wma = load_file(str(tmp_path / "out" / "wma-k3-nu200-shapecosine" / "step-00001000.safetensors"))
+    assert same_bits(wma, online("wma", saved, 1000, k=3, nu=200, shape="cosine").average())
+    c = merge_coefficients(3, "cosine")  # oldest first: steps 600, 800, 1000
+    torch.testing.assert_close(wma["w"], c[0] * saved[600]["w"] + c[1] * saved[800]["w"] + c[2] * saved[1000]["w"])
+    phema = load_file(str(tmp_path / "out" / "phema-sigma_rel0.1" / "step-00001000.safetensors"))
+    assert same_bits(phema, online("phema", saved, 1000, sigma_rel=[0.1]).average())
+    bema = load_file(str(tmp_path / "out" / "bema-every1" / "step-00001000.safetensors"))
+    assert same_bits(bema, online("bema", saved, 1000, clock="observations", every=1).average())
 
 
 def test_ema_and_swa_count_observations_of_saved_steps(traj, tmp_path):
