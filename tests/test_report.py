@@ -110,7 +110,8 @@ def test_bench_report_markdown_html_and_claims(tmp_path):
     assert "swa not yet averaging" in text                             # (b) compares only what is averaging
     assert "| lawa | not averaging yet | +0.2500 [+0.2500, +0.2500] over 2 seeds: held |" in text  # phases
     page = (folder / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 1 and "<table>" in page and 'src="gpt2-cpu.png"' not in page
+    # two PNGs embedded (curves, gain against lr), none left as a link
+    assert page.count("data:image/png;base64,") == 2 and "<table>" in page and 'src="gpt2-cpu.png"' not in page
     assert (folder / "gpt2-cpu.png").stat().st_size > 1000
 
 
@@ -244,3 +245,13 @@ def test_claim_b_is_judged_on_paired_early_mid_gains_whichever_way_they_fall(tmp
         verdict, = claim_b("gpt2 lr=0.1", summarise_lr(0.1, runs, "loss", "min"))
         assert verdict.outcome == expected, verdict.evidence
         assert "LAWA over ema:" in verdict.evidence and "at the end" in verdict.evidence
+
+
+def test_the_tuned_lr_is_raws_best_final_and_gains_are_drawn_against_lr(tmp_path):
+    report = write_bench_report([bench(tmp_path)], tmp_path / "out")
+    text = report.read_text()
+    # raw's seed-mean final: 2.4 at lr=0.1 (2.3, 2.5), 2.6 at lr=0.01: 0.1 is tuned, 0.01 lies 8.3% off it
+    assert "### Gain against the learning rate (tuned lr = 0.1: raw's best final loss)" in text
+    assert "| 0.01 | 2.6000 | lower, raw 8.3% off the tuned: trains worse |" in text
+    assert "| 0.1 | 2.4000 | tuned (raw's best final) | +0.2500 [+0.2500, +0.2500] over 2 seeds / +0.3000" in text
+    assert (tmp_path / "out" / "gpt2-cpu-lrs.png").stat().st_size > 5_000

@@ -19,6 +19,7 @@ import yaml
 from lawa_suite.files import write_text_atomic
 from lawa_suite.report.html import to_html
 from lawa_suite.report.paired import gain, phase_table
+from lawa_suite.report.lrs import lr_section
 from lawa_suite.report.sweeps import sweep_section
 from lawa_suite.report.targets import SMOOTH, steps_table
 from lawa_suite.report.run import (
@@ -37,11 +38,10 @@ from lawa_suite.report.run import (
 if TYPE_CHECKING:
     from lawa_suite.report.claims import Verdict
 
-__all__ = ["SETTLED_FROM", "RunRecord", "read_run", "Band", "seed_band", "LrSummary",
-           "summarise_lr", "lr_table", "mean_gain", "gap_table", "plot_task", "group_runs", "task_section",
+__all__ = ["RunRecord", "read_run", "Band", "seed_band", "LrSummary",
+           "summarise_lr", "lr_table", "plot_task", "group_runs", "task_section",
            "write_bench_report"]
 
-SETTLED_FROM = 0.5         # claim (a): LAWA's gain is averaged over evaluations from this fraction of the run
 
 
 @dataclass
@@ -131,37 +131,6 @@ def lr_table(summary: LrSummary) -> str:
     for row in summary.rows:
         lines.append(f"| {row['weights']} | {fmt(row['final'])} ({fmt(row['final_low'])}-{fmt(row['final_high'])})"
                      f" | {fmt(row['best'])} ({row['best_step']}) |")
-    return "\n".join(lines)
-
-
-def mean_gain(summary: LrSummary, weights_name: str, lo: float, hi: float) -> float | None:
-    """Mean of (weights better than raw) over the seed-mean evaluations in ``(lo, hi]`` of the run."""
-    raw, band = summary.bands.get("raw"), summary.bands.get(weights_name)
-    if raw is None or band is None:
-        return None
-    gains = [gain(summary.direction, raw.at(s), v) for s, v in zip(band.steps, band.mean)  # type: ignore[arg-type]
-             if lo * summary.steps < s <= hi * summary.steps and raw.at(s) is not None]
-    return sum(gains) / len(gains) if gains else None
-
-
-def gap_table(high: LrSummary, low: LrSummary) -> str:
-    """The paper's Figure 2 view: each weights' final value at both learning rates, and its gain over raw."""
-    h = high.headline
-    lines = [f"| weights | final {h} at lr={high.lr:g} | at lr={low.lr:g} | high minus low | gain over raw at "
-             f"lr={high.lr:g} (final / settled mean) | at lr={low.lr:g} (final / settled mean) |",
-             "|---|---|---|---|---|---|"]
-    finals_high = {r["weights"]: r["final"] for r in high.rows}
-    finals_low = {r["weights"]: r["final"] for r in low.rows}
-    for name in [w for w in finals_high if w in finals_low]:
-        cells = [name, fmt(finals_high[name]), fmt(finals_low[name]), f"{finals_high[name] - finals_low[name]:+.4f}"]
-        for s in (high, low):
-            if name == "raw":
-                cells.append("-")
-                continue
-            final = gain(s.direction, s.bands["raw"].mean[-1], s.bands[name].mean[-1])
-            settled = mean_gain(s, name, SETTLED_FROM, 1.0)
-            cells.append(f"{final:+.4f} / " + (f"{settled:+.4f}" if settled is not None else "-"))
-        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -301,11 +270,7 @@ def task_section(label: str, by_lr_runs: dict[float, list[RunRecord]], out: Path
                       f"to the same target (a run that never reaches it counts its full length).", "",
                       steps_table(s.runs, averagers, s.headline, s.direction), ""]
     lines += sweep_section(by_lr, out, png.removesuffix(".png"))
-    if len(by_lr) >= 2:
-        lines += [f"### High vs low learning rate (lr={by_lr[0].lr:g} vs lr={by_lr[-1].lr:g})", "",
-                  f"Gain = how much better than raw (positive: better) at the final evaluation, and its mean over "
-                  f"the evaluations after {SETTLED_FROM:.0%} of the run (settled).", "",
-                  gap_table(by_lr[0], by_lr[-1]), ""]
+    lines += lr_section(by_lr, out, png.removesuffix(".png") + "-lrs.png")
     return lines, claims(label, by_lr)
 
 
