@@ -255,3 +255,25 @@ def test_the_tuned_lr_is_raws_best_final_and_gains_are_drawn_against_lr(tmp_path
     assert "| 0.01 | 2.6000 | lower, raw 8.3% off the tuned: trains worse |" in text
     assert "| 0.1 | 2.4000 | tuned (raw's best final) | +0.2500 [+0.2500, +0.2500] over 2 seeds / +0.3000" in text
     assert (tmp_path / "out" / "gpt2-cpu-lrs.png").stat().st_size > 5_000
+
+
+def test_claim_g_sets_a_constant_runs_averagers_against_the_cosine_runs_raw(tmp_path):
+    root = tmp_path / "bench"
+    for seed, shift in ((0, 0.0), (1, 0.1)):
+        cosine = make_run(root / "cosine", 0.1, seed, {"raw": [3.0 + shift, 2.6 + shift, 2.3 + shift, 2.1 + shift,
+                                                               2.0 + shift]})
+        constant = make_run(root / "constant", 0.1, seed, {"raw": [3.0 + shift, 2.7 + shift, 2.5 + shift, 2.45 + shift,
+                                                                   2.4 + shift],
+                                                           "lawa": [None, 2.4 + shift, 2.1 + shift, 2.0 + shift,
+                                                                    1.9 + shift]})
+        for run, schedule in ((cosine, "cosine"), (constant, "constant")):
+            config = yaml.safe_load((run / "config.yaml").read_text())
+            config["schedule"] = schedule
+            (run / "config.yaml").write_text(yaml.safe_dump(config))
+    text = write_bench_report([root], tmp_path / "out").read_text()
+    # cosine raw: smoothed final mean(2.3, 2.1, 2.0) = 2.1333, reached between step 30 (2.3) and 40 (2.1) at 38.33;
+    # the constant run's LAWA gets there between 20 (2.4) and 30 (2.1) at 28.89: 1 - 28.89/38.33 = +25% saved
+    assert "averaging replaces learning-rate decay" in text
+    assert "gpt2 lr=0.1, constant run's lawa: held; steps saved to reach the cosine run's raw smoothed final loss, " \
+           "as a fraction of that run's own: +25% [" in text
+    assert "constant run's raw: did not hold" in text  # the constant run's own raw weights never get there

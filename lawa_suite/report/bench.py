@@ -20,6 +20,7 @@ from lawa_suite.files import write_text_atomic
 from lawa_suite.report.html import to_html
 from lawa_suite.report.paired import gain, phase_table
 from lawa_suite.report.lrs import lr_section
+from lawa_suite.report.schedules import claim_g
 from lawa_suite.report.sweeps import sweep_section
 from lawa_suite.report.targets import SMOOTH, steps_table
 from lawa_suite.report.run import (
@@ -295,6 +296,7 @@ def write_bench_report(paths: list[Path], out: Path, title: str = "") -> Path:
         text, found = task_section(label, by_lr, out)
         sections += text
         verdicts += found
+    verdicts += claim_g([r for r in runs if r.last_step >= r.steps])
     lines += claims_section(verdicts) + sections
     lines += ["## Runs", "", *(f"- `{r.path}`: {r.task} lr={r.lr:g} seed={r.seed}, {r.last_step}/{r.steps} steps, "
                                   f"averagers {', '.join(r.config.get('averager', [])) or 'none'}"

@@ -1,4 +1,5 @@
-"""The LAWA papers' four claims, each judged per task (and learning rate) on paired per-seed differences.
+"""The LAWA papers' claims, each judged per task (and learning rate) on paired per-seed differences (claim (g),
+averaging against learning-rate decay, lives in ``schedules.py``).
 
 Every number is a within-run difference computed per seed, summarised over seeds with a 95% t-interval
 (``paired.py``), and every claim is stated as held, did not hold or inconclusive, with the numbers, whichever way
@@ -145,6 +146,8 @@ CLAIM_TEXT = {
     "b": f"LAWA beats EMA and SWA in the early-mid part of training (the first {EARLY_MID[1]:.0%} of the run)",
     "c": "SWA started early does worse (final) than SWA started at 75%",
     "d": "the averaged (LAWA) run reaches raw's final metric in fewer steps",
+    "g": "averaging replaces learning-rate decay: the averagers of a constant (or WSD) run reach the cosine run's raw "
+         "final value in fewer steps",
 }
 
 

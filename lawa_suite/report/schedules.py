@@ -1,0 +1,77 @@
+"""Claim (g), from "When, Where and Why to Average Weights?" (Ajroldi et al., ICML 2025) and WSM: can averaging
+replace learning-rate decay? A run with a constant (or WSD) schedule and averagers watching it is set against the
+cosine run of the same task, lr and seed: each averager of the constant run is judged by the steps it needs to reach
+the cosine run's raw smoothed final value, as a fraction of the steps the cosine run's raw weights needed
+(crossings interpolated, ``targets.py``), and by its final value against the cosine run's raw final; both paired by
+seed and summarised with 95% intervals.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from lawa_suite.report.paired import gain, t_interval
+from lawa_suite.report.run import direction_of, metric_directions
+from lawa_suite.report.targets import crossing, run_targets
+
+if TYPE_CHECKING:
+    from lawa_suite.report.bench import RunRecord
+    from lawa_suite.report.claims import Verdict
+
+__all__ = ["SCHEDULE_KEYS", "claim_g"]
+
+# what may differ between a run and its cosine reference: the schedule and its own keys
+SCHEDULE_KEYS = {"schedule", "decay_fraction", "decay_shape", "min_lr"}
+
+
+def _pairs(runs: Sequence[RunRecord]) -> dict[tuple[str, float, str], list[tuple[RunRecord, RunRecord]]]:
+    """(task, lr, schedule) -> [(run, the cosine run it is set against)], one pair per seed."""
+    from lawa_suite.report.bench import experiment_key
+
+    def rest(run: RunRecord) -> str:
+        return repr(sorted((k, repr(v)) for k, v in experiment_key(run).items() if k not in SCHEDULE_KEYS))
+
+    cosine = {(rest(r), r.lr, r.seed): r for r in runs if r.config.get("schedule") == "cosine"}
+    found: dict[tuple[str, float, str], list[tuple[RunRecord, RunRecord]]] = defaultdict(list)
+    for run in runs:
+        schedule = run.config.get("schedule")
+        reference = cosine.get((rest(run), run.lr, run.seed))
+        if schedule not in (None, "cosine") and reference is not None:
+            label = schedule if schedule != "wsd" else f"wsd ({run.config.get('decay_shape')}, last " \
+                                                       f"{float(run.config.get('decay_fraction', 0)):.0%})"
+            found[(run.task, run.lr, label)].append((run, reference))
+    return found
+
+
+def claim_g(runs: Sequence[RunRecord]) -> list[Verdict]:
+    from lawa_suite.report.claims import Verdict
+
+    verdicts = []
+    for (task, lr, schedule), pairs in sorted(_pairs(runs).items()):
+        directions = metric_directions(task)
+        metric = next(iter(directions), None) or next(iter(pairs[0][1].curves["raw"]))
+        direction = direction_of(metric, directions)
+        names = sorted({w for run, _ in pairs for w in run.curves if w != "raw"})
+        for name in ["raw", *names]:
+            saved, finals, never = [], [], 0
+            for run, reference in pairs:
+                target_raw = reference.curves.get("raw", {}).get(metric)
+                mine = run.curves.get(name, {}).get(metric)
+                if not target_raw or not mine:
+                    continue
+                target = run_targets(target_raw, direction)["final"]
+                ref_at, at = crossing(target_raw, target, direction), crossing(mine, target, direction)
+                never += at is None
+                saved.append(1.0 - (at if at is not None else run.steps) / ref_at)
+                finals.append(gain(direction, target_raw[-1][1], mine[-1][1]))
+            steps, final = t_interval(saved), t_interval(finals)
+            if steps is None or final is None:
+                continue
+            note = f", never reached in {never} seed(s)" if never else ""
+            verdicts.append(Verdict("g", f"{task} lr={lr:g}, {schedule} run's {name}", steps.verdict,
+                                    f"steps saved to reach the cosine run's raw smoothed final {metric}, as a fraction "
+                                    f"of that run's own: {steps.text('{:+.0%}')}{note}; final {metric} against the "
+                                    f"cosine run's raw final: {final.text()} ({final.verdict})"))
+    return verdicts
