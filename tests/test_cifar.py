@@ -19,7 +19,7 @@ from PIL import Image
 from lawa_suite import registry
 from lawa_suite.config import ConfigError, DataConfig, EvalConfig, RunConfig, resolve
 from lawa_suite.data import images
-from lawa_suite.data.images import load_cifar, load_embedded, load_imagefolder
+from lawa_suite.data.images import EMBEDDED, load_cifar, load_digits, load_image_set, load_imagefolder
 from lawa_suite.evaluators.accuracy import Accuracy
 from lawa_suite.tasks.base import DataUnavailable, parameter_count
 from lawa_suite.tasks.cifar import CifarConfig, CifarTask, PreActResNet18, batch_generator, random_crop_flip
@@ -29,7 +29,7 @@ CLASSES = ["cat", "dog", "frog"]
 
 
 # -- helpers ----------------------------------------------------------------------------------------
-def make_run(tmp_path: Path, source: str = "embedded", path: str = "", **kwargs) -> RunConfig:
+def make_run(tmp_path: Path, source: str = "digits", path: str = "", **kwargs) -> RunConfig:
     return RunConfig(data=DataConfig(source, path, str(tmp_path / "cache")), **kwargs)
 
 
@@ -77,11 +77,21 @@ def test_preact_resnet18_parameter_count_and_forward():
     assert [b.conv1.out_channels for b in model.blocks] == [4, 4, 8, 8, 16, 16, 32, 32]
 
 
-# -- embedded ---------------------------------------------------------------------------------------
-def test_embedded_digits_shape_labels_and_deterministic_split():
-    first = load_embedded()
+# -- embedded and digits -------------------------------------------------------------------------------
+def test_the_embedded_cifar10_subset_is_class_balanced_real_and_offline(tmp_path):
+    found = load_image_set("embedded", "", str(tmp_path / "cache"))
+    assert found.train_images.shape == (10_000, 3, 32, 32) and found.test_images.shape == (2_000, 3, 32, 32)
+    assert found.classes == ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    assert torch.bincount(found.train_labels).tolist() == [1000] * 10
+    assert torch.bincount(found.test_labels).tolist() == [200] * 10
+    assert found.train_images.float().std() > 40 and "CIFAR-10 subset" in found.description  # colour photos
+    assert EMBEDDED.stat().st_size < 5_000_000  # shipped in the package: a few MB
+
+
+def test_digits_shape_labels_and_deterministic_split():
+    first = load_digits()
     torch.manual_seed(123), np.random.seed(123)  # the split must not depend on global RNG
-    second = load_embedded()
+    second = load_digits()
     assert first.train_images.shape == (1497, 3, 32, 32) and first.test_images.shape == (300, 3, 32, 32)
     assert first.train_images.dtype == torch.uint8 and first.train_labels.dtype == torch.int64
     assert first.classes == [str(d) for d in range(10)]
@@ -278,7 +288,7 @@ def test_config_validation_and_presets():
     with pytest.raises(ConfigError, match="cifar.optimizer: expected one of sgd, adamw"):
         resolve(["task=cifar", "preset=tiny", "cifar.optimizer=lion"])
     tiny = resolve(["task=cifar", "preset=tiny"])
-    assert tiny.task.width == 4 and tiny.run.eval.every == 4 and tiny.run.data.source == "embedded"
+    assert tiny.task.width == 4 and tiny.run.eval.every == 4 and tiny.run.data.source == "digits"
     assert tiny.run.steps >= 15  # `preset=tiny lawa.k=3 lawa.nu=5` must see LAWA ready
     cpu, paper = resolve(["task=cifar"]), resolve(["task=cifar", "preset=paper"])
     # the default (cpu) preset works offline: the README's main job needs no download

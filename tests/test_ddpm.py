@@ -275,7 +275,7 @@ def test_reference_statistics_are_computed_once_and_cached_by_count(tmp_path, mo
     task = tiny_task(tmp_path)
     first = FID(task).reference_stats(None, torch.device("cpu"))
     files = list((tmp_path / "cache" / "fid").glob("*.npz"))
-    assert len(files) == 1 and "embedded-16px-256-" in files[0].name and STANDIN in files[0].name
+    assert len(files) == 1 and "digits-16px-256-" in files[0].name and STANDIN in files[0].name
     monkeypatch.setattr(DdpmTask, "fid_reference_batches", lambda *a, **k: pytest.fail("recomputed, not cached"))
     again = FID(task).reference_stats(None, torch.device("cpu"))
     assert np.array_equal(first["mu"], again["mu"]) and np.array_equal(first["sigma"], again["sigma"])
@@ -355,7 +355,7 @@ def test_auto_uses_inception_once_its_file_is_in_the_hub_cache(tmp_path, offline
     stats = fid.reference_stats(None, torch.device("cpu"))
     assert stats["mu"].shape == (2048,) and stats["sigma"].shape == (2048, 2048)
     cached = [p.name for p in (tmp_path / "cache" / "fid").glob("*.npz")]
-    assert len(cached) == 1 and "embedded-16px-8-" in cached[0] and f"{INCEPTION}-2048" in cached[0]
+    assert len(cached) == 1 and "digits-16px-8-" in cached[0] and f"{INCEPTION}-2048" in cached[0]
 
 
 # -- the whole loop -----------------------------------------------------------------------------------

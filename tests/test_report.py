@@ -192,7 +192,8 @@ def test_a_single_runs_fewer_steps_compare_with_raws_own_step(tmp_path):
              for w, curve in (("raw", raw), ("ema", ema)) for s, v in curve.items()]
     (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     assert runner.invoke(app, ["report", str(run)]).exit_code == 0
-    rows = {line.split("|")[1].strip(): line for line in (run / "report.md").read_text().splitlines()
+    table = (run / "report.md").read_text().split("## What this run found")[0]  # the comparison table
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines()
             if line.startswith("| raw") or line.startswith("| ema")}
     assert rows["ema"].rstrip(" |").endswith("300 (40% fewer)") and rows["raw"].rstrip(" |").endswith("500")
 
@@ -277,3 +278,18 @@ def test_claim_g_sets_a_constant_runs_averagers_against_the_cosine_runs_raw(tmp_
     assert "gpt2 lr=0.1, constant run's lawa: held; steps saved to reach the cosine run's raw smoothed final loss, " \
            "as a fraction of that run's own: +25% [" in text
     assert "constant run's raw: did not hold" in text  # the constant run's own raw weights never get there
+
+
+def test_a_single_run_report_names_the_phase_where_averaging_helped_or_says_it_did_not(tmp_path):
+    from lawa_suite.report.run import write_report
+
+    # steps 10..50 of 50: early = step 10, mid = 20 and 30, late = 40 and 50
+    helped = make_run(tmp_path / "a", 0.1, 0, {"raw": [3.0, 2.8, 2.6, 2.3, 2.2], "lawa": [3.1, 2.6, 2.5, 2.3, 2.25]})
+    text = write_report(helped).read_text()
+    assert "Averaging helped most in the mid phase (25%-75% of the steps): lawa was ahead of raw at 2 of 2 " \
+           "evaluations, by +0.1500 loss on average" in text
+    assert "| lawa | -0.1000 (ahead at 0/1) | +0.1500 (ahead at 2/2) | -0.0250 (ahead at 0/2) |" in text
+    assert (helped / "gains.png").stat().st_size > 5_000
+    did_not = make_run(tmp_path / "b", 0.1, 0, {"raw": [3.0, 2.8, 2.6, 2.3, 2.2], "lawa": [3.1, 2.9, 2.7, 2.4, 2.2]})
+    text = write_report(did_not).read_text()
+    assert "In this run no averager was ahead of raw in loss on average in any phase" in text

@@ -2,8 +2,12 @@
 
 Sources (the values of ``data=`` that image tasks accept):
 
-- ``embedded``: scikit-learn's bundled digits (1,797 8x8 grayscale images, no download), upsampled to the
-  task's size and repeated to 3 channels; a fixed stratified split of 1,497 train / 300 test images.
+- ``embedded``: a class-balanced CIFAR-10 subset shipped inside the package (10,000 training and 2,000 test
+  JPEGs, 1,000 and 200 of each class, 3.9 MB; made by ``scripts/make_cifar10_subset.py`` from the CIFAR-10 JPEGs),
+  read like an ``imagefolder`` archive: real images with no download.
+- ``digits``: scikit-learn's bundled digits (1,797 8x8 grayscale images, no download), upsampled to the task's
+  size and repeated to 3 channels; a fixed stratified split of 1,497 train / 300 test images. Seconds to train:
+  what the ``tiny`` presets use.
 - ``imagefolder``: ``data.path`` is a folder holding ``train/<class>/*`` and ``test/<class>/*`` (``val/`` is
   accepted for test), or a ``.tar.gz``/``.tgz``/``.tar`` of one. Archives are extracted once, safely, into the
   cache; images are decoded once (both cores) into an ``.npz`` in the cache, so later loads take a second.
@@ -43,14 +47,15 @@ from lawa_suite.files import first_line, write_npz_atomic
 if TYPE_CHECKING:
     from PIL import Image
 
-__all__ = ["ImageSet", "ImageFiles", "load_image_set", "load_embedded", "load_imagefolder", "imagefolder_files",
-           "decode_image", "load_cifar", "IMAGE_EXTENSIONS"]
+__all__ = ["ImageSet", "ImageFiles", "EMBEDDED", "load_image_set", "load_digits", "load_imagefolder",
+           "imagefolder_files", "decode_image", "load_cifar", "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 LAYOUT = "train/<class>/*.jpg|png and test/<class>/*.jpg|png (val/ also accepted for test)"
 CACHE_FORMAT = 1           # bump when the decoded-cache layout changes, so stale caches are ignored
 POOL_THRESHOLD = 2_000     # below this many files a process pool costs more than it saves
 CHUNK = 500                # files per worker task: big enough to amortise pickling, small for a live bar
+EMBEDDED = Path(__file__).resolve().parent / "images" / "cifar10-subset.tar.gz"  # data=embedded
 
 
 @dataclass
@@ -79,15 +84,19 @@ class ImageFiles:
 
 
 def load_image_set(source: str, path: str, cache: str, image_size: int = 32, crop: bool = False) -> ImageSet:
-    """Load ``source`` (embedded | imagefolder | cifar10 | cifar100) at ``image_size`` pixels, RGB.
+    """Load ``source`` (embedded | digits | imagefolder | cifar10 | cifar100) at ``image_size`` pixels, RGB.
     ``crop`` (imagefolder only) centre-crops instead of squashing non-square images."""
     if source == "embedded":
-        return load_embedded(image_size)
+        found = load_imagefolder(str(EMBEDDED), cache, image_size)
+        found.description = "embedded CIFAR-10 subset (10,000 train / 2,000 test JPEGs)"
+        return found
+    if source == "digits":
+        return load_digits(image_size)
     if source == "imagefolder":
         return load_imagefolder(path, cache, image_size, crop)
     if source in ("cifar10", "cifar100"):
         return load_cifar(source, path or os.path.join(cache, source), image_size)
-    raise ValueError(f"unknown image source {source!r}; known: embedded, imagefolder, cifar10, cifar100")
+    raise ValueError(f"unknown image source {source!r}; known: embedded, digits, imagefolder, cifar10, cifar100")
 
 
 def _resize(images: Tensor, size: int) -> Tensor:
@@ -98,13 +107,13 @@ def _resize(images: Tensor, size: int) -> Tensor:
     return out.round().clamp(0, 255).to(torch.uint8)
 
 
-# -- embedded: scikit-learn digits ------------------------------------------------------------------
-def load_embedded(image_size: int = 32, test_size: int = 300) -> ImageSet:
+# -- digits: scikit-learn's ------------------------------------------------------------------------
+def load_digits(image_size: int = 32, test_size: int = 300) -> ImageSet:
     """sklearn's digits as 3-channel ``image_size`` px images; the split is fixed (seeded locally)."""
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits as sklearn_digits
     from sklearn.model_selection import train_test_split
 
-    digits = load_digits()
+    digits = sklearn_digits()
     images = torch.from_numpy(digits.images).float().mul(255.0 / 16.0).unsqueeze(1)  # values 0..16 -> 0..255
     images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False)
     images = images.round().clamp(0, 255).to(torch.uint8).repeat(1, 3, 1, 1)
@@ -113,7 +122,7 @@ def load_embedded(image_size: int = 32, test_size: int = 300) -> ImageSet:
                                            random_state=0)
     train_idx, test_idx = torch.from_numpy(np.sort(train_idx)), torch.from_numpy(np.sort(test_idx))
     return ImageSet(images[train_idx], labels[train_idx], images[test_idx], labels[test_idx],
-                    [str(d) for d in range(10)], "embedded (scikit-learn digits)")
+                    [str(d) for d in range(10)], "digits (scikit-learn)")
 
 
 # -- imagefolder: a folder or an archive of train/<class>/* and test/<class>/* ------------------------

@@ -213,6 +213,9 @@ def write_report(run_dir: Path) -> Path:
         lines += [*notes, ""] if notes else []
         plot_curves(curves, train, metrics, run_dir / "curves.png", title)
         lines += ["![metrics vs step](curves.png)", ""]
+        from lawa_suite.report.findings import findings_lines  # builds on this module
+        lines += findings_lines(curves, int(config["steps"]), headline, direction_of(headline, directions),
+                                run_dir / "gains.png")
     else:
         lines += ["No evaluation was recorded.", ""]
     report = run_dir / "report.md"

@@ -153,13 +153,13 @@ class CifarTask(Task):
     name = "cifar"
     Config = CifarConfig
     evaluator = "accuracy"
-    data_sources = ("embedded", "imagefolder", "cifar10", "cifar100")
+    data_sources = ("embedded", "digits", "imagefolder", "cifar10", "cifar100")
     default_preset = "cpu"
     presets: dict[str, dict[str, Any]] = {
-        # seconds: the offline digits (the default data), a 4-wide net, 16 steps: long enough for LAWA windows
-        # up to k*nu = 15 (e.g. lawa.k=3 lawa.nu=5) to fill
-        "tiny": {"steps": 16, "lr": 0.05, "batch_size": 16, "schedule": "constant", "cifar.width": 4,
-                 "cifar.eval_batch_size": 150, "eval.every": 4, "eval.bn_batches": 2,
+        # seconds: scikit-learn's digits, a 4-wide net, 16 steps: long enough for LAWA windows up to k*nu = 15
+        # (e.g. lawa.k=3 lawa.nu=5) to fill
+        "tiny": {"data.source": "digits", "steps": 16, "lr": 0.05, "batch_size": 16, "schedule": "constant",
+                 "cifar.width": 4, "cifar.eval_batch_size": 150, "eval.every": 4, "eval.bn_batches": 2,
                  "lawa.k": 2, "lawa.nu": 2, "ema.decay": 0.9, "swa.start": 0.5},
         # ~4 minutes on 2 CPU cores (0.17 s a step, ~7 s per 4-weight-set evaluation). The default data is the
         # offline digits (the README's main job); on CIFAR-10 (data=cifar10, or data=imagefolder

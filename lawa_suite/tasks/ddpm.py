@@ -21,7 +21,8 @@ The UNet is configured level by level (``ddpm.channels``, ``ddpm.attention``); t
 64-channel heads, BigGAN-style ResNet up/down-sampling, scale-shift timestep conditioning). The ADM count
 includes its 1000-class embedding (1,024,000 parameters); this task is unconditional, so it builds 420.5M.
 
-Data: ``embedded`` (scikit-learn digits, offline, the default of ``tiny`` and ``cpu``), ``cifar10``, and
+Data: ``digits`` (scikit-learn's, offline, what ``tiny`` and ``cpu`` train on), ``embedded`` (the CIFAR-10 subset
+shipped in the package), ``cifar10``, and
 ``imagefolder`` (``train/<class>/*`` + ``test/<class>/*``; short side resized and centre-cropped, as ADM).
 A folder that fits in ``ddpm.memory_gb`` is decoded once into memory; a bigger one (ImageNet: 63 GB at
 128 px) is streamed from its files by DataLoader workers (``ddpm.loader=stream``), resumable and in the same
@@ -143,21 +144,22 @@ class DdpmTask(Task):
     name = "ddpm"
     Config = DdpmConfig
     evaluator = "fid"
-    data_sources = ("embedded", "imagefolder", "cifar10")
+    data_sources = ("embedded", "digits", "imagefolder", "cifar10")
     default_preset = "cpu"
     presets: dict[str, dict[str, Any]] = {
         # seconds: 16 px digits, a 2-level 45K-parameter UNet, FID of 32 four-step samples by the stand-in
-        "tiny": {"steps": 8, "lr": 2e-3, "batch_size": 16, "schedule": "constant", "eval.every": 4,
-                 "eval.batches": 2, "ddpm.image_size": 16, "ddpm.channels": [8, 16], "ddpm.attention": [False, True],
-                 "ddpm.layers_per_block": 1, "ddpm.norm_groups": 4, "ddpm.dropout": 0.0, "ddpm.flip": False,
-                 "ddpm.sample_steps": 4, "ddpm.eval_batch_size": 16, "fid.samples": 32, "fid.reference": 256,
-                 "fid.extractor": "standin", "fid.grid": 16, "lawa.k": 2, "lawa.nu": 2, "ema.decay": 0.9,
-                 "swa.start": 0.5},
-        # ~10 minutes on 2 CPU cores: 16 px digits (the offline default; flips off, digits are not symmetric),
+        "tiny": {"data.source": "digits", "steps": 8, "lr": 2e-3, "batch_size": 16, "schedule": "constant",
+                 "eval.every": 4, "eval.batches": 2, "ddpm.image_size": 16, "ddpm.channels": [8, 16],
+                 "ddpm.attention": [False, True], "ddpm.layers_per_block": 1, "ddpm.norm_groups": 4,
+                 "ddpm.dropout": 0.0, "ddpm.flip": False, "ddpm.sample_steps": 4, "ddpm.eval_batch_size": 16,
+                 "fid.samples": 32, "fid.reference": 256, "fid.extractor": "standin", "fid.grid": 16,
+                 "lawa.k": 2, "lawa.nu": 2, "ema.decay": 0.9, "swa.start": 0.5},
+        # ~10 minutes on 2 CPU cores: 16 px digits (offline; flips off, digits are not symmetric),
         # a 3-level 1.1M-parameter UNet, constant LR after warm-up (diffusion practice: the averages do the
         # annealing). FID of 256 twenty-step DDIM samples against all 1,497 training digits, by Inception when
         # its weights are on disk, else by the stand-in. Averaging windows of ~250 steps.
-        "cpu": {"steps": 1500, "lr": 1e-3, "batch_size": 64, "warmup": 100, "schedule": "constant",
+        "cpu": {"data.source": "digits", "steps": 1500, "lr": 1e-3, "batch_size": 64, "warmup": 100,
+                "schedule": "constant",
                 "grad_clip": 1.0, "eval.every": 250, "eval.batches": 3, "ddpm.image_size": 16,
                 "ddpm.channels": [32, 64, 64], "ddpm.attention": [False, False, True], "ddpm.layers_per_block": 1,
                 "ddpm.norm_groups": 8, "ddpm.head_dim": 32, "ddpm.dropout": 0.0, "ddpm.flip": False,

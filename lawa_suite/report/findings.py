@@ -1,0 +1,99 @@
+"""What one run found, in words: each averager's gain over raw by phase of training (early: the first 25% of the
+steps, mid: 25-75%, late: the last 25%), drawn as a gain curve with the phases shaded, and one plain sentence.
+
+One run is one seed: the numbers are observations (how often and by how much an averager was ahead of raw at the
+evaluations of a phase), not intervals; ``suite bench ... seeds=0,1,2,3,4`` gives the intervals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from lawa_suite.report.paired import PHASES, gain
+from lawa_suite.report.run import Curves, ordered
+
+__all__ = ["PhaseGain", "phase_gains_of_run", "findings_lines"]
+
+
+@dataclass
+class PhaseGain:
+    weights: str
+    phase: str
+    mean: float          # mean gain over raw at the phase's evaluations (positive = better)
+    ahead: int           # evaluations at which it was better than raw
+    evaluations: int
+
+
+def phase_gains_of_run(curves: Curves, steps: int, metric: str, direction: str) -> list[PhaseGain]:
+    raw = dict(curves.get("raw", {}).get(metric, []))
+    found = []
+    for weights in [w for w in ordered(curves) if w != "raw"]:
+        paired = [(s, gain(direction, raw[s], v)) for s, v in curves[weights].get(metric, []) if s in raw]
+        for phase, (lo, hi) in PHASES.items():
+            gains = [g for s, g in paired if lo * steps < s <= hi * steps]
+            if gains:
+                found.append(PhaseGain(weights, phase, sum(gains) / len(gains), sum(g > 0 for g in gains), len(gains)))
+    return found
+
+
+def _sentence(gains: list[PhaseGain], metric: str) -> str:
+    ahead = [g for g in gains if g.mean > 0 and g.ahead * 2 > g.evaluations]
+    if not ahead:
+        return (f"In this run no averager was ahead of raw in {metric} on average in any phase of training (one seed: "
+                f"an observation, not an interval).")
+    best = max(ahead, key=lambda g: g.mean)
+    lo, hi = PHASES[best.phase]
+    others = sorted({g.phase for g in ahead if g.weights == best.weights} - {best.phase}, key=list(PHASES).index)
+    plural = "s" if len(others) > 1 else ""
+    also = f"; it was also ahead in the {' and '.join(others)} phase{plural}" if others else ""
+    return (f"Averaging helped most in the {best.phase} phase ({lo:.0%}-{hi:.0%} of the steps): {best.weights} was "
+            f"ahead of raw at {best.ahead} of {best.evaluations} evaluations, by {best.mean:+.4f} {metric} on average"
+            f"{also}. One run is one seed: these are observations, not intervals (`suite bench ... seeds=0,1,2,3,4` "
+            f"gives intervals).")
+
+
+def findings_lines(curves: Curves, steps: int, metric: str, direction: str, path: Path) -> list[str]:
+    """Markdown: the plain sentence, the phase table, and the gain curve (drawn to ``path``)."""
+    gains = phase_gains_of_run(curves, steps, metric, direction)
+    if not gains:
+        return []
+    names = list(dict.fromkeys(g.weights for g in gains))
+    lines = ["## What this run found", "", _sentence(gains, metric), "",
+             f"| gain over raw in {metric} (+ = better) | "
+             + " | ".join(f"{p} ({lo:.0%}-{hi:.0%})" for p, (lo, hi) in PHASES.items()) + " |",
+             "|---|" + "---|" * len(PHASES)]
+    for name in names:
+        cells = []
+        for phase in PHASES:
+            g = next((g for g in gains if g.weights == name and g.phase == phase), None)
+            cells.append(f"{g.mean:+.4f} (ahead at {g.ahead}/{g.evaluations})" if g else "not averaging yet")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    _plot(curves, steps, metric, direction, path)
+    return lines + ["", f"![gain over raw]({path.name})", ""]
+
+
+def _plot(curves: Curves, steps: int, metric: str, direction: str, path: Path) -> None:
+    import matplotlib  # lazily: importing the package should not pay for matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    raw = dict(curves.get("raw", {}).get(metric, []))
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for (phase, (lo, hi)), shade in zip(PHASES.items(), ("#f2f2f2", "#e4e4e4", "#f2f2f2")):
+        ax.axvspan(lo * steps, hi * steps, color=shade, zorder=0)
+        ax.text((lo + hi) / 2 * steps, 1.0, phase, transform=ax.get_xaxis_transform(), ha="center", va="bottom",
+                fontsize=8)
+    for weights in [w for w in ordered(curves) if w != "raw"]:
+        pairs = [(s, gain(direction, raw[s], v)) for s, v in curves[weights].get(metric, []) if s in raw]
+        if pairs:
+            ax.plot(*zip(*pairs), marker=".", label=weights)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xlim(0, steps)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(f"gain over raw in {metric}")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
