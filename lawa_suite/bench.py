@@ -26,6 +26,7 @@ A bench file (YAML; every key optional except ``tasks``; the command line's ``ke
 
     tasks:                            # the mapping form: per-task settings
       gpt2: {lrs: "1e-2,1e-3", preset: cpu, data: text, data.path: ../shared/data/tinyshakespeare.txt}
+      gpt2-constant: {task: gpt2, schedule: constant}   # the task again, labelled: cells in <out>/gpt2-constant/
 
 Relative paths (``out``, ``data.path``) are relative to the working directory, as with ``suite run``.
 """
@@ -33,7 +34,6 @@ Relative paths (``out``, ``data.path``) are relative to the working directory, a
 from __future__ import annotations
 
 import dataclasses
-import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -44,8 +44,8 @@ from lawa_suite.config import ConfigError, ResolvedConfig, parse_overrides, reso
 from lawa_suite.files import first_line
 from lawa_suite.sweeps import Sweep, check_sweeps, parse_sweeps, run_sweeps
 
-__all__ = ["Bench", "Cell", "load_bench", "cells", "cell_config", "cell_status", "run_bench", "emit",
-           "BENCH_FILE"]
+__all__ = ["Bench", "Cell", "load_bench", "cells", "cell_config", "cell_status", "run_bench", "validate",
+           "write_spec", "BENCH_FILE"]
 
 BENCH_FILE = "bench.yaml"          # the resolved bench spec, written into ``out`` (what `suite report` finds)
 TOP_KEYS = {"out", "tasks", "averager", "variants", "lrs", "seeds", "threads", "set", "slurm", "accelerate",
@@ -65,10 +65,15 @@ class SlurmConfig:
 
 @dataclass
 class TaskSpec:
-    name: str
+    name: str                      # the entry's name: the task, or a label for a second setting of one (task: below)
     lrs: list[float] = field(default_factory=list)   # empty: the bench's lrs (or the preset's lr)
     seeds: list[int] = field(default_factory=list)   # empty: the bench's seeds
     settings: dict[str, str] = field(default_factory=dict)  # `suite run` key -> value for this task
+    task: str = ""                 # the registered task, when the entry's name is a label (gpt2-constant: {task: gpt2})
+
+    @property
+    def registered(self) -> str:
+        return self.task or self.name
 
 
 @dataclass
@@ -91,7 +96,8 @@ class Bench:
                 "lrs": ",".join(f"{lr:g}" for lr in self.lrs), "seeds": ",".join(map(str, self.seeds)),
                 "threads": self.threads, "set": self.settings, "slurm": dataclasses.asdict(self.slurm),
                 "accelerate": self.accelerate, "posthoc": {w.name: " ".join(w.words) for w in self.posthoc},
-                "tasks": {t.name: {**({"lrs": ",".join(f"{lr:g}" for lr in t.lrs)} if t.lrs else {}),
+                "tasks": {t.name: {**({"task": t.task} if t.task else {}),
+                                   **({"lrs": ",".join(f"{lr:g}" for lr in t.lrs)} if t.lrs else {}),
                                    **({"seeds": ",".join(map(str, t.seeds))} if t.seeds else {}), **t.settings}
                           for t in self.tasks}}
 
@@ -169,6 +175,8 @@ def _task_specs(value: Any) -> list[TaskSpec]:
             spec.lrs = _lrs(f"tasks.{name}.lrs", body.pop("lrs"))
         if "seeds" in body:
             spec.seeds = _seeds(f"tasks.{name}.seeds", body.pop("seeds"))
+        if "task" in body:  # a second setting of a task under its own label (its own cell folders)
+            spec.task = str(body.pop("task"))
         spec.settings = _settings(f"tasks.{name}", body)
         specs.append(spec)
     return specs
@@ -289,14 +297,14 @@ def cells(bench: Bench) -> list[Cell]:
     found = []
     for spec in bench.tasks:
         settings = {**bench.settings, **spec.settings, **_variant_settings(bench.variants, bench.averager)}
-        settings.update(_eval_every(spec.name, bench.averager, settings))
-        lrs = spec.lrs or bench.lrs or [_preset_lr(spec.name, bench.averager, settings)]
+        settings.update(_eval_every(spec.registered, bench.averager, settings))
+        lrs = spec.lrs or bench.lrs or [_preset_lr(spec.registered, bench.averager, settings)]
         for lr in lrs:
             for seed in spec.seeds or bench.seeds:
                 out = Path(bench.out) / spec.name / f"lr{lr:g}-seed{seed}"
-                words = [f"task={spec.name}", f"averager={','.join(bench.averager)}", f"lr={lr!r}", f"seed={seed}",
-                         f"out={out}", "resume=auto", *(f"{k}={v}" for k, v in settings.items())]
-                found.append(Cell(len(found), spec.name, lr, seed, out, tuple(words)))
+                words = [f"task={spec.registered}", f"averager={','.join(bench.averager)}", f"lr={lr!r}",
+                         f"seed={seed}", f"out={out}", "resume=auto", *(f"{k}={v}" for k, v in settings.items())]
+                found.append(Cell(len(found), spec.registered, lr, seed, out, tuple(words)))
     return found
 
 
@@ -382,49 +390,3 @@ def run_bench(bench: Bench, log: Callable[[str], None] = print, only: int | None
         result.done.append(cell)
         result.failed += [(cell, f) for f in run_sweeps(cell.out, bench.posthoc, log)]
     return result
-
-
-# -- cluster commands -------------------------------------------------------------------------------------------
-def _launch(spec: Path, index: int, bench: Bench) -> str:
-    extra = f" {bench.accelerate}" if bench.accelerate else ""
-    return (f"accelerate launch --num_processes {bench.slurm.gpus}{extra} -m lawa_suite.cli bench "
-            f"{shlex.quote(str(spec))} --cell {index}")
-
-
-def emit(bench: Bench, kind: str) -> list[Path]:
-    """Write the cluster form of the bench into ``out``: ``commands.sh`` (one ``accelerate launch`` per cell)
-    and, for ``slurm``, ``bench.sbatch`` (an array job, one task per cell). Each command runs one cell of the
-    bench spec through `suite bench --cell`, so variants, skipping and resuming work the same as locally."""
-    planned = validate(bench)
-    spec = write_spec(bench)
-    out = Path(bench.out)
-    lines = ["#!/bin/sh", f"# {len(planned)} cells of {spec}; each line is one cell (resume=auto: re-run a line "
-             "to continue it). The equivalent suite run words are in the comment above it.", "set -e"]
-    for cell, _ in planned:
-        lines += [f"# cell {cell.index}: suite run {' '.join(shlex.quote(w) for w in cell.overrides)}",
-                  _launch(spec, cell.index, bench)]
-    commands = out / "commands.sh"
-    commands.write_text("\n".join(lines) + "\n")
-    commands.chmod(0o755)
-    written = [spec, commands]
-    if kind == "slurm":
-        written.append(_write_sbatch(bench, spec, len(planned)))
-    return written
-
-
-def _write_sbatch(bench: Bench, spec: Path, count: int) -> Path:
-    s = bench.slurm
-    lines = ["#!/bin/bash", "#SBATCH --job-name=lawa-bench", f"#SBATCH --array=0-{count - 1}", "#SBATCH --nodes=1",
-             "#SBATCH --ntasks-per-node=1", f"#SBATCH --gpus-per-node={s.gpus}",
-             f"#SBATCH --cpus-per-task={s.gpus * s.cpus_per_gpu}", f"#SBATCH --time={s.time}",
-             f"#SBATCH --output={Path(bench.out) / 'slurm-%A_%a.out'}",
-             # SIGTERM 5 minutes before the time limit: the loop checkpoints and exits 143; requeue to continue
-             "#SBATCH --signal=B:TERM@300", "#SBATCH --requeue"]
-    if s.partition:
-        lines.append(f"#SBATCH --partition={s.partition}")
-    # exec: the batch shell becomes accelerate, so the early SIGTERM reaches the launcher rather than bash
-    lines += ["set -e", s.setup, "exec " + _launch(spec, 0, bench).replace("--cell 0", "--cell $SLURM_ARRAY_TASK_ID")]
-    path = Path(bench.out) / "bench.sbatch"
-    path.write_text("\n".join(line for line in lines if line) + "\n")
-    return path
-

@@ -136,7 +136,8 @@ def bench(
 
     Example: suite bench benchmarks/cpu-reference.yaml, or suite bench tasks=gpt2 lrs=1e-2,1e-3 seeds=0,1 preset=tiny
     """
-    from lawa_suite.bench import cell_status, emit as emit_jobs, load_bench, run_bench, validate
+    from lawa_suite.bench import cell_status, load_bench, run_bench, validate
+    from lawa_suite.cluster import emit as emit_jobs
     from lawa_suite.config import ConfigError
 
     words = list(words or [])

@@ -199,3 +199,14 @@ def test_a_bench_run_evaluates_at_least_twenty_times_unless_told(tmp_path):
     short = cells(load_bench(None, ["tasks=toy", "steps=60", f"out={tmp_path}"]))  # every 5 would give 12
     cfg = resolve(list(short[0].overrides))
     assert cfg.run.eval.every == 3 and cfg.run.steps // cfg.run.eval.every == 20
+
+
+def test_a_task_entry_may_be_a_labelled_second_setting_of_a_task(tmp_path):
+    spec = tmp_path / "bench.yaml"
+    spec.write_text(yaml.safe_dump({"out": str(tmp_path / "b"), "seeds": "0", "lrs": "0.05", "tasks": {
+        "toy": {"steps": 6, "eval.every": 3}, "toy-constant": {"task": "toy", "schedule": "constant", "steps": 6,
+                                                               "eval.every": 3}}}))
+    found = cells(load_bench(spec, []))
+    assert [(c.task, c.out.parent.name) for c in found] == [("toy", "toy"), ("toy", "toy-constant")]
+    assert "schedule=constant" in found[1].overrides and "task=toy" in found[1].overrides
+    assert resolve(list(found[1].overrides)).run.schedule == "constant"
