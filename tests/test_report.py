@@ -293,3 +293,14 @@ def test_a_single_run_report_names_the_phase_where_averaging_helped_or_says_it_d
     did_not = make_run(tmp_path / "b", 0.1, 0, {"raw": [3.0, 2.8, 2.6, 2.3, 2.2], "lawa": [3.1, 2.9, 2.7, 2.4, 2.2]})
     text = write_report(did_not).read_text()
     assert "In this run no averager was ahead of raw in loss on average in any phase" in text
+
+
+def test_claim_a_compares_the_highest_lr_that_still_trains_with_the_lowest(tmp_path):
+    root = bench(tmp_path)
+    make_run(root / "gpt2", 1.0, 0, {"raw": [3.5, 3.2, 3.0, 2.9, 2.9], "lawa": [None, 2.9, 2.7, 2.6, 2.6],
+                                     "swa": [None, None, None, 2.8, 2.8], "swa_early": [None, 3.1, 2.9, 2.8, 2.8]})
+    text = write_bench_report([root], tmp_path / "out").read_text()
+    # lr=1.0 ends at 2.9, 21% worse than the tuned lr=0.1 (2.4): another regime, left out of (a)
+    assert "LAWA's early-mid gain at lr=0.1 minus at lr=0.01" in text
+    assert "(lr 1 left out: raw trains more than 5% worse there than at the tuned lr=0.1)" in text
+    assert "| 1 | 2.9000 | higher, raw 20.8% off the tuned: trains worse |" in text

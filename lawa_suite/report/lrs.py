@@ -19,7 +19,7 @@ from lawa_suite.report.run import fmt
 if TYPE_CHECKING:
     from lawa_suite.report.bench import LrSummary
 
-__all__ = ["TRAINS_WITHIN", "tuned", "lr_section"]
+__all__ = ["TRAINS_WITHIN", "tuned", "still_trains", "lr_section"]
 
 TRAINS_WITHIN = 0.05  # an lr "still trains" when raw's final value is within 5% of the tuned lr's
 
@@ -36,6 +36,13 @@ def tuned(by_lr: Sequence[LrSummary]) -> LrSummary | None:
         return None
     best = max if scored[0].direction == "max" else min
     return best(scored, key=lambda s: _raw_final(s))  # type: ignore[arg-type, return-value]
+
+
+def still_trains(s: LrSummary, best: LrSummary) -> bool:
+    """Whether raw's final value at ``s``'s lr lies within ``TRAINS_WITHIN`` of the tuned lr's."""
+    raw, tuned_raw = _raw_final(s), _raw_final(best)
+    return raw is not None and tuned_raw is not None and abs(raw - tuned_raw) <= TRAINS_WITHIN * max(abs(tuned_raw),
+                                                                                                  1e-12)
 
 
 def _regime(s: LrSummary, best: LrSummary) -> str:
