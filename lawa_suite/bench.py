@@ -42,14 +42,14 @@ import yaml
 
 from lawa_suite.config import ConfigError, ResolvedConfig, parse_overrides, resolve, split_list
 from lawa_suite.files import first_line
-from lawa_suite.sweeps import Sweep, check_sweeps, parse_sweeps, run_sweeps
+from lawa_suite.sweeps import Sweep, check_lmc, check_sweeps, parse_lmc, parse_sweeps, run_lmc, run_sweeps
 
 __all__ = ["Bench", "Cell", "load_bench", "cells", "cell_config", "cell_status", "run_bench", "validate",
            "write_spec", "BENCH_FILE"]
 
 BENCH_FILE = "bench.yaml"          # the resolved bench spec, written into ``out`` (what `suite report` finds)
 TOP_KEYS = {"out", "tasks", "averager", "variants", "lrs", "seeds", "threads", "set", "slurm", "accelerate",
-            "posthoc"}
+            "posthoc", "lmc"}
 TASK_KEYS = {"lrs", "seeds"}       # per-task axes; every other per-task key is a `suite run` setting
 AXIS_ALIASES = {"task": "tasks", "lr": "lrs", "seed": "seeds", "averagers": "averager"}
 
@@ -90,12 +90,14 @@ class Bench:
     accelerate: str = ""           # extra `accelerate launch` arguments, e.g. "--mixed_precision bf16"
     subset: bool = False           # tasks= picked some of the file's tasks: bench.yaml keeps the whole bench
     posthoc: list[Sweep] = field(default_factory=list)  # post-hoc sweeps after each run
+    lmc: list[tuple[float, float]] = field(default_factory=list)  # linear paths between saved weights, each run
 
     def as_dict(self) -> dict[str, Any]:
         return {"out": self.out, "averager": ",".join(self.averager), "variants": self.variants,
                 "lrs": ",".join(f"{lr:g}" for lr in self.lrs), "seeds": ",".join(map(str, self.seeds)),
                 "threads": self.threads, "set": self.settings, "slurm": dataclasses.asdict(self.slurm),
                 "accelerate": self.accelerate, "posthoc": {w.name: " ".join(w.words) for w in self.posthoc},
+                "lmc": [list(p) for p in self.lmc],
                 "tasks": {t.name: {**({"task": t.task} if t.task else {}),
                                    **({"lrs": ",".join(f"{lr:g}" for lr in t.lrs)} if t.lrs else {}),
                                    **({"seeds": ",".join(map(str, t.seeds))} if t.seeds else {}), **t.settings}
@@ -234,7 +236,7 @@ def load_bench(path: Path | None, overrides: list[str]) -> Bench:
         if key == "tasks" and isinstance(raw.get("tasks"), dict):
             raw["tasks"] = _select(raw["tasks"], value)  # run a subset of the file's tasks, with their settings
             subset = True
-        elif key in TOP_KEYS - {"set", "variants", "slurm", "posthoc"}:
+        elif key in TOP_KEYS - {"set", "variants", "slurm", "posthoc", "lmc"}:
             raw[key] = value
         else:
             run_settings[key] = value
@@ -255,6 +257,7 @@ def load_bench(path: Path | None, overrides: list[str]) -> Bench:
         raise ConfigError(f"threads: expected an integer >= 0, got {bench.threads}")
     bench.accelerate = str(raw.get("accelerate", "") or "")
     bench.posthoc = parse_sweeps(raw.get("posthoc"))
+    bench.lmc = parse_lmc(raw.get("lmc"))
     slurm = raw.get("slurm") or {}
     fields = {f.name for f in dataclasses.fields(SlurmConfig)}
     if not isinstance(slurm, dict) or set(slurm) - fields:
@@ -330,6 +333,7 @@ def validate(bench: Bench) -> list[tuple[Cell, ResolvedConfig]]:
     planned = [(cell, cell_config(cell)) for cell in cells(bench)]
     for _, cfg in planned:
         check_sweeps(bench.posthoc, cfg)
+        check_lmc(bench.lmc, cfg)
     return planned
 
 
@@ -375,7 +379,7 @@ def run_bench(bench: Bench, log: Callable[[str], None] = print, only: int | None
         if status == "done":
             log(f"[{cell.index + 1}/{len(planned)}] {cell.label}: done before, skipped ({cell.out})")
             result.skipped.append(cell)
-            result.failed += [(cell, f) for f in run_sweeps(cell.out, bench.posthoc, log)]
+            result.failed += [(cell, f) for f in after_run(cell, bench, log)]
             continue
         log(f"[{cell.index + 1}/{len(planned)}] {cell.label}: {'resuming' if status == 'partial' else 'starting'}"
             f" ({cell.out})")
@@ -388,5 +392,10 @@ def run_bench(bench: Bench, log: Callable[[str], None] = print, only: int | None
             result.failed.append((cell, str(exc)))
             continue
         result.done.append(cell)
-        result.failed += [(cell, f) for f in run_sweeps(cell.out, bench.posthoc, log)]
+        result.failed += [(cell, f) for f in after_run(cell, bench, log)]
     return result
+
+
+def after_run(cell: Cell, bench: Bench, log: Callable[[str], None]) -> list[str]:
+    """A finished cell's post-hoc sweeps and linear paths (``sweeps.py``); returns the failures."""
+    return run_sweeps(cell.out, bench.posthoc, log) + run_lmc(cell.out, bench.lmc, log)

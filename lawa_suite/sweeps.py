@@ -1,4 +1,5 @@
-"""Post-hoc sweeps of a bench: one training run answers a sweep of averager settings.
+"""What a bench does after each run: post-hoc sweeps (one training run answers a sweep of averager settings) and
+linear paths between the run's saved checkpoints (``lmc``, claim (e)).
 
 A bench's ``posthoc`` key names sweeps, each the words of a ``suite average`` command (``averager=phema
 phema.sigma_rel=0.02,0.05,0.1,0.2`` reconstructs EMAs of those lengths from the averages phema stored;
@@ -6,6 +7,10 @@ phema.sigma_rel=0.02,0.05,0.1,0.2`` reconstructs EMAs of those lengths from the 
 averaged into ``<cell>/posthoc/<sweep>/`` and scored on the run's held-out batches, the raw checkpoint of the same
 step beside it (``suite eval``), so a sweep's gains over raw are paired like the online averagers'. A sweep that
 finished is skipped when the bench runs again; one averaged but not scored is scored.
+
+``lmc: [[0.1, 0.2], [0.5, 0.6]]`` scores the straight path between the run's saved weights at those fractions of
+its steps (``suite analyze lmc``, 3 points: the ends and the midpoint) into ``<cell>/lmc/<a>-<b>/``: is the
+average of two checkpoints better than the checkpoints, early and later in training?
 """
 
 from __future__ import annotations
@@ -17,9 +22,11 @@ from typing import Any
 
 from lawa_suite.config import ConfigError, ResolvedConfig, parse_overrides
 
-__all__ = ["SWEEPS_DIR", "Sweep", "parse_sweeps", "check_sweeps", "run_sweeps"]
+__all__ = ["SWEEPS_DIR", "LMC_DIR", "Sweep", "parse_sweeps", "check_sweeps", "run_sweeps", "parse_lmc", "check_lmc",
+           "run_lmc"]
 
 SWEEPS_DIR = "posthoc"  # in a cell's run folder: one folder per sweep
+LMC_DIR = "lmc"         # in a cell's run folder: one folder per pair of fractions
 
 
 @dataclass(frozen=True)
@@ -103,4 +110,60 @@ def run_sweeps(cell_out: Path, sweeps: list[Sweep], log: Callable[[str], None]) 
         except SuiteError as exc:
             failures.append(f"posthoc {sweep.name}: {exc}")
             log(f"  posthoc {sweep.name}: FAILED: {exc}")
+    return failures
+
+
+# -- linear paths between a run's saved checkpoints -----------------------------------------------------------
+def parse_lmc(value: Any) -> list[tuple[float, float]]:
+    """``[[a, b], ...]``: pairs of fractions of the run, 0 < a < b <= 1."""
+    if value in (None, ""):
+        return []
+    allowed = "a list of pairs of fractions of the run, earlier first (e.g. [[0.1, 0.2], [0.5, 0.6]])"
+    if not isinstance(value, list) or not all(isinstance(p, list) and len(p) == 2 for p in value):
+        raise ConfigError(f"lmc: expected {allowed}, got {value!r}")
+    pairs = []
+    for a, b in value:
+        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b)) or not 0 < a < b <= 1:
+            raise ConfigError(f"lmc: expected {allowed}, got [{a}, {b}]")
+        pairs.append((float(a), float(b)))
+    return pairs
+
+
+def _lmc_steps(pair: tuple[float, float], steps: int) -> tuple[int, int]:
+    return round(pair[0] * steps), round(pair[1] * steps)
+
+
+def check_lmc(pairs: list[tuple[float, float]], cfg: ResolvedConfig) -> None:
+    """Every fraction must fall on a step the run saves (``trajectory.every``), checked before any training."""
+    every, steps = cfg.run.trajectory.every, cfg.run.steps
+    for pair in pairs:
+        if not every or any(s % every for s in _lmc_steps(pair, steps)):
+            raise ConfigError(f"lmc: [{pair[0]:g}, {pair[1]:g}] of {steps} steps needs the raw weights at steps "
+                              f"{', '.join(map(str, _lmc_steps(pair, steps)))}; set trajectory.every to a divisor "
+                              f"of them (now {every})")
+
+
+def run_lmc(cell_out: Path, pairs: list[tuple[float, float]], log: Callable[[str], None]) -> list[str]:
+    """The path between the saved weights of each pair, scored at its ends and midpoint; returns the failures."""
+    from lawa_suite.analysis import Evaluation, eval_config, lmc, write_lmc
+    from lawa_suite.errors import SuiteError
+    from lawa_suite.posthoc import read_checkpoint
+
+    todo = [p for p in pairs if not (cell_out / LMC_DIR / f"{p[0]:g}-{p[1]:g}" / "lmc.json").is_file()]
+    if not todo:
+        return []
+    failures = []
+    try:
+        evaluation = Evaluation(eval_config(cell_out))
+        for pair in todo:
+            early, late = _lmc_steps(pair, evaluation.cfg.run.steps)
+            files = [cell_out / "trajectory" / f"step-{s:08d}.safetensors" for s in (late, early)]
+            result = lmc(evaluation, read_checkpoint(files[0]), read_checkpoint(files[1]), points=3)
+            write_lmc(cell_out / LMC_DIR / f"{pair[0]:g}-{pair[1]:g}", result, evaluation.metrics,
+                      (files[0].name, files[1].name), force=True)
+            log(f"  lmc {pair[0]:g}-{pair[1]:g}: barrier " + ", ".join(f"{m} {v:.4f}" for m, v in
+                                                                      result["barrier"].items()))
+    except SuiteError as exc:
+        failures.append(f"lmc: {exc}")
+        log(f"  lmc: FAILED: {exc}")
     return failures

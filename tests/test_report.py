@@ -304,3 +304,19 @@ def test_claim_a_compares_the_highest_lr_that_still_trains_with_the_lowest(tmp_p
     assert "LAWA's early-mid gain at lr=0.1 minus at lr=0.01" in text
     assert "(lr 1 left out: raw trains more than 5% worse there than at the tuned lr=0.1)" in text
     assert "| 1 | 2.9000 | higher, raw 20.8% off the tuned: trains worse |" in text
+
+
+def test_claim_f_judges_each_averagers_fid_against_raw(tmp_path):
+    root = tmp_path / "bench"
+    for seed, shift in ((0, 0.0), (1, 3.0)):
+        run = make_run(root, 1e-3, seed, {"raw": [90 + shift, 70 + shift, 60 + shift, 55 + shift, 52 + shift],
+                                          "lawa": [None, 65 + shift, 55 + shift, 50 + shift, 48 + shift]})
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        config.update(task="ddpm", averager=["lawa"])
+        (run / "config.yaml").write_text(yaml.safe_dump(config))
+        metrics = (run / "metrics.jsonl").read_text().replace('"loss"', '"fid_standin"')
+        (run / "metrics.jsonl").write_text(metrics)
+    text = write_bench_report([root], tmp_path / "out").read_text()
+    assert "**(f) averaging improves a diffusion model's FID (each averager against raw, at the end): " \
+           "1 held (of 1).**" in text
+    assert "ddpm (cpu) lr=0.001, lawa: held; final fid_standin gain over raw: +4.00 [+4.00, +4.00] over 2 seeds" in text

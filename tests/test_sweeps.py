@@ -95,3 +95,24 @@ def test_a_sweep_the_runs_cannot_feed_is_refused_before_training(tmp_path: Path,
     assert result.exit_code == 2 and message in result.output, result.output
     bench = load_bench(path, [])
     assert [s.name for s in bench.posthoc] == ["ema_length", "lawa_k"]
+
+
+def test_lmc_pairs_are_scored_after_each_run_and_judged_as_claim_e(tmp_path: Path) -> None:
+    path = bench_file(tmp_path, posthoc=None, lmc=[[0.25, 0.5], [0.5, 1.0]])
+    result = runner.invoke(app, ["bench", str(path)])
+    assert result.exit_code == 0, result.output
+    cell = tmp_path / "bench" / "toy" / "lr0.05-seed0"
+    found = json.loads((cell / "lmc" / "0.5-1" / "lmc.json").read_text())
+    assert [r["alpha"] for r in found["rows"]] == [0.0, 0.5, 1.0]
+    assert found["a"] == "step-00000024.safetensors" and found["b"] == "step-00000012.safetensors"
+    text = write_bench_report([tmp_path / "bench"], tmp_path / "report").read_text()
+    assert "**(e) after an early phase, a run's checkpoints are linearly connected" in text
+    assert "midpoint of the checkpoints at 0.25 and 0.5 of the run over their mean accuracy" in text
+    assert "midpoint of the checkpoints at 0.5 and 1 of the run" in text
+
+
+def test_an_lmc_pair_off_the_saved_steps_is_refused_before_training(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["bench", str(bench_file(tmp_path, posthoc=None, lmc=[[0.3, 0.5]]))])
+    assert result.exit_code == 2 and "lmc: [0.3, 0.5] of 24 steps needs the raw weights at steps 7, 12" in result.output
+    result = runner.invoke(app, ["bench", str(bench_file(tmp_path, posthoc=None, lmc=[[0.5, 0.2]]))])
+    assert result.exit_code == 2 and "lmc: expected a list of pairs of fractions" in result.output

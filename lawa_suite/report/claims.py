@@ -143,11 +143,28 @@ def claim_d(where: str, s: LrSummary) -> list[Verdict]:
                                                   f"fraction of raw's own: {interval.text('{:+.0%}')}{note}")]
 
 
+def claim_f(where: str, s: LrSummary) -> list[Verdict]:
+    """Averaging improves a diffusion model's FID (EMA is standard practice there): each averager's paired FID gain
+    over raw at the end, and in the first 75% beside it. Only for tasks scored by an FID."""
+    if "fid" not in s.headline:
+        return []
+    found = []
+    for name in [w for w in s.bands if w != "raw"]:
+        interval = _final(s, "raw", name)
+        if interval is not None:
+            found.append(Verdict("f", f"{where}, {name}", interval.verdict,
+                                 f"final {s.headline} gain over raw: {interval.text('{:+.2f}')}; in the first "
+                                 f"{EARLY_MID[1]:.0%}: {_beside(_early_mid(s, 'raw', name))}"))
+    return found
+
+
 def claims(task: str, by_lr: list[LrSummary]) -> list[Verdict]:
+    from lawa_suite.report.connectivity import claim_e  # reads the runs' lmc/ folders
+
     verdicts = claim_a(task, by_lr)
     for s in by_lr:
         where = f"{task} lr={s.lr:g}"
-        verdicts += claim_b(where, s) + claim_c(where, s) + claim_d(where, s)
+        verdicts += claim_b(where, s) + claim_c(where, s) + claim_d(where, s) + claim_e(where, s) + claim_f(where, s)
     return verdicts
 
 
@@ -156,6 +173,9 @@ CLAIM_TEXT = {
     "b": f"LAWA beats EMA and SWA in the early-mid part of training (the first {EARLY_MID[1]:.0%} of the run)",
     "c": "SWA started early does worse (final) than SWA started at 75%",
     "d": "the averaged (LAWA) run reaches raw's final metric in fewer steps",
+    "e": "after an early phase, a run's checkpoints are linearly connected: the average of two scores better than "
+         "their mean (bench key lmc)",
+    "f": "averaging improves a diffusion model's FID (each averager against raw, at the end)",
     "g": "averaging replaces learning-rate decay: the averagers of a constant (or WSD) run reach the cosine run's raw "
          "final value in fewer steps",
 }
