@@ -12,18 +12,15 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import re
-import typing
 import time
 from dataclasses import dataclass, field
 from collections.abc import Mapping
 from typing import Any
 
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from lawa_suite.errors import ConfigError
-from lawa_suite.files import first_line
+from lawa_suite.overrides import build_section, parse_overrides, parse_value, split_list
 
 __all__ = ["ConfigError", "RunConfig", "DataConfig", "EvalConfig", "CheckpointConfig", "TrajectoryConfig",
            "ResolvedConfig", "resolve", "require", "choice", "default_cache_dir", "build_section", "parse_value",
@@ -174,25 +171,6 @@ class ResolvedConfig:
 
 
 # -- resolution -------------------------------------------------------------------------------------
-_LIST_KEYS = {"averager", "trackers"}
-_ALIASES = {"data": "data.source"}
-
-
-def parse_overrides(overrides: list[str]) -> dict[str, str]:
-    """``["a=1", "b.c=x"]`` -> ``{"a": "1", "b.c": "x"}``; malformed or repeated keys are errors."""
-    pairs: dict[str, str] = {}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ConfigError(f"{item!r}: expected key=value (for example lr=0.1)")
-        key = _ALIASES.get(key, key)
-        if key in pairs:
-            raise ConfigError(f"{key}: given twice ({pairs[key]!r} and {value!r})")
-        pairs[key] = value
-    return pairs
-
-
 def _keys_of(schema: Any, prefix: str = "") -> list[str]:
     keys = []
     for f in dataclasses.fields(schema):
@@ -211,101 +189,6 @@ def _lookup(registry_name: str, name: str, key: str) -> Any:
         return getattr(registry, registry_name).get(name)
     except RegistryError as exc:  # unknown name or a plugin that cannot be used: already one line
         raise ConfigError(f"{key}: {exc}") from None
-
-
-def split_list(value: str) -> list[str]:
-    return [v.strip() for v in value.strip("[]").split(",") if v.strip()]
-
-
-def _check_choices(obj: Any, prefix: str) -> None:
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            _check_choices(value, f"{prefix}{f.name}.")
-        elif "choices" in f.metadata and value not in f.metadata["choices"]:
-            raise ConfigError(f"{prefix}{f.name}: expected one of {', '.join(f.metadata['choices'])}, got {value!r}")
-
-
-_TYPE_WORDS = {"Integer": "an integer", "Float": "a number", "Boolean": "true or false", "String": "a string"}
-_NOT_CONVERTED = re.compile(r"Value '(.*)' of type '\w+' could not be converted to (\w+)")
-_NOT_BOOL = re.compile(r"Value '(.*)' is not a valid bool")
-
-
-def _omegaconf_message(exc: OmegaConfBaseException) -> str:
-    """OmegaConf's error as our one line: ``steps: expected an integer, got 'abc'``."""
-    key = getattr(exc, "full_key", "") or "?"
-    msg = first_line(getattr(exc, "msg", None) or exc)
-    converted = _NOT_CONVERTED.search(msg)
-    if converted:
-        value, kind = converted.groups()
-        return f"{key}: expected {_TYPE_WORDS.get(kind, kind.lower())}, got {value!r}"
-    if not_bool := _NOT_BOOL.search(msg):
-        return f"{key}: expected true or false, got {not_bool.group(1)!r}"
-    return f"{key}: {msg}"
-
-
-def list_fields(schema: type) -> set[str]:
-    """The fields of dataclass ``schema`` typed as lists (``phema.sigma_rel``)."""
-    hints = typing.get_type_hints(schema)
-    return {f.name for f in dataclasses.fields(schema) if typing.get_origin(hints.get(f.name)) is list}
-
-
-def _as_lists(schema: type, values: dict[str, Any]) -> dict[str, Any]:
-    """A list field given one value or a comma list on the command line (``0.05,0.1``) as a list of parsed values."""
-    lists = list_fields(schema)
-    out = {}
-    for key, value in values.items():
-        if key in lists and isinstance(value, str):
-            value = [parse_value(key, v) for v in split_list(value)]
-        elif key in lists and not isinstance(value, (list, tuple)) and not OmegaConf.is_list(value):
-            value = [value]
-        out[key] = value
-    return out
-
-
-def build_section(section: str, schema: type, values: dict[str, Any]) -> Any:
-    """Instantiate ``schema`` from dotted ``values``: OmegaConf parses and type-checks, __post_init__ ranges."""
-    values = _as_lists(schema, values)
-    base = OmegaConf.structured(schema)
-    try:
-        merged = OmegaConf.merge(base, _nested(values))
-        obj = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as exc:
-        message = _omegaconf_message(exc)
-        raise ConfigError(f"{section}.{message}" if section else message) from None
-    except ConfigError as exc:
-        text = str(exc)
-        raise ConfigError(f"{section}.{text}" if section and not text.startswith(section + ".") else text) from None
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{section or 'config'}: {exc}") from None
-    _check_choices(obj, f"{section}." if section else "")
-    return obj
-
-
-def _nested(values: dict[str, Any]) -> Any:
-    cfg = OmegaConf.create({})
-    for key, value in values.items():
-        OmegaConf.update(cfg, key, value, force_add=True)
-    return cfg
-
-
-def parse_value(key: str, raw: Any) -> Any:
-    """Parse a command-line string the way YAML would (``5`` -> int, ``true`` -> bool, ``1e-3`` -> float)."""
-    if not isinstance(raw, str):
-        return raw
-    if key in _LIST_KEYS or key.rsplit(".", 1)[-1] in _LIST_KEYS:
-        return split_list(raw)
-    if not raw.strip():
-        return ""  # `resume=` means the empty string (YAML would read null; `key=null` still says that)
-    parsed = OmegaConf.from_dotlist([f"v={raw}"]).v
-    if isinstance(parsed, bool) and raw.strip().lower() not in ("true", "false"):
-        return raw  # YAML 1.1 reads no/yes/on/off as booleans; mixed_precision=no means "no" (bool fields accept it)
-    if isinstance(parsed, str):
-        try:  # YAML reads 1e-3 as a string; a number is what anyone writing it means
-            return float(parsed) if parsed.lower() not in ("nan", "inf", "-inf", "+inf") else parsed
-        except ValueError:
-            return parsed
-    return parsed
 
 
 def resolve(overrides: list[str] | dict[str, Any], base: dict[str, Any] | None = None) -> ResolvedConfig:
