@@ -318,14 +318,22 @@ def cell_config(cell: Cell) -> ResolvedConfig:
 
 
 def cell_status(cell: Cell, cfg: ResolvedConfig) -> str:
-    """``done`` (a committed checkpoint at the final step), ``partial`` (a run folder to resume) or ``new``."""
+    """``done`` (a committed checkpoint at the final step, or the final evaluation recorded: a bench whose results
+    were kept without their checkpoints, as a committed reference is), ``partial`` (a run folder to resume) or
+    ``new``."""
     from lawa_suite import checkpoints as ckpt
+    from lawa_suite.report.run import load_metrics
 
     if not (cell.out / "config.yaml").is_file():
         return "new"
+    if not (cell.out / "metrics.jsonl").is_file():
+        return "partial"
     saved = ckpt.list_checkpoints(cell.out / "checkpoints")
-    final = [c for c in saved if c.step >= cfg.run.steps and not ckpt.verify(c.path)]
-    return "done" if final and (cell.out / "metrics.jsonl").is_file() else "partial"
+    if any(c.step >= cfg.run.steps and not ckpt.verify(c.path) for c in saved):
+        return "done"
+    curves, _ = load_metrics(cell.out / "metrics.jsonl")
+    last = max((points[-1][0] for points in curves.get("raw", {}).values() if points), default=0)
+    return "done" if last >= cfg.run.steps else "partial"
 
 
 def validate(bench: Bench) -> list[tuple[Cell, ResolvedConfig]]:

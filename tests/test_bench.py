@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -210,3 +211,16 @@ def test_a_task_entry_may_be_a_labelled_second_setting_of_a_task(tmp_path):
     assert [(c.task, c.out.parent.name) for c in found] == [("toy", "toy"), ("toy", "toy-constant")]
     assert "schedule=constant" in found[1].overrides and "task=toy" in found[1].overrides
     assert resolve(list(found[1].overrides)).run.schedule == "constant"
+
+
+def test_a_cell_kept_without_its_checkpoints_counts_as_done_when_its_final_evaluation_is_recorded(tmp_path):
+    words = ["tasks=toy", "lrs=0.05", "seeds=0", "steps=6", "eval.every=3", f"out={tmp_path / 'bench'}"]
+    assert runner.invoke(app, ["bench", *words]).exit_code == 0
+    cell = tmp_path / "bench" / "toy" / "lr0.05-seed0"
+    shutil.rmtree(cell / "checkpoints")  # what a committed reference keeps: config, metrics, reports
+    again = runner.invoke(app, ["bench", *words])
+    assert "done before, skipped" in again.output and "0 cell(s) run, 1 finished before" in again.output
+    lines = (cell / "metrics.jsonl").read_text().splitlines()
+    (cell / "metrics.jsonl").write_text("\n".join(line for line in lines if '"step": 6' not in line) + "\n")
+    third = runner.invoke(app, ["bench", *words])
+    assert "starting" in third.output or "resuming" in third.output  # the final evaluation is missing: not done
