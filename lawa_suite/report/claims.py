@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from lawa_suite.report.bench import LrSummary
 from lawa_suite.report.lrs import TRAINS_WITHIN, still_trains, tuned
-from lawa_suite.report.paired import EARLY_MID, Interval, final_gains, phase_gains, t_interval
+from lawa_suite.report.paired import EARLY_MID, Interval, combined, final_gains, phase_gains, t_interval
 from lawa_suite.report.targets import saved_fractions
 
 __all__ = ["Verdict", "swa_like", "claims", "CLAIM_TEXT", "claims_section"]
@@ -108,9 +108,7 @@ def claim_b(where: str, s: LrSummary) -> list[Verdict]:
             duels[rival] = interval
     if not duels:
         return []
-    verdicts = [i.verdict for i in duels.values()]
-    outcome = ("did not hold" if "did not hold" in verdicts else
-               "held" if all(v == "held" for v in verdicts) else "inconclusive")
+    outcome = combined([i.verdict for i in duels.values()])
     evidence = "; ".join(f"LAWA over {r}: {i.text()} ({i.verdict}), at the end {_beside(_final(s, r, 'lawa'))}"
                          for r, i in duels.items())
     return [Verdict("b", where, outcome, evidence + (f" ({', '.join(absent)} not yet averaging)" if absent else ""))]

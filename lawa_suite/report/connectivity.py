@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lawa_suite.report.paired import PHASES, gain, t_interval
+from lawa_suite.report.paired import PHASES, combined, gain, t_interval
 
 if TYPE_CHECKING:
     from lawa_suite.report.bench import LrSummary
@@ -50,9 +50,7 @@ def claim_e(where: str, s: LrSummary) -> list[Verdict]:
     early = {k: t_interval(v) for k, v in gains.items() if float(k.split("-")[0]) < early_end}
     if not later:
         return []
-    verdicts = [i.verdict for i in later.values()]
-    outcome = ("did not hold" if "did not hold" in verdicts else
-               "held" if all(v == "held" for v in verdicts) else "inconclusive")
+    outcome = combined([i.verdict for i in later.values()])
     evidence = "; ".join(f"midpoint of the checkpoints at {k.replace('-', ' and ')} of the run over their mean "
                          f"{s.headline}: {i.text()}" for k, i in sorted(later.items()))
     if early:

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from lawa_suite.report.bench import RunRecord
 
-__all__ = ["PHASES", "EARLY_MID", "Interval", "t_interval", "gain", "phase_gains", "final_gains", "phase_table",
-           "INTERVAL_NOTE"]
+__all__ = ["PHASES", "EARLY_MID", "Interval", "combined", "t_interval", "gain", "phase_gains", "final_gains",
+           "phase_table", "INTERVAL_NOTE"]
 
 PHASES = {"early": (0.0, 0.25), "mid": (0.25, 0.75), "late": (0.75, 1.0)}
 EARLY_MID = (0.0, 0.75)
@@ -48,6 +48,13 @@ class Interval:
         if self.n < 2:
             return f"{fmt.format(self.mean)} (1 seed, no interval)"
         return f"{fmt.format(self.mean)} [{fmt.format(self.low)}, {fmt.format(self.high)}] over {self.n} seeds"
+
+
+def combined(verdicts: Sequence[str]) -> str:
+    """Several verdicts as one: did not hold if any did not, held if all held, else inconclusive."""
+    if "did not hold" in verdicts:
+        return "did not hold"
+    return "held" if verdicts and all(v == "held" for v in verdicts) else "inconclusive"
 
 
 def t_interval(values: Sequence[float], level: float = 0.95) -> Interval | None:
