@@ -41,7 +41,7 @@ from typing import Any, Callable
 import yaml
 
 from lawa_suite.config import ConfigError, ResolvedConfig, parse_overrides, resolve, split_list
-from lawa_suite.files import first_line
+from lawa_suite.files import first_line, write_text_atomic
 from lawa_suite.sweeps import Sweep, check_lmc, check_sweeps, parse_lmc, parse_sweeps, run_lmc, run_sweeps
 
 __all__ = ["Bench", "Cell", "load_bench", "cells", "cell_config", "cell_status", "run_bench", "validate",
@@ -88,7 +88,7 @@ class Bench:
     settings: dict[str, str] = field(default_factory=dict)  # `suite run` settings of every cell
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     accelerate: str = ""           # extra `accelerate launch` arguments, e.g. "--mixed_precision bf16"
-    subset: bool = False           # tasks= picked some of the file's tasks: bench.yaml keeps the whole bench
+    whole: list[TaskSpec] = field(default_factory=list)  # the file's tasks when tasks= picked some: bench.yaml's
     posthoc: list[Sweep] = field(default_factory=list)  # post-hoc sweeps after each run
     lmc: list[tuple[float, float]] = field(default_factory=list)  # linear paths between saved weights, each run
 
@@ -101,7 +101,7 @@ class Bench:
                 "tasks": {t.name: {**({"task": t.task} if t.task else {}),
                                    **({"lrs": ",".join(f"{lr:g}" for lr in t.lrs)} if t.lrs else {}),
                                    **({"seeds": ",".join(map(str, t.seeds))} if t.seeds else {}), **t.settings}
-                          for t in self.tasks}}
+                          for t in self.whole or self.tasks}}
 
 
 @dataclass(frozen=True)
@@ -227,20 +227,22 @@ def load_bench(path: Path | None, overrides: list[str]) -> Bench:
                               f"(run settings go under set:)")
     run_settings = _settings("set", raw.get("set"))
     seen: dict[str, str] = {}
-    subset = False
+    whole: Any = None
     for key, value in parse_overrides(overrides).items():
         given, key = key, AXIS_ALIASES.get(key, key)
         if key in seen:
             raise ConfigError(f"{key}: given twice (as {seen[key]}= and {given}=)")
         seen[key] = given
         if key == "tasks" and isinstance(raw.get("tasks"), dict):
+            whole = raw["tasks"]
             raw["tasks"] = _select(raw["tasks"], value)  # run a subset of the file's tasks, with their settings
-            subset = True
         elif key in TOP_KEYS - {"set", "variants", "slurm", "posthoc", "lmc"}:
             raw[key] = value
         else:
             run_settings[key] = value
-    bench = Bench(settings=run_settings, subset=subset)
+    bench = Bench(settings=run_settings)
+    if whole is not None:  # bench.yaml describes the whole bench, whichever part of it this process runs
+        bench.whole = _task_specs(whole)
     bench.out = str(raw.get("out", bench.out))
     bench.tasks = _task_specs(raw.get("tasks"))
     if "averager" in raw:
@@ -349,7 +351,7 @@ def write_spec(bench: Bench) -> Path:
     out = Path(bench.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / BENCH_FILE
-    path.write_text(yaml.safe_dump(bench.as_dict(), sort_keys=False))
+    write_text_atomic(path, yaml.safe_dump(bench.as_dict(), sort_keys=False))
     return path
 
 
@@ -372,8 +374,9 @@ def run_bench(bench: Bench, log: Callable[[str], None] = print, only: int | None
     from lawa_suite.train import train
 
     planned = validate(bench)
-    # a --cell job reads the spec and never rewrites it (many processes, one file); nor does a run of some tasks
-    if only is None and not (bench.subset and (Path(bench.out) / BENCH_FILE).exists()):
+    # a --cell job reads the spec and never rewrites it (many processes, one file); two processes running parts of
+    # one bench write the same whole spec, atomically
+    if only is None:
         write_spec(bench)
     elif not 0 <= only < len(planned):
         raise ConfigError(f"--cell: expected an index in [0, {len(planned) - 1}], got {only}")

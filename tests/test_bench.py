@@ -224,3 +224,16 @@ def test_a_cell_kept_without_its_checkpoints_counts_as_done_when_its_final_evalu
     (cell / "metrics.jsonl").write_text("\n".join(line for line in lines if '"step": 6' not in line) + "\n")
     third = runner.invoke(app, ["bench", *words])
     assert "starting" in third.output or "resuming" in third.output  # the final evaluation is missing: not done
+
+
+def test_two_processes_running_parts_of_one_bench_both_run_and_write_the_whole_spec(tmp_path):
+    spec = tmp_path / "bench.yaml"
+    spec.write_text(yaml.safe_dump({"out": str(tmp_path / "b"), "seeds": "0", "lrs": "0.05", "tasks": {
+        "toy": {"steps": 6, "eval.every": 3}, "toy-constant": {"task": "toy", "schedule": "constant", "steps": 6,
+                                                               "eval.every": 3}}}))
+    first = runner.invoke(app, ["bench", str(spec), "tasks=toy"])
+    second = runner.invoke(app, ["bench", str(spec), "tasks=toy-constant"])  # the spec exists now
+    assert first.exit_code == 0 and second.exit_code == 0, first.output + second.output
+    written = yaml.safe_load((tmp_path / "b" / "bench.yaml").read_text())
+    assert set(written["tasks"]) == {"toy", "toy-constant"} and written["tasks"]["toy-constant"]["task"] == "toy"
+    assert (tmp_path / "b" / "toy-constant" / "lr0.05-seed0" / "metrics.jsonl").is_file()
