@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from lawa_suite.report.paired import gain, t_interval
 from lawa_suite.report.run import direction_of, metric_directions
-from lawa_suite.report.targets import crossing, run_targets
+from lawa_suite.report.targets import saved_fraction
 
 if TYPE_CHECKING:
     from lawa_suite.report.bench import RunRecord
@@ -61,10 +61,11 @@ def claim_g(runs: Sequence[RunRecord]) -> list[Verdict]:
                 mine = run.curves.get(name, {}).get(metric)
                 if not target_raw or not mine:
                     continue
-                target = run_targets(target_raw, direction)["final"]
-                ref_at, at = crossing(target_raw, target, direction), crossing(mine, target, direction)
-                never += at is None
-                saved.append(1.0 - (at if at is not None else run.steps) / ref_at)
+                found = saved_fraction(target_raw, mine, run.steps, direction)
+                if found is None:
+                    continue
+                saved.append(found[0])
+                never += found[1]
                 finals.append(gain(direction, target_raw[-1][1], mine[-1][1]))
             steps, final = t_interval(saved), t_interval(finals)
             if steps is None or final is None:

@@ -15,7 +15,7 @@ from lawa_suite.report.paired import Interval, t_interval
 if TYPE_CHECKING:
     from lawa_suite.report.bench import RunRecord
 
-__all__ = ["SMOOTH", "TARGETS", "crossing", "run_targets", "saved_fractions", "steps_table"]
+__all__ = ["SMOOTH", "TARGETS", "crossing", "run_targets", "saved_fraction", "saved_fractions", "steps_table"]
 
 SMOOTH = 3   # evaluations in raw's smoothed final value: a single noisy final raw value flatters the averages
 TARGETS = {"final": "raw's smoothed final", "best": "raw's best"}
@@ -44,22 +44,29 @@ def run_targets(raw: Sequence[tuple[int, float]], direction: str) -> dict[str, f
     return {"final": sum(tail) / len(tail), "best": max(values) if direction == "max" else min(values)}
 
 
+def saved_fraction(reference: Sequence[tuple[int, float]], curve: Sequence[tuple[int, float]], steps: int,
+                   direction: str, kind: str = "final") -> tuple[float, bool] | None:
+    """``(1 - steps curve needed / steps reference needed, whether curve never got there)`` to reach the
+    ``kind`` target of the ``reference`` (raw) curve; a curve that never reaches it counts as needing the whole
+    run (``steps``). None when the reference itself gives no positive step to compare with."""
+    target = run_targets(reference, direction)[kind]
+    reference_at, curve_at = crossing(reference, target, direction), crossing(curve, target, direction)
+    if not reference_at:
+        return None
+    return 1.0 - (curve_at if curve_at is not None else steps) / reference_at, curve_at is None
+
+
 def saved_fractions(runs: Sequence[RunRecord], name: str, metric: str, direction: str,
                     kind: str) -> tuple[list[float], int]:
-    """Per run: 1 - (steps ``name`` needed) / (steps raw needed) to reach raw's ``kind`` target; a run where
-    ``name`` never reaches it counts as needing the whole run (saving at most that). Also: how many never did."""
+    """Per run: the fraction of raw's own steps that ``name`` saved reaching raw's ``kind`` target
+    (``saved_fraction``). Also: in how many runs it never did."""
     saved, never = [], 0
     for run in runs:
         raw, other = run.curves.get("raw", {}).get(metric), run.curves.get(name, {}).get(metric)
-        if not raw or not other:
-            continue
-        target = run_targets(raw, direction)[kind]
-        raw_at = crossing(raw, target, direction)
-        other_at = crossing(other, target, direction)
-        if not raw_at:
-            continue
-        never += other_at is None
-        saved.append(1.0 - (other_at if other_at is not None else run.steps) / raw_at)
+        found = saved_fraction(raw, other, run.steps, direction, kind) if raw and other else None
+        if found is not None:
+            saved.append(found[0])
+            never += found[1]
     return saved, never
 
 
