@@ -19,7 +19,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from lawa_suite.files import fsync_dir, fsync_file
 from lawa_suite.posthoc.limits import Limits
+from lawa_suite.posthoc.modelfolder import ModelFolders, copy_carried
 from lawa_suite.posthoc.plan import Output, Track
 from lawa_suite.posthoc.reader import Reader
 from lawa_suite.posthoc.writer import DIRECT_ALIGN, OutputFile, Writer, safetensors_header
@@ -31,22 +33,23 @@ Order = list[tuple[str, torch.dtype, tuple[int, ...]]]
 
 
 def average_all(readers: list[Reader], tracks: list[Track], order: Order, staging: Path,
-                limits: Limits) -> list[Output]:
+                limits: Limits, folders: ModelFolders | None = None) -> list[Output]:
     """Compute and write every output of every track into ``staging``; returns the outputs with their hashes."""
     outputs = [o for t in tracks for outs in t.outputs.values() for o in outs]
     return write_outputs(outputs, order, staging, limits,
-                         lambda files: _stream_tensors(readers, tracks, order, outputs, files, limits))
+                         lambda files: _stream_tensors(readers, tracks, order, outputs, files, limits), folders)
 
 
 def write_outputs(outputs: list[Output], order: Order, staging: Path, limits: Limits,
-                  stream: Callable[[dict[int, OutputFile]], None]) -> list[Output]:
+                  stream: Callable[[dict[int, OutputFile]], None], folders: ModelFolders | None = None) -> list[Output]:
     """Open a file per output in ``staging``, let ``stream`` write their tensors in ``order`` (one torch thread),
-    then finish them (fsync, sha256). On any error every file is closed and the error goes on."""
+    then finish them (fsync, sha256). On any error every file is closed and the error goes on. With ``folders``
+    (the inputs are model folders) each output is a model folder of the same kind (``modelfolder.py``)."""
     outputs.sort(key=lambda o: (o.job.folder, o.step))
     files: dict[int, OutputFile] = {}
     writer = Writer()
     try:
-        _open_outputs(outputs, order, staging, files, writer, limits)
+        _open_outputs(outputs, order, staging, files, writer, limits, folders)
         with _single_torch_thread():
             stream(files)
         writer.close()
@@ -61,6 +64,11 @@ def write_outputs(outputs: list[Output], order: Order, staging: Path, limits: Li
     for o in outputs:
         f = files[id(o)]
         o.sha256, o.size = f.finish(), f.size
+        if folders is not None:  # the describing files of the newest input it averages
+            o.notes["carried"] = copy_carried(folders.folders[o.members[-1]], o.path.parent)
+            for name in o.notes["carried"]:
+                fsync_file(o.path.parent / name)
+            fsync_dir(o.path.parent)
     return outputs
 
 
@@ -85,15 +93,20 @@ def _single_torch_thread() -> Iterator[None]:
 
 
 def _open_outputs(outputs: list[Output], order: Order, staging: Path, files: dict[int, OutputFile], writer: Writer,
-                  limits: Limits) -> None:
+                  limits: Limits, folders: ModelFolders | None) -> None:
     data_size = sum(math.prod(s) * d.itemsize for _, d, s in order)
     buffer_bytes = max(16 * DIRECT_ALIGN, min(limits.direct_buffer, limits.block_budget // max(1, len(outputs))))
     buffer_bytes -= buffer_bytes % DIRECT_ALIGN
     for o in outputs:
         (staging / o.job.folder).mkdir(exist_ok=True)
-        o.path = staging / o.job.folder / f"step-{o.step:08d}.safetensors"
         metadata = {"format": DERIVED_FORMAT, "step": str(o.step), "averager": o.job.name,
                     "config": json.dumps(o.job.config, sort_keys=True), "inputs": ",".join(map(str, o.members))}
+        if folders is None:
+            o.path = staging / o.job.folder / f"step-{o.step:08d}.safetensors"
+        else:  # transformers refuses a safetensors file whose metadata format is not "pt": ours moves aside
+            o.path = folders.output_path(staging / o.job.folder, o.step)
+            o.path.parent.mkdir()
+            metadata = {**metadata, "format": "pt", "lawa_suite_format": DERIVED_FORMAT}
         files[id(o)] = OutputFile(o.path, safetensors_header(order, metadata), data_size, writer, buffer_bytes)
 
 

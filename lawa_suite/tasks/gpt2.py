@@ -33,7 +33,7 @@ from lawa_suite import registry
 from lawa_suite.config import ConfigError, choice, require
 from lawa_suite.data.text import (VOCAB_SIZES, TokenSplits, get_tokenizer, gpt2_vocab_files, load_tokens,
                                   tiktoken_cache_dir)
-from lawa_suite.errors import DataUnavailable
+from lawa_suite.errors import CheckpointError, DataUnavailable
 from lawa_suite.tasks.base import Task, parameter_count
 
 Batch = dict[str, Tensor]  # {"tokens": int64 (B, seq_len + 1)}
@@ -211,7 +211,14 @@ class Gpt2Task(Task):
             files = gpt2_tokenizer_files()  # before the model is written: a missing vocabulary writes nothing
         with torch.device("meta"):
             model = GPT2LMHeadModel(self.hf_config())
-        model.load_state_dict(dict(weights), strict=True, assign=True)
+        # weights saved by save_pretrained (a Hugging Face checkpoint, or an average of such) leave the tied
+        # lm_head out; tie_weights() restores it. Anything else missing or extra is an error.
+        result = model.load_state_dict(dict(weights), strict=False, assign=True)
+        missing = set(result.missing_keys) - ({"lm_head.weight"} if model.config.tie_word_embeddings else set())
+        if missing or result.unexpected_keys:
+            raise CheckpointError(f"weights do not fit this run's GPT-2 ({model.config.n_layer} layers, "
+                                  f"{model.config.n_embd} wide): missing {sorted(missing)[:3]}, "
+                                  f"unexpected {sorted(result.unexpected_keys)[:3]}")
         model.tie_weights()
         model.save_pretrained(out, safe_serialization=True)
         if self.config.tokenizer == "gpt2":
