@@ -59,18 +59,20 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 # -- the parameter set ------------------------------------------------------------------------------------------
-def build_model(dtype: torch.dtype, layers: int, device: str = "cpu") -> nn.Module:
-    """A module tree with GPT-2 small's parameter names and shapes, ``lm_head.weight`` tied to the embedding."""
+def build_model(dtype: torch.dtype, layers: int, device: str = "cpu", width: int = 768) -> nn.Module:
+    """A module tree with GPT-2's parameter names and shapes (small by default; ``layers=36, width=1280`` is GPT-2
+    large, 774M), ``lm_head.weight`` tied to the embedding. Off the CPU the values are drawn on the device (a 774M
+    draw on one CPU thread takes seconds; the values do not matter to the timings)."""
     root = nn.Module()
-    generator = torch.Generator().manual_seed(0)
-    for name, shape in gpt2_small_shapes(layers).items():
+    generator = torch.Generator(device).manual_seed(0)
+    for name, shape in gpt2_small_shapes(layers, width).items():
         *path, leaf = name.split(".")
         module = root
         for part in path:
             if part not in module._modules:
                 module.add_module(part, nn.Module())
             module = module._modules[part]
-        weight = torch.empty(shape, dtype=torch.float32)
+        weight = torch.empty(shape, dtype=torch.float32, device=device)
         weight.normal_(0.0, 0.02, generator=generator)
         module.register_parameter(leaf, nn.Parameter(weight.to(device=device, dtype=dtype)))
     root.add_module("lm_head", nn.Module())
@@ -85,7 +87,9 @@ def check_against_transformers(model: nn.Module) -> str:
     except ImportError:
         return "transformers not installed: names not cross-checked"
     with torch.device("meta"):
-        hf = GPT2LMHeadModel(GPT2Config(n_layer=sum(1 for _ in model.transformer.h.children())))
+        width = model.transformer.wpe.weight.shape[1]
+        hf = GPT2LMHeadModel(GPT2Config(n_layer=sum(1 for _ in model.transformer.h.children()), n_embd=width,
+                                        n_head=max(1, width // 64) if width % 64 == 0 else 1))
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     theirs = {k: tuple(v.shape) for k, v in hf.state_dict().items()}
     return "same state_dict names and shapes as transformers GPT2LMHeadModel" if ours == theirs else \
@@ -348,7 +352,7 @@ def _status(key: str) -> int:
     return 0
 
 
-def peak_child(name: str, dtype_name: str, layers: int, lawa_k: int, updates: int) -> None:
+def peak_child(name: str, dtype_name: str, layers: int, lawa_k: int, updates: int, width: int = 768) -> None:
     """Subprocess body: build the model, reset the peak RSS, build the candidate, run updates, print the growth."""
     torch.set_num_threads(1)
     candidate = next(c for c in candidates(lawa_k) if c.name == name)
@@ -357,7 +361,7 @@ def peak_child(name: str, dtype_name: str, layers: int, lawa_k: int, updates: in
     import lawa_suite.averagers  # noqa: F401 (imported before the baseline, like the libraries)
     from lawa_suite import registry
     registry.averagers.names()
-    model = build_model(DTYPES[dtype_name], layers)
+    model = build_model(DTYPES[dtype_name], layers, width=width)
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     base = _status("VmRSS")
@@ -369,7 +373,7 @@ def peak_child(name: str, dtype_name: str, layers: int, lawa_k: int, updates: in
 
 def measure_peak(name: str, dtype_name: str, args: argparse.Namespace) -> int | None:
     command = [sys.executable, __file__, "--_peak", name, "--dtypes", dtype_name, "--layers", str(args.layers),
-               "--lawa-k", str(args.lawa_k)]
+               "--width", str(args.width), "--lawa-k", str(args.lawa_k)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         print(f"  peak of {name}: child failed: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
@@ -386,7 +390,7 @@ def device_peak(candidate: Candidate, dtype: torch.dtype, args: argparse.Namespa
     """Peak accelerator memory above the model while ``candidate`` is built and updated (fresh model)."""
     gc.collect()
     torch.cuda.empty_cache()
-    model = build_model(dtype, args.layers, args.device)
+    model = build_model(dtype, args.layers, args.device, args.width)
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -398,6 +402,70 @@ def device_peak(candidate: Candidate, dtype: torch.dtype, args: argparse.Namespa
         return torch.cuda.max_memory_allocated() - base
     except Exception:  # noqa: BLE001 (a candidate that cannot run here was reported as skipped)
         return None
+
+
+# -- LAWA on the training stream (CUDA) ---------------------------------------------------------------------------
+def lawa_stream_cost(model: nn.Module, args: argparse.Namespace) -> dict[str, Any]:
+    """What a LAWA snapshot step adds to the training (current) CUDA stream, and whether it makes the host wait.
+
+    A device sleep is queued first, longer than the host's part of the call, so the events recorded just before and
+    after ``observe`` time only the work the call queued on the current stream (0 when the snapshot runs elsewhere).
+    A host time near the sleep's means the call waited for the device. The floor is what a snapshot must move: one
+    non-blocking ``_foreach_copy_`` of the unique parameters into pinned host buffers, timed the same way. LAWA runs
+    with ``nu=1`` (every step a snapshot) as the loop calls it (``checked=True``); the first ``2 (k + 1)`` steps fill
+    the window and are not timed."""
+    from lawa_suite import registry
+    params = _unique_params(model)
+    pinned = [torch.empty(p.shape, dtype=p.dtype, pin_memory=True) for p in params]
+    avg = registry.averagers.create("lawa", k=args.lawa_k, nu=1)
+    avg.start_run(10**9)
+    step = [0]
+
+    def snapshot() -> None:
+        step[0] += 1
+        avg.observe(step[0], model, checked=True)
+
+    def floor() -> None:
+        torch._foreach_copy_(pinned, params, non_blocking=True)
+
+    def sleep_cycles(ms: float) -> int:  # calibrate torch.cuda._sleep (cycles) to milliseconds of this device
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.cuda._sleep(10**7)
+        end.record()
+        end.synchronize()
+        return int(10**7 * ms / max(start.elapsed_time(end), 1e-3))
+
+    def timed(fn: Callable[[], None], cycles: int) -> tuple[float, float, float]:
+        torch.cuda.synchronize()
+        marks = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+        marks[0].record()
+        torch.cuda._sleep(cycles)
+        marks[1].record()
+        start = time.perf_counter()
+        fn()
+        host = 1e3 * (time.perf_counter() - start)
+        marks[2].record()
+        torch.cuda.synchronize()
+        return marks[1].elapsed_time(marks[2]), host, marks[0].elapsed_time(marks[1])
+
+    for _ in range(2 * (args.lawa_k + 1)):
+        snapshot()
+    floor()
+    cycles = sleep_cycles(200.0)
+    stream, host, slept, floor_stream = [], [], [], []
+    for _ in range(max(args.rounds, args.lawa_k + 1)):  # through a window recompute
+        floor_stream.append(timed(floor, cycles)[0])
+        s, h, z = timed(snapshot, cycles)
+        stream.append(s)
+        host.append(h)
+        slept.append(z)
+    avg.wait()
+    return {"snapshot_stream_ms": statistics.median(stream), "snapshot_stream_max_ms": max(stream),
+            "snapshot_host_ms": statistics.median(host), "sleep_ms": statistics.median(slept),
+            "host_waited": sum(h >= 0.5 * z for h, z in zip(host, slept)), "n": len(stream),
+            "floor_d2h_stream_ms": statistics.median(floor_stream),
+            "ratio_to_floor": statistics.median(stream) / max(statistics.median(floor_stream), 1e-9)}
 
 
 # -- where the suite's observe() spends its time ---------------------------------------------------------------
@@ -433,7 +501,7 @@ def loadavg() -> str:
 
 def bench_dtype(dtype_name: str, args: argparse.Namespace) -> dict[str, Any]:
     dtype = DTYPES[dtype_name]
-    model = build_model(dtype, args.layers, args.device)
+    model = build_model(dtype, args.layers, args.device, args.width)
     model_ptrs = {t.untyped_storage().data_ptr() for t in model.state_dict().values()}
     unique = sum(p.numel() for p in model.parameters())
     listed = sum(t.numel() for t in model.state_dict().values())
@@ -517,7 +585,11 @@ def bench_dtype(dtype_name: str, args: argparse.Namespace) -> dict[str, Any]:
               "skipped": skipped, "tied": tied, "model_check": check_against_transformers(model)}
     if dtype_name == "fp32" and not args.only:
         result["breakdown"] = breakdown(model, max(3, args.rounds))
-    del built, model
+    del built
+    gc.collect()
+    if args.device.startswith("cuda"):
+        result["lawa_stream"] = lawa_stream_cost(model, args)
+    del model
     gc.collect()
     if args.peak and args.device != "cpu":
         for row in rows:  # on an accelerator: allocator statistics of a fresh build and a few updates
@@ -564,6 +636,18 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             lines += ["", f"Tied weights: the suite's averagers keep `lm_head.weight` and `transformer.wte.weight` "
                       f"as {how}: {t['values_averaged']:,} values per update for {t['unique_parameters']:,} "
                       f"parameters."]
+        if res.get("lawa_stream"):
+            s = res["lawa_stream"]
+            lines += ["", "LAWA on the training stream (CUDA; a snapshot every step, as the loop calls it):",
+                      "", "| figure | value |", "|---|---:|",
+                      f"| snapshot: device time on the training stream, median (max) | {s['snapshot_stream_ms']:,.2f} "
+                      f"({s['snapshot_stream_max_ms']:,.2f}) ms |",
+                      f"| floor: a non-blocking copy of the weights into pinned memory, on the stream | "
+                      f"{s['floor_d2h_stream_ms']:,.2f} ms |",
+                      f"| ratio to the floor | {s['ratio_to_floor']:.2f}x |",
+                      f"| snapshot: host time of the call, median | {s['snapshot_host_ms']:,.2f} ms |",
+                      f"| calls that waited for the device (host time >= half the {s['sleep_ms']:,.0f} ms queued) "
+                      f"| {s['host_waited']} of {s['n']} |"]
         if res.get("breakdown"):
             lines += ["", "Where `suite ema`'s `observe(step, model)` goes (fp32, each piece timed alone):", "",
                       "| piece | median ms |", "|---|---:|"]
@@ -578,6 +662,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7, help="timed updates per candidate (medians reported)")
     parser.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16")
     parser.add_argument("--layers", type=int, default=12, help="transformer blocks (12 = GPT-2 small, 124M)")
+    parser.add_argument("--width", type=int, default=768,
+                        help="model width (768 = GPT-2 small; --layers 36 --width 1280 = GPT-2 large, 774M)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch.set_num_threads (1: on a busy machine, 2 threads wait on a descheduled one)")
     parser.add_argument("--lawa-k", type=int, default=3, help="LAWA window (memory grows with k; timing does not)")
@@ -585,12 +671,12 @@ def main() -> None:
                         help="only candidates whose name contains this (repeatable; the floors always run)")
     parser.add_argument("--no-peak", dest="peak", action="store_false", help="skip the peak-memory subprocesses")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (untested on cuda: no GPU was lent when "
-                                                             "this was written)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (on cuda the results also hold LAWA's "
+                                                             "cost on the training stream; not yet run on a GPU)")
     parser.add_argument("--_peak", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._peak:
-        peak_child(args._peak, args.dtypes, args.layers, args.lawa_k, updates=4)
+        peak_child(args._peak, args.dtypes, args.layers, args.lawa_k, updates=4, width=args.width)
         return
     torch.set_num_threads(args.threads)
     meta = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs ({_cpu_model()}), "

@@ -28,11 +28,19 @@ over rounds are reported, with the time spent in ``observe`` per step.
     python benchmarks/loop.py                                   # both tasks, ~10 minutes on 2 CPU cores
     python benchmarks/loop.py --tasks gpt2 --rounds 1 --steps 60
     python benchmarks/loop.py --json benchmarks/results/loop.json
+
+``--throughput`` times one run of the suite by the wall clock instead (what an accelerator needs: its steps run
+asynchronously, so the device is synchronised at the two ends of the timed window), at any preset, and reports
+milliseconds a step, examples (and for gpt2 tokens) a second, and on CUDA the peak memory allocated in the window:
+
+    python benchmarks/loop.py --throughput --tasks gpt2 --preset small --steps 200 --skip 20 \
+        --mixed-precision bf16 --override data=embedded --override warmup=10 --json /tmp/gpt2-small.json
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -102,6 +110,10 @@ class Record:
     starts: list[tuple[float, float]] = field(default_factory=list)
     ends: list[tuple[float, float]] = field(default_factory=list)
     observe: dict[int, float] = field(default_factory=dict)  # step -> CPU seconds in Averager.observe
+    window: tuple[int, int] | None = None  # --throughput: (first, last + 1), the steps at whose start the device
+    #                                        syncs; the run stops at the second (WindowDone): its end is not timed
+    peak_bytes: int | None = None          # --throughput on CUDA: peak memory allocated between those two steps
+    parameters: int | None = None          # the run's model: unique parameters
     holding: bool = False
     ready: threading.Event = field(default_factory=threading.Event)  # set-up done: the first step is next
 
@@ -114,7 +126,28 @@ class Record:
             self.baton.pass_on(self.index)
         self.baton.wait(self.index)
         self.holding = True
+        self.mark(len(self.starts) + 1)
         self.starts.append((time.thread_time(), time.perf_counter()))
+
+    def mark(self, step: int) -> None:
+        """At the ends of a --throughput window: wait for the device, reset or read its peak memory; at the second,
+        stop the run (its final evaluation, checkpoint and report are not what is timed)."""
+        if self.window is None or step not in self.window:
+            return
+        cuda = torch.cuda.is_initialized()
+        if cuda:
+            torch.cuda.synchronize()
+        if step == self.window[0]:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            return
+        self.peak_bytes = torch.cuda.max_memory_allocated() if cuda else None
+        self.starts.append((time.thread_time(), time.perf_counter()))
+        raise WindowDone()
+
+
+class WindowDone(Exception):
+    """Raised at the start of the step after a --throughput window: the timed part of the run is over."""
 
 
 CURRENT = threading.local()  # .record: the Record of the variant this thread runs
@@ -129,13 +162,16 @@ def instrument() -> None:
     step_fn, observe_fn = train_module.Run.optimizer_step, Averager.observe
 
     def optimizer_step(self: Any) -> Any:
+        if CURRENT.record.parameters is None:
+            from lawa_suite.tasks.base import parameter_count
+            CURRENT.record.parameters = parameter_count(self.unwrapped)
         CURRENT.record.tick()
         return step_fn(self)
 
-    def observe(self: Any, step: int, weights: Any) -> bool:
+    def observe(self: Any, step: int, weights: Any, **kwargs: Any) -> bool:
         start = time.thread_time()
         try:
-            return observe_fn(self, step, weights)
+            return observe_fn(self, step, weights, **kwargs)
         finally:
             record = CURRENT.record
             record.observe[step] = record.observe.get(step, 0.0) + time.thread_time() - start
@@ -145,27 +181,29 @@ def instrument() -> None:
 
 
 # -- the variants -----------------------------------------------------------------------------------------------
-def overrides(task: str, steps: int, averagers: str, out: Path) -> list[str]:
-    return [f"task={task}", "preset=cpu", f"steps={steps}", f"averager={averagers}", f"eval.every={10 * steps}",
+def overrides(task: str, steps: int, averagers: str, out: Path, preset: str = "cpu",
+              extra: tuple[str, ...] = ()) -> list[str]:
+    return [f"task={task}", f"preset={preset}", f"steps={steps}", f"averager={averagers}", f"eval.every={10 * steps}",
             "checkpoint.every=0", "trajectory.every=0", "progress=false", f"out={out}"] + \
-        (["swa.start=1"] if "swa" in averagers.split(",") else [])
+        (["swa.start=1"] if "swa" in averagers.split(",") else []) + list(extra)
 
 
-def run_suite(task: str, steps: int, averagers: str, work: Path) -> None:
+def run_suite(task: str, steps: int, averagers: str, work: Path, preset: str = "cpu",
+              extra: tuple[str, ...] = ()) -> None:
     from lawa_suite.config import resolve
     from lawa_suite.train import train
 
     out = Path(tempfile.mkdtemp(dir=work))
     out.rmdir()
-    train(resolve(overrides(task, steps, averagers, out)))
+    train(resolve(overrides(task, steps, averagers, out, preset, extra)))
 
 
-def run_bare(task: str, steps: int, with_floor: bool) -> None:
+def run_bare(task: str, steps: int, with_floor: bool, preset: str = "cpu", extra: tuple[str, ...] = ()) -> None:
     """A hand-written loop on the task's model, optimizer, data stream and loss; the suite's schedule and clipping."""
     from lawa_suite import registry
     from lawa_suite.config import resolve
 
-    cfg = resolve(overrides(task, steps, "lawa,ema,swa", Path("unused")))
+    cfg = resolve(overrides(task, steps, "lawa,ema,swa", Path("unused"), preset, extra))
     run = cfg.run
     task_obj = registry.tasks.get(task)(cfg.task, run)
     task_obj.setup()
@@ -212,14 +250,15 @@ def run_bare(task: str, steps: int, with_floor: bool) -> None:
     CURRENT.record.tick()  # close the last step, as the suite's loop closes its steps at the next entry
 
 
-def participant(task: str, variant: str, steps: int, work: Path, record: Record, errors: list[str]) -> None:
+def participant(task: str, variant: str, steps: int, work: Path, record: Record, errors: list[str],
+                preset: str = "cpu", extra: tuple[str, ...] = ()) -> None:
     CURRENT.record = record
     try:
         torch.set_num_threads(THREADS[0])  # per thread: a new thread may start with the default
         if variant.startswith("bare"):
-            run_bare(task, steps, with_floor=variant == "bare+floor")
+            run_bare(task, steps, variant == "bare+floor", preset, extra)
         else:
-            run_suite(task, steps, variant.partition("+")[2], work)
+            run_suite(task, steps, variant.partition("+")[2], work, preset, extra)
     except BaseException as exc:  # noqa: BLE001 (reported by the main thread)
         errors.append(f"{variant}: {type(exc).__name__}: {exc}")
     finally:
@@ -227,12 +266,13 @@ def participant(task: str, variant: str, steps: int, work: Path, record: Record,
         record.baton.leave(record.index)
 
 
-def lockstep_round(task: str, variants: list[str], steps: int, work: Path) -> dict[str, Record]:
+def lockstep_round(task: str, variants: list[str], steps: int, work: Path, preset: str = "cpu",
+                   extra: tuple[str, ...] = ()) -> dict[str, Record]:
     baton = Baton(len(variants))
     records = {v: Record(i, baton) for i, v in enumerate(variants)}
     errors: list[str] = []
-    threads = [threading.Thread(target=participant, args=(task, v, steps, work, records[v], errors), name=v)
-               for v in variants]
+    threads = [threading.Thread(target=participant, args=(task, v, steps, work, records[v], errors, preset, extra),
+                                name=v) for v in variants]
     for t, v in zip(threads, variants):  # set-ups one at a time (lazy imports are not thread-safe), then go
         t.start()
         while not records[v].ready.wait(0.1) and t.is_alive():
@@ -265,7 +305,7 @@ def bench_task(task: str, args: argparse.Namespace, work: Path) -> dict[str, Any
     for reg in (registry.tasks, registry.averagers, registry.evaluators):
         for name in reg.names():
             reg.get(name)
-    resolve(overrides(task, steps, "lawa,ema,swa", work / "unused"))
+    resolve(overrides(task, steps, "lawa,ema,swa", work / "unused", args.preset, tuple(args.override)))
     variants = args.variants.split(";") if args.variants else DEFAULT_VARIANTS[task]
     first, last = args.skip + 1, steps - 1  # the last step's end is followed by the run's end: left out
     n = last - first + 1
@@ -275,7 +315,7 @@ def bench_task(task: str, args: argparse.Namespace, work: Path) -> dict[str, Any
         order = list(variants)
         rng.shuffle(order)  # the turn order changes from round to round
         started = time.time()
-        records = lockstep_round(task, order, steps, work)
+        records = lockstep_round(task, order, steps, work, args.preset, tuple(args.override))
         bare_cpu = window(records["bare"], first, last)[0]
         results = {}
         for v in variants:
@@ -297,6 +337,53 @@ def bench_task(task: str, args: argparse.Namespace, work: Path) -> dict[str, Any
                      "ratio_to_suite": statistics.median(to_suite) if to_suite else None})
     return {"task": task, "steps": steps, "window": [first, last], "rounds": args.rounds, "rows": rows,
             "per_round": per_round}
+
+
+def throughput(task: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """One run of the suite (``--variants``: one, default suite+lawa,ema,swa), timed by the wall clock from the start
+    of step ``skip + 1`` to the start of the last step, the device synchronised at both ends."""
+    from lawa_suite.config import resolve
+
+    steps = args.steps or DEFAULT_STEPS[task]
+    variant = args.variants or "suite+lawa,ema,swa"
+    if ";" in variant or not variant.startswith("suite"):
+        raise SystemExit(f"--variants: --throughput times one run of the suite, e.g. 'suite+lawa,ema,swa'; "
+                         f"got {variant!r}")
+    extra = tuple(args.override)
+    averagers = variant.partition("+")[2]
+    cfg = resolve(overrides(task, steps, averagers, work / "unused", args.preset, extra))
+    first, last = args.skip + 1, steps - 1
+    if last < first:
+        raise SystemExit(f"--steps: --throughput needs at least skip + 2 = {args.skip + 2} steps, got {steps}")
+    record = Record(0, Baton(1), window=(first, last + 1))
+    record.baton.go.set()
+    CURRENT.record = record
+    try:
+        run_suite(task, steps, averagers, work, args.preset, extra)
+    except WindowDone:
+        pass
+    seconds = record.starts[last][1] - record.starts[first - 1][1]  # start of step first to start of step last + 1
+    n = last - first + 1
+    per_second = cfg.run.batch_size * n / seconds
+    task_config = dataclasses.asdict(cfg.task)
+    return {"task": task, "preset": args.preset, "variant": variant, "steps": steps, "window": [first, last],
+            "ms_per_step": 1e3 * seconds / n, "batch_size": cfg.run.batch_size, "examples_per_s": per_second,
+            "tokens_per_s": per_second * task_config["seq_len"] if "seq_len" in task_config else None,
+            "mixed_precision": cfg.run.mixed_precision, "compile": getattr(cfg.run, "compile", None),
+            "parameters": record.parameters, "peak_bytes": record.peak_bytes, "task_config": task_config,
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "overrides": list(extra)}
+
+
+def throughput_markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    lines = [f"Machine: {meta['machine']}; torch {meta['torch']}; {meta['seconds']} s.", "",
+             "| task | preset | device | variant | steps timed | ms/step | examples/s | tokens/s | peak GiB |",
+             "|---|---|---|---|---|---:|---:|---:|---:|"]
+    for r in results:
+        tokens = "-" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:,.0f}"
+        peak = "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**30:.2f}"
+        lines.append(f"| {r['task']} | {r['preset']} | {r['device']} | {r['variant']} | {r['window'][0]}-"
+                     f"{r['window'][1]} | {r['ms_per_step']:,.1f} | {r['examples_per_s']:,.1f} | {tokens} | {peak} |")
+    return "\n".join(lines + [""])
 
 
 def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
@@ -329,8 +416,18 @@ def main() -> None:
                                                        "e.g. 'bare;suite;suite+ema'")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch.set_num_threads; lock-step timing needs 1 (each step in its own thread)")
+    parser.add_argument("--preset", default="cpu", help="the tasks' preset (cpu by default)")
+    parser.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"),
+                        help="mixed_precision= for every run (default: the preset's)")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="a further run key for every run, as on `suite run` (repeatable), e.g. data=embedded")
+    parser.add_argument("--throughput", action="store_true",
+                        help="time one run of the suite by the wall clock (for a GPU) instead of the lock-step "
+                             "comparison with a bare loop")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
     args = parser.parse_args()
+    if args.mixed_precision:
+        args.override.append(f"mixed_precision={args.mixed_precision}")
     torch.set_num_threads(args.threads)
     THREADS[0] = args.threads
     instrument()
@@ -338,11 +435,12 @@ def main() -> None:
             "torch": torch.__version__, "threads": args.threads, "load_before": loadavg(),
             "command": " ".join([Path(sys.executable).name, *sys.argv])}
     started = time.time()
+    bench = throughput if args.throughput else bench_task
     with tempfile.TemporaryDirectory(prefix="loop-bench-") as work:
-        results = [bench_task(t, args, Path(work)) for t in args.tasks.split(",")]
+        results = [bench(t, args, Path(work)) for t in args.tasks.split(",")]
     meta["load_after"] = loadavg()
     meta["seconds"] = round(time.time() - started)
-    print(markdown(results, meta))
+    print((throughput_markdown if args.throughput else markdown)(results, meta))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
