@@ -146,9 +146,10 @@ class Evaluation:
 
 # -- post-hoc outputs: raw versus averaged ----------------------------------------------------------------
 def evaluate_posthoc(out: str | os.PathLike[str], overrides: Sequence[str] = (), allow_torch_load: bool = False,
-                     log: Callable[[str], None] = lambda message: None) -> Path:
+                     log: Callable[[str], None] = lambda message: None, at: posthoc.WeightsAt | None = None) -> Path:
     """Score every derived checkpoint in a ``suite average`` output and the raw checkpoint of its step; write
-    ``metrics.jsonl``, ``config.yaml``, ``report.md`` and ``curves.png`` into ``out``. Returns the report."""
+    ``metrics.jsonl``, ``config.yaml``, ``report.md`` and ``curves.png`` into ``out``. Returns the report. The raw
+    checkpoints are read as the averaging read them (its manifest's ``key``/``prefix``) unless ``at`` says else."""
     out = Path(out)
     try:
         manifest = json.loads((out / "manifest.json").read_text())
@@ -158,6 +159,7 @@ def evaluate_posthoc(out: str | os.PathLike[str], overrides: Sequence[str] = (),
     except (OSError, ValueError, KeyError, TypeError, AssertionError):
         raise AnalysisError(f"{out}: not a suite average output (no readable manifest.json of format "
                             f"{posthoc.FORMAT})") from None
+    at = at or posthoc.WeightsAt(manifest.get("key"), manifest.get("prefix"))
     cfg = eval_config(source, overrides)
     evaluation = Evaluation(cfg)
     derived: dict[int, dict[str, Path]] = {}
@@ -165,15 +167,22 @@ def evaluate_posthoc(out: str | os.PathLike[str], overrides: Sequence[str] = (),
         entries = json.loads((out / folder / "manifest.json").read_text())["outputs"]
         for entry in entries:
             derived.setdefault(int(entry["step"]), {})[folder] = out / folder / entry["file"]
-    _, snapshots, problems = posthoc.discover(source, allow_torch_load)
+    _, snapshots, problems, _ = posthoc.discover(source, allow_torch_load)
     by_step = {s.step: s for s in snapshots}
     lost = sorted(set(derived) - set(by_step))
     if problems or lost:
         raise AnalysisError(f"{source}: the raw checkpoints are needed for comparison: "
                             + "; ".join(problems + ([f"steps {', '.join(map(str, lost))} are gone"] if lost else [])))
+    said: set[str] = set()
+
+    def once(line: str) -> None:  # where the weights were found is the same for every raw checkpoint: say it once
+        if line not in said:
+            said.add(line)
+            log(line)
+
     records = []
     for step in sorted(derived):
-        scores = {"raw": evaluation.score(posthoc.load_snapshot(by_step[step]), recalibrate=False)}
+        scores = {"raw": evaluation.score(posthoc.load_snapshot(by_step[step], at, once), recalibrate=False)}
         for folder, path in sorted(derived[step].items()):
             scores[folder] = evaluation.score(posthoc.read_checkpoint(path), recalibrate=True)
         records += [{"step": step, "weights": name, "split": "val", **values} for name, values in scores.items()]

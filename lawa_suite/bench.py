@@ -6,7 +6,7 @@ unless the bench sets ``eval.every``: early, mid and late each need several eval
 
 Locally the cells run one after another in this process; every cell runs with ``resume=auto`` and a periodic
 checkpoint, so a bench that is killed and started again skips the cells that finished (their final checkpoint is
-there) and continues the interrupted one from its newest checkpoint. ``--emit accelerate`` / ``--emit slurm``
+there) and continues the interrupted one from its newest checkpoint. ``emit=accelerate`` / ``emit=slurm``
 write the same cells as cluster jobs instead.
 
 A bench file (YAML; every key optional except ``tasks``; the command line's ``key=value`` words override it)::
@@ -20,7 +20,7 @@ A bench file (YAML; every key optional except ``tasks``; the command line's ``ke
     seeds: 0,1
     threads: 1                        # torch threads per run (0: torch's default)
     set: {progress: false}            # key=value settings of every run (any `suite run` key)
-    slurm: {gpus: 8, time: "72:00:00"}  # for --emit slurm
+    slurm: {gpus: 8, time: "72:00:00"}  # for emit=slurm
     posthoc:                          # sweeps after each run (``sweeps.py``): suite average words, scored
       ema_length: averager=phema phema.sigma_rel=0.03,0.05,0.1,0.2
 
@@ -374,12 +374,12 @@ def run_bench(bench: Bench, log: Callable[[str], None] = print, only: int | None
     from lawa_suite.train import train
 
     planned = validate(bench)
-    # a --cell job reads the spec and never rewrites it (many processes, one file); two processes running parts of
+    # a cell=N job reads the spec and never rewrites it (many processes, one file); two processes running parts of
     # one bench write the same whole spec, atomically
     if only is None:
         write_spec(bench)
     elif not 0 <= only < len(planned):
-        raise ConfigError(f"--cell: expected an index in [0, {len(planned) - 1}], got {only}")
+        raise ConfigError(f"cell: expected an index in [0, {len(planned) - 1}], got {only}")
     if bench.threads:
         torch.set_num_threads(bench.threads)
     result = BenchResult()

@@ -1,23 +1,51 @@
 """The ``suite`` command line: parses, then delegates. Heavy imports happen inside commands so that
 ``suite --help`` stays fast. Every error a user can cause is a ``SuiteError`` carrying its exit code
-(``errors.py``); ``user_errors`` turns it into ``error: <one line>`` and that code, in one place."""
+(``errors.py``); ``user_errors`` turns it into ``error: <message>`` and that code, in one place.
+
+One spelling rule for every command: a setting, anything with a value, is a ``key=value`` word (``out=DIR``,
+``config=FILE``, ``weights=lawa``, ``cell=3``); a ``--flag`` is a switch and takes no value (``--force``,
+``--dry-run``, ``--allow-torch-load``). ``--name value`` is answered with the word to write instead."""
 
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
-from lawa_suite.errors import EXIT_INTERRUPTED, SuiteError
+from lawa_suite.errors import EXIT_INTERRUPTED, ConfigError, SuiteError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
                   help="lawa-suite: does averaging weights along a training run make the model better, sooner?")
 
 OVERRIDES_HELP = ("key=value overrides, e.g. task=cifar averager=lawa,ema,swa preset=cpu lawa.k=5 lawa.nu=100 "
                   "steps=600 lr=0.1 out=runs/cifar (see `suite list` for tasks, presets and averagers)")
+
+
+WORDS = {"ignore_unknown_options": True}  # a stray --name reaches the words, which say how to spell it
+SETTING = re.compile(r"^[A-Za-z_][\w.]*=")    # a key=value word (a path holding "=" is written ./name=...)
+
+
+def words_of(words: Optional[list[str]], switches: str = "") -> list[str]:
+    """A command's ``key=value`` words; ``--name`` (a value given the other way) is an error naming the word."""
+    for word in words or []:
+        if word.startswith("--"):
+            name = word[2:].partition("=")[0]
+            here = f"here: {switches}" if switches else "this command has none"
+            raise ConfigError(f"{word}: not a switch of this command; settings are key=value words ({name}=...), "
+                              f"and --flags are switches without a value ({here})")
+    return list(words or [])
+
+
+def take(words: list[str], *keys: str) -> tuple[dict[str, str], list[str]]:
+    """``(the words of keys, the other words)``: a command's own settings out of words that go on elsewhere."""
+    from lawa_suite.config import parse_overrides
+
+    mine = [w for w in words if w.partition("=")[0].strip() in keys]
+    return parse_overrides(mine), [w for w in words if w not in mine]
 
 
 def fail(message: str, code: int) -> typer.Exit:
@@ -43,23 +71,24 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     return guarded
 
 
-@app.command()
+@app.command(context_settings=WORDS)
 @user_errors
 def run(
-    overrides: Annotated[Optional[list[str]], typer.Argument(help=OVERRIDES_HELP, show_default=False)] = None,
+    overrides: Annotated[Optional[list[str]], typer.Argument(
+        help=OVERRIDES_HELP + "; config=FILE: a saved config.yaml (or the run folder holding it) to run again, "
+                              "the other words on top", show_default=False)] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and exit.")] = False,
-    config: Annotated[Optional[Path], typer.Option(
-        "--config", help="A saved config.yaml (or the run folder holding it) to run again as it is; key=value "
-                         "words override it.")] = None,
 ) -> None:
     """Train a task while averagers watch; score raw and averaged weights on the same data."""
     from lawa_suite.config import dotted, resolve
     from lawa_suite.rundir import read_saved
 
+    own, words = take(words_of(overrides, "--dry-run"), "config")
     base = None
-    if config is not None:
+    if "config" in own:
+        config = Path(own["config"])
         base = dotted(read_saved(config / "config.yaml" if config.is_dir() else config))
-    cfg = resolve(list(overrides or []), base=base)
+    cfg = resolve(words, base=base)
     if dry_run:
         typer.echo(cfg.to_yaml(), nl=False)
         return
@@ -89,14 +118,13 @@ def list_plugins() -> None:
             typer.echo(f"  {info.name:<12} {origin}{extra}")
 
 
-@app.command()
+@app.command(context_settings=WORDS)
 @user_errors
 def report(
-    paths: Annotated[list[Path], typer.Argument(help="One run directory (its own report.md), or several run "
-                                                "directories or a bench directory (one cross-run report).")],
-    out: Annotated[Optional[Path], typer.Option("--out", help="Where the cross-run report goes (default: the bench "
-                                                "directory, or the run directories' common parent).")] = None,
-    title: Annotated[str, typer.Option("--title", help="The cross-run report's title.")] = "",
+    words: Annotated[list[str], typer.Argument(
+        help="One run directory (its own report.md), or several run directories or a bench directory (one "
+             "cross-run report); out=DIR: where the cross-run report goes (default: the bench directory, or the "
+             "run directories' common parent); title=TEXT: its title.", show_default=False)],
 ) -> None:
     """(Re)write report.md and curves.png for one run, or a cross-run report (report.md, report.html, a PNG per
     task: seed-mean curves with bands, steps to target, the high-vs-low learning-rate gap, the LAWA claims)."""
@@ -104,6 +132,15 @@ def report(
 
     from lawa_suite.report import find_runs, is_run_dir, write_bench_report, write_report
 
+    words = words_of(words)
+    settings = [w for w in words if SETTING.match(w)]
+    own, unknown = take(settings, "out", "title")
+    if unknown:
+        raise ConfigError(f"{unknown[0].partition('=')[0]}: not a key of suite report (out, title)")
+    out, title = (Path(own["out"]) if own.get("out") else None), own.get("title", "")
+    paths = [Path(w) for w in words if not SETTING.match(w)]
+    if not paths:
+        raise ConfigError("paths: expected one or more run directories or a bench directory")
     for path in paths:
         if not path.is_dir() or not find_runs([path]):
             raise fail(f"{path}: not a run directory (expected config.yaml and metrics.jsonl in it) nor a folder "
@@ -117,18 +154,15 @@ def report(
 
 
 BENCH_HELP = ("[BENCH.yaml] then key=value: the axes tasks=cifar,gpt2 averager=lawa,ema,swa lrs=0.1,0.01 seeds=0,1, "
-              "out=DIR, threads=N, and any suite run setting for every cell (steps=600)")
+              "out=DIR, threads=N, and any suite run setting for every cell (steps=600); emit=accelerate|slurm writes "
+              "cluster jobs instead of running (commands.sh, and bench.sbatch for slurm); cell=N runs only that cell "
+              "(0-based; what the emitted commands and the SLURM array use)")
 
 
-@app.command()
+@app.command(context_settings=WORDS)
 @user_errors
 def bench(
     words: Annotated[Optional[list[str]], typer.Argument(help=BENCH_HELP, show_default=False)] = None,
-    emit: Annotated[Optional[str], typer.Option(
-        "--emit", help="Write cluster jobs instead of running: accelerate (commands.sh) or slurm (commands.sh + "
-                       "bench.sbatch).")] = None,
-    cell: Annotated[Optional[int], typer.Option("--cell", help="Run only this cell (0-based; what the emitted "
-                                                "commands and the SLURM array use).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the cells and their status, then stop.")] = False,
 ) -> None:
     """Run a matrix of runs (tasks x learning rates x seeds; every averager watches each run), skipping finished
@@ -138,12 +172,17 @@ def bench(
     """
     from lawa_suite.bench import cell_status, load_bench, run_bench, validate
     from lawa_suite.cluster import emit as emit_jobs
-    from lawa_suite.config import ConfigError
 
-    words = list(words or [])
+    words = words_of(words, "--dry-run")
     spec_file = Path(words.pop(0)) if words and "=" not in words[0] else None
+    own, words = take(words, "emit", "cell")
+    emit = own.get("emit")
     if emit not in (None, "accelerate", "slurm"):
-        raise ConfigError(f"--emit: expected accelerate or slurm, got {emit!r}")
+        raise ConfigError(f"emit: expected accelerate or slurm, got {emit!r}")
+    cell = own.get("cell")
+    if cell is not None and not cell.strip().isdigit():
+        raise ConfigError(f"cell: expected a cell index (an integer >= 0), got {cell!r}")
+    cell = None if cell is None else int(cell)
     plan = load_bench(spec_file, words)
     if dry_run:
         for c, cfg in validate(plan):
@@ -184,35 +223,50 @@ def verify(paths: Annotated[list[Path], typer.Argument(
         raise typer.Exit(1)
 
 
-@app.command()
+EXPORT_HELP = ("out=DIR: the folder to write (new or empty); weights=raw (default) or the averager whose average to "
+               "export; config=FILE: the run's config.yaml, when PATH lies outside the run")
+
+
+@app.command(context_settings=WORDS)
 @user_errors
 def export(
     path: Annotated[Path, typer.Argument(help="A run folder, a checkpoint folder, or a .safetensors weights file.")],
-    out: Annotated[Path, typer.Option("--out", help="Folder to write (must be new or empty).")],
-    weights: Annotated[str, typer.Option("--weights", help="raw, or the averager whose average to export.")] = "raw",
-    config: Annotated[Optional[Path], typer.Option(
-        "--config", help="The run's config.yaml, when PATH lies outside the run.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out.")] = False,
+    words: Annotated[Optional[list[str]], typer.Argument(help=EXPORT_HELP, show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty out folder.")] = False,
 ) -> None:
-    """Write raw or averaged weights in the task's standard format (a Hugging Face model, a diffusers pipeline)."""
+    """Write raw or averaged weights in the task's standard format (a Hugging Face model, a diffusers pipeline).
+
+    Example: suite export runs/gpt2 out=hf-lawa weights=lawa
+    """
+    from lawa_suite.config import parse_overrides
     from lawa_suite.export import export as export_weights
 
-    typer.echo(export_weights(path, out, weights, config, force))
+    pairs = parse_overrides(words_of(words, "--force"))
+    out, weights, config = pairs.pop("out", ""), pairs.pop("weights", "raw"), pairs.pop("config", "")
+    if pairs:
+        raise ConfigError(f"{sorted(pairs)[0]}: not a key of suite export (out, weights, config)")
+    if not out:
+        raise ConfigError("out: expected the folder to write (for example out=hf-lawa)")
+    typer.echo(export_weights(path, Path(out), weights or "raw", Path(config) if config else None, force))
 
 
 AVERAGE_HELP = ("averager=NAME[,NAME...] <averager>.<key>=V[,V...] (a grid: every combination) [interval=N] out=DIR "
-                "[eval=true and task/run keys such as task=, preset=, data.path=, eval.batches=]")
+                "[key=K: the mapping holding the weights in torch checkpoints, when they hold several] "
+                "[prefix=P: strip P. from every name] [eval=true and task/run keys such as task=, preset=, data.path=, "
+                "eval.batches=]")
+TORCH_LOAD_HELP = ("Also read torch checkpoints (.pt, .pth, .bin, .ckpt, .pth.tar: nanoGPT, timm, Lightning and the "
+                   "like), with torch.load(weights_only=True).")
 
 
-@app.command()
+@app.command(context_settings=WORDS)
 @user_errors
 def average(
     source: Annotated[Path, typer.Argument(help="A trajectory: a run folder, its trajectory/ or checkpoints/, or a "
-                                                "folder of step-N.safetensors files or step-N/ model folders.")],
+                                                "folder of step-N.safetensors files, step-N/ model folders, or "
+                                                "(with --allow-torch-load) torch checkpoints named by step.")],
     overrides: Annotated[Optional[list[str]], typer.Argument(help=AVERAGE_HELP, show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing out folder (atomically).")] = False,
-    allow_torch_load: Annotated[bool, typer.Option("--allow-torch-load", help="Also read .pt/.bin checkpoints, "
-                                                   "with torch.load(weights_only=True).")] = False,
+    allow_torch_load: Annotated[bool, typer.Option("--allow-torch-load", help=TORCH_LOAD_HELP)] = False,
 ) -> None:
     """Replay saved checkpoints through averagers (post hoc), in constant memory; optionally score the results.
 
@@ -220,39 +274,43 @@ def average(
     """
     from lawa_suite.posthoc import average as average_trajectory, parse_command
 
-    command = parse_command(list(overrides or []))
+    command = parse_command(words_of(overrides, "--force, --allow-torch-load"))
     if command.evaluate:  # a bad task or run key stops the command before the averaging, not after it
         from lawa_suite.analysis import eval_config
 
         eval_config(source, command.eval_overrides)
     result = average_trajectory(source, command.jobs, command.out, command.interval, force, allow_torch_load,
-                                log=lambda message: typer.echo(message, err=True))
+                                log=lambda message: typer.echo(message, err=True), at=command.at)
     for folder, steps in result.outputs.items():
         typer.echo(f"{folder}: {len(steps)} derived checkpoint(s) at step(s) {', '.join(map(str, steps))}")
     typer.echo(f"wrote {result.out}")
     if command.evaluate:
-        _evaluate(result.out, command.eval_overrides, allow_torch_load)
+        _evaluate(result.out, command.eval_overrides, allow_torch_load, command.at)
 
 
-def _evaluate(out: Path, overrides: list[str], allow_torch_load: bool) -> None:
+def _evaluate(out: Path, overrides: list[str], allow_torch_load: bool, at: Any = None) -> None:
     from lawa_suite.analysis import evaluate_posthoc
 
-    report_path = evaluate_posthoc(out, overrides, allow_torch_load, log=lambda m: typer.echo(m, err=True))
+    report_path = evaluate_posthoc(out, overrides, allow_torch_load, log=lambda m: typer.echo(m, err=True), at=at)
     typer.echo(f"report: {report_path}")
 
 
-@app.command("eval")
+@app.command("eval", context_settings=WORDS)
 @user_errors
 def evaluate(
     out: Annotated[Path, typer.Argument(help="A folder written by suite average.")],
-    overrides: Annotated[Optional[list[str]], typer.Argument(help="task and run keys (task=, preset=, data.path=, "
-                                                             "eval.batches=...); default: the source run's config.yaml",
-                                                             show_default=False)] = None,
+    overrides: Annotated[Optional[list[str]], typer.Argument(
+        help="task and run keys (task=, preset=, data.path=, eval.batches=...; default: the source run's "
+             "config.yaml); key=, prefix=: how to read the raw torch checkpoints (default: as the averaging did)",
+        show_default=False)] = None,
     allow_torch_load: Annotated[bool, typer.Option("--allow-torch-load",
-                                                   help="The raw checkpoints are .pt/.bin.")] = False,
+                                                   help="The raw checkpoints are torch files.")] = False,
 ) -> None:
     """Score every derived checkpoint of a suite average output against the raw checkpoint of its step."""
-    _evaluate(out, list(overrides or []), allow_torch_load)
+    from lawa_suite.posthoc import weights_at
+
+    own, words = take(words_of(overrides, "--allow-torch-load"), "key", "prefix")
+    _evaluate(out, words, allow_torch_load, weights_at(own) if own else None)
 
 
 analyze_app = typer.Typer(no_args_is_help=True, help="Trajectory analysis: linear paths between checkpoints.")
@@ -263,17 +321,17 @@ PROFILE_HELP = ("averager=lawa,ema,phema (names or named instances), steps=N (de
                 "profiles.png), and <averager>.<key>=v1,v2 (each value its own panel)")
 
 
-@app.command()
+@app.command(context_settings=WORDS)
 @user_errors
 def profile(
     overrides: Annotated[Optional[list[str]], typer.Argument(help=PROFILE_HELP, show_default=False)] = None,
 ) -> None:
     """Draw the weight each averager gives every step of a run (its profile), read off the averager class itself."""
-    from lawa_suite.config import ConfigError, parse_overrides, split_list
+    from lawa_suite.config import parse_overrides, split_list
     from lawa_suite.posthoc import parse_jobs
     from lawa_suite.profiles import draw, profile as profile_of
 
-    pairs = parse_overrides(list(overrides or []))
+    pairs = parse_overrides(words_of(overrides))
     names = split_list(pairs.pop("averager", "lawa,ema,swa"))
     out = Path(pairs.pop("out", "") or "profiles.png")
     raw_steps = pairs.pop("steps", "1000")
@@ -295,32 +353,36 @@ def profile(
     typer.echo(f"wrote {draw(drawn, out, f'averager profiles over a run of {steps} steps')}")
 
 
-LMC_HELP = "points=N (default 6: alpha 0, 0.2, ..., 1), out=DIR, and task/run keys (default: A's run config.yaml)"
+LMC_HELP = ("points=N (default 6: alpha 0, 0.2, ..., 1), out=DIR, key=, prefix= (as for suite average), and task/run "
+            "keys (default: A's run config.yaml)")
 
 
-@analyze_app.command("lmc")
+@analyze_app.command("lmc", context_settings=WORDS)
 @user_errors
 def analyze_lmc(
     a: Annotated[Path, typer.Argument(help="Checkpoint A: a .safetensors file or a checkpoint/model folder.")],
     b: Annotated[Path, typer.Argument(help="Checkpoint B.")],
     overrides: Annotated[Optional[list[str]], typer.Argument(help=LMC_HELP, show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Write into a non-empty out folder.")] = False,
-    allow_torch_load: Annotated[bool, typer.Option("--allow-torch-load",
-                                                   help="Also read .pt/.bin checkpoints.")] = False,
+    allow_torch_load: Annotated[bool, typer.Option("--allow-torch-load", help=TORCH_LOAD_HELP)] = False,
 ) -> None:
     """Scores along alpha*A + (1-alpha)*B (is there a barrier?) and how often A and B predict differently."""
     from lawa_suite.analysis import Evaluation, check_out, default_out, eval_config, lmc, lmc_lines, write_lmc
-    from lawa_suite.config import ConfigError, parse_overrides
-    from lawa_suite.posthoc import read_checkpoint
+    from lawa_suite.config import parse_overrides
+    from lawa_suite.posthoc import read_checkpoint, weights_at
 
-    pairs = parse_overrides(list(overrides or []))
+    pairs = parse_overrides(words_of(overrides, "--force, --allow-torch-load"))
+    at = weights_at(pairs)
     out = pairs.pop("out", "") or default_out("lmc")
     raw_points = pairs.pop("points", "6")
     if not raw_points.strip().isdigit() or int(raw_points) < 2:
         raise ConfigError(f"points: expected an integer >= 2, got {raw_points!r}")
     cfg = eval_config(a, [f"{k}={v}" for k, v in pairs.items()])
     check_out(out, force)  # before the work, which may take long
-    weights_a, weights_b = read_checkpoint(a, allow_torch_load), read_checkpoint(b, allow_torch_load)
+    said: list[str] = []
+    weights_a, weights_b = (read_checkpoint(p, allow_torch_load, at, log=said.append) for p in (a, b))
+    for line in dict.fromkeys(said):
+        typer.echo(line, err=True)
     evaluation = Evaluation(cfg)
     result = lmc(evaluation, weights_a, weights_b, int(raw_points))
     path = write_lmc(out, result, evaluation.metrics, (str(a), str(b)), force)

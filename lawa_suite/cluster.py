@@ -1,6 +1,6 @@
-"""The cluster form of a bench (``suite bench --emit accelerate|slurm``): one ``accelerate launch`` line per cell,
+"""The cluster form of a bench (``suite bench emit=accelerate|slurm``): one ``accelerate launch`` line per cell,
 and for SLURM an array job with one task per cell. Each command runs one cell of the bench spec through
-``suite bench --cell``, so variants, skipping, resuming and post-hoc sweeps work as they do locally."""
+``suite bench cell=N``, so variants, skipping, resuming and post-hoc sweeps work as they do locally."""
 
 from __future__ import annotations
 
@@ -15,13 +15,13 @@ __all__ = ["emit"]
 def _launch(spec: Path, index: int, bench: Bench) -> str:
     extra = f" {bench.accelerate}" if bench.accelerate else ""
     return (f"accelerate launch --num_processes {bench.slurm.gpus}{extra} -m lawa_suite.cli bench "
-            f"{shlex.quote(str(spec))} --cell {index}")
+            f"{shlex.quote(str(spec))} cell={index}")
 
 
 def emit(bench: Bench, kind: str) -> list[Path]:
     """Write the cluster form of the bench into ``out``: ``commands.sh`` (one ``accelerate launch`` per cell)
     and, for ``slurm``, ``bench.sbatch`` (an array job, one task per cell). Each command runs one cell of the
-    bench spec through `suite bench --cell`, so variants, skipping and resuming work the same as locally."""
+    bench spec through `suite bench cell=N`, so variants, skipping and resuming work the same as locally."""
     planned = validate(bench)
     spec = write_spec(bench)
     out = Path(bench.out)
@@ -50,7 +50,7 @@ def _write_sbatch(bench: Bench, spec: Path, count: int) -> Path:
     if s.partition:
         lines.append(f"#SBATCH --partition={s.partition}")
     # exec: the batch shell becomes accelerate, so the early SIGTERM reaches the launcher rather than bash
-    lines += ["set -e", s.setup, "exec " + _launch(spec, 0, bench).replace("--cell 0", "--cell $SLURM_ARRAY_TASK_ID")]
+    lines += ["set -e", s.setup, "exec " + _launch(spec, 0, bench).replace("cell=0", "cell=$SLURM_ARRAY_TASK_ID")]
     path = Path(bench.out) / "bench.sbatch"
     path.write_text("\n".join(line for line in lines if line) + "\n")
     return path

@@ -93,7 +93,7 @@ def find_run_config(path: Path) -> Path:
     for folder in [path, *path.parents] if path.is_dir() else list(path.parents):
         if (folder / "config.yaml").is_file():
             return folder / "config.yaml"
-    raise ConfigError(f"config: no config.yaml in {path} or any folder above it; pass --config <run>/config.yaml")
+    raise ConfigError(f"config: no config.yaml in {path} or any folder above it; pass config=<run>/config.yaml")
 
 
 def read_saved(file: Path) -> dict[str, Any]:

@@ -131,20 +131,20 @@ def test_variants_give_a_second_swa_in_the_same_run(tmp_path):
 
 def test_emit_writes_one_launch_per_cell_and_a_slurm_array(tmp_path):
     out = tmp_path / "bench"
-    result = runner.invoke(app, ["bench", *toy_words(out), "--emit", "slurm"])
+    result = runner.invoke(app, ["bench", *toy_words(out), "emit=slurm"])
     assert result.exit_code == 0, result.output
     commands = (out / "commands.sh").read_text().splitlines()
     launches = [line for line in commands if line.startswith("accelerate launch")]
-    assert [line.rsplit(" ", 1)[-1] for line in launches] == ["0", "1", "2", "3"]
+    assert [line.rsplit(" ", 1)[-1] for line in launches] == ["cell=0", "cell=1", "cell=2", "cell=3"]
     assert all(" -m lawa_suite.cli bench " in line and str(out / "bench.yaml") in line for line in launches)
     assert any("suite run task=toy" in line and "lr=0.01" in line and "seed=1" in line for line in commands)
     sbatch = (out / "bench.sbatch").read_text()
-    assert "#SBATCH --array=0-3" in sbatch and "--cell $SLURM_ARRAY_TASK_ID" in sbatch
+    assert "#SBATCH --array=0-3" in sbatch and "cell=$SLURM_ARRAY_TASK_ID" in sbatch
     assert not list(out.rglob("config.yaml")), "emitting must not train"
     # the spec the commands read resolves to the same cells
     assert [c.overrides for c in cells(load_bench(out / "bench.yaml", []))] == \
         [c.overrides for c in cells(load_bench(None, toy_words(out)))]
-    one = runner.invoke(app, ["bench", str(out / "bench.yaml"), "--cell", "2"])
+    one = runner.invoke(app, ["bench", str(out / "bench.yaml"), "cell=2"])
     assert one.exit_code == 0, one.output
     assert [p.parent.name for p in out.rglob("config.yaml")] == ["lr0.01-seed0"]
 
@@ -157,8 +157,10 @@ def test_emit_writes_one_launch_per_cell_and_a_slurm_array(tmp_path):
     (["stepz=5"], "stepz: unknown key"),
     (["threads=-1"], "threads: expected an integer >= 0"),
     (["lr=0.1", "lrs=0.2"], "lrs: given twice"),
-    (["--emit", "ssh"], "--emit: expected accelerate or slurm"),
-    (["--cell", "9"], "--cell: expected an index in [0, 3]"),
+    (["emit=ssh"], "emit: expected accelerate or slurm"),
+    (["cell=9"], "cell: expected an index in [0, 3]"),
+    (["cell=two"], "cell: expected a cell index"),
+    (["--cell", "2"], "--cell: not a switch of this command; settings are key=value words (cell=...)"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, words, expected):
     base = ["tasks=toy", "lrs=0.05,0.01", "seeds=0,1", f"out={tmp_path / 'b'}"]

@@ -120,11 +120,11 @@ def test_a_saved_config_runs_again_as_it_is_with_words_on_top(tmp_path):
     first = resolve(["task=toy", "lawa.k=4", "lr=0.02", f"out={tmp_path / 'a'}"])
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "config.yaml").write_text(first.to_yaml())
-    result = CliRunner().invoke(app, ["run", "--config", str(tmp_path / "a"), f"out={tmp_path / 'b'}", "seed=3",
+    result = CliRunner().invoke(app, ["run", f"config={tmp_path / 'a'}", f"out={tmp_path / 'b'}", "seed=3",
                                       "--dry-run"])
     assert result.exit_code == 0, result.output
     again = yaml.safe_load(result.output)
     assert again["lawa"]["k"] == 4 and again["lr"] == 0.02 and again["seed"] == 3
     assert again["out"] == str(tmp_path / "b")
-    missing = CliRunner().invoke(app, ["run", "--config", str(tmp_path / "nope.yaml"), "--dry-run"])
+    missing = CliRunner().invoke(app, ["run", f"config={tmp_path / 'nope.yaml'}", "--dry-run"])
     assert missing.exit_code == 2 and "nope.yaml not found" in missing.output

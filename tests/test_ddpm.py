@@ -445,8 +445,8 @@ def test_export_writes_a_diffusers_pipeline_that_loads_and_samples(tiny_run, tmp
 
     out = tmp_path / "lawa-pipeline"
     # a checkpoint folder: the task and its settings come from the run's own config.yaml above it
-    result = runner.invoke(app, ["export", str(tiny_run / "checkpoints" / "step-00000008"), "--out", str(out),
-                                 "--weights", "lawa"])
+    result = runner.invoke(app, ["export", str(tiny_run / "checkpoints" / "step-00000008"), f"out={out}",
+                                 "weights=lawa"])
     assert result.exit_code == 0, result.output
     pipeline = DDPMPipeline.from_pretrained(str(out))
     images = pipeline(batch_size=2, num_inference_steps=5, generator=torch.Generator().manual_seed(0),
@@ -463,18 +463,19 @@ def test_export_writes_a_diffusers_pipeline_that_loads_and_samples(tiny_run, tmp
 
 
 def test_export_of_a_copied_checkpoint_with_a_hand_written_config(tiny_run, tmp_path):
-    """A checkpoint moved out of its run needs --config; a user's short config (task + preset) is enough."""
+    """A checkpoint moved out of its run needs config=; a user's short config (task + preset) is enough."""
     from diffusers import DDPMPipeline
 
     moved = tmp_path / "step-00000008"
     shutil.copytree(tiny_run / "checkpoints" / "step-00000008", moved)
-    result = runner.invoke(app, ["export", str(moved), "--out", str(tmp_path / "raw"), "--weights", "raw"])
+    result = runner.invoke(app, ["export", str(moved), f"out={tmp_path / 'raw'}", "weights=raw"])
     assert result.exit_code == 2 and "no config.yaml" in result.output
-    config = tmp_path / "configs" / "config.yaml"  # not above the checkpoint: only --config finds it
+    assert "pass config=<run>/config.yaml" in result.output
+    config = tmp_path / "configs" / "config.yaml"  # not above the checkpoint: only config= finds it
     config.parent.mkdir()
     config.write_text("task: ddpm\npreset: tiny\naverager: [lawa, ema, swa]\n")
-    result = runner.invoke(app, ["export", str(moved), "--out", str(tmp_path / "raw"), "--weights", "raw",
-                                 "--config", str(config)])
+    result = runner.invoke(app, ["export", str(moved), f"out={tmp_path / 'raw'}", "weights=raw",
+                                 f"config={config}"])
     assert result.exit_code == 0, result.output
     unet = DDPMPipeline.from_pretrained(str(tmp_path / "raw")).unet
     raw = load_file(str(moved / "model.safetensors"))

@@ -343,7 +343,7 @@ def test_export_loads_with_auto_model_and_gives_the_same_logits(tiny_run, tmp_pa
     from lawa_suite.export import select_weights
 
     out = tmp_path / "hf-lawa"
-    result = runner.invoke(app, ["export", str(tiny_run), "--out", str(out), "--weights", "lawa"])
+    result = runner.invoke(app, ["export", str(tiny_run), f"out={out}", "weights=lawa"])
     assert result.exit_code == 0, result.output
     hf = AutoModelForCausalLM.from_pretrained(out).eval()
     cfg = load_resolved(tiny_run)
@@ -396,7 +396,7 @@ def test_export_without_the_gpt2_vocabulary_fails_naming_it_and_writes_nothing(t
     monkeypatch.setattr(tiktoken.load, "read_file", offline)
     monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})
     weights = tmp_path / "run" / "weights.safetensors"
-    result = runner.invoke(app, ["export", str(weights), "--out", str(tmp_path / "hf")])
+    result = runner.invoke(app, ["export", str(weights), f"out={tmp_path / 'hf'}"])
     assert result.exit_code == 1, result.output
     line = result.output.strip().splitlines()[-1]
     assert "vocab.bpe" in line and "encoder.json" in line and "TIKTOKEN_CACHE_DIR" in line
@@ -407,7 +407,7 @@ def test_a_byte_level_export_says_how_to_encode_text_and_the_recipe_works(tiny_r
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "hf"
-    assert runner.invoke(app, ["export", str(tiny_run), "--out", str(out)]).exit_code == 0
+    assert runner.invoke(app, ["export", str(tiny_run), f"out={out}"]).exit_code == 0
     readme = (out / "README.md").read_text()
     assert "token `i` is byte `i`" in readme
     recipe = readme.split("```python\n")[1].split("```")[0].replace('"<this folder>"', repr(str(out)))

@@ -63,7 +63,7 @@ def test_run_resume_and_export_know_the_instance(tmp_path):
     early, _ = select_weights(out, "swa_early", cfg)
     late, _ = select_weights(out, "swa", cfg)
     assert not torch.equal(early["0.weight"], late["0.weight"])
-    exported = runner.invoke(app, ["export", str(out), "--out", str(tmp_path / "hf"), "--weights", "swa_early"])
+    exported = runner.invoke(app, ["export", str(out), f"out={tmp_path / 'hf'}", "weights=swa_early"])
     assert exported.exit_code == 2 and "no export format" in exported.output  # the toy task has none: the
     # instance was found and rebuilt, and the task's own answer is what comes back
 

@@ -400,7 +400,7 @@ def test_torch_files_need_the_flag_and_never_unpickle_code(tmp_path):
     for s, w in saved.items():
         torch.save(w, folder / f"step-{s}.pt")
     jobs = parse_jobs(["lawa"], {"lawa.k": "2", "lawa.nu": "1"})
-    with pytest.raises(PosthocError, match=r"step-1.pt: a pickle-based file; pass --allow-torch-load"):
+    with pytest.raises(PosthocError, match=r"step-1.pt, step-2.pt: a pickle-based file; pass --allow-torch-load"):
         average(folder, jobs, tmp_path / "out")
     average(folder, jobs, tmp_path / "out", allow_torch_load=True)
     out = load_file(str(tmp_path / "out" / "lawa-k2-nu1" / "step-00000002.safetensors"))
@@ -549,7 +549,11 @@ def test_all_problems_come_in_one_error(traj, tmp_path):
     for part in expected + ["step-00000300.safetensors: key b has shape [1], the others [6]",
                             "interval=250 asks for step(s) 250, 750", "step-00000300.safetensors: NaN or Inf in w"]:
         assert part in message, part
-    assert message.startswith("5 problem(s) with ")
+    # one problem a line, the files' in step order (then the rest), each line naming its file
+    head, *lines = message.split("\n  ")
+    assert head.startswith("5 problems with ") and len(lines) == 5 and not any("\n" in line for line in lines)
+    steps = [int(line[5:13]) for line in lines if line.startswith("step-")]
+    assert steps == sorted(steps) and len(steps) == 4 and lines[-1].startswith("interval=250")
 
 
 def test_lawa_window_before_the_first_step_or_never_fitting(traj, tmp_path):

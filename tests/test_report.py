@@ -93,7 +93,7 @@ def test_swa_instances_are_found_by_of_not_by_name(tmp_path):
 
 def test_bench_report_markdown_html_and_claims(tmp_path):
     folder = bench(tmp_path)
-    result = runner.invoke(app, ["report", str(folder), "--title", "synthetic"])
+    result = runner.invoke(app, ["report", str(folder), "title=synthetic"])
     assert result.exit_code == 0, result.output
     text = (folder / "report.md").read_text()
     assert text.startswith("# synthetic") and "![gpt2 (cpu)](gpt2-cpu.png)" in text
@@ -119,7 +119,7 @@ def test_report_of_several_run_dirs_and_single_run_unchanged(tmp_path):
     folder = bench(tmp_path)
     runs = sorted(str(p) for p in (folder / "gpt2").iterdir())
     out = tmp_path / "together"
-    result = runner.invoke(app, ["report", *runs, "--out", str(out)])
+    result = runner.invoke(app, ["report", *runs, f"out={out}"])
     assert result.exit_code == 0, result.output
     assert "3 run(s)" in (out / "report.md").read_text() and (out / "report.html").is_file()
     single = runner.invoke(app, ["report", runs[0]])

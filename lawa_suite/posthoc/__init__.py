@@ -13,6 +13,7 @@ This package names no averager. Its files, in the order data flows (each imports
 
     limits.py    the tunable sizes (one object passed down)
     discover.py  which files of a folder hold which step
+    peers.py     where the weights lie in other tools' torch checkpoints, and the prefixes they add
     reader.py    headers and zero-copy tensor views of the mapped files
     checks.py    layouts against each other, NaN/Inf, before any arithmetic
     jobs.py      the command's words -> averager jobs (a grid), out, interval, eval
@@ -27,15 +28,16 @@ from __future__ import annotations
 
 from lawa_suite.errors import PosthocError
 from lawa_suite.posthoc.checks import nonfinite_keys
-from lawa_suite.posthoc.discover import Snapshot, discover
+from lawa_suite.posthoc.discover import Found, Snapshot, discover
 from lawa_suite.posthoc.jobs import Command, Job, parse_command, parse_jobs
 from lawa_suite.posthoc.limits import Limits
 from lawa_suite.posthoc.load import load_snapshot, read_checkpoint
+from lawa_suite.posthoc.peers import WeightsAt, weights_at
 from lawa_suite.posthoc.reader import Reader
 from lawa_suite.posthoc.replay import DERIVED_FORMAT
 from lawa_suite.posthoc.run import FORMAT, PosthocResult, average
 from lawa_suite.posthoc.writer import hash_input
 
-__all__ = ["PosthocError", "Snapshot", "discover", "Reader", "nonfinite_keys", "Job", "parse_jobs", "Command",
+__all__ = ["PosthocError", "Snapshot", "Found", "discover", "Reader", "nonfinite_keys", "Job", "parse_jobs", "Command",
            "parse_command", "Limits", "PosthocResult", "average", "hash_input", "read_checkpoint", "load_snapshot",
-           "FORMAT", "DERIVED_FORMAT"]
+           "FORMAT", "DERIVED_FORMAT", "WeightsAt", "weights_at"]

@@ -14,10 +14,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lawa_suite.posthoc.discover import split_name, step_of
 from lawa_suite.posthoc.limits import Limits
 from lawa_suite.posthoc.reader import CODES, Reader
 
-__all__ = ["values_finite", "check_layouts", "nonfinite_keys", "nonfinite_problem", "most_common"]
+__all__ = ["values_finite", "check_layouts", "nonfinite_keys", "nonfinite_problem", "most_common", "problem_list"]
 
 
 # Non-finite bit patterns of the float formats numpy lacks: (unsigned view, mask, masked value of NaN/Inf).
@@ -97,3 +98,33 @@ def nonfinite_problem(reader: Reader, names: Sequence[str], check_bytes: int = L
     """The problem line naming every float key of ``reader`` that holds NaN or Inf, or None."""
     bad = nonfinite_keys(reader, names, check_bytes)
     return f"{reader.snapshot.label}: NaN or Inf in {', '.join(bad)}" if bad else None
+
+
+def problem_list(problems: Sequence[str], what: str) -> str:
+    """"N problems with ``what``:" and one problem a line (one problem: one line). The files' problems come first,
+    in step order (a step-10 file after step-2), then the others; one cause shared by several files is one line
+    naming them all (``step-1.pt, step-2.pt: a pickle-based file``)."""
+    def step(problem: str) -> float:
+        label = problem.partition(": ")[0].partition("/")[0].partition(" -> ")[0]
+        found = step_of(split_name(label)[0])
+        return float("inf") if found is None else found
+
+    ordered = sorted(dict.fromkeys(problems), key=step)  # stable: the others keep their order
+    files: dict[str, list[str]] = {}
+    for problem in ordered:
+        if step(problem) != float("inf"):
+            label, _, cause = problem.partition(": ")
+            files.setdefault(cause, []).append(label)
+    lines, said = [], set()
+    for problem in ordered:
+        label, _, cause = problem.partition(": ")
+        if step(problem) == float("inf"):
+            lines.append(problem)
+        elif cause not in said:
+            said.add(cause)
+            labels = files[cause]
+            named = ", ".join(labels[:6]) + (f" and {len(labels) - 6} more" if len(labels) > 6 else "")
+            lines.append(f"{named}: {cause}")
+    if len(lines) == 1:
+        return f"1 problem with {what}: {lines[0]}"
+    return f"{len(lines)} problems with {what}:" + "".join(f"\n  {line}" for line in lines)

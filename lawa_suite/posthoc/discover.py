@@ -1,10 +1,12 @@
 """Finding the inputs: which files of a folder hold which step.
 
 Recognised: ``<step>.safetensors`` files and ``<step>/`` folders holding ``model.safetensors`` (or its shards and
-``model.safetensors.index.json``), where ``<step>`` is ``step-1000``, ``step1000``, ``checkpoint-1000`` and the like;
-a suite run folder, its ``trajectory/`` or its ``checkpoints/``; and ``.pt``/``.bin`` files only with
-``allow_torch_load``. Hidden entries and other files are ignored. Nothing that resolves outside the input folder
-(a symlink, ``..`` in a shard index) is ever read: it is a problem.
+``model.safetensors.index.json``); a suite run folder, its ``trajectory/`` or its ``checkpoints/``; and, only with
+``allow_torch_load``, torch files (``.pt``, ``.pth``, ``.bin``, ``.ckpt``, ``.pth.tar``). ``<step>`` is the name other
+tools give a step too: ``step-1000``, ``step1000``, ``checkpoint-1000`` (Hugging Face, timm), ``ckpt_1000``,
+``ckpt_step_1000``, ``iter_1000``, ``global_step1000``, ``model_1000``, ``epoch=3-step=1000`` (Lightning). Every other
+entry is skipped and listed with the reason (hidden ones excepted: staging folders, editor files). Nothing that
+resolves outside the input folder (a symlink, ``..`` in a shard index) is ever read: it is a problem.
 """
 
 from __future__ import annotations
@@ -14,16 +16,22 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from lawa_suite.files import inside
 
-__all__ = ["Snapshot", "STEP_NAME", "discover", "find_stored", "folder_snapshot", "snapshot_of_path"]
+__all__ = ["Snapshot", "Found", "STEP_NAME", "ACCEPTED", "discover", "find_stored", "folder_snapshot",
+           "snapshot_of_path", "step_of", "split_name"]
 
-STEP_NAME = re.compile(r"^(?:step|checkpoint|ckpt|iter|global_step)[-_]?(\d+)$", re.IGNORECASE)
+STEP_NAME = re.compile(r"^(?:(?:step|checkpoint|ckpt|iter|iteration|global_step|model)[-_]?)+(\d+)$", re.IGNORECASE)
+LIGHTNING_STEP = re.compile(r"(?:^|-)step=(\d+)(?:-|$)")  # epoch=0-step=100 (and other key=value parts)
 SAFETENSORS_WEIGHTS = ("model.safetensors", "diffusion_pytorch_model.safetensors")
 TORCH_WEIGHTS = ("pytorch_model.bin", "diffusion_pytorch_model.bin", "model.pt", "model.bin")
-TORCH_SUFFIXES = (".pt", ".bin", ".pth")
+TORCH_SUFFIXES = (".pth.tar", ".pt.tar", ".pt", ".pth", ".bin", ".ckpt")  # longest first: split_name takes the first
 PICKLE_HINT = "a pickle-based file; pass --allow-torch-load to read it with torch.load(weights_only=True)"
+ACCEPTED = ("step-N.safetensors files or step-N/ model folders (also named stepN, checkpoint-N, ckpt_N, ckpt_step_N, "
+            "iter_N, global_stepN, model_N, epoch=E-step=N), and .pt, .pth, .bin, .ckpt, .pth.tar files of those "
+            "names with --allow-torch-load")
 
 
 @dataclass(frozen=True)
@@ -32,14 +40,31 @@ class Snapshot:
     step: int
     label: str                          # as messages name it: the path relative to the input folder
     files: tuple[Path, ...]             # weight files, real paths
-    torch_format: bool = False          # .pt/.bin, read with torch.load(weights_only=True)
+    torch_format: bool = False          # .pt/.pth/.bin/.ckpt, read with torch.load(weights_only=True)
     index: Path | None = None           # the shard index json of a sharded checkpoint
     recorded: tuple[tuple[Path, str], ...] = ()  # sha256 recorded by a suite checkpoint's manifest.json
 
 
+class Found(NamedTuple):
+    folder: Path
+    snapshots: list[Snapshot]     # in step order
+    problems: list[str]           # what keeps the folder from being read (errors)
+    skipped: list[str]            # "name (reason)" for every entry that is not a checkpoint
+
+
 def step_of(name: str) -> int | None:
-    match = STEP_NAME.match(name)
+    """The step a checkpoint's name (without its suffix) gives, or None."""
+    match = STEP_NAME.match(name) or (LIGHTNING_STEP.search(name) if "=" in name else None)
     return int(match.group(1)) if match else None
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """``(stem, suffix)`` with the suffixes checkpoints use, two-part ones (``.pth.tar``) included; lower-case."""
+    for suffix in (".safetensors", *TORCH_SUFFIXES):
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            return name[:-len(suffix)], suffix
+    stem, suffix = os.path.splitext(name)
+    return stem, suffix.lower()
 
 
 def pick_source(source: Path) -> Path:
@@ -51,18 +76,19 @@ def pick_source(source: Path) -> Path:
     return source
 
 
-def discover(source: str | os.PathLike[str], allow_torch_load: bool = False) -> tuple[Path, list[Snapshot], list[str]]:
-    """``(folder, snapshots in step order, problems)`` for a trajectory folder."""
+def discover(source: str | os.PathLike[str], allow_torch_load: bool = False) -> Found:
+    """The checkpoints of a trajectory folder in step order, the problems, and what was skipped."""
     folder = pick_source(Path(source))
     problems: list[str] = []
+    skipped: list[str] = []
     if not folder.is_dir():
-        return folder, [], [f"{folder}: not a folder"]
+        return Found(folder, [], [f"{folder}: not a folder"], [])
     root = folder.resolve()
     found: dict[int, list[Snapshot]] = {}
-    for entry in sorted(os.listdir(folder)):  # sorted: nothing may depend on directory order
-        if entry.startswith("."):
-            continue
-        snapshot = _entry_snapshot(folder / entry, entry, root, allow_torch_load, problems)
+    steps = {e: _entry_step(folder / e, e) for e in os.listdir(folder) if not e.startswith(".")}
+    # in step order, then by name: nothing may depend on directory order, and problems read in step order
+    for entry in sorted(steps, key=lambda e: (steps[e] is None, steps[e] or 0, e)):
+        snapshot = _entry_snapshot(folder / entry, entry, steps[entry], root, allow_torch_load, problems, skipped)
         if snapshot is not None:
             found.setdefault(snapshot.step, []).append(snapshot)
     snapshots = []
@@ -70,40 +96,64 @@ def discover(source: str | os.PathLike[str], allow_torch_load: bool = False) -> 
         if len(found[step]) > 1:
             problems.append(f"step {step} is saved twice ({', '.join(s.label for s in found[step])}); keep one")
         snapshots.append(found[step][0])
+    skipped.sort()
     if not snapshots and not problems:
-        problems.append(f"{folder}: no checkpoints named by step (expected step-N.safetensors files, or step-N/, "
-                        f"stepN/, checkpoint-N/ folders holding model.safetensors)")
-    return folder, snapshots, problems
+        seen = f"skipped {len(skipped)}: {_short(skipped)}" if skipped else "it is empty"
+        problems.append(f"{folder}: no checkpoints named by step ({seen}); accepted: {ACCEPTED}")
+    return Found(folder, snapshots, problems, skipped)
 
 
-def _entry_snapshot(path: Path, entry: str, root: Path, allow_torch_load: bool, problems: list[str]) -> Snapshot | None:
-    """The snapshot one folder entry holds, None for entries that are not checkpoints (or have problems)."""
-    stem, suffix = (entry, "") if path.is_dir() else os.path.splitext(entry)
-    step = step_of(stem)
+def _short(items: list[str], limit: int = 6) -> str:
+    return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def _entry_step(path: Path, entry: str) -> int | None:
+    return step_of(entry if path.is_dir() else split_name(entry)[0])
+
+
+def _entry_snapshot(path: Path, entry: str, step: int | None, root: Path, allow_torch_load: bool,
+                    problems: list[str], skipped: list[str]) -> Snapshot | None:
+    """The snapshot one folder entry holds; None for entries that are not checkpoints (listed in ``skipped`` with
+    the reason) or that have problems."""
+    is_dir = path.is_dir()
+    suffix = "" if is_dir else split_name(entry)[1]
+    weights_like = is_dir or suffix in (".safetensors", *TORCH_SUFFIXES)
     if step is None:
+        reason = "not named by step" if weights_like else "not a checkpoint"
+        skipped.append(f"{entry}{'/' if is_dir else ''} ({reason})")
+        return None
+    if not weights_like:
+        skipped.append(f"{entry} (named by step, but not a weights file: .safetensors, or a torch file with "
+                       f"--allow-torch-load)")
         return None
     real = path.resolve()
     if not inside(real, root):
         problems.append(f"{entry}: a link that leads outside the input folder (to {real})")
         return None
-    if path.is_dir():
+    if is_dir:
+        if _uncommitted(path):
+            skipped.append(f"{entry}/ (a suite checkpoint that was never committed: no manifest.json)")
+            return None
         return folder_snapshot(path, entry, step, root, allow_torch_load, problems)
     if suffix == ".safetensors":
         return Snapshot(step, entry, (real,))
-    if suffix in TORCH_SUFFIXES:
-        if not allow_torch_load:
-            problems.append(f"{entry}: {PICKLE_HINT}, or convert it to safetensors")
-            return None
-        return Snapshot(step, entry, (real,), torch_format=True)
-    return None
+    if not allow_torch_load:
+        problems.append(f"{entry}: {PICKLE_HINT}, or convert it to safetensors")
+        return None
+    return Snapshot(step, entry, (real,), torch_format=True)
+
+
+def _uncommitted(path: Path) -> bool:
+    """A suite checkpoint that was never committed (or is being deleted)."""
+    return (path / "state.json").exists() and not (path / "manifest.json").exists()
 
 
 def folder_snapshot(path: Path, entry: str, step: int, root: Path, allow_torch_load: bool,
                     problems: list[str]) -> Snapshot | None:
     """The weights of a checkpoint folder (a suite checkpoint, a Hugging Face or diffusers model folder)."""
     names = set(os.listdir(path))
-    if "state.json" in names and "manifest.json" not in names:
-        return None  # a suite checkpoint that was never committed (or is being deleted): not a checkpoint
+    if _uncommitted(path):
+        return None
     recorded: tuple[tuple[Path, str], ...] = ()
     if "manifest.json" in names:
         try:
@@ -164,14 +214,15 @@ def snapshot_of_path(path: Path, allow_torch_load: bool) -> tuple[Snapshot | Non
         snapshot = folder_snapshot(path, path.name, 0, path.resolve(), allow_torch_load, problems)
         if snapshot is None and not problems:
             problems.append(f"{path}: an uncommitted checkpoint (no manifest.json)")
-    elif path.suffix == ".safetensors":
+    elif split_name(path.name)[1] == ".safetensors":
         snapshot, problems = Snapshot(0, path.name, (path.resolve(),)), []
-    elif path.suffix in TORCH_SUFFIXES:
+    elif split_name(path.name)[1] in TORCH_SUFFIXES:
         snapshot, problems = Snapshot(0, path.name, (path.resolve(),), torch_format=True), []
         if not allow_torch_load:
             problems.append(f"{path}: {PICKLE_HINT}")
     else:
-        return None, [f"{path}: expected a .safetensors file or a checkpoint folder"]
+        return None, [f"{path}: expected a .safetensors file, a checkpoint folder, or a torch file (.pt, .pth, .bin, "
+                      f".ckpt, .pth.tar) with --allow-torch-load"]
     if snapshot is None:
         return None, problems
     # step -1: the reader then skips the check of the step recorded in the file's metadata

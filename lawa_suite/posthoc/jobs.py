@@ -17,6 +17,7 @@ from lawa_suite.averagers.base import Averager
 from lawa_suite.config import averager_bases, build_section, parse_overrides, parse_value, require, split_list
 from lawa_suite.errors import ConfigError
 from lawa_suite.posthoc.checks import most_common
+from lawa_suite.posthoc.peers import WeightsAt, weights_at
 
 __all__ = ["Job", "parse_jobs", "Command", "parse_command"]
 
@@ -105,6 +106,7 @@ class Command:
     interval: int | None
     evaluate: bool
     eval_overrides: list[str]      # task and run keys for eval=true (task=, preset=, data.path=, eval.batches=...)
+    at: WeightsAt = WeightsAt()    # key= and prefix=: where the weights lie in other tools' torch checkpoints
 
 
 @dataclass
@@ -119,9 +121,10 @@ class _Settings:
 
 
 def parse_command(words: Sequence[str]) -> Command:
-    """Split ``averager=... <averager>.<key>=v1,v2 interval=N out=DIR eval=true <task/run keys>``; one-line
-    ConfigError for anything malformed (a task or run key without eval=true included)."""
+    """Split ``averager=... <averager>.<key>=v1,v2 interval=N out=DIR eval=true key=K prefix=P <task/run keys>``;
+    one-line ConfigError for anything malformed (a task or run key without eval=true included)."""
     pairs = parse_overrides(list(words))
+    at = weights_at(pairs)
     names = split_list(pairs.pop("averager", ""))
     if not names:
         raise ConfigError("averager: expected one or more averager names (for example averager=lawa or "
@@ -136,7 +139,7 @@ def parse_command(words: Sequence[str]) -> Command:
     rest = {k: v for k, v in pairs.items() if k not in averager_keys}
     if rest and not settings.eval:
         key = sorted(rest)[0]
-        raise ConfigError(f"{key}: not a key of suite average (averager, <averager>.<key>, interval, out, eval); "
-                          f"task and run keys apply only with eval=true")
+        raise ConfigError(f"{key}: not a key of suite average (averager, <averager>.<key>, interval, out, eval, key, "
+                          f"prefix); task and run keys apply only with eval=true")
     jobs = parse_jobs(names, averager_keys)
-    return Command(jobs, Path(out), settings.interval, settings.eval, [f"{k}={v}" for k, v in rest.items()])
+    return Command(jobs, Path(out), settings.interval, settings.eval, [f"{k}={v}" for k, v in rest.items()], at)

@@ -1,24 +1,26 @@
 """Reading inputs: headers first (the layout of every tensor), then tensors as zero-copy views of the mapped files.
 
-safetensors files are memory-mapped (``safe_open``), so reading costs file pages, not anonymous memory;
-``.pt``/``.bin`` go through ``torch.load(mmap=True, weights_only=True)``, only behind an explicit flag.
+safetensors files are memory-mapped (``safe_open``), so reading costs file pages, not anonymous memory; torch
+files (``.pt``, ``.pth``, ``.bin``, ``.ckpt``, ``.pth.tar``) go through ``torch.load(mmap=True, weights_only=True)``,
+only behind an explicit flag, and their weights are found inside whatever else they hold (``peers.py``).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from lawa_suite.files import first_line
 from lawa_suite.posthoc.discover import Snapshot
+from lawa_suite.posthoc.peers import (NoWeights, WeightsAt, find_weights, lightning_hint, load_torch, rename,
+                                      torch_error)
 
-__all__ = ["DTYPES", "CODES", "HeaderLayout", "Reader"]
+__all__ = ["DTYPES", "CODES", "HeaderLayout", "Reader", "describe_found"]
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
@@ -33,44 +35,70 @@ HeaderLayout = dict[str, tuple[torch.dtype, tuple[int, ...]]]  # name -> (dtype,
 
 
 class Reader:
-    """The tensors of one snapshot as views of its memory-mapped files; ``layout`` comes from headers only."""
+    """The tensors of one snapshot as views of its memory-mapped files; ``layout`` comes from headers only.
 
-    def __init__(self, snapshot: Snapshot) -> None:
+    ``at`` says where the weights lie in a torch checkpoint and which prefix to strip (``peers.py``); names are
+    stripped of wrappers' prefixes (``module.``, ``_orig_mod.``) when every key has them. ``where`` and
+    ``renamed`` say what was done, for the caller to say once (``describe_found``)."""
+
+    def __init__(self, snapshot: Snapshot, at: WeightsAt = WeightsAt()) -> None:
         self.snapshot = snapshot
+        self.at = at
         self.layout: HeaderLayout = {}
         self.metadata: dict[str, str] = {}
-        self._where: dict[str, Any] = {}   # tensor name -> open safe_open handle (or the loaded torch mapping)
+        self._where: dict[str, tuple[Any, str]] = {}  # name -> (open safe_open handle or torch mapping, stored name)
         self._handles: list[Any] = []
         self.problems: list[str] = []
         self.opened: list[Path] = []       # the files that could be read (the others are among the problems)
-        self.file_of: dict[str, Path] = {}  # tensor name -> the file holding it
+        self.file_of: dict[str, Path] = {}  # name -> its file, for tensors read under the name they are stored as
+        self.where = ""                    # the key the weights were under in a torch checkpoint ("": top level)
+        self.renamed: list[str] = []       # how their names were changed
+        self.hints: list[str] = []         # what the user may want to change about that
+        self._object: Any = None           # the loaded torch checkpoint, for a hint about its names
         label = snapshot.label
         weight_map = None
         if snapshot.index is not None:
             weight_map = json.loads(snapshot.index.read_text())["weight_map"]
+        if at.key is not None and not snapshot.torch_format:
+            self.problems.append(f"{label}: key={at.key} names a mapping inside a torch checkpoint (.pt, .pth, .bin, "
+                                 f".ckpt); a safetensors file holds one flat mapping: drop key=")
+        stored: dict[str, tuple[torch.dtype, tuple[int, ...], Any, Path]] = {}
         for file in snapshot.files:
             where = label if len(snapshot.files) == 1 else f"{label} -> {file.name}"
             try:
                 tensors = self._open_torch(file) if snapshot.torch_format else self._open_safetensors(file)
+            except NoWeights as exc:
+                self.problems.append(f"{where}: {exc}")
+                continue
             except Exception as exc:  # noqa: BLE001 (safetensors, pickle and OS errors all name the reason)
-                self.problems.append(f"{where}: unreadable ({first_line(exc)})")
+                self.problems.append(f"{where}: unreadable ({torch_error(exc)})")
                 continue
             self.opened.append(file)
             for name, (dtype, shape, source) in tensors.items():
-                if name in self._where:
+                if name in stored:
                     self.problems.append(f"{label}: key {name} is stored in two shards")
                     continue
                 if weight_map is not None and (name not in weight_map or
                                                (snapshot.index.parent / weight_map[name]).resolve() != file):
                     self.problems.append(f"{where}: holds key {name}, which the index puts in "
                                          f"{weight_map.get(name, 'no shard')}")
-                self.layout[name] = (dtype, shape)
-                self._where[name] = source
-                self.file_of[name] = file
+                stored[name] = (dtype, shape, source, file)
         if weight_map is not None and not self.problems:
-            lost = sorted(set(weight_map) - set(self.layout))
+            lost = sorted(set(weight_map) - set(stored))
             if lost:
                 self.problems.append(f"{label}: the index lists keys no shard holds: {', '.join(lost)}")
+        names, done, problem = rename(stored, at.prefix)
+        if problem:
+            self.problems.append(f"{label}: {problem}")
+        self.renamed += done
+        if at.prefix is None and snapshot.torch_format and (hint := lightning_hint(self._object, names)):
+            self.hints.append(hint)
+        for name, old in names.items():
+            dtype, shape, source, file = stored[old]
+            self.layout[name] = (dtype, shape)
+            self._where[name] = (source, old)
+            if name == old:
+                self.file_of[name] = file
         recorded_step = self.metadata.get("step")
         if (snapshot.step >= 0 and recorded_step is not None and recorded_step.strip().isdigit()
                 and int(recorded_step) != snapshot.step):
@@ -98,15 +126,9 @@ class Reader:
         if tuple(int(p) for p in re.findall(r"\d+", torch.__version__)[:2]) < (2, 6):
             raise RuntimeError(f"torch {torch.__version__} < 2.6: torch.load(weights_only=True) is not safe "
                                f"there (CVE-2025-32434); convert the file to safetensors")
-        try:
-            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc):
-                raise
-            state = torch.load(file, map_location="cpu", weights_only=True)  # legacy format: cannot be mapped
-        if not isinstance(state, Mapping) or not all(isinstance(k, str) and isinstance(v, Tensor)
-                                                     for k, v in state.items()):
-            raise ValueError("expected a flat mapping of name -> tensor (a state_dict)")
+        self._object = load_torch(file)
+        where, state = find_weights(self._object, self.at.key)
+        self.where = where
         out = {}
         for name, t in state.items():
             if t.dtype not in CODES:
@@ -118,8 +140,8 @@ class Reader:
 
     def tensor(self, name: str) -> Tensor:
         """The tensor ``name``: a view of the mapped file (no copy) for safetensors."""
-        source = self._where[name]
-        return source[name] if isinstance(source, Mapping) else source.get_tensor(name)
+        source, stored = self._where[name]
+        return source[stored] if isinstance(source, Mapping) else source.get_tensor(stored)
 
     def flat(self, name: str) -> Tensor:
         """``tensor(name)`` flattened (still a view for contiguous storage, which safetensors always is)."""
@@ -130,3 +152,19 @@ class Reader:
             handle.__exit__(None, None, None)
         self._handles.clear()
         self._where.clear()
+        self._object = None
+
+
+def describe_found(readers: Sequence[Reader]) -> list[str]:
+    """Where the weights were found in the inputs and how their names changed, a line per distinct finding:
+    "reading the weights under 'model' in each checkpoint: every key stripped of '_orig_mod.' (...)"."""
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for r in readers:
+        if r.where or r.renamed:
+            groups.setdefault((r.where, *r.renamed), []).append(r.snapshot.label)
+    lines = []
+    for (where, *renamed), labels in groups.items():
+        which = "each checkpoint" if len(labels) == len(readers) else ", ".join(labels)
+        lines.append(f"reading the weights{f' under {where!r}' if where else ''} in {which}"
+                     + (f": {'; '.join(renamed)}" if renamed else ""))
+    return lines + [f"note: {hint}" for hint in dict.fromkeys(h for r in readers for h in r.hints)]

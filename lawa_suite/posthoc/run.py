@@ -21,12 +21,13 @@ from typing import Any
 
 from lawa_suite.errors import PosthocError
 from lawa_suite.files import commit_folder, fsync_dir, inside, require_new_out, staged_folder, write_text_atomic
-from lawa_suite.posthoc.checks import check_layouts, nonfinite_problem
+from lawa_suite.posthoc.checks import check_layouts, nonfinite_problem, problem_list
 from lawa_suite.posthoc.discover import Snapshot, discover, find_stored
 from lawa_suite.posthoc.jobs import Job
 from lawa_suite.posthoc.limits import Limits
+from lawa_suite.posthoc.peers import WeightsAt
 from lawa_suite.posthoc.plan import Output, Track, plan
-from lawa_suite.posthoc.reader import Reader
+from lawa_suite.posthoc.reader import Reader, describe_found
 from lawa_suite.posthoc.replay import average_all
 from lawa_suite.posthoc.synthesis import plan_syntheses, synthesize_all
 from lawa_suite.posthoc.writer import hash_input, ordered_layout
@@ -46,10 +47,13 @@ class PosthocResult:
 
 def average(source: str | os.PathLike[str], jobs: Sequence[Job], out: str | os.PathLike[str],
             interval: int | None = None, force: bool = False, allow_torch_load: bool = False,
-            log: Callable[[str], None] = lambda message: None, limits: Limits = Limits()) -> PosthocResult:
-    """Average the trajectory in ``source`` with every job; write ``out/<job.folder>/step-N.safetensors``.
+            log: Callable[[str], None] = lambda message: None, limits: Limits = Limits(),
+            at: WeightsAt = WeightsAt()) -> PosthocResult:
+    """Average the trajectory in ``source`` with every job; write ``out/<job.folder>/step-N.safetensors``. ``at``
+    says where the weights lie in torch checkpoints other tools wrote (``peers.py``).
 
-    Raises ``PosthocError`` (one line, nothing written) for bad input or settings, ``OSError`` for I/O.
+    Raises ``PosthocError`` (nothing written; a line, or a line and one per problem) for bad input or settings,
+    ``OSError`` for I/O. Entries of the folder that are not checkpoints are logged with the reason.
     """
     if interval is not None and (not isinstance(interval, int) or isinstance(interval, bool) or interval < 1):
         raise PosthocError(f"interval: expected an integer >= 1, got {interval!r}")
@@ -59,12 +63,12 @@ def average(source: str | os.PathLike[str], jobs: Sequence[Job], out: str | os.P
     folder, snapshots, problems, reconstructing = _inputs(Path(source), jobs, allow_torch_load, log)
     if folder.is_dir():
         _check_out(out, folder, force)
-    readers = [Reader(s) for s in snapshots]
+    readers = [Reader(s, at) for s in snapshots]
     try:
         with ThreadPoolExecutor(max_workers=limits.read_threads, thread_name_prefix="posthoc-read") as pool:
             try:
                 outputs, steps = _validated_run(pool, folder, problems, readers, jobs, out, interval, log, limits,
-                                                reconstructing)
+                                                reconstructing, at)
             except BaseException:
                 pool.shutdown(cancel_futures=True)  # hashes not yet started are not needed any more
                 raise
@@ -84,7 +88,10 @@ def _inputs(source: Path, jobs: Sequence[Job], allow_torch_load: bool,
     formats = {job.cls.stored_format for job in jobs} - {""}
     folder, stored = find_stored(source, formats) if formats else (source, [])
     if not stored:
-        return (*discover(source, allow_torch_load), False)
+        found = discover(source, allow_torch_load)
+        for skipped in found.skipped if found.snapshots else ():  # without any, the error lists them
+            log(f"skipped: {skipped}")
+        return found.folder, found.snapshots, found.problems, False
     if replaying := sorted({job.name for job in jobs if not job.cls.stored_format}):
         raise PosthocError(f"averager: {', '.join(replaying)} replay the saved trajectory, while "
                            f"{', '.join(sorted({j.name for j in jobs} - set(replaying)))} are reconstructed from the "
@@ -105,7 +112,7 @@ def _check_out(out: Path, source: Path, force: bool) -> None:
 
 def _validated_run(pool: ThreadPoolExecutor, folder: Path, found: list[str], readers: list[Reader],
                    jobs: Sequence[Job], out: Path, interval: int | None, log: Callable[[str], None],
-                   limits: Limits, reconstructing: bool) -> tuple[list[Output], list[int]]:
+                   limits: Limits, reconstructing: bool, at: WeightsAt) -> tuple[list[Output], list[int]]:
     """Check everything (``found``: the problems discovery met), average (or reconstruct), commit."""
     snapshots = [r.snapshot for r in readers]
     steps = [s.step for s in snapshots]
@@ -127,6 +134,8 @@ def _validated_run(pool: ThreadPoolExecutor, folder: Path, found: list[str], rea
     problems += [line for c in checks if (line := c.result()) is not None]
     if problems:  # one error lists everything there is to fix, the corrupted checkpoints too
         raise PosthocError(_summary(problems + _corrupted(snapshots, _results(hashes)), folder))
+    for line in describe_found(readers):
+        log(line)
     if not reconstructing:
         log(f"averaging {len(snapshots)} checkpoints (steps {steps[0]}..{steps[-1]}) with {len(jobs)} "
             f"averager setting(s)")
@@ -140,8 +149,8 @@ def _validated_run(pool: ThreadPoolExecutor, folder: Path, found: list[str], rea
         digests = _results(hashes)
         if corrupted := _corrupted(snapshots, digests):
             raise PosthocError(_summary(corrupted, folder))
-        _write_manifests(staging, jobs, outputs, snapshots, digests, folder.resolve(), interval, warnings,
-                         reconstructing)
+        _write_manifests(staging, jobs, outputs, readers, digests, folder.resolve(), interval, warnings,
+                         reconstructing, at)
         commit_folder(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -160,13 +169,17 @@ def _corrupted(snapshots: Sequence[Snapshot], digests: Mapping[Path, str]) -> li
 
 
 def _summary(problems: list[str], folder: Path) -> str:
-    return f"{len(problems)} problem(s) with {folder}, nothing was written: " + "; ".join(problems)
+    return problem_list(problems, f"{folder}, nothing was written")
 
 
-def _write_manifests(staging: Path, jobs: Sequence[Job], outputs: list[Output], snapshots: list[Snapshot],
+def _write_manifests(staging: Path, jobs: Sequence[Job], outputs: list[Output], readers: list[Reader],
                      digests: Mapping[Path, str], root: Path, interval: int | None, warnings: list[str],
-                     reconstructing: bool) -> None:
+                     reconstructing: bool, at: WeightsAt) -> None:
     from lawa_suite import __version__ as version
+
+    snapshots = [r.snapshot for r in readers]
+    read = {r.snapshot.label: {**({"key": r.where} if r.where else {}), **({"renamed": r.renamed} if r.renamed else {})}
+            for r in readers}
 
     def files_of(s: Snapshot) -> list[dict[str, Any]]:
         return [{"file": f.relative_to(root).as_posix(), "size": f.stat().st_size, "sha256": digests[f]}
@@ -177,7 +190,8 @@ def _write_manifests(staging: Path, jobs: Sequence[Job], outputs: list[Output], 
 
     by_step = {s.step: s for s in snapshots}
     by_label = {s.label: s for s in snapshots}
-    common = {"format": FORMAT, "suite_version": version, "source": str(root), "interval": interval}
+    # key= and prefix= as given: suite eval reads the raw checkpoints again the same way
+    common = {"format": FORMAT, "suite_version": version, "source": str(root), "interval": interval, **at.given()}
     if reconstructing and (root.parent / "config.yaml").is_file():  # a run's averages/: its raw weights are there
         common["run"] = str(root.parent)
     for job in jobs:
@@ -192,7 +206,8 @@ def _write_manifests(staging: Path, jobs: Sequence[Job], outputs: list[Output], 
         (staging / job.folder).mkdir(exist_ok=True)
         write_text_atomic(staging / job.folder / "manifest.json", _json(manifest))
     top = {**common, "averagers": [{"folder": j.folder, **averager_of(j), "config": j.config} for j in jobs],
-           "inputs": [{"step": s.step, "files": files_of(s)} for s in snapshots]}
+           "inputs": [{"step": s.step, "files": files_of(s), **({"read": read[s.label]} if read[s.label] else {})}
+                      for s in snapshots]}
     write_text_atomic(staging / "manifest.json", _json(top))
     for job in jobs:
         fsync_dir(staging / job.folder)

@@ -1,6 +1,6 @@
 """The cross-run report: many runs (a bench), grouped by task and learning rate, mean over seeds.
 
-``suite report <bench dir or run dirs> --out DIR`` writes report.md, report.html (the same content, the PNGs
+``suite report <bench dir or run dirs> out=DIR`` writes report.md, report.html (the same content, the PNGs
 embedded) and one PNG per task. Gains over raw are paired within each run (``paired.py``); steps to target are
 too: each run's own raw curve gives the targets, crossings are interpolated, and the steps saved are a fraction of
 raw's own steps to the same target (``targets.py``).
