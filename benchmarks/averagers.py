@@ -24,6 +24,9 @@ allocations included. The parent's RSS says nothing useful about torch tensors, 
     python benchmarks/averagers.py --dtypes fp32 --no-peak --rounds 5      # ~1 minute
     python benchmarks/averagers.py --layers 2 --rounds 3                    # a smoke test
     python benchmarks/averagers.py --json benchmarks/results/averagers.json
+    python benchmarks/averagers.py --device cuda --layers 36 --width 1280 --no-peak    # GPT-2 large (774M) on a GPU
+
+On CUDA each dtype's results also hold LAWA's snapshot cost on the training stream (``lawa_stream_cost``).
 
 Libraries that are not installed are skipped with a printed reason (``pip install timm ema-pytorch diffusers``).
 """

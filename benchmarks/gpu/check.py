@@ -209,9 +209,12 @@ def part_cap(args: argparse.Namespace, i: int, left: float) -> float:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="where the parts run")
-    parser.add_argument("--quick", action="store_true", help="tiny settings: the whole check in seconds (a dry run)")
-    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma list of parts, in order; of {PARTS}")
-    parser.add_argument("--budget", type=float, default=450.0, help="seconds for the whole check (default 450)")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny settings, goals not judged: a dry run (a few minutes on a busy 2-core CPU)")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma list of parts, run in this order; of "
+                                                                 f"{', '.join(PARTS)}")
+    parser.add_argument("--budget", type=float, default=450.0,
+                        help="seconds for the whole check (default 450; check.sh passes GPU_CHECK_BUDGET - 20)")
     parser.add_argument("--out", type=Path, help="folder for check.md, check.json and check.log "
                                                  "(default: $OUT, else benchmarks/results/gpu; a --quick run: a "
                                                  "temporary folder)")
