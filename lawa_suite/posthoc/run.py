@@ -25,6 +25,7 @@ from lawa_suite.posthoc.checks import check_layouts, nonfinite_problem, problem_
 from lawa_suite.posthoc.discover import Snapshot, discover, find_stored
 from lawa_suite.posthoc.jobs import Job
 from lawa_suite.posthoc.limits import Limits
+from lawa_suite.posthoc.modelfolder import model_folders
 from lawa_suite.posthoc.peers import WeightsAt
 from lawa_suite.posthoc.plan import Output, Track, plan
 from lawa_suite.posthoc.reader import Reader, describe_found
@@ -134,18 +135,22 @@ def _validated_run(pool: ThreadPoolExecutor, folder: Path, found: list[str], rea
     problems += [line for c in checks if (line := c.result()) is not None]
     if problems:  # one error lists everything there is to fix, the corrupted checkpoints too
         raise PosthocError(_summary(problems + _corrupted(snapshots, _results(hashes)), folder))
+    folders = None if reconstructing else model_folders(snapshots)
     for line in describe_found(readers):
         log(line)
     if not reconstructing:
         log(f"averaging {len(snapshots)} checkpoints (steps {steps[0]}..{steps[-1]}) with {len(jobs)} "
             f"averager setting(s)")
+    if folders is not None:
+        log(f"the inputs are model folders: each output is one (step-N/{folders.weights_name} with the config and "
+            f"tokenizer files of the newest input it averages)")
     for warning in warnings:
         log(f"warning: {warning}")
     staging = staged_folder(out)
     try:
         order = ordered_layout(readers[0].layout)
         outputs = (synthesize_all(readers, syntheses, order, staging, limits) if reconstructing
-                   else average_all(readers, tracks, order, staging, limits))
+                   else average_all(readers, tracks, order, staging, limits, folders))
         digests = _results(hashes)
         if corrupted := _corrupted(snapshots, digests):
             raise PosthocError(_summary(corrupted, folder))
@@ -200,7 +205,8 @@ def _write_manifests(staging: Path, jobs: Sequence[Job], outputs: list[Output], 
         mine_warned = [w for w in warnings if w.startswith(f"{job.folder}: ")]
         manifest = {**common, **averager_of(job), "config": job.config, "clock": job.cls.posthoc_clock,
                     **({"warnings": mine_warned} if mine_warned else {}),
-                    "outputs": [{"file": o.path.name, "step": o.step, "size": o.size, "sha256": o.sha256,
+                    "outputs": [{"file": o.path.relative_to(staging / job.folder).as_posix(), "step": o.step,
+                                 "size": o.size, "sha256": o.sha256,
                                  "inputs": o.members, **o.notes} for o in mine],
                     "inputs": _used_inputs(mine, used, by_step, by_label, files_of)}
         (staging / job.folder).mkdir(exist_ok=True)
