@@ -1,4 +1,5 @@
-"""Image classification with a PreAct-ResNet-18 for 32 px inputs (the LAWA paper's CIFAR study).
+"""Image classification with a PreAct-ResNet-18 for 32 px inputs (the LAWA paper's CIFAR study), or any timm model
+(``cifar.model=resnet18``, ``convnext_atto``, ``vit_tiny_patch16_224 cifar.patch_size=4``: ``_timm.py``).
 
 The model is He et al.'s pre-activation ResNet-18 ("Identity Mappings in Deep Residual Networks", 2016) in
 its CIFAR form: a 3x3 stem convolution and no max-pool, four stages of two pre-activation basic blocks with
@@ -14,7 +15,9 @@ the step and the batch's example indices, never from global RNG, so a resumed ru
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,8 +29,11 @@ from lawa_suite import registry
 from lawa_suite.config import choice, require
 from lawa_suite.data.images import ImageSet, load_image_set
 from lawa_suite.data.stream import IndexStream, TensorStream
-from lawa_suite.tasks.base import Task, parameter_count
+from lawa_suite.tasks import _timm
+from lawa_suite.tasks.base import ExportUnsupported, Task, parameter_count
 
+NORMALISATION = ("normalised per channel with the training split's mean and std (computed from the training images "
+                 "at the start of every run; CIFAR-10's: mean 0.4914, 0.4822, 0.4465, std 0.2470, 0.2435, 0.2616)")
 EVAL_ORDER_SEED = 1234  # fixes which test images a bounded evaluation (eval.batches > 0) sees, whatever the run seed
 Batch = dict[str, Any]  # {"images": uint8 (B, C, H, W), "labels": int64 (B,), "indices": int64 (B,), "augment": bool}
 
@@ -121,7 +127,9 @@ def random_crop_flip(images: Tensor, padding: int, generator: torch.Generator) -
 # -- task -------------------------------------------------------------------------------------------
 @dataclass
 class CifarConfig:
-    width: int = 64                  # base channels; 64 is the real PreAct-ResNet-18 (11.2M parameters)
+    model: str = _timm.PREACT        # the paper's PreAct-ResNet-18, or a timm model name (built untrained)
+    width: int = 64                  # PreAct only: base channels; 64 is the real PreAct-ResNet-18 (11.2M parameters)
+    patch_size: int = 0              # timm models with patches (ViT, DeiT): their patch size; 0 keeps the model's
     image_size: int = 32             # images are resized to this once, when loaded
     optimizer: str = choice("sgd", "sgd", "adamw")
     momentum: float = 0.9            # SGD only
@@ -134,7 +142,11 @@ class CifarConfig:
     channels_last: bool = False      # NHWC memory format (faster convolutions on recent GPUs)
 
     def __post_init__(self) -> None:
+        _timm.check_model_name(self.model)
         require(self.width >= 1, "width", "an integer >= 1", self.width)
+        require(self.patch_size >= 0, "patch_size", "an integer >= 0 (0: the model's own)", self.patch_size)
+        require(self.patch_size == 0 or (self.model != _timm.PREACT and _timm.has_patches(self.model)), "patch_size",
+                f"0 for {self.model} (it has no patches; patch_size is for ViT-like timm models)", self.patch_size)
         require(self.image_size >= 8, "image_size", "an integer >= 8", self.image_size)
         require(0.0 <= self.momentum < 1.0, "momentum", "a number in [0, 1)", self.momentum)
         require(not (self.nesterov and self.optimizer == "sgd" and self.momentum == 0), "nesterov",
@@ -230,8 +242,25 @@ class CifarTask(Task):
     # -- model --------------------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
         data = self._require_data()
-        model = PreActResNet18(data.num_classes, self.config.width, data.train_images.shape[1])
+        if self.config.model == _timm.PREACT:
+            model = PreActResNet18(data.num_classes, self.config.width, data.train_images.shape[1])
+        else:
+            model = _timm.create(self.config.model, self._timm_args(data.num_classes, data.train_images.shape[1]))
         return model.to(memory_format=torch.channels_last) if self.config.channels_last else model
+
+    def _timm_args(self, num_classes: int, in_chans: int) -> dict[str, Any]:
+        return _timm.model_args(self.config.model, num_classes, in_chans, self.config.image_size,
+                                self.config.patch_size)
+
+    def export(self, weights: Mapping[str, Tensor], out: Path) -> None:
+        """A timm model trained here: timm's Hub folder (``_timm.export_folder``). The classes and channels come
+        from the weights (export runs without the data)."""
+        if self.config.model == _timm.PREACT:
+            raise ExportUnsupported("task 'cifar' with cifar.model=preact_resnet18 (the suite's own network) has no "
+                                    "standard folder format; its weights are plain safetensors (the checkpoint's "
+                                    "model.safetensors). Runs with cifar.model=<timm name> export timm folders")
+        classes, channels = _timm.classes_and_channels(self.config.model, weights)
+        _timm.export_folder(self.config.model, self._timm_args(classes, channels), weights, out, NORMALISATION)
 
     def build_optimizer(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
         cfg = self.config
@@ -260,8 +289,9 @@ class CifarTask(Task):
 
     def summary(self, model: nn.Module) -> str:
         data = self._require_data()
-        width = getattr(model, "width", self.config.width)
-        return (f"{self.name}: PreActResNet18 width {width}, {parameter_count(model):,} parameters; "
+        name = f"PreActResNet18 width {getattr(model, 'width', self.config.width)}" \
+            if self.config.model == _timm.PREACT else f"timm {self.config.model}"
+        return (f"{self.name}: {name}, {parameter_count(model):,} parameters; "
                 f"{data.description}: {len(data.train_labels):,} train / {len(data.test_labels):,} test images, "
                 f"{data.num_classes} classes, {'x'.join(map(str, data.train_images.shape[1:]))}")
 
