@@ -1,14 +1,16 @@
 """Scoring saved weights outside a training run, exactly as a run scores them.
 
 - ``evaluate_posthoc``: every derived checkpoint of a ``suite average`` output and the raw checkpoint of the
-  same step, on the same held-out batches, written as ``metrics.jsonl``, ``report.md`` and ``curves.png``
-  (raw versus averaged against the step, like the LAWA paper's Figures 4-8);
+  same step, on the same held-out batches, written as ``metrics.jsonl``, ``report.md`` (a summary and a row per
+  step and weights) and ``curves.png`` (raw versus averaged against the step, like the LAWA paper's Figures 4-8);
+  ``evaluate_checkpoints``: every checkpoint of a folder, the same way, without averages;
 - ``lmc``: the linear path ``alpha * A + (1 - alpha) * B`` between two checkpoints (the paper's Figure 13:
   is there a barrier?), and ``disagreement``: how often A and B predict differently on held-out data (the
   paper's diversity measure).
 
 The task and its settings come from the ``config.yaml`` of the run the inputs lie in, or from ``task=`` and
-overrides. Scoring follows the training loop: the model in eval mode under the run's autocast, the task's
+overrides; checkpoints that are Hugging Face causal-LM folders outside any run are scored by perplexity on a text
+(``causal_lm.py``). Scoring follows the training loop: the model in eval mode under the run's autocast, the task's
 evaluator on the task's fixed held-out batches, and, for averaged (and interpolated) weights of a model with
 BatchNorm, running statistics recomputed on ``eval.bn_batches`` training batches first; raw checkpoints keep
 the statistics they were saved with.
@@ -32,22 +34,26 @@ from torch import Tensor
 
 from lawa_suite import posthoc, registry
 from lawa_suite.averagers.base import accumulation_dtype
+from lawa_suite.causal_lm import CausalLMConfig, CausalLMTask, causal_lm_config, causal_lm_folder
 from lawa_suite.config import ResolvedConfig, dotted, parse_overrides, resolve
 from lawa_suite.errors import AnalysisError, ConfigError
 from lawa_suite.files import require_new_out, write_text_atomic
 from lawa_suite.report import comparison_table, load_metrics, plot_curves, summarise
+from lawa_suite.report.run import fmt
 from lawa_suite.rundir import find_run_config, read_saved
 from lawa_suite.scoring import Scorer, forked_rng, score_line, seed_everything
 from lawa_suite.tasks.base import has_batchnorm
 
-__all__ = ["AnalysisError", "Evaluation", "eval_config", "evaluate_posthoc", "interpolate", "lmc", "disagreement",
+__all__ = ["AnalysisError", "Evaluation", "eval_config", "evaluate", "evaluate_posthoc", "evaluate_checkpoints",
+           "step_table", "interpolate", "lmc", "disagreement",
            "lmc_lines", "write_lmc", "check_out", "default_out"]
 
 
 # -- configuration ---------------------------------------------------------------------------------------
-def eval_config(near: str | os.PathLike[str], overrides: Sequence[str] = ()) -> ResolvedConfig:
+def eval_config(near: str | os.PathLike[str], overrides: Sequence[str] = ()) -> ResolvedConfig | CausalLMConfig:
     """The config to score weights lying at ``near``: its run's ``config.yaml`` (the nearest one above it) plus
-    ``overrides``; with ``task=<another task>``, or where no run config exists, the overrides alone."""
+    ``overrides``; with ``task=<another task>``, the overrides alone; where no run config exists and the
+    checkpoints are Hugging Face causal-LM folders, their scoring settings (``causal_lm.py``)."""
     pairs = parse_overrides(list(overrides))
     try:
         saved: dict[str, Any] | None = read_saved(find_run_config(Path(near)))
@@ -57,9 +63,11 @@ def eval_config(near: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
         base, values = dotted(saved), {**pairs, "progress": "false"}
     elif "task" in pairs:
         base, values = {}, {**pairs, "progress": "false"}
+    elif (folder := causal_lm_folder(near)) is not None:
+        return causal_lm_config(folder, pairs)
     else:
-        raise ConfigError(f"task: no run config.yaml at {near} or above it; pass task=<name> (and its keys, "
-                          f"e.g. preset=, data.path=)")
+        raise ConfigError(f"task: no run config.yaml at {near} or above it, nor Hugging Face causal-LM folders; pass "
+                          f"task=<name> (and its keys, e.g. preset=, data.path=)")
     return resolve(values, base=base)
 
 
@@ -73,16 +81,22 @@ class Evaluation:
     """A task's model, fixed held-out batches, calibration batches and evaluator, built once from a config;
     ``score`` then rates any state_dict of that model as the training loop would (``scoring.Scorer``)."""
 
-    def __init__(self, cfg: ResolvedConfig) -> None:
+    def __init__(self, cfg: ResolvedConfig | CausalLMConfig) -> None:
         from accelerate import Accelerator
 
         self.cfg = cfg
-        self.task = registry.tasks.get(cfg.run.task)(cfg.task, cfg.run)
+        if isinstance(cfg, CausalLMConfig):  # Hugging Face causal-LM folders outside any suite run
+            self.task: Any = CausalLMTask(cfg)
+            self.name, seed, precision, self.bn_batches = self.task.name, 0, cfg.mixed_precision, 0
+        else:
+            self.task = registry.tasks.get(cfg.run.task)(cfg.task, cfg.run)
+            self.name, seed, precision, self.bn_batches = (f"task '{cfg.run.task}'", cfg.run.seed,
+                                                           cfg.run.mixed_precision, cfg.run.eval.bn_batches)
         self.task.setup()
-        seed_everything(cfg.run.seed)
-        self.accelerator = Accelerator(mixed_precision=cfg.run.mixed_precision)
+        seed_everything(seed)
+        self.accelerator = Accelerator(mixed_precision=precision)
         self.model = self.task.build_model().to(self.accelerator.device)
-        calibration = self.task.calibration_batches(cfg.run.eval.bn_batches) if has_batchnorm(self.model) else []
+        calibration = self.task.calibration_batches(self.bn_batches) if has_batchnorm(self.model) else []
         self.scorer = Scorer(self.task, self.accelerator, self.model, self.task.eval_batches(), calibration)
         self._expected = {n: (tuple(t.shape), t.dtype.is_floating_point) for n, t in self.model.state_dict().items()}
 
@@ -101,8 +115,18 @@ class Evaluation:
         """Whether averaged weights get fresh BatchNorm statistics before they are scored."""
         return bool(self.scorer.calibration)
 
+    @property
+    def description(self) -> str:
+        """What scores the weights, for reports: the task and preset, or the causal LM, tokenizer and text."""
+        if isinstance(self.cfg, CausalLMConfig):
+            return self.task.describe()
+        return f"task {self.cfg.run.task} ({self.cfg.run.preset})"
+
     def load(self, weights: Mapping[str, Tensor]) -> None:
         """Copy ``weights`` into the model; a key or shape the model does not have is a one-line error."""
+        fit = getattr(self.task, "fit_weights", None)  # a Hugging Face model reads checkpoints its own way
+        if fit is not None:
+            weights = fit(self.model, weights)
         missing = sorted(set(self._expected) - set(weights))
         extra = sorted(set(weights) - set(self._expected))
         shapes = sorted(n for n in set(weights) & set(self._expected)
@@ -110,8 +134,9 @@ class Evaluation:
         if missing or extra or shapes:
             parts = [f"{what} {_short(names)}" for what, names in
                      (("missing", missing), ("unexpected", extra), ("other shapes for", shapes)) if names]
-            raise AnalysisError(f"the weights do not fit task '{self.cfg.run.task}''s model ({'; '.join(parts)}); "
-                                f"check task= and its keys (e.g. the width) against the run that saved them")
+            hint = getattr(self.task, "weights_hint", "check task= and its keys (e.g. the width) against the run "
+                                                      "that saved them")
+            raise AnalysisError(f"the weights do not fit {self.name}'s model ({'; '.join(parts)}); {hint}")
         self.model.load_state_dict(dict(weights))
 
     @torch.no_grad()
@@ -130,7 +155,7 @@ class Evaluation:
             return self.task.predictions
         if callable(getattr(self.task, "logits_and_targets", None)):
             return lambda model, batch: self.task.logits_and_targets(model, batch)[0].argmax(dim=-1)
-        raise AnalysisError(f"task '{self.cfg.run.task}' defines neither predictions(model, batch) nor "
+        raise AnalysisError(f"{self.name} defines neither predictions(model, batch) nor "
                             f"logits_and_targets(model, batch), so its predictions cannot be compared")
 
     @torch.no_grad()
@@ -145,6 +170,21 @@ class Evaluation:
 
 
 # -- post-hoc outputs: raw versus averaged ----------------------------------------------------------------
+def evaluate(path: str | os.PathLike[str], overrides: Sequence[str] = (), allow_torch_load: bool = False,
+             log: Callable[[str], None] = lambda message: None, at: posthoc.WeightsAt | None = None,
+             out: str | os.PathLike[str] | None = None, force: bool = False) -> Path:
+    """``suite eval``: a ``suite average`` output is scored against its raw checkpoints, in place
+    (``evaluate_posthoc``); any other folder of checkpoints (a run's trajectory, Hugging Face ``checkpoint-N/``
+    folders) has each checkpoint scored, into ``out`` (``evaluate_checkpoints``). Returns the report."""
+    path = Path(path)
+    if not (path / "manifest.json").exists() and posthoc.discover(path, allow_torch_load=True).snapshots:
+        return evaluate_checkpoints(path, out or default_out("eval"), overrides, allow_torch_load, log, at, force)
+    if out is not None:
+        raise ConfigError(f"out: {path} is a suite average output, scored in place; out= is for a folder of "
+                          f"checkpoints")
+    return evaluate_posthoc(path, overrides, allow_torch_load, log, at)
+
+
 def evaluate_posthoc(out: str | os.PathLike[str], overrides: Sequence[str] = (), allow_torch_load: bool = False,
                      log: Callable[[str], None] = lambda message: None, at: posthoc.WeightsAt | None = None) -> Path:
     """Score every derived checkpoint in a ``suite average`` output and the raw checkpoint of its step; write
@@ -158,10 +198,9 @@ def evaluate_posthoc(out: str | os.PathLike[str], overrides: Sequence[str] = (),
         assert manifest["format"] == posthoc.FORMAT
     except (OSError, ValueError, KeyError, TypeError, AssertionError):
         raise AnalysisError(f"{out}: not a suite average output (no readable manifest.json of format "
-                            f"{posthoc.FORMAT})") from None
-    at = at or posthoc.WeightsAt(manifest.get("key"), manifest.get("prefix"))
-    cfg = eval_config(source, overrides)
-    evaluation = Evaluation(cfg)
+                            f"{posthoc.FORMAT}), nor a folder of checkpoints named by step") from None
+    read = _reader(at or posthoc.WeightsAt(manifest.get("key"), manifest.get("prefix")), log)
+    evaluation = Evaluation(eval_config(source, overrides))
     derived: dict[int, dict[str, Path]] = {}
     for folder in folders:
         entries = json.loads((out / folder / "manifest.json").read_text())["outputs"]
@@ -173,46 +212,97 @@ def evaluate_posthoc(out: str | os.PathLike[str], overrides: Sequence[str] = (),
     if problems or lost:
         raise AnalysisError(f"{source}: the raw checkpoints are needed for comparison: "
                             + "; ".join(problems + ([f"steps {', '.join(map(str, lost))} are gone"] if lost else [])))
-    said: set[str] = set()
-
-    def once(line: str) -> None:  # where the weights were found is the same for every raw checkpoint: say it once
-        if line not in said:
-            said.add(line)
-            log(line)
-
     records = []
     for step in sorted(derived):
-        scores = {"raw": evaluation.score(posthoc.load_snapshot(by_step[step], at, once), recalibrate=False)}
+        scores = {"raw": evaluation.score(read(by_step[step]), recalibrate=False)}
         for folder, path in sorted(derived[step].items()):
             scores[folder] = evaluation.score(posthoc.read_checkpoint(path), recalibrate=True)
         records += [{"step": step, "weights": name, "split": "val", **values} for name, values in scores.items()]
         log(score_line(step, scores))
+    return _write_scores(out, records, evaluation, source, sorted(by_step), folders)
+
+
+def evaluate_checkpoints(source: str | os.PathLike[str], out: str | os.PathLike[str], overrides: Sequence[str] = (),
+                         allow_torch_load: bool = False, log: Callable[[str], None] = lambda message: None,
+                         at: posthoc.WeightsAt | None = None, force: bool = False) -> Path:
+    """Score every checkpoint in ``source`` as saved, each on the same held-out batches; write ``metrics.jsonl``,
+    ``config.yaml``, ``report.md`` and ``curves.png`` into ``out`` (new or empty unless ``force``). Returns the
+    report."""
+    source, out = Path(source), Path(out)
+    evaluation_config = eval_config(source, overrides)
+    check_out(out, force)  # before the work, which may take long
+    _, snapshots, problems, _ = posthoc.discover(source, allow_torch_load)
+    if problems:
+        raise AnalysisError(f"{source}: " + "; ".join(problems))
+    read = _reader(at or posthoc.WeightsAt(), log)
+    evaluation = Evaluation(evaluation_config)
+    records = []
+    for snapshot in snapshots:
+        scores = {"raw": evaluation.score(read(snapshot), recalibrate=False)}
+        records.append({"step": snapshot.step, "weights": "raw", "split": "val", **scores["raw"]})
+        log(score_line(snapshot.step, scores))
+    out.mkdir(parents=True, exist_ok=True)
+    return _write_scores(out, records, evaluation, source, [s.step for s in snapshots], [])
+
+
+def _reader(at: posthoc.WeightsAt, log: Callable[[str], None]) -> Callable[[posthoc.Snapshot], dict[str, Tensor]]:
+    """Reads a raw checkpoint; where its weights were found is the same for every one, so that is said once."""
+    said: set[str] = set()
+
+    def once(line: str) -> None:
+        if line not in said:
+            said.add(line)
+            log(line)
+
+    return lambda snapshot: posthoc.load_snapshot(snapshot, at, once)
+
+
+def _write_scores(out: Path, records: list[dict[str, Any]], evaluation: Evaluation, source: Path, steps: list[int],
+                  folders: list[str]) -> Path:
+    """``metrics.jsonl``, ``config.yaml``, then ``report.md`` (and ``curves.png``) from them."""
     write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-    write_text_atomic(out / "config.yaml", cfg.to_yaml())
+    write_text_atomic(out / "config.yaml", evaluation.cfg.to_yaml())
     curves, _ = load_metrics(out / "metrics.jsonl")
-    return _posthoc_report(out, curves, evaluation, source, sorted(by_step), folders)
-
-
-def _posthoc_report(out: Path, curves: Any, evaluation: Evaluation, source: Path, steps: list[int],
-                    folders: list[str]) -> Path:
     metrics, rows = summarise(curves, evaluation.metrics)
     headline = metrics[0] if metrics else None
-    run = evaluation.cfg.run
-    title = f"post-hoc averaging: {run.task} ({run.preset}) from {source.name}"
-    bn = (f" Averaged weights get BatchNorm statistics recomputed on {run.eval.bn_batches} training batches "
-          f"first; raw checkpoints keep theirs." if evaluation.recalibrates else "")
-    lines = [f"# Post-hoc averaging report: {out.name}", "",
-             f"Source: `{source}` ({len(steps)} checkpoints, steps {steps[0]}..{steps[-1]}); task {run.task} "
-             f"({run.preset}), evaluator {evaluation.task.evaluator}; averagers: {', '.join(folders)}. Each derived "
-             f"checkpoint and the raw checkpoint of its step are scored on the same held-out batches.{bn} "
-             f"Config: `config.yaml`; inputs and hashes: `manifest.json`.", ""]
+    bn = (f" Averaged weights get BatchNorm statistics recomputed on {evaluation.bn_batches} training batches "
+          f"first; raw checkpoints keep theirs." if evaluation.recalibrates and folders else "")
+    compared = (f"averagers: {', '.join(folders)}. Each derived checkpoint and the raw checkpoint of its step are "
+                f"scored on the same held-out batches.{bn} Config: `config.yaml`; inputs and hashes: `manifest.json`."
+                if folders else "every checkpoint is scored as saved, on the same held-out batches. Config: "
+                                "`config.yaml`.")
+    kind = "Post-hoc averaging report" if folders else "Checkpoint scores"
+    lines = [f"# {kind}: {out.name}", "",
+             f"Source: `{source}` ({len(steps)} checkpoints, steps {steps[0]}..{steps[-1]}); "
+             f"{evaluation.description}, evaluator {evaluation.task.evaluator}; {compared}", ""]
     if rows:
-        lines += [comparison_table(metrics, rows, headline), ""]
-        plot_curves(curves, [], metrics, out / "curves.png", title)
+        lines += [comparison_table(metrics, rows, headline), "", "## Every scored step", "",
+                  step_table(records, metrics), ""]
+        plot_curves(curves, [], metrics, out / "curves.png", f"{kind.lower()}: {evaluation.name} from {source.name}")
         lines += ["![metrics vs step](curves.png)", ""]
     report = out / "report.md"
     write_text_atomic(report, "\n".join(lines))
     return report
+
+
+def step_table(records: Sequence[Mapping[str, Any]], metrics: Sequence[str]) -> str:
+    """A Markdown row per step and weights (raw first): every metric and, for averaged weights, the headline
+    metric's difference from the raw checkpoint of the same step (the LAWA paper's tables, step by step)."""
+    headline = metrics[0]
+    raw = {r["step"]: r for r in records if r["weights"] == "raw"}
+    compare = any(r["weights"] != "raw" for r in records)
+    header = ["step", "weights", *metrics] + ([f"{headline} - raw"] if compare else [])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in sorted(records, key=lambda r: (r["step"], r["weights"] != "raw", r["weights"])):
+        cells = [str(r["step"]), r["weights"], *(fmt(r[m]) if isinstance(r.get(m), (int, float)) else "-"
+                                                 for m in metrics)]
+        if compare:
+            base = raw.get(r["step"], {}).get(headline)
+            value = r.get(headline)
+            cells.append(f"{value - base:+.4f}" if r["weights"] != "raw" and isinstance(base, (int, float))
+                         and isinstance(value, (int, float)) else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 # -- linear mode connectivity and disagreement --------------------------------------------------------------

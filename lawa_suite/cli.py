@@ -298,19 +298,31 @@ def _evaluate(out: Path, overrides: list[str], allow_torch_load: bool, at: Any =
 @app.command("eval", context_settings=WORDS)
 @user_errors
 def evaluate(
-    out: Annotated[Path, typer.Argument(help="A folder written by suite average.")],
+    path: Annotated[Path, typer.Argument(help="A folder written by suite average, or a folder of checkpoints (a run's "
+                                              "trajectory, Hugging Face checkpoint-N/ folders).")],
     overrides: Annotated[Optional[list[str]], typer.Argument(
         help="task and run keys (task=, preset=, data.path=, eval.batches=...; default: the source run's "
-             "config.yaml); key=, prefix=: how to read the raw torch checkpoints (default: as the averaging did)",
+             "config.yaml); for Hugging Face causal-LM folders: data.path=, eval.batches=, seq_len=, batch_size=, "
+             "tokenizer=auto|gpt2|bytes, mixed_precision=; key=, prefix=: how to read the raw torch checkpoints "
+             "(default: as the averaging did); out=DIR: where a folder of checkpoints is scored to",
         show_default=False)] = None,
     allow_torch_load: Annotated[bool, typer.Option("--allow-torch-load",
                                                    help="The raw checkpoints are torch files.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Write into a non-empty out folder.")] = False,
 ) -> None:
-    """Score every derived checkpoint of a suite average output against the raw checkpoint of its step."""
+    """Score every derived checkpoint of a suite average output against the raw checkpoint of its step, or every
+    checkpoint of a folder.
+
+    Example: suite eval ~/pythia data.path=corpus.txt out=runs/pythia-raw
+    """
+    from lawa_suite.analysis import evaluate as evaluate_folder
     from lawa_suite.posthoc import weights_at
 
-    own, words = take(words_of(overrides, "--allow-torch-load"), "key", "prefix")
-    _evaluate(out, words, allow_torch_load, weights_at(own) if own else None)
+    own, words = take(words_of(overrides, "--allow-torch-load, --force"), "key", "prefix", "out")
+    out = own.pop("out", None)
+    report_path = evaluate_folder(path, words, allow_torch_load, log=lambda m: typer.echo(m, err=True),
+                                  at=weights_at(own) if own else None, out=out or None, force=force)
+    typer.echo(f"report: {report_path}")
 
 
 analyze_app = typer.Typer(no_args_is_help=True, help="Trajectory analysis: linear paths between checkpoints.")

@@ -36,7 +36,8 @@ from lawa_suite.errors import DataPathError
 from lawa_suite.files import first_line, write_atomic, write_text_atomic
 
 __all__ = ["Tokenizer", "BytesTokenizer", "Gpt2Tokenizer", "get_tokenizer", "VOCAB_SIZES", "TokenSplits",
-           "load_tokens", "embedded_text", "write_token_file", "prepare_openwebtext", "TEXT_SUFFIXES"]
+           "load_tokens", "embedded_text", "write_token_file", "prepare_openwebtext", "TEXT_SUFFIXES", "encode_all",
+           "text_source_files"]
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 VOCAB_SIZES = {"bytes": 256, "gpt2": 50257}
@@ -151,14 +152,15 @@ def embedded_text() -> str:
 
 def _split_documents(texts: list[str], tokenizer: Tokenizer, val_fraction: float, description: str) -> TokenSplits:
     train, val = [], []
-    for ids in _encode_all(texts, tokenizer):
+    for ids in encode_all(texts, tokenizer):
         cut = len(ids) - int(round(len(ids) * val_fraction))
         train.append(ids[:cut])
         val.append(ids[cut:])
     return _checked(TokenSplits(np.concatenate(train), np.concatenate(val), description))
 
 
-def _encode_all(texts: list[str], tokenizer: Tokenizer) -> list[np.ndarray]:
+def encode_all(texts: list[str], tokenizer: Tokenizer) -> list[np.ndarray]:
+    """Each text's tokens (in parallel where the tokenizer can)."""
     encode_batch = getattr(tokenizer, "encode_batch", None)
     return encode_batch(texts) if encode_batch else [tokenizer.encode(t) for t in texts]
 
@@ -182,14 +184,21 @@ def text_files(path: Path) -> list[Path]:
     return files
 
 
-def load_text(path: str, cache: str, tokenizer: Tokenizer, val_fraction: float) -> TokenSplits:
-    """Tokenize a file or folder once into ``<cache>/text/<key>/``; later runs memory-map the result."""
+def text_source_files(path: str) -> list[Path]:
+    """The files ``data=text`` reads from ``data.path`` (itself, or the text files of a folder); a missing path,
+    or a folder without text, is a one-line DataPathError."""
     if not path:
         raise DataPathError("data.path: data=text needs data.path=<a text file or a folder of .txt/.md files>")
     root = Path(path).expanduser()
     if not root.exists():
         raise DataPathError(f"data.path: {root} does not exist (data=text reads a text file or a folder)")
-    files = text_files(root)
+    return text_files(root)
+
+
+def load_text(path: str, cache: str, tokenizer: Tokenizer, val_fraction: float) -> TokenSplits:
+    """Tokenize a file or folder once into ``<cache>/text/<key>/``; later runs memory-map the result."""
+    files = text_source_files(path)
+    root = Path(path).expanduser()
     folder = Path(cache) / "text" / _text_key(root, files, tokenizer.name, val_fraction)
     description = f"{root} ({len(files)} file{'s' * (len(files) != 1)}, {tokenizer.name} tokens)"
     if not (folder / "meta.json").is_file():
