@@ -103,6 +103,7 @@ class RunConfig:
     decay_shape: str = choice("linear", "linear", "1-sqrt")  # wsd: the decay's shape (1-sqrt: Hägele et al. 2024)
     grad_clip: float = 0.0                    # clip the gradient norm to this; 0 = no clipping
     mixed_precision: str = choice("no", "no", "bf16", "fp16")
+    compile: bool = False                     # torch.compile the model in place (inductor); names and files unchanged
     resume: str = ""                          # "" (fresh run), "auto" (newest valid checkpoint) or a path
     reset_averagers: bool = False             # resume from a checkpoint without averager state, on purpose
     max_bad_steps: int = 10                   # consecutive non-finite steps before the run stops

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import numpy as np
@@ -67,8 +67,12 @@ def recalibrate_batchnorm(model: nn.Module, task: Any, batches: list[Any]) -> No
         m.reset_running_stats()
         m.momentum = None  # cumulative average over the calibration batches
     model.train()
-    for batch in batches:
-        task.loss(model, batch, step=-1)
+    # Eager even in a compiled model (compile=true): the cumulative average reads num_batches_tracked on the host,
+    # a graph break and a third compiled variant, for a few batches that gain nothing from compiled code.
+    set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+    with set_stance("force_eager") if set_stance else nullcontext():
+        for batch in batches:
+            task.loss(model, batch, step=-1)
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
 
