@@ -2,7 +2,13 @@
 
 Per optimizer step: ``grad_accum`` micro-batches (gradients synchronised only on the last), a finite check
 of loss and gradient norm (a bad step is skipped, counted, and never reaches the averagers), the optimizer
-step, then every averager observes the new weights. Every ``eval.every`` steps the raw weights and each ready
+step, then every averager observes the new weights, after a check that they hold no NaN or Inf. One host
+synchronisation a step decides all of that: the loss, the gradient norm and the previous step's weights' finite
+flag are read together (``Run.optimizer_step``), so the averagers observe a step's weights during the next step,
+before its optimizer step changes them (its forward pass changes only buffers, which are kept aside); anything that
+needs the averages at once (an evaluation, a checkpoint, the end, a stop) first settles them (``Run.settle``),
+which costs a second read on those steps only. ``compile=true`` compiles the model in place, so every name the
+averagers, checkpoints and exports see is the model's own. Every ``eval.every`` steps the raw weights and each ready
 averager are scored on the same held-out batches: averaged weights are copied into the model, BatchNorm
 statistics are recomputed for them if the model has BatchNorm, and the raw weights are copied back, bit for
 bit; evaluation runs under a forked RNG so it never changes training. Checkpoints hold everything needed to
@@ -29,7 +35,7 @@ from torch import nn
 
 from lawa_suite import checkpoints as ckpt
 from lawa_suite import registry
-from lawa_suite.averagers.base import Averager, all_finite
+from lawa_suite.averagers.base import Averager, all_finite, finite_flag
 from lawa_suite.config import ResolvedConfig, RunConfig, dotted
 from lawa_suite.errors import EXIT_NONFINITE, EXIT_PREEMPTED, ConfigError, Interrupted, NonFiniteTraining, Preempted
 from lawa_suite.preemption import StopFlag
@@ -109,6 +115,11 @@ class Run:
         self.task.setup()
         seed_everything(rc.seed)
         model = self.task.build_model()
+        if rc.compile:
+            # In place (nn.Module.compile), not torch.compile(model): the module stays itself, so state_dict names
+            # (averagers, weight swap, checkpoints, trajectory, exports) never gain the wrapper's `_orig_mod.`, and
+            # evaluation, which copies averaged weights into the module's own tensors, runs the compiled code too.
+            model.compile()
         unique = parameter_count(model)
         tied = sum(p.numel() for p in model.parameters()) - unique
         self.log(self.task.summary(model) + (f" ({unique:,} unique: {tied:,} tied)" if tied else ""))
@@ -122,6 +133,8 @@ class Run:
         for avg in self.averagers.values():
             avg.start_run(rc.steps)
         self.state = TrainState()
+        self.pending: int | None = None  # a step whose weights the averagers want and have not yet observed
+        self.parameter_names = {name for name, _ in self.unwrapped.named_parameters(remove_duplicate=False)}
         self.scorer = Scorer(self.task, self.accelerator, self.unwrapped, self.task.eval_batches(),
                              self.task.calibration_batches(rc.eval.bn_batches) if has_batchnorm(model) else [])
         self.checkpoints = RunCheckpointer(self.out / "checkpoints", self.is_main)
@@ -161,19 +174,48 @@ class Run:
                 offset += b.numel()
 
     # -- one step --
-    def feed_averagers(self, step: int) -> None:
-        """Give the weights after ``step`` to every averager that wants them, after one shared NaN/Inf check (not
-        one per averager: on a memory-bound update that check costs as much as the average itself)."""
+    def feed_averagers(self, step: int, weights: dict[str, torch.Tensor] | None = None,
+                       finite: bool | None = None) -> None:
+        """Give the weights after ``step`` (the model's, unless ``weights`` is given) to every averager that wants
+        them, after one shared NaN/Inf check (not one per averager: on a memory-bound update that check costs as
+        much as the average itself). ``finite``: that check's answer, already read with the step's loss."""
         wanting = [avg for avg in self.averagers.values() if avg.wants(step)]
         if not wanting:
             return
-        if not all_finite([t for t in self.unwrapped.state_dict().values() if t.is_floating_point()]):
+        observed = self.unwrapped if weights is None else weights
+        if finite is None:
+            values = self.unwrapped.state_dict().values() if weights is None else weights.values()
+            finite = all_finite([t for t in values if t.is_floating_point()])
+        if not finite:
             self.log(f"warning: the weights after step {step} hold NaN or Inf; no averager sees them")
             for avg in wanting:
                 avg.refuse(step)
             return
         for avg in wanting:
-            avg.observe(step, self.unwrapped, checked=True)
+            avg.observe(step, observed, checked=True)
+
+    def defer(self, step: int) -> None:
+        """Leave the weights after ``step`` for the next step's one host read (nothing if no averager wants them)."""
+        self.pending = step if any(avg.wants(step) for avg in self.averagers.values()) else None
+
+    def settle(self) -> None:
+        """Let the averagers observe the deferred step now (its own finite check: one extra read), before anything
+        that uses them: an evaluation, a checkpoint, the end of the run."""
+        if self.pending is not None:
+            step, self.pending = self.pending, None
+            self.feed_averagers(step)
+            self.store_averages(step)
+
+    def hold_deferred(self) -> tuple[int, dict[str, torch.Tensor], torch.Tensor] | None:
+        """The deferred step, its weights as the averagers will see them and their finite flag on the device, taken
+        before this step's first forward pass: parameters live (only the optimizer step changes them), buffers
+        (BatchNorm statistics, which the forward pass updates) copied. None when no step is deferred."""
+        if self.pending is None:
+            return None
+        step, self.pending = self.pending, None
+        weights = {name: (t if name in self.parameter_names else t.clone())
+                   for name, t in self.unwrapped.state_dict().items()}
+        return step, weights, finite_flag([t for t in weights.values() if t.is_floating_point()])
 
     def store_averages(self, step: int) -> None:
         """Write the averages the averagers ask to keep (``Averager.stored_averages``: EDM2's snapshots) into
@@ -191,6 +233,7 @@ class Run:
         factor = lr_factor(self.state.step, rc)
         for group in self.optimizer.param_groups:
             group["lr"] = rc.lr * factor
+        held = self.hold_deferred()
         # summed on the device: one host sync per step (below), not one per micro-batch
         total = torch.zeros((), dtype=torch.float64, device=self.accelerator.device)
         for micro in range(rc.grad_accum):
@@ -202,7 +245,11 @@ class Run:
             total += loss.detach().double()
         grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), rc.grad_clip or float("inf"))
         norm_tensor = torch.as_tensor(grad_norm, dtype=torch.float64, device=total.device)
-        loss_sum, norm = torch.stack([total, norm_tensor]).tolist()
+        flags = [held[2].to(total.device)] if held is not None else []
+        loss_sum, norm, *finite = torch.stack([total, norm_tensor, *flags]).tolist()  # the step's one host read
+        if held is not None:  # before the optimizer step: the parameters are still the deferred step's
+            self.feed_averagers(held[0], held[1], finite=finite[0] == 1.0)
+            self.store_averages(held[0])
         mean_loss = loss_sum / rc.grad_accum
         if not (math.isfinite(mean_loss) and math.isfinite(norm)):
             self.optimizer.zero_grad(set_to_none=True)
@@ -276,8 +323,7 @@ def train(cfg: ResolvedConfig) -> RunResult:
             run.state.step += 1
             run.sync_buffers()
             step = run.state.step
-            run.feed_averagers(step)
-            run.store_averages(step)
+            run.defer(step)
             lr = rc.lr * lr_factor(step - 1, rc)
             if due(step, rc.log_every) or step == 1:
                 metrics.write({"step": step, "weights": "raw", "split": "train", "loss": loss, "lr": lr})
@@ -287,18 +333,22 @@ def train(cfg: ResolvedConfig) -> RunResult:
             if due(step, rc.trajectory.every):
                 run.save_trajectory()
             if due(step, rc.eval.every) or step == rc.steps:
+                run.settle()
                 started = time.perf_counter()
                 scores = run.evaluate(metrics)
                 bar.evaluated(time.perf_counter() - started, score_line(step, scores))
             if due(step, rc.checkpoint.every) or step == rc.steps:
+                run.settle()
                 run.checkpoints.save(run)
             bar.paused()
             if run.stop_requested():
+                run.settle()
                 run.checkpoints.save(run)
                 where = f"checkpoint saved in {run.checkpoints.folder}; continue with resume=auto"
                 if run.stop.signal == signal.SIGINT:
                     raise Interrupted(f"interrupted at step {step}; {where}")
                 raise Preempted(f"stopped by SIGTERM after step {step}; {where}")
+        run.settle()  # (the final evaluation has settled the last step already)
     finally:
         run.stop.uninstall()
         bar.close()

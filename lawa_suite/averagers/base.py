@@ -26,6 +26,7 @@ applies EMA and SWA to a checkpoint list; an averager that means steps (LAWA's w
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
@@ -55,15 +56,20 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def all_finite(tensors: list[Tensor]) -> bool:
-    """True if no tensor holds NaN or Inf. One fused norm pass, one host sync; exact fallback on overflow."""
+def finite_flag(tensors: list[Tensor]) -> Tensor:
+    """A float64 scalar on the tensors' device: 1 if no tensor holds NaN or Inf, else 0, without a host sync (the
+    training loop reads it with the step's loss). One fused max-abs pass (``_foreach_norm`` with ``ord=inf``, which
+    propagates NaN): a maximum of finite values is finite, so unlike a sum of squares it cannot overflow."""
+    tensors = [t for t in tensors if t.numel()]  # the inf-norm of an empty tensor is undefined (and it holds nothing)
     if not tensors:
-        return True
-    norms = torch._foreach_norm(tensors)
-    if bool(torch.isfinite(torch.stack([n.double() for n in norms]).sum())):
-        return True
-    # A huge-but-finite tensor can overflow the norm: decide exactly.
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
+        return torch.ones((), dtype=torch.float64)
+    norms = torch._foreach_norm(tensors, ord=math.inf)
+    return torch.stack([n.double() for n in norms]).isfinite().all().double()
+
+
+def all_finite(tensors: list[Tensor]) -> bool:
+    """True if no tensor holds NaN or Inf: ``finite_flag`` read on the host (one sync)."""
+    return bool(finite_flag(tensors))
 
 
 def is_count(value: Any, minimum: int) -> bool:

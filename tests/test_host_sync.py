@@ -1,0 +1,178 @@
+"""One host synchronisation a training step when no evaluation or checkpoint is due.
+
+The loop reads the step's loss, gradient norm and the previous step's weights' finite flag in one transfer, and
+the averagers observe those weights then (``train.py``). On an accelerator, reading a value that lives on the
+device waits for it. The CPU stand-in counts such reads: a dispatch mode tags the model's parameters and buffers and
+every tensor computed from them (what would live on the accelerator), and counts ``.item()``, ``bool()``,
+``float()`` and ``int()`` of a tagged tensor (each one ``aten._local_scalar_dense``) and its ``.tolist()`` /
+``.numpy()`` (which read memory directly, so they are wrapped). Host data is not counted: batch indices, and the
+optimizer's step counters (torch keeps them on the host unless ``capturable``). With CUDA,
+``torch.cuda.set_sync_debug_mode("warn")`` counts the device's own synchronisations.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from lawa_suite import checkpoints as ckpt
+from lawa_suite.config import resolve
+from lawa_suite.train import Run, train
+
+from test_train import Spy, assert_same_tree, final_state, run_toy
+
+
+class DeviceReads(TorchDispatchMode):
+    """Counts host reads of tensors that would live on the accelerator (see the module docstring)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+        self._tagged: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+        self._saved: dict[str, object] = {}
+
+    def tag(self, tensors) -> None:
+        for t in tensors:
+            if isinstance(t, torch.Tensor):
+                self._tagged[id(t)] = t
+
+    def tagged(self, t: object) -> bool:
+        return isinstance(t, torch.Tensor) and self._tagged.get(id(t)) is t
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._local_scalar_dense.default and self.tagged(args[0]):
+            self.count += 1
+        out = func(*args, **kwargs)
+        if any(self.tagged(t) for t in tree_leaves((args, kwargs))):
+            self.tag(tree_leaves(out))
+            for i, arg in enumerate(func._schema.arguments):  # in-place and foreach ops write into their inputs
+                if arg.alias_info is not None and arg.alias_info.is_write:
+                    self.tag(tree_leaves(args[i] if i < len(args) else kwargs.get(arg.name)))
+        return out
+
+    def __enter__(self):
+        for name in ("tolist", "numpy"):
+            original = self._saved[name] = getattr(torch.Tensor, name)
+
+            def counted(tensor, *args, _original=original, **kwargs):
+                self.count += self.tagged(tensor)
+                return _original(tensor, *args, **kwargs)
+
+            setattr(torch.Tensor, name, counted)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for name, original in self._saved.items():
+            setattr(torch.Tensor, name, original)
+        return super().__exit__(*exc)
+
+
+def reads_per_step(monkeypatch, overrides: list[str], reads: DeviceReads | None = None,
+                   counter=None) -> list[int]:
+    """Reads between the starts of consecutive optimizer steps (the last step's evaluation is left out). The model's
+    parameters and buffers are tagged as the first step starts."""
+    starts: list[int] = []
+    step = Run.optimizer_step
+
+    def counted_step(self):
+        if reads is not None and not starts:
+            reads.tag(itertools.chain(self.unwrapped.parameters(), self.unwrapped.buffers()))
+        starts.append(reads.count if reads is not None else counter())
+        return step(self)
+
+    monkeypatch.setattr(Run, "optimizer_step", counted_step)
+    train(resolve(overrides))
+    return [b - a for a, b in zip(starts, starts[1:])]
+
+
+def plain_run(task: str, out: Path) -> list[str]:
+    # every step observed (ema), evaluation and checkpoint only after the last step
+    return [f"task={task}", "preset=tiny", f"out={out}", "steps=6", "eval.every=1000", "checkpoint.every=0",
+            "averager=lawa,ema,swa", "swa.start=1", "progress=false"]
+
+
+@pytest.mark.parametrize("task", ["cifar", "gpt2"])
+def test_one_host_read_a_step(tmp_path, monkeypatch, task):
+    # cifar: BatchNorm buffers (held aside for the deferred observation), SGD; gpt2: AdamW, tied weights
+    with DeviceReads() as reads:
+        per_step = reads_per_step(monkeypatch, plain_run(task, tmp_path / "run"), reads)
+    assert per_step == [1] * 5
+
+
+def test_the_counter_sees_a_second_read(tmp_path, monkeypatch):
+    # negative control: observing each step's weights at once (their own finite check) is the old second read
+    defer = Run.defer
+    monkeypatch.setattr(Run, "defer", lambda self, step: (defer(self, step), self.settle()))
+    with DeviceReads() as reads:
+        per_step = reads_per_step(monkeypatch, plain_run("cifar", tmp_path / "run"), reads)
+    assert per_step == [2] * 5
+
+
+def test_deferred_observations_equal_immediate_ones(tmp_path, monkeypatch):
+    # The averagers see each step's weights during the next step, after its forward pass has moved the BatchNorm
+    # statistics: the held copy must be the step's own, bit for bit (the toy model has BatchNorm and dropout).
+    run_toy(tmp_path / "deferred", "checkpoint.every=0", "eval.every=100")
+    defer = Run.defer
+    monkeypatch.setattr(Run, "defer", lambda self, step: (defer(self, step), self.settle()))
+    run_toy(tmp_path / "at-once", "checkpoint.every=0", "eval.every=100")
+    weights_a, state_a = final_state(tmp_path / "deferred")
+    weights_b, state_b = final_state(tmp_path / "at-once")
+    assert_same_tree(weights_a, weights_b)
+    assert_same_tree(state_a["averagers"], state_b["averagers"])
+    assert state_a["averagers"]["ema"]["counters"]["updates"] == 20
+
+
+def test_weights_that_turn_non_finite_reach_no_averager_through_the_one_read(tmp_path, monkeypatch):
+    # The weights after step 3 hold NaN (a BatchNorm statistic, so training goes on); they are checked in step 4's
+    # one read and refused. The live statistic is repaired once the held copy is taken, so later steps are fine.
+    Spy.seen = []
+    defer, hold = Run.defer, Run.hold_deferred
+    repaired: list[float] = []
+
+    def poison_after_step_3(self, step):
+        defer(self, step)
+        if step == 3:
+            stats = self.unwrapped[1].running_mean
+            repaired.append(stats[0].item())
+            stats[0] = float("nan")
+
+    def repair_after_holding(self):
+        held = hold(self)
+        if held is not None and held[0] == 3:
+            assert math.isnan(held[1]["1.running_mean"][0].item())  # the held copy is the poisoned one
+            self.unwrapped[1].running_mean[0] = repaired[0]
+        return held
+
+    monkeypatch.setattr(Run, "defer", poison_after_step_3)
+    monkeypatch.setattr(Run, "hold_deferred", repair_after_holding)
+    result = run_toy(tmp_path / "run", "averager=spy,ema", "steps=6", "eval.every=100", "checkpoint.every=0")
+    assert result.step == 6 and result.skipped_steps == 0
+    assert Spy.seen == [1, 2, 4, 5, 6]
+    _, state = final_state(tmp_path / "run")
+    ema = state["averagers"]["ema"]
+    assert ema["counters"]["refused"] == 1 and ema["counters"]["updates"] == 5
+    tensors, _ = ckpt.flatten_state(ema)
+    assert all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA GPU: torch.cuda.set_sync_debug_mode counts the device's own synchronisations")
+def test_one_cuda_synchronisation_a_step(tmp_path, monkeypatch):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            per_step = reads_per_step(monkeypatch, plain_run("gpt2", tmp_path / "run"),
+                                      counter=lambda: sum("synchroniz" in str(w.message) for w in caught))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert per_step == [1] * 5
