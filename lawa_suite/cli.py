@@ -267,6 +267,10 @@ def average(
     overrides: Annotated[Optional[list[str]], typer.Argument(help=AVERAGE_HELP, show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing out folder (atomically).")] = False,
     allow_torch_load: Annotated[bool, typer.Option("--allow-torch-load", help=TORCH_LOAD_HELP)] = False,
+    hash_inputs: Annotated[bool, typer.Option("--hash-inputs", help=(
+        "Read every input in full for its sha256 (for the manifest) and check it against the sha256 recorded when "
+        "the suite wrote it. Without it the manifest takes a recorded sha256 whose file still has the recorded "
+        "size and mtime, and size and mtime alone for other inputs."))] = False,
 ) -> None:
     """Replay saved checkpoints through averagers (post hoc), in constant memory; optionally score the results.
 
@@ -274,13 +278,14 @@ def average(
     """
     from lawa_suite.posthoc import average as average_trajectory, parse_command
 
-    command = parse_command(words_of(overrides, "--force, --allow-torch-load"))
+    command = parse_command(words_of(overrides, "--force, --allow-torch-load, --hash-inputs"))
     if command.evaluate:  # a bad task or run key stops the command before the averaging, not after it
         from lawa_suite.analysis import eval_config
 
         eval_config(source, command.eval_overrides)
     result = average_trajectory(source, command.jobs, command.out, command.interval, force, allow_torch_load,
-                                log=lambda message: typer.echo(message, err=True), at=command.at)
+                                log=lambda message: typer.echo(message, err=True), at=command.at,
+                                hash_inputs=hash_inputs)
     for folder, steps in result.outputs.items():
         typer.echo(f"{folder}: {len(steps)} derived checkpoint(s) at step(s) {', '.join(map(str, steps))}")
     typer.echo(f"wrote {result.out}")

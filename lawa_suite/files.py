@@ -1,5 +1,5 @@
-"""File helpers every module shares (one copy each): atomic writes, fsyncs, sha256, staged folders, the
-"out must be new" rule, and the one-line reason of an exception.
+"""File helpers every module shares (one copy each): atomic writes, fsyncs, sha256 and its records, staged
+folders, the "out must be new" rule, and the one-line reason of an exception.
 
 Atomic means: written under a temporary sibling name, fsynced, renamed into place, and the folder fsynced, so
 a reader (or a crash) sees the old file or the new one, never half of one. Temporary names start with a dot
@@ -11,17 +11,20 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
+import re
 import secrets
 import shutil
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lawa_suite.errors import SuiteError, WriteError
 
 __all__ = ["first_line", "os_reason", "fsync_dir", "fsync_file", "temporary_sibling", "write_atomic",
-           "write_text_atomic", "write_npz_atomic", "sha256_file", "inside", "require_new_out", "staged_folder",
-           "commit_folder"]
+           "write_text_atomic", "write_npz_atomic", "sha256_file", "SUMS", "Recorded", "record_sha256s",
+           "read_sha256s", "inside", "require_new_out", "staged_folder", "commit_folder"]
 
 
 def first_line(exc: BaseException | str) -> str:
@@ -109,6 +112,70 @@ def sha256_file(path: Path) -> str:
             finally:
                 view.release()
     return digest.hexdigest()
+
+
+# -- sha256 records: what a file was when it was written -------------------------------------------------------
+SUMS = "SHA256SUMS"
+_SUMS_HEADER = (f"# sha256 of files lawa-suite wrote in this folder, each taken as the file was written.\n"
+                f"# Check them with `sha256sum -c {SUMS}` (it skips '#' lines). The '#' line above a hash gives\n"
+                f"# the file's size in bytes and mtime in ns then: while both still match, a reader may take the\n"
+                f"# hash without reading the file.\n")
+_HASH_LINE = re.compile(r"^([0-9a-f]{64}) [ *](.+)$")
+_STAT_LINE = re.compile(r"^# (\d+) (\d+) (.+)$")
+_record_lock = threading.Lock()  # one read-modify-write of a record at a time in this process
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """A file's sha256 as recorded when it was written, with its size and mtime then."""
+    sha256: str
+    size: int
+    mtime_ns: int | None  # None: the record keeps no mtime (suite checkpoints written before records had one)
+    where: str            # the record, as messages name it: "SHA256SUMS", "manifest.json"
+
+    def describes(self, stat: os.stat_result) -> bool:
+        """True while the file has the size and mtime it had when recorded, so the hash may stand for it."""
+        return self.mtime_ns is not None and (stat.st_size, stat.st_mtime_ns) == (self.size, self.mtime_ns)
+
+
+def read_sha256s(folder: Path) -> dict[str, Recorded]:
+    """The records of ``folder/SHA256SUMS``: file name -> ``Recorded``. Names with a hash line and no size line
+    (a file listed by hand, ``sha256sum *``) count with ``mtime_ns`` None; a missing or unreadable record is empty."""
+    try:
+        text = (Path(folder) / SUMS).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return {}
+    stats: dict[str, tuple[int, int]] = {}
+    found: dict[str, Recorded] = {}
+    for line in text.splitlines():
+        if stat := _STAT_LINE.match(line):
+            stats[stat.group(3)] = (int(stat.group(1)), int(stat.group(2)))
+        elif digest := _HASH_LINE.match(line):
+            size, mtime_ns = stats.get(digest.group(2), (-1, None))
+            found[digest.group(2)] = Recorded(digest.group(1), size, mtime_ns, SUMS)
+    return found
+
+
+def record_sha256s(folder: Path, sha256s: Mapping[str, str]) -> None:
+    """Record the sha256 of files just written into ``folder`` (name -> hex digest) in ``folder/SHA256SUMS``,
+    with each file's size and mtime now; the record is rewritten atomically, sorted by name, and drops files
+    that no longer exist. Call it after the file is in place: a crash before leaves a file without a record
+    (readers then hash it or go without), never a record that lies. One process writes a folder's record."""
+    folder = Path(folder)
+    if any("\n" in name or "\\" in name or "/" in name for name in sha256s):  # sha256sum would escape these
+        raise ValueError(f"cannot record names with a newline, backslash or slash: {sorted(sha256s)}")
+    with _record_lock:
+        present = set(os.listdir(folder))
+        records = {name: r for name, r in read_sha256s(folder).items() if name in present}
+        for name, digest in sha256s.items():
+            stat = (folder / name).stat()
+            records[name] = Recorded(digest, stat.st_size, stat.st_mtime_ns, SUMS)
+        lines = [_SUMS_HEADER]
+        for name, r in sorted(records.items()):
+            if r.mtime_ns is not None:
+                lines.append(f"# {r.size} {r.mtime_ns} {name}\n")
+            lines.append(f"{r.sha256}  {name}\n")
+        write_text_atomic(folder / SUMS, "".join(lines))
 
 
 def inside(path: Path, root: Path) -> bool:

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from lawa_suite.cli import app
 
 runner = CliRunner()
-SWITCHES = {"--force", "--dry-run", "--allow-torch-load"}
+SWITCHES = {"--force", "--dry-run", "--allow-torch-load", "--hash-inputs"}
 
 
 def commands(group: Any, path: str = "") -> list[tuple[str, Any]]:

@@ -51,8 +51,13 @@ def write_trajectory(folder: Path, steps: list[int], **kwargs: Any) -> dict[int,
 
 
 def tree_digest(folder: Path) -> dict[str, str]:
-    """sha256 of every file under ``folder`` (relative path -> digest): inputs must never change."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+    """sha256 of every file under ``folder`` (relative path -> digest): inputs must never change. Of a SHA256SUMS
+    record, its hash lines only: its '#' lines give each file's mtime, which no two runs share."""
+    def content(p: Path) -> bytes:
+        if p.name != "SHA256SUMS":
+            return p.read_bytes()
+        return b"".join(line for line in p.read_bytes().splitlines(keepends=True) if not line.startswith(b"#"))
+    return {str(p.relative_to(folder)): hashlib.sha256(content(p)).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
@@ -378,17 +383,18 @@ def test_suite_checkpoints_folder_and_its_recorded_hashes(tmp_path):
     ckpts = run / "checkpoints"
     ok = average(ckpts, parse_jobs(["lawa"], {"lawa.k": "2", "lawa.nu": "5"}), tmp_path / "ok")
     assert ok.steps == [5, 10, 15, 20] and ok.outputs == {"lawa-k2-nu5": [20]}
-    # same size, one flipped byte in the data: only the recorded sha256 can tell
+    # same size, one flipped byte in the data: only the recorded sha256 can tell, read in full (--hash-inputs)
     model = ckpts / "step-00000010" / "model.safetensors"
     data = bytearray(model.read_bytes())
     data[-3] ^= 0x01
     model.write_bytes(bytes(data))
     with pytest.raises(PosthocError, match=r"step-00000010/model.safetensors: sha256 differs"):
-        average(ckpts, parse_jobs(["lawa"], {"lawa.k": "2", "lawa.nu": "5"}), tmp_path / "bad")
+        average(ckpts, parse_jobs(["lawa"], {"lawa.k": "2", "lawa.nu": "5"}), tmp_path / "bad", hash_inputs=True)
     assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad*"))
-    # checked before any arithmetic, so it is listed beside the other problems
+    # listed beside the other problems
     with pytest.raises(PosthocError) as info:
-        average(ckpts, parse_jobs(["lawa"], {"lawa.k": "2", "lawa.nu": "5"}), tmp_path / "bad", interval=4)
+        average(ckpts, parse_jobs(["lawa"], {"lawa.k": "2", "lawa.nu": "5"}), tmp_path / "bad", interval=4,
+                hash_inputs=True)
     assert "sha256 differs" in str(info.value) and "interval=4 asks for step(s) 8, 12, 16" in str(info.value)
 
 
@@ -611,9 +617,10 @@ def test_manifests_record_inputs_outputs_and_settings(traj, tmp_path):
     assert sorted(outputs) == [400, 800] and outputs[800]["inputs"] == [600, 800]
     out_file = tmp_path / "out" / "lawa-k2-nu200" / "step-00000800.safetensors"
     assert outputs[800]["sha256"] == hashlib.sha256(out_file.read_bytes()).hexdigest()
-    for step in ("200", "400", "600", "800"):
+    for step in ("200", "400", "600", "800"):  # written by safetensors itself: no sha256 recorded, none read
         entry = manifest["inputs"][step][0]
-        assert entry["sha256"] == hashlib.sha256((folder / entry["file"]).read_bytes()).hexdigest()
+        stat = (folder / entry["file"]).stat()
+        assert (entry["size"], entry["mtime_ns"]) == (stat.st_size, stat.st_mtime_ns) and "sha256" not in entry
     top = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert [i["step"] for i in top["inputs"]] == list(range(100, 1001, 100))
 
@@ -627,7 +634,7 @@ def test_output_bytes_do_not_depend_on_runs_or_directory_order(traj, tmp_path, m
     monkeypatch.setattr(os, "listdir", lambda path: list(reversed(listdir(path))))
     average(folder, jobs, tmp_path / "reversed", interval=300)
     first = tree_digest(tmp_path / "first")
-    assert len(first) == 1 + 3 * 4  # top manifest + per averager: manifest and 3 derived checkpoints
+    assert len(first) == 1 + 3 * 5  # top manifest + per averager: manifest, SHA256SUMS and 3 derived checkpoints
     assert first == tree_digest(tmp_path / "second") == tree_digest(tmp_path / "reversed")
 
 

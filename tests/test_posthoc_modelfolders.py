@@ -54,8 +54,9 @@ def test_gpt2_folders_average_into_a_folder_from_pretrained_loads_with_tied_weig
     average_folders(tmp_path / "ckpts", tmp_path / "out", "averager=lawa", "lawa.k=3", "lawa.nu=10")
 
     folder = tmp_path / "out" / "lawa-k3-nu10" / "step-00000030"
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
-                                                        "tokenizer_config.json"]  # no optimizer, trainer state
+    assert sorted(p.name for p in folder.iterdir()) == ["SHA256SUMS", "config.json", "generation_config.json",
+                                                        "model.safetensors", "tokenizer_config.json"]  # no optimizer,
+    # no trainer state; SHA256SUMS: the weights file's sha256, size and mtime as written
     assert json.loads((folder / "tokenizer_config.json").read_text())["step"] == 30  # from the newest input
     with safe_open(str(folder / "model.safetensors"), "pt") as f:
         assert "lm_head.weight" not in f.keys()  # tied in the input, so left out as the input had it

@@ -115,8 +115,8 @@ def test_the_loop_stores_every_track_with_its_step_sigma_and_gamma(tmp_path: Pat
                    "progress=false"])
     train(cfg)
     folder = tmp_path / "run" / "averages" / "phema"
-    assert sorted(p.name for p in folder.iterdir()) == [f"step-000000{s}-sigma-{x}.safetensors"
-                                                       for s in (10, 20) for x in ("0.0500", "0.1000")]
+    stored = [f"step-000000{s}-sigma-{x}.safetensors" for s in (10, 20) for x in ("0.0500", "0.1000")]
+    assert sorted(p.name for p in folder.iterdir()) == ["SHA256SUMS"] + stored  # and the sha256 of each
     with safe_open(str(folder / "step-00000020-sigma-0.0500.safetensors"), framework="pt") as f:
         meta = f.metadata()
         assert {f.get_tensor(k).dtype for k in f.keys() if f.get_tensor(k).is_floating_point()} == {torch.float32}

@@ -66,7 +66,7 @@ def test_run_writes_everything(tmp_path):
     assert {r["weights"] for r in evals if r["step"] == 10} == {"raw", "lawa", "ema", "swa"}
     assert [c.step for c in ckpt.list_checkpoints(out / "checkpoints")] == [10, 20]
     saved = sorted(p.name for p in (out / "trajectory").iterdir())
-    assert saved == [f"step-{s:08d}.safetensors" for s in (5, 10, 15, 20)]
+    assert saved == ["SHA256SUMS"] + [f"step-{s:08d}.safetensors" for s in (5, 10, 15, 20)]  # and their sha256s
     report = (out / "report.md").read_text()
     assert "| raw |" in report and "| lawa |" in report and "best accuracy (step)" in report
     assert (out / "curves.png").stat().st_size > 10_000

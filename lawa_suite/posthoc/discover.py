@@ -5,8 +5,13 @@ Recognised: ``<step>.safetensors`` files and ``<step>/`` folders holding ``model
 ``allow_torch_load``, torch files (``.pt``, ``.pth``, ``.bin``, ``.ckpt``, ``.pth.tar``). ``<step>`` is the name other
 tools give a step too: ``step-1000``, ``step1000``, ``checkpoint-1000`` (Hugging Face, timm), ``ckpt_1000``,
 ``ckpt_step_1000``, ``iter_1000``, ``global_step1000``, ``model_1000``, ``epoch=3-step=1000`` (Lightning). Every other
-entry is skipped and listed with the reason (hidden ones excepted: staging folders, editor files). Nothing that
-resolves outside the input folder (a symlink, ``..`` in a shard index) is ever read: it is a problem.
+entry is skipped and listed with the reason (hidden ones excepted: staging folders, editor files; and
+``SHA256SUMS``). Nothing that resolves outside the input folder (a symlink, ``..`` in a shard index) is ever read: it
+is a problem.
+
+Each snapshot carries the sha256 its files had when they were written, where the suite recorded them: a suite
+checkpoint's ``manifest.json``, else the ``SHA256SUMS`` beside the file (``files.record_sha256s``: trajectory files,
+stored averages, post-hoc outputs).
 """
 
 from __future__ import annotations
@@ -14,11 +19,11 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
-from lawa_suite.files import inside
+from lawa_suite.files import SUMS, Recorded, inside, read_sha256s
 
 __all__ = ["Snapshot", "Found", "STEP_NAME", "ACCEPTED", "discover", "find_stored", "folder_snapshot",
            "snapshot_of_path", "step_of", "split_name"]
@@ -42,7 +47,7 @@ class Snapshot:
     files: tuple[Path, ...]             # weight files, real paths
     torch_format: bool = False          # .pt/.pth/.bin/.ckpt, read with torch.load(weights_only=True)
     index: Path | None = None           # the shard index json of a sharded checkpoint
-    recorded: tuple[tuple[Path, str], ...] = ()  # sha256 recorded by a suite checkpoint's manifest.json
+    recorded: tuple[tuple[Path, Recorded], ...] = ()  # the sha256 of files recorded when they were written
 
 
 class Found(NamedTuple):
@@ -85,7 +90,7 @@ def discover(source: str | os.PathLike[str], allow_torch_load: bool = False) -> 
         return Found(folder, [], [f"{folder}: not a folder"], [])
     root = folder.resolve()
     found: dict[int, list[Snapshot]] = {}
-    steps = {e: _entry_step(folder / e, e) for e in os.listdir(folder) if not e.startswith(".")}
+    steps = {e: _entry_step(folder / e, e) for e in os.listdir(folder) if not e.startswith(".") and e != SUMS}
     # in step order, then by name: nothing may depend on directory order, and problems read in step order
     for entry in sorted(steps, key=lambda e: (steps[e] is None, steps[e] or 0, e)):
         snapshot = _entry_snapshot(folder / entry, entry, steps[entry], root, allow_torch_load, problems, skipped)
@@ -100,7 +105,7 @@ def discover(source: str | os.PathLike[str], allow_torch_load: bool = False) -> 
     if not snapshots and not problems:
         seen = f"skipped {len(skipped)}: {_short(skipped)}" if skipped else "it is empty"
         problems.append(f"{folder}: no checkpoints named by step ({seen}); accepted: {ACCEPTED}")
-    return Found(folder, snapshots, problems, skipped)
+    return Found(folder, with_records(snapshots), problems, skipped)
 
 
 def _short(items: list[str], limit: int = 6) -> str:
@@ -154,13 +159,15 @@ def folder_snapshot(path: Path, entry: str, step: int, root: Path, allow_torch_l
     names = set(os.listdir(path))
     if _uncommitted(path):
         return None
-    recorded: tuple[tuple[Path, str], ...] = ()
+    recorded: tuple[tuple[Path, Recorded], ...] = ()
     if "manifest.json" in names:
         try:
             files = json.loads((path / "manifest.json").read_text())["files"]
-            recorded = tuple((path.joinpath(n).resolve(), e["sha256"]) for n, e in sorted(files.items())
+            recorded = tuple((path.joinpath(n).resolve(), Recorded(e["sha256"], e["size"], e.get("mtime_ns"),
+                                                                   "manifest.json"))
+                             for n, e in sorted(files.items())
                              if n.endswith(".safetensors") and isinstance(e, dict) and "sha256" in e)
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             problems.append(f"{entry}/manifest.json: unreadable")
     candidates = [(n, False) for n in SAFETENSORS_WEIGHTS]
     if allow_torch_load:
@@ -180,8 +187,22 @@ def folder_snapshot(path: Path, entry: str, step: int, root: Path, allow_torch_l
     return None
 
 
+def with_records(snapshots: list[Snapshot]) -> list[Snapshot]:
+    """``snapshots`` with the records of the ``SHA256SUMS`` beside their files, where no manifest gave any (each
+    folder's record read once)."""
+    sums: dict[Path, dict[str, Recorded]] = {}
+    out = []
+    for s in snapshots:
+        if not s.recorded:
+            for folder in {f.parent for f in s.files} - set(sums):
+                sums[folder] = read_sha256s(folder)
+            s = replace(s, recorded=tuple((f, sums[f.parent][f.name]) for f in s.files if f.name in sums[f.parent]))
+        out.append(s)
+    return out
+
+
 def _sharded(path: Path, entry: str, step: int, name: str, is_torch: bool, root: Path,
-             recorded: tuple[tuple[Path, str], ...], problems: list[str]) -> Snapshot | None:
+             recorded: tuple[tuple[Path, Recorded], ...], problems: list[str]) -> Snapshot | None:
     index = path / f"{name}.index.json"
     label = f"{entry}/{index.name}"
     try:
@@ -253,4 +274,4 @@ def find_stored(source: str | os.PathLike[str], formats: set[str]) -> tuple[Path
             continue
         if metadata.get("format") in formats and metadata.get("step", "").isdigit():
             found.append(Snapshot(int(metadata["step"]), path.relative_to(folder).as_posix(), (real,)))
-    return folder, sorted(found, key=lambda s: (s.step, s.label))
+    return folder, with_records(sorted(found, key=lambda s: (s.step, s.label)))

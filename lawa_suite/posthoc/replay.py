@@ -6,6 +6,10 @@ stays at a few slices however large the model; every checkpoint is read once for
 together, and the slices stay in cache while all of them work. Other averagers see whole tensors. A windowed
 averager re-reads a member leaving its window from the mapped input (``Averager.replay_from``) instead of
 keeping copies, and so runs the very update sequence of its online class.
+
+Every float slice of every input is checked for NaN/Inf (``slice_finite``: its sum) just before the averagers see
+it, while it is in cache: no separate pass reads the inputs. The first NaN or Inf stops the pass
+(``NonFiniteInput``); the caller then names every bad tensor and commits nothing.
 """
 
 from __future__ import annotations
@@ -20,16 +24,24 @@ import torch
 from torch import Tensor
 
 from lawa_suite.files import fsync_dir, fsync_file
+from lawa_suite.posthoc.checks import slice_finite
 from lawa_suite.posthoc.limits import Limits
 from lawa_suite.posthoc.modelfolder import ModelFolders, copy_carried
 from lawa_suite.posthoc.plan import Output, Track
 from lawa_suite.posthoc.reader import Reader
 from lawa_suite.posthoc.writer import DIRECT_ALIGN, OutputFile, Writer, safetensors_header
 
-__all__ = ["DERIVED_FORMAT", "average_all", "write_outputs", "Order"]
+__all__ = ["DERIVED_FORMAT", "NonFiniteInput", "average_all", "write_outputs", "Order"]
 
 DERIVED_FORMAT = "lawa-suite-derived/1"
 Order = list[tuple[str, torch.dtype, tuple[int, ...]]]
+
+
+class NonFiniteInput(Exception):
+    """A slice of an input holds NaN or Inf (``label``: the input, ``name``: the tensor); nothing averaged it."""
+
+    def __init__(self, label: str, name: str) -> None:
+        super().__init__(f"{label}: NaN or Inf in {name}")
 
 
 def average_all(readers: list[Reader], tracks: list[Track], order: Order, staging: Path,
@@ -128,14 +140,22 @@ def _stream_tensors(readers: list[Reader], tracks: list[Track], order: Order, ou
                 for o in outputs:
                     files[id(o)].write(flats[index_of[o.members[-1]]])
                 continue
-            if elementwise:
-                for start in range(0, max(1, numel), block):
-                    _replay(elementwise, [f[start:start + block] for f in flats], name, files)
+            for start in range(0, max(1, numel), block):
+                pieces = [f[start:start + block] for f in flats]
+                _require_finite(pieces, readers, name)
+                if elementwise:
+                    _replay(elementwise, pieces, name, files)
             if whole:  # an averager without the elementwise promise sees every tensor whole, in its shape
                 _replay(whole, [f.view(shape) for f in flats], name, files)
             if many:
                 for f in files.values():
                     f.release()
+
+
+def _require_finite(pieces: list[Tensor], readers: list[Reader], name: str) -> None:
+    for piece, reader in zip(pieces, readers):
+        if not slice_finite(piece):
+            raise NonFiniteInput(reader.snapshot.label, name)
 
 
 def _replay(tracks: list[Track], pieces: list[Tensor], name: str, files: dict[int, OutputFile]) -> None:

@@ -1,11 +1,20 @@
 """The entry point: check everything, average, write, commit.
 
-Nothing is computed before everything is checked: headers first, then every value (NaN/Inf, in threads). The
-sha256 of every input (for the manifests, and against a suite checkpoint's recorded hashes) runs in threads
-meanwhile and alongside the averaging; a corrupted suite checkpoint stops the run before anything is written.
-Inputs are never written. The output folder is staged beside its target and renamed into place (``force``
-replaces an existing one the same way); it may not lie inside the input or contain it. Every averager folder
-carries ``manifest.json`` (input steps and sha256s, averager and keys, suite version, each output's sha256).
+Nothing is averaged before the headers are checked (keys, shapes, dtypes, steps: one error lists every problem).
+Values are checked for NaN/Inf where the averaging reads them, slice by slice, before any averager sees the slice
+(``replay.py``), so every byte of the inputs is read once; a NaN or Inf stops the pass, an exact check then names
+every bad tensor of every input, and nothing is committed. (Stored averages a reconstruction combines, and inputs
+with other problems, are checked up front, in threads.) The output folder is staged beside its target and renamed
+into place only at the end (``force`` replaces an existing one the same way); it may not lie inside the input or
+contain it. Inputs are never written.
+
+Every averager folder carries ``manifest.json`` (input steps and files, averager and keys, suite version, each
+output's sha256) and ``SHA256SUMS`` (each output's sha256, size and mtime, for ``sha256sum -c`` and for a later run
+that reads the outputs). An input's entry gives its size and mtime and, where the suite recorded the file's sha256
+when writing it (a checkpoint's ``manifest.json``, a ``SHA256SUMS`` beside it) and the file still has the recorded
+size and mtime, that sha256 (``"sha256_from": "recorded"``): no input is read for its hash. ``hash_inputs`` reads
+every input in full in threads alongside the averaging (``"sha256_from": "hashed"``) and checks each against its
+record, whatever its mtime: a difference stops the run before anything is committed.
 """
 
 from __future__ import annotations
@@ -20,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from lawa_suite.errors import PosthocError
-from lawa_suite.files import commit_folder, fsync_dir, inside, require_new_out, staged_folder, write_text_atomic
+from lawa_suite.files import (Recorded, commit_folder, fsync_dir, inside, record_sha256s, require_new_out,
+                              staged_folder, write_text_atomic)
 from lawa_suite.posthoc.checks import check_layouts, nonfinite_problem, problem_list
 from lawa_suite.posthoc.discover import Snapshot, discover, find_stored
 from lawa_suite.posthoc.jobs import Job
@@ -29,7 +39,7 @@ from lawa_suite.posthoc.modelfolder import model_folders
 from lawa_suite.posthoc.peers import WeightsAt
 from lawa_suite.posthoc.plan import Output, Track, plan
 from lawa_suite.posthoc.reader import Reader, describe_found
-from lawa_suite.posthoc.replay import average_all
+from lawa_suite.posthoc.replay import NonFiniteInput, average_all
 from lawa_suite.posthoc.synthesis import plan_syntheses, synthesize_all
 from lawa_suite.posthoc.writer import hash_input, ordered_layout
 
@@ -49,9 +59,10 @@ class PosthocResult:
 def average(source: str | os.PathLike[str], jobs: Sequence[Job], out: str | os.PathLike[str],
             interval: int | None = None, force: bool = False, allow_torch_load: bool = False,
             log: Callable[[str], None] = lambda message: None, limits: Limits = Limits(),
-            at: WeightsAt = WeightsAt()) -> PosthocResult:
+            at: WeightsAt = WeightsAt(), hash_inputs: bool = False) -> PosthocResult:
     """Average the trajectory in ``source`` with every job; write ``out/<job.folder>/step-N.safetensors``. ``at``
-    says where the weights lie in torch checkpoints other tools wrote (``peers.py``).
+    says where the weights lie in torch checkpoints other tools wrote (``peers.py``); ``hash_inputs`` reads every
+    input for its sha256 and checks it against the one recorded when it was written.
 
     Raises ``PosthocError`` (nothing written; a line, or a line and one per problem) for bad input or settings,
     ``OSError`` for I/O. Entries of the folder that are not checkpoints are logged with the reason.
@@ -69,7 +80,7 @@ def average(source: str | os.PathLike[str], jobs: Sequence[Job], out: str | os.P
         with ThreadPoolExecutor(max_workers=limits.read_threads, thread_name_prefix="posthoc-read") as pool:
             try:
                 outputs, steps = _validated_run(pool, folder, problems, readers, jobs, out, interval, log, limits,
-                                                reconstructing, at)
+                                                reconstructing, at, hash_inputs)
             except BaseException:
                 pool.shutdown(cancel_futures=True)  # hashes not yet started are not needed any more
                 raise
@@ -113,15 +124,23 @@ def _check_out(out: Path, source: Path, force: bool) -> None:
 
 def _validated_run(pool: ThreadPoolExecutor, folder: Path, found: list[str], readers: list[Reader],
                    jobs: Sequence[Job], out: Path, interval: int | None, log: Callable[[str], None],
-                   limits: Limits, reconstructing: bool, at: WeightsAt) -> tuple[list[Output], list[int]]:
+                   limits: Limits, reconstructing: bool, at: WeightsAt,
+                   hash_inputs: bool) -> tuple[list[Output], list[int]]:
     """Check everything (``found``: the problems discovery met), average (or reconstruct), commit."""
     snapshots = [r.snapshot for r in readers]
     steps = [s.step for s in snapshots]
     names = sorted({n for r in readers for n in r.layout})
-    # first in the queue: the averaging waits on them
-    checks = [pool.submit(nonfinite_problem, r, names, limits.check_bytes) for r in readers]
-    by_size = sorted(((f, r) for r in readers for f in r.opened), key=lambda fr: (-fr[0].stat().st_size, str(fr[0])))
-    hashes = {f: pool.submit(hash_input, r, f) for f, r in by_size}  # biggest first: the last to finish is short
+    stats = {f: f.stat() for r in readers for f in r.opened}  # before any reading: what the manifest describes
+
+    def value_checks() -> list[Future[str | None]]:
+        return [pool.submit(nonfinite_problem, r, names, limits.check_bytes) for r in readers]
+
+    checks = value_checks() if reconstructing else []  # first in the queue: the reconstruction waits on them
+    hashes: dict[Path, Future[str]] = {}
+    if hash_inputs:  # biggest first: the last to finish is short
+        by_size = sorted(((f, r) for r in readers for f in r.opened),
+                         key=lambda fr: (-stats[fr[0]].st_size, str(fr[0])))
+        hashes = {f: pool.submit(hash_input, r, f) for f, r in by_size}
     problems = found + [p for r in readers for p in r.problems] + check_layouts(readers)
     tracks: list[Track] = []
     syntheses: list[Output] = []
@@ -132,6 +151,8 @@ def _validated_run(pool: ThreadPoolExecutor, folder: Path, found: list[str], rea
     elif steps:
         tracks, plan_problems, warnings = plan(jobs, steps, interval)
         problems += plan_problems
+    if problems and not checks:  # the error lists everything there is to fix, NaN/Inf too
+        checks = value_checks()
     problems += [line for c in checks if (line := c.result()) is not None]
     if problems:  # one error lists everything there is to fix, the corrupted checkpoints too
         raise PosthocError(_summary(problems + _corrupted(snapshots, _results(hashes)), folder))
@@ -146,16 +167,24 @@ def _validated_run(pool: ThreadPoolExecutor, folder: Path, found: list[str], rea
             f"tokenizer files of the newest input it averages)")
     for warning in warnings:
         log(f"warning: {warning}")
+    if not hash_inputs and (changed := _changed_since_recorded(snapshots, stats)):
+        log(f"note: {_short(changed)} changed since their sha256 was recorded (size or mtime differ): the manifest "
+            f"gives their size and mtime only; --hash-inputs reads them and checks them against the record")
     staging = staged_folder(out)
     try:
         order = ordered_layout(readers[0].layout)
-        outputs = (synthesize_all(readers, syntheses, order, staging, limits) if reconstructing
-                   else average_all(readers, tracks, order, staging, limits, folders))
+        try:
+            outputs = (synthesize_all(readers, syntheses, order, staging, limits) if reconstructing
+                       else average_all(readers, tracks, order, staging, limits, folders))
+        except NonFiniteInput:  # met in the pass: name every bad tensor of every input
+            bad = [line for c in value_checks() if (line := c.result()) is not None]
+            raise PosthocError(_summary(bad + _corrupted(snapshots, _results(hashes)), folder)) from None
         digests = _results(hashes)
         if corrupted := _corrupted(snapshots, digests):
             raise PosthocError(_summary(corrupted, folder))
-        _write_manifests(staging, jobs, outputs, readers, digests, folder.resolve(), interval, warnings,
-                         reconstructing, at)
+        _write_manifests(staging, jobs, outputs, readers, _input_entries(readers, stats, digests), folder.resolve(),
+                         interval, warnings, reconstructing, at)
+        _record_outputs(outputs)
         commit_folder(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -168,9 +197,50 @@ def _results(futures: Mapping[Path, Future[str]]) -> dict[Path, str]:
 
 
 def _corrupted(snapshots: Sequence[Snapshot], digests: Mapping[Path, str]) -> list[str]:
-    """Suite checkpoints whose files differ from the sha256 their manifest.json recorded."""
-    return [f"{s.label}: sha256 differs from its manifest.json (corrupted)" for s in snapshots
-            if any(f in digests and digests[f] != recorded for f, recorded in s.recorded)]
+    """Inputs whose sha256 (read in full) differs from the one recorded when the suite wrote them."""
+    return [f"{s.label}: sha256 differs from the one its {record.where} recorded when it was written (corrupted)"
+            for s in snapshots
+            if (record := next((r for f, r in s.recorded if f in digests and digests[f] != r.sha256), None))]
+
+
+def _changed_since_recorded(snapshots: Sequence[Snapshot], stats: Mapping[Path, os.stat_result]) -> list[str]:
+    """Inputs with a record that no longer describes them (another size or mtime; records without an mtime, from
+    checkpoints written before records had one, are not counted: they never described an mtime)."""
+    return [s.label for s in snapshots
+            if any(f in stats and r.mtime_ns is not None and not r.describes(stats[f]) for f, r in s.recorded)]
+
+
+def _short(labels: list[str], limit: int = 4) -> str:
+    return ", ".join(labels[:limit]) + (f" and {len(labels) - limit} more" if len(labels) > limit else "")
+
+
+def _input_entries(readers: Sequence[Reader], stats: Mapping[Path, os.stat_result],
+                   digests: Mapping[Path, str]) -> dict[Path, dict[str, Any]]:
+    """Each input file's manifest entry (without its path): size and mtime as read, and a sha256 where it is
+    known: computed (``digests``), or recorded when the suite wrote the file and still describing it."""
+    entries = {}
+    for r in readers:
+        recorded: dict[Path, Recorded] = dict(r.snapshot.recorded)
+        for f in r.snapshot.files:
+            stat = stats.get(f) or f.stat()
+            entry: dict[str, Any] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+            if f in digests:
+                entry.update(sha256=digests[f], sha256_from="hashed")
+            elif f in recorded and recorded[f].describes(stat):
+                entry.update(sha256=recorded[f].sha256, sha256_from="recorded")
+            entries[f] = entry
+    return entries
+
+
+def _record_outputs(outputs: Sequence[Output]) -> None:
+    """``SHA256SUMS`` beside the outputs (a model folder's weights file in its own folder): their hashes, computed
+    as they were written, with their size and mtime."""
+    by_folder: dict[Path, dict[str, str]] = {}
+    for o in outputs:
+        assert o.path is not None
+        by_folder.setdefault(o.path.parent, {})[o.path.name] = o.sha256
+    for folder, sha256s in by_folder.items():
+        record_sha256s(folder, sha256s)
 
 
 def _summary(problems: list[str], folder: Path) -> str:
@@ -178,7 +248,7 @@ def _summary(problems: list[str], folder: Path) -> str:
 
 
 def _write_manifests(staging: Path, jobs: Sequence[Job], outputs: list[Output], readers: list[Reader],
-                     digests: Mapping[Path, str], root: Path, interval: int | None, warnings: list[str],
+                     entries: Mapping[Path, dict[str, Any]], root: Path, interval: int | None, warnings: list[str],
                      reconstructing: bool, at: WeightsAt) -> None:
     from lawa_suite import __version__ as version
 
@@ -187,8 +257,7 @@ def _write_manifests(staging: Path, jobs: Sequence[Job], outputs: list[Output], 
             for r in readers}
 
     def files_of(s: Snapshot) -> list[dict[str, Any]]:
-        return [{"file": f.relative_to(root).as_posix(), "size": f.stat().st_size, "sha256": digests[f]}
-                for f in s.files]
+        return [{"file": f.relative_to(root).as_posix(), **entries[f]} for f in s.files]
 
     def averager_of(job: Job) -> dict[str, Any]:
         return {"averager": job.name, **({"of": job.averager} if job.averager != job.name else {})}
