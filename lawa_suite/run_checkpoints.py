@@ -58,8 +58,15 @@ class RunCheckpointer:
             state["scaler"] = run.accelerator.scaler.state_dict()
         return state
 
-    def save(self, run: Run) -> None:
+    def save(self, run: Run) -> bool:
+        """Write a checkpoint of the run now; False (and nothing written) with distributed=fsdp, whose sharded
+        state (each rank's shards of weights, optimizer and averagers) cannot be saved yet: the config refuses
+        checkpoint.every and resume there, so no checkpoint silently holds only rank 0's shards."""
         step = run.state.step
+        if run.cfg.run.distributed == "fsdp":
+            run.log(f"distributed=fsdp: no checkpoint written at step {step} "
+                    f"(sharded checkpoints are not supported yet)")
+            return False
         weights = run.unwrapped.state_dict()
         if not all_finite([t for t in weights.values() if t.is_floating_point()]):
             raise NonFiniteTraining(f"the raw weights at step {step} hold NaN or Inf; no checkpoint was written")
@@ -78,6 +85,7 @@ class RunCheckpointer:
             ckpt.commit_checkpoint(self.folder, step, files, info)
             ckpt.apply_retention(self.folder, run.cfg.run.checkpoint.keep, warn=run.log)
         run.accelerator.wait_for_everyone()
+        return True
 
     def resume(self, run: Run) -> None:
         """Continue from ``resume=auto`` (the newest valid checkpoint, if any) or ``resume=<checkpoint folder>``."""

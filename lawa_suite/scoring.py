@@ -19,7 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from lawa_suite import registry
-from lawa_suite.averagers.base import Averager, find_aliases
+from lawa_suite.averagers.base import Averager, find_aliases, named_tensors
+from lawa_suite.sharding import is_sharded, reshard
 
 __all__ = ["rng_state", "set_rng_state", "seed_everything", "forked_rng", "recalibrate_batchnorm", "WeightSwap",
            "Scorer", "score_line"]
@@ -79,16 +80,22 @@ def recalibrate_batchnorm(model: nn.Module, task: Any, batches: list[Any]) -> No
 
 class WeightSwap:
     """Puts other weights into a model and the raw ones back, by fused copies into the model's own tensors (each
-    tied tensor once): no state_dict clones, and the raw copy is a buffer reused between evaluations."""
+    tied tensor once): no state_dict clones, and the raw copy is a buffer reused between evaluations. A sharded
+    (FSDP2) model's own tensors are this rank's local shards, which is what its averagers hold; after each copy the
+    model is resharded, so its next forward gathers the new shards (FSDP2 keeps the root's gathered after a
+    forward in eval mode, which would otherwise score the previous weights)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
+        self.sharded = is_sharded(model)
         self.names: list[str] = []
         self.live: list[Tensor] = []
         self.raw: list[Tensor] = []
 
     def save_raw(self) -> None:
-        state = self.model.state_dict()  # looked up each time: a resume or a move may have replaced tensors
+        if self.sharded:
+            reshard(self.model)
+        state = named_tensors(self.model)  # looked up each time: a resume or a move may have replaced tensors
         aliased = {alias for alias, _ in find_aliases(state)}
         self.names = [n for n in state if n not in aliased]
         self.live = [state[n] for n in self.names]
@@ -99,9 +106,13 @@ class WeightSwap:
 
     def load(self, averager: Averager) -> None:
         """The averager's weights into the model, copied from its own tensors (no new set of weights)."""
+        if self.sharded:
+            reshard(self.model)
         averager.load_average_into(dict(zip(self.names, self.live)))
 
     def restore_raw(self) -> None:
+        if self.sharded:
+            reshard(self.model)
         torch._foreach_copy_(self.live, self.raw)
 
 
@@ -113,7 +124,10 @@ class Scorer:
     def __init__(self, task: Any, accelerator: Any, model: nn.Module, batches: list[Any], calibration: list[Any]):
         self.task, self.accelerator, self.model = task, accelerator, model
         self.evaluator = registry.evaluators.create(task.evaluator, task=task)
-        self.batches = batches[accelerator.process_index::accelerator.num_processes]
+        # A sharded model's forward is collective (each unit all-gathers), so every rank must run the same number of
+        # batches: each scores all of them on the same gathered weights, gets the same numbers, and reduces nothing.
+        self.sharded = is_sharded(model)
+        self.batches = batches if self.sharded else batches[accelerator.process_index::accelerator.num_processes]
         self.calibration = calibration
         self.swap = WeightSwap(model)
 
@@ -136,7 +150,7 @@ class Scorer:
             self.evaluator.begin(step, weights_name)
         self.model.eval()
         with self.accelerator.autocast():
-            return self.evaluator.evaluate(self.model, self.batches, self.accelerator)
+            return self.evaluator.evaluate(self.model, self.batches, None if self.sharded else self.accelerator)
 
     @torch.no_grad()
     def score_all(self, averagers: Mapping[str, Averager], step: int) -> dict[str, dict[str, float]]:

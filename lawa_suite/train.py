@@ -35,7 +35,7 @@ from torch import nn
 
 from lawa_suite import checkpoints as ckpt
 from lawa_suite import registry
-from lawa_suite.averagers.base import Averager, all_finite, finite_flag
+from lawa_suite.averagers.base import Averager, finite_flag, named_tensors
 from lawa_suite.config import ResolvedConfig, RunConfig, dotted
 from lawa_suite.errors import EXIT_NONFINITE, EXIT_PREEMPTED, ConfigError, Interrupted, NonFiniteTraining, Preempted
 from lawa_suite.preemption import StopFlag
@@ -43,6 +43,7 @@ from lawa_suite.progress import ProgressBar
 from lawa_suite.rundir import MetricsLog, prepare_run_dir
 from lawa_suite.run_checkpoints import RunCheckpointer
 from lawa_suite.scoring import Scorer, score_line, seed_everything
+from lawa_suite.sharding import agree_finite, gather_full, shard_model
 from lawa_suite.tasks.base import Task, has_batchnorm, parameter_count
 
 __all__ = ["train", "Run", "RunResult", "TrainState", "NonFiniteTraining", "Preempted", "lr_factor",
@@ -123,8 +124,18 @@ class Run:
         unique = parameter_count(model)
         tied = sum(p.numel() for p in model.parameters()) - unique
         self.log(self.task.summary(model) + (f" ({unique:,} unique: {tied:,} tied)" if tied else ""))
+        # distributed=fsdp: FSDP2 shards the parameters (lawa_suite.sharding) before the optimizer is built on them;
+        # accelerate then prepares only the optimizer (on CPU it would wrap the model in DDP as well).
+        self.sharded = rc.distributed == "fsdp" and self.accelerator.num_processes > 1
+        if rc.distributed == "fsdp" and not self.sharded:
+            self.log("distributed=fsdp on one process: nothing to shard; the model trains whole")
+        if self.sharded:
+            model = shard_model(model, self.accelerator.device)
         optimizer = self.task.build_optimizer(model, rc.lr)
-        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        if self.sharded:
+            self.model, self.optimizer = model, self.accelerator.prepare(optimizer)
+        else:
+            self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.unwrapped: nn.Module = self.accelerator.unwrap_model(self.model)
         seed_everything(rc.seed + self.accelerator.process_index)  # per-process dropout streams
         self.stream = self.task.train_stream(rc.micro_batch, self.accelerator.process_index,
@@ -159,7 +170,7 @@ class Run:
         DDP broadcasts them from rank 0 at the start of every forward pass anyway, so training does not change;
         without this, each process's averagers (and its share of the evaluation) would see its own buffers.
         """
-        if self.accelerator.num_processes == 1 or not getattr(self.model, "broadcast_buffers", False):
+        if self.accelerator.num_processes == 1 or not (self.sharded or getattr(self.model, "broadcast_buffers", False)):
             return
         buffers = [b for b in self.unwrapped.buffers() if b.numel()]
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
@@ -184,8 +195,8 @@ class Run:
             return
         observed = self.unwrapped if weights is None else weights
         if finite is None:
-            values = self.unwrapped.state_dict().values() if weights is None else weights.values()
-            finite = all_finite([t for t in values if t.is_floating_point()])
+            values = named_tensors(observed).values()
+            finite = bool(self.agree([t for t in values if t.is_floating_point()]))
         if not finite:
             self.log(f"warning: the weights after step {step} hold NaN or Inf; no averager sees them")
             for avg in wanting:
@@ -214,14 +225,23 @@ class Run:
             return None
         step, self.pending = self.pending, None
         weights = {name: (t if name in self.parameter_names else t.clone())
-                   for name, t in self.unwrapped.state_dict().items()}
-        return step, weights, finite_flag([t for t in weights.values() if t.is_floating_point()])
+                   for name, t in named_tensors(self.unwrapped).items()}  # a sharded model's: this rank's shards
+        return step, weights, self.agree([t for t in weights.values() if t.is_floating_point()])
+
+    def agree(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """``finite_flag`` of ``tensors``; of a sharded model, the minimum over all ranks (each checks its own
+        shards), so NaN in one rank's shard is refused by every rank. On the device: read with the step's loss."""
+        flag = finite_flag(tensors)
+        return agree_finite(flag.to(self.accelerator.device)) if self.sharded else flag
 
     def store_averages(self, step: int) -> None:
         """Write the averages the averagers ask to keep (``Averager.stored_averages``: EDM2's snapshots) into
         ``averages/<averager>/``. Every process asks (the averagers are alike); the main one writes."""
         for name, avg in self.averagers.items():
             for stored in avg.stored_averages(step):
+                if self.sharded:  # rank 0 alone would write its own shards as if they were the model
+                    raise ConfigError(f"{name}: stored averages (snapshots) of a sharded model are not supported yet "
+                                      f"with distributed=fsdp; turn its snapshots off")
                 if self.is_main:
                     path = self.out / "averages" / name / f"{stored.label}.safetensors"
                     path.parent.mkdir(parents=True, exist_ok=True)
@@ -239,11 +259,16 @@ class Run:
         for micro in range(rc.grad_accum):
             batch = self.stream.next_batch()
             sync = micro == rc.grad_accum - 1
-            with (nullcontext() if sync else self.accelerator.no_sync(self.model)), self.accelerator.autocast():
+            if self.sharded:  # FSDP2's no_sync: keep unsharded gradients until the last micro-batch
+                self.model.set_requires_gradient_sync(sync)
+            with (nullcontext() if sync or self.sharded else self.accelerator.no_sync(self.model)), \
+                    self.accelerator.autocast():
                 loss = self.task.loss(self.model, batch, self.state.step)
                 self.accelerator.backward(loss / rc.grad_accum)
             total += loss.detach().double()
         grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), rc.grad_clip or float("inf"))
+        if hasattr(grad_norm, "full_tensor"):  # a sharded model's norm is a replicated DTensor
+            grad_norm = grad_norm.full_tensor()
         norm_tensor = torch.as_tensor(grad_norm, dtype=torch.float64, device=total.device)
         flags = [held[2].to(total.device)] if held is not None else []
         loss_sum, norm, *finite = torch.stack([total, norm_tensor, *flags]).tolist()  # the step's one host read
@@ -290,11 +315,13 @@ class Run:
                 metric: ["Multiline", [rf"val/{metric}/.*"]] for metric in self.scorer.metrics}})
 
     def save_trajectory(self) -> None:
+        # a sharded model's weights are gathered whole for the file (a collective: every rank takes part)
+        weights = (gather_full(named_tensors(self.unwrapped), self.unwrapped) if self.sharded
+                   else self.unwrapped.state_dict())
         if self.is_main:
             path = self.out / "trajectory" / f"step-{self.state.step:08d}.safetensors"
             path.parent.mkdir(exist_ok=True)
-            ckpt.save_tensors_atomic(path, self.unwrapped.state_dict(),
-                                     {"step": str(self.state.step), "format": "lawa-suite-trajectory/1"})
+            ckpt.save_tensors_atomic(path, weights, {"step": str(self.state.step), "format": "lawa-suite-trajectory/1"})
 
 
 def due(step: int, every: int) -> bool:
@@ -343,8 +370,9 @@ def train(cfg: ResolvedConfig) -> RunResult:
             bar.paused()
             if run.stop_requested():
                 run.settle()
-                run.checkpoints.save(run)
-                where = f"checkpoint saved in {run.checkpoints.folder}; continue with resume=auto"
+                saved = run.checkpoints.save(run)
+                where = (f"checkpoint saved in {run.checkpoints.folder}; continue with resume=auto" if saved
+                         else "no checkpoint written (distributed=fsdp)")
                 if run.stop.signal == signal.SIGINT:
                     raise Interrupted(f"interrupted at step {step}; {where}")
                 raise Preempted(f"stopped by SIGTERM after step {step}; {where}")

@@ -43,12 +43,19 @@ class NonFiniteWarning(UserWarning):
 
 
 def named_tensors(weights: Weights) -> dict[str, Tensor]:
-    """The ``name -> tensor`` view of a module (its state_dict: parameters and buffers) or a mapping."""
+    """The ``name -> tensor`` view of a module (its state_dict: parameters and buffers) or a mapping. A sharded
+    (FSDP2) tensor is seen as this rank's local shard, a view of the model's own storage: averagers keep shards."""
     if isinstance(weights, nn.Module):
-        return weights.state_dict()
+        return {name: local_shard(t) for name, t in weights.state_dict().items()}
     if isinstance(weights, Mapping):  # detached: in-place updates must never build an autograd graph
-        return {name: t.detach() for name, t in weights.items()}
+        return {name: local_shard(t.detach()) for name, t in weights.items()}
     raise TypeError(f"weights must be an nn.Module or a mapping of name -> Tensor, got {type(weights).__name__}")
+
+
+def local_shard(t: Tensor) -> Tensor:
+    """This rank's shard of a DTensor (``to_local()``, sharing its storage); any other tensor as it is."""
+    to_local = getattr(t, "to_local", None)  # DTensor, without importing torch.distributed where it is absent
+    return to_local() if to_local is not None else t
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
