@@ -78,3 +78,13 @@ def test_bad_model_names_and_arguments_are_one_line_errors():
         resolve(["task=cifar", "cifar.model=vit_tiny_patch16_224", "cifar.patch_size=-1"])
     result = runner.invoke(app, ["run", "task=cifar", "cifar.model=resnet_18"])
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
+
+
+def test_a_layout_onednn_hangs_on_is_refused_before_any_work(tmp_path):
+    """cifar.width 4 in channels-last (or compiled) on CPU hangs inside oneDNN (#6035): one line, exit 2, no run."""
+    if torch.cuda.is_available():
+        pytest.skip("the refusal applies to CPU runs only")
+    result = runner.invoke(app, ["run", "task=cifar", "preset=tiny", "cifar.channels_last=true",
+                                 f"out={tmp_path / 'r'}"])
+    assert result.exit_code == 2 and "cifar.width: expected >= 8 with compile=true" in result.output
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()

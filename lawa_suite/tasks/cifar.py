@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lawa_suite import registry
-from lawa_suite.config import choice, require
+from lawa_suite.config import ConfigError, choice, require
 from lawa_suite.data.images import ImageSet, load_image_set
 from lawa_suite.data.stream import IndexStream, TensorStream
 from lawa_suite.tasks import _timm
@@ -191,6 +191,14 @@ class CifarTask(Task):
 
     def __init__(self, config: CifarConfig, run: Any) -> None:
         super().__init__(config, run)
+        # oneDNN (CPU) hangs or crashes on the 1x1 stride-2 shortcut convolutions when they see fewer than 8 input
+        # channels in channels-last layout, which compiled code picks too (uxlfoundation/oneDNN#6035): refuse it
+        # before any work rather than hang a run
+        layout_risk = config.channels_last or getattr(run, "compile", False)
+        if config.model == _timm.PREACT and config.width < 8 and layout_risk and not torch.cuda.is_available():
+            raise ConfigError(f"cifar.width: expected >= 8 with compile=true or cifar.channels_last=true on CPU "
+                              f"(oneDNN hangs on convolutions of fewer than 8 channels: oneDNN#6035), got "
+                              f"{config.width}")
         self.data: ImageSet | None = None
         self.mean = self.std = torch.zeros(0)
         self._eval: list[Batch] | None = None
