@@ -1,5 +1,5 @@
 """Checks before any arithmetic: every input's layout against the others, and every float value (NaN/Inf): in full
-(``nonfinite_keys``) or, where the averaging reads a slice anyway, by its sum (``slice_finite``).
+(``nonfinite_keys``) or slice by slice just ahead of the averaging, by each slice's sum (``CheckAhead``).
 
 Shapes must be equal, not merely broadcastable: averaging ``[1]`` with ``[16]`` would run and be wrong. The
 layout reference is what most checkpoints share, so the message blames the outliers.
@@ -7,9 +7,9 @@ layout reference is what most checkpoints share, so the message blames the outli
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -20,8 +20,8 @@ from lawa_suite.posthoc.discover import split_name, step_of
 from lawa_suite.posthoc.limits import Limits
 from lawa_suite.posthoc.reader import CODES, Reader
 
-__all__ = ["values_finite", "slice_finite", "check_layouts", "nonfinite_keys", "nonfinite_problem", "most_common",
-           "problem_list"]
+__all__ = ["values_finite", "slice_finite", "CheckAhead", "check_layouts", "nonfinite_keys", "nonfinite_problem",
+           "most_common", "problem_list"]
 
 
 # Non-finite bit patterns of the float formats numpy lacks: (unsigned view, mask, masked value of NaN/Inf).
@@ -44,15 +44,45 @@ def slice_finite(piece: Tensor) -> bool:
     """True if the flat float tensor ``piece`` holds no NaN/Inf, decided by its sum where it can be: a sum of
     finite values is finite unless it overflows, and NaN or Inf in any term makes the sum NaN or Inf, so a finite
     sum settles it in one read with no mask; a sum that is not finite falls back to the exact check (it may be an
-    overflow). Half-precision pieces sum in float32 (no overflow short of 2**24 terms of 65504); float8 pieces take
-    the exact check. For the calling thread (torch's own threads), where the slice is about to be averaged."""
-    if piece.dtype in (torch.float32, torch.float64):
-        total = piece.sum()
-    elif piece.dtype in (torch.float16, torch.bfloat16):
-        total = piece.sum(dtype=torch.float32)
-    else:
-        return _piece_finite(piece)
-    return math.isfinite(total.item()) or _piece_finite(piece)
+    overflow). float16 sums in float32 (no overflow short of 2**24 terms of 65504); bfloat16 and float8, which
+    numpy lacks, take the exact check of their bits. numpy: safe on any thread (no GIL held, no OpenMP team)."""
+    if piece.dtype in (torch.float32, torch.float64, torch.float16):
+        with np.errstate(over="ignore", invalid="ignore"):
+            total = np.add.reduce(piece.numpy(), dtype=np.float32 if piece.dtype == torch.float16 else None)
+        if np.isfinite(total):
+            return True
+    return _piece_finite(piece)
+
+
+class CheckAhead:
+    """Checks every float slice of every input (``slice_finite``) on a thread of its own, at most ``depth`` slices
+    ahead of the averaging, which waits for each verdict before any averager sees the slice: the check overlaps
+    the arithmetic, and the pages it reads are still in cache when the averagers read them. ``slices`` are
+    ``(tensor name, start, stop)`` in the order the averaging goes."""
+
+    def __init__(self, readers: Sequence[Reader], slices: Sequence[tuple[str, int, int]], depth: int = 4) -> None:
+        self._readers, self._slices, self._depth = readers, slices, depth
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="posthoc-check")
+        self._futures: dict[int, Future[str | None]] = {}
+        self._submitted = 0
+        self._flats: tuple[str, list[Tensor]] = ("", [])  # the tensor the worker is in, as views of every input
+
+    def verdict(self, i: int) -> str | None:
+        """Wait for slice ``i``: the label of the first input whose slice holds NaN or Inf, or None."""
+        while self._submitted < min(len(self._slices), i + 1 + self._depth):
+            self._futures[self._submitted] = self._pool.submit(self._check, self._submitted)
+            self._submitted += 1
+        return self._futures.pop(i).result()
+
+    def _check(self, i: int) -> str | None:
+        name, start, stop = self._slices[i]
+        if self._flats[0] != name:
+            self._flats = (name, [r.flat(name) for r in self._readers])
+        return next((r.snapshot.label for r, flat in zip(self._readers, self._flats[1])
+                     if not slice_finite(flat[start:stop])), None)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _piece_finite(piece: Tensor) -> bool:

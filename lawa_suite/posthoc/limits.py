@@ -9,7 +9,9 @@ __all__ = ["Limits"]
 
 @dataclass(frozen=True)
 class Limits:
-    block_elements: int = 1 << 20   # largest slice of a tensor one elementwise averager sees (a multiple of 4096)
+    # largest slice of a tensor one elementwise averager sees (a multiple of 4096). 1 MiB of float32: torch's CPU
+    # allocator hands back fresh pages (a fault per 4 KiB) for each block of 4 MiB or more, not for 2 MiB or less
+    block_elements: int = 1 << 18
     block_budget: int = 64 << 20    # bytes of slices all averagers may hold together; slices shrink for big grids
     max_open_outputs: int = 256     # past this many outputs, files are reopened for each tensor
     check_bytes: int = 4 << 20      # inputs are checked for NaN/Inf in pieces this size (bounds the temporary masks)

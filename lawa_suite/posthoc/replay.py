@@ -7,8 +7,9 @@ together, and the slices stay in cache while all of them work. Other averagers s
 averager re-reads a member leaving its window from the mapped input (``Averager.replay_from``) instead of
 keeping copies, and so runs the very update sequence of its online class.
 
-Every float slice of every input is checked for NaN/Inf (``slice_finite``: its sum) just before the averagers see
-it, while it is in cache: no separate pass reads the inputs. The first NaN or Inf stops the pass
+Every float slice of every input is checked for NaN/Inf (by its sum) on a thread of its own, a few slices ahead of
+the averaging, and no averager sees a slice before its verdict: no separate pass reads the inputs, and the pages
+the check reads are still in cache when the averagers read them. The first NaN or Inf stops the pass
 (``NonFiniteInput``); the caller then names every bad tensor and commits nothing.
 """
 
@@ -24,7 +25,7 @@ import torch
 from torch import Tensor
 
 from lawa_suite.files import fsync_dir, fsync_file
-from lawa_suite.posthoc.checks import slice_finite
+from lawa_suite.posthoc.checks import CheckAhead
 from lawa_suite.posthoc.limits import Limits
 from lawa_suite.posthoc.modelfolder import ModelFolders, copy_carried
 from lawa_suite.posthoc.plan import Output, Track
@@ -132,30 +133,31 @@ def _stream_tensors(readers: list[Reader], tracks: list[Track], order: Order, ou
     elementwise = [t for t in tracks if t.cls.elementwise]
     whole = [t for t in tracks if not t.cls.elementwise]
     block = block_elements(len(elementwise), limits)
-    with torch.no_grad():
-        for name, dtype, shape in order:
-            numel = math.prod(shape)
-            flats = [r.flat(name) for r in readers]
-            if not dtype.is_floating_point:  # never averaged: the newest observation the averager accepted
-                for o in outputs:
-                    files[id(o)].write(flats[index_of[o.members[-1]]])
-                continue
-            for start in range(0, max(1, numel), block):
-                pieces = [f[start:start + block] for f in flats]
-                _require_finite(pieces, readers, name)
-                if elementwise:
-                    _replay(elementwise, pieces, name, files)
-            if whole:  # an averager without the elementwise promise sees every tensor whole, in its shape
-                _replay(whole, [f.view(shape) for f in flats], name, files)
-            if many:
-                for f in files.values():
-                    f.release()
-
-
-def _require_finite(pieces: list[Tensor], readers: list[Reader], name: str) -> None:
-    for piece, reader in zip(pieces, readers):
-        if not slice_finite(piece):
-            raise NonFiniteInput(reader.snapshot.label, name)
+    ahead = CheckAhead(readers, [(name, start, start + block) for name, dtype, shape in order
+                                 if dtype.is_floating_point for start in range(0, max(1, math.prod(shape)), block)])
+    checked = 0
+    try:
+        with torch.no_grad():
+            for name, dtype, shape in order:
+                numel = math.prod(shape)
+                flats = [r.flat(name) for r in readers]
+                if not dtype.is_floating_point:  # never averaged: the newest observation the averager accepted
+                    for o in outputs:
+                        files[id(o)].write(flats[index_of[o.members[-1]]])
+                    continue
+                for start in range(0, max(1, numel), block):
+                    if (bad := ahead.verdict(checked)) is not None:
+                        raise NonFiniteInput(bad, name)
+                    checked += 1
+                    if elementwise:
+                        _replay(elementwise, [f[start:start + block] for f in flats], name, files)
+                if whole:  # an averager without the elementwise promise sees every tensor whole, in its shape
+                    _replay(whole, [f.view(shape) for f in flats], name, files)
+                if many:
+                    for f in files.values():
+                        f.release()
+    finally:
+        ahead.close()
 
 
 def _replay(tracks: list[Track], pieces: list[Tensor], name: str, files: dict[int, OutputFile]) -> None:
