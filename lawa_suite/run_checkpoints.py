@@ -3,8 +3,10 @@
 A checkpoint holds everything needed to continue an uninterrupted run exactly: raw weights, optimizer (and the
 mixed-precision scaler), data position, every process's RNG, the loop's counters and every averager's state.
 One whose state holds NaN or Inf is never written (it would poison every resumed run). With several processes
-only rank 0 writes; the others wait. The commit protocol itself (staging, manifest last, rename, fsync) is
-``checkpoints.py``'s.
+only rank 0 writes; the others wait. With ``distributed=fsdp`` every rank writes its shards with
+torch.distributed.checkpoint and rank 0 commits them (``sharded_checkpoints.py``); such a checkpoint resumes on
+any number of processes, with ``distributed=fsdp``. The commit protocol itself (staging, manifest last, rename,
+fsync) is ``checkpoints.py``'s.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lawa_suite import checkpoints as ckpt
-from lawa_suite.averagers.base import all_finite
+from lawa_suite.averagers.base import all_finite, local_shard
 from lawa_suite.errors import CheckpointError, ConfigError, NonFiniteTraining
 from lawa_suite.rundir import truncate_metrics
 from lawa_suite.scoring import rng_state, set_rng_state
+from lawa_suite.sharded_checkpoints import is_sharded_checkpoint, load_sharded, save_sharded
 
 if TYPE_CHECKING:
     from lawa_suite.train import Run
@@ -58,15 +61,11 @@ class RunCheckpointer:
             state["scaler"] = run.accelerator.scaler.state_dict()
         return state
 
-    def save(self, run: Run) -> bool:
-        """Write a checkpoint of the run now; False (and nothing written) with distributed=fsdp, whose sharded
-        state (each rank's shards of weights, optimizer and averagers) cannot be saved yet: the config refuses
-        checkpoint.every and resume there, so no checkpoint silently holds only rank 0's shards."""
+    def save(self, run: Run) -> None:
         step = run.state.step
         if run.cfg.run.distributed == "fsdp":
-            run.log(f"distributed=fsdp: no checkpoint written at step {step} "
-                    f"(sharded checkpoints are not supported yet)")
-            return False
+            self.save_sharded(run)
+            return
         weights = run.unwrapped.state_dict()
         if not all_finite([t for t in weights.values() if t.is_floating_point()]):
             raise NonFiniteTraining(f"the raw weights at step {step} hold NaN or Inf; no checkpoint was written")
@@ -85,7 +84,32 @@ class RunCheckpointer:
             ckpt.commit_checkpoint(self.folder, step, files, info)
             ckpt.apply_retention(self.folder, run.cfg.run.checkpoint.keep, warn=run.log)
         run.accelerator.wait_for_everyone()
-        return True
+
+    def save_sharded(self, run: Run) -> None:
+        """distributed=fsdp: every rank's shards with torch.distributed.checkpoint (``sharded_checkpoints``), after
+        every rank has checked its own shards (NaN or Inf in any rank's stops all of them, and nothing is written)."""
+        step = run.state.step
+        local = {"weights": run.unwrapped.state_dict(), "optimizer": run.optimizer.state_dict(),
+                 "averagers": {name: avg.state_dict() for name, avg in run.averagers.items()}}
+        poisoned = nonfinite_parts(_local_shards(local))
+        bad = torch.tensor([float(bool(poisoned))])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        if bad.item():
+            where = ", ".join(poisoned) if poisoned else "another process's shards"
+            raise NonFiniteTraining(f"the training state at step {step} holds NaN or Inf in {where}; "
+                                    f"no checkpoint was written")
+        rngs = _rng_states_of_all_processes(run)
+        plain = {"train": dataclasses.asdict(run.state), "stream": run.stream.state_dict(), "rng": rng_state()}
+        if rngs is not None:
+            plain["rng_ranks"] = rngs
+        if run.accelerator.scaler is not None:
+            plain["scaler"] = run.accelerator.scaler.state_dict()
+        info = {"averagers": sorted(run.averagers), "task": run.cfg.run.task}
+        save_sharded(run, self.folder, plain, info)
+        if run.is_main:
+            ckpt.apply_retention(self.folder, run.cfg.run.checkpoint.keep, warn=run.log)
+        run.accelerator.wait_for_everyone()
 
     def resume(self, run: Run) -> None:
         """Continue from ``resume=auto`` (the newest valid checkpoint, if any) or ``resume=<checkpoint folder>``."""
@@ -116,8 +140,16 @@ class RunCheckpointer:
 
         reset = run.cfg.run.reset_averagers
         state = ckpt.read_state(path, "state")
-        run.unwrapped.load_state_dict(load_file(str(path / "model.safetensors")))
-        run.optimizer.load_state_dict(state["optimizer"])
+        sharded = run.cfg.run.distributed == "fsdp"
+        if sharded != is_sharded_checkpoint(path):
+            saved = "sharded (distributed=fsdp)" if not sharded else "whole (distributed=ddp)"
+            raise CheckpointError(f"resume: {path} was saved {saved}; resume it with distributed="
+                                  f"{'fsdp' if not sharded else 'ddp'}")
+        if sharded:  # weights, optimizer and averager shards, on this run's number of processes
+            load_sharded(run, path, state)
+        else:
+            run.unwrapped.load_state_dict(load_file(str(path / "model.safetensors")))
+            run.optimizer.load_state_dict(state["optimizer"])
         run.stream.load_state_dict(state["stream"])
         run.state = TrainState(**state["train"])
         missing = sorted(set(run.averagers) - set(state["averagers"]))
@@ -139,6 +171,12 @@ class RunCheckpointer:
         _restore_rng(run, state, path)
         if run.is_main:
             truncate_metrics(run.out / "metrics.jsonl", run.state.step)
+
+
+def _local_shards(state: Any) -> dict[str, torch.Tensor]:
+    """This rank's shard of every tensor in a nested state (a DTensor's ``to_local()``), by path."""
+    tensors, _ = ckpt.flatten_state(state)
+    return {path: local_shard(t) for path, t in tensors.items()}
 
 
 def _restore_rng(run: Run, state: dict[str, Any], path: Path) -> None:

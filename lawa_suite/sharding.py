@@ -8,7 +8,8 @@ becomes its own FSDP unit, then the root takes the rest (embeddings, tied heads:
 Every method here is elementwise linear in the weights, so each rank averages the local shard of each parameter
 (``DTensor.to_local()``) with no communication and holds exactly its shard of the full-weight average, about
 1/world of the memory. Buffers (BatchNorm statistics) are not sharded: rank 0's are given to every rank after each
-step (``Run.sync_buffers``). Full tensors are assembled only where a file needs them (trajectory) or a test compares.
+step (``Run.sync_buffers``). Full tensors are assembled only where a file needs them (trajectory) or a test compares;
+checkpoints stay sharded (``sharded_checkpoints.py``).
 """
 
 from __future__ import annotations

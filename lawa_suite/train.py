@@ -14,9 +14,10 @@ statistics are recomputed for them if the model has BatchNorm, and the raw weigh
 bit; evaluation runs under a forked RNG so it never changes training. Checkpoints hold everything needed to
 continue an uninterrupted run exactly (raw weights, optimizer, data position, RNG, every averager), and
 a checkpoint whose state holds NaN or Inf is never written. SIGTERM (to the process or its whole group) ends
-the current step, saves and exits with 143. With several processes only rank 0 writes checkpoints, the
-processes stop together, each one's RNG is saved, and rank 0's buffers are shared after every step (as DDP
-does before every forward pass) so that every process's averagers hold the same weights.
+the current step, saves and exits with 143. With several processes only rank 0 writes checkpoints
+(``distributed=fsdp``: every rank writes its shards and rank 0 commits them; ``sharding.py``,
+``sharded_checkpoints.py``), the processes stop together, each one's RNG is saved, and rank 0's buffers are shared
+after every step (as DDP does before every forward pass) so that every process's averagers hold the same weights.
 """
 
 from __future__ import annotations
@@ -370,9 +371,8 @@ def train(cfg: ResolvedConfig) -> RunResult:
             bar.paused()
             if run.stop_requested():
                 run.settle()
-                saved = run.checkpoints.save(run)
-                where = (f"checkpoint saved in {run.checkpoints.folder}; continue with resume=auto" if saved
-                         else "no checkpoint written (distributed=fsdp)")
+                run.checkpoints.save(run)
+                where = f"checkpoint saved in {run.checkpoints.folder}; continue with resume=auto"
                 if run.stop.signal == signal.SIGINT:
                     raise Interrupted(f"interrupted at step {step}; {where}")
                 raise Preempted(f"stopped by SIGTERM after step {step}; {where}")

@@ -97,7 +97,8 @@ def main() -> None:
          "sharded": run.sharded, "param_types": sorted({type(p).__name__ for p in run.unwrapped.parameters()})}))
     if rank == 0:
         save_file(tensors, str(result / "averages.safetensors"))
-    torch.distributed.barrier()
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
 
 
 if __name__ == "__main__":

@@ -1,15 +1,18 @@
-"""distributed=fsdp: FSDP2 over 2 gloo processes on CPU, every averager on its rank's shards.
+"""distributed=fsdp: FSDP2 over 2 gloo processes on CPU, every averager on its rank's shards, sharded checkpoints.
 
 One torchrun of ``tests/_fsdp_child.py`` (the flat toy task with an odd hidden width, so the first dimension splits
-unevenly: 9 rows and 8) serves every test here; rank 1 alone finds NaN in its shard of the weights after step 6.
+unevenly: 9 rows and 8) serves most tests here; rank 1 alone finds NaN in its shard of the weights after step 6.
+It checkpoints (torch.distributed.checkpoint) at steps 4, 8 and 12.
 
 What is exact and what is not:
 - the gathered shard averages equal averagers fed, in one process, the gathered raw weights of every step (the
   trajectory the same run saved), bit for bit: each method is elementwise, so a shard's average is the average's
   shard, and the refused step is refused on both ranks;
-- against a one-process run of the same global batch the weights agree to a tolerance, not bit for bit: FSDP's
-  reduce-scatter sums the two halves' gradients in another order than one backward over the whole batch, a
-  rounding difference that AdamW carries on (measured: at most 3e-7 of each tensor's largest value after 12 steps).
+- a resume on 2 processes from step 8 ends with the same averages bit for bit;
+- against a one-process run of the same global batch (or a resume on one process) the weights agree to a
+  tolerance, not bit for bit: FSDP's reduce-scatter sums the two halves' gradients in another order than one
+  backward over the whole batch, a rounding difference that AdamW carries on (measured: at most 3e-7 of each
+  tensor's largest value after 12 steps).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -27,14 +31,16 @@ import torch
 from safetensors.torch import load_file
 
 import _fsdp_child
+from lawa_suite import checkpoints as ckpt
 from lawa_suite.config import ConfigError, resolve
+from lawa_suite.errors import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
 CHILD = Path(__file__).with_name("_fsdp_child.py")
 STEPS, NAN_STEP = 12, 6
 ARGS = ["task=toyflat", "hidden=17", f"steps={STEPS}", "eval.every=4", "averager=lawa,ema,swa", "lawa.k=3",
         "lawa.nu=2", "ema.decay=0.9", "swa.start=0.25", "progress=false"]
-FSDP = ["distributed=fsdp", "checkpoint.every=0", "trajectory.every=1"]
+FSDP = ["distributed=fsdp", "checkpoint.every=4", "checkpoint.keep=3", "trajectory.every=1"]
 
 
 def free_port() -> int:
@@ -43,16 +49,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def torchrun(result: Path, out: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    command = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_addr",
+               "127.0.0.1", "--master_port", str(free_port()), str(CHILD), str(result), *ARGS, *FSDP, f"out={out}",
+               *args]
+    done = subprocess.run(command, cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory) -> Path:
     result = tmp_path_factory.mktemp("fsdp")
-    command = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_addr",
-               "127.0.0.1", "--master_port", str(free_port()), str(CHILD), str(result), *ARGS, *FSDP,
-               f"out={result / 'run'}"]
-    done = subprocess.run(command, cwd=ROOT, env={**os.environ, "FSDP_NAN_AT": f"{NAN_STEP}:1"},
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
+    torchrun(result, result / "run", env={"FSDP_NAN_AT": f"{NAN_STEP}:1"})
     return result
+
+
+def copy_without_last(run: Path, to: Path) -> Path:
+    """The run folder as if the process had died after the checkpoint of step 8: resume=auto continues from it."""
+    shutil.copytree(run, to)
+    shutil.rmtree(to / "checkpoints" / ckpt.step_dir_name(STEPS))
+    return to
 
 
 def rank_info(result: Path, rank: int) -> dict:
@@ -138,16 +155,66 @@ def test_two_processes_match_one_process_and_each_rank_holds_half(fsdp_run, tmp_
         assert max(ranks[0][name], ranks[1][name]) <= 0.53 * total, (name, ranks, total)
 
 
-@pytest.mark.parametrize("extra, key", [
-    ([], "checkpoint.every"),                              # the default saves every evaluation: refused
-    (["checkpoint.every=0", "resume=auto"], "resume"),
-    (["checkpoint.every=0", "compile=true"], "compile"),
-])
-def test_fsdp_refuses_what_it_cannot_do_yet_in_one_line(extra, key):
+def test_each_rank_writes_its_shards_into_one_committed_checkpoint(fsdp_run):
+    folders = ckpt.list_checkpoints(fsdp_run / "run" / "checkpoints")
+    assert [c.step for c in folders] == [4, 8, 12]
+    assert not [p for p in (fsdp_run / "run" / "checkpoints").iterdir() if p.name.startswith(".")]
+    for checkpoint in folders:
+        assert not ckpt.verify(checkpoint.path)
+        manifest = json.loads((checkpoint.path / "manifest.json").read_text())
+        assert {"__0_0.distcp", "__1_0.distcp", ".metadata"} <= set(manifest["files"]), "every rank's file is hashed"
+        assert manifest["sharded"] == 2 and not (checkpoint.path / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_resume_on_two_processes_is_bit_for_bit(fsdp_run, tmp_path):
+    run = copy_without_last(fsdp_run / "run", tmp_path / "run")
+    torchrun(tmp_path, run, "resume=auto")
+    ours, uninterrupted = (load_file(str(d / "averages.safetensors")) for d in (tmp_path, fsdp_run))
+    assert ours.keys() == uninterrupted.keys()
+    assert [k for k in ours if not torch.equal(ours[k], uninterrupted[k])] == []
+
+
+def test_resume_on_one_process_reads_the_shards_of_two(fsdp_run, tmp_path):
+    run = copy_without_last(fsdp_run / "run", tmp_path / "run")
+    single = _fsdp_child.run_and_capture([*ARGS, *FSDP, f"out={run}", "resume=auto"])
+    assert single.state.step == STEPS and not single.sharded
+    for name, avg in single.averagers.items():  # steps 9-12 on one process: the reduction order again (module doc)
+        assert avg.refused == 1, "the refused step is part of the state read back"
+        for key, value in avg.average().items():
+            torch.testing.assert_close(gathered(fsdp_run, name)[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_a_kill_while_committing_a_sharded_checkpoint_loses_nothing(tmp_path):
+    """One process (distributed=fsdp: the same DCP save, without a process group) killed before the manifest of step
+    8: the scratch and staging folders are leftovers, step 4 is intact, and resume=auto continues from it."""
+    out = tmp_path / "run"
+    killed = subprocess.run([sys.executable, str(CHILD), str(tmp_path), *ARGS, *FSDP, f"out={out}"], cwd=ROOT,
+                            env={**os.environ, "SUITE_FAULT": "before_manifest@8"}, capture_output=True, text=True,
+                            timeout=120)
+    assert killed.returncode == -9, killed.stderr
+    assert [c.step for c in ckpt.list_checkpoints(out / "checkpoints")] == [4]
+    assert [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")], "the kill left its staging"
+    resumed = _fsdp_child.run_and_capture([*ARGS, *FSDP, f"out={out}", "resume=auto"])
+    assert resumed.state.step == STEPS
+    assert [c.step for c in ckpt.list_checkpoints(out / "checkpoints")] == [4, 8, 12]
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def test_a_whole_checkpoint_is_not_resumed_sharded(tmp_path):
+    out, short = tmp_path / "run", [a for a in ARGS if not a.startswith("steps=")] + ["steps=4"]
+    _fsdp_child.run_and_capture([*short, f"out={out}"])
+    whole = out / "checkpoints" / ckpt.step_dir_name(4)
+    with pytest.raises(CheckpointError) as info:  # (in the same out= the config check already refuses the change)
+        _fsdp_child.run_and_capture([*short, f"out={tmp_path / 'other'}", "distributed=fsdp", f"resume={whole}"])
+    assert "saved whole" in str(info.value) and "distributed=ddp" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_fsdp_refuses_compile_in_one_line():
     with pytest.raises(ConfigError) as info:
-        resolve(["task=toy", "distributed=fsdp", *extra])
+        resolve(["task=toy", "distributed=fsdp", "compile=true"])
     message = str(info.value)
-    assert message.startswith(f"{key}:") and "distributed=fsdp" in message and "\n" not in message, message
+    assert message.startswith("compile:") and "distributed=fsdp" in message and "\n" not in message, message
 
 
 def test_distributed_names_its_choices():
