@@ -24,6 +24,7 @@ from lawa_suite.config import ResolvedConfig
 from lawa_suite.rundir import find_run_config, load_resolved
 from lawa_suite.errors import CheckpointError, ConfigError
 from lawa_suite.files import commit_folder, require_new_out, staged_folder
+from lawa_suite.sharded_checkpoints import is_sharded_checkpoint, read_whole
 
 __all__ = ["select_weights", "export"]
 
@@ -52,9 +53,12 @@ def select_weights(path: Path, weights_name: str, cfg: ResolvedConfig) -> tuple[
     problems = ckpt.verify(folder)
     if problems:
         raise CheckpointError(problems[0])
+    sharded = is_sharded_checkpoint(folder)  # distributed=fsdp: every rank's shards, assembled whole here
+    raw, saved = read_whole(folder) if sharded else (None, None)
     if weights_name == "raw":
-        return load_file(str(folder / "model.safetensors")), f"{folder} (raw)"
-    saved = ckpt.read_state(folder, "state")["averagers"]
+        return (raw if sharded else load_file(str(folder / "model.safetensors"))), f"{folder} (raw)"
+    if not sharded:
+        saved = ckpt.read_state(folder, "state")["averagers"]
     if weights_name not in saved:
         raise ConfigError(f"weights: {folder} holds raw, {', '.join(sorted(saved)) or '(no averagers)'}; "
                           f"got {weights_name!r}")

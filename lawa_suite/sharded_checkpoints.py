@@ -34,7 +34,7 @@ from lawa_suite.errors import CheckpointError
 if TYPE_CHECKING:
     from lawa_suite.train import Run
 
-__all__ = ["is_sharded_checkpoint", "save_sharded", "load_sharded"]
+__all__ = ["is_sharded_checkpoint", "save_sharded", "load_sharded", "read_whole"]
 
 DCP_METADATA = ".metadata"
 
@@ -195,6 +195,26 @@ def load_sharded(run: Run, path: Path, state: dict[str, Any]) -> None:
                 raise CheckpointError(f"resume: averager {name} in {path} has tensors the model lacks: {missing[:3]}")
             layout["shapes"] = [list(local[n].shape) for n in layout["names"]]
         state["averagers"][name] = averager
+
+
+def read_whole(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The raw weights and every averager's state of the sharded checkpoint ``path``, assembled whole in this one
+    process (for ``suite export``): the averagers' layouts hold the whole model's shapes, so ``load_state_dict`` then
+    ``average()`` gives the full average."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+
+    path = Path(path)
+    state = ckpt.read_state(path, "state")
+    metadata = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    model = {key.removeprefix("model."): torch.empty(tuple(md.size), dtype=md.properties.dtype)
+             for key, md in metadata.items() if key.startswith("model.") and hasattr(md, "size")}
+    described = state["sharded_averagers"]
+    averagers = {name: {p: torch.empty(d["shape"], dtype=getattr(torch, d["dtype"]))
+                        for p, d in info["tensors"].items()} for name, info in described.items()}
+    with _quiet_single_process():
+        dcp.load({"model": model, "averagers": averagers}, checkpoint_id=path, no_dist=True)
+    return model, {name: ckpt.unflatten_state(info["skeleton"], averagers[name]) for name, info in described.items()}
 
 
 @contextmanager

@@ -166,6 +166,18 @@ def test_each_rank_writes_its_shards_into_one_committed_checkpoint(fsdp_run):
         assert manifest["sharded"] == 2 and not (checkpoint.path / "model.safetensors").exists()
 
 
+def test_export_reads_a_sharded_checkpoint_whole(fsdp_run):
+    """suite export's reader assembles raw weights and each average from every rank's shards, in one process."""
+    from lawa_suite.export import select_weights
+    from lawa_suite.rundir import find_run_config, load_resolved
+
+    cfg = load_resolved(find_run_config(fsdp_run / "run"))
+    for name in ("raw", "lawa", "ema", "swa"):  # the run folder: its newest checkpoint, step 12
+        state, _ = select_weights(fsdp_run / "run", name, cfg)
+        expected = gathered(fsdp_run, name)
+        assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in expected), name
+
+
 @pytest.mark.slow
 def test_resume_on_two_processes_is_bit_for_bit(fsdp_run, tmp_path):
     run = copy_without_last(fsdp_run / "run", tmp_path / "run")
