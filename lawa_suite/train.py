@@ -142,6 +142,10 @@ class Run:
         self.stream = self.task.train_stream(rc.micro_batch, self.accelerator.process_index,
                                              self.accelerator.num_processes)
         self.averagers: dict[str, Averager] = cfg.build_averagers()
+        for name, avg in self.averagers.items():
+            if self.sharded and getattr(avg.config, "store", "") == "disk" and getattr(avg.config, "dir", ""):
+                raise ConfigError(f"{name}.dir: one folder would mix every rank's shards with distributed=fsdp; "
+                                  f"leave it empty (a temporary folder per process), got {avg.config.dir!r}")
         for avg in self.averagers.values():
             avg.start_run(rc.steps)
         self.state = TrainState()

@@ -86,7 +86,7 @@ def main() -> None:
     run = run_and_capture(sys.argv[2:], tuple(int(v) for v in nan_at.split(":")) if nan_at else None)
     tensors: dict[str, torch.Tensor] = {}
     for name, avg in run.averagers.items():  # collective: every rank gathers, rank 0 keeps
-        for key, value in gather_full(avg.average(), run.unwrapped).items():
+        for key, value in gather_full(avg.average() or {}, run.unwrapped).items():
             tensors[f"{name}/{key}"] = value.contiguous()
     for key, value in gather_full(named_tensors(run.unwrapped), run.unwrapped).items():
         tensors[f"raw/{key}"] = value.contiguous()

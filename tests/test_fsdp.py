@@ -38,8 +38,9 @@ from lawa_suite.errors import CheckpointError
 ROOT = Path(__file__).resolve().parents[1]
 CHILD = Path(__file__).with_name("_fsdp_child.py")
 STEPS, NAN_STEP = 12, 6
-ARGS = ["task=toyflat", "hidden=17", f"steps={STEPS}", "eval.every=4", "averager=lawa,ema,swa", "lawa.k=3",
-        "lawa.nu=2", "ema.decay=0.9", "swa.start=0.25", "progress=false"]
+NAMES = ("lawa", "ema", "swa", "phema", "wma", "bema")
+ARGS = ["task=toyflat", "hidden=17", f"steps={STEPS}", "eval.every=4", f"averager={','.join(NAMES)}", "lawa.k=3",
+        "lawa.nu=2", "ema.decay=0.9", "swa.start=0.25", "wma.k=3", "wma.nu=2", "progress=false"]
 FSDP = ["distributed=fsdp", "checkpoint.every=4", "checkpoint.keep=3", "trajectory.every=1"]
 
 
@@ -101,12 +102,12 @@ def test_parameters_are_sharded_and_nan_in_one_shard_is_refused_by_every_rank(fs
     for rank in (0, 1):
         info = rank_info(fsdp_run, rank)
         assert info["sharded"] and info["param_types"] == ["DTensor"]
-        assert info["refused"] == {"lawa": 1, "ema": 1, "swa": 1}, info  # each wanted step 6 (lawa: every 2nd)
+        assert info["refused"] == dict.fromkeys(NAMES, 1), info  # each wanted step 6 (lawa, wma: every 2nd)
 
 
 def test_shard_averages_equal_full_weight_averages_bit_for_bit(fsdp_run):
     reference = replayed_averages(fsdp_run)
-    for name in ("lawa", "ema", "swa"):
+    for name in NAMES:
         ours = gathered(fsdp_run, name)
         assert ours.keys() == reference[name].keys()
         for key, value in ours.items():
@@ -121,18 +122,18 @@ def test_evaluation_scores_the_swapped_in_shards(fsdp_run):
     the root's gathered weights after an eval forward: without a reshard it would score the previous weights)."""
     records = [json.loads(line) for line in (fsdp_run / "run" / "metrics.jsonl").read_text().splitlines()]
     logged = {r["weights"]: r for r in records if r["split"] == "val" and r["step"] == STEPS}
-    assert set(logged) == {"raw", "lawa", "ema", "swa"}
+    assert set(logged) == {"raw", *NAMES}
     plain = _fsdp_child.FlatToyTask(resolve(ARGS).task, resolve(ARGS).run)
     plain.setup()
     model = plain.build_model()
     from lawa_suite import registry
     evaluator = registry.evaluators.create(plain.evaluator, task=plain)
     scores = {}
-    for name in ("raw", "lawa", "ema", "swa"):
+    for name in ("raw", *NAMES):
         model.load_state_dict(gathered(fsdp_run, name))
         model.eval()
         scores[name] = evaluator.evaluate(model, plain.eval_batches())
-    assert len({round(s["loss"], 12) for s in scores.values()}) == 4, "the weights scored must differ"
+    assert len({round(s["loss"], 12) for s in scores.values()}) == 1 + len(NAMES), "the weights scored must differ"
     for name, values in scores.items():
         for metric, value in values.items():  # the same weights, the same kernels: equal up to summation order
             assert math.isclose(logged[name][metric], value, rel_tol=1e-6), (name, metric, logged[name], value)
@@ -172,7 +173,7 @@ def test_export_reads_a_sharded_checkpoint_whole(fsdp_run):
     from lawa_suite.rundir import find_run_config, load_resolved
 
     cfg = load_resolved(find_run_config(fsdp_run / "run"))
-    for name in ("raw", "lawa", "ema", "swa"):  # the run folder: its newest checkpoint, step 12
+    for name in ("raw", *NAMES):  # the run folder: its newest checkpoint, step 12
         state, _ = select_weights(fsdp_run / "run", name, cfg)
         expected = gathered(fsdp_run, name)
         assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in expected), name
