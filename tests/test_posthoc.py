@@ -351,6 +351,15 @@ def test_a_plugin_averager_works_post_hoc_and_sees_whole_tensors(tmp_path, spy_p
     assert same_bits(out, saved[4])
     import fake_spy_plugin
     assert (90, 100) in fake_spy_plugin.SEEN  # not elementwise: fed whole tensors, never slices
+    # its arithmetic is its own, so NaN/Inf are found in every input before it sees any, the one it never averages too
+    broken = load_file(str(folder / "step-00000003.safetensors"))
+    broken["big"][89, 99] = float("nan")
+    save_file(broken, str(folder / "step-00000003.safetensors"))
+    fake_spy_plugin.SEEN.clear()
+    with pytest.raises(PosthocError, match=r"step-00000003.safetensors: NaN or Inf in big$"):
+        average(folder, parse_jobs(["spy_last"], {"spy_last.every": "2"}), tmp_path / "bad", interval=2,
+                limits=posthoc.Limits(block_elements=4096))
+    assert (90, 100) not in fake_spy_plugin.SEEN and not (tmp_path / "bad").exists()  # (1,): the plan's probes
 
 
 # -- inputs ---------------------------------------------------------------------------------------------------

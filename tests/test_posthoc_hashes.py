@@ -205,8 +205,11 @@ def test_hash_inputs_is_a_switch_of_suite_average(tmp_path):
 
 
 # -- NaN/Inf: found where the averaging reads, every one named, nothing written -----------------------------------
-@pytest.mark.parametrize("where", ["an input no output uses", "a late slice", "two inputs", "half precision"])
+@pytest.mark.parametrize("where", ["an input no output uses", "a late slice", "two inputs", "half precision",
+                                   "more outputs than inputs"])
 def test_nan_and_inf_anywhere_are_refused_with_nothing_written(tmp_path, where):
+    """Inputs an output averages are checked through that output, the others (all of them when outputs outnumber
+    inputs) ahead of the averaging: either way every bad tensor is named."""
     folder = tmp_path / "traj"
     saved = recorded_trajectory(folder, [5, 10, 15, 20, 25])
     expect = []
@@ -227,13 +230,18 @@ def test_nan_and_inf_anywhere_are_refused_with_nothing_written(tmp_path, where):
     elif where == "half precision":
         saved[20]["h"][8] = float("inf")
         expect = ["step-00000020.safetensors: NaN or Inf in h"]
+    elif where == "more outputs than inputs":
+        saved[5]["w"][0, 0] = float("nan")
+        saved[25]["h"][0] = float("-inf")
+        expect = ["step-00000005.safetensors: NaN or Inf in w", "step-00000025.safetensors: NaN or Inf in h"]
     for s, w in saved.items():
         ckpt.save_tensors_atomic(folder / f"step-{s:08d}.safetensors", w, {"step": str(s)})
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     averagers = ["lawa"] if where == "an input no output uses" else ["lawa", "ema"]
+    interval = 5 if where == "more outputs than inputs" else None  # 2 + 5 outputs of 5 inputs
     with pytest.raises(PosthocError) as info:
-        average(folder, parse_jobs(averagers, {"lawa.k": "2", "lawa.nu": "10"}), tmp_path / "out",
-                limits=posthoc.Limits(block_elements=4096))
+        average(folder, parse_jobs(averagers, {"lawa.k": "2", "lawa.nu": "10" if interval is None else "5"}),
+                tmp_path / "out", interval=interval, limits=posthoc.Limits(block_elements=4096))
     message = str(info.value)
     assert "nothing was written" in message and all(line in message for line in expect), message
     assert message.count("NaN or Inf") == len(expect)
@@ -255,3 +263,16 @@ def test_the_sum_check_is_exact_overflow_included():
             assert not slice_finite(broken), (dtype, bad)
     big = torch.tensor([6e4] * 2000, dtype=torch.float16)  # its float16 sum would overflow; float32's does not
     assert slice_finite(big)
+
+
+def test_finite_inputs_whose_average_overflows_are_not_refused(tmp_path):
+    """An output that is not finite is traced to its inputs; finite inputs are no input problem, and the output is
+    what the arithmetic gives, as for any other inputs."""
+    folder = tmp_path / "traj"
+    big = {s: {"w": torch.full((8,), 3e38), "b": torch.ones(3) * s} for s in (1, 2)}
+    folder.mkdir()
+    for s, w in big.items():
+        ckpt.save_tensors_atomic(folder / f"step-{s:08d}.safetensors", w)
+    average(folder, parse_jobs(["lawa"], {"lawa.k": "2", "lawa.nu": "1"}), tmp_path / "out")
+    out = load_file(str(tmp_path / "out" / "lawa-k2-nu1" / "step-00000002.safetensors"))
+    assert torch.isinf(out["w"]).all() and torch.equal(out["b"], torch.full((3,), 1.5))

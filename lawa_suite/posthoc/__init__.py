@@ -15,7 +15,7 @@ This package names no averager. Its files, in the order data flows (each imports
     discover.py  which files of a folder hold which step
     peers.py     where the weights lie in other tools' torch checkpoints, and the prefixes they add
     reader.py    headers and zero-copy tensor views of the mapped files
-    checks.py    layouts against each other, NaN/Inf, before any arithmetic
+    checks.py    layouts against each other; NaN/Inf, each slice just before the averagers see it
     jobs.py      the command's words -> averager jobs (a grid), out, interval, eval
     plan.py      each job's replays (from the averager class) and the outputs they write
     writer.py    output files written slice by slice and hashed; input hashes

@@ -7,10 +7,13 @@ together, and the slices stay in cache while all of them work. Other averagers s
 averager re-reads a member leaving its window from the mapped input (``Averager.replay_from``) instead of
 keeping copies, and so runs the very update sequence of its online class.
 
-Every float slice of every input is checked for NaN/Inf (by its sum) on a thread of its own, a few slices ahead of
-the averaging, and no averager sees a slice before its verdict: no separate pass reads the inputs, and the pages
-the check reads are still in cache when the averagers read them. The first NaN or Inf stops the pass
-(``NonFiniteInput``); the caller then names every bad tensor and commits nothing.
+NaN/Inf are found without a pass of their own over the inputs. An input some output averages shows them in that
+output: each output slice is checked (by its sum) before it is written, and one that is not finite is traced to
+the input slice behind it, or written if none (finite values whose average overflowed). Every other input (all of
+them, where an averager does not document a weighted-sum profile or outputs outnumber inputs) has each float slice
+checked on a thread of its own, a few slices ahead of the averaging, which waits for the verdict before any
+averager sees the slice. The first NaN or Inf stops the pass (``NonFiniteInput``); the caller then names every bad
+tensor of every input and commits nothing.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ import torch
 from torch import Tensor
 
 from lawa_suite.files import fsync_dir, fsync_file
-from lawa_suite.posthoc.checks import CheckAhead
+from lawa_suite.averagers.base import Averager
+from lawa_suite.posthoc.checks import CheckAhead, slice_finite, values_finite
 from lawa_suite.posthoc.limits import Limits
 from lawa_suite.posthoc.modelfolder import ModelFolders, copy_carried
 from lawa_suite.posthoc.plan import Output, Track
@@ -60,7 +64,7 @@ def write_outputs(outputs: list[Output], order: Order, staging: Path, limits: Li
     (the inputs are model folders) each output is a model folder of the same kind (``modelfolder.py``)."""
     outputs.sort(key=lambda o: (o.job.folder, o.step))
     files: dict[int, OutputFile] = {}
-    writer = Writer()
+    writer = Writer(depth=32)  # 32 MiB of float32 slices queued: room to fall behind while other processes run
     try:
         _open_outputs(outputs, order, staging, files, writer, limits, folders)
         with _single_torch_thread():
@@ -133,8 +137,11 @@ def _stream_tensors(readers: list[Reader], tracks: list[Track], order: Order, ou
     elementwise = [t for t in tracks if t.cls.elementwise]
     whole = [t for t in tracks if not t.cls.elementwise]
     block = block_elements(len(elementwise), limits)
-    ahead = CheckAhead(readers, [(name, start, start + block) for name, dtype, shape in order
-                                 if dtype.is_floating_point for start in range(0, max(1, math.prod(shape)), block)])
+    revealed = _revealed_by_outputs(readers, tracks, outputs)
+    labels = [r.snapshot.label for r in readers] if revealed else []  # for the outputs' check
+    ahead = [r for i, r in enumerate(readers) if i not in revealed]  # these are checked themselves
+    checks = CheckAhead(ahead, [(name, start, start + block) for name, dtype, shape in order if dtype.is_floating_point
+                                for start in range(0, max(1, math.prod(shape)), block)]) if ahead else None
     checked = 0
     try:
         with torch.no_grad():
@@ -146,29 +153,57 @@ def _stream_tensors(readers: list[Reader], tracks: list[Track], order: Order, ou
                         files[id(o)].write(flats[index_of[o.members[-1]]])
                     continue
                 for start in range(0, max(1, numel), block):
-                    if (bad := ahead.verdict(checked)) is not None:
+                    if checks is not None and (bad := checks.verdict(checked)) is not None:
                         raise NonFiniteInput(bad, name)
                     checked += 1
                     if elementwise:
-                        _replay(elementwise, [f[start:start + block] for f in flats], name, files)
+                        _replay(elementwise, [f[start:start + block] for f in flats], name, files, labels)
                 if whole:  # an averager without the elementwise promise sees every tensor whole, in its shape
-                    _replay(whole, [f.view(shape) for f in flats], name, files)
+                    _replay(whole, [f.view(shape) for f in flats], name, files, labels)
                 if many:
                     for f in files.values():
                         f.release()
     finally:
-        ahead.close()
+        if checks is not None:
+            checks.close()
 
 
-def _replay(tracks: list[Track], pieces: list[Tensor], name: str, files: dict[int, OutputFile]) -> None:
+def _revealed_by_outputs(readers: list[Reader], tracks: list[Track], outputs: list[Output]) -> set[int]:
+    """The inputs whose NaN/Inf the outputs' own values reveal, so checking the outputs checks them: those an output
+    averages (its ``members``: its window, or every observation its averager accepted), when every averager is
+    elementwise and documents its profile (a weighted sum of observations, held to it by the contract tests): a
+    NaN or Inf that enters a sum, a difference, a lerp or a product with a finite factor, even 0, leaves NaN or Inf
+    in the result. Empty (check every input itself) for other averagers, and when there are at least as many
+    outputs as inputs (checking the outputs would read more)."""
+    linear = all(t.cls.elementwise and t.cls.documented_profile.__func__ is not Averager.documented_profile.__func__
+                 for t in tracks)
+    if not linear or len(outputs) >= len(readers):
+        return set()
+    averaged = {step for o in outputs for step in o.members}
+    return {i for i, r in enumerate(readers) if r.snapshot.step in averaged}
+
+
+def _replay(tracks: list[Track], pieces: list[Tensor], name: str, files: dict[int, OutputFile],
+            labels: list[str]) -> None:
     """Feed ``pieces`` (one slice of tensor ``name`` per snapshot, in step order) to a fresh averager per track,
-    writing each track's outputs as they come due. Every value was checked before any arithmetic."""
+    writing each track's outputs as they come due. With ``labels`` (the inputs' names) each output slice is
+    checked for NaN/Inf before it is written (``_revealed_by_outputs``); one that has any is traced to the input
+    slice that holds it (``NonFiniteInput``), or written if none does (finite values whose average overflowed)."""
     averagers = [track.new(_read_again(pieces, track)) for track in tracks]
     for i, piece in enumerate(pieces):
         for track, averager in zip(tracks, averagers):
             averager.observe(track.clocks[i], {name: piece}, checked=True)
             for o in track.outputs.get(i, ()):
-                files[id(o)].write(averager.average()[name])
+                averaged = averager.average()[name]
+                if labels and not slice_finite(averaged.reshape(-1)) and (bad := _nonfinite(pieces, labels)):
+                    raise NonFiniteInput(bad, name)
+                files[id(o)].write(averaged)
+
+
+def _nonfinite(pieces: list[Tensor], labels: list[str]) -> str | None:
+    """The label of the first input whose piece holds NaN or Inf (the exact check), or None."""
+    return next((label for label, p in zip(labels, pieces) if not values_finite(p.reshape(-1), Limits.check_bytes)),
+                None)
 
 
 def _read_again(pieces: list[Tensor], track: Track) -> Callable[[int], list[Tensor]]:

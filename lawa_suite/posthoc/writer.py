@@ -1,6 +1,7 @@
 """Writing outputs: safetensors files whose header is known in advance, written slice by slice on a writer
-thread (past the page cache where the file system allows), hashed as they are written; and the sha256 of every
-input, read through the reader's own mapping so each page is faulted in once for checks, hash and averaging.
+thread (past the page cache where the file system allows), hashed as they are written; and (``--hash-inputs``)
+the sha256 of every input, read through the reader's own mapping so each page is faulted in once for checks, hash
+and averaging.
 Output bytes depend only on the inputs and the settings, never on directory order or time.
 """
 
