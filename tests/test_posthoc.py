@@ -647,6 +647,16 @@ def test_output_bytes_do_not_depend_on_runs_or_directory_order(traj, tmp_path, m
     assert first == tree_digest(tmp_path / "second") == tree_digest(tmp_path / "reversed")
 
 
+def test_output_bytes_do_not_depend_on_how_many_threads_average(tmp_path):
+    folder = tmp_path / "traj"
+    write_trajectory(folder, list(range(100, 1001, 100)), shapes={"w": (50, 300), "b": (7,)})  # w: 4 slices below
+    jobs = parse_jobs(["lawa", "ema", "swa"], {"lawa.k": "3", "lawa.nu": "100", "swa.start": "0.3"})
+    for threads in (1, 2, 5):
+        average(folder, jobs, tmp_path / f"t{threads}", interval=300,
+                limits=posthoc.Limits(block_elements=4096, average_threads=threads))
+    assert tree_digest(tmp_path / "t1") == tree_digest(tmp_path / "t2") == tree_digest(tmp_path / "t5")
+
+
 @pytest.mark.parametrize("how", ["direct", "no O_DIRECT", "refused at open", "refused at write", "reopened"])
 def test_output_bytes_do_not_depend_on_how_they_reach_the_disk(traj, tmp_path, monkeypatch, how):
     folder, _ = traj

@@ -15,6 +15,7 @@ class Limits:
     block_budget: int = 64 << 20    # bytes of slices all averagers may hold together; slices shrink for big grids
     max_open_outputs: int = 256     # past this many outputs, files are reopened for each tensor
     check_bytes: int = 4 << 20      # inputs are checked for NaN/Inf in pieces this size (bounds the temporary masks)
+    average_threads: int = 2        # slices averaged at once, each on a thread of its own with one torch thread
     read_threads: int = 8           # a file's sha256 runs in order, so a thread per file lets the OS balance cores
     direct_buffer: int = 4 << 20    # the aligned write buffer of an output (less each when there are many outputs)
 

@@ -5,7 +5,9 @@ sees each large tensor in slices of at most ``Limits.block_elements``, one fresh
 stays at a few slices however large the model; every checkpoint is read once for all averagers and grid points
 together, and the slices stay in cache while all of them work. Other averagers see whole tensors. A windowed
 averager re-reads a member leaving its window from the mapped input (``Averager.replay_from``) instead of
-keeping copies, and so runs the very update sequence of its online class.
+keeping copies, and so runs the very update sequence of its online class. Slices are independent, so
+``Limits.average_threads`` of them are averaged at once, each on a thread with one torch thread, and their outputs
+written in order (the bytes do not depend on the thread count).
 
 NaN/Inf are found without a pass of their own over the inputs. An input some output averages shows them in that
 output: each output slice is checked (by its sum) before it is written, and one that is not finite is traced to
@@ -20,9 +22,12 @@ from __future__ import annotations
 
 import json
 import math
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -143,12 +148,14 @@ def _stream_tensors(readers: list[Reader], tracks: list[Track], order: Order, ou
     checks = CheckAhead(ahead, [(name, start, start + block) for name, dtype, shape in order if dtype.is_floating_point
                                 for start in range(0, max(1, math.prod(shape)), block)]) if ahead else None
     checked = 0
+    slices = _InOrder(limits.average_threads, files)
     try:
         with torch.no_grad():
             for name, dtype, shape in order:
                 numel = math.prod(shape)
                 flats = [r.flat(name) for r in readers]
                 if not dtype.is_floating_point:  # never averaged: the newest observation the averager accepted
+                    slices.drain()
                     for o in outputs:
                         files[id(o)].write(flats[index_of[o.members[-1]]])
                     continue
@@ -157,15 +164,48 @@ def _stream_tensors(readers: list[Reader], tracks: list[Track], order: Order, ou
                         raise NonFiniteInput(bad, name)
                     checked += 1
                     if elementwise:
-                        _replay(elementwise, [f[start:start + block] for f in flats], name, files, labels)
+                        slices.submit(_replay, elementwise, [f[start:start + block] for f in flats], name, labels)
+                slices.drain()
                 if whole:  # an averager without the elementwise promise sees every tensor whole, in its shape
-                    _replay(whole, [f.view(shape) for f in flats], name, files, labels)
+                    slices.write(_replay(whole, [f.view(shape) for f in flats], name, labels))  # on this thread
                 if many:
                     for f in files.values():
                         f.release()
     finally:
+        slices.close()
         if checks is not None:
             checks.close()
+
+
+class _InOrder:
+    """Slice replays on ``threads`` threads of their own (torch's ops release the GIL; each runs one torch thread),
+    at most ``2 * threads`` at a time; their outputs go to the files in submission order, so every file gets its
+    bytes in order. One thread: each replay runs on the calling thread."""
+
+    def __init__(self, threads: int, files: dict[int, OutputFile]) -> None:
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="posthoc-average") if threads > 1 else None
+        self._pending: deque[Future[list[tuple[Output, Tensor]]]] = deque()
+        self._limit, self._files = 2 * threads, files
+
+    def submit(self, replay: Callable[..., list[tuple[Output, Tensor]]], *args: Any) -> None:
+        if self._pool is None:
+            self.write(replay(*args))
+            return
+        self._pending.append(self._pool.submit(replay, *args))
+        while len(self._pending) > self._limit:
+            self.write(self._pending.popleft().result())
+
+    def drain(self) -> None:
+        while self._pending:
+            self.write(self._pending.popleft().result())
+
+    def write(self, results: list[tuple[Output, Tensor]]) -> None:
+        for o, t in results:
+            self._files[id(o)].write(t)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _revealed_by_outputs(readers: list[Reader], tracks: list[Track], outputs: list[Output]) -> set[int]:
@@ -183,21 +223,23 @@ def _revealed_by_outputs(readers: list[Reader], tracks: list[Track], outputs: li
     return {i for i, r in enumerate(readers) if r.snapshot.step in averaged}
 
 
-def _replay(tracks: list[Track], pieces: list[Tensor], name: str, files: dict[int, OutputFile],
-            labels: list[str]) -> None:
-    """Feed ``pieces`` (one slice of tensor ``name`` per snapshot, in step order) to a fresh averager per track,
-    writing each track's outputs as they come due. With ``labels`` (the inputs' names) each output slice is
-    checked for NaN/Inf before it is written (``_revealed_by_outputs``); one that has any is traced to the input
-    slice that holds it (``NonFiniteInput``), or written if none does (finite values whose average overflowed)."""
+def _replay(tracks: list[Track], pieces: list[Tensor], name: str, labels: list[str]) -> list[tuple[Output, Tensor]]:
+    """Feed ``pieces`` (one slice of tensor ``name`` per snapshot, in step order) to a fresh averager per track;
+    returns each track's outputs as they came due, with their slice. With ``labels`` (the inputs' names) each output
+    slice is checked for NaN/Inf (``_revealed_by_outputs``); one that has any is traced to the input slice that holds
+    it (``NonFiniteInput``), or kept if none does (finite values whose average overflowed)."""
     averagers = [track.new(_read_again(pieces, track)) for track in tracks]
-    for i, piece in enumerate(pieces):
-        for track, averager in zip(tracks, averagers):
-            averager.observe(track.clocks[i], {name: piece}, checked=True)
-            for o in track.outputs.get(i, ()):
-                averaged = averager.average()[name]
-                if labels and not slice_finite(averaged.reshape(-1)) and (bad := _nonfinite(pieces, labels)):
-                    raise NonFiniteInput(bad, name)
-                files[id(o)].write(averaged)
+    due = []
+    with torch.no_grad():  # per thread: the caller's does not reach a worker
+        for i, piece in enumerate(pieces):
+            for track, averager in zip(tracks, averagers):
+                averager.observe(track.clocks[i], {name: piece}, checked=True)
+                for o in track.outputs.get(i, ()):
+                    averaged = averager.average()[name]
+                    if labels and not slice_finite(averaged.reshape(-1)) and (bad := _nonfinite(pieces, labels)):
+                        raise NonFiniteInput(bad, name)
+                    due.append((o, averaged))
+    return due
 
 
 def _nonfinite(pieces: list[Tensor], labels: list[str]) -> str | None:
