@@ -69,17 +69,21 @@ def write_outputs(outputs: list[Output], order: Order, staging: Path, limits: Li
     (the inputs are model folders) each output is a model folder of the same kind (``modelfolder.py``)."""
     outputs.sort(key=lambda o: (o.job.folder, o.step))
     files: dict[int, OutputFile] = {}
-    writer = Writer(depth=32)  # 32 MiB of float32 slices queued: room to fall behind while other processes run
+    # the sha256 and the writes of the outputs on a thread each (each in order): one thread doing both was the slowest
+    # stage of the pass. 32 MiB of float32 slices queued: room to fall behind while other processes run
+    hasher, writer = Writer(depth=32), Writer(depth=32)
     try:
-        _open_outputs(outputs, order, staging, files, writer, limits, folders)
+        _open_outputs(outputs, order, staging, files, writer, hasher, limits, folders)
         with _single_torch_thread():
             stream(files)
+        hasher.close()
         writer.close()
     except BaseException:
-        try:
-            writer.close()
-        except BaseException:  # noqa: BLE001 - the first error is the one to report
-            pass
+        for thread in (hasher, writer):
+            try:
+                thread.close()
+            except BaseException:  # noqa: BLE001 - the first error is the one to report
+                pass
         for f in files.values():
             f.close_now()
         raise
@@ -115,7 +119,7 @@ def _single_torch_thread() -> Iterator[None]:
 
 
 def _open_outputs(outputs: list[Output], order: Order, staging: Path, files: dict[int, OutputFile], writer: Writer,
-                  limits: Limits, folders: ModelFolders | None) -> None:
+                  hasher: Writer, limits: Limits, folders: ModelFolders | None) -> None:
     data_size = sum(math.prod(s) * d.itemsize for _, d, s in order)
     buffer_bytes = max(16 * DIRECT_ALIGN, min(limits.direct_buffer, limits.block_budget // max(1, len(outputs))))
     buffer_bytes -= buffer_bytes % DIRECT_ALIGN
@@ -129,7 +133,8 @@ def _open_outputs(outputs: list[Output], order: Order, staging: Path, files: dic
             o.path = folders.output_path(staging / o.job.folder, o.step)
             o.path.parent.mkdir()
             metadata = {**metadata, "format": "pt", "lawa_suite_format": DERIVED_FORMAT}
-        files[id(o)] = OutputFile(o.path, safetensors_header(order, metadata), data_size, writer, buffer_bytes)
+        files[id(o)] = OutputFile(o.path, safetensors_header(order, metadata), data_size, writer, buffer_bytes,
+                                  hasher)
 
 
 def _stream_tensors(readers: list[Reader], tracks: list[Track], order: Order, outputs: list[Output],
@@ -165,12 +170,14 @@ def _stream_tensors(readers: list[Reader], tracks: list[Track], order: Order, ou
                     checked += 1
                     if elementwise:
                         slices.submit(_replay, elementwise, [f[start:start + block] for f in flats], name, labels)
-                slices.drain()
                 if whole:  # an averager without the elementwise promise sees every tensor whole, in its shape
+                    slices.drain()
                     slices.write(_replay(whole, [f.view(shape) for f in flats], name, labels))  # on this thread
                 if many:
+                    slices.drain()
                     for f in files.values():
                         f.release()
+            slices.drain()
     finally:
         slices.close()
         if checks is not None:

@@ -90,7 +90,7 @@ class Writer:
 
 class OutputFile:
     """A safetensors file whose header is written first; data is appended in order and hashed as it goes
-    (on ``writer``'s thread when given).
+    (on ``writer``'s thread when given, and hashed on ``hasher``'s when given too).
 
     Where the file system allows it the bytes bypass the page cache (``O_DIRECT``, through a page-aligned buffer
     of ``buffer_bytes``): a derived checkpoint is not read back by this run, and filling the cache with it costs
@@ -99,9 +99,9 @@ class OutputFile:
     """
 
     def __init__(self, path: Path, header: bytes, data_size: int, writer: Writer | None = None,
-                 buffer_bytes: int = Limits.direct_buffer) -> None:
+                 buffer_bytes: int = Limits.direct_buffer, hasher: Writer | None = None) -> None:
         self.path = path
-        self.writer = writer
+        self.writer, self.hasher = writer, hasher
         self.size = len(header) + data_size
         self.sha256 = hashlib.sha256()
         self.written = 0
@@ -123,8 +123,11 @@ class OutputFile:
         return os.open(self.path, os.O_WRONLY | flags, 0o644)
 
     def _put(self, data: memoryview | bytes) -> None:
+        self.sha256.update(data)
+        self._store(data)
+
+    def _store(self, data: memoryview | bytes) -> None:
         view = memoryview(data).cast("B")
-        self.sha256.update(view)
         self.written += view.nbytes
         if self._buffer is None:
             self._write(view)
@@ -152,6 +155,10 @@ class OutputFile:
 
     def write(self, t: Tensor) -> None:
         """Append ``t``'s bytes (``t`` must not change afterwards: the writer thread may read it later)."""
+        if self.hasher is not None and self.writer is not None:
+            self.hasher.submit(lambda: self.sha256.update(tensor_bytes(t)))
+            self.writer.submit(lambda: self._store(tensor_bytes(t)))
+            return
         work = lambda: self._put(tensor_bytes(t))  # noqa: E731
         self.writer.submit(work) if self.writer else work()
 
