@@ -55,18 +55,23 @@ class NonFiniteInput(Exception):
 
 
 def average_all(readers: list[Reader], tracks: list[Track], order: Order, staging: Path,
-                limits: Limits, folders: ModelFolders | None = None) -> list[Output]:
-    """Compute and write every output of every track into ``staging``; returns the outputs with their hashes."""
+                limits: Limits, folders: ModelFolders | None = None,
+                done_reading: Callable[[], None] | None = None) -> list[Output]:
+    """Compute and write every output of every track into ``staging``; returns the outputs with their hashes.
+    ``done_reading`` is called once the inputs are no longer read (before the outputs are synced)."""
     outputs = [o for t in tracks for outs in t.outputs.values() for o in outs]
     return write_outputs(outputs, order, staging, limits,
-                         lambda files: _stream_tensors(readers, tracks, order, outputs, files, limits), folders)
+                         lambda files: _stream_tensors(readers, tracks, order, outputs, files, limits), folders,
+                         done_reading)
 
 
 def write_outputs(outputs: list[Output], order: Order, staging: Path, limits: Limits,
-                  stream: Callable[[dict[int, OutputFile]], None], folders: ModelFolders | None = None) -> list[Output]:
+                  stream: Callable[[dict[int, OutputFile]], None], folders: ModelFolders | None = None,
+                  done_reading: Callable[[], None] | None = None) -> list[Output]:
     """Open a file per output in ``staging``, let ``stream`` write their tensors in ``order`` (one torch thread),
     then finish them (fsync, sha256). On any error every file is closed and the error goes on. With ``folders``
-    (the inputs are model folders) each output is a model folder of the same kind (``modelfolder.py``)."""
+    (the inputs are model folders) each output is a model folder of the same kind (``modelfolder.py``).
+    ``done_reading`` is called once every byte is written (the queued ones may be views of the inputs)."""
     outputs.sort(key=lambda o: (o.job.folder, o.step))
     files: dict[int, OutputFile] = {}
     # the sha256 and the writes of the outputs on a thread each (each in order): one thread doing both was the slowest
@@ -78,6 +83,8 @@ def write_outputs(outputs: list[Output], order: Order, staging: Path, limits: Li
             stream(files)
         hasher.close()
         writer.close()
+        if done_reading is not None:
+            done_reading()
     except BaseException:
         for thread in (hasher, writer):
             try:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -76,15 +77,20 @@ def average(source: str | os.PathLike[str], jobs: Sequence[Job], out: str | os.P
     if folder.is_dir():
         _check_out(out, folder, force)
     readers = [Reader(s, at) for s in snapshots]
+    # unmapping gigabytes of inputs takes the kernel a while: done on a thread of its own once the pass is over,
+    # alongside the outputs' fsyncs and the manifests
+    unmap = threading.Thread(target=lambda: [r.close() for r in readers], name="posthoc-unmap")
     try:
         with ThreadPoolExecutor(max_workers=limits.read_threads, thread_name_prefix="posthoc-read") as pool:
             try:
                 outputs, steps = _validated_run(pool, folder, problems, readers, jobs, out, interval, log, limits,
-                                                reconstructing, at, hash_inputs)
+                                                reconstructing, at, hash_inputs, unmap.start)
             except BaseException:
                 pool.shutdown(cancel_futures=True)  # hashes not yet started are not needed any more
                 raise
     finally:
+        if unmap.ident is not None:
+            unmap.join()
         for r in readers:
             r.close()
     written: dict[str, list[int]] = {job.folder: [] for job in jobs}
@@ -124,8 +130,8 @@ def _check_out(out: Path, source: Path, force: bool) -> None:
 
 def _validated_run(pool: ThreadPoolExecutor, folder: Path, found: list[str], readers: list[Reader],
                    jobs: Sequence[Job], out: Path, interval: int | None, log: Callable[[str], None],
-                   limits: Limits, reconstructing: bool, at: WeightsAt,
-                   hash_inputs: bool) -> tuple[list[Output], list[int]]:
+                   limits: Limits, reconstructing: bool, at: WeightsAt, hash_inputs: bool,
+                   done_reading: Callable[[], None]) -> tuple[list[Output], list[int]]:
     """Check everything (``found``: the problems discovery met), average (or reconstruct), commit."""
     snapshots = [r.snapshot for r in readers]
     steps = [s.step for s in snapshots]
@@ -175,7 +181,8 @@ def _validated_run(pool: ThreadPoolExecutor, folder: Path, found: list[str], rea
         order = ordered_layout(readers[0].layout)
         try:
             outputs = (synthesize_all(readers, syntheses, order, staging, limits) if reconstructing
-                       else average_all(readers, tracks, order, staging, limits, folders))
+                       else average_all(readers, tracks, order, staging, limits, folders,
+                                        None if hash_inputs else done_reading))  # hashes may still be reading
         except NonFiniteInput:  # met in the pass: name every bad tensor of every input
             bad = [line for c in value_checks() if (line := c.result()) is not None]
             raise PosthocError(_summary(bad + _corrupted(snapshots, _results(hashes)), folder)) from None
