@@ -320,3 +320,19 @@ def test_claim_f_judges_each_averagers_fid_against_raw(tmp_path):
     assert "**(f) averaging improves a diffusion model's FID (each averager against raw, at the end): " \
            "1 held (of 1).**" in text
     assert "ddpm (cpu) lr=0.001, lawa: held; final fid_standin gain over raw: +4.00 [+4.00, +4.00] over 2 seeds" in text
+
+
+def test_a_key_added_to_the_suite_later_counts_at_its_default_so_old_and_new_runs_stay_one_experiment():
+    """A reference bench run over several sittings: cells written before `compile`/`distributed` existed group with
+    cells written after (their defaults keep the old behaviour); a non-default value is another experiment."""
+    from lawa_suite.config import resolve
+    from lawa_suite.report.bench import RunRecord, experiment_key
+
+    new = yaml.safe_load(resolve(["task=cifar", "preset=tiny"]).to_yaml())
+    old = {k: v for k, v in new.items() if k not in ("compile", "distributed")}
+
+    def record(config):
+        return RunRecord(Path("x"), "cifar", "tiny", 0.05, 0, 16, config, {}, [])
+
+    assert experiment_key(record(old)) == experiment_key(record(new))
+    assert experiment_key(record(old)) != experiment_key(record({**new, "compile": True}))

@@ -8,6 +8,7 @@ raw's own steps to the same target (``targets.py``).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -198,10 +199,26 @@ NOT_THE_EXPERIMENT = {"seed", "lr", "out", "progress", "trackers", "resume", "re
 
 def experiment_key(run: RunRecord) -> dict[str, Any]:
     """What a run computed, from its resolved config (dotted keys): two runs are seeds of one experiment only if
-    these are equal."""
+    these are equal. A key added to the suite after a run was made (``compile``, ``distributed``) counts at its
+    default, which keeps the old behaviour, so a reference run over several versions stays one experiment."""
     from lawa_suite.config import dotted
 
-    return {k: v for k, v in dotted(run.config).items() if k not in NOT_THE_EXPERIMENT}
+    own = {k: v for k, v in dotted(run.config).items() if k not in NOT_THE_EXPERIMENT}
+    return {**{k: v for k, v in _current_defaults(run.task, run.preset).items() if k not in NOT_THE_EXPERIMENT},
+            **own}
+
+
+@functools.lru_cache(maxsize=None)
+def _current_defaults(task: str, preset: str) -> dict[str, Any]:
+    """Every key this version of the suite resolves for ``task`` and ``preset`` (empty for an unknown task)."""
+    from lawa_suite.config import dotted, resolve
+    from lawa_suite.errors import SuiteError
+
+    try:
+        cfg = resolve([f"task={task}", *([f"preset={preset}"] if preset else [])])
+    except (SuiteError, ValueError):
+        return {}
+    return dotted(yaml.safe_load(cfg.to_yaml()))
 
 
 def group_runs(runs: list[RunRecord]) -> dict[str, dict[float, list[RunRecord]]]:
