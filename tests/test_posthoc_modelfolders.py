@@ -40,6 +40,15 @@ def save_checkpoints(build, root: Path, **save_kwargs) -> list[dict[str, torch.T
     return states
 
 
+def assert_same_logits(loaded: torch.nn.Module, oracle: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """``loaded`` (from the output folder) gives the logits of ``oracle`` holding ``state``."""
+    oracle.load_state_dict(state)
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=tokens).logits, oracle.eval()(input_ids=tokens).logits,
+                                   rtol=1e-5, atol=1e-5)
+
+
 def average_folders(source: Path, out: Path, *words: str) -> None:
     result = runner.invoke(app, ["average", str(source), *words, f"out={out}"])
     assert result.exit_code == 0, result.output
@@ -66,12 +75,7 @@ def test_gpt2_folders_average_into_a_folder_from_pretrained_loads_with_tied_weig
     assert manifest["outputs"][0]["carried"] == ["config.json", "generation_config.json", "tokenizer_config.json"]
 
     loaded = AutoModelForCausalLM.from_pretrained(folder).eval()
-    oracle = GPT2LMHeadModel(config).eval()
-    oracle.load_state_dict(mean_state(states))
-    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(input_ids=tokens).logits, oracle(input_ids=tokens).logits,
-                                   rtol=1e-5, atol=1e-5)
+    assert_same_logits(loaded, GPT2LMHeadModel(config), mean_state(states))
     assert loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()
 
 
@@ -87,12 +91,7 @@ def test_sharded_gpt_neox_folders_average_into_a_loadable_folder(tmp_path):
     folder = tmp_path / "out" / "swa-start0.0" / "step-00000030"
     assert not any(p.name.endswith(".index.json") for p in folder.iterdir())  # one file, the index not carried
     loaded = AutoModelForCausalLM.from_pretrained(folder).eval()
-    oracle = GPTNeoXForCausalLM(config).eval()
-    oracle.load_state_dict(mean_state(states))
-    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(input_ids=tokens).logits, oracle(input_ids=tokens).logits,
-                                   rtol=1e-5, atol=1e-5)
+    assert_same_logits(loaded, GPTNeoXForCausalLM(config), mean_state(states))
 
 
 def test_diffusers_unet_folders_average_into_a_loadable_folder(tmp_path):
