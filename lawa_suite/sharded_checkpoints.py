@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import os
 import secrets
+import threading
 import warnings
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,7 +36,7 @@ from lawa_suite.errors import CheckpointError
 if TYPE_CHECKING:
     from lawa_suite.train import Run
 
-__all__ = ["is_sharded_checkpoint", "save_sharded", "load_sharded", "read_whole"]
+__all__ = ["is_sharded_checkpoint", "save_sharded", "load_sharded", "read_whole", "ShardedWeights"]
 
 DCP_METADATA = ".metadata"
 
@@ -215,6 +217,50 @@ def read_whole(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     with _quiet_single_process():
         dcp.load({"model": model, "averagers": averagers}, checkpoint_id=path, no_dist=True)
     return model, {name: ckpt.unflatten_state(info["skeleton"], averagers[name]) for name, info in described.items()}
+
+
+class ShardedWeights(Mapping[str, Tensor]):
+    """The raw weights of the sharded checkpoint ``path`` by name, each tensor assembled whole from every rank's
+    shards only when asked for (``suite average``: memory for a tensor at a time, not for the whole model). The
+    names and layouts come from DCP's ``.metadata`` alone. The last ``keep`` tensors asked for are kept, so the
+    averaging and the NaN check reading the same tensor read it once."""
+
+    def __init__(self, path: Path, keep: int = 2) -> None:
+        from torch.distributed.checkpoint import FileSystemReader
+
+        self.path = Path(path)
+        read = FileSystemReader(str(self.path)).read_metadata()
+        needed = sorted({info.relative_path for info in (read.storage_data or {}).values()})
+        missing = [name for name in needed if not (self.path / name).is_file()]
+        if missing:
+            raise CheckpointError(f"{', '.join(missing)} missing: every rank's file ({len(needed)}) is needed")
+        metadata = read.state_dict_metadata
+        self.layout: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {
+            key.removeprefix("model."): (md.properties.dtype, tuple(md.size))
+            for key, md in metadata.items() if key.startswith("model.") and hasattr(md, "size")}
+        self._keep = keep
+        self._kept: OrderedDict[str, Tensor] = OrderedDict()
+        self._lock = threading.Lock()  # DCP's reader is not meant for concurrent loads; the averaging threads wait
+
+    def __getitem__(self, name: str) -> Tensor:
+        import torch.distributed.checkpoint as dcp
+
+        dtype, shape = self.layout[name]  # KeyError for a name the checkpoint lacks, as a mapping does
+        with self._lock:
+            if name not in self._kept:
+                tensor = torch.empty(shape, dtype=dtype)
+                with _quiet_single_process():
+                    dcp.load({"model": {name: tensor}}, checkpoint_id=self.path, no_dist=True)
+                self._kept[name] = tensor
+                while len(self._kept) > self._keep:
+                    self._kept.popitem(last=False)
+            return self._kept[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.layout)
+
+    def __len__(self) -> int:
+        return len(self.layout)
 
 
 @contextmanager

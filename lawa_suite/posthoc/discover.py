@@ -1,13 +1,13 @@
 """Finding the inputs: which files of a folder hold which step.
 
 Recognised: ``<step>.safetensors`` files and ``<step>/`` folders holding ``model.safetensors`` (or its shards and
-``model.safetensors.index.json``); a suite run folder, its ``trajectory/`` or its ``checkpoints/``; and, only with
-``allow_torch_load``, torch files (``.pt``, ``.pth``, ``.bin``, ``.ckpt``, ``.pth.tar``). ``<step>`` is the name other
-tools give a step too: ``step-1000``, ``step1000``, ``checkpoint-1000`` (Hugging Face, timm), ``ckpt_1000``,
-``ckpt_step_1000``, ``iter_1000``, ``global_step1000``, ``model_1000``, ``epoch=3-step=1000`` (Lightning). Every other
-entry is skipped and listed with the reason (hidden ones excepted: staging folders, editor files; and
-``SHA256SUMS``). Nothing that resolves outside the input folder (a symlink, ``..`` in a shard index) is ever read: it
-is a problem.
+``model.safetensors.index.json``, or, from a ``distributed=fsdp`` run, every rank's DCP files); a suite run folder,
+its ``trajectory/`` or its ``checkpoints/``; and, only with ``allow_torch_load``, torch files (``.pt``, ``.pth``,
+``.bin``, ``.ckpt``, ``.pth.tar``). ``<step>`` is the name other tools give a step too: ``step-1000``, ``step1000``,
+``checkpoint-1000`` (Hugging Face, timm), ``ckpt_1000``, ``ckpt_step_1000``, ``iter_1000``, ``global_step1000``,
+``model_1000``, ``epoch=3-step=1000`` (Lightning). Every other entry is skipped and listed with the reason (hidden
+ones excepted: staging folders, editor files; and ``SHA256SUMS``). Nothing that resolves outside the input folder (a
+symlink, ``..`` in a shard index) is ever read: it is a problem.
 
 Each snapshot carries the sha256 its files had when they were written, where the suite recorded them: a suite
 checkpoint's ``manifest.json``, else the ``SHA256SUMS`` beside the file (``files.record_sha256s``: trajectory files,
@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from lawa_suite.files import SUMS, Recorded, inside, read_sha256s
+from lawa_suite.sharded_checkpoints import DCP_METADATA
 
 __all__ = ["Snapshot", "Found", "STEP_NAME", "ACCEPTED", "discover", "find_stored", "folder_snapshot",
            "snapshot_of_path", "step_of", "split_name"]
@@ -41,12 +42,14 @@ ACCEPTED = ("step-N.safetensors files or step-N/ model folders (also named stepN
 
 @dataclass(frozen=True)
 class Snapshot:
-    """The weights saved at one step: one file, or the shards of one (Hugging Face sharded) checkpoint."""
+    """The weights saved at one step: one file, the shards of one (Hugging Face sharded) checkpoint, or the DCP
+    files of a ``distributed=fsdp`` checkpoint (every rank's shards, read a whole tensor at a time)."""
     step: int
     label: str                          # as messages name it: the path relative to the input folder
     files: tuple[Path, ...]             # weight files, real paths
     torch_format: bool = False          # .pt/.pth/.bin/.ckpt, read with torch.load(weights_only=True)
     index: Path | None = None           # the shard index json of a sharded checkpoint
+    dcp: bool = False                   # a distributed=fsdp checkpoint: files are every rank's DCP files
     recorded: tuple[tuple[Path, Recorded], ...] = ()  # the sha256 of files recorded when they were written
 
 
@@ -166,9 +169,12 @@ def folder_snapshot(path: Path, entry: str, step: int, root: Path, allow_torch_l
             recorded = tuple((path.joinpath(n).resolve(), Recorded(e["sha256"], e["size"], e.get("mtime_ns"),
                                                                    "manifest.json"))
                              for n, e in sorted(files.items())
-                             if n.endswith(".safetensors") and isinstance(e, dict) and "sha256" in e)
+                             if (n.endswith((".safetensors", ".distcp")) or n == DCP_METADATA)
+                             and isinstance(e, dict) and "sha256" in e)
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             problems.append(f"{entry}/manifest.json: unreadable")
+    if DCP_METADATA in names and "manifest.json" in names:
+        return _dcp(path, entry, step, root, recorded, problems)
     candidates = [(n, False) for n in SAFETENSORS_WEIGHTS]
     if allow_torch_load:
         candidates += [(n, True) for n in TORCH_WEIGHTS]
@@ -225,6 +231,19 @@ def _sharded(path: Path, entry: str, step: int, name: str, is_torch: bool, root:
     return None if bad else Snapshot(step, label, tuple(shards), is_torch, index=index, recorded=recorded)
 
 
+def _dcp(path: Path, entry: str, step: int, root: Path, recorded: tuple[tuple[Path, Recorded], ...],
+         problems: list[str]) -> Snapshot | None:
+    """A suite checkpoint of a ``distributed=fsdp`` run: DCP's ``.metadata`` and every rank's ``.distcp`` file."""
+    files = []
+    for name in sorted(n for n in os.listdir(path) if n.endswith(".distcp") or n == DCP_METADATA):
+        real = (path / name).resolve()
+        if not inside(real, root):
+            problems.append(f"{entry}/{name}: a link that leads outside the input folder (to {real})")
+            return None
+        files.append(real)
+    return Snapshot(step, f"{entry}/", tuple(files), dcp=True, recorded=recorded)
+
+
 def snapshot_of_path(path: Path, allow_torch_load: bool) -> tuple[Snapshot | None, list[str]]:
     """One checkpoint named directly (a safetensors file, a ``.pt`` file with the flag, or a checkpoint or model
     folder), as a snapshot of no particular step, and the problems that keep it from being read."""
@@ -247,7 +266,7 @@ def snapshot_of_path(path: Path, allow_torch_load: bool) -> tuple[Snapshot | Non
     if snapshot is None:
         return None, problems
     # step -1: the reader then skips the check of the step recorded in the file's metadata
-    return Snapshot(-1, snapshot.label, snapshot.files, snapshot.torch_format, snapshot.index), problems
+    return replace(snapshot, step=-1), problems
 
 
 def find_stored(source: str | os.PathLike[str], formats: set[str]) -> tuple[Path, list[Snapshot]]:

@@ -2,7 +2,9 @@
 
 safetensors files are memory-mapped (``safe_open``), so reading costs file pages, not anonymous memory; torch
 files (``.pt``, ``.pth``, ``.bin``, ``.ckpt``, ``.pth.tar``) go through ``torch.load(mmap=True, weights_only=True)``,
-only behind an explicit flag, and their weights are found inside whatever else they hold (``peers.py``).
+only behind an explicit flag, and their weights are found inside whatever else they hold (``peers.py``); a
+``distributed=fsdp`` checkpoint's tensors are assembled from every rank's DCP shards a tensor at a time
+(``sharded_checkpoints.ShardedWeights``).
 """
 
 from __future__ import annotations
@@ -63,17 +65,20 @@ class Reader:
             self.problems.append(f"{label}: key={at.key} names a mapping inside a torch checkpoint (.pt, .pth, .bin, "
                                  f".ckpt); a safetensors file holds one flat mapping: drop key=")
         stored: dict[str, tuple[torch.dtype, tuple[int, ...], Any, Path]] = {}
-        for file in snapshot.files:
-            where = label if len(snapshot.files) == 1 else f"{label} -> {file.name}"
+        opener = self._open_dcp if snapshot.dcp else self._open_torch if snapshot.torch_format else \
+            self._open_safetensors
+        units = snapshot.files[:1] if snapshot.dcp else snapshot.files  # DCP: one reader for every rank's files
+        for file in units:
+            where = label if len(units) == 1 else f"{label} -> {file.name}"
             try:
-                tensors = self._open_torch(file) if snapshot.torch_format else self._open_safetensors(file)
+                tensors = opener(file)
             except NoWeights as exc:
                 self.problems.append(f"{where}: {exc}")
                 continue
             except Exception as exc:  # noqa: BLE001 (safetensors, pickle and OS errors all name the reason)
                 self.problems.append(f"{where}: unreadable ({torch_error(exc)})")
                 continue
-            self.opened.append(file)
+            self.opened += snapshot.files if snapshot.dcp else [file]
             for name, (dtype, shape, source) in tensors.items():
                 if name in stored:
                     self.problems.append(f"{label}: key {name} is stored in two shards")
@@ -136,6 +141,19 @@ class Reader:
                                      f"averaging does not handle")
                 continue
             out[name] = (t.dtype, tuple(t.shape), state)
+        return out
+
+    def _open_dcp(self, file: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], Any]]:
+        from lawa_suite.sharded_checkpoints import ShardedWeights
+
+        weights = ShardedWeights(file.parent)
+        out = {}
+        for name, (dtype, shape) in weights.layout.items():
+            if dtype not in CODES:
+                self.problems.append(f"{self.snapshot.label}: key {name} has dtype {dtype}, which post-hoc "
+                                     f"averaging does not handle")
+                continue
+            out[name] = (dtype, shape, weights)
         return out
 
     def tensor(self, name: str) -> Tensor:

@@ -192,7 +192,7 @@ def hash_input(reader: Reader, file: Path) -> str:
     """sha256 of ``file``, one of ``reader``'s files. A safetensors file is read through the reader's own mapping
     of it, in file order: its pages are mapped once for the value check, the hash and the averaging together
     (a mapping of its own would fault every page in again); bytes no tensor view covers are read directly."""
-    if reader.snapshot.torch_format:
+    if reader.snapshot.torch_format or reader.snapshot.dcp:
         return sha256_file(file)
     digest = hashlib.sha256()
     with open(file, "rb") as f:
