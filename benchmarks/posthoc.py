@@ -216,12 +216,13 @@ def run(args: argparse.Namespace) -> dict:
     try:
         print(f"writing the synthetic trajectory under {work} ...", flush=True)
         st_dir, pt_dir, checkpoint_bytes = write_trajectory(work, args.layers)
+        os.sync()  # the 5 GB just written would otherwise be written back to the disk during the first runs
         inputs = {"naive": (pt_dir, sorted(pt_dir.glob("*.pt"))),
                   "suite": (st_dir, sorted(st_dir.glob("*.safetensors")))}
         inputs["suite-hash-inputs"] = inputs["suite"]
         runs: dict[str, list[dict]] = {method: [] for method in METHODS}
         page_cache_reads = []
-        for repeat in range(args.repeats):
+        for repeat in range(-args.warmup, args.repeats):  # negative: warm-up runs, measured but not counted
             for method, (child_method, where) in METHODS.items():
                 source, files = inputs[child_method]
                 folder = roots[where] / f"{method}-{repeat}"
@@ -231,8 +232,9 @@ def run(args: argparse.Namespace) -> dict:
                 if method == "suite":
                     page_cache_reads.append(seconds_to_read)
                 result = {**measure(child_method, source, out), "load_average": os.getloadavg()[0]}
-                runs[method].append(result)
-                print(f"{method} #{repeat + 1}: {result['seconds']:.2f} s (CPU {result['cpu_seconds']:.2f} s), "
+                if repeat >= 0:
+                    runs[method].append(result)
+                print(f"{method} {'warm-up' if repeat < 0 else '#'}{repeat + 1 if repeat >= 0 else ''}: {result['seconds']:.2f} s (CPU {result['cpu_seconds']:.2f} s), "
                       f"peak RssAnon {result['peak_rss_anon'] / 2**20:.0f} MiB", flush=True)
                 if repeat == 0 and method in ("naive", "suite"):
                     continue  # kept for the comparison of the two averages
@@ -263,6 +265,7 @@ def summarise(runs: dict, checkpoint_bytes: int, page_cache_reads: list[float], 
         "checkpoint": {"parameters": checkpoint_bytes // 4, "bytes": checkpoint_bytes, "layers": args.layers,
                        "files": len(STEPS), "steps": list(STEPS)},
         "repeats": args.repeats,
+        "warmup": args.warmup,
         "outputs_on": outputs_on,
         "note": args.note,
         "read_five_files_from_page_cache_s": statistics.median(page_cache_reads),
@@ -290,7 +293,8 @@ def markdown(r: dict) -> str:
         "# Post-hoc averaging: `suite average` vs the naive baseline", "",
         f"LAWA k=5, nu=1000 over {c['files']} fp32 checkpoints of {c['parameters']:,} parameters (GPT-2-small names "
         f"and shapes, {c['layers']} layers; {mib(c['bytes'])} of tensors each), one derived checkpoint. "
-        f"{r['repeats']} alternating runs of each, every one in a fresh process, with imports done and the inputs in "
+        f"{r['repeats']} alternating runs of each (after {r.get('warmup', 0)} uncounted warm-up run(s) of each), "
+        f"every one in a fresh process, with imports done and the inputs in "
         f"the page cache before the clock starts; outputs go to {r['outputs_on']} (the last two rows: to the disk "
         f"beside the inputs). Peak memory is the child's `RssAnon` (anonymous memory: memory-mapped file pages are "
         f"not counted), sampled every {SAMPLE_SECONDS * 1000:.0f} ms.", "",
@@ -347,6 +351,8 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5, help="runs of each method (medians and bests are reported)")
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="uncounted runs of each method first (caches, allocator, CPU frequency settle)")
     parser.add_argument("--layers", type=int, default=12, help="transformer blocks (12: GPT-2 small, 124M)")
     parser.add_argument("--work", default=None, help="where the synthetic trajectory goes (default: /tmp)")
     parser.add_argument("--results", type=Path, default=HERE / "results" / "posthoc")
