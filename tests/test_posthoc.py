@@ -742,3 +742,26 @@ def test_an_average_that_is_its_first_checkpoint_in_all_but_name_is_called_out(t
     manifest = json.loads((tmp_path / "out" / "ema-decay0.999" / "manifest.json").read_text())
     assert manifest["warnings"] == [warned[0].removeprefix("warning: ")]
     assert "warnings" not in json.loads((tmp_path / "out" / "ema-decay0.5" / "manifest.json").read_text())
+
+
+def test_tensors_at_unaligned_offsets_are_read_right(tmp_path):
+    """The reader maps each safetensors file once and views tensors in it; a writer that does not align a tensor to
+    its element size (a 3-byte U8 tensor before an F32 one) still gets its values read, through a copy."""
+    import struct
+
+    def write(path: Path, values: list[float]) -> None:
+        head = {"b": {"dtype": "U8", "shape": [3], "data_offsets": [0, 3]},
+                "f": {"dtype": "F32", "shape": [2], "data_offsets": [3, 11]}}
+        text = json.dumps(head).encode()
+        text += b" " * (-len(text) % 8)
+        data = bytes([1, 2, 3]) + torch.tensor(values, dtype=torch.float32).numpy().tobytes()
+        path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+
+    (tmp_path / "in").mkdir()
+    write(tmp_path / "in" / "step-1.safetensors", [1.5, -2.0])
+    write(tmp_path / "in" / "step-2.safetensors", [2.5, 4.0])
+    result = runner.invoke(app, ["average", str(tmp_path / "in"), "averager=lawa", "lawa.k=2", "lawa.nu=1",
+                                 f"out={tmp_path / 'out'}"])
+    assert result.exit_code == 0, result.output
+    out = load_file(str(tmp_path / "out" / "lawa-k2-nu1" / "step-00000002.safetensors"))
+    assert out["f"].tolist() == [2.0, 1.0] and out["b"].tolist() == [1, 2, 3]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -112,19 +113,19 @@ class Reader:
     def _open_safetensors(self, file: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], Any]]:
         from safetensors import safe_open
 
-        handle = safe_open(str(file), framework="pt", device="cpu")
-        handle.__enter__()
-        self._handles.append(handle)
-        self.metadata.update(handle.metadata() or {})
+        with safe_open(str(file), framework="pt", device="cpu") as handle:  # validates the header
+            self.metadata.update(handle.metadata() or {})
+            names = list(handle.keys())
+        mapped = MappedSafetensors(file)
         out = {}
-        for name in handle.keys():
-            piece = handle.get_slice(name)
-            code, shape = piece.get_dtype(), tuple(int(d) for d in piece.get_shape())
+        for name in names:
+            code, shape = mapped.entries[name][:2]
             if code not in DTYPES:
                 self.problems.append(f"{self.snapshot.label}: key {name} has dtype {code}, which post-hoc averaging "
                                      f"does not handle (known: {', '.join(DTYPES)})")
                 continue
-            out[name] = (DTYPES[code], shape, handle)
+            out[name] = (DTYPES[code], shape, mapped)
+        self._handles.append(mapped)
         return out
 
     def _open_torch(self, file: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], Any]]:
@@ -166,11 +167,32 @@ class Reader:
         return self.tensor(name).reshape(-1)
 
     def close(self) -> None:
-        for handle in self._handles:
-            handle.__exit__(None, None, None)
-        self._handles.clear()
+        self._handles.clear()  # the last view of a mapping gone, torch unmaps it
         self._where.clear()
         self._object = None
+
+
+class MappedSafetensors:
+    """A safetensors file mapped once (private, never written), each tensor a view of it made with two torch calls.
+    safetensors' own ``get_tensor`` takes 100-200 us a tensor in Python calls with the GIL held, which the averaging
+    and writing threads then wait for; this takes a few. The header is the one ``safe_open`` has just validated."""
+
+    def __init__(self, file: Path) -> None:
+        with open(file, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        self.start = 8 + size
+        self.entries = {name: (e["dtype"], tuple(int(d) for d in e["shape"]), *e["data_offsets"])
+                        for name, e in header.items() if name != "__metadata__"}
+        self.data = torch.from_file(str(file), shared=False, size=file.stat().st_size, dtype=torch.uint8)
+
+    def get_tensor(self, name: str) -> Tensor:
+        code, shape, begin, end = self.entries[name]
+        dtype = DTYPES[code]
+        piece = self.data[self.start + begin:self.start + end]
+        if (self.start + begin) % dtype.itemsize:  # a view needs aligned data; other writers may not align
+            piece = piece.clone()
+        return piece.view(dtype).view(shape)
 
 
 def describe_found(readers: Sequence[Reader]) -> list[str]:
