@@ -234,7 +234,8 @@ def run(args: argparse.Namespace) -> dict:
                 result = {**measure(child_method, source, out), "load_average": os.getloadavg()[0]}
                 if repeat >= 0:
                     runs[method].append(result)
-                print(f"{method} {'warm-up' if repeat < 0 else '#'}{repeat + 1 if repeat >= 0 else ''}: {result['seconds']:.2f} s (CPU {result['cpu_seconds']:.2f} s), "
+                label = f"{method} warm-up" if repeat < 0 else f"{method} #{repeat + 1}"
+                print(f"{label}: {result['seconds']:.2f} s (CPU {result['cpu_seconds']:.2f} s), "
                       f"peak RssAnon {result['peak_rss_anon'] / 2**20:.0f} MiB", flush=True)
                 if repeat == 0 and method in ("naive", "suite"):
                     continue  # kept for the comparison of the two averages
