@@ -205,9 +205,37 @@ def test_a_resumed_run_warns_that_averaging_restarts(tmp_path):
     second = Trainer(model=tiny_gpt2(), args=trainer_args(tmp_path, max_steps=4, eval_strategy="no"),
                      train_dataset=data, callbacks=[callback])
     callback.attach(second)
-    with pytest.warns(UserWarning, match="resumes at step 2; .* averages start from this step"):
+    with pytest.warns(UserWarning, match="resumes at step 2; .*checkpoint-2 holds no state for ema, so those "
+                                         "averages start from this step"):
         second.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     assert callback.averagers["ema"].updates == 2 and callback.averagers["ema"].last_step == 4
+
+
+def test_a_resumed_run_continues_every_average_bit_for_bit(tmp_path):
+    """Averager state goes into each Trainer checkpoint; a run resumed from step 4 ends with the averages of the
+    uninterrupted run, bit for bit (LAWA's window spans the break)."""
+    import shutil
+
+    data = token_set(32, 1)
+    spec = {"ema": {"decay": 0.8}, "swa": {"start": 0}, "lawa": {"k": 2, "nu": 3}}
+
+    def run(out: Path, resume: str | None = None) -> tuple[Trainer, AveragingCallback]:
+        callback = AveragingCallback(spec)
+        trainer = Trainer(model=tiny_gpt2(), args=trainer_args(out, max_steps=8, eval_strategy="no",
+                                                               save_strategy="steps", save_steps=4),
+                          train_dataset=data, callbacks=[callback])
+        callback.attach(trainer)
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer, callback
+
+    whole, uninterrupted = run(tmp_path / "whole")
+    assert (tmp_path / "whole" / "checkpoint-4" / "averagers.json").is_file()
+    shutil.copytree(tmp_path / "whole" / "checkpoint-4", tmp_path / "resumed" / "checkpoint-4")
+    resumed_trainer, resumed = run(tmp_path / "resumed", resume=str(tmp_path / "resumed" / "checkpoint-4"))
+    assert_same(clone(resumed_trainer.model), clone(whole.model))  # the Trainer's own resume is exact here
+    for name, averager in uninterrupted.averagers.items():
+        assert resumed.averagers[name].updates == averager.updates, name
+        assert_same(resumed.averagers[name].average(), averager.average())
 
 
 def test_weights_holding_nan_are_refused_by_every_averager_once_checked(tmp_path):

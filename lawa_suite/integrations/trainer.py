@@ -23,21 +23,28 @@ Why ``attach``: a callback is handed the model and dataloaders, never the Traine
 is what makes the averages' scores comparable to ``eval_loss``. ``attach(trainer)`` gives it the Trainer (and adds
 the callback if it was not passed in ``callbacks=``); training refuses to start without it.
 
-Not carried: averager state is not written into the Trainer's checkpoints, so a run resumed with
-``resume_from_checkpoint`` starts averaging again at the resumed step (a warning says so).
+Checkpoints: at every Trainer save (``on_save``) every averager's state goes into the checkpoint folder the Trainer
+just wrote, as ``averagers.safetensors`` + ``averagers.json`` (the format of the suite's own checkpoints). A run
+resumed with ``resume_from_checkpoint`` reads it back from ``<output_dir>/checkpoint-<step>/`` (or
+``args.resume_from_checkpoint`` when that names a folder) and continues each average as if never interrupted; where
+there is none (a checkpoint written without the callback) averaging starts again at the resumed step, and a warning
+says so.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
+from lawa_suite import checkpoints as ckpt
 from lawa_suite import registry
 from lawa_suite.averagers.base import Averager, NonFiniteWarning, all_finite
 from lawa_suite.config import averager_bases, build_section
@@ -46,7 +53,9 @@ from lawa_suite.integrations.loops import averaged_weights
 from lawa_suite.scoring import forked_rng
 from lawa_suite.tasks.base import has_batchnorm
 
-__all__ = ["AveragingCallback", "build_averagers"]
+__all__ = ["AveragingCallback", "build_averagers", "AVERAGER_STATE"]
+
+AVERAGER_STATE = "averagers"  # averagers.safetensors + averagers.json in each Trainer checkpoint folder
 
 AveragerSpec = Mapping[str, Mapping[str, Any] | Averager | None] | Sequence[str]
 
@@ -128,8 +137,35 @@ class AveragingCallback(TrainerCallback):
         for averager in self.averagers.values():
             averager.start_run(state.max_steps)  # fractions (swa start=0.75) are of the run's optimizer steps
         if state.global_step > 0:
-            warnings.warn(f"AveragingCallback: training resumes at step {state.global_step}; the Trainer's checkpoint "
-                          f"holds no averager state, so the averages start from this step", stacklevel=2)
+            self._resume(args, state.global_step)
+
+    def _resume(self, args: Any, step: int) -> None:
+        """Read every averager's state back from the checkpoint of ``step``; warn for those it does not hold."""
+        places = [Path(args.output_dir) / f"checkpoint-{step}"]
+        if isinstance(getattr(args, "resume_from_checkpoint", None), str):
+            places.insert(0, Path(args.resume_from_checkpoint))
+        folder = next((p for p in places if (p / f"{AVERAGER_STATE}.json").is_file()), None)
+        saved = ckpt.read_state(folder, AVERAGER_STATE) if folder is not None else {}
+        for name, averager in self.averagers.items():
+            if name in saved:
+                averager.load_state_dict(saved[name])
+        fresh = [name for name in self.averagers if name not in saved]
+        if fresh:
+            where = folder if folder is not None else " or ".join(str(p) for p in places)
+            warnings.warn(f"AveragingCallback: training resumes at step {step}; {where} holds no state for "
+                          f"{', '.join(fresh)}, so those averages start from this step", stacklevel=3)
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Every averager's state into the checkpoint folder the Trainer has just written (rank 0 only: in DDP every
+        process holds the same averages)."""
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if not state.is_world_process_zero or not folder.is_dir():
+            return
+        writers = ckpt.state_writers(AVERAGER_STATE, {name: avg.state_dict() for name, avg in self.averagers.items()})
+        for file_name, write in writers.items():  # each file whole or not at all
+            partial = folder / f".{file_name}.partial"
+            write(partial)
+            os.replace(partial, folder / file_name)
 
     def on_step_end(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any) -> None:
         step = state.global_step
