@@ -8,7 +8,9 @@ import importlib
 import json
 import os
 import pickle
+import shutil
 import sys
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from lawa_suite.cli import app
 from lawa_suite.config import ConfigError, resolve
 from lawa_suite.export import select_weights
 from lawa_suite.posthoc import PosthocError, average, parse_jobs
+from lawa_suite.posthoc.writer import in_memory
 from lawa_suite.train import train
 
 runner = CliRunner()
@@ -651,10 +654,11 @@ def test_output_bytes_do_not_depend_on_how_many_threads_average(tmp_path):
     folder = tmp_path / "traj"
     write_trajectory(folder, list(range(100, 1001, 100)), shapes={"w": (50, 300), "b": (7,)})  # w: 4 slices below
     jobs = parse_jobs(["lawa", "ema", "swa"], {"lawa.k": "3", "lawa.nu": "100", "swa.start": "0.3"})
-    for threads in (1, 2, 5):
-        average(folder, jobs, tmp_path / f"t{threads}", interval=300,
-                limits=posthoc.Limits(block_elements=4096, average_threads=threads))
-    assert tree_digest(tmp_path / "t1") == tree_digest(tmp_path / "t2") == tree_digest(tmp_path / "t5")
+    for threads, batch in ((1, 1), (2, 1), (2, 3), (5, 2)):  # batches of 3 slices: b with w's first two, ...
+        average(folder, jobs, tmp_path / f"t{threads}-{batch}", interval=300,
+                limits=posthoc.Limits(block_elements=4096, average_threads=threads, batch_slices=batch))
+    reference = tree_digest(tmp_path / "t1-1")
+    assert all(tree_digest(tmp_path / name) == reference for name in ("t2-1", "t2-3", "t5-2"))
 
 
 @pytest.mark.parametrize("how", ["direct", "no O_DIRECT", "refused at open", "refused at write", "reopened"])
@@ -685,6 +689,25 @@ def test_output_bytes_do_not_depend_on_how_they_reach_the_disk(traj, tmp_path, m
         limits = posthoc.Limits(direct_buffer=16 * 4096, block_budget=1, max_open_outputs=1)
     average(folder, jobs, tmp_path / "out", interval=300, limits=limits)
     assert tree_digest(tmp_path / "out") == tree_digest(tmp_path / "reference")
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm") or not in_memory(Path("/dev/shm")),
+                    reason="needs a tmpfs at /dev/shm (Linux)")
+def test_outputs_on_tmpfs_skip_o_direct_and_are_the_same_bytes(traj, tmp_path, monkeypatch):
+    folder, _ = traj
+    jobs = parse_jobs(["lawa", "ema"], {"lawa.k": "3", "lawa.nu": "100"})
+    average(folder, jobs, tmp_path / "reference", interval=300)
+    flags_seen, real_open = [], os.open
+    monkeypatch.setattr(os, "open", lambda path, flags, *args, **kwargs: flags_seen.append(flags)
+                        or real_open(path, flags, *args, **kwargs))
+    memory = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    try:
+        average(folder, jobs, memory / "out", interval=300)
+        assert tree_digest(memory / "out") == tree_digest(tmp_path / "reference")
+    finally:
+        shutil.rmtree(memory)
+    assert flags_seen and not any(f & getattr(os, "O_DIRECT", 0) for f in flags_seen)
+    assert not in_memory(Path("/proc"))  # procfs: neither tmpfs nor ramfs
 
 
 # -- the command line -------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ class Limits:
     # allocator hands back fresh pages (a fault per 4 KiB) for each block of 4 MiB or more, not for 2 MiB or less
     block_elements: int = 1 << 18
     block_budget: int = 64 << 20    # bytes of slices all averagers may hold together; slices shrink for big grids
+    batch_slices: int = 4           # slices handed to an averaging thread (and then to the writers) at a time
     max_open_outputs: int = 256     # past this many outputs, files are reopened for each tensor
     check_bytes: int = 4 << 20      # inputs are checked for NaN/Inf in pieces this size (bounds the temporary masks)
     average_threads: int = 2        # slices averaged at once, each on a thread of its own with one torch thread

@@ -6,8 +6,9 @@ stays at a few slices however large the model; every checkpoint is read once for
 together, and the slices stay in cache while all of them work. Other averagers see whole tensors. A windowed
 averager re-reads a member leaving its window from the mapped input (``Averager.replay_from``) instead of
 keeping copies, and so runs the very update sequence of its online class. Slices are independent, so
-``Limits.average_threads`` of them are averaged at once, each on a thread with one torch thread, and their outputs
-written in order (the bytes do not depend on the thread count).
+``Limits.average_threads`` batches of them (``Limits.batch_slices`` consecutive slices, of one tensor or of several
+small ones) are averaged at once, each on a thread with one torch thread, and their outputs written in order (the
+bytes depend neither on the thread count nor on the batch size).
 
 NaN/Inf are found without a pass of their own over the inputs. An input some output averages shows them in that
 output: each output slice is checked (by its sum) before it is written, and one that is not finite is traced to
@@ -75,8 +76,9 @@ def write_outputs(outputs: list[Output], order: Order, staging: Path, limits: Li
     outputs.sort(key=lambda o: (o.job.folder, o.step))
     files: dict[int, OutputFile] = {}
     # the sha256 and the writes of the outputs on a thread each (each in order): one thread doing both was the slowest
-    # stage of the pass. 32 MiB of float32 slices queued: room to fall behind while other processes run
-    hasher, writer = Writer(depth=32), Writer(depth=32)
+    # stage of the pass. Up to 8 batches of slices queued (32 MiB at the default sizes): room to fall behind while
+    # other processes run
+    hasher, writer = Writer(depth=8), Writer(depth=8)
     try:
         _open_outputs(outputs, order, staging, files, writer, hasher, limits, folders)
         with _single_torch_thread():
@@ -161,12 +163,18 @@ def _stream_tensors(readers: list[Reader], tracks: list[Track], order: Order, ou
                                 for start in range(0, max(1, math.prod(shape)), block)]) if ahead else None
     checked = 0
     slices = _InOrder(limits.average_threads, files)
+    # consecutive slices (of one tensor or of several small ones) go to a thread together: a hand-over between
+    # threads costs tens of microseconds of wake-ups, which one per 1 MiB slice made a tenth of the pass
+    batch: list[tuple[list[Tensor], str]] = []
+    batched = 0
     try:
         with torch.no_grad():
             for name, dtype, shape in order:
                 numel = math.prod(shape)
                 flats = [r.flat(name) for r in readers]
                 if not dtype.is_floating_point:  # never averaged: the newest observation the averager accepted
+                    slices.submit(_replay_batch, elementwise, batch, labels)
+                    batch, batched = [], 0
                     slices.drain()
                     for o in outputs:
                         files[id(o)].write(flats[index_of[o.members[-1]]])
@@ -176,7 +184,14 @@ def _stream_tensors(readers: list[Reader], tracks: list[Track], order: Order, ou
                         raise NonFiniteInput(bad, name)
                     checked += 1
                     if elementwise:
-                        slices.submit(_replay, elementwise, [f[start:start + block] for f in flats], name, labels)
+                        batch.append(([f[start:start + block] for f in flats], name))
+                        batched += min(block, numel - start)
+                        if batched >= limits.batch_slices * block:
+                            slices.submit(_replay_batch, elementwise, batch, labels)
+                            batch, batched = [], 0
+                if whole or many:
+                    slices.submit(_replay_batch, elementwise, batch, labels)
+                    batch, batched = [], 0
                 if whole:  # an averager without the elementwise promise sees every tensor whole, in its shape
                     slices.drain()
                     slices.write(_replay(whole, [f.view(shape) for f in flats], name, labels))  # on this thread
@@ -184,6 +199,7 @@ def _stream_tensors(readers: list[Reader], tracks: list[Track], order: Order, ou
                     slices.drain()
                     for f in files.values():
                         f.release()
+            slices.submit(_replay_batch, elementwise, batch, labels)
             slices.drain()
     finally:
         slices.close()
@@ -201,7 +217,11 @@ class _InOrder:
         self._pending: deque[Future[list[tuple[Output, Tensor]]]] = deque()
         self._limit, self._files = 2 * threads, files
 
-    def submit(self, replay: Callable[..., list[tuple[Output, Tensor]]], *args: Any) -> None:
+    def submit(self, replay: Callable[..., list[tuple[Output, Tensor]]], tracks: list[Track],
+               batch: list[tuple[list[Tensor], str]], *args: Any) -> None:
+        if not tracks or not batch:
+            return
+        args = (tracks, batch, *args)
         if self._pool is None:
             self.write(replay(*args))
             return
@@ -214,8 +234,12 @@ class _InOrder:
             self.write(self._pending.popleft().result())
 
     def write(self, results: list[tuple[Output, Tensor]]) -> None:
+        """Each output's slices of ``results``, in order, as one piece of work for the writing threads."""
+        per_output: dict[int, list[Tensor]] = {}
         for o, t in results:
-            self._files[id(o)].write(t)
+            per_output.setdefault(id(o), []).append(t)
+        for key, tensors in per_output.items():
+            self._files[key].write(*tensors)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -235,6 +259,12 @@ def _revealed_by_outputs(readers: list[Reader], tracks: list[Track], outputs: li
         return set()
     averaged = {step for o in outputs for step in o.members}
     return {i for i, r in enumerate(readers) if r.snapshot.step in averaged}
+
+
+def _replay_batch(tracks: list[Track], batch: list[tuple[list[Tensor], str]],
+                  labels: list[str]) -> list[tuple[Output, Tensor]]:
+    """``_replay`` of each ``(pieces, name)`` of ``batch`` in turn, their outputs in that order."""
+    return [due for pieces, name in batch for due in _replay(tracks, pieces, name, labels)]
 
 
 def _replay(tracks: list[Track], pieces: list[Tensor], name: str, labels: list[str]) -> list[tuple[Output, Tensor]]:

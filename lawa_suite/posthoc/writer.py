@@ -7,6 +7,7 @@ Output bytes depend only on the inputs and the settings, never on directory orde
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import hashlib
@@ -16,6 +17,7 @@ import mmap
 import os
 import queue
 import struct
+import sys
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -105,7 +107,7 @@ class OutputFile:
         self.size = len(header) + data_size
         self.sha256 = hashlib.sha256()
         self.written = 0
-        self._direct = hasattr(os, "O_DIRECT")
+        self._direct = hasattr(os, "O_DIRECT") and not in_memory(path.parent)
         self._fd: int | None = self._open(os.O_CREAT | os.O_EXCL)
         self._buffer = mmap.mmap(-1, buffer_bytes) if self._direct else None  # anonymous maps are page-aligned
         self._filled = 0
@@ -153,13 +155,14 @@ class OutputFile:
                 self._direct = False
                 fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
 
-    def write(self, t: Tensor) -> None:
-        """Append ``t``'s bytes (``t`` must not change afterwards: the writer thread may read it later)."""
+    def write(self, *tensors: Tensor) -> None:
+        """Append the bytes of ``tensors``, in order, as one piece of work for each thread (they must not change
+        afterwards: the threads may read them later)."""
         if self.hasher is not None and self.writer is not None:
-            self.hasher.submit(lambda: self.sha256.update(tensor_bytes(t)))
-            self.writer.submit(lambda: self._store(tensor_bytes(t)))
+            self.hasher.submit(lambda: [self.sha256.update(tensor_bytes(t)) for t in tensors])
+            self.writer.submit(lambda: [self._store(tensor_bytes(t)) for t in tensors])
             return
-        work = lambda: self._put(tensor_bytes(t))  # noqa: E731
+        work = lambda: [self._put(tensor_bytes(t)) for t in tensors]  # noqa: E731
         self.writer.submit(work) if self.writer else work()
 
     def release(self) -> None:
@@ -186,6 +189,24 @@ class OutputFile:
         if self._buffer is not None:
             self._buffer.close()
         return self.sha256.hexdigest()
+
+
+_MEMORY_FILE_SYSTEMS = {0x01021994, 0x858458F6}  # tmpfs, ramfs (statfs f_type)
+
+
+def in_memory(folder: Path) -> bool:
+    """Whether ``folder`` is on tmpfs or ramfs, where the page cache is the file: ``O_DIRECT`` is accepted there
+    (tmpfs, Linux 6.6+) but only adds a copy through the aligned buffer. False where it cannot be told."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        buffer = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on 64-bit Linux; f_type comes first
+        if libc.statfs(os.fsencode(folder), buffer) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    return struct.unpack_from("l", buffer)[0] in _MEMORY_FILE_SYSTEMS
 
 
 def hash_input(reader: Reader, file: Path) -> str:
