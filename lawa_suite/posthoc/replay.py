@@ -76,8 +76,8 @@ def write_outputs(outputs: list[Output], order: Order, staging: Path, limits: Li
     outputs.sort(key=lambda o: (o.job.folder, o.step))
     files: dict[int, OutputFile] = {}
     # the sha256 and the writes of the outputs on a thread each (each in order): one thread doing both was the slowest
-    # stage of the pass. Up to 8 batches of slices queued (32 MiB at the default sizes): room to fall behind while
-    # other processes run
+    # stage of the pass. Up to 8 batches of slices queued (32 MiB an output at the default sizes): room to fall
+    # behind while other processes run
     hasher, writer = Writer(depth=8), Writer(depth=8)
     try:
         _open_outputs(outputs, order, staging, files, writer, hasher, limits, folders)
@@ -164,7 +164,7 @@ def _stream_tensors(readers: list[Reader], tracks: list[Track], order: Order, ou
     checked = 0
     slices = _InOrder(limits.average_threads, files)
     # consecutive slices (of one tensor or of several small ones) go to a thread together: a hand-over between
-    # threads costs tens of microseconds of wake-ups, which one per 1 MiB slice made a tenth of the pass
+    # threads costs tens of microseconds of wake-ups, more when other processes share the cores
     batch: list[tuple[list[Tensor], str]] = []
     batched = 0
     try:
