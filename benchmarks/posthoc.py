@@ -352,8 +352,9 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5, help="runs of each method (medians and bests are reported)")
-    parser.add_argument("--warmup", type=int, default=1,
-                        help="uncounted runs of each method first (caches, allocator, CPU frequency settle)")
+    parser.add_argument("--warmup", type=int, default=3,
+                        help="uncounted runs of each method first (caches, allocator, CPU frequency settle; on "
+                             "2026-12-03 both methods still ran slow for three or four runs after one warm-up)")
     parser.add_argument("--layers", type=int, default=12, help="transformer blocks (12: GPT-2 small, 124M)")
     parser.add_argument("--work", default=None, help="where the synthetic trajectory goes (default: /tmp)")
     parser.add_argument("--results", type=Path, default=HERE / "results" / "posthoc")

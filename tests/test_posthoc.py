@@ -8,7 +8,9 @@ import importlib
 import json
 import os
 import pickle
+import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -708,6 +710,35 @@ def test_outputs_on_tmpfs_skip_o_direct_and_are_the_same_bytes(traj, tmp_path, m
         shutil.rmtree(memory)
     assert flags_seen and not any(f & getattr(os, "O_DIRECT", 0) for f in flags_seen)
     assert not in_memory(Path("/proc"))  # procfs: neither tmpfs nor ramfs
+
+
+_FAULTS_OF_SLICES = '''
+import resource, sys, torch
+from lawa_suite.posthoc.limits import keep_slices_in_heap
+applied = keep_slices_in_heap() if sys.argv[1] == "tuned" else False
+x = torch.ones(1 << 19)
+counts = []
+for _ in range(3):  # 24 slices of 2 MiB waiting for the writers, then written and freed, three times
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    held = [x * 2 for _ in range(24)]
+    del held
+    counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(applied, *counts)
+'''
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="tunes glibc's allocator; elsewhere it does nothing")
+def test_keep_slices_in_heap_keeps_freed_slices_mapped():
+    def faults(mode: str) -> tuple[str, list[int]]:
+        done = subprocess.run([sys.executable, "-c", _FAULTS_OF_SLICES, mode], capture_output=True, text=True,
+                              check=True)
+        applied, *counts = done.stdout.split()
+        return applied, [int(c) for c in counts]
+    (plain_applied, plain), (tuned_applied, tuned) = faults("plain"), faults("tuned")
+    assert (plain_applied, tuned_applied) == ("False", "True")
+    # 48 MiB is 12,288 pages: each round faults them in anew when freed memory goes back to the kernel
+    assert tuned[0] > 10_000 and sum(tuned[1:]) < 500, tuned
+    assert sum(plain[1:]) > 5_000, plain
 
 
 # -- the command line -------------------------------------------------------------------------------------------
