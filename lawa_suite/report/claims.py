@@ -136,7 +136,7 @@ def claim_d(where: str, s: LrSummary) -> list[Verdict]:
     interval = t_interval(saved)
     if interval is None:
         return []
-    note = f" (LAWA never reached it in {never} seed(s))" if never else ""
+    note = f" (LAWA never reached it in {never} seed(s): counted as needing the whole run)" if never else ""
     return [Verdict("d", where, interval.verdict, f"steps saved to reach raw's smoothed final {s.headline}, as a "
                                                   f"fraction of raw's own: {interval.text('{:+.0%}')}{note}")]
 

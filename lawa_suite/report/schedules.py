@@ -70,7 +70,7 @@ def claim_g(runs: Sequence[RunRecord]) -> list[Verdict]:
             steps, final = t_interval(saved), t_interval(finals)
             if steps is None or final is None:
                 continue
-            note = f", never reached in {never} seed(s)" if never else ""
+            note = f", never reached in {never} seed(s) (counted as needing the whole run)" if never else ""
             verdicts.append(Verdict("g", f"{task} lr={lr:g}, {schedule} run's {name}", steps.verdict,
                                     f"steps saved to reach the cosine run's raw smoothed final {metric}, as a fraction "
                                     f"of that run's own: {steps.text('{:+.0%}')}{note}; final {metric} against the "
