@@ -40,7 +40,7 @@ from lawa_suite.posthoc.limits import Limits
 from lawa_suite.posthoc.modelfolder import ModelFolders, copy_carried
 from lawa_suite.posthoc.plan import Output, Track
 from lawa_suite.posthoc.reader import Reader
-from lawa_suite.posthoc.writer import DIRECT_ALIGN, OutputFile, Writer, safetensors_header
+from lawa_suite.posthoc.writer import DIRECT_ALIGN, OutputFile, Writer, in_memory, safetensors_header
 
 __all__ = ["DERIVED_FORMAT", "NonFiniteInput", "average_all", "write_outputs", "Order"]
 
@@ -132,6 +132,7 @@ def _open_outputs(outputs: list[Output], order: Order, staging: Path, files: dic
     data_size = sum(math.prod(s) * d.itemsize for _, d, s in order)
     buffer_bytes = max(16 * DIRECT_ALIGN, min(limits.direct_buffer, limits.block_budget // max(1, len(outputs))))
     buffer_bytes -= buffer_bytes % DIRECT_ALIGN
+    direct = not in_memory(staging)  # every output is in staging: one file system
     for o in outputs:
         (staging / o.job.folder).mkdir(exist_ok=True)
         metadata = {"format": DERIVED_FORMAT, "step": str(o.step), "averager": o.job.name,
@@ -143,7 +144,7 @@ def _open_outputs(outputs: list[Output], order: Order, staging: Path, files: dic
             o.path.parent.mkdir()
             metadata = {**metadata, "format": "pt", "lawa_suite_format": DERIVED_FORMAT}
         files[id(o)] = OutputFile(o.path, safetensors_header(order, metadata), data_size, writer, buffer_bytes,
-                                  hasher)
+                                  hasher, direct)
 
 
 def _stream_tensors(readers: list[Reader], tracks: list[Track], order: Order, outputs: list[Output],
@@ -167,14 +168,19 @@ def _stream_tensors(readers: list[Reader], tracks: list[Track], order: Order, ou
     # threads costs tens of microseconds of wake-ups, more when other processes share the cores
     batch: list[tuple[list[Tensor], str]] = []
     batched = 0
+
+    def flush() -> None:
+        nonlocal batch, batched
+        slices.submit(_replay_batch, elementwise, batch, labels)
+        batch, batched = [], 0
+
     try:
         with torch.no_grad():
             for name, dtype, shape in order:
                 numel = math.prod(shape)
                 flats = [r.flat(name) for r in readers]
                 if not dtype.is_floating_point:  # never averaged: the newest observation the averager accepted
-                    slices.submit(_replay_batch, elementwise, batch, labels)
-                    batch, batched = [], 0
+                    flush()
                     slices.drain()
                     for o in outputs:
                         files[id(o)].write(flats[index_of[o.members[-1]]])
@@ -187,11 +193,9 @@ def _stream_tensors(readers: list[Reader], tracks: list[Track], order: Order, ou
                         batch.append(([f[start:start + block] for f in flats], name))
                         batched += min(block, numel - start)
                         if batched >= limits.batch_slices * block:
-                            slices.submit(_replay_batch, elementwise, batch, labels)
-                            batch, batched = [], 0
+                            flush()
                 if whole or many:
-                    slices.submit(_replay_batch, elementwise, batch, labels)
-                    batch, batched = [], 0
+                    flush()
                 if whole:  # an averager without the elementwise promise sees every tensor whole, in its shape
                     slices.drain()
                     slices.write(_replay(whole, [f.view(shape) for f in flats], name, labels))  # on this thread
@@ -199,7 +203,7 @@ def _stream_tensors(readers: list[Reader], tracks: list[Track], order: Order, ou
                     slices.drain()
                     for f in files.values():
                         f.release()
-            slices.submit(_replay_batch, elementwise, batch, labels)
+            flush()
             slices.drain()
     finally:
         slices.close()

@@ -101,13 +101,13 @@ class OutputFile:
     """
 
     def __init__(self, path: Path, header: bytes, data_size: int, writer: Writer | None = None,
-                 buffer_bytes: int = Limits.direct_buffer, hasher: Writer | None = None) -> None:
+                 buffer_bytes: int = Limits.direct_buffer, hasher: Writer | None = None, direct: bool = True) -> None:
         self.path = path
         self.writer, self.hasher = writer, hasher
         self.size = len(header) + data_size
         self.sha256 = hashlib.sha256()
         self.written = 0
-        self._direct = hasattr(os, "O_DIRECT") and not in_memory(path.parent)
+        self._direct = direct and hasattr(os, "O_DIRECT")  # direct=False: the caller knows it is pointless (in_memory)
         self._fd: int | None = self._open(os.O_CREAT | os.O_EXCL)
         self._buffer = mmap.mmap(-1, buffer_bytes) if self._direct else None  # anonymous maps are page-aligned
         self._filled = 0
