@@ -99,6 +99,10 @@ class Run:
         world = int(os.environ.get("WORLD_SIZE", "1") or 1)
         has_xpu = hasattr(torch, "xpu") and torch.xpu.is_available()
         on_cpu = world > 1 and not torch.cuda.is_available() and not has_xpu
+        # A process group this run starts is this run's to end (``release_process_group``); one the caller
+        # started before (to gather results after training, say) stays the caller's.
+        self.owns_process_group = world > 1 and not (torch.distributed.is_available()
+                                                     and torch.distributed.is_initialized())
         self.accelerator = Accelerator(mixed_precision=rc.mixed_precision, log_with=rc.trackers or None,
                                        project_dir=rc.out, cpu=on_cpu)
         if self.accelerator.num_processes != world:
@@ -319,6 +323,20 @@ class Run:
             writer.add_custom_scalars({"raw and averaged weights": {
                 metric: ["Multiline", [rf"val/{metric}/.*"]] for metric in self.scorer.metrics}})
 
+    def release_process_group(self) -> None:
+        """End the process group this run started, once every process has got here. Left to interpreter exit,
+        gloo's worker threads are torn down during finalization and a process dies now and then with "terminate
+        called without an active exception" (SIGABRT) after finishing its work; NCCL warns of the same. Only on an
+        end all processes reach together: after an error on one, the others may be inside a collective, and
+        destroying the group would hang them."""
+        if not (self.owns_process_group and torch.distributed.is_initialized()):
+            return
+        from accelerate.state import AcceleratorState
+
+        self.accelerator.wait_for_everyone()
+        torch.distributed.destroy_process_group()
+        AcceleratorState._reset_state(reset_partial_state=True)  # a later Run in this process starts a new group
+
     def save_trajectory(self) -> None:
         # a sharded model's weights are gathered whole for the file (a collective: every rank takes part)
         weights = (gather_full(named_tensors(self.unwrapped), self.unwrapped) if self.sharded
@@ -345,6 +363,7 @@ def train(cfg: ResolvedConfig) -> RunResult:
     metrics = MetricsLog(run.out / "metrics.jsonl", run.is_main)
     bar = ProgressBar(rc.steps, run.state.step, rc.eval.every, rc.task, run.is_main and rc.progress)
     run.stop.install()
+    ended_together = False  # every process reached the end, or a stop all of them agreed on
     try:
         while run.state.step < rc.steps:
             loss = run.optimizer_step()
@@ -377,16 +396,20 @@ def train(cfg: ResolvedConfig) -> RunResult:
                 run.settle()
                 run.checkpoints.save(run)
                 where = f"checkpoint saved in {run.checkpoints.folder}; continue with resume=auto"
+                ended_together = True
                 if run.stop.signal == signal.SIGINT:
                     raise Interrupted(f"interrupted at step {step}; {where}")
                 raise Preempted(f"stopped by SIGTERM after step {step}; {where}")
         run.settle()  # (the final evaluation has settled the last step already)
+        ended_together = True
     finally:
         run.stop.uninstall()
         bar.close()
         metrics.close()
-        if rc.trackers:
-            run.accelerator.end_training()
+        for tracker in run.accelerator.trackers:  # (accelerate's end_training would also end the process group)
+            tracker.finish()
+        if ended_together:
+            run.release_process_group()
     if run.is_main:
         from lawa_suite.report import write_report
         write_report(run.out)

@@ -83,6 +83,11 @@ def main() -> None:
 
     result = Path(sys.argv[1])
     nan_at = os.environ.get("FSDP_NAN_AT")  # "step:rank"
+    # This process gathers the averages after training, so it starts the process group itself (the run then
+    # leaves it alone) and ends it before exiting (left to interpreter exit, gloo aborts a process now and then).
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if several:
+        torch.distributed.init_process_group("gloo")
     run = run_and_capture(sys.argv[2:], tuple(int(v) for v in nan_at.split(":")) if nan_at else None)
     tensors: dict[str, torch.Tensor] = {}
     for name, avg in run.averagers.items():  # collective: every rank gathers, rank 0 keeps
@@ -97,8 +102,9 @@ def main() -> None:
          "sharded": run.sharded, "param_types": sorted({type(p).__name__ for p in run.unwrapped.parameters()})}))
     if rank == 0:
         save_file(tensors, str(result / "averages.safetensors"))
-    if torch.distributed.is_initialized():
+    if several:
         torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ Hooks (environment variables, all optional):
     REL_TERM_DURING_SAVE  a signal number: during the preemption save, send it to the whole process group again
     REL_FSIZE=N:BYTES     before the checkpoint of step N, limit file sizes to BYTES (RLIMIT_FSIZE)
     REL_TERM_AT=N:RANK    send SIGTERM to the process of that rank when step N+1 starts
-    REL_COMMITS=FILE      append "rank step" for every checkpoint commit, and each rank's averager states
+    REL_COMMITS=FILE      append "rank step" for every checkpoint commit, and each rank's averager states; at
+                          exit, FILE.rank<r>.group_at_exit says whether a process group was still open
 
 The ``toyloader`` task is the toy task fed by DataLoader workers (the streaming image loader's code path).
 """
@@ -117,6 +118,11 @@ def install_hooks() -> None:
     term_during_save = int(os.environ.get("REL_TERM_DURING_SAVE", "0"))  # the signal to send again while saving
     commits = os.environ.get("REL_COMMITS")
     save = RunCheckpointer.save
+    if commits:  # registered first, so it runs after every other exit handler: what the interpreter is left with
+        import atexit
+
+        atexit.register(lambda: Path(f"{commits}.rank{_rank()}.group_at_exit").write_text(
+            str(torch.distributed.is_initialized())))
 
     def hooked_save(self, run):
         if fsize and run.state.step == int(fsize.split(":")[0]):
