@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lawa_suite.errors import CheckpointError
-from lawa_suite.files import fsync_dir, fsync_file, os_reason, record_sha256s, sha256_file, write_atomic
+from lawa_suite.files import first_line, fsync_dir, fsync_file, os_reason, record_sha256s, sha256_file, write_atomic
 
 __all__ = ["CheckpointError", "Checkpoint", "FAULT_POINTS", "fault_point", "flatten_state", "unflatten_state",
            "save_tensors_atomic", "commit_checkpoint", "verify", "list_checkpoints", "latest_valid",
@@ -194,22 +194,89 @@ def commit_checkpoint(root: Path, step: int, files: dict[str, Callable[[Path], N
     return final
 
 
+# What the run's writer (``run_checkpoints.py``, ``sharded_checkpoints.py``) puts into a checkpoint besides the
+# manifest: a whole one holds WHOLE_FILES; a sharded one SHARDED_FILES and one ``__<rank>_0.distcp`` per process (the
+# manifest's ``sharded`` says how many). A checkpoint holding or naming any of them must list every one it needs.
+WHOLE_FILES = ("model.safetensors", "state.json", "state.safetensors")
+SHARDED_FILES = (".metadata", "state.json", "state.safetensors")
+_RANK_FILE = re.compile(r"^__\d+_\d+\.distcp$")
+_RUN_KEYS = ("task", "averagers", "sharded")  # the info a run's writer adds to every manifest
+
+
+def _written_by_run(name: str) -> bool:
+    return name in WHOLE_FILES or name in SHARDED_FILES or bool(_RANK_FILE.match(name))
+
+
+def _plain_name(name: object) -> bool:
+    """A file name that stays in the checkpoint folder: the writer uses plain names, never paths."""
+    return (isinstance(name, str) and name not in ("", ".", "..")
+            and not any(c in "/\\" or ord(c) < 32 for c in name))
+
+
+def _json_type(value: object) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number")
+
+
+def _needed_files(manifest: dict[str, Any], present: set[str], manifest_path: Path) -> tuple[list[str], list[str]]:
+    """The files a run checkpoint must list (whole or sharded, as its manifest and folder say), and the problems
+    with the manifest's own record of them."""
+    sharded = "sharded" in manifest or ".metadata" in present or ".metadata" in manifest["files"]
+    if not sharded:
+        return list(WHOLE_FILES), []
+    ranks = manifest.get("sharded")
+    if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
+        return list(SHARDED_FILES), [f"{manifest_path}: 'sharded' is {ranks!r}; a sharded checkpoint's manifest gives "
+                                     f"its number of processes (an integer >= 1), whose files it must list"]
+    return [*SHARDED_FILES, *(f"__{rank}_0.distcp" for rank in range(ranks))], []
+
+
 def verify(path: Path) -> list[str]:
-    """Problems with the checkpoint at ``path`` (empty if valid): missing manifest, files, size or hash."""
+    """Problems with the checkpoint at ``path`` (empty if valid), one line each: a missing or malformed manifest, a
+    name that leaves the folder, a file the writer produces that the manifest does not list (a run checkpoint must
+    list every file it needs, and every such file present), a missing, truncated or corrupted file."""
     path = Path(path)
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         return [f"{manifest_path}: missing (the checkpoint was never committed)"]
     try:
         manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-    except (ValueError, KeyError, TypeError) as exc:
-        return [f"{manifest_path}: unreadable ({exc})"]
+    except (OSError, ValueError) as exc:
+        return [f"{manifest_path}: unreadable ({first_line(exc)})"]
+    if not isinstance(manifest, dict):
+        return [f"{manifest_path}: {_json_type(manifest)}; expected a JSON object with 'files'"]
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        what = "missing" if "files" not in manifest else _json_type(files)
+        return [f"{manifest_path}: 'files' is {what}; expected a mapping of each file name to its size and sha256"]
     problems = []
     for name, entry in files.items():
+        if not _plain_name(name):
+            problems.append(f"{manifest_path}: file name {name!r} is not a plain name inside the checkpoint folder; "
+                            f"the manifest names its files plainly (no '/', '\\', '..' or control characters)")
+        elif (not isinstance(entry, dict) or not isinstance(entry.get("size"), int) or isinstance(entry["size"], bool)
+              or not isinstance(entry.get("sha256"), str)):
+            problems.append(f"{manifest_path}: the entry of {name} is {json.dumps(entry)[:80]}; expected "
+                            f'{{"size": <bytes>, "sha256": <hex>}}')
+    if problems:
+        return problems
+    present = {child.name for child in path.iterdir()}
+    if any(k in manifest for k in _RUN_KEYS) or any(_written_by_run(n) for n in present | set(files)):
+        needed, problems = _needed_files(manifest, present, manifest_path)
+        unlisted = sorted({n for n in needed if n not in files} | {n for n in present if _written_by_run(n)
+                                                                   and n not in files})
+        if unlisted:
+            problems.append(f"{manifest_path}: does not list {', '.join(unlisted)}; a checkpoint's manifest lists "
+                            f"every file the run wrote into it")
+        if problems:
+            return problems
+    elif not files:
+        return [f"{manifest_path}: lists no files; a checkpoint holds at least one"]
+    for name, entry in files.items():
         file = path / name
-        if not file.is_file():
-            problems.append(f"{file}: missing")
+        if file.is_symlink() or not file.is_file():
+            problems.append(f"{file}: {'a link' if file.is_symlink() else 'missing'} (a checkpoint's files are "
+                            f"regular files inside it)")
         elif file.stat().st_size != entry["size"]:
             problems.append(f"{file}: {file.stat().st_size} bytes, the manifest says {entry['size']} (truncated?)")
         elif sha256_file(file) != entry["sha256"]:
