@@ -32,7 +32,7 @@ import urllib.error
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, BinaryIO, Iterable
 
 import numpy as np
 import torch
@@ -336,7 +336,8 @@ def load_cifar(name: str, root: str, image_size: int = 32, download: bool = True
     """CIFAR-10/100 from ``root/<base_folder>``, downloading torchvision's archive there when it is missing.
 
     torchvision's own dataset class also re-checks every batch's md5 on each load; we trust files already
-    extracted (the archive's md5 is checked on download) and read the batches ourselves, the same way.
+    extracted (the archive's md5 is checked on download) to be data, not to be harmless: the batches are read
+    with an unpickler that admits numpy arrays and plain containers only (``_CifarUnpickler``).
     """
     spec = _cifar_spec(name)
     folder = Path(root) / spec.base_folder
@@ -354,9 +355,9 @@ def load_cifar(name: str, root: str, image_size: int = 32, download: bool = True
         missing = _missing_cifar_files(spec, folder)
     if missing:
         raise DataUnavailable(f"{name}: {folder / missing[0]} is missing; fetch {spec.url} and extract it in {root}")
-    train_images, train_labels = _read_batches(folder, [f for f, _ in spec.train_list])
-    test_images, test_labels = _read_batches(folder, [f for f, _ in spec.test_list])
-    meta = _unpickle(folder / spec.meta["filename"])
+    train_images, train_labels = _read_batches(folder, [f for f, _ in spec.train_list], name)
+    test_images, test_labels = _read_batches(folder, [f for f, _ in spec.test_list], name)
+    meta = _unpickle(folder / spec.meta["filename"], name)
     classes = [c.decode() if isinstance(c, bytes) else str(c) for c in meta[spec.meta["key"]]]
     return ImageSet(_resize(train_images, image_size), train_labels, _resize(test_images, image_size), test_labels,
                     classes, f"{name} {folder}")
@@ -367,17 +368,51 @@ def _missing_cifar_files(spec: type, folder: Path) -> list[str]:
     return [n for n in names if not (folder / n).is_file()]
 
 
-def _unpickle(path: Path) -> dict[str, object]:
-    """One CIFAR pickle, keys as str (the originals are Python 2 pickles; latin1 is what torchvision uses)."""
+# The only globals a CIFAR batch may name: what numpy needs to rebuild an ndarray. The originals (Python 2,
+# numpy 1.x, protocol 2) name numpy.core.multiarray._reconstruct, numpy.ndarray and numpy.dtype; numpy 2 writes
+# numpy._core.*, and protocol 5 _frombuffer; Python 3 writes bytes at protocol 2 as _codecs.encode (data only).
+# Dicts, lists, strings, bytes and ints need no global. Anything else would be a call made while loading.
+CIFAR_GLOBALS = frozenset({
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+})
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """``pickle.Unpickler`` that admits ``CIFAR_GLOBALS`` only: a hostile batch is refused before any of its
+    code runs (plain ``pickle.load`` calls whatever a pickle names)."""
+
+    def __init__(self, file: BinaryIO, path: Path, source: str) -> None:
+        super().__init__(file, encoding="latin1")  # latin1: the Python 2 originals' str (what torchvision uses)
+        self.path, self.source = path, source
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in CIFAR_GLOBALS:  # raw names: checked before fix_imports maps Python 2 ones
+            raise DataPathError(f"{self.source}: {self.path} is not a CIFAR batch: it would call {module}.{name} "
+                                f"(refused, nothing run); a CIFAR pickle holds only dicts, lists, strings, numbers "
+                                f"and numpy arrays")
+        return super().find_class(module, name)
+
+
+def _unpickle(path: Path, source: str = "cifar") -> dict[str, object]:
+    """One CIFAR pickle, keys as str, read by ``_CifarUnpickler``."""
     with open(path, "rb") as f:
-        entry = pickle.load(f, encoding="latin1")
+        try:
+            entry = _CifarUnpickler(f, path, source).load()
+        except (pickle.UnpicklingError, EOFError) as exc:
+            raise DataPathError(f"{source}: {path} is not a CIFAR batch: cannot unpickle it ({first_line(exc)})"
+                                ) from None
+    if not isinstance(entry, dict):
+        raise DataPathError(f"{source}: {path} is not a CIFAR batch: it holds a {type(entry).__name__}, "
+                            f"expected a dict")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}
 
 
-def _read_batches(folder: Path, names: list[str]) -> tuple[Tensor, Tensor]:
+def _read_batches(folder: Path, names: list[str], source: str = "cifar") -> tuple[Tensor, Tensor]:
     images, labels = [], []
     for name in names:
-        entry = _unpickle(folder / name)
+        entry = _unpickle(folder / name, source)
         images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
         labels.extend(entry["labels"] if "labels" in entry else entry["fine_labels"])
     return torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.int64)
