@@ -49,11 +49,15 @@ from lawa_suite.evaluators.base import Evaluator, reduce_sums
 from lawa_suite.files import first_line, write_atomic, write_npz_atomic
 
 __all__ = ["FidConfig", "FID", "FeatureStats", "INCEPTION", "STANDIN", "inception_weights_path", "create_extractor",
-           "register_standin", "frechet_distance", "fid_metric", "write_grid"]
+           "check_inception_weights", "register_standin", "frechet_distance", "fid_metric", "write_grid"]
 
 INCEPTION = "inception-v3-compat"        # torch-fidelity's name for the standard FID network
 STANDIN = "standin"                      # the offline stand-in registered below
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+# The sha256 of that file (95,628,359 bytes; the same bytes as pytorch-fid's pt_inception-2015-12-05-6726825d.pth).
+# torch-fidelity 0.4.0 carries no hash (it loads the file unchecked), so this is the digest published for the file
+# elsewhere; the file name holds its first 8 hex digits (torch.hub's naming), which alone would be forgeable.
+INCEPTION_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
 
 
 @dataclass
@@ -63,7 +67,8 @@ class FidConfig:
     extractor: str = INCEPTION   # torch-fidelity feature extractor; "standin" = offline random convnet;
     #                              "auto" = Inception when its weights are on disk, else the stand-in
     weights: str = ""            # a local Inception weights file (.pth); empty = torch hub cache (torch-fidelity's).
-    #                              Trusted files only: torch-fidelity reads it with torch.load(weights_only=False)
+    #                              Only the published file (INCEPTION_SHA256) is accepted: torch-fidelity reads
+    #                              it with torch.load(weights_only=False), which would run a pickle's code
     batch_size: int = 100        # images per feature-extractor call
     grid: int = 64               # samples in each PNG grid (per weights, per evaluation); 0 = no grids
 
@@ -112,10 +117,17 @@ def create_extractor(cfg: FidConfig) -> tuple[nn.Module, str, str]:
         raise ConfigError(f"fid.extractor: expected one of {known}, got {name!r}")
     layer = tf_registry.FEATURE_EXTRACTORS_REGISTRY[name].get_default_feature_layer_for_metric("fid")
     kwargs: dict[str, Any] = {"verbose": False}
-    if cfg.weights:
+    if cfg.weights and name == STANDIN:  # its weights are fixed random numbers: the file is never opened
+        print(f"fid: fid.weights={cfg.weights} is ignored: the {STANDIN} extractor has no weights to load",
+              file=sys.stderr, flush=True)
+    elif cfg.weights:
+        if name != INCEPTION:  # torch-fidelity would torch.load it unchecked too, running any pickled code
+            raise ConfigError(f"fid.weights: expected fid.extractor={INCEPTION} (or auto), the only extractor "
+                              f"whose weights file can be verified, got fid.extractor={name}")
         if not Path(cfg.weights).is_file():
             raise DataUnavailable(f"fid.weights: {cfg.weights} does not exist; point it at {INCEPTION_FILE} "
                                   f"(from {_inception_url()})")
+        check_inception_weights(Path(cfg.weights))
         kwargs["feature_extractor_weights_path"] = cfg.weights
     try:
         with torch.random.fork_rng(devices=[]):  # default inits must not move the training run's global RNG
@@ -129,6 +141,19 @@ def create_extractor(cfg: FidConfig) -> tuple[nn.Module, str, str]:
             f"fetch {_inception_url()} into {target.parent} (torch hub cache: $TORCH_HOME/hub/checkpoints), or set "
             f"fid.weights=<file>, or use fid.extractor={STANDIN} to score offline with the stand-in") from None
     return extractor, name, layer
+
+
+def check_inception_weights(path: Path) -> None:
+    """Refuse any file but the published Inception weights, before anything reads it as a pickle:
+    torch-fidelity loads ``fid.weights`` with ``torch.load(weights_only=False)``, which runs a pickle's code."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):  # 1 MiB at a time: the real file is 96 MB
+            digest.update(chunk)
+    if digest.hexdigest() != INCEPTION_SHA256:
+        raise ConfigError(f"fid.weights: {path} is not the published Inception weights (sha256 "
+                          f"{digest.hexdigest()}); expected {INCEPTION_FILE} from {_inception_url()} (sha256 "
+                          f"{INCEPTION_SHA256}): torch-fidelity would run code held in any other file")
 
 
 def _inception_url() -> str:
