@@ -1,17 +1,19 @@
 """Crash-safe checkpoints: atomic save, manifest, verify, list, retention, and nested-state serialisation.
 
 Commit protocol (a checkpoint is valid iff ``step-N/manifest.json`` exists and every hash in it verifies):
-  1. every file is written into a staging folder ``.step-N.tmp-<token>/`` and fsynced;
+  1. every file is written into a staging folder ``.step-N.tmp-<pid>_<host>_<token>/`` and fsynced;
   2. ``manifest.json`` (format, step, per-file size, mtime_ns and sha256, config hash) is written last and fsynced;
   3. the staging folder is fsynced, renamed to ``step-N``, and the parent folder fsynced;
   4. only then does retention delete the oldest committed checkpoints beyond ``keep``.
 A crash at any point leaves every earlier checkpoint untouched; staging leftovers are never listed and are
-removed by ``clean_leftovers`` at the next start. A write error (full disk, file size limit, a failing writer)
+removed by ``clean_leftovers`` at the next start once the process that made them is gone (its pid and host are in
+the name). A write error (full disk, file size limit, a failing writer)
 raises ``CheckpointError`` naming the file, and retention never runs. An invalid folder in the way of a new
 commit (corrupt, or never committed) is renamed to ``step-N.invalid-<token>``, never deleted. Tensors go to
 safetensors (no pickle); the rest of a nested
 state (optimizer, RNG, counters) goes to JSON with placeholders pointing at the tensors. Single files outside
-checkpoints (``save_tensors_atomic``) get their sha256 recorded in their folder's ``SHA256SUMS`` instead.
+checkpoints (``save_tensors_atomic``) get their sha256 recorded in their folder's ``SHA256SUMS`` instead; a save
+into a folder first removes the temporary files that dead processes' saves left there.
 
 ``SUITE_FAULT=<point>@<step>`` kills the process with SIGKILL at a named point of the protocol (for the
 crash tests): see ``FAULT_POINTS``.
@@ -33,7 +35,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lawa_suite.errors import CheckpointError
-from lawa_suite.files import first_line, fsync_dir, fsync_file, os_reason, record_sha256s, sha256_file, write_atomic
+from lawa_suite.files import (first_line, fsync_dir, fsync_file, os_reason, owned_sibling, record_sha256s,
+                              remove_dead_leftovers, sha256_file, write_atomic_owned)
 
 __all__ = ["CheckpointError", "Checkpoint", "FAULT_POINTS", "fault_point", "flatten_state", "unflatten_state",
            "save_tensors_atomic", "commit_checkpoint", "verify", "list_checkpoints", "latest_valid",
@@ -131,7 +134,8 @@ def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: 
         tensor_writer(tensors, metadata)(tmp)
         digest.append(sha256_file(tmp))
 
-    write_atomic(path, write)
+    remove_dead_leftovers(path.parent)  # a save killed mid-write left its temporary file: no one will finish it
+    write_atomic_owned(path, write)
     record_sha256s(path.parent, {path.name: digest[0]})
     return digest[0]
 
@@ -167,7 +171,7 @@ def commit_checkpoint(root: Path, step: int, files: dict[str, Callable[[Path], N
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
-    staging = root / f".{step_dir_name(step)}.tmp-{secrets.token_hex(6)}"
+    staging = owned_sibling(final)  # names this process: a later run removes it only once the process is gone
     staging.mkdir()
     try:
         entries = {}
@@ -331,7 +335,9 @@ def apply_retention(root: Path, keep: int, warn: Callable[[str], None] = print) 
 
 
 def clean_leftovers(root: Path) -> list[Path]:
-    """Remove staging folders left by a crash mid-save (they were never committed)."""
+    """Remove staging folders left by a crash mid-save (they were never committed): those of processes no longer
+    running (``files.remove_dead_leftovers``), and those whose name says no owner (a sharded save's scratch folder,
+    older versions' staging), which only the run that holds this folder can have made."""
     root = Path(root)
     removed = []
     if root.is_dir():
@@ -339,6 +345,7 @@ def clean_leftovers(root: Path) -> list[Path]:
             if _STAGING.match(child.name):
                 shutil.rmtree(child, ignore_errors=True)
                 removed.append(child)
+        removed += remove_dead_leftovers(root)
     return removed
 
 

@@ -14,6 +14,7 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -57,6 +58,83 @@ def fsync_file(path: Path) -> None:
 def temporary_sibling(path: Path, kind: str = "tmp") -> Path:
     """``.<name>.<kind>-<token>`` beside ``path``: hidden, unique, on the same file system (renames are atomic)."""
     return path.with_name(f".{path.name}.{kind}-{secrets.token_hex(4)}")
+
+
+# -- temporary names that say whose they are ------------------------------------------------------------------
+# A process killed mid-write leaves its temporary file or staging folder behind. One named by ``owned_sibling``
+# carries its maker's pid and host, so a later process removes what a dead process left (``remove_dead_leftovers``)
+# and keeps what a live writer is still writing, and anything not named so.
+HOST = re.sub(r"\W", "_", socket.gethostname(), flags=re.ASCII)[:64] or "localhost"  # a word: "tmp-\w+" matches
+_OWNED = re.compile(r"^\.(?P<target>.+)\.(?P<kind>[a-z]+)-(?P<pid>\d+)_(?P<host>\w+)_[0-9a-f]{8}$", re.ASCII)
+
+
+def owned_sibling(path: Path, kind: str = "tmp") -> Path:
+    """``.<name>.<kind>-<pid>_<host>_<token>`` beside ``path``: a ``temporary_sibling`` whose name says which process
+    made it."""
+    return path.with_name(f".{path.name}.{kind}-{os.getpid()}_{HOST}_{secrets.token_hex(4)}")
+
+
+def owner_of(name: str) -> tuple[str, str, int, str] | None:
+    """``(target name, kind, pid, host)`` of a name ``owned_sibling`` made, or None for any other name."""
+    found = _OWNED.match(name)
+    return (found["target"], found["kind"], int(found["pid"]), found["host"]) if found else None
+
+
+def process_alive(pid: int, host: str) -> bool:
+    """False only where that is certain: no process ``pid`` on this host (another host's cannot be asked)."""
+    if host != HOST or pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: asks whether the process exists, sends nothing
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, another user's
+        return True
+    return True
+
+
+def remove_dead_leftovers(folder: Path, kind: str = "tmp") -> list[Path]:
+    """Remove from ``folder`` the ``owned_sibling`` entries of ``kind`` whose maker, on this host, is no longer
+    running: a temporary ("tmp") file or staging folder of a dead process is never renamed into place. Returns
+    what was removed. A live process's entries, another host's, and every other name are kept."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return removed
+    for entry in entries:
+        owner = owner_of(entry.name)
+        if owner is None or owner[1] != kind or process_alive(owner[2], owner[3]):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            Path(entry.path).unlink(missing_ok=True)
+        removed.append(Path(entry.path))
+    return removed
+
+
+def write_atomic_owned(path: Path, write: Callable[[Path], None], durable: bool = True) -> None:
+    """``write_atomic`` through an ``owned_sibling``: a kill mid-write leaves a file ``remove_dead_leftovers``
+    can tell from a live writer's."""
+    path = Path(path)
+    tmp = owned_sibling(path)
+    try:
+        write(tmp)
+        if durable:
+            fsync_file(tmp)
+        os.replace(tmp, path)
+        if durable:
+            fsync_dir(path.parent)
+    except Exception as exc:  # OSError, or a library's own error for a failed write (safetensors, numpy)
+        tmp.unlink(missing_ok=True)
+        raise WriteError(f"could not write {path}: {os_reason(exc)}") from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+__all__ += ["HOST", "owned_sibling", "owner_of", "process_alive", "remove_dead_leftovers", "write_atomic_owned"]
 
 
 def write_atomic(path: Path, write: Callable[[Path], None], durable: bool = True) -> None:

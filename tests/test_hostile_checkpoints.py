@@ -4,18 +4,25 @@ killed processes, a trajectory that diverges into Inf (issue "Nothing lost, noth
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from lawa_suite import checkpoints as ckpt
+from lawa_suite import checkpoints as ckpt, files
 from lawa_suite.cli import app
 from lawa_suite.config import resolve
 from lawa_suite.train import train
 
 runner = CliRunner()
+ROOT = Path(__file__).resolve().parent.parent
 
 
 # -- 4. verify trusts no manifest ------------------------------------------------------------------------------
@@ -146,3 +153,126 @@ def test_checkpoints_of_other_writers_keep_their_own_files(tmp_path):
     assert ckpt.verify(folder) == []
     edit_manifest(folder, lambda m: m.update(files={}))
     assert ckpt.verify(folder) == [f"{folder / 'manifest.json'}: lists no files; a checkpoint holds at least one"]
+
+
+# -- 6. leftovers of killed processes: ours and dead are removed, live ones and strangers' kept ----------------
+@pytest.fixture
+def pids():
+    """A pid no process has any more (a child that ran and was reaped) and a live one (a sleeping child)."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        yield dead.pid, live.pid
+    finally:
+        live.kill()
+        live.wait()
+
+
+def leftover(folder: Path, target: str, pid: int, is_dir: bool = False) -> Path:
+    path = folder / f".{target}.tmp-{pid}_{files.HOST}_0123abcd"
+    assert files.owner_of(path.name) == (target, "tmp", pid, files.HOST)
+    if is_dir:
+        path.mkdir()
+        (path / "model.safetensors").write_bytes(b"half of a file")
+    else:
+        path.write_bytes(b"half of a file")
+    return path
+
+
+def strangers(folder: Path, target: str, dead: int, is_dir: bool = False) -> list[Path]:
+    """Names like those of a dead process's leftovers that are not: no owner, another host's (where that pid may
+    live), another kind (an ``old`` folder may be the only copy), not hidden, a longer name (a user's own)."""
+    ours = f"{dead}_{files.HOST}_0123abcd"
+    made = [folder / f".{target}.tmp-0123abcd", folder / f".{target}.tmp-{dead}_elsewhere_0123abcd",
+            folder / f".{target}.old-{ours}", folder / f"{target}.tmp-{ours}", folder / f".{target}.tmp-{ours}.bak"]
+    for path in made:
+        path.mkdir() if is_dir else path.write_bytes(b"not ours to remove")
+    return made
+
+
+def test_a_trajectory_save_removes_what_dead_saves_left_and_nothing_else(tmp_path, pids):
+    dead, live = pids
+    folder = tmp_path / "trajectory"
+    folder.mkdir()
+    target = "step-00000004.safetensors"
+    gone, kept = leftover(folder, target, dead), [leftover(folder, target, live), *strangers(folder, target, dead)]
+    ckpt.save_tensors_atomic(folder / "step-00000008.safetensors", {"w": torch.ones(3)})
+    assert not gone.exists() and all(p.exists() for p in kept)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [p.name for p in kept] + ["step-00000008.safetensors", "SHA256SUMS"])
+
+
+def test_a_save_killed_mid_write_leaves_a_file_the_next_save_removes(tmp_path):
+    folder = tmp_path / "trajectory"
+    folder.mkdir()
+    code = ("import os, signal, sys, torch\n"
+            "from pathlib import Path\n"
+            "from lawa_suite import checkpoints as ckpt\n"
+            "ckpt.sha256_file = lambda path: os.kill(os.getpid(), signal.SIGKILL)  # written, not renamed\n"
+            "ckpt.save_tensors_atomic(Path(sys.argv[1]) / 'step-00000004.safetensors', {'w': torch.ones(1000)})\n")
+    killed = subprocess.run([sys.executable, "-c", code, str(folder)], cwd=ROOT, timeout=120)
+    assert killed.returncode == -signal.SIGKILL
+    left = [p.name for p in folder.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".step-00000004.safetensors.tmp-"), left
+    ckpt.save_tensors_atomic(folder / "step-00000008.safetensors", {"w": torch.ones(3)})
+    assert sorted(p.name for p in folder.iterdir()) == ["SHA256SUMS", "step-00000008.safetensors"]
+
+
+def test_clean_leftovers_removes_dead_staging_and_keeps_live_and_strangers(tmp_path, pids):
+    dead, live = pids
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    gone = leftover(root, "step-00000020", dead, is_dir=True)
+    no_owner, *others = strangers(root, "step-00000040", dead, is_dir=True)
+    kept = [leftover(root, "step-00000030", live, is_dir=True), *others]
+    # a staging name without an owner (a sharded save's scratch, an older version's): removed, as before
+    assert sorted(ckpt.clean_leftovers(root)) == sorted([gone, no_owner])
+    assert all(p.exists() for p in kept)
+
+
+def test_a_staging_folder_names_its_process(tmp_path):
+    seen = []
+    real = ckpt.fsync_dir
+
+    def spy(path):
+        seen.append(Path(path).name)
+        real(path)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ckpt, "fsync_dir", spy)
+        ckpt.commit_checkpoint(tmp_path, 7, {"a.bin": lambda p: p.write_bytes(b"a")})
+    assert files.owner_of(seen[0]) == ("step-00000007", "tmp", os.getpid(), files.HOST)
+
+
+def small_trajectory(folder: Path, steps, bad=()) -> None:
+    folder.mkdir(parents=True)
+    for step in steps:
+        w = {"w": torch.full((4, 3), float(step)), "b": torch.arange(3.0) + step}
+        if step in bad:
+            w["w"][1, 2] = float("inf")
+        save_file(w, str(folder / f"step-{step:08d}.safetensors"), metadata={"step": str(step)})
+
+
+def test_a_killed_suite_average_leaves_staging_the_next_one_removes(tmp_path, pids):
+    dead, live = pids
+    small_trajectory(tmp_path / "traj", [1, 2, 3, 4])
+    code = ("import os, signal, sys\n"
+            "from lawa_suite.posthoc import average, parse_jobs, run\n"
+            "def die(*args, **kwargs):\n"
+            "    os.kill(os.getpid(), signal.SIGKILL)  # the outputs are written, the manifests not yet\n"
+            "run._write_manifests = die\n"
+            "average(sys.argv[1], parse_jobs(['ema'], {}), sys.argv[2])\n")
+    killed = subprocess.run([sys.executable, "-c", code, str(tmp_path / "traj"), str(tmp_path / "out")], cwd=ROOT,
+                            timeout=120)
+    assert killed.returncode == -signal.SIGKILL
+    (staged,) = [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]
+    assert files.owner_of(staged.name)[:2] == ("out", "tmp")
+    assert any(staged.rglob("*.safetensors")), "the kill came after the outputs were written"
+    alive = leftover(tmp_path, "out", live, is_dir=True)
+    others = strangers(tmp_path, "out", dead, is_dir=True)
+    also_dead = leftover(tmp_path, "out2", dead, is_dir=True)  # another output's: ours and dead, the same parent
+    result = runner.invoke(app, ["average", str(tmp_path / "traj"), "averager=ema", f"out={tmp_path / 'out'}"])
+    assert result.exit_code == 0, result.output
+    assert not staged.exists() and not also_dead.exists() and alive.exists() and all(p.exists() for p in others)
+    assert f"removed {staged}" in result.output and "no longer running" in result.output
+    assert (tmp_path / "out" / "manifest.json").is_file()

@@ -6,7 +6,9 @@ Values are checked for NaN/Inf where the averaging reads them, slice by slice, b
 every bad tensor of every input, and nothing is committed. (Stored averages a reconstruction combines, and inputs
 with other problems, are checked up front, in threads.) The output folder is staged beside its target and renamed
 into place only at the end (``force`` replaces an existing one the same way); it may not lie inside the input or
-contain it. Inputs are never written.
+contain it. Inputs are never written. The staging folder's name carries this process's pid and host: a run killed
+mid-way leaves it behind, and the next ``suite average`` into the same parent folder removes it once that process
+is gone (and nothing a live process is writing).
 
 Every averager folder carries ``manifest.json`` (input steps and files, averager and keys, suite version, each
 output's sha256) and ``SHA256SUMS`` (each output's sha256, size and mtime, for ``sha256sum -c`` and for a later run
@@ -30,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from lawa_suite.errors import PosthocError
-from lawa_suite.files import (Recorded, commit_folder, fsync_dir, inside, record_sha256s, require_new_out,
-                              staged_folder, write_text_atomic)
+from lawa_suite.files import (Recorded, commit_folder, fsync_dir, inside, owned_sibling, owner_of, record_sha256s,
+                              remove_dead_leftovers, require_new_out, write_text_atomic)
 from lawa_suite.posthoc.checks import check_layouts, nonfinite_problem, problem_list
 from lawa_suite.posthoc.discover import Snapshot, discover, find_stored
 from lawa_suite.posthoc.jobs import Job
@@ -76,6 +78,8 @@ def average(source: str | os.PathLike[str], jobs: Sequence[Job], out: str | os.P
     folder, snapshots, problems, reconstructing = _inputs(Path(source), jobs, allow_torch_load, log)
     if folder.is_dir():
         _check_out(out, folder, force)
+    for leftover in remove_dead_leftovers(out.parent):
+        log(f"removed {leftover}: left behind by process {owner_of(leftover.name)[2]}, which is no longer running")
     readers = [Reader(s, at) for s in snapshots]
     # unmapping gigabytes of inputs takes the kernel a while: done on a thread of its own once the pass is over,
     # alongside the outputs' fsyncs and the manifests
@@ -176,7 +180,9 @@ def _validated_run(pool: ThreadPoolExecutor, folder: Path, found: list[str], rea
     if not hash_inputs and (changed := _changed_since_recorded(snapshots, stats)):
         log(f"note: {_short(changed)} changed since their sha256 was recorded (size or mtime differ): the manifest "
             f"gives their size and mtime only; --hash-inputs reads them and checks them against the record")
-    staging = staged_folder(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = owned_sibling(out)  # names this process: a later run removes it if this one is killed
+    staging.mkdir()
     try:
         order = ordered_layout(readers[0].layout)
         try:
