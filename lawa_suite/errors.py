@@ -19,7 +19,8 @@ from typing import ClassVar
 
 __all__ = ["SuiteError", "ConfigError", "RegistryError", "UnknownNameError", "PluginError", "PosthocError",
            "AnalysisError", "ExportUnsupported", "DataUnavailable", "DataPathError", "CheckpointError", "WriteError",
-           "NonFiniteTraining", "Preempted", "Interrupted", "EXIT_NONFINITE", "EXIT_INTERRUPTED", "EXIT_PREEMPTED"]
+           "RunInUse", "DamagedFile", "NonFiniteTraining", "Preempted", "Interrupted", "EXIT_NONFINITE",
+           "EXIT_INTERRUPTED", "EXIT_PREEMPTED"]
 
 EXIT_NONFINITE = 3
 EXIT_INTERRUPTED = 130
@@ -71,6 +72,11 @@ class ExportUnsupported(SuiteError):
     exit_code = 2
 
 
+class RunInUse(ConfigError):
+    """Another process holds the lock of the run folder ``out=`` names; the message names it (pid, host, since
+    when). Exit 2, like a folder that already holds a run: the answer is another ``out=``, or waiting."""
+
+
 # -- exit 1: the work could not be done ---------------------------------------------------------------------
 class DataUnavailable(SuiteError, RuntimeError):
     """Data could not be found or fetched; the message says what is missing and where to put it."""
@@ -87,6 +93,11 @@ class CheckpointError(SuiteError, RuntimeError):
 
 class WriteError(SuiteError):
     """A file could not be written; the message names it and the reason (errno text for OS errors)."""
+
+
+class DamagedFile(SuiteError):
+    """A file the suite writes cannot be read back whole (a line in the middle of ``metrics.jsonl`` that is not
+    JSON); the message names the file and the line."""
 
 
 # -- training stopped --------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """File helpers every module shares (one copy each): atomic writes, fsyncs, sha256 and its records, staged
-folders, the "out must be new" rule, and the one-line reason of an exception.
+folders, the "out must be new" rule, the mark saying which command made a folder, and the one-line reason of an
+exception.
 
 Atomic means: written under a temporary sibling name, fsynced, renamed into place, and the folder fsynced, so
 a reader (or a crash) sees the old file or the new one, never half of one. Temporary names start with a dot
@@ -9,6 +10,7 @@ and carry a random token, so concurrent writers of one file never collide and li
 from __future__ import annotations
 
 import hashlib
+import json
 import mmap
 import os
 import re
@@ -25,7 +27,8 @@ from lawa_suite.errors import SuiteError, WriteError
 
 __all__ = ["first_line", "os_reason", "fsync_dir", "fsync_file", "temporary_sibling", "write_atomic",
            "write_text_atomic", "write_npz_atomic", "sha256_file", "SUMS", "Recorded", "record_sha256s",
-           "read_sha256s", "inside", "require_new_out", "staged_folder", "commit_folder"]
+           "read_sha256s", "inside", "require_new_out", "staged_folder", "commit_folder", "OUTPUT_MARK",
+           "mark_output", "made_by"]
 
 
 def first_line(exc: BaseException | str) -> str:
@@ -290,3 +293,24 @@ def commit_folder(staging: Path, out: Path) -> None:
     fsync_dir(out.parent)
     if old is not None:
         shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+
+# -- which command made a folder --------------------------------------------------------------------------------
+OUTPUT_MARK = "suite-output.json"
+
+
+def mark_output(folder: Path, command: str, **details: Any) -> None:
+    """Write ``folder/suite-output.json``: ``{"command": command, ...details}``. A command that writes a whole
+    folder (``suite export``, ``suite eval out=``, ``suite analyze lmc``) marks it, so that its ``--force`` later
+    replaces that folder and nothing else (``rundir.claim_out``)."""
+    record = {"command": command, **{k: str(v) for k, v in details.items()}}
+    write_text_atomic(Path(folder) / OUTPUT_MARK, json.dumps(record, indent=1) + "\n")
+
+
+def made_by(folder: Path) -> str | None:
+    """The command that marked ``folder`` as its output (``mark_output``), or None (no mark, or not readable)."""
+    try:
+        command = json.loads((Path(folder) / OUTPUT_MARK).read_text(encoding="utf-8")).get("command")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return command if isinstance(command, str) else None

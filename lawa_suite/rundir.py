@@ -4,24 +4,46 @@
 may change on resume are ``RESUMABLE_CHANGES``); a folder holding only the config of a run that stopped before
 its first step may be reused. A saved ``config.yaml`` resolves again to the config that made the run.
 ``metrics.jsonl`` is appended and flushed line by line; on resume the lines after the checkpoint's step are
-dropped, since the resumed run computes them again.
+dropped, since the resumed run computes them again. A process killed mid-write may leave its last line cut
+short: readers skip that line with a warning (``read_metrics``); anything else that is not the suite's records is
+a one-line error naming the file and the line. Resuming needs the suite's own ``config.yaml`` in ``out``: a
+folder without one is refused before anything is written.
+
+One process writes a run folder at a time: the main process of a run holds a lock on it (``lock_run``) from
+``prepare_run_dir`` until the run ends (``MetricsLog.close``) or the process exits. A second process is refused
+in one line naming the holder. The lock is ``flock`` on ``.<name>.lock`` beside the folder (not in it, so a run
+folder's listing is only the run's files), holding the holder's pid, host and start time: the kernel drops it
+when the holder dies, so a killed run never leaves a lock behind that blocks the next one.
+
+What marks a run (``holds_run``): a ``config.yaml`` in a folder that no other command marked as its output
+(``files.OUTPUT_MARK``). Commands that write a folder (``suite export``, ``suite eval``, ``suite analyze lmc``)
+go through ``claim_out``: an ``out=`` that is, holds or lies in one of their inputs is refused, and ``--force``
+replaces only a folder the same command made before and that holds no run.
 """
 
 from __future__ import annotations
 
+import atexit
+import fcntl
 import json
 import math
 import os
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from lawa_suite.config import ResolvedConfig, dotted, resolve
-from lawa_suite.errors import ConfigError
-from lawa_suite.files import write_text_atomic
+from lawa_suite.errors import ConfigError, DamagedFile, RunInUse, SuiteError
+from lawa_suite.files import OUTPUT_MARK, inside, made_by, write_text_atomic
 
-__all__ = ["MetricsLog", "truncate_metrics", "prepare_run_dir", "find_run_config", "read_saved", "load_resolved",
+__all__ = ["MetricsLog", "read_metrics", "truncate_metrics", "prepare_run_dir", "lock_run", "unlock_run",
+           "lock_file", "holds_run", "claim_out", "find_run_config", "read_saved", "load_resolved",
            "config_differences", "RESUMABLE_CHANGES"]
 
 # Keys that may change between a run and its resumption (none changes what is computed); any other difference is
@@ -47,27 +69,222 @@ class MetricsLog:
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
+            unlock_run(self.path.parent)  # the run has ended: its folder is free for the next process
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _metrics_lines(path: Path, warn: Callable[[str], None]) -> list[tuple[str, dict[str, Any]]]:
+    """``(line, record)`` for each record of ``metrics.jsonl`` (see ``read_metrics``)."""
+    raw = Path(path).read_bytes().split(b"\n")
+    numbered = [(n, line) for n, line in enumerate(raw, 1) if line.strip()]
+    found = []
+    for n, line in numbered:
+        try:
+            text = line.decode("utf-8")
+            record = json.loads(text)
+        except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError both
+            if n == numbered[-1][0]:  # a process killed mid-write: the lines before it are whole
+                warn(f"{path} line {n} is cut short (a run killed mid-write?); read the {len(found)} record(s) "
+                     f"before it")
+                break
+            raise DamagedFile(f"{path} line {n} is not JSON ({exc.__class__.__name__}) and more lines follow it, so "
+                              f"it is damage, not a cut-short last line; only the last line may be cut short") from None
+        step = record.get("step") if isinstance(record, dict) else None
+        if not (isinstance(step, int) and not isinstance(step, bool)
+                and all(isinstance(record.get(k, ""), str) for k in ("weights", "split"))):
+            raise ConfigError(f"{path} line {n} is not a lawa-suite metrics record (expected a JSON object with an "
+                              f"integer step, as suite run writes); point at a run folder the suite wrote")
+        found.append((text, record))
+    return found
+
+
+def read_metrics(path: Path, warn: Callable[[str], None] = _warn) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl``. A last line that is not JSON (a process killed mid-write) is skipped
+    and ``warn``-ed about; a line before the last that is not JSON is a ``DamagedFile`` (exit 1); a JSON line that
+    is not the suite's record (an object with an integer ``step``) is a ``ConfigError`` (exit 2: the folder is
+    not a suite run). Each names the file and the line."""
+    return [record for _, record in _metrics_lines(path, warn)]
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop lines logged after ``last_step`` (they belong to the part of the run a resume recomputes)."""
+    """Drop lines logged after ``last_step`` (they belong to the part of the run a resume recomputes), and a last
+    line a kill cut short."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    kept = [line for line, record in _metrics_lines(path, _warn) if record["step"] <= last_step]
     write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
+# -- one process writes a run folder --------------------------------------------------------------------------
+@dataclass
+class _Lock:
+    path: Path
+    fd: int
+    pid: int  # the process that took it: a forked child inherits the table, not the right to release
+
+
+_held: dict[Path, _Lock] = {}
+
+
+def lock_file(out: Path) -> Path:
+    """The lock of run folder ``out``: ``.<name>.lock`` beside the folder it names (links resolved, so two names
+    of one folder share one lock)."""
+    real = Path(out).resolve()
+    return real.with_name(f".{real.name}.lock")
+
+
+def _holder(fd: int) -> str:
+    """Who holds a lock, from the record it wrote: pid, host (this one or another) and since when."""
+    try:
+        record = json.loads(os.pread(fd, 4096, 0).decode("utf-8"))
+        pid, host, since = record["pid"], record["host"], record["since"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "a process that has not written its name yet"
+    where = "this host" if host == socket.gethostname() else f"host {host} (another host)"
+    return f"pid {pid} on {where}, since {since}"
+
+
+def _in_use(out: Path, path: Path, fd: int) -> RunInUse:
+    return RunInUse(f"out: {out} is in use by another suite run ({_holder(fd)}; lock {path}); wait for it to end "
+                    f"or choose another out=")
+
+
+def _refuse_if_locked(out: Path) -> None:
+    """A ``RunInUse`` if another process holds the lock of ``out``; takes nothing (a shared lock tried and
+    dropped at once), so every process of a run may ask, before its main process locks."""
+    path = lock_file(out)
+    held = _held.get(path)
+    if held is not None and held.pid == os.getpid():
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:  # no lock file: nobody holds the folder
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise _in_use(out, path, fd) from None
+    except OSError:  # no flock here: lock_run says so when it tries
+        pass
+    finally:
+        os.close(fd)  # (drops the shared lock, if taken)
+
+
+def lock_run(out: Path) -> bool:
+    """Lock run folder ``out`` for this process until ``unlock_run`` or its exit; True if taken now, False if this
+    process held it already. Another holder is a ``RunInUse`` naming it. Where the file system has no ``flock``
+    (or the lock cannot be created) the run goes on unlocked, with a warning."""
+    path = lock_file(out)
+    held = _held.get(path)
+    if held is not None and held.pid == os.getpid():
+        return False
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            _warn(f"could not create the lock {path} ({exc.strerror}); this run is not guarded against another "
+                  f"one writing {out}")
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            error = _in_use(out, path, fd)
+            os.close(fd)
+            raise error from None
+        except OSError as exc:  # ENOLCK, EOPNOTSUPP: a file system without flock
+            os.close(fd)
+            _warn(f"could not lock {path} ({exc.strerror}); this run is not guarded against another one writing "
+                  f"{out}")
+            return False
+        # The holder before us removes the file as it lets go: a lock on a removed file guards nothing, so open
+        # the new one and lock again.
+        try:
+            current = os.stat(path)
+        except FileNotFoundError:
+            current = None
+        mine = os.fstat(fd)
+        if current is not None and (current.st_dev, current.st_ino) == (mine.st_dev, mine.st_ino):
+            break
+        os.close(fd)
+    record = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+              "out": str(out)}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(record) + "\n").encode("utf-8"), 0)
+    _held[path] = _Lock(path, fd, os.getpid())
+    return True
+
+
+def unlock_run(out: Path) -> None:
+    """Let go of the lock of ``out`` if this process holds it (removing the file while still holding it: a
+    process that opened it meanwhile sees it gone and retries)."""
+    held = _held.get(lock_file(out))
+    if held is not None:
+        _release(held)
+
+
+def _release(held: _Lock) -> None:
+    if held.pid != os.getpid():
+        return
+    del _held[held.path]
+    try:
+        os.unlink(held.path)
+    except OSError:
+        pass
+    os.close(held.fd)
+
+
+@atexit.register
+def _unlock_all() -> None:  # the kernel drops the locks anyway; this also removes the files
+    for held in list(_held.values()):
+        _release(held)
+
+
 def prepare_run_dir(cfg: ResolvedConfig, is_main: bool) -> Path:
-    """Create ``out``; refuse to overwrite an earlier run unless resuming it with the same config."""
+    """Check ``out`` (refuse to overwrite an earlier run unless resuming it with the same config); for the main
+    process, lock it (``lock_run``), then create it and write ``config.yaml``. Every process calls it with
+    ``is_main=False`` first (checks only), then the main process alone with ``is_main=True``, so a run of many
+    processes locks its folder once."""
     out = Path(cfg.run.out)
-    config_file = out / "config.yaml"
+    if not is_main:
+        _check_run_dir(cfg, out, False)
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    taken = lock_run(out)
+    try:  # the checks again, under the lock: another process may have written out= since
+        _check_run_dir(cfg, out, True)
+        out.mkdir(parents=True, exist_ok=True)
+        if not (out / "config.yaml").exists() or _never_started(cfg, out):
+            write_text_atomic(out / "config.yaml", cfg.to_yaml())
+    except BaseException:
+        if taken:
+            unlock_run(out)
+        raise
+    return out
+
+
+def _never_started(cfg: ResolvedConfig, out: Path) -> bool:
     # A run that stopped before its first step (missing data, a bad tokenizer) left only config.yaml: starting
     # again there loses nothing, so it is allowed and the config is rewritten.
-    never_started = out.is_dir() and {p.name for p in out.iterdir()} == {"config.yaml"} and not cfg.run.resume
+    return out.is_dir() and {p.name for p in out.iterdir()} == {"config.yaml"} and not cfg.run.resume
+
+
+def _check_run_dir(cfg: ResolvedConfig, out: Path, is_main: bool) -> None:
+    _refuse_if_locked(out)  # first: a run in progress is named as such, not as "a folder that holds a run"
+    config_file = out / "config.yaml"
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out: {out} is a file; out= names the run's folder")
+    if made_by(out) is not None:  # scores hold a config.yaml and a metrics.jsonl too, but are not a run
+        raise ConfigError(f"out: {out} was written by {made_by(out)}, not by suite run; choose another out=")
+    never_started = _never_started(cfg, out)
     if config_file.exists() and not never_started:
         if not cfg.run.resume:
             raise ConfigError(f"out: {out} already holds a run; pass resume=auto to continue it, or another out=")
         saved = read_saved(config_file)
+        if (out / "metrics.jsonl").is_file():  # a foreign or damaged log stops the resume before it writes
+            read_metrics(out / "metrics.jsonl", warn=lambda message: None)
         diffs = config_differences(saved, cfg.as_dict(), cfg.run.reset_averagers)
         if diffs:
             averager_names = set(saved.get("averager", [])) | set(cfg.averagers)
@@ -77,13 +294,55 @@ def prepare_run_dir(cfg: ResolvedConfig, is_main: bool) -> Path:
                               f"resume with the same settings or start a new out={hint}")
         if cfg.run.reset_averagers and is_main:  # the run's record follows the averagers it now has
             write_text_atomic(config_file, cfg.to_yaml())
-    elif out.exists() and any(out.iterdir()) and not cfg.run.resume and not never_started:
+    elif out.is_dir() and any(out.iterdir()) and not never_started:
+        if cfg.run.resume:  # resume continues only what the suite made: another folder's files are not a run
+            raise ConfigError(f"resume: {out} holds no config.yaml, so it is not a run of the suite; resume "
+                              f"continues a folder suite run made (config.yaml, metrics.jsonl, checkpoints/); "
+                              f"choose another out=")
         raise ConfigError(f"out: {out} exists and is not empty; choose another out=")
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        if not config_file.exists() or never_started:
-            write_text_atomic(config_file, cfg.to_yaml())
-    return out
+
+
+# -- folders other commands write ----------------------------------------------------------------------------
+def holds_run(folder: Path) -> Path | None:
+    """The first run in ``folder`` or below it (a ``config.yaml`` whose folder no command marked as its output:
+    even a foreign one is kept, since it may be someone's run), or None."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    for config in sorted(folder.rglob("config.yaml")):
+        if config.is_file() and made_by(config.parent) is None:
+            return config.parent
+    return None
+
+
+def claim_out(out: Path, command: str, inputs: Iterable[Path], force: bool,
+              error: type[SuiteError] = ConfigError) -> None:
+    """The rule for every command that writes a folder ``out``: never an ``out`` that is, holds or lies in one of
+    ``inputs``; a non-empty ``out`` only with ``force``, and then only one that ``command`` made before (its
+    ``files.OUTPUT_MARK`` says so) and that holds no run. Refusals are one line, as ``error`` (its exit code)."""
+    out = Path(out)
+    real = out.resolve()
+    for given in inputs:
+        source = Path(given).resolve()
+        if inside(real, source):
+            raise error(f"out: {out} is or lies in the input {given}; inputs are never written, choose a folder "
+                        f"outside it")
+        if inside(source, real):
+            raise error(f"out: {out} holds the input {given}; it would be replaced, choose a folder outside it")
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    if not force:
+        raise error(f"out: {out} already exists and is not empty; choose another folder or pass --force to replace "
+                    f"a folder {command} made")
+    owner = made_by(out) if out.is_dir() else None
+    if owner != command:
+        what = f"{owner} made it" if owner else f"no {OUTPUT_MARK} says {command} made it"
+        raise error(f"out: {out} was not made by {command} ({what}); --force replaces only a folder {command} made "
+                    f"before; choose another out=")
+    run = holds_run(out)
+    if run is not None:
+        raise error(f"out: {out} holds a run ({run / 'config.yaml'}); --force never replaces a run, choose another "
+                    f"out=")
 
 
 # -- saved configs ---------------------------------------------------------------------------------------------
@@ -100,10 +359,21 @@ def read_saved(file: Path) -> dict[str, Any]:
     """A saved ``config.yaml`` as the nested dict it holds; a file that is not a run config is a ConfigError."""
     if not file.is_file():
         raise ConfigError(f"config: {file} not found (expected a run folder holding config.yaml)")
-    saved = yaml.safe_load(file.read_text())
+    try:  # safe_load: a Python tag (!!python/object/apply:...) is an error here, never code that runs
+        saved = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config: {file} is not a lawa-suite run config ({_yaml_problem(exc)}); the suite reads "
+                          f"plain YAML, no Python tags") from None
     if not isinstance(saved, dict) or "task" not in saved:
         raise ConfigError(f"config: {file} is not a lawa-suite run config (no 'task' key)")
     return saved
+
+
+def _yaml_problem(exc: Exception) -> str:
+    """One line for a YAML error: its problem and line (the library's message spans several lines)."""
+    problem = getattr(exc, "problem", None) or str(exc).strip().splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    return f"{problem}, line {mark.line + 1}" if mark is not None else problem
 
 
 def load_resolved(path: str | os.PathLike[str]) -> ResolvedConfig:

@@ -7,15 +7,13 @@ run's final headline metric (the LAWA papers' "steps saved" view).
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from lawa_suite.files import write_text_atomic
+from lawa_suite.rundir import read_metrics, read_saved
 
 __all__ = ["Curves", "load_metrics", "evaluator_of", "metric_directions", "metric_notes", "wide_range", "ordered",
            "direction_of", "better", "summarise", "first_reaching", "best_point", "fmt", "comparison_table",
@@ -28,10 +26,7 @@ def load_metrics(path: Path) -> tuple[Curves, list[tuple[int, float]]]:
     """Validation curves per weights and metric, and the training-loss curve, from ``metrics.jsonl``."""
     curves: Curves = defaultdict(lambda: defaultdict(list))
     train: list[tuple[int, float]] = []
-    for line in Path(path).read_text().splitlines():
-        if not line.strip():
-            continue
-        record = json.loads(line)
+    for record in read_metrics(Path(path)):  # a cut-short last line is skipped with a warning; others are errors
         step, split, weights = record["step"], record.get("split"), record.get("weights", "raw")
         if split == "train":
             if record.get("loss") is not None:
@@ -198,14 +193,17 @@ def plot_curves(curves: Curves, train: list[tuple[int, float]], metrics: list[st
 def write_report(run_dir: Path) -> Path:
     """Write ``report.md`` and ``curves.png`` into ``run_dir``; returns the report's path."""
     run_dir = Path(run_dir)
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config = read_saved(run_dir / "config.yaml")  # one line for a foreign or hostile config.yaml, no traceback
     curves, train = load_metrics(run_dir / "metrics.jsonl")
     directions = metric_directions(config["task"])
     metrics, rows = summarise(curves, directions)
     headline = metrics[0] if metrics else None
+    config = {"preset": "?", "lr": "?", "seed": "?", "averager": [], **config}  # a hand-written one may lack these
+    if "steps" not in config:
+        config["steps"] = max((step for c in curves.values() for p in c.values() for step, _ in p), default=0)
     title = f"{config['task']} ({config['preset']}), lr {config['lr']}, seed {config['seed']}"
     lines = [f"# Run report: {run_dir.name}", "",
-             f"{title}; {config['steps']} steps; averagers: {', '.join(config['averager']) or 'none'}. "
+             f"{title}; {config['steps']} steps; averagers: {', '.join(map(str, config['averager'])) or 'none'}. "
              f"Every evaluation scores all weights on the same held-out batches. Config: `config.yaml`.", ""]
     if rows:
         lines += [comparison_table(metrics, rows, headline), ""]
