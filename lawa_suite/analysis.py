@@ -18,12 +18,18 @@ the statistics they were saved with.
 Predictions for the disagreement rate come from the task: ``predictions(model, batch)`` if it defines one,
 else the arg-max of ``logits_and_targets(model, batch)``'s logits (classes for images, next tokens for text).
 A task with neither (a diffusion model) gets the curve but no disagreement rate, and is told why.
+
+Folders these commands write (``suite eval out=``, ``suite analyze lmc out=``) follow ``rundir.claim_out``: never
+an input or a folder holding one; ``--force`` replaces only a folder the same command made, known by the
+``suite-output.json`` it wrote there (``files.mark_output``), and never one holding a run. A scored folder of
+checkpoints holds ``config.yaml`` and ``metrics.jsonl`` like a run; its mark is what tells the two apart.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -37,10 +43,10 @@ from lawa_suite.averagers.base import accumulation_dtype
 from lawa_suite.causal_lm import CausalLMConfig, CausalLMTask, causal_lm_config, causal_lm_folder
 from lawa_suite.config import ResolvedConfig, dotted, parse_overrides, resolve
 from lawa_suite.errors import AnalysisError, ConfigError
-from lawa_suite.files import require_new_out, write_text_atomic
+from lawa_suite.files import commit_folder, mark_output, staged_folder, write_text_atomic
 from lawa_suite.report import comparison_table, load_metrics, plot_curves, summarise
 from lawa_suite.report.run import fmt
-from lawa_suite.rundir import find_run_config, read_saved
+from lawa_suite.rundir import claim_out, find_run_config, read_saved
 from lawa_suite.scoring import Scorer, forked_rng, score_line, seed_everything
 from lawa_suite.tasks.base import has_batchnorm
 
@@ -177,6 +183,8 @@ def evaluate(path: str | os.PathLike[str], overrides: Sequence[str] = (), allow_
     (``evaluate_posthoc``); any other folder of checkpoints (a run's trajectory, Hugging Face ``checkpoint-N/``
     folders) has each checkpoint scored, into ``out`` (``evaluate_checkpoints``). Returns the report."""
     path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"path: {path} does not exist")
     if not (path / "manifest.json").exists() and posthoc.discover(path, allow_torch_load=True).snapshots:
         return evaluate_checkpoints(path, out or default_out("eval"), overrides, allow_torch_load, log, at, force)
     if out is not None:
@@ -230,7 +238,11 @@ def evaluate_checkpoints(source: str | os.PathLike[str], out: str | os.PathLike[
     report."""
     source, out = Path(source), Path(out)
     evaluation_config = eval_config(source, overrides)
-    check_out(out, force)  # before the work, which may take long
+    try:
+        inputs = [source, find_run_config(source)]
+    except ConfigError:  # scored by task= or as Hugging Face folders: the checkpoints are the only input
+        inputs = [source]
+    check_out(out, force, "suite eval", inputs)  # before the work, which may take long
     _, snapshots, problems, _ = posthoc.discover(source, allow_torch_load)
     if problems:
         raise AnalysisError(f"{source}: " + "; ".join(problems))
@@ -241,8 +253,16 @@ def evaluate_checkpoints(source: str | os.PathLike[str], out: str | os.PathLike[
         scores = {"raw": evaluation.score(read(snapshot), recalibrate=False)}
         records.append({"step": snapshot.step, "weights": "raw", "split": "val", **scores["raw"]})
         log(score_line(snapshot.step, scores))
-    out.mkdir(parents=True, exist_ok=True)
-    return _write_scores(out, records, evaluation, source, [s.step for s in snapshots], [])
+    # Written beside out and renamed into place (replacing, with --force, the earlier scores claim_out allowed)
+    staging = staged_folder(out)
+    try:
+        _write_scores(staging, records, evaluation, source, [s.step for s in snapshots], [], name=out.name)
+        mark_output(staging, "suite eval", source=source)
+        commit_folder(staging, out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return out / "report.md"
 
 
 def _reader(at: posthoc.WeightsAt, log: Callable[[str], None]) -> Callable[[posthoc.Snapshot], dict[str, Tensor]]:
@@ -258,8 +278,9 @@ def _reader(at: posthoc.WeightsAt, log: Callable[[str], None]) -> Callable[[post
 
 
 def _write_scores(out: Path, records: list[dict[str, Any]], evaluation: Evaluation, source: Path, steps: list[int],
-                  folders: list[str]) -> Path:
-    """``metrics.jsonl``, ``config.yaml``, then ``report.md`` (and ``curves.png``) from them."""
+                  folders: list[str], name: str | None = None) -> Path:
+    """``metrics.jsonl``, ``config.yaml``, then ``report.md`` (and ``curves.png``) from them; ``name``: the
+    folder's name in the report (``out`` may be a staging folder)."""
     write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     write_text_atomic(out / "config.yaml", evaluation.cfg.to_yaml())
     curves, _ = load_metrics(out / "metrics.jsonl")
@@ -272,7 +293,7 @@ def _write_scores(out: Path, records: list[dict[str, Any]], evaluation: Evaluati
                 if folders else "every checkpoint is scored as saved, on the same held-out batches. Config: "
                                 "`config.yaml`.")
     kind = "Post-hoc averaging report" if folders else "Checkpoint scores"
-    lines = [f"# {kind}: {out.name}", "",
+    lines = [f"# {kind}: {name or out.name}", "",
              f"Source: `{source}` ({len(steps)} checkpoints, steps {steps[0]}..{steps[-1]}); "
              f"{evaluation.description}, evaluator {evaluation.task.evaluator}; {compared}", ""]
     if rows:
@@ -372,9 +393,11 @@ def lmc_lines(result: dict[str, Any], metrics: Mapping[str, str]) -> list[str]:
     return lines
 
 
-def check_out(out: str | os.PathLike[str], force: bool) -> None:
-    """Refuse a non-empty ``out`` folder (or a file there) unless ``force``."""
-    require_new_out(Path(out), force, AnalysisError)
+def check_out(out: str | os.PathLike[str], force: bool, command: str = "suite analyze lmc",
+              inputs: Sequence[str | os.PathLike[str]] = ()) -> None:
+    """Refuse an ``out`` that is, holds or lies in one of ``inputs``, and a non-empty ``out`` unless ``force`` and
+    ``command`` made it (``rundir.claim_out``)."""
+    claim_out(Path(out), command, [Path(i) for i in inputs], force, AnalysisError)
 
 
 def write_lmc(out: str | os.PathLike[str], result: dict[str, Any], metrics: Mapping[str, str], labels: tuple[str, str],
@@ -385,8 +408,9 @@ def write_lmc(out: str | os.PathLike[str], result: dict[str, Any], metrics: Mapp
     import matplotlib.pyplot as plt
 
     out = Path(out)
-    check_out(out, force)
+    check_out(out, force)  # (the inputs were checked before the work: labels need not be paths)
     out.mkdir(parents=True, exist_ok=True)
+    mark_output(out, "suite analyze lmc", a=labels[0], b=labels[1])
     names = [m for m in metrics if m in result["rows"][0]]
     alphas = result["alphas"]
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.8), squeeze=False)

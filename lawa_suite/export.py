@@ -9,6 +9,10 @@ Where the weights come from:
 - a ``.safetensors`` file (a ``trajectory/`` snapshot, a post-hoc derived checkpoint): the weights in it.
 
 The task and its settings come from the ``config.yaml`` of the run the path lies in (or ``config=``).
+
+``out`` is never an input, nor a folder holding one (``rundir.claim_out``). The export marks the folder it writes
+with ``suite-output.json`` (``files.mark_output``: the command, the source, the weights): that mark is how a later
+``--force`` knows the folder is an earlier export, the only kind of folder it replaces.
 """
 
 from __future__ import annotations
@@ -21,9 +25,9 @@ from torch import Tensor
 from lawa_suite import checkpoints as ckpt
 from lawa_suite import registry
 from lawa_suite.config import ResolvedConfig
-from lawa_suite.rundir import find_run_config, load_resolved
+from lawa_suite.rundir import claim_out, find_run_config, load_resolved
 from lawa_suite.errors import CheckpointError, ConfigError
-from lawa_suite.files import commit_folder, require_new_out, staged_folder
+from lawa_suite.files import commit_folder, mark_output, staged_folder
 from lawa_suite.sharded_checkpoints import is_sharded_checkpoint, read_whole
 
 __all__ = ["select_weights", "export"]
@@ -78,14 +82,16 @@ def export(path: Path, out: Path, weights_name: str = "raw", config: Path | None
     path, out = Path(path), Path(out)
     if not path.exists():
         raise ConfigError(f"path: {path} does not exist")
-    cfg = load_resolved(config or find_run_config(path))
-    require_new_out(out, force, ConfigError)
+    config = Path(config) if config else find_run_config(path)
+    claim_out(out, "suite export", [path, config], force)
+    cfg = load_resolved(config)
     state, source = select_weights(path, weights_name, cfg)
     task = registry.tasks.get(cfg.run.task)(cfg.task, cfg.run)
     # Written next to the target and renamed into place: a failed export leaves nothing half-written.
     staging = staged_folder(out)
     try:
         task.export(state, staging)
+        mark_output(staging, "suite export", source=path, weights=weights_name, config=config)
         commit_folder(staging, out)
     finally:
         if staging.exists():
