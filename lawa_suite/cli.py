@@ -53,12 +53,44 @@ def fail(message: str, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
+def not_utf8(values: Any) -> str | None:
+    """The first word or path among ``values`` (and the lists in it) that is not UTF-8, as an error message: the
+    shell hands such bytes over as surrogate escapes, which the suite cannot write into config.yaml, manifests
+    and reports."""
+    for value in values:
+        if isinstance(value, (list, tuple)):
+            found = not_utf8(value)
+            if found:
+                return found
+            continue
+        if not isinstance(value, (str, Path)):
+            continue
+        text = str(value)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            key, _, rest = text.partition("=")
+            name, value = (key, rest) if SETTING.match(text) else ("path", text)
+            bad = next(c for c in value if "\ud800" <= c <= "\udfff")
+            try:  # the bytes as given (the shell's surrogate escapes undone)
+                shown = ascii(value.encode("utf-8", "surrogateescape"))[1:]
+            except UnicodeEncodeError:
+                shown = ascii(value)
+            byte = f" (byte 0x{ord(bad) - 0xdc00:02x})" if "\udc80" <= bad <= "\udcff" else ""
+            return (f"{name}: {shown} is not UTF-8{byte}; name files and folders in UTF-8 (the suite writes them "
+                    f"into config.yaml, manifests and reports)")
+    return None
+
+
 def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     """Run a command; a ``SuiteError`` exits with its code and message, an ``OSError`` with 1 and the file and
     reason, Ctrl-C outside training (which saves and stops by itself) with 130. Anything else is a bug, and its
-    traceback is what a report needs."""
+    traceback is what a report needs. A word or path that is not UTF-8 exits 2 before the command starts."""
     @functools.wraps(command)
     def guarded(*args: Any, **kwargs: Any) -> Any:
+        wrong = not_utf8([*args, *kwargs.values()])
+        if wrong:
+            raise fail(wrong, 2)
         try:
             return command(*args, **kwargs)
         except SuiteError as exc:
@@ -131,6 +163,7 @@ def report(
     import os
 
     from lawa_suite.report import find_runs, is_run_dir, write_bench_report, write_report
+    from lawa_suite.rundir import read_saved
 
     words = words_of(words)
     settings = [w for w in words if SETTING.match(w)]
@@ -142,12 +175,19 @@ def report(
     if not paths:
         raise ConfigError("paths: expected one or more run directories or a bench directory")
     for path in paths:
+        if not path.exists():
+            raise ConfigError(f"{path}: does not exist (expected a run directory or a folder holding run directories)")
         if not path.is_dir() or not find_runs([path]):
             raise fail(f"{path}: not a run directory (expected config.yaml and metrics.jsonl in it) nor a folder "
                        f"holding run directories", 2)
     if len(paths) == 1 and is_run_dir(paths[0]) and out is None:
         typer.echo(write_report(paths[0]))
         return
+    for run_dir in find_runs(paths):  # every config read plainly first: one line for a foreign or hostile one
+        read_saved(run_dir / "config.yaml")
+    if out is not None and is_run_dir(out):
+        raise ConfigError(f"out: {out} is a run folder and its report.md is the run's own; choose another out= for "
+                          f"the cross-run report")
     target = out or (paths[0] if len(paths) == 1 else Path(os.path.commonpath([p.resolve() for p in paths])))
     typer.echo(write_bench_report(list(paths), target, title))
     typer.echo(target / "report.html")
@@ -210,6 +250,9 @@ def verify(paths: Annotated[list[Path], typer.Argument(
 
     bad = 0
     for path in paths:
+        if not path.exists():  # exit 2 as for every command: a path that does not exist is a wrong argument
+            raise ConfigError(f"{path}: does not exist (expected a checkpoint folder, a run's checkpoints/ or a run "
+                              f"folder)")
         is_checkpoint = (path / "manifest.json").exists() or path.name.startswith("step-")
         folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path  # a run folder
         targets = [path] if is_checkpoint else [c.path for c in ckpt.list_checkpoints(folder)]
@@ -232,7 +275,7 @@ EXPORT_HELP = ("out=DIR: the folder to write (new or empty); weights=raw (defaul
 def export(
     path: Annotated[Path, typer.Argument(help="A run folder, a checkpoint folder, or a .safetensors weights file.")],
     words: Annotated[Optional[list[str]], typer.Argument(help=EXPORT_HELP, show_default=False)] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty out folder.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an out folder that suite export wrote.")] = False,
 ) -> None:
     """Write raw or averaged weights in the task's standard format (a Hugging Face model, a diffusers pipeline).
 
@@ -315,7 +358,7 @@ def evaluate(
         show_default=False)] = None,
     allow_torch_load: Annotated[bool, typer.Option("--allow-torch-load",
                                                    help="The raw checkpoints are torch files.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Write into a non-empty out folder.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an out folder that suite eval wrote.")] = False,
 ) -> None:
     """Score every derived checkpoint of a suite average output against the raw checkpoint of its step, or every
     checkpoint of a folder.
@@ -382,7 +425,8 @@ def analyze_lmc(
     a: Annotated[Path, typer.Argument(help="Checkpoint A: a .safetensors file or a checkpoint/model folder.")],
     b: Annotated[Path, typer.Argument(help="Checkpoint B.")],
     overrides: Annotated[Optional[list[str]], typer.Argument(help=LMC_HELP, show_default=False)] = None,
-    force: Annotated[bool, typer.Option("--force", help="Write into a non-empty out folder.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Write into an out folder an earlier suite analyze lmc "
+                                                        "wrote.")] = False,
     allow_torch_load: Annotated[bool, typer.Option("--allow-torch-load", help=TORCH_LOAD_HELP)] = False,
 ) -> None:
     """Scores along alpha*A + (1-alpha)*B (is there a barrier?) and how often A and B predict differently."""
@@ -397,7 +441,7 @@ def analyze_lmc(
     if not raw_points.strip().isdigit() or int(raw_points) < 2:
         raise ConfigError(f"points: expected an integer >= 2, got {raw_points!r}")
     cfg = eval_config(a, [f"{k}={v}" for k, v in pairs.items()])
-    check_out(out, force)  # before the work, which may take long
+    check_out(out, force, inputs=[a, b])  # before the work, which may take long
     said: list[str] = []
     weights_a, weights_b = (read_checkpoint(p, allow_torch_load, at, log=said.append) for p in (a, b))
     for line in dict.fromkeys(said):
