@@ -9,14 +9,16 @@ import shutil
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from lawa_suite import checkpoints as ckpt, files
+from lawa_suite import checkpoints as ckpt, files, registry
+from lawa_suite.averagers.base import NonFiniteWarning
 from lawa_suite.cli import app
 from lawa_suite.config import resolve
 from lawa_suite.train import train
@@ -276,3 +278,124 @@ def test_a_killed_suite_average_leaves_staging_the_next_one_removes(tmp_path, pi
     assert not staged.exists() and not also_dead.exists() and alive.exists() and all(p.exists() for p in others)
     assert f"removed {staged}" in result.output and "no longer running" in result.output
     assert (tmp_path / "out" / "manifest.json").is_file()
+
+
+# -- 7. a diverged trajectory: its healthy steps are averaged, each one left out is named ---------------------------
+def trajectory(folder: Path, steps, bad=()) -> dict[int, dict[str, torch.Tensor]]:
+    """Weights per step (fp32, bf16, an integer counter); ``bad`` steps hold Inf in ``w`` (NaN in ``h`` too when
+    the step is odd), as a diverging run writes them."""
+    folder.mkdir(parents=True)
+    saved = {}
+    for step in steps:
+        g = torch.Generator().manual_seed(step)
+        w = {"w": torch.randn(4, 6, generator=g), "b": torch.randn(6, generator=g),
+             "h": torch.randn(5, generator=g).to(torch.bfloat16), "count": torch.tensor(step)}
+        if step in bad:
+            w["w"][1, 2] = float("inf")
+            if step % 2:
+                w["h"][3] = float("nan")
+        save_file(w, str(folder / f"step-{step:08d}.safetensors"), metadata={"step": str(step)})
+        saved[step] = w
+    return saved
+
+
+def online(name: str, saved, until: int, clock: str, **config):
+    """The online averager fed every saved step up to ``until`` (NaN/Inf ones too: it refuses those itself)."""
+    averager = registry.averagers.create(name, **config)
+    averager.start_run(len([s for s in saved if s <= until]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NonFiniteWarning)
+        for i, step in enumerate(sorted(s for s in saved if s <= until), start=1):
+            averager.observe(step if clock == "steps" else i, saved[step])
+    return averager
+
+
+def same_bits(a, b) -> bool:
+    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_diverged_run_averages_its_healthy_steps_and_names_each_step_left_out(tmp_path):
+    folder, out = tmp_path / "trajectory", tmp_path / "out"
+    saved = trajectory(folder, range(2, 17, 2), bad={12, 14, 16})
+    result = runner.invoke(app, ["average", str(folder), "averager=lawa,ema", "lawa.k=3", "lawa.nu=2",
+                                 "ema.decay=0.5", f"out={out}"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    for step in (12, 14, 16):
+        named = [line for line in lines if f"step-{step:08d}.safetensors" in line]
+        assert named == [f"left out step-{step:08d}.safetensors: NaN or Inf in w"], lines
+    assert "averaging up to step 10, the last input free of NaN and Inf" in lines
+    assert "lawa-k3-nu2: 1 derived checkpoint(s) at step(s) 10" in lines
+    assert "ema-decay0.5: 1 derived checkpoint(s) at step(s) 10" in lines
+    lawa = load_file(str(out / "lawa-k3-nu2" / "step-00000010.safetensors"))
+    assert same_bits(lawa, online("lawa", saved, 10, "steps", k=3, nu=2).average())
+    ema = load_file(str(out / "ema-decay0.5" / "step-00000010.safetensors"))
+    assert same_bits(ema, online("ema", saved, 10, "observations", decay=0.5).average())
+    expected = [{"step": s, "input": f"step-{s:08d}.safetensors", "why": "NaN or Inf in w"} for s in (12, 14, 16)]
+    for folder in (out, out / "lawa-k3-nu2", out / "ema-decay0.5"):
+        assert json.loads((folder / "manifest.json").read_text())["left_out"] == expected
+
+
+def test_a_window_holding_a_step_left_out_is_not_written_and_an_average_of_all_goes_on_without_it(tmp_path):
+    folder, out = tmp_path / "trajectory", tmp_path / "out"
+    saved = trajectory(folder, range(1, 9), bad={4})
+    result = runner.invoke(app, ["average", str(folder), "averager=lawa,ema", "lawa.k=2", "lawa.nu=1",
+                                 "ema.decay=0.5", "interval=1", f"out={out}"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert [line for line in lines if line.startswith(("left out", "not written"))] == [
+        "left out step-00000004.safetensors: NaN or Inf in w",
+        "not written: ema-decay0.5 at step 4: the input at this step is left out",
+        "not written: lawa-k2-nu1 at step 4: the input at this step is left out",
+        "not written: lawa-k2-nu1 at step 5: its window holds left-out step(s) 4"], lines
+    assert "lawa-k2-nu1: 5 derived checkpoint(s) at step(s) 2, 3, 6, 7, 8" in lines
+    assert "ema-decay0.5: 7 derived checkpoint(s) at step(s) 1, 2, 3, 5, 6, 7, 8" in lines
+    for step in (6, 8):  # the window has moved past step 4: as if it had never been bad
+        lawa = load_file(str(out / "lawa-k2-nu1" / f"step-{step:08d}.safetensors"))
+        assert same_bits(lawa, online("lawa", saved, step, "steps", k=2, nu=1).average())
+    for step in (3, 5, 8):  # the online EMA refuses step 4 and goes on
+        ema = load_file(str(out / "ema-decay0.5" / f"step-{step:08d}.safetensors"))
+        assert same_bits(ema, online("ema", saved, step, "observations", decay=0.5).average()), step
+    manifest = json.loads((out / "lawa-k2-nu1" / "manifest.json").read_text())
+    assert manifest["not_written"] == [{"step": 4, "why": "the input at this step is left out"},
+                                       {"step": 5, "why": "its window holds left-out step(s) 4"}]
+    assert [o["inputs"] for o in manifest["outputs"]] == [[1, 2], [2, 3], [5, 6], [6, 7], [7, 8]]
+    assert "4" not in json.loads((out / "ema-decay0.5" / "manifest.json").read_text())["inputs"]
+
+
+def test_a_run_with_nothing_healthy_to_average_says_so_and_writes_nothing(tmp_path):
+    folder, out = tmp_path / "trajectory", tmp_path / "out"
+    trajectory(folder, [1, 2, 3], bad={1, 2, 3})
+    result = runner.invoke(app, ["average", str(folder), "averager=ema", f"out={out}"])
+    assert result.exit_code == 2 and "every input holds NaN or Inf" in result.output, result.output
+    assert "step-00000001.safetensors, step-00000003.safetensors: NaN or Inf in h, w" in result.output
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+    trajectory(tmp_path / "early", [1, 2, 3, 4, 5], bad={2})  # LAWA's only window would hold the step left out
+    result = runner.invoke(app, ["average", str(tmp_path / "early"), "averager=lawa", "lawa.k=4", "lawa.nu=1",
+                                 f"out={out}"])
+    assert result.exit_code == 2, result.output
+    assert ("lawa-k4-nu1: no derived checkpoint: every one it would write stands for a step left out (step 5: its "
+            "window holds left-out step(s) 2)") in result.output and "step-00000002.safetensors: NaN" in result.output
+    trajectory(tmp_path / "late", [1, 2, 3, 4], bad={4})  # the healthy steps are too few for one window
+    result = runner.invoke(app, ["average", str(tmp_path / "late"), "averager=lawa", "lawa.k=4", "lawa.nu=1",
+                                 f"out={out}"])
+    assert result.exit_code == 2 and "lawa-k4-nu1: no window fits" in result.output, result.output
+    assert "input holds steps 1..3" in result.output and "step-00000004.safetensors: NaN or Inf" in result.output
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_healthy_inputs_are_read_in_one_pass(tmp_path, monkeypatch):
+    """The fast path stays as it was: no full check of the inputs, one pass."""
+    from lawa_suite.posthoc import run as posthoc_run
+
+    calls = []
+    for name in ("nonfinite_keys", "nonfinite_problem", "average_all"):
+        real = getattr(posthoc_run, name, None)
+        monkeypatch.setattr(posthoc_run, name, lambda *a, _real=real, _name=name, **k: (calls.append(_name),
+                                                                                         _real(*a, **k))[1],
+                            raising=False)
+    trajectory(tmp_path / "trajectory", range(1, 9))
+    result = runner.invoke(app, ["average", str(tmp_path / "trajectory"), "averager=lawa,ema", "lawa.k=2",
+                                 "lawa.nu=1", f"out={tmp_path / 'out'}"])
+    assert result.exit_code == 0, result.output
+    assert calls == ["average_all"] and "left out" not in result.output

@@ -7,7 +7,8 @@ to a list of checkpoints); an averager whose window is in steps keeps that meani
 derived checkpoint is written at every saved step divisible by ``interval``; without it, one per averager: the
 state the online averager would end the run with (a windowed average over a run's trajectory equals the online
 one bit for bit). Memory stays constant however long the trajectory: inputs are memory-mapped, tensors streamed
-in slices. Nothing is written unless everything checks out, and then atomically, with manifests.
+in slices. Nothing is written unless everything checks out, and then atomically, with manifests. Inputs whose
+weights hold NaN or Inf are left out (refused, as online), and each is named with the outputs not written for it.
 
 This package names no averager. Its files, in the order data flows (each imports only those before it)::
 

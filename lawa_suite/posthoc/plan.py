@@ -3,11 +3,17 @@
 Each job's averager class plans its own replays (``Averager.plan_replay``: by default one replay that counts
 observations; a window in steps may need one per residue of its spacing), so this module names no averager. Where a
 replay is ready is found by running it on a one-element probe, so a plugin's own notion of "ready" decides.
+
+Inputs left out (``left_out``: their weights hold NaN or Inf) are refused where they come, as the online averager
+refuses a non-finite observation: an average of every accepted observation goes on without them. An output is not
+written where it would stand for a left-out input: at its step, or where its window (an averager that averages a
+window, ``averaged_clocks``) would hold one; a window of other members in its place would be an average in name only.
+``Track.dropped`` says which, and why.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,9 +46,21 @@ class Track:
     job: Job
     replay: ReplayTrack
     outputs: dict[int, list[Output]] = field(default_factory=dict)  # snapshot index -> outputs
+    refused: frozenset[int] = frozenset()  # snapshot indices left out: refused, never observed
+    dropped: list[tuple[int, str]] = field(default_factory=list)  # (step, why) of outputs not written
 
     def __post_init__(self) -> None:
         self.cls = self.job.cls
+
+    def feed(self, averager: Averager, i: int, weights: dict[str, Tensor]) -> bool:
+        """Snapshot ``i`` to ``averager``: observed, or refused where it is left out (``Averager.refuse``, as the
+        online loop does for a wanted observation holding NaN or Inf)."""
+        clock = self.replay.clocks[i]
+        if i in self.refused:
+            if averager.wants(clock):
+                averager.refuse(clock)
+            return False
+        return averager.observe(clock, weights, checked=True)
 
     @property
     def clocks(self) -> list[int]:
@@ -75,10 +93,13 @@ def derived_steps(steps: list[int], interval: int | None) -> tuple[list[int], li
     return [t for t in wanted if t in have], problems
 
 
-def plan(jobs: Sequence[Job], steps: list[int], interval: int | None) -> tuple[list[Track], list[str], list[str]]:
+def plan(jobs: Sequence[Job], steps: list[int], interval: int | None,
+         left_out: Collection[int] = ()) -> tuple[list[Track], list[str], list[str]]:
     """The tracks of every job with their outputs; the problems (windows with missing steps, jobs that never
-    produce anything); and warnings about outputs that are averages in name only (``dominated_outputs``)."""
+    produce anything); and warnings about outputs that are averages in name only (``dominated_outputs``).
+    ``left_out``: saved steps whose weights are not averaged (see the module's docstring)."""
     derived, problems = derived_steps(steps, interval)
+    refused = frozenset(i for i, s in enumerate(steps) if s in left_out)
     tracks: list[Track] = []
     warnings: list[str] = []
     for job in jobs:
@@ -87,10 +108,14 @@ def plan(jobs: Sequence[Job], steps: list[int], interval: int | None) -> tuple[l
         problems += [f"{job.folder}: {p}" for p in job_problems]
         produced = 0
         for replay in replays:
-            track = Track(job, replay)
+            track = Track(job, replay, refused=refused)
             produced += _probe(track, steps)
             tracks.append(track)
-        if produced == 0 and not job_problems:
+        dropped = sorted(d for t in tracks if t.job is job for d in t.dropped)
+        if produced == 0 and dropped and not job_problems:
+            problems.append(f"{job.folder}: no derived checkpoint: every one it would write stands for a step left "
+                            f"out (step {dropped[-1][0]}: {dropped[-1][1]})")
+        elif produced == 0 and not job_problems:
             at = ", ".join(map(str, derived)) if interval else f"the last step {steps[-1]}"
             problems.append(f"{job.folder}: no derived checkpoint (the averager is not ready at {at})")
         warnings += dominated_outputs(job, [t for t in tracks if t.job is job], steps)
@@ -126,25 +151,38 @@ def _weights_on(track: Track, steps: list[int], first: int) -> dict[int, float]:
     step_of = dict(zip(track.clocks, steps))
     averager = track.new(lambda clock: [values[step_of[clock]]])
     weights = {}
-    for i, (step, clock) in enumerate(zip(steps, track.clocks)):
-        averager.observe(clock, {"probe": values[step]}, checked=True)
+    for i, step in enumerate(steps):
+        track.feed(averager, i, {"probe": values[step]})
         for o in track.outputs.get(i, ()):
             weights[id(o)] = float(averager.average()["probe"])
     return weights
 
 
 def _probe(track: Track, steps: list[int]) -> int:
-    """Replay ``track`` on a one-element tensor; record an output at each target step where it is ready."""
+    """Replay ``track`` on a one-element tensor; record an output at each target step where it is ready. With
+    inputs left out, a second replay that observes them tells which window each output would have had."""
     probe = {"probe": torch.zeros(1)}
     averager = track.new(lambda clock: [probe["probe"]])
+    whole = track.new(lambda clock: [probe["probe"]]) if track.refused else None  # as if nothing were left out
     step_of = dict(zip(track.clocks, steps))
+    left_out = {steps[i] for i in track.refused}
     accepted: list[int] = []
     wanted = set(track.replay.targets)
     for i, (step, clock) in enumerate(zip(steps, track.clocks)):
-        if averager.observe(clock, probe, checked=True):
+        if track.feed(averager, i, probe):
             accepted.append(step)
+        if whole is not None:
+            whole.observe(clock, probe, checked=True)
         if step in wanted and averager.ready:
             window = averager.averaged_clocks()
+            if i in track.refused:
+                track.dropped.append((step, "the input at this step is left out"))
+                continue
+            if window is not None and whole is not None and whole.ready:
+                holds = [step_of[c] for c in whole.averaged_clocks() or () if step_of[c] in left_out]
+                if holds:
+                    track.dropped.append((step, f"its window holds left-out step(s) {', '.join(map(str, holds))}"))
+                    continue
             members = [step_of[c] for c in window] if window is not None else list(accepted)
             track.outputs.setdefault(i, []).append(Output(track.job, step, i, members))
     return sum(len(v) for v in track.outputs.values())

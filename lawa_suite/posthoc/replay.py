@@ -15,8 +15,9 @@ output: each output slice is checked (by its sum) before it is written, and one 
 the input slice behind it, or written if none (finite values whose average overflowed). Every other input (all of
 them, where an averager does not document a weighted-sum profile or outputs outnumber inputs) has each float slice
 checked on a thread of its own, a few slices ahead of the averaging, which waits for the verdict before any
-averager sees the slice. The first NaN or Inf stops the pass (``NonFiniteInput``); the caller then names every bad
-tensor of every input and commits nothing.
+averager sees the slice. The first NaN or Inf stops the pass (``NonFiniteInput``); the caller then finds every input
+holding any and runs the pass again with them left out: refused by every track (``Track.feed``), checked by
+nothing, their slices never read.
 """
 
 from __future__ import annotations
@@ -158,8 +159,10 @@ def _stream_tensors(readers: list[Reader], tracks: list[Track], order: Order, ou
     whole = [t for t in tracks if not t.cls.elementwise]
     block = block_elements(len(elementwise), limits)
     revealed = _revealed_by_outputs(readers, tracks, outputs)
-    labels = [r.snapshot.label for r in readers] if revealed else []  # for the outputs' check
-    ahead = [r for i, r in enumerate(readers) if i not in revealed]  # these are checked themselves
+    left_out = frozenset().union(*(t.refused for t in tracks))  # never observed: nothing to check them for
+    # for the outputs' check ("" for an input left out, which no output averages)
+    labels = ["" if i in left_out else r.snapshot.label for i, r in enumerate(readers)] if revealed else []
+    ahead = [r for i, r in enumerate(readers) if i not in revealed and i not in left_out]  # checked themselves
     checks = CheckAhead(ahead, [(name, start, start + block) for name, dtype, shape in order if dtype.is_floating_point
                                 for start in range(0, max(1, math.prod(shape)), block)]) if ahead else None
     checked = 0
@@ -281,7 +284,7 @@ def _replay(tracks: list[Track], pieces: list[Tensor], name: str, labels: list[s
     with torch.no_grad():  # per thread: the caller's does not reach a worker
         for i, piece in enumerate(pieces):
             for track, averager in zip(tracks, averagers):
-                averager.observe(track.clocks[i], {name: piece}, checked=True)
+                track.feed(averager, i, {name: piece})
                 for o in track.outputs.get(i, ()):
                     averaged = averager.average()[name]
                     if labels and not slice_finite(averaged.reshape(-1)) and (bad := _nonfinite(pieces, labels)):
@@ -291,9 +294,10 @@ def _replay(tracks: list[Track], pieces: list[Tensor], name: str, labels: list[s
 
 
 def _nonfinite(pieces: list[Tensor], labels: list[str]) -> str | None:
-    """The label of the first input whose piece holds NaN or Inf (the exact check), or None."""
-    return next((label for label, p in zip(labels, pieces) if not values_finite(p.reshape(-1), Limits.check_bytes)),
-                None)
+    """The label of the first input whose piece holds NaN or Inf (the exact check), or None. Inputs left out (their
+    label is "") are not looked at: no output averages them."""
+    return next((label for label, p in zip(labels, pieces)
+                 if label and not values_finite(p.reshape(-1), Limits.check_bytes)), None)
 
 
 def _read_again(pieces: list[Tensor], track: Track) -> Callable[[int], list[Tensor]]:

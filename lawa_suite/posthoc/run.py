@@ -2,21 +2,26 @@
 
 Nothing is averaged before the headers are checked (keys, shapes, dtypes, steps: one error lists every problem).
 Values are checked for NaN/Inf where the averaging reads them, slice by slice, before any averager sees the slice
-(``replay.py``), so every byte of the inputs is read once; a NaN or Inf stops the pass, an exact check then names
-every bad tensor of every input, and nothing is committed. (Stored averages a reconstruction combines, and inputs
-with other problems, are checked up front, in threads.) The output folder is staged beside its target and renamed
+(``replay.py``), so every byte of the inputs is read once. A NaN or Inf stops the pass; an exact check then finds
+every input holding any, and the pass starts again without them (``_average_healthy``): each is left out, as the
+online averager refuses a non-finite observation (``plan.py``), the trajectory ends at its last healthy input (a
+diverged run's start is averaged), and the log and the manifests name each input left out and each output not
+written, and why. Only then is anything committed. (Stored averages a reconstruction combines are checked up front,
+in threads, and one holding NaN or Inf stops the command; so do the inputs of a command with other problems, whose
+error lists them too.) The output folder is staged beside its target and renamed
 into place only at the end (``force`` replaces an existing one the same way); it may not lie inside the input or
 contain it. Inputs are never written. The staging folder's name carries this process's pid and host: a run killed
 mid-way leaves it behind, and the next ``suite average`` into the same parent folder removes it once that process
 is gone (and nothing a live process is writing).
 
 Every averager folder carries ``manifest.json`` (input steps and files, averager and keys, suite version, each
-output's sha256) and ``SHA256SUMS`` (each output's sha256, size and mtime, for ``sha256sum -c`` and for a later run
-that reads the outputs). An input's entry gives its size and mtime and, where the suite recorded the file's sha256
-when writing it (a checkpoint's ``manifest.json``, a ``SHA256SUMS`` beside it) and the file still has the recorded
-size and mtime, that sha256 (``"sha256_from": "recorded"``): no input is read for its hash. ``hash_inputs`` reads
-every input in full in threads alongside the averaging (``"sha256_from": "hashed"``) and checks each against its
-record, whatever its mtime: a difference stops the run before anything is committed.
+output's sha256, the inputs left out and the outputs not written) and ``SHA256SUMS`` (each output's sha256, size
+and mtime, for ``sha256sum -c`` and for a later run that reads the outputs). An input's entry gives its size and
+mtime and, where the suite recorded the file's sha256 when writing it (a checkpoint's ``manifest.json``, a
+``SHA256SUMS`` beside it) and the file still has the recorded size and mtime, that sha256 (``"sha256_from":
+"recorded"``): no input is read for its hash. ``hash_inputs`` reads every input in full in threads alongside the
+averaging (``"sha256_from": "hashed"``) and checks each against its record, whatever its mtime: a difference stops
+the run before anything is committed.
 """
 
 from __future__ import annotations
@@ -27,14 +32,14 @@ import shutil
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lawa_suite.errors import PosthocError
 from lawa_suite.files import (Recorded, commit_folder, fsync_dir, inside, owned_sibling, owner_of, record_sha256s,
                               remove_dead_leftovers, require_new_out, write_text_atomic)
-from lawa_suite.posthoc.checks import check_layouts, nonfinite_problem, problem_list
+from lawa_suite.posthoc.checks import check_layouts, nonfinite_keys, nonfinite_problem, problem_list
 from lawa_suite.posthoc.discover import Snapshot, discover, find_stored
 from lawa_suite.posthoc.jobs import Job
 from lawa_suite.posthoc.limits import Limits
@@ -57,6 +62,7 @@ class PosthocResult:
     source: Path
     steps: list[int]
     outputs: dict[str, list[int]]      # job folder -> derived steps written
+    left_out: dict[int, str] = field(default_factory=dict)  # input step -> why it was not averaged (NaN or Inf)
 
 
 def average(source: str | os.PathLike[str], jobs: Sequence[Job], out: str | os.PathLike[str],
@@ -87,8 +93,8 @@ def average(source: str | os.PathLike[str], jobs: Sequence[Job], out: str | os.P
     try:
         with ThreadPoolExecutor(max_workers=limits.read_threads, thread_name_prefix="posthoc-read") as pool:
             try:
-                outputs, steps = _validated_run(pool, folder, problems, readers, jobs, out, interval, log, limits,
-                                                reconstructing, at, hash_inputs, unmap.start)
+                outputs, steps, left_out = _validated_run(pool, folder, problems, readers, jobs, out, interval, log,
+                                                          limits, reconstructing, at, hash_inputs, unmap.start)
             except BaseException:
                 pool.shutdown(cancel_futures=True)  # hashes not yet started are not needed any more
                 raise
@@ -100,7 +106,8 @@ def average(source: str | os.PathLike[str], jobs: Sequence[Job], out: str | os.P
     written: dict[str, list[int]] = {job.folder: [] for job in jobs}
     for o in outputs:
         written[o.job.folder].append(o.step)
-    return PosthocResult(out, folder, steps, {k: sorted(v) for k, v in written.items()})
+    return PosthocResult(out, folder, steps, {k: sorted(v) for k, v in written.items()},
+                         {step: why for step, (_, why) in left_out.items()})
 
 
 def _inputs(source: Path, jobs: Sequence[Job], allow_torch_load: bool,
@@ -135,8 +142,9 @@ def _check_out(out: Path, source: Path, force: bool) -> None:
 def _validated_run(pool: ThreadPoolExecutor, folder: Path, found: list[str], readers: list[Reader],
                    jobs: Sequence[Job], out: Path, interval: int | None, log: Callable[[str], None],
                    limits: Limits, reconstructing: bool, at: WeightsAt, hash_inputs: bool,
-                   done_reading: Callable[[], None]) -> tuple[list[Output], list[int]]:
-    """Check everything (``found``: the problems discovery met), average (or reconstruct), commit."""
+                   done_reading: Callable[[], None]) -> tuple[list[Output], list[int], dict[int, tuple[str, str]]]:
+    """Check everything (``found``: the problems discovery met), average (or reconstruct), commit. Returns the
+    outputs, the input steps, and the inputs left out (step -> label, why)."""
     snapshots = [r.snapshot for r in readers]
     steps = [s.step for s in snapshots]
     names = sorted({n for r in readers for n in r.layout})
@@ -183,26 +191,71 @@ def _validated_run(pool: ThreadPoolExecutor, folder: Path, found: list[str], rea
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = owned_sibling(out)  # names this process: a later run removes it if this one is killed
     staging.mkdir()
+    left_out: dict[int, tuple[str, str]] = {}
+    dropped: list[tuple[str, int, str]] = []
     try:
         order = ordered_layout(readers[0].layout)
         try:
             outputs = (synthesize_all(readers, syntheses, order, staging, limits) if reconstructing
                        else average_all(readers, tracks, order, staging, limits, folders,
                                         None if hash_inputs else done_reading))  # hashes may still be reading
-        except NonFiniteInput:  # met in the pass: name every bad tensor of every input
-            bad = [line for c in value_checks() if (line := c.result()) is not None]
-            raise PosthocError(_summary(bad + _corrupted(snapshots, _results(hashes)), folder)) from None
+        except NonFiniteInput:  # met in the pass: every input is checked in full
+            if reconstructing:  # a stored average is not an observation to leave out: name every bad tensor
+                bad = [line for c in value_checks() if (line := c.result()) is not None]
+                raise PosthocError(_summary(bad + _corrupted(snapshots, _results(hashes)), folder)) from None
+            futures = [pool.submit(nonfinite_keys, r, names, limits.check_bytes) for r in readers]
+            left_out = {r.snapshot.step: (r.snapshot.label, f"NaN or Inf in {', '.join(keys)}")
+                        for r, future in zip(readers, futures) if (keys := future.result())}
+            shutil.rmtree(staging)  # the pass stopped part way: its outputs go, and it starts again without them
+            staging.mkdir()
+            said = warnings
+            outputs, warnings, dropped = _average_healthy(readers, left_out, jobs, interval, order, staging, limits,
+                                                          folders, None if hash_inputs else done_reading, folder, log)
+            for warning in warnings:
+                if warning not in said:  # the plan changed: outputs left out, the trajectory shorter
+                    log(f"warning: {warning}")
         digests = _results(hashes)
         if corrupted := _corrupted(snapshots, digests):
             raise PosthocError(_summary(corrupted, folder))
         _write_manifests(staging, jobs, outputs, readers, _input_entries(readers, stats, digests), folder.resolve(),
-                         interval, warnings, reconstructing, at)
+                         interval, warnings, reconstructing, at, left_out, dropped)
         _record_outputs(outputs)
         commit_folder(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return outputs, steps
+    return outputs, steps, left_out
+
+
+def _average_healthy(readers: list[Reader], left_out: Mapping[int, tuple[str, str]], jobs: Sequence[Job],
+                     interval: int | None, order: Any, staging: Path, limits: Limits, folders: Any,
+                     done_reading: Callable[[], None] | None, folder: Path,
+                     log: Callable[[str], None]) -> tuple[list[Output], list[str], list[tuple[str, int, str]]]:
+    """The pass again, leaving out the inputs that hold NaN or Inf (``left_out``: step -> label, why): each is
+    refused where it comes (``plan.py``), and the trajectory ends at its last input free of them (a diverged run's
+    healthy start). Returns the outputs, the plan's warnings, and the outputs not written (job folder, step, why).
+    Every input left out and every output not written is logged, one line each."""
+    said = [f"{label}: {why}" for _, (label, why) in sorted(left_out.items())]
+    kept = [r for r in readers if r.snapshot.step not in left_out]
+    if not kept:
+        raise PosthocError(_summary(said + ["every input holds NaN or Inf: there is nothing to average"], folder))
+    kept = [r for r in readers if r.snapshot.step <= kept[-1].snapshot.step]
+    steps = [r.snapshot.step for r in kept]
+    tracks, problems, warnings = plan(jobs, steps, interval, left_out)
+    if problems:
+        raise PosthocError(_summary(said + problems, folder))
+    for line in said:
+        log(f"left out {line}")
+    if len(kept) < len(readers):
+        log(f"averaging up to step {steps[-1]}, the last input free of NaN and Inf")
+    dropped = sorted({(t.job.folder, step, why) for t in tracks for step, why in t.dropped})
+    for job_folder, step, why in dropped:
+        log(f"not written: {job_folder} at step {step}: {why}")
+    try:
+        return average_all(kept, tracks, order, staging, limits, folders, done_reading), warnings, dropped
+    except NonFiniteInput as exc:  # not there a moment ago
+        raise PosthocError(_summary([f"{exc} (found on the second pass: did it change while it was read?)"],
+                                    folder)) from None
 
 
 def _results(futures: Mapping[Path, Future[str]]) -> dict[Path, str]:
@@ -262,7 +315,8 @@ def _summary(problems: list[str], folder: Path) -> str:
 
 def _write_manifests(staging: Path, jobs: Sequence[Job], outputs: list[Output], readers: list[Reader],
                      entries: Mapping[Path, dict[str, Any]], root: Path, interval: int | None, warnings: list[str],
-                     reconstructing: bool, at: WeightsAt) -> None:
+                     reconstructing: bool, at: WeightsAt, left_out: Mapping[int, tuple[str, str]],
+                     dropped: Sequence[tuple[str, int, str]]) -> None:
     from lawa_suite import __version__ as version
 
     snapshots = [r.snapshot for r in readers]
@@ -279,14 +333,19 @@ def _write_manifests(staging: Path, jobs: Sequence[Job], outputs: list[Output], 
     by_label = {s.label: s for s in snapshots}
     # key= and prefix= as given: suite eval reads the raw checkpoints again the same way
     common = {"format": FORMAT, "suite_version": version, "source": str(root), "interval": interval, **at.given()}
+    if left_out:  # one entry per input not averaged, and why
+        common["left_out"] = [{"step": step, "input": label, "why": why}
+                              for step, (label, why) in sorted(left_out.items())]
     if reconstructing and (root.parent / "config.yaml").is_file():  # a run's averages/: its raw weights are there
         common["run"] = str(root.parent)
     for job in jobs:
         mine = [o for o in outputs if o.job is job]
         used = sorted({m for o in mine for m in o.members})
         mine_warned = [w for w in warnings if w.startswith(f"{job.folder}: ")]
+        not_written = [{"step": step, "why": why} for f, step, why in dropped if f == job.folder]
         manifest = {**common, **averager_of(job), "config": job.config, "clock": job.cls.posthoc_clock,
                     **({"warnings": mine_warned} if mine_warned else {}),
+                    **({"not_written": not_written} if not_written else {}),
                     "outputs": [{"file": o.path.relative_to(staging / job.folder).as_posix(), "step": o.step,
                                  "size": o.size, "sha256": o.sha256,
                                  "inputs": o.members, **o.notes} for o in mine],
