@@ -356,15 +356,17 @@ def test_a_plugin_averager_works_post_hoc_and_sees_whole_tensors(tmp_path, spy_p
     assert same_bits(out, saved[4])
     import fake_spy_plugin
     assert (90, 100) in fake_spy_plugin.SEEN  # not elementwise: fed whole tensors, never slices
-    # its arithmetic is its own, so NaN/Inf are found in every input before it sees any, the one it never averages too
+    # its arithmetic is its own, so NaN/Inf are found in every input before it sees any, the one it never averages
+    # too: that input is left out (and named), and the outputs are those of the healthy inputs
     broken = load_file(str(folder / "step-00000003.safetensors"))
     broken["big"][89, 99] = float("nan")
     save_file(broken, str(folder / "step-00000003.safetensors"))
-    fake_spy_plugin.SEEN.clear()
-    with pytest.raises(PosthocError, match=r"step-00000003.safetensors: NaN or Inf in big$"):
-        average(folder, parse_jobs(["spy_last"], {"spy_last.every": "2"}), tmp_path / "bad", interval=2,
-                limits=posthoc.Limits(block_elements=4096))
-    assert (90, 100) not in fake_spy_plugin.SEEN and not (tmp_path / "bad").exists()  # (1,): the plan's probes
+    logged = []
+    result = average(folder, parse_jobs(["spy_last"], {"spy_last.every": "2"}), tmp_path / "bad", interval=2,
+                     limits=posthoc.Limits(block_elements=4096), log=logged.append)
+    assert result.outputs == {"spy_last-every2": [2, 4]} and result.left_out == {3: "NaN or Inf in big"}
+    assert "left out step-00000003.safetensors: NaN or Inf in big" in logged
+    assert same_bits(load_file(str(tmp_path / "bad" / "spy_last-every2" / "step-00000004.safetensors")), saved[4])
 
 
 # -- inputs ---------------------------------------------------------------------------------------------------
@@ -541,7 +543,7 @@ def _break(kind: str, folder: Path) -> str:
     return expect
 
 
-@pytest.mark.parametrize("kind", ["missing key", "extra key", "broadcastable shape", "dtype", "nan", "inf",
+@pytest.mark.parametrize("kind", ["missing key", "extra key", "broadcastable shape", "dtype",
                                   "missing window step", "symlink outside", "dotdot shard", "garbage file",
                                   "truncated file", "step saved twice", "metadata step"])
 def test_each_validation_failure_is_named_and_nothing_is_written(traj, tmp_path, kind):
@@ -553,6 +555,20 @@ def test_each_validation_failure_is_named_and_nothing_is_written(traj, tmp_path,
     message = str(info.value)
     assert expect in message and "nothing was written" in message and "\n" not in message
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+    assert tree_digest(folder) == before
+
+
+@pytest.mark.parametrize("kind", ["nan", "inf"])
+def test_an_input_holding_nan_or_inf_is_left_out_and_named(traj, tmp_path, kind):
+    """Not a problem that stops the command: the input is left out, the outputs that would stand for it are not
+    written (LAWA's window of step 800 holds step 500), the others are, and the inputs are untouched."""
+    folder, _ = traj
+    expect = _break(kind, folder)
+    before = tree_digest(folder)
+    result = average(folder, parse_jobs(["lawa", "ema"], {"lawa.k": "4", "lawa.nu": "100"}), tmp_path / "out",
+                     interval=400)
+    assert result.left_out == {500: expect.partition(": ")[2]}
+    assert result.outputs == {"lawa-k4-nu100": [400], "ema": [400, 800]}
     assert tree_digest(folder) == before
 
 

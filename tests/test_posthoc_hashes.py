@@ -204,12 +204,13 @@ def test_hash_inputs_is_a_switch_of_suite_average(tmp_path):
     assert result.exit_code != 0 and not (tmp_path / "out2").exists()
 
 
-# -- NaN/Inf: found where the averaging reads, every one named, nothing written -----------------------------------
+# -- NaN/Inf: found where the averaging reads, every one named, left out ------------------------------------------
 @pytest.mark.parametrize("where", ["an input no output uses", "a late slice", "two inputs", "half precision",
                                    "more outputs than inputs"])
-def test_nan_and_inf_anywhere_are_refused_with_nothing_written(tmp_path, where):
+def test_nan_and_inf_anywhere_are_found_and_each_input_named_once(tmp_path, where):
     """Inputs an output averages are checked through that output, the others (all of them when outputs outnumber
-    inputs) ahead of the averaging: either way every bad tensor is named."""
+    inputs) ahead of the averaging: either way every bad tensor is named, and its input left out; where every output
+    of an averager would stand for one (LAWA's only window), nothing is written."""
     folder = tmp_path / "traj"
     saved = recorded_trajectory(folder, [5, 10, 15, 20, 25])
     expect = []
@@ -239,13 +240,20 @@ def test_nan_and_inf_anywhere_are_refused_with_nothing_written(tmp_path, where):
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     averagers = ["lawa"] if where == "an input no output uses" else ["lawa", "ema"]
     interval = 5 if where == "more outputs than inputs" else None  # 2 + 5 outputs of 5 inputs
-    with pytest.raises(PosthocError) as info:
-        average(folder, parse_jobs(averagers, {"lawa.k": "2", "lawa.nu": "10" if interval is None else "5"}),
-                tmp_path / "out", interval=interval, limits=posthoc.Limits(block_elements=4096))
-    message = str(info.value)
-    assert "nothing was written" in message and all(line in message for line in expect), message
-    assert message.count("NaN or Inf") == len(expect)
-    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+    logged = []
+    try:
+        result = average(folder, parse_jobs(averagers, {"lawa.k": "2", "lawa.nu": "10" if interval is None else "5"}),
+                         tmp_path / "out", interval=interval, limits=posthoc.Limits(block_elements=4096),
+                         log=logged.append)
+    except PosthocError as error:
+        message = str(error)
+        assert where in ("two inputs", "half precision"), message  # LAWA's one window holds step 20 or 10
+        assert "nothing was written" in message and all(line in message for line in expect), message
+        assert message.count("NaN or Inf") == len(expect) and not (tmp_path / "out").exists()
+    else:
+        assert [line.removeprefix("left out ") for line in logged if line.startswith("left out ")] == expect
+        assert result.left_out == {int(line[5:13]): line.partition(": ")[2] for line in expect}
+    assert not list(tmp_path.glob(".out*"))
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
 
 
