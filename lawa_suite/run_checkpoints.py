@@ -27,7 +27,7 @@ from lawa_suite.sharded_checkpoints import is_sharded_checkpoint, load_sharded, 
 if TYPE_CHECKING:
     from lawa_suite.train import Run
 
-__all__ = ["RunCheckpointer", "nonfinite_parts"]
+__all__ = ["RunCheckpointer", "nonfinite_parts", "any_rank_poisoned"]
 
 
 def nonfinite_parts(state: Any) -> list[str]:
@@ -92,10 +92,7 @@ class RunCheckpointer:
         local = {"weights": run.unwrapped.state_dict(), "optimizer": run.optimizer.state_dict(),
                  "averagers": {name: avg.state_dict() for name, avg in run.averagers.items()}}
         poisoned = nonfinite_parts(_local_shards(local))
-        bad = torch.tensor([float(bool(poisoned))])
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
-        if bad.item():
+        if any_rank_poisoned(bool(poisoned), run.accelerator.device):
             where = ", ".join(poisoned) if poisoned else "another process's shards"
             raise NonFiniteTraining(f"the training state at step {step} holds NaN or Inf in {where}; "
                                     f"no checkpoint was written")
@@ -171,6 +168,15 @@ class RunCheckpointer:
         _restore_rng(run, state, path)
         if run.is_main:
             truncate_metrics(run.out / "metrics.jsonl", run.state.step)
+
+
+def any_rank_poisoned(poisoned: bool, device: torch.device) -> bool:
+    """Whether any process found NaN or Inf in its shards: one MAX all-reduce, on ``device`` (the accelerator's:
+    NCCL, the group accelerate starts on GPUs, takes no host tensor)."""
+    bad = torch.tensor([float(poisoned)], device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+    return bool(bad.item())
 
 
 def _local_shards(state: Any) -> dict[str, torch.Tensor]:

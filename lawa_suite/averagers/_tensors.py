@@ -42,14 +42,40 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def finite_flag(tensors: list[Tensor]) -> Tensor:
-    """A float64 scalar on the tensors' device: 1 if no tensor holds NaN or Inf, else 0, without a host sync (the
-    training loop reads it with the step's loss). One fused max-abs pass (``_foreach_norm`` with ``ord=inf``, which
-    propagates NaN): a maximum of finite values is finite, so unlike a sum of squares it cannot overflow."""
-    tensors = [t for t in tensors if t.numel()]  # the inf-norm of an empty tensor is undefined (and it holds nothing)
-    if not tensors:
-        return torch.ones((), dtype=torch.float64)
-    norms = torch._foreach_norm(tensors, ord=math.inf)
-    return torch.stack([n.double() for n in norms]).isfinite().all().double()
+    """A float64 scalar, 1 if no tensor holds NaN or Inf, else 0, without a host sync: on the device of the
+    accelerator tensors among ``tensors`` (the training loop reads it with the step's loss), on the host when
+    there are none. Exact and overflow-free: a maximum of absolute values, or a minimum and a maximum, of finite
+    values is finite (a sum of squares could overflow), and both propagate NaN.
+
+    Tensors are checked where they live (a state mixes devices: AdamW's step counters and LAWA's pinned
+    snapshots are host tensors), each device by its fastest form, measured (``benchmarks/averagers.py``): on an
+    accelerator one fused inf-norm pass (``_foreach_norm``); on the CPU ``aminmax`` a tensor, about half the time
+    of a ``lerp_`` over the same weights, where the fused inf-norm took 8x (its CPU kernel is not vectorised)."""
+    host: list[Tensor] = []
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for t in tensors:
+        if t.numel():  # an empty tensor holds nothing (and its inf-norm is undefined)
+            (host if t.device.type == "cpu" else by_device.setdefault(t.device, [])).append(t)
+    host_finite = all(_finite_on_host(t) for t in host) if host else True
+    flags = [torch.stack([n.double() for n in torch._foreach_norm(group, ord=math.inf)]).isfinite().all().double()
+             for group in by_device.values()]
+    if not flags:
+        return torch.tensor(float(host_finite), dtype=torch.float64)
+    flag = flags[0]
+    for other in flags[1:]:  # (several accelerators in one state: each flag joins the first device's)
+        flag = flag * other.to(flag.device, non_blocking=True)
+    return flag if host_finite else flag * 0.0
+
+
+def _finite_on_host(t: Tensor) -> bool:
+    """Whether a host tensor holds no NaN or Inf: its minimum and maximum (a NaN anywhere makes both NaN)."""
+    if not t.is_floating_point():
+        return True
+    if t.dtype in (torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2):
+        low, high = t.aminmax()  # (computed in the tensor's dtype: no upcast copy)
+    else:
+        low, high = torch.aminmax(t)
+    return math.isfinite(low.item()) and math.isfinite(high.item())
 
 
 def all_finite(tensors: list[Tensor]) -> bool:
@@ -82,15 +108,29 @@ def cast_like(tensors: list[Tensor], like: list[Tensor], non_blocking: bool = Fa
 def staged_like(tensors: list[Tensor], like: list[Tensor], staging: list[Tensor | None],
                 non_blocking: bool = False) -> list[Tensor]:
     """``cast_like`` without allocating per call: entries whose dtype or device differ from ``like`` are copied
-    into persistent ``staging`` buffers (filled on first use), so a bf16 model's update into fp32 accumulators
-    costs one fused copy instead of a fresh fp32 copy of the weights every step."""
-    if len(staging) != len(tensors) or any(b is not None and b.device != r.device for b, r in zip(staging, like)):
-        staging[:] = [None if (t.dtype == r.dtype and t.device == r.device) else torch.empty_like(r)
-                      for t, r in zip(tensors, like)]
-    pairs = [(buffer, t) for buffer, t in zip(staging, tensors) if buffer is not None]
-    if pairs:
-        torch._foreach_copy_([b for b, _ in pairs], [t for _, t in pairs], non_blocking=non_blocking)
-    return [t if buffer is None else buffer for t, buffer in zip(tensors, staging)]
+    into persistent ``staging`` buffers (made on first use), so a bf16 model's update into fp32 accumulators costs
+    one fused copy instead of a fresh fp32 copy of the weights every step.
+
+    Which entries need staging is decided at every call, from the tensors of that call: one caller hands it live
+    device weights at one call and host snapshots at the next (LAWA's window slide subtracts the leaving host
+    snapshot), and a decision fixed at the first call sent those host tensors unstaged into device arithmetic."""
+    if len(staging) != len(tensors):
+        staging[:] = [None] * len(tensors)
+    out: list[Tensor] = []
+    buffers, sources = [], []
+    for i, (t, ref) in enumerate(zip(tensors, like)):
+        if t.dtype == ref.dtype and t.device == ref.device:
+            out.append(t)
+            continue
+        buffer = staging[i]
+        if buffer is None or buffer.device != ref.device or buffer.dtype != ref.dtype or buffer.shape != ref.shape:
+            buffer = staging[i] = torch.empty_like(ref)
+        buffers.append(buffer)
+        sources.append(t)
+        out.append(buffer)
+    if buffers:
+        torch._foreach_copy_(buffers, sources, non_blocking=non_blocking)
+    return out
 
 
 def storage_key(t: Tensor) -> tuple | None:

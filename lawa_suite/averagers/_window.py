@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -118,6 +118,7 @@ class SnapshotStore(Protocol):
     def append(self, step: int, tensors: list[Tensor]) -> None: ...  # keeps its own copy (the caller's may change)
     def pop_oldest(self) -> list[Tensor]: ...
     def recycle(self, tensors: list[Tensor]) -> None: ...  # a popped snapshot's buffers, free for reuse (or ignored)
+    def wait_copies(self) -> None: ...  # before the host reads snapshots: queued device-to-host copies have landed
     def drop_oldest(self) -> None: ...
     def clear(self) -> None: ...
 
@@ -138,14 +139,20 @@ class StepWindow:
     def __len__(self) -> int:
         return len(self._steps)
 
+    def wait_copies(self) -> None:
+        """Return once every snapshot can be read on the host (a queued device-to-host copy has landed)."""
+
 
 class MemorySnapshots(StepWindow):
-    """The window in host memory (``store=cpu``)."""
+    """The window in host memory (``store=cpu``). From a CUDA device a snapshot's copy is queued on the current
+    stream and an event recorded after it: ``wait_copies`` waits for it before the host reads a snapshot (device
+    arithmetic queued on the same stream after the copy needs no wait)."""
 
     def __init__(self) -> None:
         self._steps = deque()
         self._tensors: deque[list[Tensor]] = deque()
         self._spares: list[list[Tensor]] = []     # buffers of snapshots that left the window, reused by append
+        self._copied: Any = None                  # CUDA event after the newest queued copy
 
     def __iter__(self) -> Iterator[list[Tensor]]:
         return iter(list(self._tensors))
@@ -157,6 +164,14 @@ class MemorySnapshots(StepWindow):
     def append(self, step: int, tensors: list[Tensor]) -> None:
         self._steps.append(step)
         self._tensors.append(self._copy(tensors))
+        if tensors and tensors[0].is_cuda:
+            self._copied = torch.cuda.Event()
+            self._copied.record(torch.cuda.current_stream(tensors[0].device))
+
+    def wait_copies(self) -> None:
+        copied, self._copied = self._copied, None
+        if copied is not None:
+            copied.synchronize()
 
     def _copy(self, tensors: list[Tensor]) -> list[Tensor]:
         """Into spare buffers when they fit (one fused copy, no fresh pages to fault in), else fresh ones. From a

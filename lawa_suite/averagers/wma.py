@@ -85,6 +85,7 @@ class WMA(Averager):
 
     @torch.no_grad()
     def _averaged_floats(self) -> list[Tensor]:
+        self._store.wait_copies()  # on CUDA the newest snapshot's copy to host memory may still be queued
         total: list[Tensor] = []
         for c, snapshot in zip(self.coefficients, self._store):
             if not total:
@@ -120,6 +121,7 @@ class WMA(Averager):
         return [weights.get(s, 0.0) for s in range(1, total + 1)]
 
     def _extra_state(self) -> dict[str, Any]:
+        self._store.wait_copies()
         return {"steps": self._store.steps, "snapshots": list(self._store)}
 
     def _load_extra_state(self, state: Mapping[str, Any]) -> None:

@@ -28,17 +28,17 @@ class Accuracy(Evaluator):
     def evaluate(self, model: nn.Module, batches: list[Any], accelerator: Any = None) -> dict[str, float]:
         correct: list[Tensor] = []
         losses: list[Tensor] = []
-        count, device = 0, torch.device("cpu")
+        count = 0
         for batch in batches:
             logits, targets = self.task.logits_and_targets(model, batch)
             logits = logits.float()
             correct.append((logits.argmax(dim=-1) == targets).sum())
             losses.append(F.cross_entropy(logits, targets, reduction="sum").double())
-            count, device = count + targets.numel(), logits.device
+            count += targets.numel()
         # one host sync for the whole evaluation, not one per batch
         sums = {"correct": float(torch.stack(correct).sum()) if correct else 0.0,
                 "loss": float(torch.stack(losses).sum()) if losses else 0.0, "count": float(count)}
-        sums = reduce_sums(sums, accelerator, device)
+        sums = reduce_sums(sums, accelerator)
         if sums["count"] == 0:
             raise ValueError("accuracy: no held-out examples to evaluate (the task returned no batches)")
         return {"accuracy": sums["correct"] / sums["count"], "loss": sums["loss"] / sums["count"]}

@@ -31,13 +31,15 @@ class Evaluator(ABC):
         accelerator, reduce across processes so every rank returns the same numbers."""
 
 
-def reduce_sums(sums: dict[str, float], accelerator: Any = None,
-                device: torch.device | str = "cpu") -> dict[str, float]:
-    """Sum per-process totals over every process (no-op in a single process)."""
+def reduce_sums(sums: dict[str, float], accelerator: Any = None, device: Any = None) -> dict[str, float]:
+    """Sum per-process totals over every process (no-op in a single process). The sums travel on the
+    accelerator's device: NCCL, the group accelerate starts on GPUs, takes no host tensor, and a rank that got no
+    evaluation batch has no device of its own to tell (``device`` is ignored; kept for evaluators that pass it)."""
     if accelerator is None or accelerator.num_processes == 1:
         return sums
     keys = sorted(sums)
-    total = accelerator.reduce(torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device), "sum")
+    values = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=accelerator.device)
+    total = accelerator.reduce(values, "sum")
     return dict(zip(keys, total.tolist()))
 
 

@@ -29,13 +29,13 @@ class Perplexity(Evaluator):
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: list[Any], accelerator: Any = None) -> dict[str, float]:
         losses: list[Tensor] = []
-        count, device = 0, torch.device("cpu")
+        count = 0
         for batch in batches:
             logits, targets = self.task.logits_and_targets(model, batch)
             losses.append(F.cross_entropy(logits.float(), targets, reduction="sum").double())
-            count, device = count + targets.numel(), logits.device
+            count += targets.numel()
         sums = {"loss": float(torch.stack(losses).sum()) if losses else 0.0, "count": float(count)}
-        sums = reduce_sums(sums, accelerator, device)
+        sums = reduce_sums(sums, accelerator)
         if sums["count"] == 0:
             raise ValueError("perplexity: no held-out tokens to evaluate (the task returned no batches)")
         loss = sums["loss"] / sums["count"]
