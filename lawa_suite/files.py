@@ -17,6 +17,7 @@ import re
 import secrets
 import shutil
 import socket
+import stat
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -314,3 +315,42 @@ def made_by(folder: Path) -> str | None:
     except (OSError, ValueError, AttributeError):
         return None
     return command if isinstance(command, str) else None
+
+
+# -- the modes a plain open() gives ---------------------------------------------------------------------------
+# safetensors (0.8: save_file writes through its own temporary file) and other atomic writers leave their files
+# 0600, where a plain open() gives 0666 less the umask: an exported folder would hold one private file among
+# readable siblings. A command that writes a whole folder gives its files the plain modes before committing it.
+def current_umask() -> int:
+    """This process's umask, read without changing it where Linux tells it (/proc/self/status, Linux 4.7+);
+    elsewhere set and restored at once."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def plain_modes(root: Path) -> None:
+    """Give ``root`` and everything below it the mode a plain ``open()`` or ``mkdir()`` would have: 0666 (files;
+    0777 where any execute bit is set) and 0777 (folders), less the umask. Symbolic links are left alone."""
+    mask = current_umask()
+    for folder, dirs, names in os.walk(root):
+        for name in names:
+            path = os.path.join(folder, name)
+            mode = os.lstat(path).st_mode
+            if stat.S_ISREG(mode):
+                os.chmod(path, (0o777 if mode & 0o111 else 0o666) & ~mask)
+        for name in dirs:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o777 & ~mask)
+    os.chmod(root, 0o777 & ~mask)
+
+
+__all__ += ["current_umask", "plain_modes"]

@@ -29,8 +29,9 @@ from lawa_suite import registry
 from lawa_suite.config import ConfigError, choice, require
 from lawa_suite.data.images import ImageSet, load_image_set
 from lawa_suite.data.stream import IndexStream, TensorStream
+from lawa_suite.errors import CheckpointError
 from lawa_suite.tasks import _timm
-from lawa_suite.tasks.base import ExportUnsupported, Task, parameter_count
+from lawa_suite.tasks.base import Task, parameter_count
 
 NORMALISATION = ("normalised per channel with the training split's mean and std (computed from the training images "
                  "at the start of every run; CIFAR-10's: mean 0.4914, 0.4822, 0.4465, std 0.2470, 0.2435, 0.2616)")
@@ -91,6 +92,22 @@ class PreActResNet18(nn.Module):
         x = self.blocks(self.stem(x))
         x = F.relu(self.bn(x))
         return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def preact_args(weights: Mapping[str, Tensor]) -> dict[str, int]:
+    """The ``PreActResNet18`` arguments ``weights`` were built with, read off the stem and the head."""
+    try:
+        stem, head = weights["stem.weight"], weights["head.weight"]
+    except KeyError:
+        raise CheckpointError("weights: these are not the suite's PreAct-ResNet-18 (no stem.weight or "
+                              "head.weight)") from None
+    return {"num_classes": int(head.shape[0]), "width": int(stem.shape[0]), "in_channels": int(stem.shape[1])}
+
+
+PREACT_NOTES = ("Inputs: {channels}-channel images of {size} px (any size works: the network pools globally), scaled "
+                "to [0, 1], then {norm}. The BatchNorm statistics are those of the weights exported (an averager's are "
+                "its average of them); the run scored averaged weights after recomputing them on a few training "
+                "batches (eval.bn_batches), so this model's scores may differ a little from the run's.")
 
 
 # -- augmentation -----------------------------------------------------------------------------------
@@ -261,12 +278,20 @@ class CifarTask(Task):
                                 self.config.patch_size)
 
     def export(self, weights: Mapping[str, Tensor], out: Path) -> None:
-        """A timm model trained here: timm's Hub folder (``_timm.export_folder``). The classes and channels come
-        from the weights (export runs without the data)."""
+        """A timm model trained here: timm's Hub folder (``_timm.export_folder``). The suite's PreAct-ResNet-18: its
+        weights, builder and arguments, and a README with the lines that load it (``export.write_module_folder``).
+        The classes and channels come from the weights (export runs without the data)."""
         if self.config.model == _timm.PREACT:
-            raise ExportUnsupported("task 'cifar' with cifar.model=preact_resnet18 (the suite's own network) has no "
-                                    "standard folder format; its weights are plain safetensors (the checkpoint's "
-                                    "model.safetensors). Runs with cifar.model=<timm name> export timm folders")
+            from lawa_suite.export import write_module_folder
+
+            args = preact_args(weights)
+            write_module_folder(PreActResNet18, args, weights, out,
+                                f"A lawa-suite image classifier: PreAct-ResNet-18 of width {args['width']}, "
+                                f"{args['num_classes']} classes",
+                                PREACT_NOTES.format(size=self.config.image_size, channels=args["in_channels"],
+                                                    norm=NORMALISATION),
+                                task=self.name, image_size=self.config.image_size, inputs=NORMALISATION)
+            return
         classes, channels = _timm.classes_and_channels(self.config.model, weights)
         _timm.export_folder(self.config.model, self._timm_args(classes, channels), weights, out, NORMALISATION)
 

@@ -1,0 +1,115 @@
+"""Issue "Nothing lost, nothing run, nothing silent", items 14 and 18: the image task's own PreAct-ResNet-18 exports
+raw and every averager's weights as a folder whose README's lines load it; exported files get the modes a plain
+open() gives; the progress bar's time-to-go leaves start-up out and its last step says it is evaluating; `suite
+profile` draws EMA so its shape shows and bounds `steps`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from lawa_suite.cli import app
+
+runner = CliRunner()
+
+
+# -- item 14: every weights of the main job's model, as a folder that loads --------------------------------
+@pytest.fixture(scope="module")
+def preact_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("preact") / "run"
+    result = runner.invoke(app, ["run", "task=cifar", "preset=tiny", "steps=8", "eval.every=4", "averager=lawa,ema,swa",
+                                 "lawa.k=2", "lawa.nu=2", f"out={out}", "progress=false"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def readme_code(folder: Path) -> str:
+    """The README's Python block, its "<this folder>" made this folder."""
+    text = (folder / "README.md").read_text()
+    found = re.search(r"```python\n(.*?)```", text, re.S)
+    assert found, text
+    return found.group(1).replace("<this folder>", str(folder))
+
+
+@pytest.mark.parametrize("weights", ["raw", "lawa", "ema", "swa"])
+def test_the_preact_model_exports_each_weights_with_lines_that_load_it(preact_run, tmp_path, weights):
+    from lawa_suite import registry
+    from lawa_suite.export import select_weights
+    from lawa_suite.rundir import load_resolved
+
+    out = tmp_path / weights
+    result = runner.invoke(app, ["export", str(preact_run), f"out={out}", f"weights={weights}"])
+    assert result.exit_code == 0, result.output
+    assert {"model.safetensors", "config.json", "README.md"} <= {p.name for p in out.iterdir()}
+    config = json.loads((out / "config.json").read_text())
+    assert config["builder"] == "lawa_suite.tasks.cifar.PreActResNet18"
+    assert config["args"] == {"num_classes": 10, "width": 4, "in_channels": 3}
+
+    namespace: dict = {}
+    exec(readme_code(out), namespace)  # the README's lines, as a reader would run them
+    loaded = namespace["model"].eval()
+
+    # the model the run scored under that name: the task's own network with the checkpoint's weights
+    cfg = load_resolved(preact_run)
+    task = registry.tasks.get("cifar")(cfg.task, cfg.run)
+    task.setup()
+    expected, _ = select_weights(preact_run, weights, cfg)
+    suite_model = task.build_model().eval()
+    suite_model.load_state_dict(expected)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), suite_model(x))
+        from lawa_suite.export import load_model  # the one-call loader the README names
+        assert torch.equal(load_model(out)(x), suite_model(x))
+    if weights != "raw":  # the average, not the raw weights under its name
+        raw, _ = select_weights(preact_run, "raw", cfg)
+        assert any(not torch.equal(raw[k], expected[k]) for k in raw if raw[k].is_floating_point())
+
+
+def test_weights_that_are_not_the_preact_network_are_refused_before_anything_is_written(tmp_path):
+    from lawa_suite import registry
+    from lawa_suite.config import resolve
+    from lawa_suite.errors import CheckpointError
+    from lawa_suite.tasks.cifar import PreActResNet18
+
+    cfg = resolve(["task=cifar", "preset=tiny"])
+    task = registry.tasks.get("cifar")(cfg.task, cfg.run)
+    weights = PreActResNet18(10, 4).state_dict()
+    del weights["bn.running_mean"]
+    (tmp_path / "out").mkdir()
+    with pytest.raises(CheckpointError, match=r"weights do not fit PreActResNet18\(num_classes=10, width=4, "
+                                              r"in_channels=3\): Missing key\(s\).*bn.running_mean"):
+        task.export(weights, tmp_path / "out")
+    assert not any((tmp_path / "out").iterdir())
+
+
+# -- item 18: the modes of exported files ---------------------------------------------------------------------
+def test_exported_files_have_the_modes_a_plain_open_gives(tmp_path, monkeypatch):
+    """safetensors writes its files 0600; an export's files are 0666 less the umask, as their siblings."""
+    from conftest import ToyTask
+    from safetensors.torch import save_file
+
+    def export(self, weights, out: Path) -> None:  # the toy task has no format of its own: a weights file
+        save_file(dict(weights), str(out / "model.safetensors"))
+        (out / "notes.txt").write_text("plain open()")
+
+    monkeypatch.setattr(ToyTask, "export", export, raising=False)
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["run", "task=toy", "steps=4", "eval.every=4", f"out={run}"])
+    assert result.exit_code == 0, result.output
+    old = os.umask(0o027)
+    try:
+        result = runner.invoke(app, ["export", str(run), f"out={tmp_path / 'out'}", "weights=raw"])
+    finally:
+        os.umask(old)
+    assert result.exit_code == 0, result.output
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "out").iterdir()}
+    assert modes == {"model.safetensors": 0o640, "notes.txt": 0o640, "suite-output.json": 0o640}
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o750
