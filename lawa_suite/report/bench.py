@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,7 @@ from lawa_suite.report.run import (
     metric_directions,
     metric_notes,
     ordered,
+    palette,
     wide_range,
 )
 
@@ -136,8 +138,10 @@ def lr_table(summary: LrSummary) -> str:
     return "\n".join(lines)
 
 
-def plot_task(task: str, by_lr: list[LrSummary], metrics: list[str], directions: dict[str, str], path: Path) -> None:
-    """Rows: metrics; columns: learning rates; a line per weights (seed mean) with a min-max band."""
+def plot_task(task: str, by_lr: list[LrSummary], metrics: list[str], directions: dict[str, str], path: Path,
+              colour_names: Iterable[str] = ()) -> None:
+    """Rows: metrics; columns: learning rates; a line per weights (seed mean) with a min-max band. ``colour_names``:
+    every weights name the report draws, for its one palette."""
     import matplotlib  # lazily: importing the package should not pay for matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -145,8 +149,7 @@ def plot_task(task: str, by_lr: list[LrSummary], metrics: list[str], directions:
     rows = len(metrics) + 1  # the last row: each averager's gain over raw on the headline metric, zoomed in
     fig, axes = plt.subplots(rows, len(by_lr), figsize=(5.2 * len(by_lr), 3.4 * rows), squeeze=False)
     names = ordered({w: None for s in by_lr for r in s.runs for w in r.curves})  # type: ignore[arg-type]
-    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    colours = {w: ("black" if w == "raw" else palette[i % len(palette)]) for i, w in enumerate(names)}
+    colours = palette([*colour_names, *names])
     for col, s in enumerate(by_lr):
         for row, metric in enumerate(metrics):
             ax = axes[row][col]
@@ -254,8 +257,10 @@ def _metrics_of(by_lr_runs: dict[float, list[RunRecord]], directions: dict[str, 
     return [m for m in dict.fromkeys([*directions, *present]) if m in present][:2]
 
 
-def task_section(label: str, by_lr_runs: dict[float, list[RunRecord]], out: Path) -> tuple[list[str], list[Verdict]]:
-    """One task's Markdown (plot, a table per learning rate, the high-vs-low gap) and its claims' verdicts."""
+def task_section(label: str, by_lr_runs: dict[float, list[RunRecord]], out: Path,
+                 colour_names: Iterable[str] = ()) -> tuple[list[str], list[Verdict]]:
+    """One task's Markdown (plot, a table per learning rate, the high-vs-low gap) and its claims' verdicts;
+    ``colour_names``: every weights name the report draws, for its one palette."""
     from lawa_suite.report.claims import claims  # here, not on top: claims builds on this module's summaries
 
     first = next(iter(by_lr_runs.values()))[0]
@@ -269,7 +274,7 @@ def task_section(label: str, by_lr_runs: dict[float, list[RunRecord]], out: Path
     if "[" in label:  # one task run two ways: a figure each
         png += "-" + hashlib.sha1(label.encode()).hexdigest()[:8]
     png += ".png"
-    plot_task(label, by_lr, metrics, directions, out / png)
+    plot_task(label, by_lr, metrics, directions, out / png, colour_names)
     lines = [f"## {label}", ""]
     seeds = sorted({r.seed for runs in by_lr_runs.values() for r in runs})
     lines += [f"{len(by_lr)} learning rate(s) x seeds {', '.join(map(str, seeds))}; {first.steps} steps; headline "
@@ -287,8 +292,8 @@ def task_section(label: str, by_lr_runs: dict[float, list[RunRecord]], out: Path
                       f"is interpolated between evaluations, and the steps saved are a fraction of raw's own steps "
                       f"to the same target (a run that never reaches it counts its full length).", "",
                       steps_table(s.runs, averagers, s.headline, s.direction), ""]
-    lines += sweep_section(by_lr, out, png.removesuffix(".png"))
-    lines += lr_section(by_lr, out, png.removesuffix(".png") + "-lrs.png")
+    lines += sweep_section(by_lr, out, png.removesuffix(".png"), colour_names)
+    lines += lr_section(by_lr, out, png.removesuffix(".png") + "-lrs.png", colour_names)
     return lines, claims(label, by_lr)
 
 
@@ -309,8 +314,9 @@ def write_bench_report(paths: list[Path], out: Path, title: str = "") -> Path:
     sections: list[str] = []
     if not group_runs(runs):
         lines += ["No run has finished yet.", ""]
+    names = ordered({w: None for r in runs for w in r.curves})  # type: ignore[arg-type]  # one palette for all
     for label, by_lr in group_runs(runs).items():
-        text, found = task_section(label, by_lr, out)
+        text, found = task_section(label, by_lr, out, names)
         sections += text
         verdicts += found
     verdicts += claim_g([r for r in runs if r.last_step >= r.steps])

@@ -7,11 +7,12 @@ evaluations of a phase), not intervals; ``suite bench ... seeds=0,1,2,3,4`` give
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from lawa_suite.report.paired import PHASES, gain
-from lawa_suite.report.run import Curves, ordered
+from lawa_suite.report.run import Curves, ordered, palette
 
 __all__ = ["PhaseGain", "phase_gains_of_run", "findings_lines"]
 
@@ -53,27 +54,29 @@ def _sentence(gains: list[PhaseGain], metric: str) -> str:
             f"gives intervals).")
 
 
-def findings_lines(curves: Curves, steps: int, metric: str, direction: str, path: Path) -> list[str]:
-    """Markdown: the plain sentence, the phase table, and the gain curve (drawn to ``path``)."""
+def findings_lines(curves: Curves, steps: int, metric: str, direction: str, path: Path,
+                   names: Iterable[str] | None = None) -> list[str]:
+    """Markdown: the plain sentence, the phase table, and the gain curve (drawn to ``path``). ``names``: every
+    weights name the report draws, for its one palette."""
     gains = phase_gains_of_run(curves, steps, metric, direction)
     if not gains:
         return []
-    names = list(dict.fromkeys(g.weights for g in gains))
+    names_found = list(dict.fromkeys(g.weights for g in gains))
     lines = ["## What this run found", "", _sentence(gains, metric), "",
              f"| gain over raw in {metric} (+ = better) | "
              + " | ".join(f"{p} ({lo:.0%}-{hi:.0%})" for p, (lo, hi) in PHASES.items()) + " |",
              "|---|" + "---|" * len(PHASES)]
-    for name in names:
+    for name in names_found:
         cells = []
         for phase in PHASES:
             g = next((g for g in gains if g.weights == name and g.phase == phase), None)
             cells.append(f"{g.mean:+.4f} (ahead at {g.ahead}/{g.evaluations})" if g else "not averaging yet")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    _plot(curves, steps, metric, direction, path)
+    _plot(curves, steps, metric, direction, path, palette([*(names or []), *curves]))
     return lines + ["", f"![gain over raw]({path.name})", ""]
 
 
-def _plot(curves: Curves, steps: int, metric: str, direction: str, path: Path) -> None:
+def _plot(curves: Curves, steps: int, metric: str, direction: str, path: Path, colours: dict[str, str]) -> None:
     import matplotlib  # lazily: importing the package should not pay for matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -87,7 +90,7 @@ def _plot(curves: Curves, steps: int, metric: str, direction: str, path: Path) -
     for weights in [w for w in ordered(curves) if w != "raw"]:
         pairs = [(s, gain(direction, raw[s], v)) for s, v in curves[weights].get(metric, []) if s in raw]
         if pairs:
-            ax.plot(*zip(*pairs), marker=".", label=weights)
+            ax.plot(*zip(*pairs), marker=".", label=weights, color=colours[weights])
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xlim(0, steps)
     ax.set_xlabel("optimizer step")

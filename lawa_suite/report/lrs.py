@@ -9,12 +9,12 @@ is how far (relative) raw's final value may lie from the tuned lr's for the lr t
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lawa_suite.report.paired import EARLY_MID, final_gains, phase_gains, t_interval
-from lawa_suite.report.run import fmt
+from lawa_suite.report.run import fmt, palette
 
 if TYPE_CHECKING:
     from lawa_suite.report.bench import LrSummary
@@ -53,9 +53,10 @@ def _regime(s: LrSummary, best: LrSummary) -> str:
     return f"{side}, raw {off:.1%} off the tuned: " + ("still trains" if off <= TRAINS_WITHIN else "trains worse")
 
 
-def lr_section(by_lr: Sequence[LrSummary], out: Path, png: str) -> list[str]:
+def lr_section(by_lr: Sequence[LrSummary], out: Path, png: str, colour_names: Iterable[str] = ()) -> list[str]:
     """Markdown: the tuned lr, each lr's regime and every averager's early-mid and final gain; a PNG of the gains
-    against the lr. Empty with fewer than two lrs."""
+    against the lr. Empty with fewer than two lrs. ``colour_names``: every weights name the report draws, for its
+    one palette."""
     best = tuned(by_lr)
     if len(by_lr) < 2 or best is None:
         return []
@@ -74,11 +75,11 @@ def lr_section(by_lr: Sequence[LrSummary], out: Path, png: str) -> list[str]:
             final = t_interval(final_gains(s.runs, "raw", name, s.headline, s.direction))
             cells.append(" / ".join(i.text() if i else "-" for i in (early, final)))
         lines.append("| " + " | ".join(cells) + " |")
-    _plot(by_lr, names, out / png)
+    _plot(by_lr, names, out / png, palette([*colour_names, *names]))
     return lines + ["", f"![gain against lr]({png})", ""]
 
 
-def _plot(by_lr: Sequence[LrSummary], names: list[str], path: Path) -> None:
+def _plot(by_lr: Sequence[LrSummary], names: list[str], path: Path, colours: dict[str, str]) -> None:
     import matplotlib  # lazily: importing the package should not pay for matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -99,7 +100,7 @@ def _plot(by_lr: Sequence[LrSummary], names: list[str], path: Path) -> None:
                 ys.append(interval.mean)
                 errs.append(interval.high - interval.mean)
             if xs:
-                ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=name)
+                ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=name, color=colours[name])
         ax.axhline(0, color="black", lw=0.8)
         ax.set_xscale("log")
         ax.set_xlabel("learning rate")

@@ -17,9 +17,13 @@ from lawa_suite.rundir import read_metrics, read_saved
 
 __all__ = ["Curves", "load_metrics", "evaluator_of", "metric_directions", "metric_notes", "wide_range", "ordered",
            "direction_of", "better", "summarise", "first_reaching", "best_point", "fmt", "comparison_table",
-           "plot_curves", "write_report", "is_run_dir", "find_runs"]
+           "PALETTE", "palette", "colour_of", "plot_curves", "write_report", "is_run_dir", "find_runs"]
 
 Curves = dict[str, dict[str, list[tuple[int, float]]]]  # weights -> metric -> [(step, value)]
+
+# matplotlib's default colours (tab10), fixed here so that no plot takes them from its own running colour cycle
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#17becf")
 
 
 def load_metrics(path: Path) -> tuple[Curves, list[tuple[int, float]]]:
@@ -98,6 +102,18 @@ def best_point(points: Iterable[tuple[int, float]], direction: str) -> tuple[flo
     return best, best_step
 
 
+def palette(names: Iterable[str]) -> dict[str, str]:
+    """One colour per weights name for every plot of a report: raw black, the others ``PALETTE`` in ``ordered``
+    order of ``names``, the report's whole set of names, so that a name has one colour in all its figures."""
+    others = [w for w in ordered(dict.fromkeys(names)) if w != "raw"]  # type: ignore[arg-type]
+    return {"raw": "black", **{w: PALETTE[i % len(PALETTE)] for i, w in enumerate(others)}}
+
+
+def colour_of(name: str, names: Iterable[str]) -> str:
+    """The colour of weights ``name`` in a report whose plots draw ``names`` (``palette``)."""
+    return palette([*names, name])[name]
+
+
 def summarise(curves: Curves, directions: dict[str, str]) -> tuple[list[str], list[dict[str, Any]]]:
     """The metric order and one row per weights (raw first) with final/best values and steps-to-target."""
     metrics = list(dict.fromkeys([m for m in directions] + [m for c in curves.values() for m in c]))
@@ -155,18 +171,17 @@ def _fewer(reached: int, raw_reached: int) -> str:
     return f"{saved:.0%} fewer" if saved >= 0 else f"{-saved:.0%} more"
 
 
-def plot_curves(curves: Curves, train: list[tuple[int, float]], metrics: list[str], path: Path, title: str) -> None:
-    """One panel per metric (a line per weights), plus the training loss when there is one."""
+def plot_curves(curves: Curves, train: list[tuple[int, float]], metrics: list[str], path: Path, title: str,
+                names: Iterable[str] | None = None) -> None:
+    """One panel per metric (a line per weights), plus the training loss when there is one; ``names``: every
+    weights name the report draws, for its one palette (default: those of ``curves``)."""
     import matplotlib  # lazily: importing the package should not pay for matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     panels = metrics + (["train loss"] if train else [])
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
-    colours = {"raw": "black"}
-    palette = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"])
-    for weights in ordered(curves):
-        colours.setdefault(weights, next(palette, None))
+    colours = palette([*(names or []), *curves])
     for ax, panel in zip(axes[0], panels):
         if panel == "train loss":
             steps, values = zip(*train)
@@ -205,15 +220,16 @@ def write_report(run_dir: Path) -> Path:
     lines = [f"# Run report: {run_dir.name}", "",
              f"{title}; {config['steps']} steps; averagers: {', '.join(map(str, config['averager'])) or 'none'}. "
              f"Every evaluation scores all weights on the same held-out batches. Config: `config.yaml`.", ""]
+    names = list(curves)  # one palette for curves.png and gains.png
     if rows:
         lines += [comparison_table(metrics, rows, headline), ""]
         notes = metric_notes(config["task"], metrics)
         lines += [*notes, ""] if notes else []
-        plot_curves(curves, train, metrics, run_dir / "curves.png", title)
+        plot_curves(curves, train, metrics, run_dir / "curves.png", title, names=names)
         lines += ["![metrics vs step](curves.png)", ""]
         from lawa_suite.report.findings import findings_lines  # builds on this module
         lines += findings_lines(curves, int(config["steps"]), headline, direction_of(headline, directions),
-                                run_dir / "gains.png")
+                                run_dir / "gains.png", names=names)
     else:
         lines += ["No evaluation was recorded.", ""]
     report = run_dir / "report.md"

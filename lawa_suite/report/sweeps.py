@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lawa_suite.report.paired import final_gains, gain, t_interval
-from lawa_suite.report.run import fmt, load_metrics
+from lawa_suite.report.run import fmt, load_metrics, palette
 
 if TYPE_CHECKING:
     from lawa_suite.report.bench import LrSummary
@@ -69,16 +69,18 @@ def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def sweep_section(by_lr: Sequence[LrSummary], out: Path, png_stem: str) -> list[str]:
+def sweep_section(by_lr: Sequence[LrSummary], out: Path, png_stem: str, colour_names: Iterable[str] = ()) -> list[str]:
     """Markdown for every sweep of one task: a table per lr (metric and paired gain over raw, with intervals) and
-    one PNG per sweep with the metric against the swept key."""
+    one PNG per sweep with the metric against the swept key. ``colour_names``: every weights name the report
+    draws, for its one palette (the online averagers' lines)."""
+    colours = palette([*colour_names, *(r["weights"] for s in by_lr for r in s.rows)])
     found = {s.lr: read_sweeps(s.runs, s.headline, s.direction) for s in by_lr}
     names = sorted({name for sweeps in found.values() for name in sweeps})
     lines: list[str] = []
     for name in names:
         lines += [f"### Post-hoc sweep `{name}` (one training run per seed)", ""]
         png = f"{png_stem}-sweep-{name}.png"
-        drawn = _plot(name, by_lr, found, out / png)
+        drawn = _plot(name, by_lr, found, out / png, colours)
         for s in by_lr:
             points = found[s.lr].get(name, [])
             if not points:
@@ -100,7 +102,7 @@ def sweep_section(by_lr: Sequence[LrSummary], out: Path, png_stem: str) -> list[
 
 
 def _plot(name: str, by_lr: Sequence[LrSummary], found: dict[float, dict[str, list[SweepPoint]]],
-          path: Path) -> bool:
+          path: Path, colours: dict[str, str]) -> bool:
     """The metric against the first varying key (a line per value of the others), an axis per lr, the online
     averagers' final seed means as dashed lines; False when there is no numeric key to draw against."""
     import matplotlib  # lazily: importing the package should not pay for matplotlib
@@ -126,7 +128,7 @@ def _plot(name: str, by_lr: Sequence[LrSummary], found: dict[float, dict[str, li
             ax.errorbar([x for x, _, _ in pts], [y for _, y, _ in pts], yerr=[e for _, _, e in pts], marker="o",
                         capsize=3, label=label)
         for r in s.rows:
-            ax.axhline(r["final"], ls="--", lw=0.8, color="black" if r["weights"] == "raw" else None,
+            ax.axhline(r["final"], ls="--", lw=0.8, color=colours[r["weights"]],
                        label=f"{r['weights']} (online)")
         ax.set_title(f"lr={s.lr:g}", fontsize=9)
         ax.set_xlabel(x_key)
