@@ -113,3 +113,63 @@ def test_exported_files_have_the_modes_a_plain_open_gives(tmp_path, monkeypatch)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "out").iterdir()}
     assert modes == {"model.safetensors": 0o640, "notes.txt": 0o640, "suite-output.json": 0o640}
     assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o750
+
+
+# -- item 18: the progress bar ---------------------------------------------------------------------------------
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def eta_of(bar) -> float | None:
+    found = re.search(r"eta (\d+):(\d+)", bar.bar.postfix or "")
+    return None if found is None else int(found.group(1)) * 60 + int(found.group(2))
+
+
+def test_the_time_to_go_leaves_the_start_up_step_out(monkeypatch):
+    """A 4-minute run (800 steps of 0.3 s) whose first step pays 60 s of start-up: after a few steps the
+    time-to-go is about 4 minutes, not a quarter of an hour."""
+    from lawa_suite import progress
+
+    clock = FakeClock()
+    monkeypatch.setattr(progress, "time", clock)
+    bar = progress.ProgressBar(800, 0, 1000, "toy", enabled=False)
+    clock.now += 60.0
+    bar.stepped(1, 1.0, 0.1)
+    for step in range(2, 6):
+        clock.now += 0.3
+        bar.stepped(step, 1.0, 0.1)
+    assert eta_of(bar) == pytest.approx(795 * 0.3, abs=1)
+    # a slow step now and then (a busy moment) barely moves it
+    clock.now += 5.0
+    bar.stepped(6, 1.0, 0.1)
+    assert eta_of(bar) == pytest.approx(794 * 0.3, abs=1)
+
+
+def test_the_bar_says_it_is_evaluating_and_counts_that_evaluation(monkeypatch):
+    from lawa_suite import progress
+
+    clock = FakeClock()
+    monkeypatch.setattr(progress, "time", clock)
+    bar = progress.ProgressBar(20, 0, 10, "toy", enabled=False)
+    for step in range(1, 10):
+        clock.now += 1.0
+        bar.stepped(step, 1.0, 0.1)
+        assert "evaluating" not in bar.bar.postfix
+    clock.now += 1.0
+    bar.stepped(10, 1.0, 0.1)  # an evaluation follows this step
+    assert "evaluating" in bar.bar.postfix
+    clock.now += 30.0
+    bar.evaluated(30.0, "scores")
+    assert "evaluating" not in bar.bar.postfix and eta_of(bar) == 10 + 30  # ten steps and the final evaluation
+    for step in range(11, 21):
+        clock.now += 1.0
+        bar.stepped(step, 1.0, 0.1)
+    # the last step: the bar is full, and says the final evaluation is what it waits for, and how long it takes
+    assert "evaluating" in bar.bar.postfix and eta_of(bar) == 30
+    bar.evaluated(30.0, "scores")
+    assert "evaluating" not in bar.bar.postfix
+    bar.close()
