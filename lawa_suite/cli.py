@@ -124,6 +124,11 @@ def run(
     if dry_run:
         typer.echo(cfg.to_yaml(), nl=False)
         return
+    from lawa_suite.report.readiness import never_ready
+
+    # said before the minutes of training, not found missing from the report after them
+    for name, why in never_ready(cfg.averagers, cfg.averager_of, cfg.run.steps).items():
+        typer.echo(f"warning: averager {name} will have no weights to evaluate in this run: {why}", err=True)
     from lawa_suite.train import train
 
     result = train(cfg)

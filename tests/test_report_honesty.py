@@ -1,5 +1,5 @@
-"""The reports say what happened, all of it (items 10-13 of "Nothing lost, nothing run, nothing silent"): one
-colour per name in every figure."""
+"""The reports say what happened, all of it (items 10-13 of "Nothing lost, nothing run, nothing silent"): an
+averager that never became ready is warned of before training and has its row; one colour per name in every figure."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import yaml
 from matplotlib.colors import to_hex
 from typer.testing import CliRunner
 
+from lawa_suite.cli import app
 from lawa_suite.report import write_bench_report, write_report
 
 runner = CliRunner()
@@ -28,6 +29,51 @@ def hand_run(root: Path, steps: int, curves: dict[str, dict[int, float]], averag
              for weights, points in curves.items() for step, value in points.items()]
     (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     return run
+
+
+# -- item 10: an averager that never becomes ready -----------------------------------------------------------
+
+def test_an_averager_never_ready_is_warned_of_before_training_and_given_a_row_saying_why(tmp_path, monkeypatch):
+    import sys
+
+    import lawa_suite.train as train_module
+
+    real_train, said_before = train_module.train, []
+
+    def spy(cfg):  # what stderr held when training began
+        sys.stderr.flush()
+        said_before.append(sys.stderr.buffer.getvalue().decode())
+        return real_train(cfg)
+
+    monkeypatch.setattr(train_module, "train", spy)
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["run", "task=toy", "averager=lawa,ema", "lawa.k=10", "lawa.nu=4", "steps=16",
+                                 f"out={out}"])
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: averager")]
+    assert warnings == ["warning: averager lawa will have no weights to evaluate in this run: not ready by the end "
+                        "(needs 40 steps, the run has 16)"], result.stderr
+    assert warnings[0] in said_before[0]  # said before training, not after
+    text = (out / "report.md").read_text()
+    assert "| lawa | no evaluation of its weights: not ready by the end (needs 40 steps, the run has 16) |" in text
+    assert "| ema |" in text
+
+
+def test_every_averager_ready_in_time_draws_no_warning(tmp_path, monkeypatch):
+    import lawa_suite.train as train_module
+
+    monkeypatch.setattr(train_module, "train", lambda cfg: (_ for _ in ()).throw(SystemExit(0)))
+    result = runner.invoke(app, ["run", "task=toy", "averager=lawa,ema,swa", "lawa.k=2", "lawa.nu=4", "steps=16",
+                                 f"out={tmp_path / 'run'}"])
+    assert "warning: averager" not in result.stderr, result.stderr
+
+
+def test_an_averager_without_evaluations_for_another_reason_still_has_its_row(tmp_path):
+    # ema is ready from its first step by its settings, yet nothing scored it (a run cut short, a plugin's rule)
+    run = hand_run(tmp_path, 16, {"raw": {8: 2.0, 16: 1.8}, "lawa": {8: 1.9, 16: 1.7}}, ["lawa", "ema"],
+                   lawa={"k": 2, "nu": 4})
+    text = write_report(run).read_text()
+    assert "| ema | no evaluation of its weights: it was not ready at any evaluation | - | - |" in text
 
 
 # -- item 12: one palette keyed by name ------------------------------------------------------------------------

@@ -55,9 +55,10 @@ def _sentence(gains: list[PhaseGain], metric: str) -> str:
 
 
 def findings_lines(curves: Curves, steps: int, metric: str, direction: str, path: Path,
-                   names: Iterable[str] | None = None) -> list[str]:
+                   names: Iterable[str] | None = None, unscored: dict[str, str] | None = None) -> list[str]:
     """Markdown: the plain sentence, the phase table, and the gain curve (drawn to ``path``). ``names``: every
-    weights name the report draws, for its one palette."""
+    weights name the report draws, for its one palette; ``unscored``: the run's averagers no evaluation scored,
+    name -> why."""
     gains = phase_gains_of_run(curves, steps, metric, direction)
     if not gains:
         return []
@@ -72,6 +73,8 @@ def findings_lines(curves: Curves, steps: int, metric: str, direction: str, path
             g = next((g for g in gains if g.weights == name and g.phase == phase), None)
             cells.append(f"{g.mean:+.4f} (ahead at {g.ahead}/{g.evaluations})" if g else "not averaging yet")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for name in unscored or {}:
+        lines.append(f"| {name} | " + " | ".join(["no evaluation of its weights"] * len(PHASES)) + " |")
     _plot(curves, steps, metric, direction, path, palette([*(names or []), *curves]))
     return lines + ["", f"![gain over raw]({path.name})", ""]
 

@@ -142,9 +142,11 @@ def fmt(value: float) -> str:
     return f"{value:.4f}" if abs(value) < 1000 else f"{value:.1f}"
 
 
-def comparison_table(metrics: list[str], rows: list[dict[str, Any]], headline: str | None) -> str:
+def comparison_table(metrics: list[str], rows: list[dict[str, Any]], headline: str | None,
+                     unscored: dict[str, str] | None = None) -> str:
     """The Markdown table of ``summarise``'s rows. "Fewer" compares with the step at which raw itself first
-    reached its final value, not with the run's length: raw never saves anything against itself."""
+    reached its final value, not with the run's length: raw never saves anything against itself. ``unscored``:
+    a row each for the run's averagers that no evaluation scored (name -> why), so none is missing silently."""
     raw_steps = next((row.get("steps_to_raw_final") for row in rows if row["weights"] == "raw"), None)
     header = ["weights"]
     for metric in metrics:
@@ -163,6 +165,9 @@ def comparison_table(metrics: list[str], rows: list[dict[str, Any]], headline: s
             saved = f" ({_fewer(reached, raw_steps)})" if raw_steps and row["weights"] != "raw" else ""
             cells.append(f"{reached}{saved}")
         lines.append("| " + " | ".join(cells) + " |")
+    for name, why in (unscored or {}).items():
+        lines.append("| " + " | ".join([name, f"no evaluation of its weights: {why}"] + ["-"] * (len(header) - 2))
+                     + " |")
     return "\n".join(lines)
 
 
@@ -220,21 +225,36 @@ def write_report(run_dir: Path) -> Path:
     lines = [f"# Run report: {run_dir.name}", "",
              f"{title}; {config['steps']} steps; averagers: {', '.join(map(str, config['averager'])) or 'none'}. "
              f"Every evaluation scores all weights on the same held-out batches. Config: `config.yaml`.", ""]
-    names = list(curves)  # one palette for curves.png and gains.png
+    unscored = _unscored(config, curves)
+    names = [*curves, *unscored]  # one palette for curves.png and gains.png
     if rows:
-        lines += [comparison_table(metrics, rows, headline), ""]
+        lines += [comparison_table(metrics, rows, headline, unscored), ""]
         notes = metric_notes(config["task"], metrics)
         lines += [*notes, ""] if notes else []
         plot_curves(curves, train, metrics, run_dir / "curves.png", title, names=names)
         lines += ["![metrics vs step](curves.png)", ""]
         from lawa_suite.report.findings import findings_lines  # builds on this module
         lines += findings_lines(curves, int(config["steps"]), headline, direction_of(headline, directions),
-                                run_dir / "gains.png", names=names)
+                                run_dir / "gains.png", names=names, unscored=unscored)
     else:
         lines += ["No evaluation was recorded.", ""]
     report = run_dir / "report.md"
     write_text_atomic(report, "\n".join(lines))
     return report
+
+
+def _unscored(config: dict[str, Any], curves: Curves) -> dict[str, str]:
+    """The run's averagers that no evaluation scored, each with why: its settings leave it without an average by
+    the end (``readiness.py``), else simply not ready at any evaluation (a run cut short, a plugin's own rule)."""
+    from lawa_suite.report.readiness import never_ready_in_saved
+
+    listed = config["averager"]
+    listed = [listed] if isinstance(listed, str) else listed  # a hand-written config.yaml may name just one
+    missing = [str(name) for name in listed if str(name) not in curves]
+    if not missing:
+        return {}
+    known = never_ready_in_saved(config)
+    return {name: known.get(name, "it was not ready at any evaluation") for name in missing}
 
 
 def is_run_dir(path: Path) -> bool:
