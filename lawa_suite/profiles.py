@@ -5,7 +5,8 @@ observes the unit vector ``e_s``) makes its average the vector of weights it giv
 update code: exact, whatever the method (plugins included). Above ``EXACT_LIMIT`` steps, step ``s`` observes the
 unit vector of its bin instead, which gives each bin's total weight, still exactly. From the weights: their sum
 (1 for an average), the centre of mass and the relative standard deviation on ``t / T``, EDM2's ``sigma_rel``.
-``suite profile`` draws them side by side (``draw``).
+``suite profile`` draws them side by side (``draw``), each panel on a log scale where a linear one would hide much of
+its weight in bars too short to see (EMA's first step holds decay**T of it, a spike above the rest).
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ import numpy as np
 import torch
 
 from lawa_suite.averagers.base import Averager
+from lawa_suite.errors import ConfigError
 
-__all__ = ["EXACT_LIMIT", "Profile", "profile", "draw"]
+__all__ = ["EXACT_LIMIT", "MAX_STEPS", "Profile", "profile", "draw"]
+
+MAX_STEPS = 100_000  # a profile observes every step (~20 us each, per averager): 100,000 steps take seconds
 
 EXACT_LIMIT = 4096  # up to this many steps, one coordinate per step; above, DEFAULT_BINS bins
 DEFAULT_BINS = 512
@@ -76,8 +80,8 @@ def profile(cls: type[Averager], config: Mapping[str, Any], total: int, bins: in
             label: str = "") -> Profile | None:
     """The profile of ``cls(**config)`` after observing every step ``1..total``; None if it is not ready by then.
     ``bins``: coordinates (default: one per step up to ``EXACT_LIMIT`` steps, else ``DEFAULT_BINS``)."""
-    if total < 1:
-        raise ValueError(f"steps: expected an integer >= 1, got {total}")
+    if not 1 <= total <= MAX_STEPS:
+        raise ConfigError(f"steps: expected an integer in 1..{MAX_STEPS}, got {total}")
     if bins is None:
         bins = total if total <= EXACT_LIMIT else DEFAULT_BINS
     bins = min(bins, total)
@@ -110,6 +114,15 @@ def draw(profiles: Sequence[Profile], path: Path, title: str = "") -> Path:
         density = shown / width
         ax.bar((np.arange(len(shown)) + 0.5) * width, density, width=width,
                color=np.where(density >= 0, "tab:blue", "tab:red"))
+        scale = _scale(density)
+        if scale == "log":
+            positive = density[density > 0]
+            ax.set_yscale("log")
+            ax.set_ylim(max(positive.min(), positive.max() * 1e-6) / 2, positive.max() * 2)
+        elif scale == "symlog":
+            ax.set_yscale("symlog", linthresh=np.abs(density).max() * 1e-3)
+        if scale != "linear":
+            ax.set_ylabel(f"weight per unit t/T ({scale} scale)", fontsize=8)
         ax.axvline(p.centre, color="black", lw=0.8, ls="--")
         spread = "negative weights" if p.extrapolates else f"sigma_rel {p.sigma_rel:.3f}"
         ax.set_title(f"{p.label}\ncentre {p.centre:.2f} T, {spread}, sum {p.total_weight:.3f}", fontsize=8)
@@ -118,7 +131,8 @@ def draw(profiles: Sequence[Profile], path: Path, title: str = "") -> Path:
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(profiles):]:
         ax.axis("off")
-    axes[0][0].set_ylabel("weight per unit t/T", fontsize=8)
+    if not axes[0][0].get_ylabel():
+        axes[0][0].set_ylabel("weight per unit t/T", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -126,6 +140,19 @@ def draw(profiles: Sequence[Profile], path: Path, title: str = "") -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _scale(density: np.ndarray, short: float = 0.02, hidden: float = 0.05) -> str:
+    """"linear", or "log" ("symlog" with negative weights) when bars drawn shorter than ``short`` of the tallest
+    carry more than ``hidden`` of the weight: on a linear scale that weight would not show."""
+    size = np.abs(density)
+    tallest = size.max() if len(size) else 0.0
+    if tallest == 0:
+        return "linear"
+    unseen = size[(size > 0) & (size < short * tallest)].sum()
+    if unseen <= hidden * size.sum():
+        return "linear"
+    return "symlog" if (density < 0).any() else "log"
 
 
 def _display_bins(p: Profile, at_most: int) -> np.ndarray:

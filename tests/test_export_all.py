@@ -173,3 +173,31 @@ def test_the_bar_says_it_is_evaluating_and_counts_that_evaluation(monkeypatch):
     bar.evaluated(30.0, "scores")
     assert "evaluating" not in bar.bar.postfix
     bar.close()
+
+
+# -- item 18: suite profile -------------------------------------------------------------------------------------
+def test_suite_profile_draws_ema_on_a_scale_that_shows_its_shape(tmp_path, monkeypatch):
+    """EMA's first step holds decay**T of the weight (0.999**999 = 0.37 over 1,000 steps): a linear axis draws that
+    spike and leaves the exponential rise of the other 63% as a flat line at its foot."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    figures = []
+    real_close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig) or real_close(fig))
+    result = runner.invoke(app, ["profile", "averager=lawa,ema,swa", "steps=1000", f"out={tmp_path / 'p.png'}"])
+    assert result.exit_code == 0, result.output
+    panels = {ax.get_title().split("\n")[0]: ax for ax in figures[0].axes if ax.get_title()}
+    ema = panels["ema"]
+    assert ema.get_yscale() == "log"
+    late = 1000 * 0.001 * 0.999 ** np.arange(999, 0, -1)  # density of steps 2..1000, per unit t/T
+    assert ema.get_ylim()[0] < late.min() and "log scale" in ema.get_ylabel()
+    assert panels["lawa"].get_yscale() == panels["swa"].get_yscale() == "linear"  # nothing hidden there
+
+
+def test_suite_profile_bounds_steps(tmp_path):
+    """(A billion steps would run for hours: every step is observed.)"""
+    result = runner.invoke(app, ["profile", "averager=ema", "steps=100001", f"out={tmp_path / 'p.png'}"],
+                           catch_exceptions=False)
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == ["error: steps: expected an integer in 1..100000, got 100001"]
