@@ -1,5 +1,7 @@
 """The reports say what happened, all of it (items 10-13 of "Nothing lost, nothing run, nothing silent"): an
-averager that never became ready is warned of before training and has its row; one colour per name in every figure."""
+averager that never became ready is warned of before training and has its row; a phase without evaluations is
+told apart from an averager not ready yet; one colour per name in every figure; the single-run paragraph states how
+each averager ended against raw and what the phases rest on."""
 
 from __future__ import annotations
 
@@ -56,7 +58,8 @@ def test_an_averager_never_ready_is_warned_of_before_training_and_given_a_row_sa
     assert warnings[0] in said_before[0]  # said before training, not after
     text = (out / "report.md").read_text()
     assert "| lawa | no evaluation of its weights: not ready by the end (needs 40 steps, the run has 16) |" in text
-    assert "| ema |" in text
+    assert "lawa was never scored: not ready by the end (needs 40 steps, the run has 16)." in text
+    assert "| ema |" in text and "At the final evaluation (step 16) ema was " in text  # the one scored averager
 
 
 def test_every_averager_ready_in_time_draws_no_warning(tmp_path, monkeypatch):
@@ -74,6 +77,18 @@ def test_an_averager_without_evaluations_for_another_reason_still_has_its_row(tm
                    lawa={"k": 2, "nu": 4})
     text = write_report(run).read_text()
     assert "| ema | no evaluation of its weights: it was not ready at any evaluation | - | - |" in text
+
+
+# -- item 11: no evaluation in a phase vs. an averager not ready yet ------------------------------------------
+
+def test_a_phase_without_evaluations_is_not_called_not_averaging(tmp_path):
+    # ddpm's tiny preset: 8 steps, evaluations at 4 and 8; early is (0, 2]: nothing is evaluated there
+    run = hand_run(tmp_path, 8, {"raw": {4: 90.0, 8: 80.0}, "ema": {4: 85.0, 8: 82.0}, "swa": {8: 79.0}},
+                   ["ema", "swa"], metric="fid_standin")
+    text = write_report(run).read_text()
+    assert "not averaging yet" not in text
+    assert "| ema | no evaluation in this phase | +5.0000 (ahead at 1/1) | -2.0000 (ahead at 0/1) |" in text
+    assert "| swa | no evaluation in this phase | not ready yet (raw alone at 1 evaluation) | +1.0000 " in text
 
 
 # -- item 12: one palette keyed by name ------------------------------------------------------------------------
@@ -126,3 +141,32 @@ def test_each_name_has_one_colour_in_every_plot_of_a_bench_report(tmp_path, draw
     write_bench_report([tmp_path / "bench"], tmp_path / "out")
     task, lrs = drawn["gpt2-cpu.png"], drawn["gpt2-cpu-lrs.png"]
     assert task["ema"] == lrs["ema"] and task["lawa"] == lrs["lawa"] and task["ema"] != task["lawa"]
+
+
+# -- item 13: the findings say how it ended and what they rest on; a verdict needs a spread ----------------------
+
+def test_the_findings_state_the_end_result_and_what_each_phase_rests_on(tmp_path):
+    # early: one evaluation (step 10) where both averagers lead; both end behind raw at step 50
+    curves = {"raw": {10: 0.50, 20: 0.60, 30: 0.70, 40: 0.80, 50: 0.90},
+              "ema": {10: 0.60, 20: 0.55, 30: 0.65, 40: 0.78, 50: 0.85},
+              "lawa": {10: 0.55, 20: 0.58, 30: 0.69, 40: 0.79, 50: 0.88}}
+    run = hand_run(tmp_path, 50, curves, ["ema", "lawa"], metric="accuracy")
+    metrics = (run / "metrics.jsonl").read_text().splitlines()
+    sized = [json.dumps({**json.loads(line), "images": 1000}) for line in metrics]  # each evaluation: 1,000 images
+    (run / "metrics.jsonl").write_text("\n".join(sized) + "\n")
+    text = write_report(run).read_text()
+    found = text.split("## What this run found")[1]
+    assert "At the final evaluation (step 50) every averager was behind raw in accuracy: ema -0.0500, " \
+           "lawa -0.0200." in found
+    assert "Averaging helped most in the early phase (0%-25% of the steps): ema was ahead of raw at 1 of 1 " \
+           "evaluations (a single evaluation), by +0.1000 accuracy on average." in found
+    assert "Evaluations per phase: early 1, mid 2, late 2; each scores 1,000 images." in found
+    assert "final images" not in text  # what an evaluation rests on is not a metric
+
+
+def test_mixed_end_results_are_each_named(tmp_path):
+    run = hand_run(tmp_path, 20, {"raw": {10: 2.0, 20: 1.5}, "ema": {10: 1.9, 20: 1.4}, "lawa": {10: 1.8, 20: 1.6}},
+                   ["ema", "lawa"])
+    text = write_report(run).read_text()
+    assert "At the final evaluation (step 20), against raw in loss: ema +0.1000 (ahead), lawa -0.1000 (behind)." \
+        in text

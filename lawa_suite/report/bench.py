@@ -26,6 +26,7 @@ from lawa_suite.report.schedules import claim_g
 from lawa_suite.report.sweeps import sweep_section
 from lawa_suite.report.targets import SMOOTH, steps_table
 from lawa_suite.report.run import (
+    SIZE_KEYS,
     Curves,
     best_point,
     direction_of,
@@ -253,7 +254,8 @@ def _plain(value: Any) -> str:
 
 
 def _metrics_of(by_lr_runs: dict[float, list[RunRecord]], directions: dict[str, str]) -> list[str]:
-    present = [m for runs in by_lr_runs.values() for r in runs for c in r.curves.values() for m in c]
+    present = [m for runs in by_lr_runs.values() for r in runs for c in r.curves.values() for m in c
+               if m not in SIZE_KEYS]  # what an evaluation rests on, not a metric
     return [m for m in dict.fromkeys([*directions, *present]) if m in present][:2]
 
 

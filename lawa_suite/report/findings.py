@@ -1,5 +1,6 @@
 """What one run found, in words: each averager's gain over raw by phase of training (early: the first 25% of the
-steps, mid: 25-75%, late: the last 25%), drawn as a gain curve with the phases shaded, and one plain sentence.
+steps, mid: 25-75%, late: the last 25%), drawn as a gain curve with the phases shaded, and a plain paragraph: how
+each averager ended against raw, where averaging helped most, and how many evaluations each phase rests on.
 
 One run is one seed: the numbers are observations (how often and by how much an averager was ahead of raw at the
 evaluations of a phase), not intervals; ``suite bench ... seeds=0,1,2,3,4`` gives the intervals.
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lawa_suite.report.paired import PHASES, gain
-from lawa_suite.report.run import Curves, ordered, palette
+from lawa_suite.report.run import SIZE_KEYS, Curves, ordered, palette
 
 __all__ = ["PhaseGain", "phase_gains_of_run", "findings_lines"]
 
@@ -41,42 +42,100 @@ def phase_gains_of_run(curves: Curves, steps: int, metric: str, direction: str) 
 def _sentence(gains: list[PhaseGain], metric: str) -> str:
     ahead = [g for g in gains if g.mean > 0 and g.ahead * 2 > g.evaluations]
     if not ahead:
-        return (f"In this run no averager was ahead of raw in {metric} on average in any phase of training (one seed: "
-                f"an observation, not an interval).")
+        return f"In this run no averager was ahead of raw in {metric} on average in any phase of training."
     best = max(ahead, key=lambda g: g.mean)
     lo, hi = PHASES[best.phase]
     others = sorted({g.phase for g in ahead if g.weights == best.weights} - {best.phase}, key=list(PHASES).index)
     plural = "s" if len(others) > 1 else ""
     also = f"; it was also ahead in the {' and '.join(others)} phase{plural}" if others else ""
+    single = " (a single evaluation)" if best.evaluations == 1 else ""
     return (f"Averaging helped most in the {best.phase} phase ({lo:.0%}-{hi:.0%} of the steps): {best.weights} was "
-            f"ahead of raw at {best.ahead} of {best.evaluations} evaluations, by {best.mean:+.4f} {metric} on average"
-            f"{also}. One run is one seed: these are observations, not intervals (`suite bench ... seeds=0,1,2,3,4` "
-            f"gives intervals).")
+            f"ahead of raw at {best.ahead} of {best.evaluations} evaluations{single}, by {best.mean:+.4f} {metric} on "
+            f"average{also}.")
+
+
+def _standing(value: float) -> str:
+    return "ahead of" if value > 0 else "behind" if value < 0 else "level with"
+
+
+def _end(curves: Curves, metric: str, direction: str, unscored: dict[str, str]) -> str:
+    """How each averager ended against raw: its gain at raw's final evaluation (+ = better), whichever way."""
+    raw = curves.get("raw", {}).get(metric, [])
+    if not raw:
+        return ""
+    last, raw_last = raw[-1]
+    finals, absent = {}, []
+    for weights in [w for w in ordered(curves) if w != "raw"]:
+        values = dict(curves[weights].get(metric, []))
+        if last in values:
+            finals[weights] = gain(direction, raw_last, values[last])
+        else:
+            absent.append(weights)
+    text = ""
+    standings = {_standing(v) for v in finals.values()}
+    if len(finals) == 1:
+        (name, value), = finals.items()
+        text = f"At the final evaluation (step {last}) {name} was {_standing(value)} raw in {metric}: {value:+.4f}."
+    elif len(standings) == 1:  # all one way: said once, for all of them
+        listed = ", ".join(f"{w} {v:+.4f}" for w, v in finals.items())
+        text = f"At the final evaluation (step {last}) every averager was {standings.pop()} raw in {metric}: {listed}."
+    elif finals:
+        text = (f"At the final evaluation (step {last}), against raw in {metric}: "
+                + ", ".join(f"{w} {v:+.4f} ({_standing(v).split()[0]})" for w, v in finals.items()) + ".")
+    if absent:
+        text += f" Not scored at step {last}: {', '.join(absent)}."
+    if unscored:
+        text += "".join(f" {w} was never scored: {why}." for w, why in unscored.items())
+    return text.strip()
+
+
+def _rests_on(curves: Curves, steps: int, metric: str) -> str:
+    """How many evaluations each phase's numbers rest on, and what one evaluation scores when the records say."""
+    raw_steps = [s for s, _ in curves.get("raw", {}).get(metric, [])]
+    counts = [f"{phase} {sum(lo * steps < s <= hi * steps for s in raw_steps)}" for phase, (lo, hi) in PHASES.items()]
+    sizes = [f"{int(points[-1][1]):,} {key}" for key in SIZE_KEYS
+             if (points := curves.get("raw", {}).get(key))]
+    each = f"; each scores {' and '.join(sizes)}" if sizes else ""
+    return f"Evaluations per phase: {', '.join(counts)}{each}."
 
 
 def findings_lines(curves: Curves, steps: int, metric: str, direction: str, path: Path,
                    names: Iterable[str] | None = None, unscored: dict[str, str] | None = None) -> list[str]:
-    """Markdown: the plain sentence, the phase table, and the gain curve (drawn to ``path``). ``names``: every
+    """Markdown: the plain paragraph, the phase table, and the gain curve (drawn to ``path``). ``names``: every
     weights name the report draws, for its one palette; ``unscored``: the run's averagers no evaluation scored,
     name -> why."""
+    unscored = unscored or {}
     gains = phase_gains_of_run(curves, steps, metric, direction)
     if not gains:
         return []
+    raw_steps = [s for s, _ in curves.get("raw", {}).get(metric, [])]
     names_found = list(dict.fromkeys(g.weights for g in gains))
-    lines = ["## What this run found", "", _sentence(gains, metric), "",
+    paragraph = " ".join(part for part in (_end(curves, metric, direction, unscored), _sentence(gains, metric),
+                                           _rests_on(curves, steps, metric)) if part)
+    lines = ["## What this run found", "",
+             f"{paragraph} One run is one seed: these are observations, not intervals (`suite bench ... "
+             f"seeds=0,1,2,3,4` gives intervals).", "",
              f"| gain over raw in {metric} (+ = better) | "
              + " | ".join(f"{p} ({lo:.0%}-{hi:.0%})" for p, (lo, hi) in PHASES.items()) + " |",
              "|---|" + "---|" * len(PHASES)]
     for name in names_found:
         cells = []
-        for phase in PHASES:
+        for phase, (lo, hi) in PHASES.items():
             g = next((g for g in gains if g.weights == name and g.phase == phase), None)
-            cells.append(f"{g.mean:+.4f} (ahead at {g.ahead}/{g.evaluations})" if g else "not averaging yet")
+            cells.append(f"{g.mean:+.4f} (ahead at {g.ahead}/{g.evaluations})" if g
+                         else _no_gain(sum(lo * steps < s <= hi * steps for s in raw_steps)))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    for name in unscored or {}:
+    for name in unscored:
         lines.append(f"| {name} | " + " | ".join(["no evaluation of its weights"] * len(PHASES)) + " |")
     _plot(curves, steps, metric, direction, path, palette([*(names or []), *curves]))
     return lines + ["", f"![gain over raw]({path.name})", ""]
+
+
+def _no_gain(raw_evaluations: int) -> str:
+    """A phase without a gain: nothing was evaluated in it, or raw was and the averager was not ready yet."""
+    if raw_evaluations == 0:
+        return "no evaluation in this phase"
+    return f"not ready yet (raw alone at {raw_evaluations} evaluation{'s' if raw_evaluations != 1 else ''})"
 
 
 def _plot(curves: Curves, steps: int, metric: str, direction: str, path: Path, colours: dict[str, str]) -> None:

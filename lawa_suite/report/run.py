@@ -17,13 +17,15 @@ from lawa_suite.rundir import read_metrics, read_saved
 
 __all__ = ["Curves", "load_metrics", "evaluator_of", "metric_directions", "metric_notes", "wide_range", "ordered",
            "direction_of", "better", "summarise", "first_reaching", "best_point", "fmt", "comparison_table",
-           "PALETTE", "palette", "colour_of", "plot_curves", "write_report", "is_run_dir", "find_runs"]
+           "PALETTE", "palette", "colour_of", "SIZE_KEYS", "plot_curves", "write_report", "is_run_dir", "find_runs"]
 
 Curves = dict[str, dict[str, list[tuple[int, float]]]]  # weights -> metric -> [(step, value)]
 
 # matplotlib's default colours (tab10), fixed here so that no plot takes them from its own running colour cycle
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
            "#17becf")
+# what an evaluation rests on (how many images, windows, tokens it scored), when a record says so: not a metric
+SIZE_KEYS = ("images", "examples", "windows", "tokens")
 
 
 def load_metrics(path: Path) -> tuple[Curves, list[tuple[int, float]]]:
@@ -117,7 +119,7 @@ def colour_of(name: str, names: Iterable[str]) -> str:
 def summarise(curves: Curves, directions: dict[str, str]) -> tuple[list[str], list[dict[str, Any]]]:
     """The metric order and one row per weights (raw first) with final/best values and steps-to-target."""
     metrics = list(dict.fromkeys([m for m in directions] + [m for c in curves.values() for m in c]))
-    metrics = [m for m in metrics if any(m in c for c in curves.values())]
+    metrics = [m for m in metrics if any(m in c for c in curves.values()) and m not in SIZE_KEYS]
     headline = metrics[0] if metrics else None
     raw_headline = curves.get("raw", {}).get(headline, []) if headline else []
     raw_final = raw_headline[-1][1] if raw_headline else None
