@@ -1,7 +1,7 @@
-"""The reports say what happened, all of it (items 10-13 of "Nothing lost, nothing run, nothing silent"): an
-averager that never became ready is warned of before training and has its row; a phase without evaluations is
-told apart from an averager not ready yet; one colour per name in every figure; the single-run paragraph states how
-each averager ended against raw and what the phases rest on."""
+"""The reports say what happened, all of it: an averager that never became ready is warned of before training and
+has its row; a phase without evaluations is told apart from an averager not ready yet; one colour per name in
+every figure; the single-run paragraph states how each averager ended against raw and what the phases rest on;
+a bench verdict needs a spread (items 10-13 of "Nothing lost, nothing run, nothing silent")."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from lawa_suite.cli import app
 from lawa_suite.report import write_bench_report, write_report
+from lawa_suite.report.paired import t_interval
 
 runner = CliRunner()
 
@@ -89,6 +90,16 @@ def test_a_phase_without_evaluations_is_not_called_not_averaging(tmp_path):
     assert "not averaging yet" not in text
     assert "| ema | no evaluation in this phase | +5.0000 (ahead at 1/1) | -2.0000 (ahead at 0/1) |" in text
     assert "| swa | no evaluation in this phase | not ready yet (raw alone at 1 evaluation) | +1.0000 " in text
+
+
+def test_the_bench_phase_table_tells_the_two_apart_too(tmp_path):
+    for seed in (0, 1):
+        hand_run(tmp_path / "bench", 8, {"raw": {4: 90.0 + seed, 8: 80.0}, "ema": {4: 85.0, 8: 82.0 - seed},
+                                         "swa": {8: 79.0 - seed}}, ["ema", "swa"], seed=seed)
+    text = write_bench_report([tmp_path / "bench"], tmp_path / "out").read_text()
+    assert "not averaging yet" not in text
+    assert "| ema | no evaluation in this phase | +5.5000 [" in text
+    assert "| swa | no evaluation in this phase | not ready yet | +1.5000 [" in text
 
 
 # -- item 12: one palette keyed by name ------------------------------------------------------------------------
@@ -170,3 +181,21 @@ def test_mixed_end_results_are_each_named(tmp_path):
     text = write_report(run).read_text()
     assert "At the final evaluation (step 20), against raw in loss: ema +0.1000 (ahead), lawa -0.1000 (behind)." \
         in text
+
+
+def test_a_zero_spread_over_seeds_is_inconclusive_not_held():
+    # a model at chance: two seeds, the same gain; and the same gain computed from different raw values
+    assert t_interval([0.0167, 0.0167]).verdict == "inconclusive"
+    assert t_interval([0.1167 - 0.1, 0.2167 - 0.2]).verdict == "inconclusive"
+    assert t_interval([-0.02, -0.02, -0.02]).verdict == "inconclusive"
+    assert t_interval([0.0167, 0.0168]).verdict == "held"  # any spread at all is judged as before
+
+
+def test_a_bench_with_identical_seed_gains_says_inconclusive(tmp_path):
+    for seed in (0, 1):  # raw differs per seed; lawa's gain is +0.0167 in both
+        raw = {10: 0.1 + seed / 10, 20: 0.1 + seed / 10}
+        hand_run(tmp_path / "bench", 20, {"raw": raw, "lawa": {s: v + 0.0167 for s, v in raw.items()}}, ["lawa"],
+                 metric="accuracy", seed=seed, task="cifar")
+    text = write_bench_report([tmp_path / "bench"], tmp_path / "out").read_text()
+    assert "+0.0167 [+0.0167, +0.0167] over 2 seeds: inconclusive" in text
+    assert "+0.0167 [+0.0167, +0.0167] over 2 seeds: held" not in text

@@ -4,8 +4,10 @@ interval. Between-seed spread of the absolute metric (the min-max bands) mostly 
 the paired gain's interval measures whether averaging helped.
 
 A gain is stated as **held** when its whole interval lies above zero, **did not hold** when it lies below, and
-**inconclusive** when it spans zero (or a single seed gives no interval). Phases follow the papers: early (the
-first 25% of the steps), mid (25-75%), late (the last 25%), and the final evaluation.
+**inconclusive** when it spans zero, or when there is no spread to judge by: a single seed, or seeds that all gave
+the same value (a model at chance scores the same in every seed; a zero-width interval then says nothing about
+how seeds vary). Phases follow the papers: early (the first 25% of the steps), mid (25-75%), late (the last 25%),
+and the final evaluation.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ PHASES = {"early": (0.0, 0.25), "mid": (0.25, 0.75), "late": (0.75, 1.0)}
 EARLY_MID = (0.0, 0.75)
 INTERVAL_NOTE = ("Gains are paired within each run (averaged weights minus raw weights of the same run, positive = "
                  "better), then summarised over seeds: mean [95% Student-t interval]. Held: the interval lies above "
-                 "zero; did not hold: below; inconclusive: it spans zero, or one seed gives no interval.")
+                 "zero; did not hold: below; inconclusive: it spans zero, or one seed (or seeds that all gave the same "
+                 "value) gives no interval.")
 
 
 @dataclass(frozen=True)
@@ -37,10 +40,16 @@ class Interval:
     n: int
 
     @property
+    def spread(self) -> bool:
+        """Whether the seeds differ: n identical values give a zero-width interval that measures nothing (the
+        tolerance absorbs the rounding of equal gains computed from different raw values)."""
+        return self.n >= 2 and not math.isclose(self.low, self.high, rel_tol=1e-9, abs_tol=1e-12)
+
+    @property
     def verdict(self) -> str:
-        if self.n >= 2 and self.low > 0:
+        if self.spread and self.low > 0:
             return "held"
-        if self.n >= 2 and self.high < 0:
+        if self.spread and self.high < 0:
             return "did not hold"
         return "inconclusive"
 
@@ -117,7 +126,12 @@ def phase_table(runs: Sequence[RunRecord], names: Sequence[str], metric: str, di
         cells = [name]
         for lo, hi in PHASES.values():
             interval = t_interval(phase_gains(runs, "raw", name, metric, direction, lo, hi))
-            cells.append(show(interval) if interval else "not averaging yet")
+            if interval:
+                cells.append(show(interval))
+            elif phase_gains(runs, "raw", "raw", metric, direction, lo, hi):  # raw was scored in this phase
+                cells.append("not ready yet")
+            else:
+                cells.append("no evaluation in this phase")
         interval = t_interval(final_gains(runs, "raw", name, metric, direction))
         cells.append(show(interval) if interval else "-")
         lines.append("| " + " | ".join(cells) + " |")
