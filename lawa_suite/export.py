@@ -156,7 +156,7 @@ def _call_args(args: Mapping[str, Any]) -> str:
 
 def load_model(folder: str | Path) -> nn.Module:
     """The model a ``write_module_folder`` folder holds, in eval mode: the README's lines, read from its
-    config.json (the builder is imported by name, so the package defining it must be installed)."""
+    config.json (the builder, a network class of lawa_suite, is imported by name)."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
@@ -164,10 +164,18 @@ def load_model(folder: str | Path) -> nn.Module:
     if config.get("format") != MODULE_FORMAT:
         raise ConfigError(f"{folder}: not a lawa-suite model folder (config.json format {config.get('format')!r}, "
                           f"expected {MODULE_FORMAT!r})")
-    module, name = config["builder"].rsplit(".", 1)
-    builder = importlib.import_module(module)
-    for part in name.split("."):
-        builder = getattr(builder, part)
+    # the builder is called as config.json names it: only the suite's own network classes, never any callable a
+    # folder from elsewhere might name ("os.system")
+    path = str(config.get("builder", ""))
+    module, _, name = path.rpartition(".")
+    builder: Any = None
+    if module.split(".")[0] == "lawa_suite":
+        try:
+            builder = getattr(importlib.import_module(module), name, None)
+        except ImportError:
+            pass
+    if not (isinstance(builder, type) and issubclass(builder, nn.Module) and builder.__module__ == module):
+        raise ConfigError(f"{folder}: config.json's builder {path!r} is not a network class of lawa_suite")
     model = builder(**config["args"])
     model.load_state_dict(load_file(str(folder / "model.safetensors")))
     return model.eval()

@@ -90,6 +90,19 @@ def test_weights_that_are_not_the_preact_network_are_refused_before_anything_is_
     assert not any((tmp_path / "out").iterdir())
 
 
+def test_load_model_builds_only_the_suites_network_classes(tmp_path):
+    """config.json names what load_model calls: a folder from elsewhere must not make it call anything else."""
+    from lawa_suite.errors import ConfigError
+    from lawa_suite.export import MODULE_FORMAT, load_model
+
+    for builder, args in [("os.system", {"command": "true"}), ("lawa_suite.export.load_model", {"folder": "."}),
+                          ("lawa_suite.tasks.cifar.torch.nn.Linear", {"in_features": 1, "out_features": 1}),
+                          ("lawa_suite.tasks.cifar.nn", {})]:
+        (tmp_path / "config.json").write_text(json.dumps({"format": MODULE_FORMAT, "builder": builder, "args": args}))
+        with pytest.raises(ConfigError, match=f"builder '{re.escape(builder)}' is not a network class of lawa_suite"):
+            load_model(tmp_path)
+
+
 # -- item 18: the modes of exported files ---------------------------------------------------------------------
 def test_exported_files_have_the_modes_a_plain_open_gives(tmp_path, monkeypatch):
     """safetensors writes its files 0600; an export's files are 0666 less the umask, as their siblings."""
