@@ -388,7 +388,8 @@ def lmc_lines(result: dict[str, Any], metrics: Mapping[str, str]) -> list[str]:
     lines += ["", "barrier (worst gap to the straight line between the ends): "
               + ", ".join(f"{m} {result['barrier'][m]:.4f}" for m in names)]
     d = result["disagreement"]
-    lines.append(f"disagreement of A and B: {d['rate']:.4f} of {d['predictions']} held-out predictions"
+    lines.append(f"disagreement of A and B: they predict differently on {round(d['rate'] * d['predictions'])} of "
+                 f"{d['predictions']} held-out predictions ({d['rate']:.1%})"
                  if d["rate"] is not None else f"disagreement: not available ({d['why']})")
     return lines
 

@@ -109,20 +109,40 @@ def run(
     overrides: Annotated[Optional[list[str]], typer.Argument(
         help=OVERRIDES_HELP + "; config=FILE: a saved config.yaml (or the run folder holding it) to run again, "
                               "the other words on top", show_default=False)] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and exit.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help=(
+        "Print the resolved config and, as # comment lines after it, the memory plan per rank: parameters, "
+        "gradients, optimizer, averagers, activations of one micro-batch, checkpoint bytes, and whether it fits "
+        "the GPU, for 1 process and for ddp and fsdp over more (processes=1,8 by default, and WORLD_SIZE when set; "
+        "gpu_memory=GiB of the device, 80 by default: an H100); then exit."))] = False,
 ) -> None:
     """Train a task while averagers watch; score raw and averaged weights on the same data."""
     from lawa_suite.config import dotted, resolve
     from lawa_suite.rundir import read_saved
 
-    own, words = take(words_of(overrides, "--dry-run"), "config")
+    own, words = take(words_of(overrides, "--dry-run"), "config", "processes", "gpu_memory")
+    plan_words = [key for key in ("processes", "gpu_memory") if key in own]
+    if plan_words and not dry_run:
+        raise ConfigError(f"{plan_words[0]}: a setting of the --dry-run memory plan; a run takes its processes from "
+                          f"its launcher (torchrun, accelerate launch) and its memory from the GPU")
     base = None
     if "config" in own:
         config = Path(own["config"])
         base = dotted(read_saved(config / "config.yaml" if config.is_dir() else config))
     cfg = resolve(words, base=base)
     if dry_run:
+        import os
+
+        from lawa_suite import memory_plan
+
         typer.echo(cfg.to_yaml(), nl=False)
+        # A plan for the machine it is meant for, not the one it is typed on: one GPU and one 8-GPU machine unless
+        # processes= says otherwise, and the world this command was launched into, if any
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        processes = (memory_plan.parse_processes(own["processes"]) if "processes" in own
+                     else tuple(dict.fromkeys([*memory_plan.DEFAULT_PROCESSES, world])))
+        memory = memory_plan.parse_gpu_memory(own["gpu_memory"]) if "gpu_memory" in own \
+            else memory_plan.DEFAULT_GPU_MEMORY_GIB
+        typer.echo(memory_plan.plan_text(cfg, processes, memory), nl=False)
         return
     from lawa_suite.report.readiness import never_ready
 
@@ -396,14 +416,14 @@ def profile(
     """Draw the weight each averager gives every step of a run (its profile), read off the averager class itself."""
     from lawa_suite.config import parse_overrides, split_list
     from lawa_suite.posthoc import parse_jobs
-    from lawa_suite.profiles import draw, profile as profile_of
+    from lawa_suite.profiles import MAX_STEPS, draw, profile as profile_of
 
     pairs = parse_overrides(words_of(overrides))
     names = split_list(pairs.pop("averager", "lawa,ema,swa"))
     out = Path(pairs.pop("out", "") or "profiles.png")
     raw_steps = pairs.pop("steps", "1000")
-    if not raw_steps.strip().isdigit() or int(raw_steps) < 1:
-        raise ConfigError(f"steps: expected an integer >= 1, got {raw_steps!r}")
+    if not raw_steps.strip().isdigit() or not 1 <= int(raw_steps) <= MAX_STEPS:
+        raise ConfigError(f"steps: expected an integer in 1..{MAX_STEPS}, got {raw_steps!r}")
     if out.suffix.lower() != ".png":
         raise ConfigError(f"out: expected a .png file, got {str(out)!r}")
     steps = int(raw_steps)

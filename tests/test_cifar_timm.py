@@ -56,14 +56,13 @@ def test_a_timm_model_trains_and_exports_a_folder_timm_loads_with_the_same_outpu
         assert config["model_args"]["patch_size"] == 8 and config["model_args"]["img_size"] in (32, [32, 32])
 
 
-def test_the_default_stays_the_papers_preact_resnet_and_says_it_has_no_folder_format(tmp_path):
+def test_the_default_stays_the_papers_preact_resnet_and_exports_the_suites_own_folder(tmp_path):
     cfg = resolve(["task=cifar", "preset=tiny"])
     assert cfg.task.model == "preact_resnet18"
     run = run_tiny(tmp_path)
     result = runner.invoke(app, ["export", str(run), f"out={tmp_path / 'x'}"])
-    assert result.exit_code != 0
-    assert "preact_resnet18" in result.output and "cifar.model=<timm name>" in result.output
-    assert not (tmp_path / "x").exists()
+    assert result.exit_code == 0, result.output
+    assert {"model.safetensors", "config.json", "README.md"} <= {p.name for p in (tmp_path / "x").iterdir()}
 
 
 def test_bad_model_names_and_arguments_are_one_line_errors():

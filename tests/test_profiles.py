@@ -259,7 +259,7 @@ def test_suite_profile_draws_every_averager_and_reports_sigma_rel(tmp_path) -> N
 
 
 @pytest.mark.parametrize(("words", "message"), [
-    (["steps=0"], "steps: expected an integer >= 1"),
+    (["steps=0"], "steps: expected an integer in 1..100000"),
     (["out=p.jpg"], "out: expected a .png file"),
     (["averager=lawq"], "lawa"),
     (["averager=lawa", "lawa.k=0"], "lawa.k: expected an integer >= 1"),
