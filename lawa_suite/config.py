@@ -104,6 +104,7 @@ class RunConfig:
     grad_clip: float = 0.0                    # clip the gradient norm to this; 0 = no clipping
     mixed_precision: str = choice("no", "no", "bf16", "fp16")
     compile: bool = False                     # torch.compile the model in place (inductor); names and files unchanged
+    tf32: bool = True                         # on CUDA: TF32 matmuls/convolutions, cuDNN autotuning (false: exact fp32)
     # several processes: "ddp" replicates the model; "fsdp" shards it (FSDP2) and every averager keeps its rank's shard
     distributed: str = choice("ddp", "ddp", "fsdp")
     resume: str = ""                          # "" (fresh run), "auto" (newest valid checkpoint) or a path

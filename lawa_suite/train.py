@@ -27,7 +27,8 @@ import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,8 +144,12 @@ class Run:
             self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.unwrapped: nn.Module = self.accelerator.unwrap_model(self.model)
         seed_everything(rc.seed + self.accelerator.process_index)  # per-process dropout streams
-        self.stream = self.task.train_stream(rc.micro_batch, self.accelerator.process_index,
-                                             self.accelerator.num_processes)
+        world = self.accelerator.num_processes
+        self.accumulation, micro_batch = accumulation(rc.batch_size, rc.grad_accum, world)
+        if world > 1 and self.accumulation != rc.grad_accum:
+            self.log(f"grad_accum={rc.grad_accum} on {world} processes: {self.accumulation} micro-batch(es) of "
+                     f"{micro_batch // world} per process and step (the global batch stays {rc.batch_size})")
+        self.stream = self.task.train_stream(micro_batch, self.accelerator.process_index, world)
         self.averagers: dict[str, Averager] = cfg.build_averagers()
         for name, avg in self.averagers.items():
             if self.sharded and getattr(avg.config, "store", "") == "disk" and getattr(avg.config, "dir", ""):
@@ -159,6 +164,9 @@ class Run:
                              self.task.calibration_batches(rc.eval.bn_batches) if has_batchnorm(model) else [])
         self.checkpoints = RunCheckpointer(self.out / "checkpoints", self.is_main)
         self.stop = StopFlag()
+        # several processes: the stop vote of the previous step, summed over the group, read with the next step's
+        self.vote = torch.zeros((), dtype=torch.float64, device=self.accelerator.device)
+        self.stop_voted = False
 
     def log(self, message: str) -> None:
         if self.is_main:
@@ -166,12 +174,18 @@ class Run:
 
     # -- several processes --
     def stop_requested(self) -> bool:
-        """Whether any process got SIGTERM: all decide together, or one would save while the others step on."""
-        local = self.stop.poll()
+        """Whether to stop after this step: one process, as soon as it got SIGTERM or SIGINT. Several: all decide
+        together, or one would save while the others step on, and without a read of their own: each step ends by
+        summing every process's flag over the group (``cast_stop_vote``, queued on the device), and the next step's
+        one host read carries the sum. So they stop one step after the signal lands, all after the same step."""
         if self.accelerator.num_processes == 1:
-            return local
-        flag = torch.tensor([float(local)], device=self.accelerator.device)
-        return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+            return self.stop.poll()
+        self.cast_stop_vote()
+        return self.stop_voted
+
+    def cast_stop_vote(self) -> None:
+        self.vote.fill_(float(self.stop.poll()))  # (fill_ with a Python number: no upload to wait for)
+        torch.distributed.all_reduce(self.vote, op=torch.distributed.ReduceOp.SUM)
 
     def sync_buffers(self) -> None:
         """Give every process rank 0's buffers (BatchNorm statistics) after each step.
@@ -265,26 +279,30 @@ class Run:
         held = self.hold_deferred()
         # summed on the device: one host sync per step (below), not one per micro-batch
         total = torch.zeros((), dtype=torch.float64, device=self.accelerator.device)
-        for micro in range(rc.grad_accum):
+        for micro in range(self.accumulation):
             batch = self.stream.next_batch()
-            sync = micro == rc.grad_accum - 1
+            sync = micro == self.accumulation - 1
             if self.sharded:  # FSDP2's no_sync: keep unsharded gradients until the last micro-batch
                 self.model.set_requires_gradient_sync(sync)
             with (nullcontext() if sync or self.sharded else self.accelerator.no_sync(self.model)), \
                     self.accelerator.autocast():
                 loss = self.task.loss(self.model, batch, self.state.step)
-                self.accelerator.backward(loss / rc.grad_accum)
+                self.accelerator.backward(loss / self.accumulation)
             total += loss.detach().double()
         grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), rc.grad_clip or float("inf"))
         if hasattr(grad_norm, "full_tensor"):  # a sharded model's norm is a replicated DTensor
             grad_norm = grad_norm.full_tensor()
         norm_tensor = torch.as_tensor(grad_norm, dtype=torch.float64, device=total.device)
         flags = [held[2].to(total.device)] if held is not None else []
-        loss_sum, norm, *finite = torch.stack([total, norm_tensor, *flags]).tolist()  # the step's one host read
+        votes = [self.vote] if self.accelerator.num_processes > 1 else []
+        loss_sum, norm, *rest = torch.stack([total, norm_tensor, *votes, *flags]).tolist()  # the step's one host read
+        if votes:
+            self.stop_voted = self.stop_voted or rest.pop(0) > 0
+        finite = rest
         if held is not None:  # before the optimizer step: the parameters are still the deferred step's
             self.feed_averagers(held[0], held[1], finite=finite[0] == 1.0)
             self.store_averages(held[0])
-        mean_loss = loss_sum / rc.grad_accum
+        mean_loss = loss_sum / self.accumulation
         if not (math.isfinite(mean_loss) and math.isfinite(norm)):
             self.optimizer.zero_grad(set_to_none=True)
             return None
@@ -347,13 +365,51 @@ class Run:
             ckpt.save_tensors_atomic(path, weights, {"step": str(self.state.step), "format": "lawa-suite-trajectory/1"})
 
 
+def accumulation(batch_size: int, grad_accum: int, world: int) -> tuple[int, int]:
+    """``(micro-batches per optimizer step, examples per micro-batch over all processes)`` for ``world`` processes.
+    ``grad_accum`` is what one process needs for ``batch_size``; ``world`` processes each take a micro-batch of the
+    same size and accumulate ``world`` times fewer (nanoGPT's rule), so a preset's global batch and its per-GPU
+    micro-batch stay as tuned on 1, 4 or 8 GPUs. Where ``world`` does not divide ``grad_accum``, one micro-batch a
+    step, split over the processes."""
+    if grad_accum % world == 0:
+        return grad_accum // world, batch_size // grad_accum * world
+    if batch_size % world:
+        raise ConfigError(f"batch_size: {batch_size} examples cannot be split over {world} processes; expected a "
+                          f"multiple of {world}")
+    return 1, batch_size
+
+
 def due(step: int, every: int) -> bool:
     """Whether something done every ``every`` steps (0: never) is due after ``step``."""
     return every > 0 and step % every == 0
 
 
+@contextmanager
+def cuda_fast_paths(on: bool) -> Iterator[None]:
+    """TF32 for float32 matmuls and convolutions and cuDNN's autotuner, what a GPU user expects by default (nanoGPT
+    and timm's trainers set them): about 8x the float32 matmul rate on an H100, for a 10-bit mantissa in the products
+    (accumulation stays float32). Process-wide switches, so put back on the way out. ``tf32=false`` keeps exact
+    float32 and cuDNN's fixed algorithm choice."""
+    if not on:
+        yield
+        return
+    saved = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved[1], saved[2]
+
+
 def train(cfg: ResolvedConfig) -> RunResult:
     """Run (or resume) training as configured; returns where the run lives and how far it got."""
+    with cuda_fast_paths(cfg.run.tf32 and torch.cuda.is_available()):
+        return _train(cfg)
+
+
+def _train(cfg: ResolvedConfig) -> RunResult:
     run = Run(cfg)
     rc = cfg.run
     if rc.resume:
@@ -388,13 +444,15 @@ def train(cfg: ResolvedConfig) -> RunResult:
                 started = time.perf_counter()
                 scores = run.evaluate(metrics)
                 bar.evaluated(time.perf_counter() - started, score_line(step, scores))
-            if due(step, rc.checkpoint.every) or step == rc.steps:
+            saved = due(step, rc.checkpoint.every) or step == rc.steps
+            if saved:
                 run.settle()
                 run.checkpoints.save(run)
             bar.paused()
             if run.stop_requested():
                 run.settle()
-                run.checkpoints.save(run)
+                if not saved:
+                    run.checkpoints.save(run)
                 where = f"checkpoint saved in {run.checkpoints.folder}; continue with resume=auto"
                 ended_together = True
                 if run.stop.signal == signal.SIGINT:

@@ -10,6 +10,7 @@ Hooks (environment variables, all optional):
     REL_TERM_DURING_SAVE  a signal number: during the preemption save, send it to the whole process group again
     REL_FSIZE=N:BYTES     before the checkpoint of step N, limit file sizes to BYTES (RLIMIT_FSIZE)
     REL_TERM_AT=N:RANK    send SIGTERM to the process of that rank when step N+1 starts
+    REL_READS=FILE        the loop's host reads per optimizer step, to FILE.rank<r>.json at exit
     REL_COMMITS=FILE      append "rank step" for every checkpoint commit, and each rank's averager states; at
                           exit, FILE.rank<r>.group_at_exit says whether a process group was still open
 
@@ -90,6 +91,51 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def count_reads(path: str) -> None:
+    """Count the suite's host reads (``.tolist()``, ``.item()``, ``bool()``/``float()`` of a tensor, called from
+    ``lawa_suite`` code) per optimizer step; write them to ``path.rank<r>.json`` at exit. The finite check's host
+    form is left out: in this CPU run the weights are host tensors, which it reads in place (no device behind
+    them); on a GPU the same check runs on the device and is read with the step's one read (tests/test_host_sync.py
+    counts that through the CUDA stand-in, in one process: it does not model process groups)."""
+    import atexit
+    import sys as _sys
+
+    from lawa_suite.averagers import _tensors
+
+    counts: list[int] = []
+    paused = [False]
+
+    def counting(name):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, **kwargs):
+            if counts and not paused[0] and "/lawa_suite/" in _sys._getframe(1).f_code.co_filename:
+                counts[-1] += 1
+            return original(self, *args, **kwargs)
+        setattr(torch.Tensor, name, counted)
+
+    for name in ("tolist", "item", "__bool__", "__float__", "__int__"):
+        counting(name)
+    host_finite = _tensors._finite_on_host
+
+    def uncounted(t):
+        paused[0] = True
+        try:
+            return host_finite(t)
+        finally:
+            paused[0] = False
+
+    _tensors._finite_on_host = uncounted
+    step = train_module.Run.optimizer_step
+
+    def stepped(self):
+        counts.append(0)
+        return step(self)
+
+    train_module.Run.optimizer_step = stepped
+    atexit.register(lambda: Path(f"{path}.rank{_rank()}.json").write_text(json.dumps(counts)))
+
+
 def install_hooks() -> None:
     kill_at = int(os.environ.get("REL_KILL_AT", "-1"))
     consumed = os.environ.get("REL_CONSUMED")
@@ -109,6 +155,9 @@ def install_hooks() -> None:
         return loss(self, model, batch, step)
 
     ToyTask.loss = hooked
+    reads = os.environ.get("REL_READS")
+    if reads:
+        count_reads(reads)
 
     term_at = os.environ.get("REL_TERM_AT")  # "N:RANK": SIGTERM to this process during step N+1, on one rank
     if term_at and int(term_at.split(":")[1]) == _rank():

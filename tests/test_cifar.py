@@ -340,7 +340,7 @@ class _FixedLogits:
 
 class _TwoIdenticalProcesses:
     """An accelerator stand-in: two processes that happened to see the same batches."""
-    num_processes = 2
+    num_processes, device = 2, torch.device("cpu")
 
     def reduce(self, tensor, reduction):
         assert reduction == "sum"

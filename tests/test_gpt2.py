@@ -287,13 +287,30 @@ def test_model_is_gpt2_with_tied_embeddings_sdpa_and_its_init(tmp_path):
     torch.manual_seed(0)
     model = task.build_model()
     assert model.lm_head.weight is model.transformer.wte.weight
-    assert model.config._attn_implementation == "sdpa"
+    # transformers' sdpa under the suite's name: no mask built, so no host read of position ids (gpt2.causal_sdpa)
+    assert model.config._attn_implementation == "lawa-suite-causal-sdpa"
     proj = model.transformer.h[0].attn.c_proj.weight
     assert proj.std().item() == pytest.approx(0.02 / math.sqrt(2 * 2), rel=0.15)   # residual projections scaled
     groups = task.build_optimizer(model, 1e-3).param_groups
     assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
     assert all(p.dim() < 2 for p in groups[1]["params"]) and groups[0]["betas"] == (0.9, 0.95)
     assert sum(p.numel() for g in groups for p in g["params"]) == parameter_count(model) == 34_688
+
+
+def test_the_suites_causal_attention_scores_as_transformers_masked_sdpa(tmp_path):
+    """The model attends by SDPA's is_causal instead of a mask transformers builds (which read position ids on the
+    host every forward): the same logits as the stock sdpa model, and stock sdpa again in an exported folder."""
+    task = tiny_task(tmp_path)
+    torch.manual_seed(0)
+    model = task.build_model().eval()
+    stock = type(model)(task.hf_config()).eval()
+    stock.load_state_dict(model.state_dict())
+    assert stock.config._attn_implementation == "sdpa"
+    tokens = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=tokens).logits, stock(input_ids=tokens).logits, rtol=1e-5,
+                                   atol=1e-6)
+    assert "lawa-suite" not in task.hf_config().to_json_string()
 
 
 @pytest.mark.parametrize("preset, params", [("small", 124_439_808), ("medium", 354_823_168), ("large", 774_030_080)])

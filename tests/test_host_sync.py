@@ -2,96 +2,46 @@
 
 The loop reads the step's loss, gradient norm and the previous step's weights' finite flag in one transfer, and
 the averagers observe those weights then (``train.py``). On an accelerator, reading a value that lives on the
-device waits for it. The CPU stand-in counts such reads: a dispatch mode tags the model's parameters and buffers and
-every tensor computed from them (what would live on the accelerator), and counts ``.item()``, ``bool()``,
-``float()`` and ``int()`` of a tagged tensor (each one ``aten._local_scalar_dense``) and its ``.tolist()`` /
-``.numpy()`` (which read memory directly, so they are wrapped). Host data is not counted: batch indices, and the
-optimizer's step counters (torch keeps them on the host unless ``capturable``). With CUDA,
-``torch.cuda.set_sync_debug_mode("warn")`` counts the device's own synchronisations.
+device waits for it, and so does a blocking upload from pageable host memory. The runs here go through the CUDA
+stand-in (``lawa_suite.testing.cuda_standin``), which counts both (``StandInDevice.syncs``: what
+``torch.cuda.set_sync_debug_mode`` flags); with a real GPU the last test counts the device's own synchronisations.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 import warnings
-import weakref
 from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from lawa_suite import checkpoints as ckpt
 from lawa_suite.config import resolve
+from lawa_suite.testing.cuda_standin import cuda_standin
 from lawa_suite.train import Run, train
 
 from test_train import Spy, assert_same_tree, final_state, run_toy
 
 
-class DeviceReads(TorchDispatchMode):
-    """Counts host reads of tensors that would live on the accelerator (see the module docstring)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-        self._tagged: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
-        self._saved: dict[str, object] = {}
-
-    def tag(self, tensors) -> None:
-        for t in tensors:
-            if isinstance(t, torch.Tensor):
-                self._tagged[id(t)] = t
-
-    def tagged(self, t: object) -> bool:
-        return isinstance(t, torch.Tensor) and self._tagged.get(id(t)) is t
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.ops.aten._local_scalar_dense.default and self.tagged(args[0]):
-            self.count += 1
-        out = func(*args, **kwargs)
-        if any(self.tagged(t) for t in tree_leaves((args, kwargs))):
-            self.tag(tree_leaves(out))
-            for i, arg in enumerate(func._schema.arguments):  # in-place and foreach ops write into their inputs
-                if arg.alias_info is not None and arg.alias_info.is_write:
-                    self.tag(tree_leaves(args[i] if i < len(args) else kwargs.get(arg.name)))
-        return out
-
-    def __enter__(self):
-        for name in ("tolist", "numpy"):
-            original = self._saved[name] = getattr(torch.Tensor, name)
-
-            def counted(tensor, *args, _original=original, **kwargs):
-                self.count += self.tagged(tensor)
-                return _original(tensor, *args, **kwargs)
-
-            setattr(torch.Tensor, name, counted)
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        for name, original in self._saved.items():
-            setattr(torch.Tensor, name, original)
-        return super().__exit__(*exc)
-
-
-def reads_per_step(monkeypatch, overrides: list[str], reads: DeviceReads | None = None,
-                   counter=None) -> list[int]:
-    """Reads between the starts of consecutive optimizer steps (the last step's evaluation is left out). The model's
-    parameters and buffers are tagged as the first step starts."""
+def reads_per_step(monkeypatch, overrides: list[str], counter) -> list[int]:
+    """Synchronisations between the starts of consecutive optimizer steps (the last step's evaluation is left
+    out), as ``counter()`` counts them."""
     starts: list[int] = []
     step = Run.optimizer_step
 
     def counted_step(self):
-        if reads is not None and not starts:
-            reads.tag(itertools.chain(self.unwrapped.parameters(), self.unwrapped.buffers()))
-        starts.append(reads.count if reads is not None else counter())
+        starts.append(counter())
         return step(self)
 
     monkeypatch.setattr(Run, "optimizer_step", counted_step)
     train(resolve(overrides))
     return [b - a for a, b in zip(starts, starts[1:])]
+
+
+def standin_syncs_per_step(monkeypatch, overrides: list[str]) -> list[int]:
+    with cuda_standin() as device:
+        return reads_per_step(monkeypatch, overrides, lambda: device.syncs)
 
 
 def plain_run(task: str, out: Path) -> list[str]:
@@ -100,11 +50,12 @@ def plain_run(task: str, out: Path) -> list[str]:
             "averager=lawa,ema,swa", "swa.start=1", "progress=false"]
 
 
-@pytest.mark.parametrize("task", ["cifar", "gpt2"])
-def test_one_host_read_a_step(tmp_path, monkeypatch, task):
-    # cifar: BatchNorm buffers (held aside for the deferred observation), SGD; gpt2: AdamW, tied weights
-    with DeviceReads() as reads:
-        per_step = reads_per_step(monkeypatch, plain_run(task, tmp_path / "run"), reads)
+@pytest.mark.parametrize("task", ["cifar", "gpt2", "ddpm"])
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_one_host_synchronisation_a_step_on_cuda(tmp_path, monkeypatch, task, precision):
+    # cifar: BatchNorm buffers (held aside for the deferred observation), SGD, uint8 images normalised on the
+    # device; gpt2: AdamW, tied weights; ddpm: a UNet, timesteps and noise drawn on the device
+    per_step = standin_syncs_per_step(monkeypatch, [*plain_run(task, tmp_path / "run"), f"mixed_precision={precision}"])
     assert per_step == [1] * 5
 
 
@@ -112,8 +63,7 @@ def test_the_counter_sees_a_second_read(tmp_path, monkeypatch):
     # negative control: observing each step's weights at once (their own finite check) is the old second read
     defer = Run.defer
     monkeypatch.setattr(Run, "defer", lambda self, step: (defer(self, step), self.settle()))
-    with DeviceReads() as reads:
-        per_step = reads_per_step(monkeypatch, plain_run("cifar", tmp_path / "run"), reads)
+    per_step = standin_syncs_per_step(monkeypatch, plain_run("gpt2", tmp_path / "run"))
     assert per_step == [2] * 5
 
 

@@ -591,13 +591,17 @@ def assert_group_ended(log: Path) -> None:
 @pytest.mark.slow
 def test_two_processes_agree_on_averagers_save_once_stop_together_and_resume(tmp_path):
     out, log = tmp_path / "run", tmp_path / "commits"
-    # rank 1 alone gets SIGTERM during step 7: both processes must stop after the same step and save once
-    code, output = torchrun(out, log, env={"REL_TERM_AT": "6:1"})
+    # rank 1 alone gets SIGTERM during step 6: both processes must stop after the same step and save once. They
+    # vote at the end of each step and read the vote with the next step's one host read: they stop after step 7
+    code, output = torchrun(out, log, env={"REL_TERM_AT": "5:1"})
     assert code != 0 and output.count("stopped by SIGTERM after step 7") >= 1, output
     assert_group_ended(log)
-    code, output = torchrun(out, log, "resume=auto")
+    code, output = torchrun(out, log, "resume=auto", env={"REL_READS": str(log)})
     assert code == 0, output
     assert_group_ended(log)
+    for rank in (0, 1):  # steps 8-11 (evaluated and checkpointed at 8): the stop vote rides in the step's one read
+        per_step = json.loads(Path(f"{log}.rank{rank}.json").read_text())
+        assert per_step[1:4] == [1, 1, 1], (rank, per_step)
     commits = log.read_text().split()
     assert commits == ["0", "4", "0", "7", "0", "8", "0", "12"], "checkpoints are written by rank 0, once each"
     for step in (4, 7, 8, 12):

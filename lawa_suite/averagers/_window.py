@@ -170,7 +170,7 @@ class MemorySnapshots(StepWindow):
 
     def wait_copies(self) -> None:
         copied, self._copied = self._copied, None
-        if copied is not None:
+        if copied is not None and not copied.query():
             copied.synchronize()
 
     def _copy(self, tensors: list[Tensor]) -> list[Tensor]:

@@ -193,7 +193,7 @@ class LAWA(Averager):
         queued, self._queued = self._queued, None
         if pending is not None:
             pending.result()
-        if queued is not None:
+        if queued is not None and not queued.query():  # (a finished event needs no synchronize, itself a sync)
             queued.synchronize()
 
     def _averaged_floats(self) -> list[Tensor]:

@@ -322,6 +322,10 @@ class DdpmTask(Task):
             t = torch.randint(0, steps, (n,), generator=generator, device=device)
         noise = torch.randn(x0.shape, generator=generator, device=device)
         t, noise = t.to(x0.device), noise.to(x0.device)
+        schedule = self.scheduler.alphas_cumprod
+        if schedule.device != x0.device:  # diffusers would move it with a blocking upload, a device sync, on first use
+            # (back to the host, as for the held-out loss, the copy must be waited for: it is read at once)
+            self.scheduler.alphas_cumprod = schedule.to(x0.device, non_blocking=x0.device.type != "cpu")
         return self.scheduler.add_noise(x0, noise, t), t, noise
 
     def loss(self, model: nn.Module, batch: Batch, step: int) -> Tensor:

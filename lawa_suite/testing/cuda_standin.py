@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import sys
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -110,14 +111,18 @@ class StandInTensor(torch.Tensor):
 class StandInDevice:
     """The active stand-in: its counters, its pinned buffers, its rules. Yielded by ``cuda_standin``."""
     reads: int = 0      # blocking device-to-host transfers (.item(), .tolist(), .cpu(), copy_ into pageable memory)
-    uploads: int = 0    # blocking host-to-device copies (from pageable memory, or non_blocking=False)
+    uploads: int = 0    # blocking host-to-device copies (non_blocking=False: torch then synchronizes the stream)
+    # non-blocking uploads from pageable memory: the driver stages them through a host copy at the call (no device
+    # synchronization, but the host does the copy); from pinned memory they are queued and cost the host nothing
+    pageable_uploads: int = 0
     waits: int = 0      # torch.cuda.synchronize(), Event.synchronize(), Stream.synchronize()
     collectives: int = 0
     explicit_meta: bool = False  # the Python call under way asked for the meta device itself
     # pinned host buffers by storage address (a weak reference: a freed buffer's address may come back unpinned)
     _pinned: dict[int, weakref.ref] = dataclasses.field(default_factory=dict, repr=False)
-    # pinned buffers a queued copy writes to, held until the host waits (so their addresses are not reused)
-    _in_flight: dict[int, Tensor] = dataclasses.field(default_factory=dict, repr=False)
+    # pinned buffers a queued copy writes to, and the sync count then; held until the host waits (so their
+    # addresses are not reused): any synchronisation after the copy was queued means it has landed
+    _in_flight: dict[int, tuple[Tensor, int]] = dataclasses.field(default_factory=dict, repr=False)
 
     @property
     def syncs(self) -> int:
@@ -138,7 +143,7 @@ class StandInDevice:
 
     def queue_into(self, t: Tensor) -> None:
         """A non-blocking device-to-host copy into ``t`` was queued."""
-        self._in_flight[t.untyped_storage().data_ptr()] = t
+        self._in_flight[t.untyped_storage().data_ptr()] = (t, self.syncs)
 
     def drain(self) -> None:
         """The host waited for the device: every queued copy is done."""
@@ -146,6 +151,7 @@ class StandInDevice:
 
     def check_waited(self, tensors: list[Tensor]) -> None:
         """Refuse a host read of pinned buffers that a queued copy may still be writing."""
+        self._in_flight = {ptr: (t, at) for ptr, (t, at) in self._in_flight.items() if at == self.syncs}
         for t in tensors:
             if not isinstance(t, StandInTensor) and t.numel() and t.untyped_storage().data_ptr() in self._in_flight:
                 raise RuntimeError("a pinned host buffer was read before the device-to-host copy into it was waited "
@@ -217,8 +223,13 @@ class StandInDevice:
             elif down:
                 self.reads += 1
             elif up:  # (an upload is ordered after the copies queued before it: no wait needed)
-                if not (non_blocking and self.is_pinned(src)):
-                    self.uploads += 1
+                self._count_upload(src, non_blocking)
+
+    def _count_upload(self, source: Tensor, non_blocking: bool) -> None:
+        if not non_blocking:
+            self.uploads += 1
+        elif not self.is_pinned(source):
+            self.pageable_uploads += 1
 
     def _check_devices(self, name: str, args: tuple, kwargs: dict) -> None:
         if name in _CROSS_DEVICE:
@@ -321,6 +332,9 @@ class _Functions(TorchFunctionMode):
             finally:
                 self.device.explicit_meta = False
         on_device = _is_cuda(device)
+        if on_device and any(isinstance(t, StandInTensor) for t in tree_flatten(args)[0]):
+            kwargs.pop("device")  # (torch.as_tensor of a device tensor: it is there already)
+            on_device = False
         if on_device:
             kwargs["device"] = "cpu"
         out = func(*args, **kwargs)
@@ -356,8 +370,7 @@ class _Functions(TorchFunctionMode):
         if on_device:
             return torch.ops.aten._to_copy.default(source, dtype=dtype, device=torch.device("cpu"),
                                                    non_blocking=non_blocking, **layout)
-        if not (non_blocking and self.device.is_pinned(source)):
-            self.device.uploads += 1
+        self.device._count_upload(source, non_blocking)
         host = torch.ops.aten._to_copy.default(source.detach(), dtype=dtype, **layout)
         return StandInTensor(host, requires_grad=source.requires_grad)
 
@@ -410,11 +423,15 @@ def _is_cuda(device: Any) -> bool:
 
 # -- torch.cuda, torch.Generator and collectives, while the stand-in is active ---------------------------------
 class _Event:
+    """``torch.cuda.Event``. The stand-in's device finishes work at once, but the host cannot know that before it
+    has waited for something: ``query()`` is true once any synchronisation came after ``record()`` (a blocking read
+    drains the stream up to it), as on a GPU whose queue is busy."""
+
     def __init__(self, enable_timing: bool = False, **_: Any) -> None:
-        self.recorded = False
+        self.recorded_at: int | None = None
 
     def record(self, stream: Any = None) -> None:
-        self.recorded = True
+        self.recorded_at = _require_active().syncs
 
     def synchronize(self) -> None:
         device = _require_active()
@@ -422,7 +439,7 @@ class _Event:
         device.drain()
 
     def query(self) -> bool:
-        return True
+        return self.recorded_at is None or _require_active().syncs > self.recorded_at
 
     def wait(self, stream: Any = None) -> None:  # a device-side wait: the host goes on
         pass
@@ -503,11 +520,28 @@ def _accelerator_functions() -> dict[str, Any]:
     }
 
 
-class _StandInGenerator(torch.Generator):
-    """``torch.Generator(device="cuda")`` on the host (random draws then come from the CPU generator)."""
+class _CudaGenerator(torch._C.Generator):
+    """A CUDA generator: a CPU generator that reports ``cuda:0`` (so code that draws "where the generator
+    lives" draws on the device; the draws themselves come from the CPU's generator)."""
 
-    def __new__(cls, device: Any = "cpu") -> torch.Generator:
-        return torch._C.Generator("cpu" if _is_cuda(device) else device)
+    @property
+    def device(self) -> torch.device:
+        return DEVICE
+
+
+class _GeneratorType(type(torch._C.Generator)):
+    """``torch.Generator`` while the stand-in is active: ``torch.Generator(device="cuda")`` makes a
+    ``_CudaGenerator``, and every generator is still an instance of it."""
+
+    def __call__(cls, device: Any = "cpu") -> torch.Generator:
+        return _CudaGenerator("cpu") if _is_cuda(device) else torch._C.Generator(device)
+
+    def __instancecheck__(cls, obj: Any) -> bool:
+        return isinstance(obj, torch._C.Generator)
+
+
+class _Generator(torch._C.Generator, metaclass=_GeneratorType):
+    pass
 
 
 def _host_of(value: Any) -> Any:
@@ -530,6 +564,12 @@ _COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor
                 "reduce", "gather", "scatter", "all_to_all_single")
 
 
+def _forget_accelerate_state() -> None:
+    state = sys.modules.get("accelerate.state")
+    if state is not None and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        state.AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @contextlib.contextmanager
 def cuda_standin() -> Iterator[StandInDevice]:
     """Run the enclosed code as on a machine with one CUDA GPU (see the module docstring); yields the device's
@@ -548,10 +588,11 @@ def cuda_standin() -> Iterator[StandInDevice]:
         patch(torch.cuda, name, value)
     for name, value in _accelerator_functions().items():
         patch(torch.accelerator, name, value)
-    patch(torch, "Generator", _StandInGenerator)
+    patch(torch, "Generator", _Generator)
     if torch.distributed.is_available():
         for name in _COLLECTIVES:
             patch(torch.distributed, name, _guard_collective(getattr(torch.distributed, name)))
+    _forget_accelerate_state()  # accelerate keeps the device it found in a process-wide singleton
     _active = device
     try:
         with _Functions(device), _Factories(device):
@@ -560,6 +601,7 @@ def cuda_standin() -> Iterator[StandInDevice]:
         _active = None
         for owner, name, value in reversed(patched):
             setattr(owner, name, value)
+        _forget_accelerate_state()
 
 
 def standin_tensors(tensors: Any) -> Any:
