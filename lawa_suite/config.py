@@ -105,6 +105,7 @@ class RunConfig:
     mixed_precision: str = choice("no", "no", "bf16", "fp16")
     compile: bool = False                     # torch.compile the model in place (inductor); names and files unchanged
     tf32: bool = True                         # on CUDA: TF32 matmuls/convolutions, cuDNN autotuning (false: exact fp32)
+    deterministic: bool = False               # on CUDA: deterministic kernels, so a resumed run repeats bit for bit
     # several processes: "ddp" replicates the model; "fsdp" shards it (FSDP2) and every averager keeps its rank's shard
     distributed: str = choice("ddp", "ddp", "fsdp")
     resume: str = ""                          # "" (fresh run), "auto" (newest valid checkpoint) or a path

@@ -385,27 +385,43 @@ def due(step: int, every: int) -> bool:
 
 
 @contextmanager
-def cuda_fast_paths(on: bool) -> Iterator[None]:
-    """TF32 for float32 matmuls and convolutions and cuDNN's autotuner, what a GPU user expects by default (nanoGPT
-    and timm's trainers set them): about 8x the float32 matmul rate on an H100, for a 10-bit mantissa in the products
-    (accumulation stays float32). Process-wide switches, so put back on the way out. ``tf32=false`` keeps exact
-    float32 and cuDNN's fixed algorithm choice."""
-    if not on:
+def cuda_settings(rc: RunConfig) -> Iterator[None]:
+    """The process-wide CUDA switches a run sets while it lasts, put back on the way out (they outlive the call).
+
+    ``tf32`` (default): TF32 for float32 matmuls and convolutions and cuDNN's autotuner, what a GPU user expects
+    (nanoGPT and timm's trainers set them): about 8x the float32 matmul rate on an H100, a 10-bit mantissa in the
+    products, float32 accumulation. ``deterministic``: PyTorch's deterministic algorithms and cuBLAS's fixed
+    workspace, so a resumed run repeats an uninterrupted one bit for bit on a GPU as on the CPU (without it atomic
+    adds in embedding and attention backward make runs differ in the last bits); ops without a deterministic kernel
+    warn. Nothing on a machine without CUDA."""
+    if not torch.cuda.is_available() or not (rc.tf32 or rc.deterministic):
         yield
         return
-    saved = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
-    torch.set_float32_matmul_precision("high")
-    torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.benchmark = True
+    saved = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark,
+             torch.backends.cudnn.deterministic, torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(), os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    if rc.tf32:
+        torch.set_float32_matmul_precision("high")
+        torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = rc.tf32 and not rc.deterministic  # autotuning may pick other kernels per run
+    if rc.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS makes its first handle
+        torch.backends.cudnn.deterministic = True
+        torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         yield
     finally:
         torch.set_float32_matmul_precision(saved[0])
         torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved[1], saved[2]
+        torch.backends.cudnn.deterministic = saved[3]
+        torch.use_deterministic_algorithms(saved[4], warn_only=saved[5])
+        if saved[6] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
 def train(cfg: ResolvedConfig) -> RunResult:
     """Run (or resume) training as configured; returns where the run lives and how far it got."""
-    with cuda_fast_paths(cfg.run.tf32 and torch.cuda.is_available()):
+    with cuda_settings(cfg.run):
         return _train(cfg)
 
 

@@ -8,6 +8,7 @@ accumulation that keeps a preset's global batch on any number of processes.
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -70,6 +71,24 @@ def test_a_gpu_run_gets_fused_optimizers_and_tf32_and_puts_tf32_back(tmp_path, m
     train(resolve(["task=gpt2", "preset=tiny", f"out={tmp_path / 'cpu'}", "steps=1", "warmup=0", "averager=",
                        "progress=false"]))
     assert seen[-1][2] is False, "the CPU keeps the optimizer the CPU reference was measured with"
+
+
+def test_deterministic_asks_for_deterministic_kernels_while_the_run_lasts(tmp_path, monkeypatch):
+    seen = []
+    step = Run.optimizer_step
+
+    def spy(self):
+        seen.append((torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+                     torch.backends.cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG")))
+        return step(self)
+
+    monkeypatch.setattr(Run, "optimizer_step", spy)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    with cuda_standin():
+        train(resolve(["task=cifar", "preset=tiny", f"out={tmp_path / 'run'}", "steps=1", "averager=",
+                       "progress=false", "deterministic=true"]))
+    assert seen == [(True, True, False, ":4096:8")]
+    assert not torch.are_deterministic_algorithms_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
 
 
 @pytest.mark.parametrize("batch, accum, world, expected", [
