@@ -9,7 +9,9 @@ One spelling rule for every command: a setting, anything with a value, is a ``ke
 from __future__ import annotations
 
 import functools
+import os
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -480,7 +482,35 @@ def analyze_lmc(
 
 
 def main() -> None:
-    app()
+    """The ``suite`` command. Launched as one of several processes (torchrun, accelerate launch), the process ends
+    once the command is done without the interpreter's finalization (``end_process``)."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        app()
+        return
+    try:
+        app()
+        code: int | str | None = 0
+    except SystemExit as exc:
+        code = exc.code
+    end_process(code)
+
+
+def end_process(code: int | str | None) -> None:
+    """Exit now, as ``sys.exit(code)`` would but without tearing the interpreter down: exit handlers run, output is
+    flushed, then ``os._exit``. In a process of a distributed run, C++ threads (gloo's, PyTorch's) may still release
+    Python objects while the interpreter is being finalized, which takes the GIL there and aborts the process now and
+    then ("terminate called without an active exception", SIGABRT; pytorch/pytorch#190489) after its work is done:
+    torchrun then reports the run failed and kills the other processes. Ending the process group first makes it
+    rarer (``train.Run.release_process_group``), not impossible."""
+    import atexit
+
+    if isinstance(code, str):  # (what sys.exit does with a message)
+        print(code, file=sys.stderr)
+        code = 1
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
 
 
 if __name__ == "__main__":

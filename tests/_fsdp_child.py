@@ -108,5 +108,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from lawa_suite.cli import end_process
+
     torch.set_num_threads(1)
     main()
+    end_process(0)  # as `suite` does in a distributed run: no interpreter finalization (see end_process)

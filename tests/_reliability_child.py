@@ -244,5 +244,10 @@ if __name__ == "__main__":
         crash(sys.argv[2], sys.argv[3:])
     else:
         install_hooks()
-        from lawa_suite.cli import app
-        app(["run", *sys.argv[2:]], prog_name="suite")
+        from lawa_suite.cli import app, end_process
+        try:
+            app(["run", *sys.argv[2:]], prog_name="suite")
+        except SystemExit as exc:  # as `suite` ends a process of a distributed run (cli.main)
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                end_process(exc.code)
+            raise

@@ -110,7 +110,8 @@ def test_cli_analyze_lmc(toy_run, tmp_path):
     result = runner.invoke(app, ["analyze", "lmc", str(a), str(b), "points=3", f"out={out}"])
     assert result.exit_code == 0, result.output
     assert "| alpha | accuracy | loss |" in result.output and "disagreement of A and B:" in result.output
-    assert re.search(r"predict differently on \d+ of \d+ held-out predictions \(\d+\.\d%\)", result.output), result.output
+    said = r"predict differently on \d+ of \d+ held-out predictions \(\d+\.\d%\)"
+    assert re.search(said, result.output), result.output
     saved = json.loads((out / "lmc.json").read_text())
     assert saved["alphas"] == [0.0, 0.5, 1.0] and saved["a"] == str(a)
     assert (out / "lmc.png").stat().st_size > 0 and "barrier" in (out / "lmc.md").read_text()

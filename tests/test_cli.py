@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from typer.testing import CliRunner
 
 from lawa_suite.cli import app
@@ -62,3 +63,29 @@ def test_resume_from_a_missing_checkpoint_says_so(tmp_path):
     assert result.exit_code == 2, result.output
     line = result.output.strip().splitlines()[-1]
     assert "nowhere does not exist" in line and "resume=auto" in line and "never committed" not in line
+
+
+def test_a_process_of_a_distributed_run_ends_without_interpreter_finalization(monkeypatch, capsys):
+    """Under torchrun (WORLD_SIZE > 1) `suite` runs its exit handlers, flushes and leaves with os._exit: finalizing
+    the interpreter let C++ threads abort a finished process now and then (cli.end_process)."""
+    import atexit
+    import os
+
+    from lawa_suite import cli
+
+    class Exited(Exception):
+        pass
+
+    calls = []
+    monkeypatch.setattr(atexit, "_run_exitfuncs", lambda: calls.append("exit handlers"))
+    monkeypatch.setattr(os, "_exit", lambda code: (calls.append(code), (_ for _ in ()).throw(Exited())))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for argv, code in ((["suite", "--help"], 0), (["suite", "run", "nope=1"], 2)):
+        monkeypatch.setattr("sys.argv", argv)
+        with pytest.raises(Exited):
+            cli.main()
+        assert calls[-2:] == ["exit handlers", code]
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setattr("sys.argv", ["suite", "--help"])
+    with pytest.raises(SystemExit):  # one process: the ordinary exit
+        cli.main()
