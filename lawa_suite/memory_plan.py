@@ -574,9 +574,9 @@ def memory_plan(cfg: Any, processes: tuple[int, ...] = DEFAULT_PROCESSES,
     save = [_checkpoint_bytes(cfg, facts, s) for s in setups]
     # the writer copies every tensor to host memory first: rank 0 all of it with ddp, each rank its shards with fsdp
     rows.append(Row("copy of a checkpoint being written (ddp: rank 0)", "host", save))
-    rows.append(Row("checkpoint, this rank's part", "file", save))
+    rows.append(Row("a checkpoint, this rank's part", "file", save))
     trajectory = sum(e.local_bytes(1) for e in facts.state)  # whole weights, tied names each (rank 0 writes)
-    rows.append(Row("trajectory file" + ("" if rc.trajectory.every else " (trajectory.every=0: none)"), "file",
+    rows.append(Row("a trajectory file" + ("" if rc.trajectory.every else " (trajectory.every=0: none)"), "file",
                     [trajectory] * len(setups)))
 
     def total(i: int, where: str) -> int:
@@ -687,18 +687,26 @@ def plan_lines(plan: Plan) -> list[str]:
     unit, scale = ("GiB", GIB) if max((t or 0 for t in plan.totals), default=0) >= GIB else ("MiB", 2 ** 20)
     width = max([len(r.label) for r in plan.rows] + [24]) + 4
 
+    def cell(v: int | None) -> str:
+        return "-" if not v else "<0.01" if v < scale / 200 else f"{v / scale:.2f}"
+
     def cells(values: list[int | None]) -> str:
-        return "".join(f"{'-' if not v else f'{v / scale:.2f}':>13}" for v in values)
+        return "".join(f"{cell(v):>13}" for v in values)
 
     lines = [f"memory plan per rank, {unit}; tensors only, from a fake-device build (nothing was allocated)",
              *plan.title, "", " " * width + "".join(f"{s.title:>13}" for s in plan.setups)]
     for where, name, totals in (("device", "on the device", plan.totals), ("host", "on the host", plan.host),
-                                ("file", "written per save", None)):
+                                ("file", "on disk", None)):
         picked = [r for r in plan.rows if r.where == where]
         if not picked:
             continue
         lines.append(name)
-        lines += [f"  {r.label:<{width - 2}}{cells(r.values)}" for r in picked]
+        # rows that would all read 0.00 (counters, BatchNorm's num_batches_tracked) are summed into one
+        small = [r for r in picked if all(v < scale / 200 for v in r.values)]
+        lines += [f"  {r.label:<{width - 2}}{cells(r.values)}" for r in picked if r not in small]
+        if small:
+            summed = [sum(r.values[i] for r in small) for i in range(len(plan.setups))]
+            lines.append(f"  {f'{len(small)} smaller items':<{width - 2}}{cells(summed)}")
         if totals is not None:
             lines.append(f"  {'total ' + name:<{width - 2}}{cells(totals)}")
     return [*lines, "", *plan.verdicts, *plan.notes]
