@@ -220,3 +220,19 @@ def test_the_finite_flag_finds_nan_and_inf_on_either_device_without_overflow(val
             bad[2] = value
             assert finite_flag([bad.to(where), big]).item() == 0.0
     assert finite_flag([big, torch.ones(3, dtype=torch.bfloat16)]).item() == 1.0
+
+
+def test_a_snapshot_is_one_pinned_block_per_dtype():
+    """LAWA's host snapshots: one pinned buffer a dtype, each weight a view into it (the caching host allocator
+    rounds every block up to a power of two: a block per weight cost about 1.5x the model in pinned memory)."""
+    from lawa_suite.averagers._window import pinned_snapshot_copy
+
+    with cuda_standin():
+        weights = [torch.randn(5, 3, device="cuda"), torch.randn(7, device="cuda"),
+                   torch.randn(2, device="cuda").to(torch.bfloat16)]
+        copies = pinned_snapshot_copy(weights)
+        torch.cuda.synchronize()
+        assert all(c.is_pinned() and not c.is_cuda for c in copies)
+        assert copies[0].untyped_storage().data_ptr() == copies[1].untyped_storage().data_ptr()
+        assert copies[0].untyped_storage().nbytes() == (15 + 7) * 4
+        assert all(torch.equal(c, w.cpu()) for c, w in zip(copies, weights))
