@@ -592,6 +592,9 @@ def memory_plan(cfg: Any, processes: tuple[int, ...] = DEFAULT_PROCESSES,
         machine = [f"{s.distributed} {_size(n * (host[i] - save[i]) + (n if s.sharded else 1) * save[i])}"
                    for i, s in enumerate(setups) if s.processes == n]
         notes.append(f"host memory of one machine running all {n} ranks: {', '.join(machine)}")
+    if rc.compile:
+        notes.append("compile=true: activations are counted as eager PyTorch saves them; inductor's fused kernels "
+                     "usually save fewer")
     if all(v is None for v in measured.values()) and any(micro.values()):
         notes.append(f"activations: not estimated (no example inputs for task '{rc.task}'); the totals leave them out")
     if unknown:
