@@ -251,8 +251,12 @@ class Part:
 
 
 def _pinned(entries: list[Entry], world: int, copies: int) -> int:
-    """PyTorch's CUDA caching host allocator rounds every pinned block up to a power of two."""
-    return copies * sum(1 << max(0, (e.local_bytes(world) - 1).bit_length()) for e in entries if e.numel)
+    """Pinned bytes as allocated: a snapshot is one pinned block per dtype (``_window.pinned_like``), and PyTorch's
+    CUDA caching host allocator rounds every block up to a power of two."""
+    by_dtype: dict[torch.dtype, int] = {}
+    for e in entries:
+        by_dtype[e.dtype] = by_dtype.get(e.dtype, 0) + e.local_bytes(world)
+    return copies * sum(1 << max(0, (n - 1).bit_length()) for n in by_dtype.values() if n)
 
 
 def averager_parts(base: str, config: Any, facts: ModelFacts, world: int = 1,

@@ -164,6 +164,10 @@ def test_on_cuda_each_averager_keeps_what_the_plan_says_where_it_says(dtype):
             parts = averager_parts(cfg.registered(avg_name), cfg.averagers[avg_name], facts, on_cuda=True)
             assert sum(p.bytes for p in parts if p.where == "device") == nbytes(on_device), (avg_name, parts)
             assert sum(p.bytes for p in parts if p.where == "pinned") == nbytes(pinned), (avg_name, parts)
+            # as allocated: each pinned block (one a snapshot and dtype) rounded up to a power of two
+            blocks = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in pinned}
+            rounded = sum(1 << (n - 1).bit_length() for n in blocks.values())
+            assert sum(p.allocated for p in parts if p.where == "pinned") == rounded, (avg_name, parts)
 
 
 # -- activations -----------------------------------------------------------------------------------------------------
