@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from lawa_suite import registry
 from lawa_suite.averagers.base import Averager, find_aliases, named_tensors
-from lawa_suite.sharding import is_sharded, reshard
+from lawa_suite.sharding import gathered, is_sharded, reshard
 
 __all__ = ["rng_state", "set_rng_state", "seed_everything", "forked_rng", "recalibrate_batchnorm", "WeightSwap",
            "Scorer", "score_line"]
@@ -124,10 +124,10 @@ class Scorer:
     def __init__(self, task: Any, accelerator: Any, model: nn.Module, batches: list[Any], calibration: list[Any]):
         self.task, self.accelerator, self.model = task, accelerator, model
         self.evaluator = registry.evaluators.create(task.evaluator, task=task)
-        # A sharded model's forward is collective (each unit all-gathers), so every rank must run the same number of
-        # batches: each scores all of them on the same gathered weights, gets the same numbers, and reduces nothing.
+        # Each rank scores its share and the evaluator reduces the sums. A sharded model's forward is collective (each
+        # unit all-gathers), so its parameters are gathered once for the whole evaluation (sharding.gathered).
         self.sharded = is_sharded(model)
-        self.batches = batches if self.sharded else batches[accelerator.process_index::accelerator.num_processes]
+        self.batches = batches[accelerator.process_index::accelerator.num_processes]
         self.calibration = calibration
         self.swap = WeightSwap(model)
 
@@ -149,8 +149,8 @@ class Scorer:
         if step is not None and weights_name is not None:
             self.evaluator.begin(step, weights_name)
         self.model.eval()
-        with self.accelerator.autocast():
-            return self.evaluator.evaluate(self.model, self.batches, None if self.sharded else self.accelerator)
+        with self.accelerator.autocast(), gathered(self.model) if self.sharded else nullcontext():
+            return self.evaluator.evaluate(self.model, self.batches, self.accelerator)
 
     @torch.no_grad()
     def score_all(self, averagers: Mapping[str, Averager], step: int) -> dict[str, dict[str, float]]:

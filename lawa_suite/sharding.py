@@ -14,12 +14,13 @@ checkpoints stay sharded (``sharded_checkpoints.py``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["shard_model", "is_sharded", "reshard", "agree_finite", "gather_full"]
+__all__ = ["shard_model", "is_sharded", "gathered", "reshard", "agree_finite", "gather_full"]
 
 
 def _dtensor_type() -> type | None:
@@ -49,6 +50,33 @@ def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
                 fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
+
+
+@contextmanager
+def gathered(model: nn.Module) -> Iterator[None]:
+    """Every FSDP unit's parameters gathered on every rank and kept so across forward passes while the block runs,
+    then resharded: a forward makes no collective meanwhile, so each rank scores its own share of the evaluation
+    batches (their sums are reduced after), not every rank all of them (FID sampling cost every rank the whole
+    sample). Costs the full parameters on every rank while it lasts, as one forward's gathers did layer by layer."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    before = [_reshards_after_forward(m) for m in units]
+    for m in units:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m, reshards in zip(units, before):
+            m.reshard()
+            m.set_reshard_after_forward(reshards, recurse=False)
+
+
+def _reshards_after_forward(module: nn.Module) -> bool:
+    """Whether an FSDP unit frees its gathered parameters after a forward (fully_shard's default: all but the root)."""
+    group = getattr(module._get_fsdp_state(), "_fsdp_param_group", None)
+    return group is None or getattr(group, "post_forward_mesh_info", True) is not None
 
 
 def reshard(model: nn.Module) -> None:

@@ -99,7 +99,8 @@ def main() -> None:
     (result / f"rank{rank}.json").write_text(json.dumps(
         {"bytes": {name: state_bytes(avg) for name, avg in run.averagers.items()},
          "refused": {name: avg.refused for name, avg in run.averagers.items()},
-         "sharded": run.sharded, "param_types": sorted({type(p).__name__ for p in run.unwrapped.parameters()})}))
+         "sharded": run.sharded, "param_types": sorted({type(p).__name__ for p in run.unwrapped.parameters()}),
+         "eval_batches": len(run.scorer.batches)}))
     if rank == 0:
         save_file(tensors, str(result / "averages.safetensors"))
     if several:

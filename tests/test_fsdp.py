@@ -134,6 +134,9 @@ def test_evaluation_scores_the_swapped_in_shards(fsdp_run):
         model.eval()
         scores[name] = evaluator.evaluate(model, plain.eval_batches())
     assert len({round(s["loss"], 12) for s in scores.values()}) == 1 + len(NAMES), "the weights scored must differ"
+    # each rank scored its share of the batches on gathered weights (was: every rank all of them), sums reduced
+    shares = [rank_info(fsdp_run, rank)["eval_batches"] for rank in (0, 1)]
+    assert sum(shares) == len(plain.eval_batches()) and min(shares) >= 1, shares
     for name, values in scores.items():
         for metric, value in values.items():  # the same weights, the same kernels: equal up to summation order
             assert math.isclose(logged[name][metric], value, rel_tol=1e-6), (name, metric, logged[name], value)
