@@ -127,9 +127,13 @@ def run(
         raise ConfigError(f"{plan_words[0]}: a setting of the --dry-run memory plan; a run takes its processes from "
                           f"its launcher (torchrun, accelerate launch) and its memory from the GPU")
     base = None
+    given = dict(w.split("=", 1) for w in words if "=" in w)
     if "config" in own:
         config = Path(own["config"])
         base = dotted(read_saved(config / "config.yaml" if config.is_dir() else config))
+    elif given.get("resume") and given.get("out") and (Path(given["out"]) / "config.yaml").is_file():
+        # resuming a run: its saved config is the base, and the words on top are checked against it
+        base = dotted(read_saved(Path(given["out"]) / "config.yaml"))
     cfg = resolve(words, base=base)
     if dry_run:
         import os
@@ -146,11 +150,6 @@ def run(
             else memory_plan.DEFAULT_GPU_MEMORY_GIB
         typer.echo(memory_plan.plan_text(cfg, processes, memory), nl=False)
         return
-    from lawa_suite.report.readiness import never_ready
-
-    # said before the minutes of training, not found missing from the report after them
-    for name, why in never_ready(cfg.averagers, cfg.averager_of, cfg.run.steps).items():
-        typer.echo(f"warning: averager {name} will have no weights to evaluate in this run: {why}", err=True)
     from lawa_suite.train import train
 
     result = train(cfg)

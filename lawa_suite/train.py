@@ -37,6 +37,7 @@ from torch import nn
 
 from lawa_suite import checkpoints as ckpt
 from lawa_suite import registry
+from lawa_suite.averagers._readiness import never_ready
 from lawa_suite.averagers.base import Averager, finite_flag, named_tensors
 from lawa_suite.config import ResolvedConfig, RunConfig, dotted
 from lawa_suite.errors import EXIT_NONFINITE, EXIT_PREEMPTED, ConfigError, Interrupted, NonFiniteTraining, Preempted
@@ -111,11 +112,9 @@ class Run:
                               f"{self.accelerator.num_processes}; check the launcher and its backend")
         self.is_main = self.accelerator.is_main_process
         # Every process checks the folder before the main one writes to it (else the others would find its
-        # fresh config.yaml and refuse to overwrite "an earlier run").
+        # fresh config.yaml and refuse to overwrite "an earlier run"); the main one writes it once everything that
+        # can refuse the config (data, tokenizer, model, averagers) has said yes: a refused command creates nothing.
         self.out = prepare_run_dir(cfg, is_main=False)
-        self.accelerator.wait_for_everyone()
-        if self.is_main:
-            prepare_run_dir(cfg, is_main=True)
         self.accelerator.wait_for_everyone()
 
         self.task: Task = registry.tasks.get(rc.task)(cfg.task, rc)
@@ -151,7 +150,14 @@ class Run:
                      f"{micro_batch // world} per process and step (the global batch stays {rc.batch_size})")
         self.stream = self.task.train_stream(micro_batch, self.accelerator.process_index, world)
         self.averagers: dict[str, Averager] = cfg.build_averagers()
+        folders: dict[str, str] = {}
         for name, avg in self.averagers.items():
+            folder = getattr(avg.config, "dir", "") if getattr(avg.config, "store", "") == "disk" else ""
+            if folder and os.path.abspath(folder) in folders:  # (each would delete the other's snapshots)
+                raise ConfigError(f"{name}.dir: {folder!r} is {folders[os.path.abspath(folder)]}'s snapshot folder "
+                                  f"too; give each averager its own folder, or leave dir empty")
+            if folder:
+                folders[os.path.abspath(folder)] = name
             if self.sharded and getattr(avg.config, "store", "") == "disk" and getattr(avg.config, "dir", ""):
                 raise ConfigError(f"{name}.dir: one folder would mix every rank's shards with distributed=fsdp; "
                                   f"leave it empty (a temporary folder per process), got {avg.config.dir!r}")
@@ -162,6 +168,12 @@ class Run:
         self.parameter_names = {name for name, _ in self.unwrapped.named_parameters(remove_duplicate=False)}
         self.scorer = Scorer(self.task, self.accelerator, self.unwrapped, self.task.eval_batches(),
                              self.task.calibration_batches(rc.eval.bn_batches) if has_batchnorm(model) else [])
+        if self.is_main:
+            prepare_run_dir(cfg, is_main=True)
+        self.accelerator.wait_for_everyone()
+        # said before the minutes of training, not found missing from the report after them
+        for name, why in never_ready(cfg.averagers, cfg.averager_of, rc.steps).items():
+            self.log(f"warning: averager {name} will have no weights to evaluate in this run: {why}")
         self.checkpoints = RunCheckpointer(self.out / "checkpoints", self.is_main)
         self.stop = StopFlag()
         # several processes: the stop vote of the previous step, summed over the group, read with the next step's

@@ -6,6 +6,8 @@ import gc
 import json
 import math
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -27,7 +29,7 @@ from lawa_suite.averagers.swa import SWA
 from lawa_suite.averagers.bema import BEMA
 from lawa_suite.averagers.phema import PowerEMA
 from lawa_suite.averagers.wma import WMA
-from lawa_suite.config import ConfigError
+from lawa_suite.config import ConfigError, resolve
 
 
 # -- helpers --------------------------------------------------------------------------------------------
@@ -407,6 +409,7 @@ def test_lawa_round_trip_mid_recompute_cycle_and_disk_state_is_self_contained(tm
         run_b.observe(step, w)
     state = through_safetensors(run_b.state_dict())
     assert state["state"]["evictions"] % 4 != 0 and len(state["state"]["snapshots"]) == 4
+    del run_b  # (a resume is a new process: the folder is free again)
     resumed = LAWA(k=4, nu=2, store="disk", dir=str(tmp_path / "b"))
     for name in os.listdir(tmp_path / "b"):  # the checkpoint alone must suffice
         os.remove(tmp_path / "b" / name)
@@ -669,6 +672,9 @@ def test_lawa_queued_path_bookkeeping_on_the_cpu(monkeypatch) -> None:
         def synchronize(self) -> None:
             self.synchronized = True
 
+        def query(self) -> bool:  # still queued: the reader must synchronize
+            return False
+
     monkeypatch.setattr(torch.cuda, "Event", StandInEvent)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
     monkeypatch.setattr(LAWA, "_on_cuda", lambda self, floats: isinstance(self._store, lawa_module.MemorySnapshots))
@@ -773,3 +779,34 @@ def test_bf16_updates_stage_into_persistent_fp32_buffers() -> None:
     ema.observe(next(steps), model)
     assert buffers and [b.data_ptr() for b in ema._staging if b is not None] == buffers
     assert all(b.dtype == torch.float32 for b in ema._staging if b is not None)
+
+
+def test_two_windows_in_one_folder_are_refused(tmp_path: Any) -> None:
+    """Two LAWA windows in one folder (two runs with the same lawa.dir, or two instances of one run) deleted each
+    other's snapshots; the second is refused in one line while the first lives, and may go on once it is gone."""
+    weights = recorded(4)
+    first = LAWA(k=2, nu=1, store="disk", dir=str(tmp_path / "snaps"))
+    first.observe(1, weights[0])
+    second = LAWA(k=2, nu=1, store="disk", dir=str(tmp_path / "snaps"))
+    with pytest.raises(ConfigError, match=r"^dir: .*snaps holds the snapshots of another window in use") as info:
+        second.observe(1, weights[0])
+    assert "\n" not in str(info.value) and os.listdir(tmp_path / "snaps") == ["snapshot-0000000001.safetensors"]
+    child = subprocess.run([sys.executable, "-c", "import sys; from lawa_suite.averagers.lawa "
+                            "import LAWA; import torch; l = LAWA(k=2, nu=1, store='disk', dir=sys.argv[1]); "
+                            "l.observe(1, {'w': torch.ones(2)})", str(tmp_path / "snaps")],
+                           capture_output=True, text=True, timeout=120)
+    assert child.returncode != 0 and "holds the snapshots of another window" in child.stderr  # another process too
+    del first
+    gc.collect()
+    third = LAWA(k=2, nu=1, store="disk", dir=str(tmp_path / "snaps"))
+    third.observe(2, weights[1])
+
+
+def test_two_averagers_of_one_run_may_not_share_a_snapshot_folder(tmp_path: Any) -> None:
+    from lawa_suite.train import train
+
+    folder = tmp_path / "snaps"
+    with pytest.raises(ConfigError, match=r"^lawa_b\.dir: .* is lawa's snapshot folder too") as info:
+        train(resolve(["task=toy", f"out={tmp_path / 'run'}", "averager=lawa,lawa_b", "lawa_b.of=lawa",
+                       "lawa.store=disk", "lawa_b.store=disk", f"lawa.dir={folder}", f"lawa_b.dir={folder}"]))
+    assert "\n" not in str(info.value) and not folder.exists()

@@ -89,3 +89,15 @@ def test_a_process_of_a_distributed_run_ends_without_interpreter_finalization(mo
     monkeypatch.setattr("sys.argv", ["suite", "--help"])
     with pytest.raises(SystemExit):  # one process: the ordinary exit
         cli.main()
+
+
+def test_resume_auto_alone_reads_the_saved_config_and_checks_words_against_it(tmp_path):
+    out = tmp_path / "run"
+    words = ["task=cifar", "preset=tiny", "steps=2", "warmup=0", "averager=lawa,swa", "lawa.k=2", "lawa.nu=1",
+             "eval.every=2", "progress=false", f"out={out}"]
+    assert runner.invoke(app, ["run", *words]).exit_code == 0
+    again = runner.invoke(app, ["run", f"out={out}", "resume=auto"])
+    assert again.exit_code == 0, again.output  # (was: refused, naming keys never given and suggesting a reset)
+    changed = runner.invoke(app, ["run", f"out={out}", "resume=auto", "lr=0.5"])
+    assert changed.exit_code == 2 and "differs from the saved run's in lr;" in changed.output
+    assert "reset_averagers" not in changed.output and len(changed.output.strip().splitlines()) == 1

@@ -41,6 +41,15 @@ def test_it_reports_cuda_computes_on_host_data_and_puts_torch_back():
     assert torch.cuda.is_available() == available and torch.Generator is torch._C.Generator
 
 
+def test_moving_a_model_keeps_tied_weights_tied():
+    model = nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 5, bias=False))
+    model[1].weight = model[0].weight
+    with cuda_standin():
+        model.to("cuda")
+        assert model[1].weight is model[0].weight and model[0].weight.is_cuda
+        assert isinstance(model[0].weight, nn.Parameter)
+
+
 def test_it_refuses_what_cuda_refuses():
     with cuda_standin():
         x = torch.ones(3, device="cuda")

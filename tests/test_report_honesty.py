@@ -41,14 +41,15 @@ def test_an_averager_never_ready_is_warned_of_before_training_and_given_a_row_sa
 
     import lawa_suite.train as train_module
 
-    real_train, said_before = train_module.train, []
+    real_step, said_before = train_module.Run.optimizer_step, []
 
-    def spy(cfg):  # what stderr held when training began
-        sys.stderr.flush()
-        said_before.append(sys.stderr.buffer.getvalue().decode())
-        return real_train(cfg)
+    def spy(self):  # what stderr held when training began (the run's folder checked, no step taken)
+        if not said_before:
+            sys.stderr.flush()
+            said_before.append(sys.stderr.buffer.getvalue().decode())
+        return real_step(self)
 
-    monkeypatch.setattr(train_module, "train", spy)
+    monkeypatch.setattr(train_module.Run, "optimizer_step", spy)
     out = tmp_path / "run"
     result = runner.invoke(app, ["run", "task=toy", "averager=lawa,ema", "lawa.k=10", "lawa.nu=4", "steps=16",
                                  f"out={out}"])
@@ -66,10 +67,12 @@ def test_an_averager_never_ready_is_warned_of_before_training_and_given_a_row_sa
 def test_every_averager_ready_in_time_draws_no_warning(tmp_path, monkeypatch):
     import lawa_suite.train as train_module
 
-    monkeypatch.setattr(train_module, "train", lambda cfg: (_ for _ in ()).throw(SystemExit(0)))
+    reached = []  # the run was built (the warnings are said there), and stops before its first step
+    monkeypatch.setattr(train_module.Run, "optimizer_step",
+                        lambda self: (reached.append(1), (_ for _ in ()).throw(SystemExit(0)))[1])
     result = runner.invoke(app, ["run", "task=toy", "averager=lawa,ema,swa", "lawa.k=2", "lawa.nu=4", "steps=16",
                                  f"out={tmp_path / 'run'}"])
-    assert "warning: averager" not in result.stderr, result.stderr
+    assert reached and "warning: averager" not in result.stderr, result.stderr
 
 
 def test_an_averager_without_evaluations_for_another_reason_still_has_its_row(tmp_path):

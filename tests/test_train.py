@@ -198,8 +198,10 @@ def test_a_run_that_failed_before_its_first_step_can_be_started_again(tmp_path, 
     monkeypatch.setattr(ToyTask, "setup", lambda self: (_ for _ in ()).throw(FileNotFoundError("no data")))
     with pytest.raises(FileNotFoundError):
         run_toy(out, "steps=4", "lr=0.5")
-    assert [p.name for p in out.iterdir()] == ["config.yaml"]
-    monkeypatch.undo()
+    assert not out.exists(), "a run refused before it could start creates nothing (was: config.yaml)"
+    out.mkdir()
+    (out / "config.yaml").write_text(resolve(["task=toy", f"out={out}", "steps=4", "lr=0.5"]).to_yaml())
+    monkeypatch.undo()  # a folder an older version left with only its config.yaml may be reused
     assert run_toy(out, "steps=4", "eval.every=2").step == 4      # another config: nothing was lost by replacing it
     assert "lr: 0.05" in (out / "config.yaml").read_text()
 

@@ -268,6 +268,8 @@ class DiskSnapshots(ReadBackWindow):
         if not self._made:
             if self._folder:
                 os.makedirs(self._folder, exist_ok=True)
+                self._lock = _hold_folder(self._folder)
+                weakref.finalize(self, os.close, self._lock)
             else:
                 self._folder = tempfile.mkdtemp(prefix="lawa-snapshots-")
                 weakref.finalize(self, shutil.rmtree, self._folder, True)
@@ -289,6 +291,27 @@ class DiskSnapshots(ReadBackWindow):
     def _read(self, step: int) -> list[Tensor]:
         by_index = load_file(self.path(step), device="cpu")
         return [by_index[str(i)] for i in range(len(by_index))]
+
+
+def _hold_folder(folder: str) -> int:
+    """An exclusive ``flock`` on ``.<folder name>.lock`` beside ``folder``, held while the store lives (the kernel
+    drops it when the process dies): two windows in one folder, of two runs or two averagers of one run, would
+    delete each other's snapshots. Returns the open descriptor."""
+    import fcntl
+
+    path = os.path.join(os.path.dirname(os.path.abspath(folder)), f".{os.path.basename(os.path.abspath(folder))}.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        from lawa_suite.errors import ConfigError
+        raise ConfigError(f"dir: {folder} holds the snapshots of another window in use (another run, or another "
+                          f"averager of this run); give each its own folder, or leave dir empty for a temporary "
+                          f"one") from None
+    except OSError:  # a file system without flock: nothing to hold
+        pass
+    return fd
 
 
 class RereadSnapshots(ReadBackWindow):

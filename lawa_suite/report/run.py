@@ -248,7 +248,7 @@ def write_report(run_dir: Path) -> Path:
 def _unscored(config: dict[str, Any], curves: Curves) -> dict[str, str]:
     """The run's averagers that no evaluation scored, each with why: its settings leave it without an average by
     the end (``readiness.py``), else simply not ready at any evaluation (a run cut short, a plugin's own rule)."""
-    from lawa_suite.report.readiness import never_ready_in_saved
+    from lawa_suite.averagers._readiness import never_ready_in_saved
 
     listed = config["averager"]
     listed = [listed] if isinstance(listed, str) else listed  # a hand-written config.yaml may name just one

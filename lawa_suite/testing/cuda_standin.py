@@ -593,6 +593,10 @@ def cuda_standin() -> Iterator[StandInDevice]:
         for name in _COLLECTIVES:
             patch(torch.distributed, name, _guard_collective(getattr(torch.distributed, name)))
     _forget_accelerate_state()  # accelerate keeps the device it found in a process-wide singleton
+    # module.to("cuda") swaps each parameter in place, as it does for real CUDA tensors (it can not set .data of a
+    # host parameter to a stand-in tensor, so it would make new parameters and untie tied weights)
+    swapped = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
     _active = device
     try:
         with _Functions(device), _Factories(device):
@@ -601,6 +605,7 @@ def cuda_standin() -> Iterator[StandInDevice]:
         _active = None
         for owner, name, value in reversed(patched):
             setattr(owner, name, value)
+        torch.__future__.set_swap_module_params_on_conversion(swapped)
         _forget_accelerate_state()
 
 
