@@ -216,7 +216,7 @@ def ours_eval_swap(model: nn.Module, dtype: torch.dtype) -> Built:
     """What the loop's Scorer does per averager at an evaluation (its WeightSwap): save raw, load the average,
     restore."""
     from lawa_suite import registry
-    from lawa_suite.train import WeightSwap
+    from lawa_suite.scoring import WeightSwap
     avg = registry.averagers.create("ema", decay=DECAY)
     avg.observe(1, model)
     swap = WeightSwap(model)
@@ -408,6 +408,11 @@ def device_peak(candidate: Candidate, dtype: torch.dtype, args: argparse.Namespa
 
 
 # -- LAWA on the training stream (CUDA) ---------------------------------------------------------------------------
+def standin_device() -> Any:
+    """The CUDA stand-in's counters when benchmarks/gpu/standin_run.py runs this script, else None."""
+    return getattr(sys.modules.get("standin_run"), "DEVICE", None)
+
+
 def lawa_stream_cost(model: nn.Module, args: argparse.Namespace) -> dict[str, Any]:
     """What a LAWA snapshot step adds to the training (current) CUDA stream, and whether it makes the host wait.
 
@@ -454,6 +459,21 @@ def lawa_stream_cost(model: nn.Module, args: argparse.Namespace) -> dict[str, An
 
     for _ in range(2 * (args.lawa_k + 1)):
         snapshot()
+    standin = standin_device()
+    if standin is not None:
+        # No device timing through the stand-in, but it counts what blocks the host: reads and blocking copies.
+        # Event waits are counted apart: LAWA waits on the previous snapshot's event, which a GPU has usually
+        # passed a step later, while the stand-in counts it as a wait unless a sync came in between.
+        n, waited, events = max(args.rounds, args.lawa_k + 1), 0, 0
+        for _ in range(n):
+            transfers, waits = standin.reads + standin.uploads, standin.waits
+            snapshot()
+            waited += standin.reads + standin.uploads > transfers
+            events += standin.waits > waits
+        avg.wait()
+        return {"standin": True, "host_waited": waited, "event_waits": events, "n": n, "snapshot_stream_ms": None,
+                "snapshot_stream_max_ms": None, "snapshot_host_ms": None, "sleep_ms": None,
+                "floor_d2h_stream_ms": None, "ratio_to_floor": None}
     floor()
     cycles = sleep_cycles(200.0)
     stream, host, slept, floor_stream = [], [], [], []
@@ -585,7 +605,9 @@ def bench_dtype(dtype_name: str, args: argparse.Namespace) -> dict[str, Any]:
         tied = {"lm_head_and_wte_both_averaged": "lm_head.weight" in floats and "transformer.wte.weight" in floats,
                 "values_averaged": averaged, "unique_parameters": unique}
     result = {"dtype": dtype_name, "parameters": unique, "state_dict_values": listed, "rows": rows,
-              "skipped": skipped, "tied": tied, "model_check": check_against_transformers(model)}
+              "skipped": skipped, "tied": tied, "model_check": check_against_transformers(model),
+              "device": str(next(model.parameters()).device), "standin": standin_device() is not None,
+              "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}
     if dtype_name == "fp32" and not args.only:
         result["breakdown"] = breakdown(model, max(3, args.rounds))
     del built
@@ -639,7 +661,12 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             lines += ["", f"Tied weights: the suite's averagers keep `lm_head.weight` and `transformer.wte.weight` "
                       f"as {how}: {t['values_averaged']:,} values per update for {t['unique_parameters']:,} "
                       f"parameters."]
-        if res.get("lawa_stream"):
+        if (res.get("lawa_stream") or {}).get("standin"):
+            s = res["lawa_stream"]
+            lines += ["", f"LAWA snapshot calls with a blocking read or copy (the CUDA stand-in's count; no device "
+                      f"timing through it): {s['host_waited']} of {s['n']}; calls that waited on an event: "
+                      f"{s['event_waits']}."]
+        elif res.get("lawa_stream"):
             s = res["lawa_stream"]
             lines += ["", "LAWA on the training stream (CUDA; a snapshot every step, as the loop calls it):",
                       "", "| figure | value |", "|---|---:|",
