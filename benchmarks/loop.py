@@ -114,6 +114,7 @@ class Record:
     #                                        syncs; the run stops at the second (WindowDone): its end is not timed
     peak_bytes: int | None = None          # --throughput on CUDA: peak memory allocated between those two steps
     parameters: int | None = None          # the run's model: unique parameters
+    param_device: str | None = None        # where the run's parameters are (cuda:0 through the CUDA stand-in too)
     holding: bool = False
     ready: threading.Event = field(default_factory=threading.Event)  # set-up done: the first step is next
 
@@ -165,6 +166,7 @@ def instrument() -> None:
         if CURRENT.record.parameters is None:
             from lawa_suite.tasks.base import parameter_count
             CURRENT.record.parameters = parameter_count(self.unwrapped)
+            CURRENT.record.param_device = str(next(self.unwrapped.parameters()).device)
         CURRENT.record.tick()
         return step_fn(self)
 
@@ -186,6 +188,11 @@ def overrides(task: str, steps: int, averagers: str, out: Path, preset: str = "c
     return [f"task={task}", f"preset={preset}", f"steps={steps}", f"averager={averagers}", f"eval.every={10 * steps}",
             "checkpoint.every=0", "trajectory.every=0", "progress=false", f"out={out}"] + \
         (["swa.start=1"] if "swa" in averagers.split(",") else []) + list(extra)
+
+
+def on_standin() -> bool:
+    """Whether benchmarks/gpu/standin_run.py runs this script inside the CUDA stand-in (its times are host times)."""
+    return getattr(sys.modules.get("standin_run"), "DEVICE", None) is not None
 
 
 def run_suite(task: str, steps: int, averagers: str, work: Path, preset: str = "cpu",
@@ -370,7 +377,8 @@ def throughput(task: str, args: argparse.Namespace, work: Path) -> dict[str, Any
             "ms_per_step": 1e3 * seconds / n, "batch_size": cfg.run.batch_size, "examples_per_s": per_second,
             "tokens_per_s": per_second * task_config["seq_len"] if "seq_len" in task_config else None,
             "mixed_precision": cfg.run.mixed_precision, "compile": getattr(cfg.run, "compile", None),
-            "parameters": record.parameters, "peak_bytes": record.peak_bytes, "task_config": task_config,
+            "parameters": record.parameters, "task_config": task_config, "param_device": record.param_device,
+            "peak_bytes": None if on_standin() else record.peak_bytes, "standin": on_standin(),
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "overrides": list(extra)}
 
 

@@ -1,5 +1,6 @@
 """The GPU check's CPU-side parts (benchmarks/gpu): arguments, MFU arithmetic against nanoGPT's formula, the table
-from canned part results, the rows of parts that fail or run out of time, and a dry run through check.sh."""
+from canned part results, the rows of parts that fail or run out of time, and a dry run through check.sh, whose
+parts run on the CUDA stand-in's "cuda" (benchmarks/gpu/standin_run.py)."""
 
 from __future__ import annotations
 
@@ -35,9 +36,34 @@ figures = check.figures
 def test_defaults_run_every_part_on_cuda_and_write_to_out(monkeypatch, tmp_path):
     monkeypatch.setenv("OUT", str(tmp_path))
     args = check.parse_args([])
-    assert (args.device, args.quick, args.budget, args.out) == ("cuda", False, 450.0, tmp_path)
-    assert args.parts == list(check.PARTS)
+    assert (args.device, args.quick, args.dry_run, args.budget, args.out) == ("cuda", False, False, 390.0, tmp_path)
+    assert args.parts == list(check.PARTS) and args.parts[0] == "smoke"  # the smoke first: a crash shows at once
     assert sum(check.CAPS[p] for p in check.PARTS) + check.RESERVE <= args.budget  # the caps fit the budget
+
+
+def test_the_default_budget_keeps_the_whole_check_under_seven_minutes():
+    text = (GPU / "check.sh").read_text()
+    budget = int(text.split("BUDGET=${GPU_CHECK_BUDGET:-")[1].split("}")[0])
+    assert budget + 10 <= 7 * 60  # timeout's --kill-after=10 on top
+    assert "--kill-after=10" in text and check.BUDGET == budget - 20  # check.sh keeps 20 s back from the driver
+    dry = int(text.split("BUDGET=${GPU_CHECK_BUDGET:-")[2].split("}")[0])  # a dry run's: the quick caps fit it
+    assert check.QUICK_BUDGET == dry - 20 == check.parse_args(["--dry-run", "--out", "/tmp/unused"]).budget
+    assert sum(check.QUICK_CAPS.get(p, check.QUICK_CAP) for p in check.PARTS) + check.RESERVE <= check.QUICK_BUDGET
+
+
+def test_a_dry_run_is_quick_on_the_stand_ins_cuda(tmp_path):
+    args = check.parse_args(["--dry-run", "--out", str(tmp_path)])
+    assert (args.device, args.quick, args.dry_run) == ("cuda", True, True)
+    parts = check.build_parts(args, tmp_path)
+    wrapper = str(GPU / "standin_run.py")
+    for name in ("smoke", "averagers-124M", "ddpm-cifar32", "loop-gpt2", "averagers-774M"):
+        assert parts[name].command[1] == wrapper, name  # the script runs inside the stand-in
+    assert wrapper not in parts["cuda-tests"].command  # its tests enter the stand-in themselves
+    assert parts["averagers-124M"].command[parts["averagers-124M"].command.index("--device") + 1] == "cuda"
+    assert "--quick" in parts["smoke"].command
+    real = check.build_parts(check.parse_args(["--out", str(tmp_path)]), tmp_path)
+    assert all(wrapper not in p.command for p in real.values())  # on a GPU: the scripts as they are
+    assert "--quick" not in real["smoke"].command
 
 
 def test_without_out_a_real_run_writes_under_benchmarks_and_a_quick_one_to_a_temporary_folder(monkeypatch):
@@ -49,7 +75,8 @@ def test_without_out_a_real_run_writes_under_benchmarks_and_a_quick_one_to_a_tem
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["--parts", "cuda-tests,nope"], "--parts: unknown part nope; expected a comma list of cuda-tests, "),
+    (["--parts", "cuda-tests,nope"], "--parts: unknown part nope; expected a comma list of smoke, cuda-tests, "),
+    (["--dry-run", "--device", "cpu"], "--dry-run: runs the parts on the stand-in's cuda; leave out --device"),
     (["--parts", ","], "--parts: unknown part (none given)"),
     (["--budget", "3"], "--budget: expected seconds > 5, got 3"),
     (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
@@ -172,6 +199,60 @@ def test_the_table_from_canned_results_says_which_goals_are_met():
     assert table["loop-gpt2 :: (whole part)"] == ["timed out after its cap of 180 s", "-", "-"]
 
 
+def smoke_json(**changes) -> dict:
+    ok = {"task": "gpt2", "precision": "bf16", "ok": True, "problems": [], "device": "cuda:0", "standin": False,
+          "syncs_median": 1, "syncs_max": 312, "syncs_counted_by": 'set_sync_debug_mode("warn") warnings',
+          "resumed": True, "resumed_at": 12, "last_evaluation": 16, "checkpoints": ["step-00000012", "step-00000016"]}
+    bad = {**ok, "task": "ddpm", "precision": "no", "ok": False, "syncs_median": 3, "resumed": False,
+           "resumed_at": None, "last_evaluation": 8, "checkpoints": ["step-00000008"],
+           "problems": ["first run: RuntimeError: Expected all tensors to be on the same device"], **changes}
+    return {"device_name": "NVIDIA H100 80GB HBM3", "results": [ok, bad]}
+
+
+def test_the_smoke_rows_say_per_task_what_ran_its_syncs_and_its_resume():
+    table = table_rows(figures.markdown(figures.smoke_rows("smoke", smoke_json()), ["h"]))
+    assert table["smoke :: gpt2 bf16: suite run, tiny, 6 averagers, stopped at 12, resume=auto to 16"] == [
+        "ok on cuda:0 (NVIDIA H100 80GB HBM3)", "ok", "yes"]
+    assert table["smoke :: gpt2 bf16: host syncs a step, median (max, a step with an evaluation or checkpoint)"] == [
+        '1 (312; set_sync_debug_mode("warn") warnings)', "<= 1", "yes"]
+    assert table["smoke :: gpt2 bf16: resume=auto"] == ["yes: from the step-12 checkpoint to step 16", "yes", "yes"]
+    assert table["smoke :: ddpm fp32: suite run, tiny, 6 averagers, stopped at 12, resume=auto to 16"] == [
+        "failed on cuda:0 (NVIDIA H100 80GB HBM3): first run: RuntimeError: Expected all tensors to be on the same "
+        "device", "ok", "**no**"]
+    assert table["smoke :: ddpm fp32: resume=auto"] == [
+        "no (checkpoints: step-00000008; last evaluation: 8)", "yes", "**no**"]
+    crashed = table_rows(figures.markdown(figures.smoke_rows("smoke", smoke_json(device=None, syncs_median=None)),
+                                          ["h"]))
+    assert crashed["smoke :: ddpm fp32: host syncs a step"] == ["not measured: no two steps ran", "1",
+                                                               "not measured"]
+
+
+def test_the_smokes_settings_resolve_for_every_task_and_precision(tmp_path):
+    """What smoke.py passes to `suite run` resolves here, and every averager has weights by the end."""
+    from lawa_suite.config import resolve
+    from lawa_suite.averagers._readiness import never_ready
+    smoke = _load("gpu_check_smoke", GPU / "smoke.py")
+    for task in smoke.TASKS:
+        for precision, quick in zip(smoke.PRECISIONS, (False, True)):
+            cfg = resolve([f"task={task}", *smoke.settings(quick), f"mixed_precision={precision}", f"out={tmp_path}"])
+            assert (cfg.run.steps, cfg.run.data.source, sorted(cfg.averagers)) == (
+                smoke.STEPS, "embedded", sorted(smoke.AVERAGERS))
+            assert never_ready(cfg.averagers, cfg.averager_of, cfg.run.steps) == {}, task
+            # an evaluation before the stop at 12 and one after the resume, a checkpoint at the stop
+            assert 0 < cfg.run.eval.every < smoke.STOP_AT and smoke.STOP_AT % cfg.run.checkpoint.every == 0
+
+
+def test_a_part_over_its_cap_keeps_the_results_it_wrote(tmp_path):
+    code = ("import json, time; json.dump(" + repr(smoke_json()) + ", open('OUTFILE', 'w')); time.sleep(60)")
+    out = tmp_path / "smoke.json"
+    slow = check.Part("smoke", [sys.executable, "-c", code.replace("OUTFILE", str(out))], out,
+                      lambda p: figures.smoke_rows("smoke", json.loads(p.read_text())))
+    with open(tmp_path / "log", "w") as log:
+        rows, _ = check.run_part(slow, 4, log)
+    assert rows[0].value == "ok on cuda:0 (NVIDIA H100 80GB HBM3)"
+    assert (rows[-1].figure, rows[-1].value) == ("(whole part)", "timed out after its cap of 4 s")
+
+
 def test_a_dry_run_leaves_goals_unjudged_and_cells_cannot_break_the_table():
     rows = [figures.Row("p", "a | b", "x\ny", "goal", True)]
     last = figures.markdown(rows, ["h"], judged=False).splitlines()[-1]
@@ -216,8 +297,8 @@ def test_the_check_prints_one_table_whatever_its_parts_do(tmp_path, monkeypatch,
                 "loop-gpt2": part(tmp_path, "import time; time.sleep(60)", "loop-gpt2"),
                 "ddpm-cifar32": part(tmp_path, "pass", "ddpm-cifar32")}
     monkeypatch.setattr(check, "build_parts", fake_parts)
-    monkeypatch.setattr(check, "environment", lambda device: {"torch": "x", "cuda": "13.0", "available": True,
-                                                              "gpu": "NVIDIA H200", "device": device})
+    monkeypatch.setattr(check, "environment", lambda device, standin=False: {
+        "torch": "x", "cuda": "13.0", "available": True, "gpu": "NVIDIA H200", "device": device})
     monkeypatch.setitem(check.CAPS, "loop-gpt2", 2)
     code = check.main(["--parts", "cuda-tests,averagers-124M,loop-gpt2,ddpm-cifar32", "--budget", "15",
                        "--out", str(tmp_path / "out")])
@@ -235,8 +316,8 @@ def test_the_check_prints_one_table_whatever_its_parts_do(tmp_path, monkeypatch,
 
 def test_no_cuda_device_and_a_spent_budget_become_rows(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(check, "build_parts", lambda args, work: {})
-    monkeypatch.setattr(check, "environment", lambda device: {"torch": "2.11", "cuda": None, "available": False,
-                                                              "gpu": None, "device": device})
+    monkeypatch.setattr(check, "environment", lambda device, standin=False: {
+        "torch": "2.11", "cuda": None, "available": False, "gpu": None, "device": device})
     check.main(["--parts", "loop-gpt2", "--out", str(tmp_path)])
     assert table_rows(capsys.readouterr().out)["loop-gpt2 :: (whole part)"][0] == \
         "not run: torch sees no CUDA device (torch 2.11)"
@@ -252,8 +333,8 @@ def test_no_cuda_device_and_a_spent_budget_become_rows(tmp_path, monkeypatch, ca
 def test_sigterm_stops_the_running_part_and_still_prints_the_table(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(check, "build_parts", lambda args, work: {
         "cuda-tests": part(tmp_path, "import time; time.sleep(60)", "cuda-tests")})
-    monkeypatch.setattr(check, "environment", lambda device: {"torch": "x", "cuda": None, "available": False,
-                                                              "gpu": None, "device": device})
+    monkeypatch.setattr(check, "environment", lambda device, standin=False: {
+        "torch": "x", "cuda": None, "available": False, "gpu": None, "device": device})
     previous = signal.getsignal(signal.SIGTERM)
     timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM))
     timer.start()
@@ -268,20 +349,46 @@ def test_sigterm_stops_the_running_part_and_still_prints_the_table(tmp_path, mon
 
 
 # -- end to end on the CPU --------------------------------------------------------------------------------------
+def test_averagers_py_help_runs():
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "averagers.py"), "--help"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "--device" in done.stdout
+
+
 @pytest.mark.slow
-def test_check_sh_dry_run_prints_the_table_on_the_cpu(tmp_path):
-    """One real part, tiny (the whole dry run takes minutes on a busy 2-core machine: five fresh interpreters)."""
+def test_check_sh_dry_run_runs_its_parts_on_the_stand_ins_cuda(tmp_path):
+    """Three parts through check.sh --dry-run, each script inside the CUDA stand-in: the smoke of one task (a run
+    stopped at step 12 and resumed), averagers.py --device cuda and loop.py. About a minute on a busy 2-core
+    machine; the whole dry run (every task, both precisions, the CUDA tests) takes several."""
     env = {**os.environ, "OUT": str(tmp_path)}
-    done = subprocess.run(["bash", str(GPU / "check.sh"), "--dry-run", "--parts", "averagers-124M"], cwd=ROOT, env=env,
+    done = subprocess.run(["bash", str(GPU / "check.sh"), "--dry-run", "--parts", "smoke,averagers-124M,loop-gpt2",
+                           "--smoke-tasks", "gpt2", "--smoke-precisions", "no"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     table = table_rows(done.stdout)
-    assert "--quick, device cpu" in done.stdout
-    fp32 = {k: v for k, v in table.items() if k.startswith("averagers-124M :: ") and " fp32: " in k}
-    assert any(k.endswith("suite ema, in the loop / lerp floor") for k in fp32), done.stdout
-    assert all(v[2] in ("-", "not judged (dry run)") for v in fp32.values())
+    assert done.stdout.startswith("GPU check: CUDA stand-in;") and "device cuda (stand-in)" in done.stdout
+    # the smoke: a suite run on the stand-in's cuda, its checkpoint, resume=auto; host syncs counted by the stand-in
+    assert table["smoke :: gpt2 fp32: suite run, tiny, 6 averagers, stopped at 12, resume=auto to 16"][0] == \
+        "ok on cuda:0 (CUDA stand-in (host CPU))", done.stdout
+    assert table["smoke :: gpt2 fp32: resume=auto"][0] == "yes: from the step-12 checkpoint to step 16"
+    syncs = table["smoke :: gpt2 fp32: host syncs a step, median (max, a step with an evaluation or checkpoint)"]
+    assert syncs[0].endswith("; CUDA stand-in's count)")
+    assert table["averagers-124M :: 2M fp32: ran on"][0].startswith("cuda:0 (CUDA stand-in)")
+    assert any(k.endswith("suite ema, in the loop / lerp floor") for k in table), done.stdout
+    assert table["loop-gpt2 :: ran on"][0] == "cuda:0 (CUDA stand-in)"
+    assert table["loop-gpt2 :: MFU"][0].startswith("not measured through the CUDA stand-in")
+    assert all(v[2] in ("-", "not judged (dry run)") for v in table.values())
+    saved = json.loads((tmp_path / "check.json").read_text())
+    assert saved["environment"]["device"] == "cuda (stand-in)"
+    (smoke,) = saved["details"]["smoke"]["results"]
+    assert (smoke["ok"], smoke["device"], smoke["standin"], smoke["last_evaluation"]) == (True, "cuda:0", True, 16)
+    assert len(set(smoke["raw_scores"])) > 1  # it trained: raw's loss moved
+    assert saved["details"]["loop-gpt2"]["results"][0]["param_device"] == "cuda:0"
+    assert saved["details"]["averagers-124M"]["results"][0]["device"] == "cuda:0"
     assert (tmp_path / "check.md").read_text() == done.stdout
-    assert "===== averagers-124M" in (tmp_path / "check.log").read_text()
+    log = (tmp_path / "check.log").read_text()
+    assert "===== smoke" in log and "standin_run.py" in log
 
 
 def test_the_full_runs_settings_resolve_to_valid_configs(tmp_path):

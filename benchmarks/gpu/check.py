@@ -4,19 +4,28 @@ one Markdown table. ``check.sh`` sets up the Python and calls this; see benchmar
 Parts, in order, each a subprocess with its own time cap inside the whole budget (a part that fails, times out or
 is left without time becomes a row saying so; the table is always printed):
 
+- ``smoke``: ``smoke.py``, a CUDA smoke run of each task end to end through ``suite run`` (tiny presets, every
+  averager, fp32 and bf16, a checkpoint then ``resume=auto``), host syncs a step counted: first, so a suite that
+  crashes on a GPU says so before the timings spend the budget;
 - ``cuda-tests``: pytest on the tests named for CUDA (``-k cuda`` over the test files that mention it);
 - ``averagers-124M``: ``averagers.py --device cuda`` at GPT-2 small (fp32 and bf16): each suite averager's update
   against the foreach floor, and LAWA's snapshot cost on the training stream;
 - ``ddpm-cifar32``: ``loop.py --throughput`` on ddpm's ``cifar32`` preset, a short run: images/s, peak memory;
-- ``loop-gpt2``: ``loop.py --throughput`` on gpt2's ``small`` preset, 200 steps, bf16, compiled where the suite has
+- ``loop-gpt2``: ``loop.py --throughput`` on gpt2's ``small`` preset, 120 steps, bf16, compiled where the suite has
   ``compile=``: tokens/s and MFU beside nanoGPT's published figure;
 - ``averagers-774M``: as 124M at GPT-2 large's shape (fp32).
 
 Data never downloads: gpt2 reads the embedded corpus (tokenised with GPT-2's BPE where tiktoken's files are there,
 else bytes, and the row says so), ddpm the embedded CIFAR-10 subset with the offline FID stand-in.
 
-    python benchmarks/gpu/check.py                        # on a GPU: under 8 minutes
-    python benchmarks/gpu/check.py --device cpu --quick   # the same parts with tiny settings, on the CPU
+    python benchmarks/gpu/check.py                        # on a GPU: under 7 minutes
+    python benchmarks/gpu/check.py --dry-run              # the same parts, tiny, through the CUDA stand-in (CPU)
+    python benchmarks/gpu/check.py --device cpu --quick   # tiny, on the plain CPU (no CUDA path: smoke fails)
+
+The dry run runs each part's script inside ``lawa_suite.testing.cuda_standin`` (``standin_run.py``), with the
+device ``cuda``: the CUDA code paths run, on host data. What the stand-in cannot do says so in its row: GPU
+timings, memory and MFU (host time is no GPU figure), ``torch.compile`` (refused there). ``cuda-tests`` runs pytest
+as it is: those tests enter the stand-in themselves (it is not re-entrant), and the ones that need a real GPU skip.
 """
 
 from __future__ import annotations
@@ -44,9 +53,16 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 import figures  # noqa: E402 - benchmarks/gpu is on sys.path above
 from figures import Row, failed_row  # noqa: E402
 
-PARTS = ("cuda-tests", "averagers-124M", "ddpm-cifar32", "loop-gpt2", "averagers-774M")
-CAPS = {"cuda-tests": 50, "averagers-124M": 60, "ddpm-cifar32": 55, "loop-gpt2": 180, "averagers-774M": 90}
-QUICK_CAP = 120       # each part's cap in a --quick run
+PARTS = ("smoke", "cuda-tests", "averagers-124M", "ddpm-cifar32", "loop-gpt2", "averagers-774M")
+# Seconds each part may take on the GPU; with RESERVE they fit the default budget (check.sh: 7 minutes in all).
+# Estimates until a first GPU run: the smoke is 12 short runs; loop-gpt2 includes compiling GPT-2 small.
+CAPS = {"smoke": 75, "cuda-tests": 60, "averagers-124M": 40, "ddpm-cifar32": 35, "loop-gpt2": 125,
+        "averagers-774M": 50}
+BUDGET = 390.0        # check.sh's GPU_CHECK_BUDGET (410) less the 20 s it keeps back
+# A --quick run's caps, on a busy 2-core CPU: through the stand-in the smoke's 12 runs and the CUDA tests take minutes
+QUICK_CAPS = {"smoke": 900, "cuda-tests": 300}
+QUICK_CAP = 120       # every other part's
+QUICK_BUDGET = 1780.0  # check.sh's for --dry-run (1800) less 20
 RESERVE = 5           # seconds kept back from the budget for the table
 MIN_CAP = 1           # a part that would get less is not started
 
@@ -96,13 +112,17 @@ def gpt2_vocab_available() -> bool:
 
 
 def build_parts(args: argparse.Namespace, work: Path) -> dict[str, Part]:
-    py, quick, device = sys.executable, args.quick, args.device
-    averagers = [py, str(ROOT / "benchmarks" / "averagers.py"), "--device", device, "--no-peak"]
-    loop = [py, str(ROOT / "benchmarks" / "loop.py"), "--throughput"]
+    quick, device = args.quick, args.device
+    # a dry run: every script as __main__ inside the CUDA stand-in, with the device "cuda"
+    py = [sys.executable, str(HERE / "standin_run.py")] if args.dry_run else [sys.executable]
+    averagers = [*py, str(ROOT / "benchmarks" / "averagers.py"), "--device", device, "--no-peak"]
+    loop = [*py, str(ROOT / "benchmarks" / "loop.py"), "--throughput"]
     compiled = compile_available() and not quick
-    compile_note = ("compiled" if compiled else "not compiled (--quick)" if quick and compile_available()
-                    else "compile: not available in this version")
-    gpt2 = ["--preset", "small", "--steps", "200", "--skip", "20", "--mixed-precision", "bf16",
+    compile_note = ("compiled" if compiled else
+                    "not compiled: torch.compile does not run through the CUDA stand-in" if args.dry_run else
+                    "not compiled (--quick)" if quick and compile_available() else
+                    "compile: not available in this version")
+    gpt2 = ["--preset", "small", "--steps", "120", "--skip", "20", "--mixed-precision", "bf16",
             "--override", "warmup=10", "--override", "eval.batches=2"] + (["--override", "compile=true"] if compiled
                                                                             else [])
     if not quick and not gpt2_vocab_available():
@@ -127,10 +147,17 @@ def build_parts(args: argparse.Namespace, work: Path) -> dict[str, Part]:
         return Part(name, loop + ["--tasks", task, *settings, *extra, "--json", str(out)], out,
                     lambda p: figures.loop_rows(name, json.loads(p.read_text())["results"][0], note))
 
+    smoke_out = work / "smoke.json"
     parts = {
-        "cuda-tests": Part("cuda-tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cuda",
+        "smoke": Part("smoke", [*py, str(HERE / "smoke.py"), "--tasks", args.smoke_tasks, "--precisions",
+                                args.smoke_precisions, "--json", str(smoke_out), *(["--quick"] if quick else [])],
+                      smoke_out,
+                      lambda p: figures.smoke_rows("smoke", json.loads(p.read_text()))),
+        # never inside the stand-in: these tests enter it themselves
+        "cuda-tests": Part("cuda-tests", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cuda",
                                           "--junitxml", str(work / "cuda-tests.xml"), *cuda_test_files()],
-                           work / "cuda-tests.xml", lambda p: figures.cuda_test_rows("cuda-tests", junit_counts(p))),
+                           work / "cuda-tests.xml",
+                           lambda p: figures.cuda_test_rows("cuda-tests", junit_counts(p), args.dry_run)),
         "ddpm-cifar32": loop_part("ddpm-cifar32", "ddpm", ddpm, ""),
         "loop-gpt2": loop_part("loop-gpt2", "gpt2", gpt2, compile_note),
     }
@@ -155,7 +182,12 @@ def run_part(part: Part, cap: float, log: Any) -> tuple[list[Row], float]:
         code = proc.wait(timeout=cap)
     except subprocess.TimeoutExpired:
         kill(proc)
-        return [failed_row(part.name, f"timed out after its cap of {cap:.0f} s")], time.monotonic() - started
+        timed_out = failed_row(part.name, f"timed out after its cap of {cap:.0f} s")
+        try:  # a part that writes as it goes (smoke) still shows what it finished
+            finished = part.read(part.result) if part.result.is_file() else []
+        except Exception:  # noqa: BLE001 - half-written: the timeout row says enough
+            finished = []
+        return [*finished, timed_out], time.monotonic() - started
     except BaseException:
         kill(proc)
         raise
@@ -186,39 +218,54 @@ def last_line(log: Any, since: int) -> str:
     return lines[-1][:200] if lines else "no output"
 
 
-def environment(device: str) -> dict[str, Any]:
-    """torch's version and the GPU, from a child (the driver itself never initialises CUDA)."""
+def environment(device: str, standin: bool = False) -> dict[str, Any]:
+    """torch's version and the GPU, from a child (the driver itself never initialises CUDA); in a dry run, as the
+    stand-in shows them to the parts."""
     code = ("import json, torch; ok = torch.cuda.is_available(); print(json.dumps({'torch': torch.__version__, "
             "'cuda': torch.version.cuda, 'available': ok, 'gpu': torch.cuda.get_device_name() if ok else None}))")
+    py = [sys.executable, str(HERE / "standin_run.py")] if standin else [sys.executable]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     try:
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        done = subprocess.run([*py, "-c", code], capture_output=True, text=True, timeout=120, env=env)
         info = json.loads(done.stdout.strip().splitlines()[-1])
     except Exception as exc:  # noqa: BLE001 - no torch, or a broken one: every part will say so
         info = {"torch": None, "cuda": None, "available": False, "gpu": None, "error": f"{type(exc).__name__}"}
-    info["device"] = device
+    info["device"] = f"{device} (stand-in)" if standin else device
     return info
 
 
 def part_cap(args: argparse.Namespace, i: int, left: float) -> float:
     """Part ``i``'s cap: its own, or more when earlier parts finished early; never the time kept for the parts
     after it (so a part that hangs cannot starve them), never past the budget."""
-    caps = [QUICK_CAP if args.quick else CAPS[name] for name in args.parts]
+    caps = [QUICK_CAPS.get(name, QUICK_CAP) if args.quick else CAPS[name] for name in args.parts]
     return min(left, max(caps[i], left - sum(caps[i + 1:])))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="where the parts run")
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny settings, goals not judged: a dry run (a few minutes on a busy 2-core CPU)")
+    parser.add_argument("--quick", action="store_true", help="tiny settings, goals not judged")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="--quick with the device cuda through the CUDA stand-in, on the CPU: the parts' CUDA code "
+                             "paths without a GPU (a few minutes on a busy 2-core CPU)")
+    parser.add_argument("--smoke-tasks", default="gpt2,cifar,ddpm", help="the smoke part's tasks (comma list)")
+    parser.add_argument("--smoke-precisions", default="no,bf16",
+                        help="the smoke part's mixed_precision values (comma list)")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma list of parts, run in this order; of "
                                                                  f"{', '.join(PARTS)}")
-    parser.add_argument("--budget", type=float, default=450.0,
-                        help="seconds for the whole check (default 450; check.sh passes GPU_CHECK_BUDGET - 20)")
+    parser.add_argument("--budget", type=float,
+                        help=f"seconds for the whole check (default {BUDGET:g}, --quick {QUICK_BUDGET:g}; check.sh "
+                             f"passes what is left of GPU_CHECK_BUDGET less 20)")
     parser.add_argument("--out", type=Path, help="folder for check.md, check.json and check.log "
                                                  "(default: $OUT, else benchmarks/results/gpu; a --quick run: a "
                                                  "temporary folder)")
     args = parser.parse_args(argv)
+    if args.dry_run:
+        if args.device != "cuda":
+            parser.error("--dry-run: runs the parts on the stand-in's cuda; leave out --device")
+        args.quick = True
+    if args.budget is None:
+        args.budget = QUICK_BUDGET if args.quick else BUDGET
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = [p for p in parts if p not in PARTS]
     if unknown or not parts:
@@ -249,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_check(args: argparse.Namespace, started: float, deadline: float) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
-    env = environment(args.device)
+    env = environment(args.device, args.dry_run)
     rows: list[Row] = []
     seconds: dict[str, float] = {}
     details: dict[str, Any] = {}
@@ -271,11 +318,16 @@ def run_check(args: argparse.Namespace, started: float, deadline: float) -> int:
                 break
             rows += part_rows
             if parts[name].result.suffix == ".json" and parts[name].result.is_file():
-                details[name] = json.loads(parts[name].result.read_text())
+                try:
+                    details[name] = json.loads(parts[name].result.read_text())
+                except ValueError:  # its row says it could not be read; the table still comes
+                    pass
     total = time.monotonic() - started
     gpu = env["gpu"] or ("no GPU" if args.device == "cpu" else "no CUDA device")
+    mode = ("--dry-run (every part on the CUDA stand-in, on the CPU: no GPU figure here is real), device cuda "
+            "(stand-in)" if args.dry_run else f"{'--quick, ' if args.quick else ''}device {args.device}")
     header = [f"GPU check: {gpu}; torch {env['torch']} (CUDA {env['cuda']}), Python {platform.python_version()}; "
-              f"{'--quick, ' if args.quick else ''}device {args.device}; {total:.0f} s of a {args.budget:.0f} s "
+              f"{mode}; {total:.0f} s of a {args.budget:.0f} s "
               f"budget ({', '.join(f'{k} {v:.0f} s' for k, v in seconds.items())}); "
               f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}."]
     table = figures.markdown(rows, header, judged=args.device == "cuda" and not args.quick)

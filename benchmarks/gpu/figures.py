@@ -29,6 +29,8 @@ GOAL_MFU = 0.40           # issue 20: GPT-2 124M at 40% MFU or more in bf16
 GOAL_EMA = 1.10           # EMA update within 1.10x of the foreach lerp floor
 GOAL_SWA = 1.15           # issue 9's target for SWA, kept beside it
 GOAL_OFF_STREAM = 0.05    # a snapshot "off the training stream": under 5% of a device-to-host copy's stream time
+GOAL_SYNCS = 1            # host synchronisations in a plain training step (the loop's one read a step)
+STANDIN_TIME = "not measured through the CUDA stand-in (host time is no GPU figure)"
 
 
 def bf16_peak(device_name: str) -> float | None:
@@ -72,13 +74,38 @@ def failed_row(part: str, why: str) -> Row:
     return Row(part, "(whole part)", why, "", None)
 
 
-def cuda_test_rows(part: str, counts: dict[str, int]) -> list[Row]:
-    """From pytest's junit counts: every CUDA test ran (none skipped) and none failed."""
+def cuda_test_rows(part: str, counts: dict[str, int], dry_run: bool = False) -> list[Row]:
+    """From pytest's junit counts: every CUDA test ran (none skipped) and none failed. In a dry run the tests run
+    as they are (they enter the CUDA stand-in themselves) and those needing a real GPU skip: the row says so."""
     ran = counts["tests"] - counts["skipped"]
     bad = counts["failures"] + counts["errors"]
-    return [Row(part, "CUDA tests run", f"{ran} of {counts['tests']} ({counts['skipped']} skipped)",
-                "all run (none skipped)", counts["tests"] > 0 and counts["skipped"] == 0),
+    skipped = f"{counts['skipped']} skipped" + (": they need a real GPU" if dry_run and counts["skipped"] else "")
+    return [Row(part, "CUDA tests run" + (" (on the CPU: the stand-in tests enter it themselves)" if dry_run else ""),
+                f"{ran} of {counts['tests']} ({skipped})", "all run (none skipped)",
+                counts["tests"] > 0 and counts["skipped"] == 0),
             Row(part, "CUDA tests failed or errored", str(bad), "0", counts["tests"] > 0 and bad == 0)]
+
+
+def smoke_rows(part: str, data: dict[str, Any]) -> list[Row]:
+    """From ``smoke.py --json``: per task and precision, the run end to end, its host syncs a step, its resume."""
+    rows: list[Row] = []
+    for r in data["results"]:
+        tag = f"{r['task']} {'fp32' if r['precision'] == 'no' else r['precision']}"
+        where = f"{r['device'] or 'no step taken'} ({data['device_name']})"
+        rows.append(Row(part, f"{tag}: suite run, tiny, 6 averagers, stopped at 12, resume=auto to 16",
+                        f"ok on {where}" if r["ok"] else f"failed on {where}: {'; '.join(r['problems'])}",
+                        "ok", r["ok"]))
+        if r["syncs_median"] is None:
+            rows.append(Row(part, f"{tag}: host syncs a step", "not measured: no two steps ran", "1", None))
+        else:
+            rows.append(Row(part, f"{tag}: host syncs a step, median (max, a step with an evaluation or checkpoint)",
+                            f"{r['syncs_median']:g} ({r['syncs_max']}; {r['syncs_counted_by']})",
+                            f"<= {GOAL_SYNCS}", r["syncs_median"] <= GOAL_SYNCS))
+        resumed = (f"yes: from the step-{r['resumed_at']} checkpoint to step {r['last_evaluation']}" if r["resumed"]
+                   else f"no (checkpoints: {', '.join(r['checkpoints']) or 'none'}; last evaluation: "
+                        f"{r['last_evaluation']})")
+        rows.append(Row(part, f"{tag}: resume=auto", resumed, "yes", r["resumed"]))
+    return rows
 
 
 def _ms(x: float) -> str:
@@ -91,6 +118,10 @@ def averager_rows(part: str, data: dict[str, Any]) -> list[Row]:
     for res in data["results"]:
         dtype = res["dtype"]
         tag = f"{res['parameters'] / 1e6:,.0f}M {dtype}"
+        standin = res.get("standin", False)
+        if "device" in res:
+            rows.append(Row(part, f"{tag}: ran on", f"{res['device']} ({res.get('device_name', '?')})"
+                            + ("; its times are host times, no GPU figure" if standin else "")))
         by_name = {r["candidate"]: r for r in res["rows"]}
         for name, floor in (("floor: _foreach_lerp_", "lerp"), ("floor: _foreach_copy_", "copy")):
             if name in by_name:
@@ -106,7 +137,14 @@ def averager_rows(part: str, data: dict[str, Any]) -> list[Row]:
                 goal, met = f"<= {GOAL_SWA:.2f}x lerp", r["ratio"] <= GOAL_SWA
             rows.append(Row(part, f"{tag}: {name} / {r['floor']} floor", value, goal, met))
         stream = res.get("lawa_stream")
-        if stream:
+        if stream and stream.get("standin"):  # no device timing there; its sync count says whether a call waits
+            rows.append(Row(part, f"{tag}: LAWA snapshot, device time on the training stream", STANDIN_TIME,
+                            f"<= {GOAL_OFF_STREAM:.2f}x (off the stream)", None))
+            rows.append(Row(part, f"{tag}: LAWA snapshot calls that waited for the device",
+                            f"{stream['host_waited']} of {stream['n']} (the stand-in's count of blocking reads and "
+                            f"copies; {stream['event_waits']} waited on an event, which a GPU may have passed)", "0",
+                            stream["host_waited"] == 0))
+        elif stream:
             ratio = stream["ratio_to_floor"]
             rows.append(Row(part, f"{tag}: LAWA snapshot, device time on the training stream",
                             f"{_ms(stream['snapshot_stream_ms'])} = {ratio:.2f}x a D2H copy "
@@ -127,9 +165,15 @@ def loop_rows(part: str, result: dict[str, Any], compile_note: str) -> list[Row]
     rate = result["tokens_per_s"] if unit == "tokens" else result["examples_per_s"]
     settings = f"preset {result['preset']}, mixed_precision={result['mixed_precision']}" + \
         (f"; {compile_note}" if compile_note else "")
-    rows = [Row(part, f"ms per step ({result['batch_size']} examples; {settings})", _ms(result["ms_per_step"])),
-            Row(part, f"{unit}/s", f"{rate:,.0f}")]
-    if result.get("peak_bytes") is not None:
+    standin = result.get("standin", False)
+    host = " (host time through the CUDA stand-in: no GPU figure)" if standin else ""
+    rows = [Row(part, f"ms per step ({result['batch_size']} examples; {settings})", _ms(result["ms_per_step"]) + host),
+            Row(part, f"{unit}/s", f"{rate:,.0f}{host}")]
+    if "param_device" in result:
+        rows.insert(0, Row(part, "ran on", f"{result['param_device']} ({result['device']})"))
+    if standin:
+        rows.append(Row(part, "peak memory allocated while training", "not measured through the CUDA stand-in"))
+    elif result.get("peak_bytes") is not None:
         rows.append(Row(part, "peak memory allocated while training", f"{result['peak_bytes'] / 2**30:,.2f} GiB"))
     if unit == "tokens":
         cfg = result["task_config"]
@@ -137,7 +181,9 @@ def loop_rows(part: str, result: dict[str, Any], compile_note: str) -> list[Row]
         params = result["parameters"] - cfg["seq_len"] * cfg["n_embd"]  # nanoGPT leaves out the position embedding
         flops = nanogpt_flops_per_token(params, cfg["n_layer"], cfg["n_head"], cfg["n_embd"], cfg["seq_len"])
         goal = f">= {GOAL_MFU:.0%}"
-        if peak is None:
+        if standin:
+            rows.append(Row(part, "MFU", STANDIN_TIME, goal, None))
+        elif peak is None:
             rows.append(Row(part, "MFU", f"not measured: no bf16 peak known for {result['device']}", goal, None))
         else:
             value = mfu(rate, flops, peak)
