@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from lawa_suite.errors import CheckpointError
 from lawa_suite.files import (first_line, fsync_dir, fsync_file, os_reason, owned_sibling, record_sha256s,
-                              remove_dead_leftovers, sha256_file, write_atomic_owned)
+                              remove_dead_leftovers, sha256_file, write_atomic)
 
 __all__ = ["CheckpointError", "Checkpoint", "FAULT_POINTS", "fault_point", "flatten_state", "unflatten_state",
            "save_tensors_atomic", "commit_checkpoint", "verify", "list_checkpoints", "latest_valid",
@@ -135,7 +135,7 @@ def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: 
         digest.append(sha256_file(tmp))
 
     remove_dead_leftovers(path.parent)  # a save killed mid-write left its temporary file: no one will finish it
-    write_atomic_owned(path, write)
+    write_atomic(path, write)
     record_sha256s(path.parent, {path.name: digest[0]})
     return digest[0]
 

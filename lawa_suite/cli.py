@@ -424,7 +424,7 @@ def profile(
     out = Path(pairs.pop("out", "") or "profiles.png")
     raw_steps = pairs.pop("steps", "1000")
     if not raw_steps.strip().isdigit() or not 1 <= int(raw_steps) <= MAX_STEPS:
-        raise ConfigError(f"steps: expected an integer in 1..{MAX_STEPS}, got {raw_steps!r}")
+        raise ConfigError(f"steps: expected an integer in 1..{MAX_STEPS}, got {raw_steps}")
     if out.suffix.lower() != ".png":
         raise ConfigError(f"out: expected a .png file, got {str(out)!r}")
     steps = int(raw_steps)

@@ -60,8 +60,10 @@ def fsync_file(path: Path) -> None:
 
 
 def temporary_sibling(path: Path, kind: str = "tmp") -> Path:
-    """``.<name>.<kind>-<token>`` beside ``path``: hidden, unique, on the same file system (renames are atomic)."""
-    return path.with_name(f".{path.name}.{kind}-{secrets.token_hex(4)}")
+    """``.<name>.<kind>-<pid>_<host>_<token>`` beside ``path``: hidden, unique, on the same file system (renames are
+    atomic), and saying which process made it (``owned_sibling``), so what a killed process left can be told from
+    what a live one is writing."""
+    return owned_sibling(path, kind)
 
 
 # -- temporary names that say whose they are ------------------------------------------------------------------
@@ -118,27 +120,7 @@ def remove_dead_leftovers(folder: Path, kind: str = "tmp") -> list[Path]:
     return removed
 
 
-def write_atomic_owned(path: Path, write: Callable[[Path], None], durable: bool = True) -> None:
-    """``write_atomic`` through an ``owned_sibling``: a kill mid-write leaves a file ``remove_dead_leftovers``
-    can tell from a live writer's."""
-    path = Path(path)
-    tmp = owned_sibling(path)
-    try:
-        write(tmp)
-        if durable:
-            fsync_file(tmp)
-        os.replace(tmp, path)
-        if durable:
-            fsync_dir(path.parent)
-    except Exception as exc:  # OSError, or a library's own error for a failed write (safetensors, numpy)
-        tmp.unlink(missing_ok=True)
-        raise WriteError(f"could not write {path}: {os_reason(exc)}") from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-__all__ += ["HOST", "owned_sibling", "owner_of", "process_alive", "remove_dead_leftovers", "write_atomic_owned"]
+__all__ += ["HOST", "owned_sibling", "owner_of", "process_alive", "remove_dead_leftovers"]
 
 
 def write_atomic(path: Path, write: Callable[[Path], None], durable: bool = True) -> None:
@@ -152,6 +134,7 @@ def write_atomic(path: Path, write: Callable[[Path], None], durable: bool = True
     tmp = temporary_sibling(path)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())  # (mkstemp and safetensors leave 0600: a plain open()'s mode)
         if durable:
             fsync_file(tmp)
         os.replace(tmp, path)

@@ -144,3 +144,17 @@ def test_tied_weights_are_saved(tmp_path):
     from safetensors.torch import load_file
     loaded = load_file(str(path))
     assert torch.equal(loaded["a"], loaded["b"]) and torch.equal(loaded["t"], shared.t())
+
+
+def test_atomic_writes_get_the_mode_a_plain_open_gives(tmp_path):
+    """safetensors and mkstemp write 0600: checkpoints and trajectory files were private among readable siblings."""
+    import os
+    import stat
+
+    old = os.umask(0o027)
+    try:
+        ckpt.save_tensors_atomic(tmp_path / "w.safetensors", {"w": torch.ones(2)}, {"step": "1"})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "w.safetensors").st_mode) == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["SHA256SUMS", "w.safetensors"]
