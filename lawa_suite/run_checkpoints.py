@@ -145,8 +145,14 @@ class RunCheckpointer:
         if sharded:  # weights, optimizer and averager shards, on this run's number of processes
             load_sharded(run, path, state)
         else:
-            run.unwrapped.load_state_dict(load_file(str(path / "model.safetensors")))
-            run.optimizer.load_state_dict(state["optimizer"])
+            try:
+                run.unwrapped.load_state_dict(load_file(str(path / "model.safetensors")))
+                run.optimizer.load_state_dict(state["optimizer"])
+            except (RuntimeError, ValueError, KeyError) as exc:  # another task's or another width's checkpoint
+                saved = _saved_task(path)
+                raise CheckpointError(f"resume: {path} holds another model's state (saved by task {saved}; "
+                                      f"{str(exc).strip().splitlines()[0][:200]}); resume a checkpoint of this "
+                                      f"run's model, task {run.cfg.run.task} as configured") from None
         run.stream.load_state_dict(state["stream"])
         run.state = TrainState(**state["train"])
         missing = sorted(set(run.averagers) - set(state["averagers"]))
@@ -177,6 +183,16 @@ def any_rank_poisoned(poisoned: bool, device: torch.device) -> bool:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
     return bool(bad.item())
+
+
+def _saved_task(path: Path) -> str:
+    """The task a checkpoint's manifest names, or "?"."""
+    import json
+
+    try:
+        return str(json.loads((path / ckpt.MANIFEST).read_text()).get("task", "?"))
+    except (OSError, ValueError, AttributeError):
+        return "?"
 
 
 def _local_shards(state: Any) -> dict[str, torch.Tensor]:

@@ -105,6 +105,11 @@ class Run:
         # started before (to gather results after training, say) stays the caller's.
         self.owns_process_group = world > 1 and not (torch.distributed.is_available()
                                                      and torch.distributed.is_initialized())
+        if world == 1 and not self.owns_process_group and not torch.distributed.is_initialized():
+            # accelerate keeps the first Accelerator's settings in a process-wide singleton and refuses another
+            # mixed_precision: a second run in one process (a notebook, a sweep, the tests) starts it afresh
+            from accelerate.state import AcceleratorState
+            AcceleratorState._reset_state(reset_partial_state=True)
         self.accelerator = Accelerator(mixed_precision=rc.mixed_precision, log_with=rc.trackers or None,
                                        project_dir=rc.out, cpu=on_cpu)
         if self.accelerator.num_processes != world:

@@ -101,3 +101,13 @@ def test_resume_auto_alone_reads_the_saved_config_and_checks_words_against_it(tm
     changed = runner.invoke(app, ["run", f"out={out}", "resume=auto", "lr=0.5"])
     assert changed.exit_code == 2 and "differs from the saved run's in lr;" in changed.output
     assert "reset_averagers" not in changed.output and len(changed.output.strip().splitlines()) == 1
+
+
+def test_resuming_another_models_checkpoint_is_one_line(tmp_path):
+    words = ["task=cifar", "preset=tiny", "steps=2", "warmup=0", "averager=", "progress=false"]
+    assert runner.invoke(app, ["run", *words, f"out={tmp_path / 'narrow'}"]).exit_code == 0
+    checkpoint = next((tmp_path / "narrow" / "checkpoints").iterdir())
+    wider = runner.invoke(app, ["run", *words, "cifar.width=8", f"out={tmp_path / 'wide'}", f"resume={checkpoint}"])
+    lines = wider.output.strip().splitlines()
+    assert wider.exit_code == 1 and "Traceback" not in wider.output, wider.output  # (was load_state_dict's)
+    assert lines[-1].startswith("error: resume: ") and "holds another model's state (saved by task cifar;" in lines[-1]

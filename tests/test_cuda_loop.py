@@ -27,6 +27,12 @@ AVERAGERS = ["averager=lawa,ema,swa,wma,phema,bema", "lawa.k=2", "lawa.nu=1", "w
              "phema.snapshot_every=2"]
 
 
+def final_state_at(out: Path, step: int) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "checkpoints" / ckpt.step_dir_name(step) / "model.safetensors"))
+
+
 def tiny(task: str, out: Path, precision: str, *extra: str) -> list[str]:
     return [f"task={task}", "preset=tiny", f"out={out}", "steps=4", "eval.every=2", "checkpoint.every=2",
             "checkpoint.keep=5", f"mixed_precision={precision}", "progress=false", *AVERAGERS, *extra]
@@ -48,6 +54,8 @@ def test_each_task_trains_evaluates_checkpoints_and_resumes_bit_for_bit_on_cuda(
     assert_same_tree(state_a["optimizer"], state_b["optimizer"])
     scored = (tmp_path / "whole" / "metrics.jsonl").read_text()
     assert all(f'"weights": "{name}"' in scored for name in ("raw", "lawa", "ema", "swa")), "every average scored"
+    first, last = (final_state_at(tmp_path / "whole", step) for step in (2, 4))
+    assert any(not torch.equal(first[k], last[k]) for k in first), "the weights trained on the stand-in's cuda"
 
 
 def test_a_gpu_run_gets_fused_optimizers_and_tf32_and_puts_tf32_back(tmp_path, monkeypatch):

@@ -285,6 +285,16 @@ def test_reference_statistics_are_computed_once_and_cached_by_count(tmp_path, mo
     assert len(list((tmp_path / "cache" / "fid").glob("*.npz"))) == 2  # another count, another file
 
 
+def test_a_truncated_reference_cache_is_computed_again_not_a_traceback_on_every_run(tmp_path, capsys):
+    task = tiny_task(tmp_path)
+    first = FID(task).reference_stats(None, torch.device("cpu"))
+    cached = next((tmp_path / "cache" / "fid").glob("*.npz"))
+    cached.write_bytes(cached.read_bytes()[:100])  # a kill while it was written (was: BadZipFile every run after)
+    again = FID(task).reference_stats(None, torch.device("cpu"))
+    assert np.array_equal(first["mu"], again["mu"]) and "computing them again" in capsys.readouterr().err
+    assert FID(task).reference_stats(None, torch.device("cpu"))["sigma"].shape == first["sigma"].shape  # rewritten
+
+
 @pytest.fixture
 def offline(monkeypatch, tmp_path):
     """An empty torch hub cache and no network: every download raises URLError."""

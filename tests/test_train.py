@@ -304,3 +304,9 @@ def test_how_often_checkpoints_are_saved_may_change_on_resume(tmp_path):
     train(resolve(["task=toy", f"out={out}", "steps=10", "checkpoint.every=0"]))
     resumed = train(resolve(["task=toy", f"out={out}", "steps=10", "resume=auto"]))
     assert resumed.step == 10
+
+
+def test_two_runs_in_one_process_may_use_different_mixed_precision(tmp_path):
+    # accelerate's singleton refused the second ("AcceleratorState has already been initialized")
+    assert run_toy(tmp_path / "a", "steps=2", "mixed_precision=no").step == 2
+    assert run_toy(tmp_path / "b", "steps=2", "mixed_precision=bf16").step == 2

@@ -213,6 +213,21 @@ def _is_sample_batch(batch: Any) -> bool:
     return isinstance(batch, dict) and batch.get("kind") == "sample"
 
 
+def _read_reference(path: Path) -> dict[str, np.ndarray] | None:
+    """The cached reference statistics, or None (with a warning) when the file is damaged: a run killed while
+    writing it once (before writes were atomic) left a truncated .npz that failed every later run; it is computed
+    again and rewritten."""
+    import zipfile
+
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {"mu": npz["mu"], "sigma": npz["sigma"]}
+    except (zipfile.BadZipFile, OSError, ValueError, KeyError, EOFError) as exc:
+        print(f"warning: fid: the cached reference statistics {path} cannot be read ({type(exc).__name__}); "
+              f"computing them again", file=sys.stderr)
+        return None
+
+
 def _is_main(accelerator: Any) -> bool:
     return accelerator is None or accelerator.is_main_process
 
@@ -271,13 +286,12 @@ class FID(Evaluator):
         weights_tag = f"-{hashlib.sha1(self.cfg.weights.encode()).hexdigest()[:8]}" if self.cfg.weights else ""
         key = f"{self.task.fid_reference_key(self.cfg.reference)}-{self.extractor_name}{weights_tag}-{self.layer}"
         path = Path(self.task.run.data.cache) / "fid" / f"{key}.npz"
-        cached = path.is_file()
-        if accelerator is not None and accelerator.num_processes > 1:  # one decision for all ranks
+        loaded = _read_reference(path) if path.is_file() else None
+        if accelerator is not None and accelerator.num_processes > 1:  # rank 0's statistics for all ranks
             from accelerate.utils import broadcast_object_list
-            cached = broadcast_object_list([cached])[0]
-        if cached:
-            with np.load(path) as npz:
-                self.reference = {"mu": npz["mu"], "sigma": npz["sigma"]}
+            loaded = broadcast_object_list([loaded])[0]
+        if loaded is not None:
+            self.reference = loaded
             return self.reference
         rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
         stats = FeatureStats()
