@@ -111,3 +111,12 @@ def test_resuming_another_models_checkpoint_is_one_line(tmp_path):
     lines = wider.output.strip().splitlines()
     assert wider.exit_code == 1 and "Traceback" not in wider.output, wider.output  # (was load_state_dict's)
     assert lines[-1].startswith("error: resume: ") and "holds another model's state (saved by task cifar;" in lines[-1]
+
+
+def test_a_batch_larger_than_the_data_is_one_line_and_creates_nothing(tmp_path):
+    result = runner.invoke(app, ["run", "task=cifar", "preset=tiny", "batch_size=1000000000", "averager=",
+                                 f"out={tmp_path / 'run'}"])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output  # (was a ValueError traceback)
+    assert lines[-1].startswith("error: batch_size: a micro-batch of 1000000000 examples")
+    assert not (tmp_path / "run").exists()

@@ -13,6 +13,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from lawa_suite.errors import ConfigError
+
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> Tensor:
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -24,9 +26,11 @@ class IndexStream:
 
     def __init__(self, n: int, batch: int, seed: int, rank: int = 0, world: int = 1) -> None:
         if batch > n:
-            raise ValueError(f"a micro-batch of {batch} examples is larger than the dataset ({n} examples)")
+            raise ConfigError(f"batch_size: a micro-batch of {batch} examples (batch_size / grad_accum) is larger "
+                              f"than the training set ({n} examples); expected at most {n}, or a larger grad_accum")
         if batch % world:
-            raise ValueError(f"a micro-batch of {batch} examples does not split evenly over {world} processes")
+            raise ConfigError(f"batch_size: a micro-batch of {batch} examples does not split evenly over {world} "
+                              f"processes; expected a multiple of {world}")
         self.n, self.batch, self.seed, self.rank, self.world = n, batch, seed, rank, world
         self.epoch, self.offset = 0, 0
         self._perm: Tensor | None = None
