@@ -22,8 +22,9 @@ from omegaconf import OmegaConf
 from lawa_suite.errors import ConfigError
 from lawa_suite.overrides import build_section, parse_overrides, parse_value, split_list
 
-__all__ = ["ConfigError", "RunConfig", "DataConfig", "EvalConfig", "CheckpointConfig", "TrajectoryConfig",
-           "ResolvedConfig", "resolve", "require", "choice", "default_cache_dir", "build_section", "parse_value",
+__all__ = ["ConfigError", "accumulation", "RunConfig", "DataConfig", "EvalConfig", "CheckpointConfig",
+           "TrajectoryConfig", "ResolvedConfig", "resolve", "require", "choice", "default_cache_dir", "build_section",
+           "parse_value",
            "split_list", "parse_overrides", "dotted", "averager_bases", "check_trackers"]
 
 
@@ -140,6 +141,20 @@ class RunConfig:
     def micro_batch(self) -> int:
         """Examples per micro-batch over all processes."""
         return self.batch_size // self.grad_accum
+
+
+def accumulation(batch_size: int, grad_accum: int, world: int) -> tuple[int, int]:
+    """``(micro-batches per optimizer step, examples per micro-batch over all processes)`` for ``world`` processes.
+    ``grad_accum`` is what one process needs for ``batch_size``; ``world`` processes each take a micro-batch of the
+    same size and accumulate ``world`` times fewer (nanoGPT's rule), so a preset's global batch and its per-GPU
+    micro-batch stay as tuned on 1, 4 or 8 GPUs. Where ``world`` does not divide ``grad_accum``, one micro-batch a
+    step, split over the processes."""
+    if grad_accum % world == 0:
+        return grad_accum // world, batch_size // grad_accum * world
+    if batch_size % world:
+        raise ConfigError(f"batch_size: {batch_size} examples cannot be split over {world} processes; expected a "
+                          f"multiple of {world}")
+    return 1, batch_size
 
 
 @dataclass

@@ -526,7 +526,7 @@ def memory_plan(cfg: Any, processes: tuple[int, ...] = DEFAULT_PROCESSES,
     task = registry.tasks.get(rc.task)(cfg.task, rc)
     facts, model, mode = model_facts(task, rc.lr)
     setups = [Setup(n, d) for n in sorted(set(processes)) for d in (("ddp",) if n == 1 else ("ddp", "fsdp"))]
-    micro = {s: rc.micro_batch // s.processes if rc.micro_batch % s.processes == 0 else None for s in setups}
+    micro = {s: _per_rank(rc.batch_size, rc.grad_accum, s.processes) for s in setups}
     cache: dict[int, Activations | None] = {}
 
     def activations(batch: int) -> Activations | None:
@@ -551,7 +551,7 @@ def memory_plan(cfg: Any, processes: tuple[int, ...] = DEFAULT_PROCESSES,
         lambda s: sum(e.local_bytes(1) for e in trainable) if s.distributed == "ddp" and s.processes > 1 else 0)
     # FSDP2 without gradient sync (every micro-batch but the last) accumulates whole, unsharded gradients
     add("fsdp unsharded gradients (grad_accum > 1)", "device",
-        lambda s: sum(e.local_bytes(1) for e in trainable) if s.sharded and rc.grad_accum > 1 else 0)
+        lambda s: sum(e.local_bytes(1) for e in trainable) if s.sharded and _steps(rc, s.processes) > 1 else 0)
     add("fsdp gathered: root + 3 blocks (estimate)", "device", lambda s: _in_flight(facts) if s.sharded else 0)
     add(f"optimizer: {facts.optimizer_name}", "device", lambda s: _optimizer_bytes(facts, s, on_device=True))
     unknown = []
@@ -645,20 +645,20 @@ def _verdict(setup: Setup, total: int | None, usable: int, rc: Any, micro: int |
     """FITS / DOES NOT FIT for one setup; for one that does not, the smallest grad_accum that would fit."""
     head = f"{setup.title}: "
     if micro is None or total is None:
-        return (f"{head}DOES NOT SPLIT: a micro-batch of {rc.micro_batch} (batch_size {rc.batch_size} / grad_accum "
-                f"{rc.grad_accum}) over {setup.processes} processes")
+        return (f"{head}DOES NOT SPLIT: batch_size {rc.batch_size} (grad_accum {rc.grad_accum}) over "
+                f"{setup.processes} processes")
     shown = f"{_size(total)} of {_size(usable)} usable"
     if total <= usable:
         return f"{head}FITS: {shown} ({_size(usable - total)} free), micro-batch {micro} per rank"
     line = f"{head}DOES NOT FIT: {shown}, micro-batch {micro} per rank"
     fixed = total - _batch_bytes(activations(micro))
-    if setup.sharded and rc.grad_accum == 1:  # accumulating makes FSDP2 keep whole gradients between micro-batches
-        fixed += sum(e.local_bytes(1) for e, _ in facts.optimizer)
+    if setup.sharded and _steps(rc, setup.processes) == 1:  # accumulating: FSDP2 keeps whole gradients between
+        fixed += sum(e.local_bytes(1) for e, _ in facts.optimizer)  # micro-batches
     one, two = activations(1), activations(2)
     for accum in range(rc.grad_accum + 1, rc.batch_size + 1):
-        if rc.batch_size % accum or (rc.batch_size // accum) % setup.processes:
+        per_rank = _per_rank(rc.batch_size, accum, setup.processes)
+        if per_rank is None or rc.batch_size % accum or per_rank >= micro:
             continue
-        per_rank = rc.batch_size // accum // setup.processes
         if one and two:  # saved bytes grow linearly with the batch (measured: exact to a few KB): skip what cannot fit
             guess = _batch_bytes(one) + (per_rank - 1) * (_batch_bytes(two) - _batch_bytes(one))
             if fixed + guess > usable:
@@ -668,6 +668,26 @@ def _verdict(setup: Setup, total: int | None, usable: int, rc: Any, micro: int |
             return f"{line}; fits with grad_accum={accum} (micro-batch {per_rank} per rank): {_size(need)}"
     return (f"{line}; no grad_accum fits (without activations it needs {_size(fixed)}): it needs activation "
             f"checkpointing (not in the suite yet), more processes, or distributed=fsdp")
+
+
+def _per_rank(batch_size: int, grad_accum: int, processes: int) -> int | None:
+    """Examples per micro-batch on each rank, as the loop splits them (``config.accumulation``), or None."""
+    from lawa_suite.config import ConfigError, accumulation
+
+    try:
+        return accumulation(batch_size, grad_accum, processes)[1] // processes
+    except ConfigError:
+        return None
+
+
+def _steps(rc: Any, processes: int) -> int:
+    """Micro-batches a step on each of ``processes`` (1 where the batch does not split)."""
+    from lawa_suite.config import ConfigError, accumulation
+
+    try:
+        return accumulation(rc.batch_size, rc.grad_accum, processes)[0]
+    except ConfigError:
+        return 1
 
 
 def _batch_bytes(found: Activations | None) -> int:
@@ -683,8 +703,8 @@ def _title(cfg: Any, facts: ModelFacts, gpu_memory_gib: float, processes: tuple[
     averagers = ", ".join(cfg.averagers) or "none"
     return [f"{rc.task} preset {rc.preset}: {facts.parameter_count:,} parameters ({_dtype_name(facts.dtype)}), "
             f"mixed_precision={rc.mixed_precision}, distributed={rc.distributed} (this config)",
-            f"batch_size {rc.batch_size} = grad_accum {rc.grad_accum} x micro-batch {rc.micro_batch} over all "
-            f"processes; averagers: {averagers}",
+            f"batch_size {rc.batch_size} = grad_accum {rc.grad_accum} x micro-batch {rc.micro_batch} on one process "
+            f"(N processes: grad_accum / N micro-batches each, where N divides it); averagers: {averagers}",
             f"device: {gpu_memory_gib:g} GiB (gpu_memory=; default an H100's 80), {RESERVED_GIB:g} GiB of it kept for "
             f"the CUDA context and libraries; processes={','.join(map(str, processes))}"]
 

@@ -39,7 +39,7 @@ from lawa_suite import checkpoints as ckpt
 from lawa_suite import registry
 from lawa_suite.averagers._readiness import never_ready
 from lawa_suite.averagers.base import Averager, finite_flag, named_tensors
-from lawa_suite.config import ResolvedConfig, RunConfig, dotted
+from lawa_suite.config import ResolvedConfig, RunConfig, accumulation, dotted
 from lawa_suite.errors import EXIT_NONFINITE, EXIT_PREEMPTED, ConfigError, Interrupted, NonFiniteTraining, Preempted
 from lawa_suite.preemption import StopFlag
 from lawa_suite.progress import ProgressBar
@@ -380,20 +380,6 @@ class Run:
             path = self.out / "trajectory" / f"step-{self.state.step:08d}.safetensors"
             path.parent.mkdir(exist_ok=True)
             ckpt.save_tensors_atomic(path, weights, {"step": str(self.state.step), "format": "lawa-suite-trajectory/1"})
-
-
-def accumulation(batch_size: int, grad_accum: int, world: int) -> tuple[int, int]:
-    """``(micro-batches per optimizer step, examples per micro-batch over all processes)`` for ``world`` processes.
-    ``grad_accum`` is what one process needs for ``batch_size``; ``world`` processes each take a micro-batch of the
-    same size and accumulate ``world`` times fewer (nanoGPT's rule), so a preset's global batch and its per-GPU
-    micro-batch stay as tuned on 1, 4 or 8 GPUs. Where ``world`` does not divide ``grad_accum``, one micro-batch a
-    step, split over the processes."""
-    if grad_accum % world == 0:
-        return grad_accum // world, batch_size // grad_accum * world
-    if batch_size % world:
-        raise ConfigError(f"batch_size: {batch_size} examples cannot be split over {world} processes; expected a "
-                          f"multiple of {world}")
-    return 1, batch_size
 
 
 def due(step: int, every: int) -> bool:

@@ -19,7 +19,8 @@ from lawa_suite import checkpoints as ckpt
 from lawa_suite.config import resolve
 from lawa_suite.errors import ConfigError
 from lawa_suite.testing.cuda_standin import cuda_standin
-from lawa_suite.train import Run, accumulation, train
+from lawa_suite.config import accumulation
+from lawa_suite.train import Run, train
 
 from test_train import assert_same_tree, final_state
 

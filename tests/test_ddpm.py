@@ -551,7 +551,7 @@ def test_task_streams_a_big_folder_and_keeps_a_small_one_in_memory(tmp_path, mon
 def test_imagenet128_preset_builds_the_422m_unet_and_takes_an_optimizer_step(tmp_path, capsys):
     """The ADM-shaped UNet at 128 px, one AdamW step at batch 1 on the CPU (~40 s, ~7.5 GB peak RSS)."""
     started = time.perf_counter()
-    cfg = resolve(["task=ddpm", "preset=imagenet128", "batch_size=1", "mixed_precision='no'"])
+    cfg = resolve(["task=ddpm", "preset=imagenet128", "batch_size=1", "grad_accum=1", "mixed_precision='no'"])
     assert cfg.run.data.source == "imagefolder" and cfg.task.loader == "stream"
     task = DdpmTask(cfg.task, cfg.run)
     torch.manual_seed(0)

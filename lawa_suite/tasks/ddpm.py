@@ -175,8 +175,10 @@ class DdpmTask(Task):
                     "ddpm.dropout": 0.1, "ddpm.flip": True, "ddpm.sample_steps": 100, "fid.samples": 10_000,
                     "fid.reference": 50_000, "lawa.k": 5, "lawa.nu": 2000, "ema.decay": 0.9999, "swa.start": 0.5},
         # ADM's ImageNet-128 UNet (unconditional: 420.5M), Adam 1e-4, batch 256, bf16, ImageNet train streamed
-        # from its files (data.path=<folder with train/<class>/*.JPEG and val/<class>/*.JPEG>).
-        "imagenet128": {"data.source": "imagefolder", "steps": 500_000, "lr": 1e-4, "batch_size": 256,
+        # from its files (data.path=<folder with train/<class>/*.JPEG and val/<class>/*.JPEG>). Micro-batches of 32
+        # images (~1.3 GB of activations an image in bf16: 256 at once need ~350 GB): 8 a step on one GPU (57 GiB
+        # of 80 by `suite run ... --dry-run`), one a GPU on 8 (grad_accum is divided by the number of processes).
+        "imagenet128": {"data.source": "imagefolder", "steps": 500_000, "lr": 1e-4, "batch_size": 256, "grad_accum": 8,
                         "warmup": 0, "schedule": "constant", "mixed_precision": "bf16", "eval.every": 25_000,
                         "eval.batches": 10, "ddpm.image_size": 128, "ddpm.channels": [256, 256, 512, 768, 1024],
                         "ddpm.attention": [False, False, True, True, True], "ddpm.layers_per_block": 2,

@@ -68,13 +68,14 @@ class Gpt2Config:
         require(0.0 < self.val_fraction < 1.0, "val_fraction", "a fraction in (0, 1)", self.val_fraction)
 
 
-def _paper(n_layer: int, n_head: int, n_embd: int, lr: float, min_lr: float, lawa_nu: int) -> dict[str, Any]:
+def _paper(n_layer: int, n_head: int, n_embd: int, lr: float, min_lr: float, lawa_nu: int,
+           grad_accum: int = 8) -> dict[str, Any]:
     """A nanoGPT-2 run of the LAWA paper (``train_{small,medium,large}.py`` in its code)."""
     return {"data.source": "openwebtext", "gpt2.tokenizer": "gpt2", "gpt2.n_layer": n_layer, "gpt2.n_head": n_head,
             "gpt2.n_embd": n_embd, "gpt2.seq_len": 1024, "gpt2.scale_attn_by_inverse_layer_idx": True,
-            # 128 sequences x 1024 tokens = 131,072 tokens a step, as 8 micro-batches of 16 (one GPU); on 8 GPUs
-            # pass grad_accum=1 (batch_size counts sequences over all processes)
-            "batch_size": 128, "grad_accum": 8, "steps": 70_000, "warmup": 2_000, "schedule": "cosine",
+            # 128 sequences x 1024 tokens = 131,072 tokens a step, as 8 micro-batches of 16 on one GPU; grad_accum
+            # is divided by the number of processes (nanoGPT's rule): on 8 GPUs one micro-batch of 16 each
+            "batch_size": 128, "grad_accum": grad_accum, "steps": 70_000, "warmup": 2_000, "schedule": "cosine",
             "lr": lr, "min_lr": min_lr, "grad_clip": 1.0, "mixed_precision": "bf16",
             "eval.every": 1_000, "eval.batches": 25, "gpt2.eval_batch_size": 8, "checkpoint.every": 1_000,
             # the code's averaging: LAWA over k=5 checkpoints saved every eval_interval steps, EMA 0.9 every step,
@@ -122,7 +123,8 @@ class Gpt2Task(Task):
                 "eval.batches": 8, "lawa.k": 5, "lawa.nu": 10, "ema.decay": 0.98, "swa.start": 0.75},
         "small": _paper(12, 12, 768, lr=6e-3, min_lr=0.1, lawa_nu=200),       # 124M
         "medium": _paper(24, 16, 1024, lr=3e-3, min_lr=0.1, lawa_nu=2_000),   # 355M
-        "large": _paper(36, 20, 1280, lr=2e-3, min_lr=0.005, lawa_nu=1_000),  # 774M
+        # 774M: micro-batches of 8 (16 need ~96 GiB on one GPU by `suite run ... --dry-run`)
+        "large": _paper(36, 20, 1280, lr=2e-3, min_lr=0.005, lawa_nu=1_000, grad_accum=16),
     }
 
     def __init__(self, config: Gpt2Config, run: Any) -> None:
