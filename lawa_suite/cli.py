@@ -150,6 +150,11 @@ def run(
             else memory_plan.DEFAULT_GPU_MEMORY_GIB
         typer.echo(memory_plan.plan_text(cfg, processes, memory), nl=False)
         return
+    if not overrides:  # `suite run` alone starts minutes of work: say which, and how to see or change it first
+        rc = cfg.run
+        typer.echo(f"suite run with no settings: task={rc.task} preset={rc.preset or 'default'}, {rc.steps} steps, "
+                   f"averager={','.join(rc.averager) or 'none'}, out={rc.out} (`suite run --dry-run` shows every "
+                   f"setting; Ctrl-C stops it with a checkpoint)", err=True)
     from lawa_suite.train import train
 
     result = train(cfg)

@@ -120,3 +120,11 @@ def test_a_batch_larger_than_the_data_is_one_line_and_creates_nothing(tmp_path):
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output  # (was a ValueError traceback)
     assert lines[-1].startswith("error: batch_size: a micro-batch of 1000000000 examples")
     assert not (tmp_path / "run").exists()
+
+
+def test_suite_run_alone_says_what_it_starts(monkeypatch):
+    import lawa_suite.train as train_module
+
+    monkeypatch.setattr(train_module, "train", lambda cfg: (_ for _ in ()).throw(SystemExit(0)))
+    result = runner.invoke(app, ["run"])
+    assert "suite run with no settings: task=cifar" in result.stderr and "--dry-run" in result.stderr, result.stderr
