@@ -93,13 +93,6 @@ class SyncCounter:
         return sum("synchroniz" in str(w.message) for w in self._caught)
 
 
-def forget_accelerate_state() -> None:
-    """accelerate keeps the first run's mixed precision in a process-wide singleton, which the suite resets only
-    after a multi-process run: a bf16 run after an fp32 one in this process would be refused without this."""
-    from accelerate.state import AcceleratorState
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def suite_run(words: list[str], counter: Callable[[], int], stop_at: int | None) -> dict[str, Any]:
     """``suite run WORDS`` in this process: its exit code, where its parameters were, the syncs between step
     starts, the first step it trained, its error's last line. SIGTERM to itself as step ``stop_at`` starts."""
@@ -118,7 +111,6 @@ def suite_run(words: list[str], counter: Callable[[], int], stop_at: int | None)
             os.kill(os.getpid(), signal.SIGTERM)  # the loop's StopFlag: finish this step, save, exit 143
         return step_fn(self)
 
-    forget_accelerate_state()
     Run.optimizer_step = optimizer_step
     argv, sys.argv = sys.argv, ["suite", "run", *words]
     code, error = 0, None

@@ -17,34 +17,13 @@ from __future__ import annotations
 import runpy
 import sys
 from pathlib import Path
-from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-import torch  # noqa: E402
-
 from lawa_suite.testing.cuda_standin import StandInDevice, cuda_standin  # noqa: E402
 
 DEVICE: StandInDevice | None = None  # the active stand-in's counters, for the script it runs
-
-
-def keep_parameters(apply: Callable[..., Any]) -> Callable[..., Any]:
-    """``nn.Module._apply`` (``.to``, ``.cuda``, ``.float``) keeping each parameter's identity, as on a GPU.
-
-    On a GPU a host parameter moved to the device keeps its Python object (``param.data = moved``), so an optimizer
-    built before ``accelerator.prepare`` moves the model steps the moved weights, and tied weights stay one object.
-    A stand-in tensor cannot take a host tensor's place that way, and without this ``_apply`` makes new Parameter
-    objects: the optimizer then steps the stale host copies (nothing trains: every evaluation scores the initial
-    weights) and GPT-2's tied embedding becomes two. Swapping the objects' contents gives the GPU's identity."""
-    def _apply(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        before = torch.__future__.get_swap_module_params_on_conversion()
-        torch.__future__.set_swap_module_params_on_conversion(True)
-        try:
-            return apply(self, *args, **kwargs)
-        finally:
-            torch.__future__.set_swap_module_params_on_conversion(before)
-    return _apply
 
 
 def main(argv: list[str]) -> None:
@@ -53,7 +32,6 @@ def main(argv: list[str]) -> None:
         raise SystemExit(__doc__.strip())
     # scripts find DEVICE at sys.modules["standin_run"] (run as __main__, this module has no other name there)
     sys.modules.setdefault("standin_run", sys.modules[__name__])
-    torch.nn.Module._apply = keep_parameters(torch.nn.Module._apply)
     with cuda_standin() as device:
         DEVICE = device
         try:
