@@ -123,6 +123,16 @@ def remove_dead_leftovers(folder: Path, kind: str = "tmp") -> list[Path]:
 __all__ += ["HOST", "owned_sibling", "owner_of", "process_alive", "remove_dead_leftovers"]
 
 
+def lock_beside(folder: Path) -> Path:
+    """The lock file of ``folder``: ``.<name>.lock`` beside it (not in it: the folder's listing stays its own), links
+    resolved so two names of one folder share one lock."""
+    real = Path(folder).resolve()
+    return real.with_name(f".{real.name}.lock")
+
+
+__all__ += ["lock_beside"]
+
+
 def write_atomic(path: Path, write: Callable[[Path], None], durable: bool = True) -> None:
     """Write ``path`` through ``write(temporary path)``, then fsync, rename into place and fsync the folder.
 

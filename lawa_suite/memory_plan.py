@@ -670,24 +670,27 @@ def _verdict(setup: Setup, total: int | None, usable: int, rc: Any, micro: int |
             f"checkpointing (not in the suite yet), more processes, or distributed=fsdp")
 
 
-def _per_rank(batch_size: int, grad_accum: int, processes: int) -> int | None:
-    """Examples per micro-batch on each rank, as the loop splits them (``config.accumulation``), or None."""
+def _split(batch_size: int, grad_accum: int, processes: int) -> tuple[int, int] | None:
+    """``(micro-batches a step, examples a micro-batch on each rank)`` as the loop splits a batch
+    (``config.accumulation``), or None where it does not split."""
     from lawa_suite.config import ConfigError, accumulation
 
     try:
-        return accumulation(batch_size, grad_accum, processes)[1] // processes
+        steps, micro = accumulation(batch_size, grad_accum, processes)
     except ConfigError:
         return None
+    return steps, micro // processes
+
+
+def _per_rank(batch_size: int, grad_accum: int, processes: int) -> int | None:
+    split = _split(batch_size, grad_accum, processes)
+    return split[1] if split else None
 
 
 def _steps(rc: Any, processes: int) -> int:
     """Micro-batches a step on each of ``processes`` (1 where the batch does not split)."""
-    from lawa_suite.config import ConfigError, accumulation
-
-    try:
-        return accumulation(rc.batch_size, rc.grad_accum, processes)[0]
-    except ConfigError:
-        return 1
+    split = _split(rc.batch_size, rc.grad_accum, processes)
+    return split[0] if split else 1
 
 
 def _batch_bytes(found: Activations | None) -> int:

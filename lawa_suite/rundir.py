@@ -40,7 +40,7 @@ import yaml
 
 from lawa_suite.config import ResolvedConfig, dotted, resolve
 from lawa_suite.errors import ConfigError, DamagedFile, RunInUse, SuiteError
-from lawa_suite.files import OUTPUT_MARK, inside, made_by, write_text_atomic
+from lawa_suite.files import OUTPUT_MARK, inside, lock_beside, made_by, write_text_atomic
 
 __all__ = ["MetricsLog", "read_metrics", "truncate_metrics", "prepare_run_dir", "lock_run", "unlock_run",
            "lock_file", "holds_run", "claim_out", "find_run_config", "read_saved", "load_resolved",
@@ -130,10 +130,8 @@ _held: dict[Path, _Lock] = {}
 
 
 def lock_file(out: Path) -> Path:
-    """The lock of run folder ``out``: ``.<name>.lock`` beside the folder it names (links resolved, so two names
-    of one folder share one lock)."""
-    real = Path(out).resolve()
-    return real.with_name(f".{real.name}.lock")
+    """The lock of run folder ``out`` (``files.lock_beside``)."""
+    return lock_beside(out)
 
 
 def _holder(fd: int) -> str:

@@ -105,7 +105,7 @@ class Run:
         # started before (to gather results after training, say) stays the caller's.
         self.owns_process_group = world > 1 and not (torch.distributed.is_available()
                                                      and torch.distributed.is_initialized())
-        if world == 1 and not self.owns_process_group and not torch.distributed.is_initialized():
+        if world == 1 and not torch.distributed.is_initialized():
             # accelerate keeps the first Accelerator's settings in a process-wide singleton and refuses another
             # mixed_precision: a second run in one process (a notebook, a sweep, the tests) starts it afresh
             from accelerate.state import AcceleratorState
@@ -155,17 +155,18 @@ class Run:
                      f"{micro_batch // world} per process and step (the global batch stays {rc.batch_size})")
         self.stream = self.task.train_stream(micro_batch, self.accelerator.process_index, world)
         self.averagers: dict[str, Averager] = cfg.build_averagers()
-        folders: dict[str, str] = {}
+        folders: dict[str, str] = {}  # snapshot folder -> the averager using it
         for name, avg in self.averagers.items():
             folder = getattr(avg.config, "dir", "") if getattr(avg.config, "store", "") == "disk" else ""
-            if folder and os.path.abspath(folder) in folders:  # (each would delete the other's snapshots)
+            if not folder:
+                continue
+            if self.sharded:
+                raise ConfigError(f"{name}.dir: one folder would mix every rank's shards with distributed=fsdp; "
+                                  f"leave it empty (a temporary folder per process), got {folder!r}")
+            if os.path.abspath(folder) in folders:  # (each would delete the other's snapshots)
                 raise ConfigError(f"{name}.dir: {folder!r} is {folders[os.path.abspath(folder)]}'s snapshot folder "
                                   f"too; give each averager its own folder, or leave dir empty")
-            if folder:
-                folders[os.path.abspath(folder)] = name
-            if self.sharded and getattr(avg.config, "store", "") == "disk" and getattr(avg.config, "dir", ""):
-                raise ConfigError(f"{name}.dir: one folder would mix every rank's shards with distributed=fsdp; "
-                                  f"leave it empty (a temporary folder per process), got {avg.config.dir!r}")
+            folders[os.path.abspath(folder)] = name
         for avg in self.averagers.values():
             avg.start_run(rc.steps)
         self.state = TrainState()

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from lawa_suite.averagers.base import ReplayTrack, is_count
 from lawa_suite.config import choice, require
-from lawa_suite.files import write_atomic
+from lawa_suite.files import lock_beside, write_atomic
 
 __all__ = ["WindowConfig", "window_store", "window_replay", "snapshot_copy", "pinned_snapshot_copy", "window_worker",
            "SnapshotStore", "StepWindow", "MemorySnapshots", "ReadBackWindow", "DiskSnapshots", "RereadSnapshots"]
@@ -299,8 +299,7 @@ def _hold_folder(folder: str) -> int:
     delete each other's snapshots. Returns the open descriptor."""
     import fcntl
 
-    path = os.path.join(os.path.dirname(os.path.abspath(folder)), f".{os.path.basename(os.path.abspath(folder))}.lock")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(lock_beside(Path(folder)), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
