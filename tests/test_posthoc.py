@@ -752,9 +752,11 @@ def test_keep_slices_in_heap_keeps_freed_slices_mapped():
         return applied, [int(c) for c in counts]
     (plain_applied, plain), (tuned_applied, tuned) = faults("plain"), faults("tuned")
     assert (plain_applied, tuned_applied) == ("False", "True")
-    # 48 MiB is 12,288 pages: each round faults them in anew when freed memory goes back to the kernel
-    assert tuned[0] > 10_000 and sum(tuned[1:]) < 500, tuned
-    assert sum(plain[1:]) > 5_000, plain
+    # 48 MiB is 12,288 pages: each round faults them in anew when freed memory goes back to the kernel. A tuned
+    # round after the first may still fault a few hundred pages where the heap's top moves (512 seen in CI, 1 run
+    # in 8 here), so the bound is a tenth of a round, not a fixed count; plain rounds fault nearly all of them.
+    assert tuned[0] > 10_000 and all(later < tuned[0] // 10 for later in tuned[1:]), tuned
+    assert all(later > plain[0] // 2 for later in plain[1:]), plain
 
 
 # -- the command line -------------------------------------------------------------------------------------------
