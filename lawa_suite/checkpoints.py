@@ -201,8 +201,9 @@ def commit_checkpoint(root: Path, step: int, files: dict[str, Callable[[Path], N
 # What the run's writer (``run_checkpoints.py``, ``sharded_checkpoints.py``) puts into a checkpoint besides the
 # manifest: a whole one holds WHOLE_FILES; a sharded one SHARDED_FILES and one ``__<rank>_0.distcp`` per process (the
 # manifest's ``sharded`` says how many). A checkpoint holding or naming any of them must list every one it needs.
+DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's index of a sharded checkpoint's .distcp files
 WHOLE_FILES = ("model.safetensors", "state.json", "state.safetensors")
-SHARDED_FILES = (".metadata", "state.json", "state.safetensors")
+SHARDED_FILES = (DCP_METADATA, "state.json", "state.safetensors")
 _RANK_FILE = re.compile(r"^__\d+_\d+\.distcp$")
 _RUN_KEYS = ("task", "averagers", "sharded")  # the info a run's writer adds to every manifest
 

@@ -20,12 +20,13 @@ import torch
 from lawa_suite import checkpoints as ckpt
 from lawa_suite.averagers.base import all_finite, local_shard
 from lawa_suite.errors import CheckpointError, ConfigError, NonFiniteTraining
+from lawa_suite.run_state import TrainState
 from lawa_suite.rundir import truncate_metrics
 from lawa_suite.scoring import rng_state, set_rng_state
 from lawa_suite.sharded_checkpoints import is_sharded_checkpoint, load_sharded, save_sharded
 
 if TYPE_CHECKING:
-    from lawa_suite.train import Run
+    from lawa_suite.run_state import Checkpointable
 
 __all__ = ["RunCheckpointer", "nonfinite_parts", "any_rank_poisoned"]
 
@@ -48,7 +49,7 @@ class RunCheckpointer:
         if is_main:
             ckpt.clean_leftovers(self.folder)
 
-    def state(self, run: Run) -> dict[str, Any]:
+    def state(self, run: Checkpointable) -> dict[str, Any]:
         """Everything but the raw weights (those go to ``model.safetensors``)."""
         state = {
             "train": dataclasses.asdict(run.state),
@@ -61,7 +62,7 @@ class RunCheckpointer:
             state["scaler"] = run.accelerator.scaler.state_dict()
         return state
 
-    def save(self, run: Run) -> None:
+    def save(self, run: Checkpointable) -> None:
         step = run.state.step
         if run.cfg.run.distributed == "fsdp":
             self.save_sharded(run)
@@ -85,7 +86,7 @@ class RunCheckpointer:
             ckpt.apply_retention(self.folder, run.cfg.run.checkpoint.keep, warn=run.log)
         run.accelerator.wait_for_everyone()
 
-    def save_sharded(self, run: Run) -> None:
+    def save_sharded(self, run: Checkpointable) -> None:
         """distributed=fsdp: every rank's shards with torch.distributed.checkpoint (``sharded_checkpoints``), after
         every rank has checked its own shards (NaN or Inf in any rank's stops all of them, and nothing is written)."""
         step = run.state.step
@@ -108,7 +109,7 @@ class RunCheckpointer:
             ckpt.apply_retention(self.folder, run.cfg.run.checkpoint.keep, warn=run.log)
         run.accelerator.wait_for_everyone()
 
-    def resume(self, run: Run) -> None:
+    def resume(self, run: Checkpointable) -> None:
         """Continue from ``resume=auto`` (the newest valid checkpoint, if any) or ``resume=<checkpoint folder>``."""
         if run.cfg.run.resume == "auto":
             found = ckpt.latest_valid(self.folder, warn=run.log)
@@ -130,10 +131,8 @@ class RunCheckpointer:
         self.load(run, path)
         run.log(f"resumed from {path} at step {run.state.step}")
 
-    def load(self, run: Run, path: Path) -> None:
+    def load(self, run: Checkpointable, path: Path) -> None:
         from safetensors.torch import load_file
-
-        from lawa_suite.train import TrainState
 
         reset = run.cfg.run.reset_averagers
         state = ckpt.read_state(path, "state")
@@ -201,7 +200,7 @@ def _local_shards(state: Any) -> dict[str, torch.Tensor]:
     return {path: local_shard(t) for path, t in tensors.items()}
 
 
-def _restore_rng(run: Run, state: dict[str, Any], path: Path) -> None:
+def _restore_rng(run: Checkpointable, state: dict[str, Any], path: Path) -> None:
     """This process's own random streams, or rank 0's when the checkpoint came from another number of processes."""
     accelerator = run.accelerator
     ranks = state.get("rng_ranks") or []
@@ -214,7 +213,7 @@ def _restore_rng(run: Run, state: dict[str, Any], path: Path) -> None:
                 f"{accelerator.num_processes}: every process continues rank 0's random streams")
 
 
-def _rng_states_of_all_processes(run: Run) -> list[dict[str, Any]] | None:
+def _rng_states_of_all_processes(run: Checkpointable) -> list[dict[str, Any]] | None:
     """Each process's RNG state (its own dropout stream), gathered for the checkpoint; None for one process."""
     if run.accelerator.num_processes == 1:
         return None

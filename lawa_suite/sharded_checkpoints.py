@@ -34,11 +34,11 @@ from lawa_suite.averagers.base import Averager, named_tensors
 from lawa_suite.errors import CheckpointError
 
 if TYPE_CHECKING:
-    from lawa_suite.train import Run
+    from lawa_suite.run_state import Checkpointable
 
 __all__ = ["is_sharded_checkpoint", "save_sharded", "load_sharded", "read_whole", "ShardedWeights"]
 
-DCP_METADATA = ".metadata"
+DCP_METADATA = ckpt.DCP_METADATA
 
 
 def is_sharded_checkpoint(path: Path) -> bool:
@@ -105,7 +105,7 @@ def _template(t_shape: list[int], dtype: str, like: Tensor | None) -> Tensor:
     return torch.empty(t_shape, dtype=dt, device=device)
 
 
-def _averager_tensors(run: Run) -> tuple[dict[str, dict[str, Tensor]], dict[str, Any]]:
+def _averager_tensors(run: Checkpointable) -> tuple[dict[str, dict[str, Tensor]], dict[str, Any]]:
     """Every averager's tensors for DCP (keyed by averager, then path) and what rebuilds them: skeletons, owners,
     global shapes and dtypes."""
     params = run.unwrapped.state_dict()
@@ -125,7 +125,7 @@ def _averager_tensors(run: Run) -> tuple[dict[str, dict[str, Tensor]], dict[str,
     return out, described
 
 
-def save_sharded(run: Run, folder: Path, plain_state: dict[str, Any], info: dict[str, Any]) -> Path | None:
+def save_sharded(run: Checkpointable, folder: Path, plain_state: dict[str, Any], info: dict[str, Any]) -> Path | None:
     """Write checkpoint ``run.state.step`` into ``folder``: DCP shards from every rank, committed by rank 0. Every rank
     calls it. ``plain_state``: the rank-independent rest (rank 0's is written). Returns the committed folder on rank
     0, None elsewhere."""
@@ -165,7 +165,7 @@ def save_sharded(run: Run, folder: Path, plain_state: dict[str, Any], info: dict
     return committed
 
 
-def load_sharded(run: Run, path: Path, state: dict[str, Any]) -> None:
+def load_sharded(run: Checkpointable, path: Path, state: dict[str, Any]) -> None:
     """Load the weights and optimizer of the sharded checkpoint ``path`` into the run (of any number of processes)
     and put every averager's saved state, as this rank's shards, into ``state["averagers"]``."""
     import torch.distributed.checkpoint as dcp

@@ -45,6 +45,7 @@ from lawa_suite.preemption import StopFlag
 from lawa_suite.progress import ProgressBar
 from lawa_suite.rundir import MetricsLog, prepare_run_dir
 from lawa_suite.run_checkpoints import RunCheckpointer
+from lawa_suite.run_state import TrainState
 from lawa_suite.scoring import Scorer, score_line, seed_everything
 from lawa_suite.sharding import agree_finite, gather_full, shard_model
 from lawa_suite.tasks.base import Task, has_batchnorm, parameter_count
@@ -58,13 +59,6 @@ class RunResult:
     out: Path
     step: int
     skipped_steps: int
-
-
-@dataclass
-class TrainState:
-    step: int = 0            # optimizer steps taken
-    skipped: int = 0         # steps skipped for non-finite loss or gradients, in total
-    bad_in_a_row: int = 0    # consecutive skipped steps
 
 
 # -- learning-rate schedule (a pure function of the step: nothing to save, nothing to drift) -------------

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from lawa_suite.files import SUMS, Recorded, inside, read_sha256s
-from lawa_suite.sharded_checkpoints import DCP_METADATA
+from lawa_suite.checkpoints import DCP_METADATA
 
 __all__ = ["Snapshot", "Found", "STEP_NAME", "ACCEPTED", "discover", "find_stored", "folder_snapshot",
            "snapshot_of_path", "step_of", "split_name"]
