@@ -351,9 +351,7 @@ def average(
     Example: suite average runs/cifar/trajectory averager=lawa lawa.k=5 lawa.nu=100 interval=300 out=runs/cifar-lawa
     """
     from lawa_suite.posthoc import average as average_trajectory, parse_command
-    from lawa_suite.posthoc.limits import keep_slices_in_heap
 
-    keep_slices_in_heap()
     command = parse_command(words_of(overrides, "--force, --allow-torch-load, --hash-inputs"))
     if command.evaluate:  # a bad task or run key stops the command before the averaging, not after it
         from lawa_suite.analysis import eval_config

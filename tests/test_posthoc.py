@@ -760,6 +760,18 @@ def test_keep_slices_in_heap_keeps_freed_slices_mapped():
 
 
 # -- the command line -------------------------------------------------------------------------------------------
+def test_cli_average_leaves_the_allocator_alone(traj, tmp_path, monkeypatch):
+    # the glibc tweak is process-wide and for good: an opt-in for a process that only averages (the benchmark),
+    # never something `suite average` does to the process that called it (scoring, tests, a notebook)
+    import lawa_suite.posthoc.limits as limits
+    calls = []
+    monkeypatch.setattr(limits, "keep_slices_in_heap", lambda: calls.append(1) or True)
+    folder, _ = traj
+    result = runner.invoke(app, ["average", str(folder), "averager=ema", f"out={tmp_path / 'e'}"])
+    assert result.exit_code == 0, result.output
+    assert calls == []
+
+
 def test_cli_average_grid_and_errors(traj, tmp_path):
     folder, _ = traj
     result = runner.invoke(app, ["average", str(folder), "averager=lawa", "lawa.k=2,3", "lawa.nu=100",

@@ -1,5 +1,5 @@
 """The tunable sizes of a post-hoc run, in one object passed down (tests shrink them to exercise edge cases), and
-the C allocator's sizes for a process that does nothing else."""
+an opt-in tweak of the C allocator for a process that does nothing else."""
 
 from __future__ import annotations
 
@@ -32,11 +32,11 @@ class Limits:
 
 
 def keep_slices_in_heap() -> bool:
-    """For a process that runs ``suite average`` and exits (the CLI): glibc then serves the averagers' slices
-    (2 MiB each, allocated and freed thousands of times) from its heap and keeps freed memory there, instead of
-    mapping fresh zeroed pages for each (a page fault per 4 KiB): LAWA k=5 over 124M parameters took 0.71 s against
-    0.75 s (medians of 9, 2026-12-03). Process-wide and for good, so library calls of ``average`` leave it alone.
-    Returns whether it was applied (glibc on Linux)."""
+    """Opt-in, for a process that does nothing but average and exit (``benchmarks/posthoc.py`` sets it): glibc then
+    serves the averagers' slices (2 MiB each, allocated and freed thousands of times) from its heap and keeps freed
+    memory there, instead of mapping fresh zeroed pages for each (a page fault per 4 KiB): LAWA k=5 over 124M
+    parameters took 0.71 s against 0.75 s (medians of 9, 2026-12-03). It changes the allocator of the whole process
+    for good, so no library function or command calls it. Returns whether it was applied (glibc on Linux)."""
     if not sys.platform.startswith("linux"):
         return False
     try:
