@@ -1,7 +1,7 @@
 """Each task's training loop on CUDA, through the CUDA stand-in (``lawa_suite.testing.cuda_standin``): a tiny run of
 gpt2, cifar and ddpm in fp32 and bf16 with every averager, evaluated and checkpointed, then resumed from its middle
 checkpoint to the same end bit for bit (the stand-in computes with the CPU's kernels, so a GPU's nondeterministic
-reductions are not modelled: on a GPU resume is exact only with deterministic algorithms, README "Reliability").
+reductions are not modelled: on a GPU resume is exact only with deterministic algorithms, docs/gpu.md).
 And the defaults a GPU run gets: fused optimizers, TF32 and cuDNN autotuning (put back after the run), and the
 accumulation that keeps a preset's global batch on any number of processes.
 """

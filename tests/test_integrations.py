@@ -2,8 +2,8 @@
 
 Oracles: ``torch.optim.swa_utils.AveragedModel`` with ``get_ema_multi_avg_fn`` for EMA, means of the weights
 captured after each step for SWA and LAWA, a loss computed by hand on a fresh model holding the average for the
-averagers' eval metrics, ``torch.optim.swa_utils.update_bn`` for BatchNorm recalibration. The README's two examples
-run here as written, only their step counts scaled down.
+averagers' eval metrics, ``torch.optim.swa_utils.update_bn`` for BatchNorm recalibration. The two examples of
+docs/integrations.md run here as written, only their step counts scaled down.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from lawa_suite.integrations import AveragingCallback, averaged_weights, build_a
 transformers = pytest.importorskip("transformers", reason="the Trainer callback needs transformers")
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
-README = Path(__file__).resolve().parents[1] / "docs" / "integrations.md"  # the examples moved out of README.md
+INTEGRATIONS_DOC = Path(__file__).resolve().parents[1] / "docs" / "integrations.md"
 VOCAB, SEQ = 64, 16
 
 
@@ -445,29 +445,29 @@ def test_averaged_weights_refuses_what_it_cannot_put_in_with_one_line():
             pass
 
 
-# -- the README's examples, run as written ---------------------------------------------------------------------
-def readme_example(contains: str, scale: dict[str, str]) -> str:
+# -- docs/integrations.md's examples, run as written ----------------------------------------------------------
+def documented_example(contains: str, scale: dict[str, str]) -> str:
     """The python block of docs/integrations.md ("Averaging inside your own training loop", moved there from the
     README) holding ``contains``, with each ``scale`` replacement applied exactly once (step counts only: the code is
     the page's)."""
-    section = README.read_text()
+    section = INTEGRATIONS_DOC.read_text()
     blocks = [b for b in re.findall(r"```python\n(.*?)```", section, flags=re.S) if contains in b]
-    assert len(blocks) == 1, f"{README.name} has {len(blocks)} python blocks with {contains!r}"
+    assert len(blocks) == 1, f"{INTEGRATIONS_DOC.name} has {len(blocks)} python blocks with {contains!r}"
     code = blocks[0]
     for old, new in scale.items():
-        assert code.count(old) == 1, f"README example: expected {old!r} once"
+        assert code.count(old) == 1, f"docs/integrations.md example: expected {old!r} once"
         code = code.replace(old, new)
     return code
 
 
 def test_the_readme_trainer_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code = readme_example("AveragingCallback(", {"max_steps=2000": "max_steps=12", "eval_steps=200": "eval_steps=6",
+    code = documented_example("AveragingCallback(", {"max_steps=2000": "max_steps=12", "eval_steps=200": "eval_steps=6",
                                                  '"nu": 100': '"nu": 2'})
     namespace = {"model": tiny_gpt2(), "train_set": token_set(48, 1), "eval_set": token_set(8, 2)}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        exec(compile(code, "README.md", "exec"), namespace)
+        exec(compile(code, "docs/integrations.md", "exec"), namespace)
     assert not [w for w in caught if "AveragingCallback" in str(w.message)]
     trainer, averaging = namespace["trainer"], namespace["averaging"]
     logged = {k for e in trainer.state.log_history for k in e}
@@ -480,7 +480,7 @@ def test_the_readme_trainer_example_runs(tmp_path, monkeypatch):
 
 
 def test_the_readme_plain_loop_example_runs(capsys):
-    code = readme_example("train_loader", {"step % 500": "step % 4"})
+    code = documented_example("train_loader", {"step % 500": "step % 4"})
     model = bn_model()
     scored: list[dict[str, torch.Tensor]] = []
     g = torch.Generator().manual_seed(3)
@@ -488,7 +488,7 @@ def test_the_readme_plain_loop_example_runs(capsys):
     namespace = {"model": model, "train_loader": loader, "calibration_batches": loader[:2],
                  "optimizer": torch.optim.SGD(model.parameters(), lr=0.1),
                  "evaluate": lambda m: scored.append(clone(m)) or len(scored)}
-    exec(compile(code, "README.md", "exec"), namespace)
+    exec(compile(code, "docs/integrations.md", "exec"), namespace)
     assert len(scored) == 2 and capsys.readouterr().out.split() == ["4", "1", "8", "2"]
     average = namespace["ema"].average()
     assert torch.equal(scored[1]["0.weight"], average["0.weight"])
