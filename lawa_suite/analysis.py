@@ -45,7 +45,8 @@ from lawa_suite.config import ResolvedConfig, dotted, parse_overrides, resolve
 from lawa_suite.errors import AnalysisError, ConfigError
 from lawa_suite.files import commit_folder, mark_output, staged_folder, write_text_atomic
 from lawa_suite.report import comparison_table, load_metrics, plot_curves, summarise
-from lawa_suite.report.run import fmt
+from lawa_suite.report.curves import fmt
+from lawa_suite.plotting import figure, save
 from lawa_suite.rundir import claim_out, find_run_config, read_saved
 from lawa_suite.scoring import Scorer, forked_rng, score_line, seed_everything
 from lawa_suite.tasks.base import has_batchnorm
@@ -404,17 +405,13 @@ def check_out(out: str | os.PathLike[str], force: bool, command: str = "suite an
 def write_lmc(out: str | os.PathLike[str], result: dict[str, Any], metrics: Mapping[str, str], labels: tuple[str, str],
               force: bool = False) -> Path:
     """``lmc.json``, ``lmc.md`` and ``lmc.png`` in ``out`` (new or empty unless ``force``). Returns ``lmc.md``."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     out = Path(out)
     check_out(out, force)  # (the inputs were checked before the work: labels need not be paths)
     out.mkdir(parents=True, exist_ok=True)
     mark_output(out, "suite analyze lmc", a=labels[0], b=labels[1])
     names = [m for m in metrics if m in result["rows"][0]]
     alphas = result["alphas"]
-    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.8), squeeze=False)
+    fig, axes = figure(1, len(names), (5 * len(names), 3.8))
     for ax, m in zip(axes[0], names):
         values = [r[m] for r in result["rows"]]
         ax.plot(alphas, values, marker="o", color="black", label="path")
@@ -424,9 +421,7 @@ def write_lmc(out: str | os.PathLike[str], result: dict[str, Any], metrics: Mapp
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(f"alpha * A + (1 - alpha) * B; A = {labels[0]}, B = {labels[1]}")
-    fig.tight_layout()
-    fig.savefig(out / "lmc.png", dpi=110)
-    plt.close(fig)
+    save(fig, out / "lmc.png", dpi=110)
     write_text_atomic(out / "lmc.json", json.dumps({"a": labels[0], "b": labels[1], **result}, indent=1) + "\n")
     text = ["# Linear path between two checkpoints", "", f"A = `{labels[0]}`, B = `{labels[1]}`; alpha is A's weight.",
             "BatchNorm statistics were recomputed at every alpha." if result["recalibrated"] else "", "",

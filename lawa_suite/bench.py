@@ -41,7 +41,10 @@ from typing import Any, Callable
 import yaml
 
 from lawa_suite.config import ConfigError, ResolvedConfig, parse_overrides, resolve, split_list
+from lawa_suite.errors import CheckpointError, DataUnavailable, NonFiniteTraining, Preempted
 from lawa_suite.files import first_line, write_text_atomic
+from lawa_suite.rundir import METRICS_FILE, read_metrics
+from lawa_suite.threads import torch_threads
 from lawa_suite.sweeps import Sweep, check_lmc, check_sweeps, parse_lmc, parse_sweeps, run_lmc, run_sweeps
 
 __all__ = ["Bench", "Cell", "load_bench", "cells", "cell_config", "cell_status", "run_bench", "validate",
@@ -324,7 +327,6 @@ def cell_status(cell: Cell, cfg: ResolvedConfig) -> str:
     were kept without their checkpoints, as a committed reference is), ``partial`` (a run folder to resume) or
     ``new``."""
     from lawa_suite import checkpoints as ckpt
-    from lawa_suite.report.run import load_metrics
 
     if not (cell.out / "config.yaml").is_file():
         return "new"
@@ -333,9 +335,14 @@ def cell_status(cell: Cell, cfg: ResolvedConfig) -> str:
     saved = ckpt.list_checkpoints(cell.out / "checkpoints")
     if any(c.step >= cfg.run.steps and not ckpt.verify(c.path) for c in saved):
         return "done"
-    curves, _ = load_metrics(cell.out / "metrics.jsonl")
-    last = max((points[-1][0] for points in curves.get("raw", {}).values() if points), default=0)
+    last = max((r["step"] for r in read_metrics(cell.out / METRICS_FILE) if _raw_evaluation(r)), default=0)
     return "done" if last >= cfg.run.steps else "partial"
+
+
+def _raw_evaluation(record: dict[str, Any]) -> bool:
+    """A ``metrics.jsonl`` record scoring the raw weights (not a training line, not another weights' score)."""
+    return (record.get("split") != "train" and record.get("weights", "raw") == "raw"
+            and any(isinstance(v, (int, float)) for k, v in record.items() if k not in ("step", "split", "weights")))
 
 
 def validate(bench: Bench) -> list[tuple[Cell, ResolvedConfig]]:
@@ -368,10 +375,7 @@ def run_bench(bench: Bench, log: Callable[[str], None] = print, only: int | None
     A failure in one cell (non-finite training, missing data) is recorded and the next cell runs; a SIGTERM
     (``Preempted``) stops the bench at once, its cell checkpointed, to be continued by running the bench again.
     """
-    import torch
-
-    from lawa_suite.errors import CheckpointError, DataUnavailable, NonFiniteTraining, Preempted
-    from lawa_suite.train import train
+    from lawa_suite.train import train  # lazily: the training stack only when a bench runs
 
     planned = validate(bench)
     # a cell=N job reads the spec and never rewrites it (many processes, one file); two processes running parts of
@@ -380,30 +384,29 @@ def run_bench(bench: Bench, log: Callable[[str], None] = print, only: int | None
         write_spec(bench)
     elif not 0 <= only < len(planned):
         raise ConfigError(f"cell: expected an index in [0, {len(planned) - 1}], got {only}")
-    if bench.threads:
-        torch.set_num_threads(bench.threads)
     result = BenchResult()
-    for cell, cfg in planned:
-        if only is not None and cell.index != only:
-            continue
-        status = cell_status(cell, cfg)
-        if status == "done":
-            log(f"[{cell.index + 1}/{len(planned)}] {cell.label}: done before, skipped ({cell.out})")
-            result.skipped.append(cell)
+    with torch_threads(bench.threads):  # put back when the bench ends: the caller's process keeps its own count
+        for cell, cfg in planned:
+            if only is not None and cell.index != only:
+                continue
+            status = cell_status(cell, cfg)
+            if status == "done":
+                log(f"[{cell.index + 1}/{len(planned)}] {cell.label}: done before, skipped ({cell.out})")
+                result.skipped.append(cell)
+                result.failed += [(cell, f) for f in after_run(cell, bench, log)]
+                continue
+            log(f"[{cell.index + 1}/{len(planned)}] {cell.label}: "
+                f"{'resuming' if status == 'partial' else 'starting'} ({cell.out})")
+            try:
+                train(cfg)
+            except Preempted as exc:  # the cell is checkpointed: running the bench again continues it
+                raise Preempted(f"{exc}; run the same suite bench again to continue") from None
+            except (NonFiniteTraining, DataUnavailable, CheckpointError, ConfigError) as exc:
+                log(f"[{cell.index + 1}/{len(planned)}] {cell.label}: FAILED: {exc}")
+                result.failed.append((cell, str(exc)))
+                continue
+            result.done.append(cell)
             result.failed += [(cell, f) for f in after_run(cell, bench, log)]
-            continue
-        log(f"[{cell.index + 1}/{len(planned)}] {cell.label}: {'resuming' if status == 'partial' else 'starting'}"
-            f" ({cell.out})")
-        try:
-            train(cfg)
-        except Preempted as exc:  # the cell is checkpointed: running the bench again continues it
-            raise Preempted(f"{exc}; run the same suite bench again to continue") from None
-        except (NonFiniteTraining, DataUnavailable, CheckpointError, ConfigError) as exc:
-            log(f"[{cell.index + 1}/{len(planned)}] {cell.label}: FAILED: {exc}")
-            result.failed.append((cell, str(exc)))
-            continue
-        result.done.append(cell)
-        result.failed += [(cell, f) for f in after_run(cell, bench, log)]
     return result
 
 

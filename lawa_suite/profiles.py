@@ -22,6 +22,7 @@ import torch
 
 from lawa_suite.averagers.base import Averager
 from lawa_suite.errors import ConfigError
+from lawa_suite.plotting import figure, save
 
 __all__ = ["EXACT_LIMIT", "MAX_STEPS", "Profile", "profile", "draw"]
 
@@ -101,13 +102,9 @@ def profile(cls: type[Averager], config: Mapping[str, Any], total: int, bins: in
 
 def draw(profiles: Sequence[Profile], path: Path, title: str = "") -> Path:
     """One PNG: a panel per profile, its weight per unit of t/T (bars), with its centre and sigma_rel."""
-    import matplotlib  # lazily: importing the package should not pay for matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     cols = min(3, len(profiles))
     rows = -(-len(profiles) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.8 * rows), squeeze=False)
+    fig, axes = figure(rows, cols, (4.2 * cols, 2.8 * rows))
     for ax, p in zip(axes.flat, profiles):
         shown = _display_bins(p, 200)
         width = 1.0 / len(shown)
@@ -135,10 +132,8 @@ def draw(profiles: Sequence[Profile], path: Path, title: str = "") -> Path:
         axes[0][0].set_ylabel("weight per unit t/T", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)
     return path
 
 

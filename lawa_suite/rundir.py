@@ -44,7 +44,13 @@ from lawa_suite.files import OUTPUT_MARK, inside, lock_beside, made_by, write_te
 
 __all__ = ["MetricsLog", "read_metrics", "truncate_metrics", "prepare_run_dir", "lock_run", "unlock_run",
            "lock_file", "holds_run", "claim_out", "find_run_config", "read_saved", "load_resolved",
-           "config_differences", "RESUMABLE_CHANGES"]
+           "config_differences", "dotted", "RESUMABLE_CHANGES", "CONFIG_FILE", "METRICS_FILE", "SWEEPS_DIR", "LMC_DIR"]
+
+# What a run folder holds, by name: the trainer, the bench's post-hoc sweeps and the reports all name them from here.
+CONFIG_FILE = "config.yaml"      # the fully resolved config, written before training starts
+METRICS_FILE = "metrics.jsonl"   # one JSON record a line
+SWEEPS_DIR = "posthoc"           # a bench cell's post-hoc sweeps: one folder per sweep (``sweeps.run_sweeps``)
+LMC_DIR = "lmc"                  # a bench cell's linear paths: one folder per pair of fractions (``sweeps.run_lmc``)
 
 # Keys that may change between a run and its resumption (none changes what is computed); any other difference is
 # refused.

@@ -21,12 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from lawa_suite.config import ConfigError, ResolvedConfig, parse_overrides
+from lawa_suite.rundir import LMC_DIR, SWEEPS_DIR  # re-exported: the folder names' old home
 
 __all__ = ["SWEEPS_DIR", "LMC_DIR", "Sweep", "parse_sweeps", "check_sweeps", "run_sweeps", "parse_lmc", "check_lmc",
            "run_lmc"]
 
-SWEEPS_DIR = "posthoc"  # in a cell's run folder: one folder per sweep
-LMC_DIR = "lmc"         # in a cell's run folder: one folder per pair of fractions
 
 
 @dataclass(frozen=True)

@@ -239,3 +239,18 @@ def test_two_processes_running_parts_of_one_bench_both_run_and_write_the_whole_s
     written = yaml.safe_load((tmp_path / "b" / "bench.yaml").read_text())
     assert set(written["tasks"]) == {"toy", "toy-constant"} and written["tasks"]["toy-constant"]["task"] == "toy"
     assert (tmp_path / "b" / "toy-constant" / "lr0.05-seed0" / "metrics.jsonl").is_file()
+
+
+def test_thread_count_is_put_back_after_the_block_even_when_it_raises():
+    import torch
+
+    from lawa_suite.threads import torch_threads
+
+    before = torch.get_num_threads()
+    other = before + 1
+    with pytest.raises(RuntimeError), torch_threads(other):
+        assert torch.get_num_threads() == other
+        raise RuntimeError("a cell failed")
+    assert torch.get_num_threads() == before
+    with torch_threads(None):  # bench threads=0: the count is left alone
+        assert torch.get_num_threads() == before

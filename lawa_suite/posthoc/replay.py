@@ -25,9 +25,8 @@ from __future__ import annotations
 import json
 import math
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +41,7 @@ from lawa_suite.posthoc.modelfolder import ModelFolders, copy_carried
 from lawa_suite.posthoc.plan import Output, Track
 from lawa_suite.posthoc.reader import Reader
 from lawa_suite.posthoc.writer import DIRECT_ALIGN, OutputFile, Writer, in_memory, safetensors_header
+from lawa_suite.threads import torch_threads
 
 __all__ = ["DERIVED_FORMAT", "NonFiniteInput", "average_all", "write_outputs", "Order"]
 
@@ -82,7 +82,10 @@ def write_outputs(outputs: list[Output], order: Order, staging: Path, limits: Li
     hasher, writer = Writer(depth=8), Writer(depth=8)
     try:
         _open_outputs(outputs, order, staging, files, writer, hasher, limits, folders)
-        with _single_torch_thread():
+        # torch on one thread while the pass runs: its ops work on cache-sized slices, where an OpenMP team per op
+        # costs more than it gains, and far more when other processes share the cores (each op then waits for a
+        # descheduled team member, benchmarks/posthoc.py); the pass gets its parallelism from its own threads
+        with torch_threads(1):
             stream(files)
         hasher.close()
         writer.close()
@@ -112,20 +115,6 @@ def block_elements(tracks: int, limits: Limits) -> int:
     """Slice size for elementwise averagers: ``block_elements``, smaller when many averagers share the budget."""
     per_track = limits.block_budget // max(1, tracks) // (4 * 4)  # ~4 fp32 slices live per averager at a time
     return max(4096, min(limits.block_elements, per_track // 4096 * 4096))
-
-
-@contextmanager
-def _single_torch_thread() -> Iterator[None]:
-    """Torch on one thread while the pass runs (restored after). Its ops work on cache-sized slices, where an
-    OpenMP team per op costs more than it gains, and far more when other processes share the cores: each op then
-    waits for a descheduled team member (``benchmarks/posthoc.py``). The run gets its parallelism from its own
-    threads instead."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _open_outputs(outputs: list[Output], order: Order, staging: Path, files: dict[int, OutputFile], writer: Writer,

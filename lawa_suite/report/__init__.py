@@ -1,9 +1,12 @@
-"""Reports: what a run, or many runs, say about averaging.
+"""Reports: what a run, or many runs, say about averaging. They read run folders only: no task, trainer or config
+code is imported (``meaning.py`` holds what a saved config and a metric mean), and figures are drawn through
+``lawa_suite.plotting`` (no pyplot, no backend switch).
 
-- ``run.py``: one run's page: ``metrics.jsonl`` -> ``report.md`` (a comparison table) and ``curves.png``.
-- ``bench.py``: the cross-run report: runs grouped by task and learning rate, seed means, steps to target.
-- ``claims.py``: the four claims a bench tests, judged per task and learning rate.
-- ``html.py``: the Markdown those pages use -> one self-contained HTML page, PNGs embedded.
+Modules, each importing only those above it: ``meaning.py`` (tables: keys added later, built-in metrics),
+``curves.py`` (a run's curves and metric helpers), ``records.py`` (``RunRecord``, ``Band``, ``LrSummary``,
+``Verdict``, ``experiment_key``), ``paired.py``, ``targets.py``, ``lrs.py``, ``sweeps.py``, ``connectivity.py``,
+``schedules.py``, ``claims.py`` (the claims a bench tests), ``findings.py`` and ``run.py`` (one run's page:
+``report.md`` and ``curves.png``), ``bench.py`` (the cross-run report), ``html.py`` (Markdown -> one HTML page).
 """
 
 from __future__ import annotations

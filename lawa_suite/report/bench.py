@@ -8,88 +8,29 @@ raw's own steps to the same target (``targets.py``).
 
 from __future__ import annotations
 
-import functools
 import hashlib
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-import yaml
+from typing import Any
 
 from lawa_suite.files import write_text_atomic
+from lawa_suite.plotting import figure, palette, save, wide_range
+from lawa_suite.report.claims import claims, claims_section
+from lawa_suite.report.curves import SIZE_KEYS, best_point, direction_of, fmt, metric_directions, metric_notes, ordered
 from lawa_suite.report.html import to_html
-from lawa_suite.report.paired import gain, phase_table
 from lawa_suite.report.lrs import lr_section
+from lawa_suite.report.paired import gain, phase_table
+from lawa_suite.report.records import Band, LrSummary, RunRecord, Verdict, experiment_key, read_run
+from lawa_suite.report.run import find_runs
 from lawa_suite.report.schedules import claim_g
 from lawa_suite.report.sweeps import sweep_section
 from lawa_suite.report.targets import SMOOTH, steps_table
-from lawa_suite.report.run import (
-    SIZE_KEYS,
-    Curves,
-    best_point,
-    direction_of,
-    find_runs,
-    fmt,
-    load_metrics,
-    metric_directions,
-    metric_notes,
-    ordered,
-    palette,
-    wide_range,
-)
 
-if TYPE_CHECKING:
-    from lawa_suite.report.claims import Verdict
-
-__all__ = ["RunRecord", "read_run", "Band", "seed_band", "LrSummary",
+# RunRecord, Band, LrSummary, read_run and experiment_key are re-exported: this module was their home
+__all__ = ["RunRecord", "read_run", "Band", "seed_band", "LrSummary", "experiment_key",
            "summarise_lr", "lr_table", "plot_task", "group_runs", "task_section",
            "write_bench_report"]
-
-
-
-@dataclass
-class RunRecord:
-    """One run folder, read back: its identity from config.yaml, its curves from metrics.jsonl."""
-    path: Path
-    task: str
-    preset: str
-    lr: float
-    seed: int
-    steps: int
-    config: dict[str, Any]
-    curves: Curves
-    train: list[tuple[int, float]]
-
-    @property
-    def last_step(self) -> int:
-        return max((p[-1][0] for c in self.curves.values() for p in c.values() if p), default=0)
-
-
-@dataclass
-class Band:
-    """A seed-mean curve with its min-max band, over the steps every seed evaluated."""
-    steps: list[int]
-    mean: list[float]
-    low: list[float]
-    high: list[float]
-    seeds: int
-
-    def at(self, step: int) -> float | None:
-        return self.mean[self.steps.index(step)] if step in self.steps else None
-
-    @property
-    def points(self) -> list[tuple[int, float]]:
-        """(step, seed-mean value) pairs."""
-        return list(zip(self.steps, self.mean))
-
-
-def read_run(path: Path) -> RunRecord:
-    config = yaml.safe_load((path / "config.yaml").read_text())
-    curves, train = load_metrics(path / "metrics.jsonl")
-    return RunRecord(path, config["task"], config.get("preset", ""), float(config["lr"]), int(config["seed"]),
-                     int(config["steps"]), config, curves, train)
 
 
 def seed_band(runs: list[RunRecord], weights_name: str, metric: str) -> Band | None:
@@ -102,21 +43,6 @@ def seed_band(runs: list[RunRecord], weights_name: str, metric: str) -> Band | N
     values = [[s[step] for s in series] for step in steps]
     return Band(steps, [sum(v) / len(v) for v in values], [min(v) for v in values], [max(v) for v in values],
                 len(series))
-
-
-@dataclass
-class LrSummary:
-    """One (task, lr) cell of the report: per weights, the seed-mean band and its numbers."""
-    lr: float
-    runs: list[RunRecord]
-    bands: dict[str, Band]
-    headline: str
-    direction: str
-    rows: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def steps(self) -> int:
-        return self.runs[0].steps
 
 
 def summarise_lr(lr: float, runs: list[RunRecord], headline: str, direction: str) -> LrSummary:
@@ -143,12 +69,8 @@ def plot_task(task: str, by_lr: list[LrSummary], metrics: list[str], directions:
               colour_names: Iterable[str] = ()) -> None:
     """Rows: metrics; columns: learning rates; a line per weights (seed mean) with a min-max band. ``colour_names``:
     every weights name the report draws, for its one palette."""
-    import matplotlib  # lazily: importing the package should not pay for matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = len(metrics) + 1  # the last row: each averager's gain over raw on the headline metric, zoomed in
-    fig, axes = plt.subplots(rows, len(by_lr), figsize=(5.2 * len(by_lr), 3.4 * rows), squeeze=False)
+    fig, axes = figure(rows, len(by_lr), (5.2 * len(by_lr), 3.4 * rows))
     names = ordered({w: None for s in by_lr for r in s.runs for w in r.curves})  # type: ignore[arg-type]
     colours = palette([*colour_names, *names])
     for col, s in enumerate(by_lr):
@@ -190,39 +112,7 @@ def plot_task(task: str, by_lr: list[LrSummary], metrics: list[str], directions:
         ax.grid(alpha=0.3)
     fig.suptitle(f"{task}: mean over {by_lr[0].bands['raw'].seeds if 'raw' in by_lr[0].bands else '?'} seed(s), "
                  f"band = min-max")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-# Keys in which true replicates may differ: where the run lives and how it was watched, not what it computed.
-# The seed is what replicates are; lr is the report's own axis.
-NOT_THE_EXPERIMENT = {"seed", "lr", "out", "progress", "trackers", "resume", "reset_averagers", "data.cache",
-                      "checkpoint.every", "checkpoint.keep"}
-
-
-def experiment_key(run: RunRecord) -> dict[str, Any]:
-    """What a run computed, from its resolved config (dotted keys): two runs are seeds of one experiment only if
-    these are equal. A key added to the suite after a run was made (``compile``, ``distributed``) counts at its
-    default, which keeps the old behaviour, so a reference run over several versions stays one experiment."""
-    from lawa_suite.config import dotted
-
-    own = {k: v for k, v in dotted(run.config).items() if k not in NOT_THE_EXPERIMENT}
-    return {**{k: v for k, v in _current_defaults(run.task, run.preset).items() if k not in NOT_THE_EXPERIMENT},
-            **own}
-
-
-@functools.lru_cache(maxsize=None)
-def _current_defaults(task: str, preset: str) -> dict[str, Any]:
-    """Every key this version of the suite resolves for ``task`` and ``preset`` (empty for an unknown task)."""
-    from lawa_suite.config import dotted, resolve
-    from lawa_suite.errors import SuiteError
-
-    try:
-        cfg = resolve([f"task={task}", *([f"preset={preset}"] if preset else [])])
-    except (SuiteError, ValueError):
-        return {}
-    return dotted(yaml.safe_load(cfg.to_yaml()))
+    save(fig, path, dpi=100)
 
 
 def group_runs(runs: list[RunRecord]) -> dict[str, dict[float, list[RunRecord]]]:
@@ -263,8 +153,6 @@ def task_section(label: str, by_lr_runs: dict[float, list[RunRecord]], out: Path
                  colour_names: Iterable[str] = ()) -> tuple[list[str], list[Verdict]]:
     """One task's Markdown (plot, a table per learning rate, the high-vs-low gap) and its claims' verdicts;
     ``colour_names``: every weights name the report draws, for its one palette."""
-    from lawa_suite.report.claims import claims  # here, not on top: claims builds on this module's summaries
-
     first = next(iter(by_lr_runs.values()))[0]
     directions = metric_directions(first.task)
     metrics = _metrics_of(by_lr_runs, directions)  # the headline and one more (FID and loss; accuracy and loss)
@@ -301,8 +189,6 @@ def task_section(label: str, by_lr_runs: dict[float, list[RunRecord]], out: Path
 
 def write_bench_report(paths: list[Path], out: Path, title: str = "") -> Path:
     """Write ``report.md``, ``report.html`` and one PNG per task into ``out``; returns the Markdown path."""
-    from lawa_suite.report.claims import claims_section  # here, not on top: claims imports this module
-
     runs = [read_run(p) for p in find_runs(paths)]
     if not runs:
         raise ValueError(f"{', '.join(map(str, paths))}: no run folders (config.yaml + metrics.jsonl) found")

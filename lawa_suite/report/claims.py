@@ -10,24 +10,15 @@ of the run; the end-of-training comparison is reported beside them, not instead.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from lawa_suite.report.bench import LrSummary
+from lawa_suite.report.connectivity import claim_e
 from lawa_suite.report.lrs import TRAINS_WITHIN, still_trains, tuned
-from lawa_suite.report.paired import EARLY_MID, Interval, combined, final_gains, phase_gains, t_interval
+from lawa_suite.report.paired import EARLY_MID, INTERVAL_NOTE, Interval, combined, final_gains, phase_gains, t_interval
+from lawa_suite.report.records import LrSummary, Verdict
 from lawa_suite.report.targets import saved_fractions
 
 __all__ = ["Verdict", "swa_like", "claims", "CLAIM_TEXT", "claims_section"]
 
 OUTCOMES = ("held", "did not hold", "inconclusive")
-
-
-@dataclass
-class Verdict:
-    claim: str
-    where: str
-    outcome: str           # held | did not hold | inconclusive
-    evidence: str
 
 
 def swa_like(summary: LrSummary) -> list[tuple[float, str]]:
@@ -157,8 +148,6 @@ def claim_f(where: str, s: LrSummary) -> list[Verdict]:
 
 
 def claims(task: str, by_lr: list[LrSummary]) -> list[Verdict]:
-    from lawa_suite.report.connectivity import claim_e  # reads the runs' lmc/ folders
-
     verdicts = claim_a(task, by_lr)
     for s in by_lr:
         where = f"{task} lr={s.lr:g}"
@@ -181,8 +170,6 @@ CLAIM_TEXT = {
 
 def claims_section(verdicts: list[Verdict]) -> list[str]:
     """The report's "The claims" section: per claim, how the verdicts fell, then each with its numbers."""
-    from lawa_suite.report.paired import INTERVAL_NOTE
-
     lines = ["## The claims", "", INTERVAL_NOTE, ""]
     for key, text in CLAIM_TEXT.items():
         found = [v for v in verdicts if v.claim == key]

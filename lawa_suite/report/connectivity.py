@@ -13,21 +13,15 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 from lawa_suite.report.paired import PHASES, combined, gain, t_interval
-
-if TYPE_CHECKING:
-    from lawa_suite.report.bench import LrSummary
-    from lawa_suite.report.claims import Verdict
+from lawa_suite.report.records import LrSummary, Verdict
+from lawa_suite.rundir import LMC_DIR
 
 __all__ = ["midpoint_gains", "claim_e"]
 
 
 def midpoint_gains(runs: Sequence, metric: str, direction: str) -> dict[str, list[float]]:
     """pair label ("0.5-0.6") -> per run, the midpoint's gain over the mean of the two ends in ``metric``."""
-    from lawa_suite.sweeps import LMC_DIR
-
     found: dict[str, list[float]] = {}
     for run in runs:
         for path in sorted(Path(run.path, LMC_DIR).glob("*/lmc.json")):
@@ -40,8 +34,6 @@ def midpoint_gains(runs: Sequence, metric: str, direction: str) -> dict[str, lis
 
 
 def claim_e(where: str, s: LrSummary) -> list[Verdict]:
-    from lawa_suite.report.claims import Verdict
-
     gains = midpoint_gains(s.runs, s.headline, s.direction)
     if not gains:
         return []

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lawa_suite.report.paired import PHASES, gain
-from lawa_suite.report.run import SIZE_KEYS, Curves, ordered, palette
+from lawa_suite.report.curves import SIZE_KEYS, Curves, ordered
+from lawa_suite.plotting import figure, palette, save
 
 __all__ = ["PhaseGain", "phase_gains_of_run", "findings_lines"]
 
@@ -139,12 +140,9 @@ def _no_gain(raw_evaluations: int) -> str:
 
 
 def _plot(curves: Curves, steps: int, metric: str, direction: str, path: Path, colours: dict[str, str]) -> None:
-    import matplotlib  # lazily: importing the package should not pay for matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     raw = dict(curves.get("raw", {}).get(metric, []))
-    fig, ax = plt.subplots(figsize=(7, 3.6))
+    fig, axes = figure(size=(7, 3.6))
+    ax = axes[0][0]
     for (phase, (lo, hi)), shade in zip(PHASES.items(), ("#f2f2f2", "#e4e4e4", "#f2f2f2")):
         ax.axvspan(lo * steps, hi * steps, color=shade, zorder=0)
         ax.text((lo + hi) / 2 * steps, 1.0, phase, transform=ax.get_xaxis_transform(), ha="center", va="bottom",
@@ -159,6 +157,4 @@ def _plot(curves: Curves, steps: int, metric: str, direction: str, path: Path, c
     ax.set_ylabel(f"gain over raw in {metric}")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)

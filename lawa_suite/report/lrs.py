@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lawa_suite.report.paired import EARLY_MID, final_gains, phase_gains, t_interval
-from lawa_suite.report.run import fmt, palette
+from lawa_suite.report.curves import fmt
+from lawa_suite.plotting import figure, palette, save
 
 if TYPE_CHECKING:
-    from lawa_suite.report.bench import LrSummary
+    from lawa_suite.report.records import LrSummary
 
 __all__ = ["TRAINS_WITHIN", "tuned", "still_trains", "lr_section"]
 
@@ -80,12 +81,9 @@ def lr_section(by_lr: Sequence[LrSummary], out: Path, png: str, colour_names: It
 
 
 def _plot(by_lr: Sequence[LrSummary], names: list[str], path: Path, colours: dict[str, str]) -> None:
-    import matplotlib  # lazily: importing the package should not pay for matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     ordered = sorted(by_lr, key=lambda s: s.lr)
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    fig, grid = figure(1, 2, (9, 3.4))
+    axes = grid[0]
     panels = ((axes[0], EARLY_MID, f"early-mid (first {EARLY_MID[1]:.0%})"), (axes[1], None, "final"))
     for ax, phase, title in panels:
         for name in names:
@@ -108,6 +106,4 @@ def _plot(by_lr: Sequence[LrSummary], names: list[str], path: Path, colours: dic
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=7)
     fig.suptitle("paired gain over raw against the learning rate (mean over seeds, 95% interval)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from lawa_suite.report.bench import RunRecord
+    from lawa_suite.report.records import RunRecord
 
 __all__ = ["PHASES", "EARLY_MID", "Interval", "combined", "t_interval", "gain", "phase_gains", "final_gains",
            "phase_table", "INTERVAL_NOTE"]

@@ -7,113 +7,32 @@ run's final headline metric (the LAWA papers' "steps saved" view).
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from lawa_suite.files import write_text_atomic
-from lawa_suite.rundir import read_metrics, read_saved
+from lawa_suite.report.curves import (
+    SIZE_KEYS,
+    Curves,
+    best_point,
+    better,
+    direction_of,
+    first_reaching,
+    fmt,
+    load_metrics,
+    metric_directions,
+    metric_notes,
+    ordered,
+)
+from lawa_suite.report.findings import findings_lines
+from lawa_suite.plotting import PALETTE, colour_of, figure, palette, save, wide_range
+from lawa_suite.rundir import CONFIG_FILE, METRICS_FILE, read_saved
 
-__all__ = ["Curves", "load_metrics", "evaluator_of", "metric_directions", "metric_notes", "wide_range", "ordered",
+# The curves' names are re-exported: ``lawa_suite.report.run`` was their home and plugins import them from here.
+__all__ = ["Curves", "load_metrics", "metric_directions", "metric_notes", "wide_range", "ordered",
            "direction_of", "better", "summarise", "first_reaching", "best_point", "fmt", "comparison_table",
            "PALETTE", "palette", "colour_of", "SIZE_KEYS", "plot_curves", "write_report", "is_run_dir", "find_runs"]
-
-Curves = dict[str, dict[str, list[tuple[int, float]]]]  # weights -> metric -> [(step, value)]
-
-# matplotlib's default colours (tab10), fixed here so that no plot takes them from its own running colour cycle
-PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
-           "#17becf")
-# what an evaluation rests on (how many images, windows, tokens it scored), when a record says so: not a metric
-SIZE_KEYS = ("images", "examples", "windows", "tokens")
-
-
-def load_metrics(path: Path) -> tuple[Curves, list[tuple[int, float]]]:
-    """Validation curves per weights and metric, and the training-loss curve, from ``metrics.jsonl``."""
-    curves: Curves = defaultdict(lambda: defaultdict(list))
-    train: list[tuple[int, float]] = []
-    for record in read_metrics(Path(path)):  # a cut-short last line is skipped with a warning; others are errors
-        step, split, weights = record["step"], record.get("split"), record.get("weights", "raw")
-        if split == "train":
-            if record.get("loss") is not None:
-                train.append((step, record["loss"]))
-            continue
-        for key, value in record.items():
-            if key not in ("step", "split", "weights") and isinstance(value, (int, float)):
-                curves[weights][key].append((step, float(value)))
-    return curves, train
-
-
-def evaluator_of(task: str) -> Any:
-    """The task's evaluator class, or None (a plugin that is no longer installed: reports fall back on names)."""
-    from lawa_suite import registry
-    try:
-        return registry.evaluators.get(registry.tasks.get(task).evaluator)
-    except Exception:  # noqa: BLE001 - any failure of a plugin means the same here
-        return None
-
-
-def metric_directions(task: str) -> dict[str, str]:
-    """``metric -> "max"|"min"`` from the task's evaluator; the first metric is the headline."""
-    evaluator = evaluator_of(task)
-    return dict(evaluator.metrics) if evaluator is not None else {}
-
-
-def metric_notes(task: str, metrics: list[str]) -> list[str]:
-    """The evaluator's sentence for each of ``metrics`` whose name alone could mislead."""
-    notes = getattr(evaluator_of(task), "notes", {}) or {}
-    return [f"`{m}`: {notes[m]}." for m in metrics if m in notes]
-
-
-def wide_range(values: list[float]) -> bool:
-    """Positive values spanning more than 8x (FID falls from hundreds to tens): drawn on a log axis."""
-    return bool(values) and min(values) > 0 and max(values) / min(values) > 8
-
-
-def ordered(curves: Curves) -> list[str]:
-    """Weights names, raw first, then averagers alphabetically."""
-    return sorted(curves, key=lambda w: (w != "raw", w))
-
-
-def direction_of(metric: str, directions: dict[str, str]) -> str:
-    """``"max"`` or ``"min"``: the evaluator's word, else a guess from the metric's name."""
-    if metric in directions:
-        return directions[metric]
-    return "max" if any(word in metric for word in ("acc", "top", "score")) else "min"
-
-
-def better(direction: str, a: float, b: float) -> bool:
-    """Whether ``a`` is strictly better than ``b``."""
-    return a > b if direction == "max" else a < b
-
-
-def first_reaching(points: Iterable[tuple[int, float]], target: float, direction: str) -> int | None:
-    """The first step whose value is ``target`` or better, or None."""
-    for step, value in points:
-        if value == target or better(direction, value, target):
-            return step
-    return None
-
-
-def best_point(points: Iterable[tuple[int, float]], direction: str) -> tuple[float, int]:
-    """The best value and its step; ties go to the earliest step."""
-    best_step, best = None, None
-    for step, value in points:
-        if best is None or better(direction, value, best):
-            best_step, best = step, value
-    return best, best_step
-
-
-def palette(names: Iterable[str]) -> dict[str, str]:
-    """One colour per weights name for every plot of a report: raw black, the others ``PALETTE`` in ``ordered``
-    order of ``names``, the report's whole set of names, so that a name has one colour in all its figures."""
-    others = [w for w in ordered(dict.fromkeys(names)) if w != "raw"]  # type: ignore[arg-type]
-    return {"raw": "black", **{w: PALETTE[i % len(PALETTE)] for i, w in enumerate(others)}}
-
-
-def colour_of(name: str, names: Iterable[str]) -> str:
-    """The colour of weights ``name`` in a report whose plots draw ``names`` (``palette``)."""
-    return palette([*names, name])[name]
 
 
 def summarise(curves: Curves, directions: dict[str, str]) -> tuple[list[str], list[dict[str, Any]]]:
@@ -137,11 +56,6 @@ def summarise(curves: Curves, directions: dict[str, str]) -> tuple[list[str], li
                                                        direction_of(headline, directions))
         rows.append(row)
     return metrics, rows
-
-
-def fmt(value: float) -> str:
-    """A table cell's number: four decimals, one for large values (FID in the hundreds)."""
-    return f"{value:.4f}" if abs(value) < 1000 else f"{value:.1f}"
 
 
 def comparison_table(metrics: list[str], rows: list[dict[str, Any]], headline: str | None,
@@ -182,12 +96,8 @@ def plot_curves(curves: Curves, train: list[tuple[int, float]], metrics: list[st
                 names: Iterable[str] | None = None) -> None:
     """One panel per metric (a line per weights), plus the training loss when there is one; ``names``: every
     weights name the report draws, for its one palette (default: those of ``curves``)."""
-    import matplotlib  # lazily: importing the package should not pay for matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     panels = metrics + (["train loss"] if train else [])
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
+    fig, axes = figure(1, len(panels), (5 * len(panels), 3.8))
     colours = palette([*(names or []), *curves])
     for ax, panel in zip(axes[0], panels):
         if panel == "train loss":
@@ -207,16 +117,14 @@ def plot_curves(curves: Curves, train: list[tuple[int, float]], metrics: list[st
         ax.set_title(panel)
         ax.grid(alpha=0.3)
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)
 
 
 def write_report(run_dir: Path) -> Path:
     """Write ``report.md`` and ``curves.png`` into ``run_dir``; returns the report's path."""
     run_dir = Path(run_dir)
-    config = read_saved(run_dir / "config.yaml")  # one line for a foreign or hostile config.yaml, no traceback
-    curves, train = load_metrics(run_dir / "metrics.jsonl")
+    config = read_saved(run_dir / CONFIG_FILE)  # one line for a foreign or hostile config.yaml, no traceback
+    curves, train = load_metrics(run_dir / METRICS_FILE)
     directions = metric_directions(config["task"])
     metrics, rows = summarise(curves, directions)
     headline = metrics[0] if metrics else None
@@ -235,7 +143,6 @@ def write_report(run_dir: Path) -> Path:
         lines += [*notes, ""] if notes else []
         plot_curves(curves, train, metrics, run_dir / "curves.png", title, names=names)
         lines += ["![metrics vs step](curves.png)", ""]
-        from lawa_suite.report.findings import findings_lines  # builds on this module
         lines += findings_lines(curves, int(config["steps"]), headline, direction_of(headline, directions),
                                 run_dir / "gains.png", names=names, unscored=unscored)
     else:
@@ -248,7 +155,7 @@ def write_report(run_dir: Path) -> Path:
 def _unscored(config: dict[str, Any], curves: Curves) -> dict[str, str]:
     """The run's averagers that no evaluation scored, each with why: its settings leave it without an average by
     the end (``readiness.py``), else simply not ready at any evaluation (a run cut short, a plugin's own rule)."""
-    from lawa_suite.averagers._readiness import never_ready_in_saved
+    from lawa_suite.averagers._readiness import never_ready_in_saved  # lazily: it loads torch, rarely needed
 
     listed = config["averager"]
     listed = [listed] if isinstance(listed, str) else listed  # a hand-written config.yaml may name just one
@@ -262,7 +169,7 @@ def _unscored(config: dict[str, Any], curves: Curves) -> dict[str, str]:
 def is_run_dir(path: Path) -> bool:
     """A run folder: its config.yaml and metrics.jsonl (a scored ``suite average`` output has both, and its
     manifest.json says what it is)."""
-    return ((path / "config.yaml").is_file() and (path / "metrics.jsonl").is_file()
+    return ((path / CONFIG_FILE).is_file() and (path / METRICS_FILE).is_file()
             and not (path / "manifest.json").is_file())
 
 
@@ -273,5 +180,5 @@ def find_runs(paths: list[Path]) -> list[Path]:
         if is_run_dir(path):
             found.append(path)
         elif path.is_dir():
-            found += sorted(p.parent for p in path.rglob("metrics.jsonl") if is_run_dir(p.parent))
+            found += sorted(p.parent for p in path.rglob(METRICS_FILE) if is_run_dir(p.parent))
     return list(dict.fromkeys(found))

@@ -10,15 +10,10 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
-
+from lawa_suite.report.curves import direction_of, metric_directions
 from lawa_suite.report.paired import gain, t_interval
-from lawa_suite.report.run import direction_of, metric_directions
+from lawa_suite.report.records import RunRecord, Verdict, experiment_key
 from lawa_suite.report.targets import saved_fraction
-
-if TYPE_CHECKING:
-    from lawa_suite.report.bench import RunRecord
-    from lawa_suite.report.claims import Verdict
 
 __all__ = ["SCHEDULE_KEYS", "claim_g"]
 
@@ -28,8 +23,6 @@ SCHEDULE_KEYS = {"schedule", "decay_fraction", "decay_shape", "min_lr"}
 
 def _pairs(runs: Sequence[RunRecord]) -> dict[tuple[str, float, str], list[tuple[RunRecord, RunRecord]]]:
     """(task, lr, schedule) -> [(run, the cosine run it is set against)], one pair per seed."""
-    from lawa_suite.report.bench import experiment_key
-
     def rest(run: RunRecord) -> str:
         return repr(sorted((k, repr(v)) for k, v in experiment_key(run).items() if k not in SCHEDULE_KEYS))
 
@@ -46,8 +39,6 @@ def _pairs(runs: Sequence[RunRecord]) -> dict[tuple[str, float, str], list[tuple
 
 
 def claim_g(runs: Sequence[RunRecord]) -> list[Verdict]:
-    from lawa_suite.report.claims import Verdict
-
     verdicts = []
     for (task, lr, schedule), pairs in sorted(_pairs(runs).items()):
         directions = metric_directions(task)

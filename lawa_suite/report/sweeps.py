@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lawa_suite.report.paired import final_gains, gain, t_interval
-from lawa_suite.report.run import fmt, load_metrics, palette
+from lawa_suite.report.curves import fmt, load_metrics
+from lawa_suite.plotting import figure, palette, save
+from lawa_suite.rundir import METRICS_FILE, SWEEPS_DIR
 
 if TYPE_CHECKING:
-    from lawa_suite.report.bench import LrSummary
+    from lawa_suite.report.records import LrSummary
 
 __all__ = ["SweepPoint", "read_sweeps", "sweep_section"]
 
@@ -35,15 +37,13 @@ class SweepPoint:
 
 def read_sweeps(runs: Sequence[Any], headline: str, direction: str) -> dict[str, list[SweepPoint]]:
     """sweep name -> its points (output folders), read from every run's ``posthoc/<sweep>/``."""
-    from lawa_suite.sweeps import SWEEPS_DIR
-
     points: dict[str, dict[str, SweepPoint]] = defaultdict(dict)
     for run in runs:
         root = Path(run.path) / SWEEPS_DIR
         if not root.is_dir():
             continue
-        for sweep in sorted(p for p in root.iterdir() if (p / "metrics.jsonl").is_file()):
-            curves, _ = load_metrics(sweep / "metrics.jsonl")
+        for sweep in sorted(p for p in root.iterdir() if (p / METRICS_FILE).is_file()):
+            curves, _ = load_metrics(sweep / METRICS_FILE)
             raw = dict(curves.get("raw", {}).get(headline, []))
             manifest = json.loads((sweep / "manifest.json").read_text())
             for entry in manifest["averagers"]:
@@ -105,10 +105,6 @@ def _plot(name: str, by_lr: Sequence[LrSummary], found: dict[float, dict[str, li
           path: Path, colours: dict[str, str]) -> bool:
     """The metric against the first varying key (a line per value of the others), an axis per lr, the online
     averagers' final seed means as dashed lines; False when there is no numeric key to draw against."""
-    import matplotlib  # lazily: importing the package should not pay for matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     panels = [s for s in by_lr if found[s.lr].get(name)]
     if not panels:
         return False
@@ -116,7 +112,7 @@ def _plot(name: str, by_lr: Sequence[LrSummary], found: dict[float, dict[str, li
     if not varying or any(_number(p.config.get(varying[0])) is None for s in panels for p in found[s.lr][name]):
         return False
     x_key, rest = varying[0], varying[1:]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4), squeeze=False)
+    fig, axes = figure(1, len(panels), (4.5 * len(panels), 3.4))
     for ax, s in zip(axes[0], panels):
         lines: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
         for p in found[s.lr][name]:
@@ -135,7 +131,5 @@ def _plot(name: str, by_lr: Sequence[LrSummary], found: dict[float, dict[str, li
         ax.set_ylabel(f"final {s.headline}")
         ax.legend(fontsize=6)
     fig.suptitle(f"post-hoc sweep {name}: mean over seeds, 95% interval", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)
     return True

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from lawa_suite.report.paired import Interval, t_interval
 
 if TYPE_CHECKING:
-    from lawa_suite.report.bench import RunRecord
+    from lawa_suite.report.records import RunRecord
 
 __all__ = ["SMOOTH", "TARGETS", "crossing", "run_targets", "saved_fraction", "saved_fractions", "steps_table"]
 
