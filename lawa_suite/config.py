@@ -23,9 +23,9 @@ from lawa_suite.errors import ConfigError
 from lawa_suite.overrides import build_section, parse_overrides, parse_value, split_list
 
 __all__ = ["ConfigError", "accumulation", "RunConfig", "DataConfig", "EvalConfig", "CheckpointConfig",
-           "TrajectoryConfig", "ResolvedConfig", "resolve", "require", "choice", "default_cache_dir", "build_section",
-           "parse_value",
-           "split_list", "parse_overrides", "dotted", "averager_bases", "check_trackers"]
+           "TrajectoryConfig", "ScheduleFreeConfig", "SCHEDULE_FREE", "ResolvedConfig", "resolve", "require",
+           "choice", "default_cache_dir", "build_section", "parse_value", "split_list", "parse_overrides", "dotted",
+           "averager_bases", "check_trackers", "settle_schedule_free"]
 
 
 
@@ -86,6 +86,25 @@ class TrajectoryConfig:
         require(self.every >= 0, "trajectory.every", "an integer >= 0 (0 = off)", self.every)
 
 
+#: The value of a task's ``optimizer`` key that selects schedule-free training (``lawa_suite.tasks.schedule_free``).
+SCHEDULE_FREE = "schedulefree"
+
+
+@dataclass
+class ScheduleFreeConfig:
+    # Schedule-free's own averaging weights (Defazio et al. 2024): step t enters the eval sequence x with weight
+    # t^r * lr_max^weight_lr_power (lr_max: the largest learning rate so far, so warm-up steps count less). Its
+    # warm-up is the run's `warmup` (the loop's; the optimizer's own warmup_steps stays 0, so exactly one applies).
+    r: float = 0.0                # 0: every step after the warm-up weighs the same (the paper's default)
+    weight_lr_power: float = 2.0  # the paper's default; 0 ignores the learning rate
+
+    def __post_init__(self) -> None:
+        require(isinstance(self.r, (int, float)) and 0.0 <= self.r < float("inf"), "schedulefree.r",
+                "a number >= 0", self.r)
+        require(isinstance(self.weight_lr_power, (int, float)) and 0.0 <= self.weight_lr_power < float("inf"),
+                "schedulefree.weight_lr_power", "a number >= 0", self.weight_lr_power)
+
+
 @dataclass
 class RunConfig:
     task: str = "cifar"
@@ -119,6 +138,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     trajectory: TrajectoryConfig = field(default_factory=TrajectoryConfig)
+    schedulefree: ScheduleFreeConfig = field(default_factory=ScheduleFreeConfig)  # used with optimizer=schedulefree
 
     def __post_init__(self) -> None:
         require(self.steps >= 1, "steps", "an integer >= 1", self.steps)
@@ -272,9 +292,33 @@ def resolve(overrides: list[str] | dict[str, Any], base: dict[str, Any] | None =
     if not run.data.cache:
         run.data.cache = default_cache_dir()
     task_cfg = build_section(task_name, task_cls.Config, sections[task_name])
+    settle_schedule_free(run, task_cfg, task_name, command_line=set(pairs), saved=set(typed))
     averagers = {name: build_section(name, cls.Config, sections[name]) for name, cls in averager_cls.items()}
     instances = {name: base for name, base in bases.items() if base != name}
     return ResolvedConfig(run, task_cfg, averagers, instances)
+
+
+def settle_schedule_free(run: RunConfig, task_cfg: Any, task_name: str, command_line: set[str],
+                         saved: set[str]) -> None:
+    """Schedule-free replaces the learning-rate decay with its own averaging: with ``optimizer=schedulefree`` a
+    preset's or the default's schedule gives way to ``constant`` (plus ``warmup``), and a ``schedule`` that was
+    asked for (command line or saved config) is refused. Without it, a ``schedulefree.*`` key on the command line
+    would change nothing, so it is refused too (a saved config holds every key: those are not counted)."""
+    if getattr(task_cfg, "optimizer", None) != SCHEDULE_FREE:
+        stray = sorted(k for k in command_line if k.startswith("schedulefree."))
+        if stray and not hasattr(task_cfg, "optimizer"):
+            raise ConfigError(f"{stray[0]}: task '{task_name}' has no optimizer key, so no schedule-free optimizer; "
+                              f"drop the key")
+        if stray:
+            raise ConfigError(f"{stray[0]}: only used with optimizer={SCHEDULE_FREE} ({task_name}.optimizer is "
+                              f"{task_cfg.optimizer}); set optimizer={SCHEDULE_FREE} or drop the key")
+        return
+    if run.schedule == "constant":
+        return
+    if "schedule" in command_line | saved:
+        raise ConfigError(f"schedule: optimizer={SCHEDULE_FREE} replaces the learning-rate decay with its own "
+                          f"averaging; expected constant (a warm-up is warmup=N), got {run.schedule!r}")
+    run.schedule = "constant"
 
 
 def check_trackers(names: list[str]) -> None:

@@ -4,7 +4,9 @@ Raw weights and every averager are scored on the same fixed held-out batches, in
 autocast, by the task's evaluator. Averaged weights of a BatchNorm model first get fresh running statistics
 from a fixed set of training batches (like ``torch.optim.swa_utils.update_bn``): an average of weights does not
 come with matching statistics. Scoring runs under a forked RNG, so it never changes training. Averaged weights
-go into the model by fused copies into its own tensors, and the raw ones come back bit for bit.
+go into the model by fused copies into its own tensors, and the raw ones come back bit for bit. A run whose raw
+weights to score are not the live ones (schedule-free: the optimizer's eval sequence) passes ``raw_weights``, which
+puts them in inside the same swap; they get fresh BatchNorm statistics too.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -23,7 +25,7 @@ from lawa_suite.averagers.base import Averager, find_aliases, named_tensors
 from lawa_suite.sharding import gathered, is_sharded, reshard
 
 __all__ = ["rng_state", "set_rng_state", "seed_everything", "forked_rng", "recalibrate_batchnorm", "WeightSwap",
-           "Scorer", "score_line"]
+           "RawWeights", "Scorer", "score_line"]
 
 
 # -- random number generators --------------------------------------------------------------------------------
@@ -117,12 +119,25 @@ class WeightSwap:
 
 
 # -- scores ------------------------------------------------------------------------------------------------------
+class RawWeights(Protocol):
+    """The raw weights to score when they are not the live ones (``tasks.schedule_free.EvalSequence``)."""
+
+    def load(self) -> None:
+        """Put them into the model's own tensors, which hold the live weights (already saved aside)."""
+
+    def release(self) -> None:
+        """Undo any state ``load`` changed outside the weights, before the live weights are copied back."""
+
+
 class Scorer:
     """Scores a model's weights on a task's held-out batches (this process's share of them) the way the loop
-    does; ``calibration`` is empty when the model has no BatchNorm (the caller decides)."""
+    does; ``calibration`` is empty when the model has no BatchNorm (the caller decides). ``raw_weights``: what
+    "raw" scores when it is not the live weights."""
 
-    def __init__(self, task: Any, accelerator: Any, model: nn.Module, batches: list[Any], calibration: list[Any]):
+    def __init__(self, task: Any, accelerator: Any, model: nn.Module, batches: list[Any], calibration: list[Any],
+                 raw_weights: RawWeights | None = None):
         self.task, self.accelerator, self.model = task, accelerator, model
+        self.raw_weights = raw_weights
         self.evaluator = registry.evaluators.create(task.evaluator, task=task)
         # Each rank scores its share and the evaluator reduces the sums. A sharded model's forward is collective (each
         # unit all-gathers), so its parameters are gathered once for the whole evaluation (sharding.gathered).
@@ -157,15 +172,22 @@ class Scorer:
         """Raw weights and every ready averager on the same batches; the raw weights are restored after."""
         was_training = self.model.training
         with forked_rng():
-            scores = {"raw": self.score(step, "raw")}
             ready = {name: avg for name, avg in averagers.items() if avg.ready}
-            if ready:
-                self.swap.save_raw()
-                for name, avg in ready.items():
-                    self.swap.load(avg)
-                    if avg.needs_bn_recalibration:
-                        self.recalibrate()
-                    scores[name] = self.score(step, name)
+            swapping = bool(ready) or self.raw_weights is not None
+            if swapping:
+                self.swap.save_raw()  # every tensor of the state_dict: BatchNorm statistics come back too
+            if self.raw_weights is not None:
+                self.raw_weights.load()
+                self.recalibrate()  # the statistics gathered in training belong to the live weights, not these
+            scores = {"raw": self.score(step, "raw")}
+            for name, avg in ready.items():
+                self.swap.load(avg)
+                if avg.needs_bn_recalibration:
+                    self.recalibrate()
+                scores[name] = self.score(step, name)
+            if self.raw_weights is not None:
+                self.raw_weights.release()
+            if swapping:
                 self.swap.restore_raw()
         self.model.train(was_training)
         return scores

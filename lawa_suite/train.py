@@ -11,8 +11,10 @@ which costs a second read on those steps only. ``compile=true`` compiles the mod
 averagers, checkpoints and exports see is the model's own. Every ``eval.every`` steps the raw weights and each ready
 averager are scored on the same held-out batches: averaged weights are copied into the model, BatchNorm
 statistics are recomputed for them if the model has BatchNorm, and the raw weights are copied back, bit for
-bit; evaluation runs under a forked RNG so it never changes training. Checkpoints hold everything needed to
-continue an uninterrupted run exactly (raw weights, optimizer, data position, RNG, every averager), and
+bit; evaluation runs under a forked RNG so it never changes training. A schedule-free optimizer's raw score is of
+its eval sequence, put in inside the same swap; its averagers observe the live (train-sequence) weights
+(``tasks/schedule_free.py`` says why). Checkpoints hold everything needed to continue an uninterrupted run
+exactly (raw weights, optimizer, data position, RNG, every averager), and
 a checkpoint whose state holds NaN or Inf is never written. SIGTERM (to the process or its whole group) ends
 the current step, saves and exits with 143. With several processes only rank 0 writes checkpoints
 (``distributed=fsdp``: every rank writes its shards and rank 0 commits them; ``sharding.py``,
@@ -48,6 +50,7 @@ from lawa_suite.run_checkpoints import RunCheckpointer
 from lawa_suite.run_state import TrainState
 from lawa_suite.scoring import Scorer, score_line, seed_everything
 from lawa_suite.sharding import agree_finite, gather_full, shard_model
+from lawa_suite.tasks import schedule_free
 from lawa_suite.tasks.base import Task, has_batchnorm, parameter_count
 
 __all__ = ["train", "Run", "RunResult", "TrainState", "NonFiniteTraining", "Preempted", "lr_factor",
@@ -136,6 +139,7 @@ class Run:
         if self.sharded:
             model = shard_model(model, self.accelerator.device)
         optimizer = self.task.build_optimizer(model, rc.lr)
+        self.schedule_free = schedule_free.prepare(optimizer, rc)  # raw scores: its eval sequence
         if self.sharded:
             self.model, self.optimizer = model, self.accelerator.prepare(optimizer)
         else:
@@ -167,7 +171,8 @@ class Run:
         self.pending: int | None = None  # a step whose weights the averagers want and have not yet observed
         self.parameter_names = {name for name, _ in self.unwrapped.named_parameters(remove_duplicate=False)}
         self.scorer = Scorer(self.task, self.accelerator, self.unwrapped, self.task.eval_batches(),
-                             self.task.calibration_batches(rc.eval.bn_batches) if has_batchnorm(model) else [])
+                             self.task.calibration_batches(rc.eval.bn_batches) if has_batchnorm(model) else [],
+                             schedule_free.EvalSequence(self.optimizer) if self.schedule_free else None)
         if self.is_main:
             prepare_run_dir(cfg, is_main=True)
         self.accelerator.wait_for_everyone()

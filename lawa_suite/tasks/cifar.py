@@ -26,11 +26,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lawa_suite import registry
-from lawa_suite.config import ConfigError, choice, require
+from lawa_suite.config import SCHEDULE_FREE, ConfigError, choice, require
 from lawa_suite.data.images import ImageSet, load_image_set
 from lawa_suite.data.stream import IndexStream, TensorStream
 from lawa_suite.errors import CheckpointError
 from lawa_suite.tasks import _timm
+from lawa_suite.tasks import schedule_free
 from lawa_suite.tasks.base import Task, parameter_count
 
 NORMALISATION = ("normalised per channel with the training split's mean and std (computed from the training images "
@@ -148,8 +149,8 @@ class CifarConfig:
     width: int = 64                  # PreAct only: base channels; 64 is the real PreAct-ResNet-18 (11.2M parameters)
     patch_size: int = 0              # timm models with patches (ViT, DeiT): their patch size; 0 keeps the model's
     image_size: int = 32             # images are resized to this once, when loaded
-    optimizer: str = choice("sgd", "sgd", "adamw")
-    momentum: float = 0.9            # SGD only
+    optimizer: str = choice("sgd", "sgd", "adamw", "schedulefree")  # schedulefree: schedule-free SGD
+    momentum: float = 0.9            # SGD only (schedulefree: its interpolation beta)
     nesterov: bool = True            # SGD only
     weight_decay: float = 5e-4       # on every parameter, BatchNorm included, as the standard recipe does
     augment: bool = True             # random crop + horizontal flip of training batches
@@ -168,6 +169,8 @@ class CifarConfig:
         require(0.0 <= self.momentum < 1.0, "momentum", "a number in [0, 1)", self.momentum)
         require(not (self.nesterov and self.optimizer == "sgd" and self.momentum == 0), "nesterov",
                 "false when momentum is 0 (Nesterov needs momentum)", self.nesterov)
+        require(self.momentum > 0 or self.optimizer != SCHEDULE_FREE, "momentum",
+                "a number in (0, 1) with optimizer=schedulefree (its eval weights divide by it)", self.momentum)
         require(self.weight_decay >= 0, "weight_decay", "a number >= 0", self.weight_decay)
         require(0 <= self.crop_padding < self.image_size, "crop_padding", f"an integer in [0, {self.image_size})",
                 self.crop_padding)
@@ -301,6 +304,9 @@ class CifarTask(Task):
         fused = torch.cuda.is_available()  # one kernel for every parameter on CUDA; the CPU keeps its foreach form
         if cfg.optimizer == "adamw":
             return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay, fused=fused)
+        if cfg.optimizer == SCHEDULE_FREE:  # (no Nesterov form; no fused kernel: foreach everywhere)
+            return schedule_free.sgd(model.parameters(), lr, self.run.schedulefree, momentum=cfg.momentum,
+                                     weight_decay=cfg.weight_decay)
         return torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                weight_decay=cfg.weight_decay, fused=fused)
 

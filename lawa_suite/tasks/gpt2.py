@@ -30,10 +30,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lawa_suite import registry
-from lawa_suite.config import ConfigError, choice, require
+from lawa_suite.config import SCHEDULE_FREE, ConfigError, choice, require
 from lawa_suite.data.text import (VOCAB_SIZES, TokenSplits, get_tokenizer, gpt2_vocab_files, load_tokens,
                                   tiktoken_cache_dir)
 from lawa_suite.errors import CheckpointError, DataUnavailable
+from lawa_suite.tasks import schedule_free
 from lawa_suite.tasks.base import Task, parameter_count
 
 Batch = dict[str, Tensor]  # {"tokens": int64 (B, seq_len + 1)}
@@ -49,6 +50,7 @@ class Gpt2Config:
     dropout: float = 0.0              # embedding, attention and residual dropout (0 for pre-training, as nanoGPT)
     scale_attn_by_inverse_layer_idx: bool = False  # the LAWA paper's nanoGPT-2 runs set it
     attention: str = choice("sdpa", "sdpa", "eager")
+    optimizer: str = choice("adamw", "adamw", "schedulefree")  # schedulefree: schedule-free AdamW, same betas
     weight_decay: float = 0.1         # AdamW, on matrices and embeddings only (not biases or LayerNorm)
     beta1: float = 0.9
     beta2: float = 0.95
@@ -63,6 +65,8 @@ class Gpt2Config:
         require(0.0 <= self.dropout < 1.0, "dropout", "a number in [0, 1)", self.dropout)
         require(self.weight_decay >= 0, "weight_decay", "a number >= 0", self.weight_decay)
         require(0.0 <= self.beta1 < 1.0, "beta1", "a number in [0, 1)", self.beta1)
+        require(self.beta1 > 0 or self.optimizer != SCHEDULE_FREE, "beta1",
+                "a number in (0, 1) with optimizer=schedulefree (its eval weights divide by it)", self.beta1)
         require(0.0 <= self.beta2 < 1.0, "beta2", "a number in [0, 1)", self.beta2)
         require(self.eps > 0, "eps", "a number > 0", self.eps)
         require(0.0 < self.val_fraction < 1.0, "val_fraction", "a fraction in (0, 1)", self.val_fraction)
@@ -194,12 +198,15 @@ class Gpt2Task(Task):
         return model
 
     def build_optimizer(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
-        """AdamW; weight decay on matrices and embeddings, none on biases and LayerNorm (nanoGPT's groups)."""
+        """AdamW (or its schedule-free form); weight decay on matrices and embeddings, none on biases and LayerNorm
+        (nanoGPT's groups)."""
         cfg = self.config
         params = {id(p): p for p in model.parameters() if p.requires_grad}.values()  # tied weights once
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if cfg.optimizer == SCHEDULE_FREE:
+            return schedule_free.adamw(groups, lr, self.run.schedulefree, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
         # fused on CUDA (one kernel for every parameter, nanoGPT's choice); on the CPU the foreach form the CPU
         # reference was measured with
         return torch.optim.AdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
