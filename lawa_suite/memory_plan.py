@@ -12,8 +12,10 @@ From that model the plan reads
 - each averager's state and where it lives, from what its code keeps (``averagers/*.py``): EMA, SWA and the power
   EMA's tracks are float32 accumulators on the device, BEMA three of them (EMA, theta_0, newest), LAWA a float32 window
   sum on the device and ``k + 1`` snapshots (``k`` in the window, one spare being recycled) in the model's dtype in
-  pinned host memory (or files with ``lawa.store=disk``), wma ``k`` snapshots on the host; staging buffers where a
-  copy must change dtype or device before device arithmetic (LAWA uploads its leaving host snapshot into one);
+  pinned host memory (or files with ``lawa.store=disk``, plus the one host copy being written), wma ``k`` snapshots
+  on the host; staging buffers where a copy must change dtype or device before device arithmetic (LAWA uploads its
+  leaving host snapshot into one), and on CUDA LAWA's and wma's copy of the weights staged on the device for the
+  copy to the host off the training stream (``_window.DeviceToHost``);
 - the activations of one micro-batch: the bytes of the tensors one forward saves for backward
   (``saved_tensors_hooks``, parameters left out), under the run's mixed precision, from inputs shaped by the task's
   config (no data is read);
@@ -289,8 +291,13 @@ def averager_parts(base: str, config: Any, facts: ModelFacts, world: int = 1,
             staging = acc if on_cuda else cast  # on CUDA the leaving host snapshot is uploaded into staging buffers
             if staging:
                 parts.append(Part("float32 staging of snapshots", device, staging))
+        if on_cuda:  # _window.DeviceToHost: the weights staged on the device, copied to the host on a side stream
+            parts.append(Part(f"staging of the weights for the host copy ({_dtype_name(facts.dtype)})", device, model))
         if disk:
             parts.append(Part(f"{k} snapshots ({_dtype_name(facts.dtype)}, files)", "disk", k * model))
+            # the newest snapshot's host copy, held until the background thread has written it
+            parts.append(Part("1 snapshot on its way to disk (transient)", "pinned" if on_cuda else "host", model,
+                              _pinned(floats, world, 1) if on_cuda else 0))
         elif on_cuda:
             parts.append(Part(f"{count} snapshots ({_dtype_name(facts.dtype)}, pinned)", "pinned", count * model,
                               _pinned(floats, world, count)))

@@ -287,7 +287,8 @@ def test_processes_and_gpu_memory_are_words_of_the_dry_run_only():
     found = verdicts(output)
     assert list(found) == ["4 x ddp", "4 x fsdp"] and "of 38.00 GiB usable" in found["4 x ddp"]
     assert found["4 x ddp"].startswith("DOES NOT FIT") and "micro-batch 32 per rank" in found["4 x ddp"]
-    assert "fits with grad_accum=16 (micro-batch 16 per rank)" in found["4 x ddp"], found
+    # (LAWA's device staging for the host copy, 1.6 GiB of fp32 weights, takes it past grad_accum=16's 38 GiB)
+    assert "fits with grad_accum=32 (micro-batch 8 per rank)" in found["4 x ddp"], found
     refused = CliRunner().invoke(app, ["run", "task=toy", "processes=8"])
     assert refused.exit_code == 2 and "processes: a setting of the --dry-run memory plan" in refused.output
     bad = CliRunner().invoke(app, ["run", "task=toy", "gpu_memory=1", "--dry-run"])

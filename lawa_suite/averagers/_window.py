@@ -1,5 +1,6 @@
 """Where LAWA's window of snapshots lives (host memory, files, or the post-hoc input re-read), the host copies
-that fill it, and the one background thread that does the window-sum arithmetic of every LAWA in a process.
+that fill it (from CUDA: off the training stream, ``DeviceToHost``), and the background thread an averager owns for
+its window jobs (``WindowWorker``: LAWA's window sum on the CPU, the disk store's writes).
 
 Snapshots are always real copies: ``.cpu()`` of a CPU tensor returns the tensor itself, which made the original
 LAWA code store ``k`` aliases of the live weights when training on CPU. Private to the averagers package (the
@@ -16,7 +17,7 @@ import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -28,8 +29,9 @@ from lawa_suite.averagers.base import ReplayTrack, is_count
 from lawa_suite.config import choice, require
 from lawa_suite.files import lock_beside, write_atomic
 
-__all__ = ["WindowConfig", "window_store", "window_replay", "snapshot_copy", "pinned_snapshot_copy", "window_worker",
-           "SnapshotStore", "StepWindow", "MemorySnapshots", "ReadBackWindow", "DiskSnapshots", "RereadSnapshots"]
+__all__ = ["WindowConfig", "window_store", "window_replay", "snapshot_copy", "pinned_snapshot_copy", "pinned_like",
+           "DeviceToHost", "WindowWorker", "SnapshotStore", "StepWindow", "MemorySnapshots", "ReadBackWindow",
+           "DiskSnapshots", "RereadSnapshots"]
 
 
 # -- the keys of a window of snapshots (LAWA's, wma's) -------------------------------------------------------
@@ -49,9 +51,9 @@ class WindowConfig:
         require(isinstance(self.dir, str), "dir", "a folder path (empty = a temporary folder)", self.dir)
 
 
-def window_store(config: WindowConfig) -> SnapshotStore:
-    """The empty window ``config.store`` asks for."""
-    return DiskSnapshots(config.dir) if config.store == "disk" else MemorySnapshots()
+def window_store(config: WindowConfig, worker: WindowWorker) -> SnapshotStore:
+    """The empty window ``config.store`` asks for; ``worker`` (the averager's) writes the disk store's files."""
+    return DiskSnapshots(config.dir, worker) if config.store == "disk" else MemorySnapshots()
 
 
 # -- host copies ---------------------------------------------------------------------------------------------
@@ -71,61 +73,199 @@ def pinned_snapshot_copy(floats: list[Tensor]) -> list[Tensor]:
     return host
 
 
-def pinned_like(floats: list[Tensor]) -> list[Tensor]:
-    """Empty pinned host tensors shaped like ``floats``: views into one pinned buffer per dtype. PyTorch's caching
-    host allocator rounds every block up to a power of two, so a pinned tensor per weight cost about 1.5x the
-    model (1.66x for GPT-2 small), k + 1 times over in LAWA's window, on every DDP rank; one block per snapshot
-    rounds once."""
+def flat_like(floats: list[Tensor], device: torch.device | str = "cpu",
+              pin_memory: bool = False) -> tuple[dict[torch.dtype, Tensor], list[Tensor]]:
+    """One flat block per dtype on ``device``, and views of it shaped like ``floats`` (in order)."""
     sizes: dict[torch.dtype, int] = {}
     for t in floats:
         sizes[t.dtype] = sizes.get(t.dtype, 0) + t.numel()
-    flat = {dtype: torch.empty(n, dtype=dtype, pin_memory=True) for dtype, n in sizes.items()}
+    flat = {dtype: torch.empty(n, dtype=dtype, device=device, pin_memory=pin_memory) for dtype, n in sizes.items()}
     offsets = dict.fromkeys(sizes, 0)
     views = []
     for t in floats:
         start = offsets[t.dtype]
         views.append(flat[t.dtype][start:start + t.numel()].view(t.shape))
         offsets[t.dtype] = start + t.numel()
-    return views
+    return flat, views
+
+
+def pinned_like(floats: list[Tensor]) -> list[Tensor]:
+    """Empty pinned host tensors shaped like ``floats``: views into one pinned buffer per dtype. PyTorch's caching
+    host allocator rounds every block up to a power of two, so a pinned tensor per weight cost about 1.5x the
+    model (1.66x for GPT-2 small), k + 1 times over in LAWA's window, on every DDP rank; one block per snapshot
+    rounds once."""
+    return flat_like(floats, pin_memory=True)[1]
+
+
+def _blocks_of(views: list[Tensor]) -> dict[torch.dtype, Tensor] | None:
+    """The flat pinned block per dtype that ``views`` (made by ``pinned_like``) are views of, or None."""
+    blocks: dict[torch.dtype, Tensor] = {}
+    for t in views:
+        base = t._base
+        if base is None or blocks.setdefault(t.dtype, base) is not base:
+            return None
+    return blocks
+
+
+class DeviceToHost:
+    """Host copies of CUDA weights that keep the training stream free: on the current (training) stream only a
+    device-to-device copy into one flat staging block per dtype, then, on a side stream, one copy of each block into a
+    flat pinned host block (one transfer per dtype at full bus speed) and whatever the caller queues after it (LAWA's
+    window sum). ``record()`` puts an event after that side work: the host waits on it before reading a copy
+    (``synchronize``), the training stream before reading what the side work wrote (``wait_for_side``). Before the
+    staging blocks are overwritten by the next snapshot the training stream waits, on the device, for the side work
+    still reading them: no host synchronization anywhere on the way.
+
+    The price is one copy of the weights in their dtype on the device (the staging blocks), made on first use."""
+
+    def __init__(self) -> None:
+        self._stream: Any = None
+        self._staging: dict[torch.dtype, Tensor] = {}   # flat device blocks, one per dtype
+        self._views: list[Tensor] = []                   # the weights' shapes within them
+        self.event: Any = None                           # after the newest copy and the side work queued with it
+
+    def copy(self, floats: list[Tensor], into: list[Tensor] | None = None) -> tuple[list[Tensor], list[Tensor]]:
+        """Queue copies of CUDA tensors ``floats``: returns the device staging views (what side work should read: the
+        weights themselves change at the next step) and the host copies, pinned (in ``into``, a spare made by an
+        earlier call, or fresh flat blocks; plain blocking copies where pinned memory ran out)."""
+        device = floats[0].device
+        training = torch.cuda.current_stream(device)
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device)
+        training.wait_stream(self._stream)  # the previous snapshot's side work still reads the staging blocks
+        if len(self._views) != len(floats) or any(v.shape != t.shape or v.dtype != t.dtype
+                                                  for v, t in zip(self._views, floats)):
+            self._staging, self._views = flat_like(floats, device)
+        torch._foreach_copy_(self._views, [t.detach() for t in floats])
+        self._stream.wait_stream(training)
+        with torch.cuda.stream(self._stream):
+            host = into if into is not None else self._pinned(floats)
+            blocks = _blocks_of(host) if host and all(t.is_pinned() for t in host) else None
+            if blocks is not None and all(blocks[d].numel() == s.numel() for d, s in self._staging.items()):
+                for dtype, block in blocks.items():
+                    block.copy_(self._staging[dtype], non_blocking=True)
+            else:  # (pinned memory ran out: blocking copies, read at once)
+                torch._foreach_copy_(host, self._views, non_blocking=bool(blocks))
+        return self._views, host
+
+    @staticmethod
+    def _pinned(floats: list[Tensor]) -> list[Tensor]:
+        try:
+            return pinned_like(floats)
+        except RuntimeError:  # cudaHostAlloc failed: page-locked memory is limited by the OS
+            return [torch.empty_like(t, device="cpu", memory_format=torch.contiguous_format) for t in floats]
+
+    def side(self) -> Any:
+        """A context in which queued work goes onto the side stream (after the copies queued there)."""
+        return torch.cuda.stream(self._stream)
+
+    def record(self) -> Any:
+        """Record (and return) the event after everything queued on the side stream so far."""
+        self.event = torch.cuda.Event()
+        self.event.record(self._stream)
+        return self.event
+
+    def synchronize(self) -> None:
+        """Make the host wait for the side work (skipped where the event has passed: a sync of its own)."""
+        event, self.event = self.event, None
+        if event is not None and not event.query():
+            event.synchronize()
+
+    def wait_for_side(self) -> None:
+        """Order the training stream after the side work, on the device (the host goes on)."""
+        if self._stream is not None:
+            torch.cuda.current_stream(self._stream.device).wait_stream(self._stream)
 
 
 # -- the background thread ----------------------------------------------------------------------------------
-_worker: ThreadPoolExecutor | None = None
-_worker_lock = threading.Lock()
+class WindowWorker:
+    """One background thread for one averager's window jobs (LAWA's window sum on the CPU, the disk store's writes),
+    started on the first job; jobs run in the order they were submitted. ``close()`` finishes the queued jobs and
+    ends the thread (a later job starts another); a worker that is garbage collected ends its thread too.
+
+    Fork-safe: before ``fork`` every started worker finishes its queued jobs (the child gets no copy of the thread:
+    a queued job would never run there and a half-done one would leave its sums torn), and in the child each starts
+    a fresh thread on its next job. The hook that does this is registered when the first thread starts, never at
+    import."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+
+    def submit(self, job: Callable[..., Any], *args: Any) -> Future:
+        if self._pool is None:
+            _watch_forks(self)  # (before the thread starts, and outside this worker's lock, which the fork hook takes)
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self.name)
+            return self._pool.submit(job, *args)
+
+    @property
+    def threads(self) -> list[threading.Thread]:
+        """The live thread (none before the first job and after ``close()``)."""
+        pool = self._pool
+        return [t for t in getattr(pool, "_threads", ()) if t.is_alive()]
+
+    def drain(self) -> None:
+        """Return once every job submitted so far has run (one thread, jobs in order: a no-op job runs last)."""
+        with self._lock:
+            if self._pool is not None:
+                self._pool.submit(_nothing).result()
+
+    def close(self) -> None:
+        """Run the queued jobs, then end the thread."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+    def _forget_in_child(self) -> None:
+        self._lock, self._pool = threading.Lock(), None
 
 
-def window_worker() -> ThreadPoolExecutor:
-    """The one background thread that does the window-sum arithmetic of every LAWA averager in this process
-    (one thread: jobs of one averager run in submission order, and training keeps the other cores)."""
-    global _worker
-    with _worker_lock:
-        if _worker is None:
-            _worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lawa-window")
-        return _worker
+def _nothing() -> None:
+    pass
+
+
+_started: weakref.WeakSet[WindowWorker] | None = None  # workers that started a thread: made with the first one
+_started_lock = threading.Lock()
+
+
+def _watch_forks(worker: WindowWorker) -> None:
+    global _started
+    with _started_lock:
+        if _started is None:
+            _started = weakref.WeakSet()
+            os.register_at_fork(before=_drain_before_fork, after_in_parent=_release_after_fork,
+                                after_in_child=_forget_in_child)
+        _started.add(worker)
 
 
 def _drain_before_fork() -> None:
-    """Finish every queued window job before ``fork``: the child gets no copy of the thread, so a job still
-    queued would never run there and a half-done one would leave its sums torn."""
-    with _worker_lock:
-        if _worker is not None:
-            try:
-                _worker.submit(lambda: None).result()  # one thread, jobs in order: this one runs last
-            except RuntimeError:  # shut down (interpreter exit): nothing left queued
-                pass
+    _started_lock.acquire()  # (no worker starts while the process forks; released after, in the parent)
+    for worker in list(_started or ()):
+        try:
+            worker.drain()
+        except RuntimeError:  # shut down (interpreter exit): nothing left queued
+            pass
 
 
-def _forget_worker_in_child() -> None:
-    global _worker, _worker_lock
-    _worker, _worker_lock = None, threading.Lock()  # the child starts its own thread when it first needs one
+def _release_after_fork() -> None:
+    _started_lock.release()
 
 
-os.register_at_fork(before=_drain_before_fork, after_in_child=_forget_worker_in_child)
+def _forget_in_child() -> None:
+    global _started_lock
+    _started_lock = threading.Lock()
+    for worker in list(_started or ()):
+        worker._forget_in_child()
 
 
 # -- where the window's snapshots live ------------------------------------------------------------------
 class SnapshotStore(Protocol):
-    """An ordered window of ``(step, tensors)`` snapshots, oldest first."""
+    """An ordered window of ``(step, tensors)`` snapshots, oldest first. Iterating it is a host read: it waits for
+    queued copies first."""
 
     @property
     def steps(self) -> list[int]: ...
@@ -136,13 +276,13 @@ class SnapshotStore(Protocol):
     def append(self, step: int, tensors: list[Tensor]) -> None: ...  # keeps its own copy (the caller's may change)
     def pop_oldest(self) -> list[Tensor]: ...
     def recycle(self, tensors: list[Tensor]) -> None: ...  # a popped snapshot's buffers, free for reuse (or ignored)
-    def wait_copies(self) -> None: ...  # before the host reads snapshots: queued device-to-host copies have landed
+    def flush(self) -> None: ...  # queued device-to-host copies have landed and queued writes are complete
     def drop_oldest(self) -> None: ...
     def clear(self) -> None: ...
 
 
 class StepWindow:
-    """The steps of the snapshots in the window, oldest first (shared by both stores)."""
+    """The steps of the snapshots in the window, oldest first (shared by every store)."""
 
     _steps: deque[int]
 
@@ -157,50 +297,76 @@ class StepWindow:
     def __len__(self) -> int:
         return len(self._steps)
 
-    def wait_copies(self) -> None:
-        """Return once every snapshot can be read on the host (a queued device-to-host copy has landed)."""
+    def flush(self) -> None:
+        """Return once every snapshot can be read on the host and every queued write is done."""
 
 
 class MemorySnapshots(StepWindow):
-    """The window in host memory (``store=cpu``). From a CUDA device a snapshot's copy is queued on the current
-    stream and an event recorded after it: ``wait_copies`` waits for it before the host reads a snapshot (device
-    arithmetic queued on the same stream after the copy needs no wait)."""
+    """The window in host memory (``store=cpu``). From a CUDA device a snapshot is copied by ``DeviceToHost``: staged
+    on the device, copied to one pinned block per dtype on a side stream, an event after it. Every host read of a
+    snapshot (iterating the store, ``newest``) waits on that event first; device work that reads the
+    snapshots goes on the side stream through ``queue`` and reads them with ``members`` (no host wait)."""
 
     def __init__(self) -> None:
         self._steps = deque()
         self._tensors: deque[list[Tensor]] = deque()
         self._spares: list[list[Tensor]] = []     # buffers of snapshots that left the window, reused by append
-        self._copied: Any = None                  # CUDA event after the newest queued copy
+        self._to_host = DeviceToHost()
+        self._staged: list[Tensor] = []           # the newest CUDA snapshot on the device (staging; read by queue)
 
     def __iter__(self) -> Iterator[list[Tensor]]:
+        self.flush()
         return iter(list(self._tensors))
+
+    def members(self) -> list[list[Tensor]]:
+        """The snapshots without waiting for their copies: for device work queued on the side stream (``queue``)."""
+        return list(self._tensors)
 
     def newest(self) -> list[Tensor]:
         """The newest snapshot's own buffers (read-only for the caller)."""
+        self.flush()
         return self._tensors[-1]
+
+    def newest_on_device(self) -> list[Tensor]:
+        """The newest CUDA snapshot's device staging (read-only; valid for work queued through ``queue``)."""
+        return self._staged
 
     def append(self, step: int, tensors: list[Tensor]) -> None:
         self._steps.append(step)
         self._tensors.append(self._copy(tensors))
-        if tensors and tensors[0].is_cuda:
-            self._copied = torch.cuda.Event()
-            self._copied.record(torch.cuda.current_stream(tensors[0].device))
 
-    def wait_copies(self) -> None:
-        copied, self._copied = self._copied, None
-        if copied is not None and not copied.query():
-            copied.synchronize()
+    def queue(self, work: Callable[[], None]) -> None:
+        """Queue ``work`` (device arithmetic on the snapshots) on the side stream after the copies, and move the
+        event after it: the training stream never waits for it, a reader waits on the event (``flush``,
+        ``wait_on_device``)."""
+        with self._to_host.side():
+            work()
+        self._to_host.record()
+
+    def flush(self) -> None:
+        self._to_host.synchronize()
+
+    def wait_on_device(self) -> None:
+        """Order the training stream after the side work (what it wrote may be read there; the host goes on)."""
+        self._to_host.wait_for_side()
 
     def _copy(self, tensors: list[Tensor]) -> list[Tensor]:
         """Into spare buffers when they fit (one fused copy, no fresh pages to fault in), else fresh ones. From a
-        CUDA device the copy is queued, not waited for (pinned buffers; see ``pinned_snapshot_copy``)."""
+        CUDA device the copy is queued off the training stream, not waited for (``DeviceToHost``)."""
         from_cuda = bool(tensors) and all(t.is_cuda for t in tensors)
         spare = self._spares.pop() if self._spares else None
-        if spare is not None and all(b.shape == t.shape and b.dtype == t.dtype for b, t in zip(spare, tensors)) \
-                and len(spare) == len(tensors) and (not from_cuda or all(b.is_pinned() for b in spare)):
-            torch._foreach_copy_(spare, [t.detach() for t in tensors], non_blocking=from_cuda)
+        if spare is not None and not (len(spare) == len(tensors) and all(
+                b.shape == t.shape and b.dtype == t.dtype for b, t in zip(spare, tensors))
+                and (not from_cuda or all(b.is_pinned() for b in spare))):
+            spare = None
+        if from_cuda:
+            self._staged, host = self._to_host.copy(tensors, spare)
+            self._to_host.record()
+            return host
+        if spare is not None:
+            torch._foreach_copy_(spare, [t.detach() for t in tensors])
             return spare
-        return pinned_snapshot_copy(tensors) if from_cuda else snapshot_copy(tensors)
+        return snapshot_copy(tensors)
 
     def pop_oldest(self) -> list[Tensor]:
         self._steps.popleft()
@@ -215,6 +381,7 @@ class MemorySnapshots(StepWindow):
         self.recycle(self.pop_oldest())
 
     def clear(self) -> None:
+        self.flush()  # (no copy may still land in buffers this drops)
         self._steps.clear()
         self._tensors.clear()
         self._spares = []
@@ -251,17 +418,24 @@ class ReadBackWindow(StepWindow):
 
 
 class DiskSnapshots(ReadBackWindow):
-    """The window as one safetensors file per snapshot (``store=disk``); host memory holds only their steps.
+    """The window as one safetensors file per snapshot (``store=disk``); host memory holds only their steps and the
+    snapshots still being written.
 
     ``folder`` is created if needed; an empty one means a fresh temporary folder, made on first use and
     removed when this store is garbage collected. Files are written under a temporary name and renamed, so
-    a crash never leaves a half-written snapshot under a real name.
+    a crash never leaves a half-written snapshot under a real name. The training thread only takes the host copy
+    (from CUDA queued off the training stream, ``DeviceToHost``); ``worker`` writes the file (after the copy's
+    event) in the background. Reading a snapshot back or deleting it waits for its own write; ``flush`` for all
+    of them (before a checkpoint and at ``close``).
     """
 
-    def __init__(self, folder: str = "") -> None:
+    def __init__(self, folder: str = "", worker: WindowWorker | None = None) -> None:
         self._folder = folder
         self._made = False  # the folder is made on first use: an averager that never snapshots leaves no trace
         self._steps = deque()
+        self._worker = worker if worker is not None else WindowWorker("disk-snapshots")
+        self._writes: dict[int, Future] = {}  # step -> its file's write, until it is known done
+        self._to_host = DeviceToHost()
 
     @property
     def folder(self) -> str:
@@ -280,15 +454,41 @@ class DiskSnapshots(ReadBackWindow):
         return os.path.join(self.folder, f"snapshot-{step:010d}.safetensors")
 
     def append(self, step: int, tensors: list[Tensor]) -> None:
-        copies = {str(i): t for i, t in enumerate(snapshot_copy(tensors))}
-        # scratch, not a record: a checkpoint holds the window itself, so no fsync is worth its stall
-        write_atomic(Path(self.path(step)), lambda p: save_file(copies, str(p)), durable=False)
+        copied = None
+        if tensors and all(t.is_cuda for t in tensors):
+            host = self._to_host.copy(tensors)[1]
+            copied = self._to_host.record()
+        else:
+            host = snapshot_copy(tensors)
+        # (a bound method: the job keeps this store, and so its folder, alive until the file is written)
+        self._writes[step] = self._worker.submit(self._write, self.path(step), host, copied)
         self._steps.append(step)
 
+    def _write(self, path: str, host: list[Tensor], copied: Any) -> None:
+        """A window file (on the worker): once the host copy has landed, written under a temporary name and renamed.
+        Scratch, not a record: a checkpoint holds the window itself, so no fsync is worth its stall."""
+        if copied is not None:
+            copied.synchronize()
+        tensors = {str(i): t for i, t in enumerate(host)}
+        write_atomic(Path(path), lambda p: save_file(tensors, str(p)), durable=False)
+
+    def _written(self, step: int) -> None:
+        """Wait for ``step``'s file (re-raising its write's error)."""
+        write = self._writes.pop(step, None)
+        if write is not None:
+            write.result()
+
+    def flush(self) -> None:
+        for step in list(self._writes):
+            self._written(step)
+
     def drop_oldest(self) -> None:
-        os.remove(self.path(self._steps.popleft()))
+        step = self._steps.popleft()
+        self._written(step)
+        os.remove(self.path(step))
 
     def _read(self, step: int) -> list[Tensor]:
+        self._written(step)
         by_index = load_file(self.path(step), device="cpu")
         return [by_index[str(i)] for i in range(len(by_index))]
 

@@ -265,6 +265,11 @@ class Averager(ABC):
         self._others = [t.clone() for t in state["others"]]
         self._load_extra_state(state["state"])
 
+    def close(self) -> None:
+        """Finish queued work (copies, files) and end any background thread this averager started; the state is
+        kept (``average()`` and ``state_dict()`` still work). The training loop calls it at the end of a run;
+        none of the built-in averagers needs it for correctness (their threads end when they are collected)."""
+
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(self.config).items())
         return f"{type(self).__name__}({fields})"

@@ -16,18 +16,19 @@ original LAWA code store ``k`` aliases of the live weights when training on CPU.
 
 With ``store=cpu`` the training thread pays for one copy per snapshot and nothing else: the copy goes into
 the buffers of a snapshot that left the window earlier, and the window-sum arithmetic (add the new snapshot,
-subtract the leaving one, or the periodic recompute) runs on one background thread that all LAWA averagers of
-the process share, overlapping the next training steps. Anything that reads the sum (``average()``,
-``state_dict()``, the next snapshot) first waits for it, so results are bit for bit those of doing it inline.
-The leaving snapshot's buffers are reused once its subtraction is done, so ``store=cpu`` holds ``k + 1``
-snapshots after the window first slides (``k`` plus that spare). The stores live in ``_window.py``.
+subtract the leaving one, or the periodic recompute) runs on the averager's own background thread (``WindowWorker``,
+ended by ``close()`` or with the averager), overlapping the next training steps. Anything that reads the sum
+(``average()``, ``state_dict()``, the next snapshot) first waits for it, so results are bit for bit those of doing
+it inline. The leaving snapshot's buffers are reused once its subtraction is done, so ``store=cpu`` holds ``k + 1``
+snapshots after the window first slides (``k`` plus that spare). With ``store=disk`` the files are written on that
+thread too. The stores live in ``_window.py``.
 
-With ``store=cpu`` and weights on a CUDA device, the training thread never waits for the device either: the
-snapshot goes into pinned host buffers with a non-blocking copy, and the window-sum arithmetic (on the device,
-reading the live weights for the new member and a non-blocking upload of the leaving one) is queued on the
-same stream right away, so no thread is needed and stream order keeps the copy ahead of the next optimizer
-step. An event recorded after that work is what ``wait()`` (and so ``average()``, ``state_dict()`` and the
-next snapshot, ``nu`` steps later) synchronizes on before the host reads the copies.
+With weights on a CUDA device, neither the training thread nor the training stream waits for a snapshot: the
+stream gets one device-to-device copy of the weights into flat staging blocks; the copy to host memory (one pinned
+block per dtype) and the window-sum arithmetic (on the device, reading the staged weights for the new member and a
+non-blocking upload of the leaving one) run on a side stream after it (``_window.DeviceToHost``). An event after
+that side work is what the host waits on before reading a copy (``state_dict()``, wma's average); the training
+stream waits for it on the device before reading the sum (``average()``) or overwriting the staging blocks.
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ from torch import Tensor
 
 from lawa_suite import registry
 from lawa_suite.averagers._window import (MemorySnapshots, RereadSnapshots, SnapshotStore, WindowConfig,
-                                          window_replay, window_store, window_worker)
-from lawa_suite.averagers.base import (Averager, ReplayTrack, accumulator_copy, cast_like, follow_devices,
+                                          WindowWorker, window_replay, window_store)
+from lawa_suite.averagers.base import (Averager, ReplayTrack, accumulation_dtype, cast_like, follow_devices,
                                        staged_like)
 
 __all__ = ["LAWA", "window_push_", "window_resum_", "window_mean"]
@@ -85,11 +86,11 @@ class LAWA(Averager):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._store: SnapshotStore = window_store(self.config)
+        self._worker = WindowWorker(f"{self.name}-window")
+        self._store: SnapshotStore = window_store(self.config, self._worker)
         self._sum: list[Tensor] = []  # sum of the window's snapshots in the accumulation dtype, layout order
         self._evictions = 0           # snapshots that left the window; the sum is recomputed every k of them
         self._pending: Future | None = None  # the window-sum job running on the background thread (store=cpu)
-        self._queued: Any = None      # CUDA event after the last snapshot's queued copies and arithmetic
 
     @property
     def ready(self) -> bool:
@@ -135,18 +136,17 @@ class LAWA(Averager):
         newest = self._store.newest_step
         if newest is not None and step <= newest:  # a repeated step would count twice (and overwrite a disk file)
             raise ValueError(f"lawa: snapshot steps must increase: got step {step} after {newest}")
-        self.wait()  # on CUDA: the previous snapshot's event, nu steps old, long since passed
+        self._finish_job()  # (on CUDA the side stream keeps the order: no wait here)
         if self._sum:
             self._sum = follow_devices(self._sum, floats)
         if self._on_cuda(floats):
-            # copies and arithmetic queued on the device's stream, in order; the host goes on at once
-            self._take_snapshot(step, floats, queued=True)()
-            self._queued = torch.cuda.Event()
-            self._queued.record(torch.cuda.current_stream(floats[0].device))
+            # staged on this stream; the host copy and the arithmetic queued on the side stream after it
+            arithmetic = self._take_snapshot(step, floats, queued=True)
+            self._store.queue(arithmetic)  # type: ignore[attr-defined]
         elif isinstance(self._store, MemorySnapshots):
             # copy now (the weights change at the next step); do the arithmetic on the stored copy, off this thread
             arithmetic = self._take_snapshot(step, floats, queued=False)
-            self._pending = window_worker().submit(arithmetic)
+            self._pending = self._worker.submit(arithmetic)
         else:  # disk or a post-hoc reader: the arithmetic reads from where the snapshots are, inline
             self._take_snapshot(step, floats, queued=False)()
 
@@ -156,23 +156,24 @@ class LAWA(Averager):
 
     def _take_snapshot(self, step: int, floats: list[Tensor], queued: bool) -> Callable[[], None]:
         """Put ``floats`` into the window now; return the window-sum arithmetic that goes with it. ``queued``: the
-        CUDA path, whose uploads of host copies are queued too (they come from pinned memory)."""
+        CUDA path, whose arithmetic runs on the side stream (uploads of host copies from pinned memory queued too)."""
         store, k = self._store, self.config.k
-        # on the background thread the arithmetic reads the stored copy: the live weights change at the next step
-        later = isinstance(store, MemorySnapshots) and not queued
-        if not self._sum:
-            new = self._append(step, floats, later)
-            return lambda: setattr(self, "_sum", accumulator_copy(new))
+        if not self._sum:  # allocated here, on the training thread and stream; filled by the arithmetic
+            self._sum = [torch.empty_like(t, dtype=accumulation_dtype(t.dtype), memory_format=torch.contiguous_format)
+                         for t in floats]
+            new = self._append(step, floats, queued)
+            return lambda: torch._foreach_copy_(self._sum, new)
         if len(store) < k:
-            new = self._append(step, floats, later)
+            new = self._append(step, floats, queued)
             return lambda: window_push_(self._sum, staged_like(new, self._sum, self._staging, queued))
         self._evictions += 1
         if self._evictions % k == 0:  # drift control: an exact sum of the window, amortised O(1)
             store.drop_oldest()  # its buffers take the new snapshot
             store.append(step, floats)
-            return lambda: window_resum_(self._sum, store, queued)
+            members = store.members() if queued else store  # type: ignore[attr-defined]
+            return lambda: window_resum_(self._sum, members, queued)
         old = store.pop_oldest()
-        new = self._append(step, floats, later)
+        new = self._append(step, floats, queued)
 
         def slide() -> None:
             torch._foreach_sub_(self._sum, staged_like(old, self._sum, self._staging, queued))
@@ -180,24 +181,36 @@ class LAWA(Averager):
             store.recycle(old)  # the next snapshot is copied into these buffers (queued after this upload)
         return slide
 
-    def _append(self, step: int, floats: list[Tensor], later: bool) -> list[Tensor]:
-        """Append ``floats`` to the window; return what the arithmetic reads: the stored copy when it runs
-        ``later`` (on the background thread), else ``floats`` (it runs, or on CUDA is queued, now)."""
+    def _append(self, step: int, floats: list[Tensor], queued: bool) -> list[Tensor]:
+        """Append ``floats`` to the window; return what the arithmetic reads: the stored copy when it runs later on
+        the background thread, the device staging on CUDA (the weights change at the next step), else ``floats``
+        (it runs now, inline)."""
         self._store.append(step, floats)
-        return self._store.newest() if later else floats
+        if queued:
+            return self._store.newest_on_device()  # type: ignore[attr-defined]
+        return self._store.newest() if isinstance(self._store, MemorySnapshots) else floats
 
-    def wait(self) -> None:
-        """Wait for the background window-sum job (re-raising its error), and on CUDA for the queued copies and
-        arithmetic of the last snapshot: after this the host copies may be read."""
+    def _finish_job(self) -> None:
+        """Wait for the background window-sum job (store=cpu on the CPU), re-raising its error."""
         pending, self._pending = self._pending, None
-        queued, self._queued = self._queued, None
         if pending is not None:
             pending.result()
-        if queued is not None and not queued.query():  # (a finished event needs no synchronize, itself a sync)
-            queued.synchronize()
+
+    def wait(self) -> None:
+        """Wait for the background window-sum job (re-raising its error), and on CUDA for the side stream's copies
+        and arithmetic of the last snapshot: after this the host may read the copies and the sum."""
+        self._finish_job()
+        self._store.flush()
+
+    def close(self) -> None:
+        """Finish the queued work (files on disk included) and end the background thread."""
+        self.wait()
+        self._worker.close()
 
     def _averaged_floats(self) -> list[Tensor]:
-        self.wait()
+        self._finish_job()
+        if isinstance(self._store, MemorySnapshots):
+            self._store.wait_on_device()  # the mean is taken on the training stream: after the side stream's sum
         return window_mean(self._sum, self.config.k)
 
     def _extra_state(self) -> dict[str, Any]:

@@ -10,8 +10,9 @@ decay ``w``, when ``c_0 = 1 - w_1``, ``c_j = w_j - w_(j+1)`` and the newest ``c_
 of a linear decay are constant, so LAWA is the merge that emulates a linear decay. Weights are non-negative and sum
 to 1 for every shape; a decay that falls fast puts most weight on the oldest snapshot.
 
-The window is LAWA's (``_window.py``): snapshots in host memory or on disk, never on the accelerator, and post hoc
-the members are re-read from the input. The weighted sum is formed when the average is read (``k`` fused
+The window is LAWA's (``_window.py``): snapshots in host memory or on disk, never on the accelerator (copied off the
+training stream; files written on the averager's own thread, ended by ``close()``), and post hoc the members are
+re-read from the input. The weighted sum is formed when the average is read (``k`` fused
 multiply-adds), not at every snapshot.
 """
 
@@ -26,7 +27,8 @@ import torch
 from torch import Tensor
 
 from lawa_suite import registry
-from lawa_suite.averagers._window import RereadSnapshots, SnapshotStore, WindowConfig, window_replay, window_store
+from lawa_suite.averagers._window import (RereadSnapshots, SnapshotStore, WindowConfig, WindowWorker, window_replay,
+                                          window_store)
 from lawa_suite.averagers.base import Averager, ReplayTrack, accumulation_dtype
 from lawa_suite.config import choice, require
 
@@ -69,7 +71,8 @@ class WMA(Averager):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.coefficients = merge_coefficients(self.config.k, self.config.shape)
-        self._store: SnapshotStore = window_store(self.config)
+        self._worker = WindowWorker(f"{self.name}-window")  # writes store=disk files in the background
+        self._store: SnapshotStore = window_store(self.config, self._worker)
 
     @property
     def ready(self) -> bool:
@@ -85,9 +88,8 @@ class WMA(Averager):
 
     @torch.no_grad()
     def _averaged_floats(self) -> list[Tensor]:
-        self._store.wait_copies()  # on CUDA the newest snapshot's copy to host memory may still be queued
         total: list[Tensor] = []
-        for c, snapshot in zip(self.coefficients, self._store):
+        for c, snapshot in zip(self.coefficients, self._store):  # (a host read: waits for queued copies first)
             if not total:
                 total = [t.to(accumulation_dtype(t.dtype)) * c for t in snapshot]
             else:
@@ -121,8 +123,12 @@ class WMA(Averager):
         return [weights.get(s, 0.0) for s in range(1, total + 1)]
 
     def _extra_state(self) -> dict[str, Any]:
-        self._store.wait_copies()
-        return {"steps": self._store.steps, "snapshots": list(self._store)}
+        return {"steps": self._store.steps, "snapshots": list(self._store)}  # (iterating waits for queued copies)
+
+    def close(self) -> None:
+        """Finish the queued copies and file writes, and end the background thread."""
+        self._store.flush()
+        self._worker.close()
 
     def _load_extra_state(self, state: Mapping[str, Any]) -> None:
         self._store.clear()
