@@ -729,9 +729,13 @@ def test_outputs_on_tmpfs_skip_o_direct_and_are_the_same_bytes(traj, tmp_path, m
 
 
 _FAULTS_OF_SLICES = '''
-import resource, sys, torch
+import ctypes, resource, sys, torch
 from lawa_suite.posthoc.limits import keep_slices_in_heap
-applied = keep_slices_in_heap() if sys.argv[1] == "tuned" else False
+if sys.argv[1] == "tuned":
+    applied = keep_slices_in_heap()
+else:  # the control: every slice mapped fresh and unmapped when freed (an explicit threshold: glibc's default one
+    # moves as chunks are freed, so an untuned process faults a round's pages anew only most of the time)
+    applied = bool(ctypes.CDLL(None).mallopt(-3, 1 << 20))  # M_MMAP_THRESHOLD = 1 MiB
 x = torch.ones(1 << 19)
 counts = []
 for _ in range(3):  # 24 slices of 2 MiB waiting for the writers, then written and freed, three times
@@ -750,13 +754,13 @@ def test_keep_slices_in_heap_keeps_freed_slices_mapped():
                               check=True)
         applied, *counts = done.stdout.split()
         return applied, [int(c) for c in counts]
-    (plain_applied, plain), (tuned_applied, tuned) = faults("plain"), faults("tuned")
-    assert (plain_applied, tuned_applied) == ("False", "True")
-    # 48 MiB is 12,288 pages: each round faults them in anew when freed memory goes back to the kernel. A tuned
-    # round after the first may still fault a few hundred pages where the heap's top moves (512 seen in CI, 1 run
-    # in 8 here), so the bound is a tenth of a round, not a fixed count; plain rounds fault nearly all of them.
-    assert tuned[0] > 10_000 and all(later < tuned[0] // 10 for later in tuned[1:]), tuned
-    assert all(later > plain[0] // 2 for later in plain[1:]), plain
+    (mapped_applied, mapped), (tuned_applied, tuned) = faults("mmap"), faults("tuned")
+    assert (mapped_applied, tuned_applied) == ("True", "True")
+    # 48 MiB is 12,288 pages: each round faults them in anew when freed memory goes back to the kernel, as it always
+    # does in the control. A tuned round after the first may still fault a few hundred pages where the heap's top
+    # moves (512 in CI, 1,024 here), so the bound is a quarter of a round, not a fixed count.
+    assert all(count > 10_000 for count in mapped), mapped
+    assert tuned[0] > 10_000 and all(later < tuned[0] // 4 for later in tuned[1:]), tuned
 
 
 # -- the command line -------------------------------------------------------------------------------------------
