@@ -192,12 +192,13 @@ def test_the_bar_says_it_is_evaluating_and_counts_that_evaluation(monkeypatch):
 def test_suite_profile_draws_ema_on_a_scale_that_shows_its_shape(tmp_path, monkeypatch):
     """EMA's first step holds decay**T of the weight (0.999**999 = 0.37 over 1,000 steps): a linear axis draws that
     spike and leaves the exponential rise of the other 63% as a flat line at its foot."""
-    import matplotlib.pyplot as plt
     import numpy as np
 
+    import lawa_suite.profiles as profiles
+
     figures = []
-    real_close = plt.close
-    monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig) or real_close(fig))
+    real_save = profiles.save
+    monkeypatch.setattr(profiles, "save", lambda fig, path, **kw: figures.append(fig) or real_save(fig, path, **kw))
     result = runner.invoke(app, ["profile", "averager=lawa,ema,swa", "steps=1000", f"out={tmp_path / 'p.png'}"])
     assert result.exit_code == 0, result.output
     panels = {ax.get_title().split("\n")[0]: ax for ax in figures[0].axes if ax.get_title()}
