@@ -417,7 +417,8 @@ def lawa_stream_cost(model: nn.Module, args: argparse.Namespace) -> dict[str, An
     """What a LAWA snapshot step adds to the training (current) CUDA stream, and whether it makes the host wait.
 
     A device sleep is queued first, longer than the host's part of the call, so the events recorded just before and
-    after ``observe`` time only the work the call queued on the current stream (0 when the snapshot runs elsewhere).
+    after ``observe`` time only the work the call queued on the current stream: since the side-stream copy
+    (``_window.DeviceToHost``) that is one device-to-device copy of the weights into staging blocks.
     A host time near the sleep's means the call waited for the device. The floor is what a snapshot must move: one
     non-blocking ``_foreach_copy_`` of the unique parameters into pinned host buffers, timed the same way. LAWA runs
     with ``nu=1`` (every step a snapshot) as the loop calls it (``checked=True``); the first ``2 (k + 1)`` steps fill
@@ -462,8 +463,8 @@ def lawa_stream_cost(model: nn.Module, args: argparse.Namespace) -> dict[str, An
     standin = standin_device()
     if standin is not None:
         # No device timing through the stand-in, but it counts what blocks the host: reads and blocking copies.
-        # Event waits are counted apart: LAWA waits on the previous snapshot's event, which a GPU has usually
-        # passed a step later, while the stand-in counts it as a wait unless a sync came in between.
+        # Event waits are counted apart (a snapshot step should make none: the training stream waits for LAWA's side
+        # stream on the device, not the host).
         n, waited, events = max(args.rounds, args.lawa_k + 1), 0, 0
         for _ in range(n):
             transfers, waits = standin.reads + standin.uploads, standin.waits
