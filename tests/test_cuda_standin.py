@@ -134,6 +134,35 @@ def test_evaluation_sums_travel_on_the_accelerator_device_even_from_a_rank_witho
         torch.distributed.destroy_process_group()
 
 
+def test_ddp_trains_on_the_stand_in_and_its_gradient_buckets_stay_on_the_device(tmp_path):
+    """accelerate asks for an nccl group when CUDA is there: the stand-in gives gloo. DDP's C++ side makes its
+    parameter-shape check on the device (a C++ copy to the stand-in's options) and all-reduces gradient buckets
+    through c10d ops, which gloo runs on the host data and hands back through the collective's future: the copies
+    out of it into the gradients are device copies, not uploads (before: one blocking upload per parameter a step)."""
+    torch.manual_seed(0)
+    reference = _model(torch.float32)[::2]  # the two Linear layers: no BatchNorm buffers to broadcast
+    x = torch.randn(8, 4)
+    reference(x).square().sum().backward()
+    model = _model(torch.float32)[::2]
+    with cuda_standin() as device:
+        torch.distributed.init_process_group(backend="nccl", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                                             world_size=1)
+        try:
+            assert torch.distributed.get_backend() == "gloo"
+            ddp = nn.parallel.DistributedDataParallel(model.to("cuda"), device_ids=[0])
+            inputs = x.to("cuda")
+            for _ in range(3):  # DDP rebuilds its buckets in the second forward (and reads their order back)
+                ddp.zero_grad()
+                before = (device.syncs, device.collectives)
+                ddp(inputs).square().sum().backward()
+            assert device.syncs == before[0], "the third step's backward made the host wait"
+            assert device.collectives > before[1], "the gradients were all-reduced through the stand-in"
+        finally:
+            torch.distributed.destroy_process_group()
+        for mine, theirs in zip(model.parameters(), reference.parameters()):
+            assert mine.grad.is_cuda and torch.allclose(mine.grad.host, theirs.grad)
+
+
 # -- averagers on CUDA ---------------------------------------------------------------------------------------
 def _model(dtype: torch.dtype) -> nn.Module:
     torch.manual_seed(0)

@@ -4,12 +4,18 @@ The loop reads the step's loss, gradient norm and the previous step's weights' f
 the averagers observe those weights then (``train.py``). On an accelerator, reading a value that lives on the
 device waits for it, and so does a blocking upload from pageable host memory. The runs here go through the CUDA
 stand-in (``lawa_suite.testing.cuda_standin``), which counts both (``StandInDevice.syncs``: what
-``torch.cuda.set_sync_debug_mode`` flags); with a real GPU the last test counts the device's own synchronisations.
+``torch.cuda.set_sync_debug_mode`` flags), in one process and in each of two (DDP over gloo: the stand-in gives gloo
+where accelerate asks for nccl); with a real GPU the last test counts the device's own synchronisations.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import socket
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -112,6 +118,36 @@ def test_weights_that_turn_non_finite_reach_no_averager_through_the_one_read(tmp
     assert ema["counters"]["refused"] == 1 and ema["counters"]["updates"] == 5
     tensors, _ = ckpt.flatten_state(ema)
     assert all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_one_host_synchronisation_a_step_on_each_of_two_processes(tmp_path):
+    # One torchrun launch, four runs (a launch costs seconds): each task under DDP on two processes through the
+    # stand-in, and the negative control, each step's weights observed at once (the old second read). The stop vote
+    # and the finite flag ride in the step's one read on each rank. DDP reads its rebuilt buckets' order back once,
+    # in the second step's forward (on a GPU too); the child counts that apart, and the test pins where it is.
+    runs = [{"name": task, "args": [*plain_run(task, tmp_path / task), f"mixed_precision={precision}"]}
+            for task, precision in (("gpt2", "bf16"), ("cifar", "no"), ("ddpm", "bf16"))]
+    runs.append({"name": "second_read", "second_read": True, "args": plain_run("gpt2", tmp_path / "second_read")})
+    torchrun = Path(sys.executable).with_name("torchrun")
+    child = Path(__file__).with_name("_host_sync_child.py")
+    done = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
+                           str(free_port()), str(child), str(tmp_path), json.dumps(runs)],
+                          cwd=child.parent.parent, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for rank in (0, 1):
+        for run in runs:
+            counts = json.loads((tmp_path / f"{run['name']}.rank{rank}.json").read_text())
+            expected = 2 if run.get("second_read") else 1
+            assert counts["loop"] == [expected] * 5, (run["name"], rank, counts)
+            assert counts["ddp_setup"] == [0, 2, 0, 0, 0], (run["name"], rank, counts)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(),

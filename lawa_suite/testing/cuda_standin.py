@@ -22,14 +22,25 @@ read; the host may read such a buffer only after waiting for an event recorded a
 (``device.check_waited(buffers)`` asserts that, as code that waits would have), and it is held as "in flight"
 until then.
 
+Several processes (torchrun, accelerate launch): each process's one device is its own GPU, ``cuda:<LOCAL_RANK>`` of
+``LOCAL_WORLD_SIZE`` (one process alone: ``cuda:0``). A process group asked for with ``nccl`` is a ``gloo`` group: gloo
+runs every collective on the stand-in tensors' host data, those of the Python API (``all_reduce``...) and the C++
+ones of DDP's reducer (c10d ops, dispatched to the stand-in), so DDP trains as on GPUs. CUDA's rule differs here:
+NCCL writes its results into device memory, while gloo hands a C++ collective's result back through its future as
+the host tensor it ran on; the stand-in remembers those host tensors and counts a copy out of one as a device copy
+(not an upload). FSDP2 does not run on the stand-in: its DTensors take their device from the C++ side of a shard,
+which for a stand-in tensor is the meta device.
+
 What it cannot copy, and so does not claim: the device runs everything at once, in program order, on one stream.
-Stream and event ordering between streams, kernel timing, memory limits, atomics' nondeterminism, TF32 and cuDNN
-numerics, NCCL itself, and compiled (inductor/triton) code are not modelled; ``torch.compile`` is refused. Only
-one device (``cuda:0``) exists. bf16 autocast runs through PyTorch's CUDA autocast rules (the stand-in tensor
-carries the CUDA dispatch keys); fp16 ``GradScaler`` is not supported.
+Stream and event ordering between streams (DDP's overlap of all-reduce and backward), kernel timing, memory limits,
+atomics' nondeterminism, TF32 and cuDNN numerics, NCCL itself, and compiled (inductor/triton) code are not modelled;
+``torch.compile`` is refused. A process has one device: a tensor made on another index lands on it too. bf16
+autocast runs through PyTorch's CUDA autocast rules (the stand-in tensor carries the CUDA dispatch keys); fp16
+``GradScaler`` is not supported.
 
 Public, like ``torch.testing``: plugins can run their averagers' CUDA paths through it. It changes process-wide
-state (``torch.cuda``'s functions, ``torch.Generator``, ``torch.distributed``'s collectives) only inside the
+state (``torch.cuda``'s functions, ``torch.Generator``, ``torch.distributed``'s collectives and
+``init_process_group``) only inside the
 ``with`` block, and puts all of it back on exit.
 """
 
@@ -37,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import sys
 import weakref
 from collections.abc import Callable, Iterator
@@ -50,7 +62,11 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 __all__ = ["StandInTensor", "StandInDevice", "cuda_standin", "standin_tensors", "DEVICE"]
 
-DEVICE = torch.device("cuda", 0)
+# A process that torchrun or accelerate launch started is one of LOCAL_WORLD_SIZE on its node, and its GPU is the
+# LOCAL_RANK-th, as on a GPU node; one process alone has cuda:0
+_LOCAL_RANK = int(os.environ.get("LOCAL_RANK", "0") or 0)
+DEVICE = torch.device("cuda", _LOCAL_RANK)
+_DEVICE_COUNT = max(_LOCAL_RANK + 1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
 _active: StandInDevice | None = None  # one per process: what it patches is process-wide
 
 # ops that may take a host tensor beside a device one: copies between them, and host index tensors
@@ -87,7 +103,7 @@ class StandInTensor(torch.Tensor):
         return False
 
     def get_device(self) -> int:
-        return 0
+        return _LOCAL_RANK
 
     def __repr__(self) -> str:  # noqa: D105 - the host tensor's text, on its stand-in device
         return f"StandInTensor({self.host!r}, device='{DEVICE}')"
@@ -123,6 +139,9 @@ class StandInDevice:
     # pinned buffers a queued copy writes to, and the sync count then; held until the host waits (so their
     # addresses are not reused): any synchronisation after the copy was queued means it has landed
     _in_flight: dict[int, tuple[Tensor, int]] = dataclasses.field(default_factory=dict, repr=False)
+    # host data of stand-in tensors that a C++ collective (DDP's gradient buckets) ran on, by storage address: gloo
+    # hands that data back through the collective's future, and copies out of it are device-to-device copies
+    _collective_hosts: dict[int, weakref.ref] = dataclasses.field(default_factory=dict, repr=False)
 
     @property
     def syncs(self) -> int:
@@ -138,6 +157,14 @@ class StandInDevice:
         if isinstance(t, StandInTensor) or not t.numel():
             return False
         owner = self._pinned.get(t.untyped_storage().data_ptr())
+        alive = owner() if owner is not None else None
+        return alive is not None and alive.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
+
+    def on_device(self, t: Tensor) -> bool:
+        """Whether host tensor ``t`` is a collective's result: a stand-in tensor's data, handed back by gloo."""
+        if not t.numel():
+            return False
+        owner = self._collective_hosts.get(t.untyped_storage().data_ptr())
         alive = owner() if owner is not None else None
         return alive is not None and alive.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
 
@@ -183,6 +210,10 @@ class StandInDevice:
         if any(isinstance(t, Tensor) and t.is_meta for t in tree_flatten((host_args, host_kwargs))[0]):
             raise NotImplementedError(f"{name}: an operand without data reached the CUDA stand-in (a C++ composite "
                                       f"made it with the stand-in's meta options); the stand-in cannot run this op")
+        if name.startswith("c10d::"):
+            self.collectives += 1
+            for t in hosts.values():
+                self._collective_hosts[t.host.untyped_storage().data_ptr()] = weakref.ref(t.host)
         out = func(*host_args, **host_kwargs)
         if name in ("aten::_local_scalar_dense", "aten::is_pinned"):
             return out
@@ -217,7 +248,7 @@ class StandInDevice:
         non_blocking = kwargs.get("non_blocking", args[2] if len(args) > 2 else False)
         for dst, src in pairs:
             down = isinstance(src, StandInTensor) and not isinstance(dst, StandInTensor)
-            up = isinstance(dst, StandInTensor) and not isinstance(src, StandInTensor)
+            up = isinstance(dst, StandInTensor) and not isinstance(src, StandInTensor) and not self.on_device(src)
             if down and non_blocking and self.is_pinned(dst):
                 self.queue_into(dst)
             elif down:
@@ -284,9 +315,14 @@ class _Factories(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         device = kwargs.get("device")
-        if (device is not None and torch.device(device).type == "meta" and not self.device.explicit_meta
-                and not any(isinstance(t, Tensor) for t in tree_flatten(args)[0])):
-            return StandInTensor(func(*args, **{**kwargs, "device": torch.device("cpu")}))
+        if device is not None and torch.device(device).type == "meta" and not self.device.explicit_meta:
+            operands = [t for t in tree_flatten(args)[0] if isinstance(t, Tensor)]
+            if not operands:
+                return StandInTensor(func(*args, **{**kwargs, "device": torch.device("cpu")}))
+            # a C++ copy of a host tensor to a stand-in tensor's device (DDP's parameter-shape check)
+            if func is torch.ops.aten._to_copy.default and not isinstance(operands[0], StandInTensor):
+                self.device._count_upload(operands[0], bool(kwargs.get("non_blocking", False)))
+                return StandInTensor(func(*args, **{**kwargs, "device": torch.device("cpu")}))
         return func(*args, **kwargs)
 
 
@@ -495,7 +531,8 @@ def _cuda_functions() -> dict[str, Any]:
     default = _Stream()
     rng = [torch.zeros(16, dtype=torch.uint8)]
     return {
-        "is_available": lambda: True, "device_count": lambda: 1, "current_device": lambda: 0,
+        "is_available": lambda: True, "device_count": lambda: _DEVICE_COUNT,
+        "current_device": lambda: _LOCAL_RANK,
         "set_device": lambda device: None, "_lazy_init": lambda: None, "is_initialized": lambda: True,
         "synchronize": _synchronize, "Event": _Event, "Stream": _Stream,
         "current_stream": lambda device=None: default, "default_stream": lambda device=None: default,
@@ -514,7 +551,8 @@ def _cuda_functions() -> dict[str, Any]:
 def _accelerator_functions() -> dict[str, Any]:
     default = _Stream()
     return {
-        "is_available": lambda: True, "device_count": lambda: 1, "current_device_index": lambda: 0,
+        "is_available": lambda: True, "device_count": lambda: _DEVICE_COUNT,
+        "current_device_index": lambda: _LOCAL_RANK,
         "current_accelerator": lambda check_available=False: DEVICE, "set_device_index": lambda device: None,
         "current_stream": lambda device=None: default, "synchronize": _synchronize,
     }
@@ -560,6 +598,18 @@ def _guard_collective(original: Callable) -> Callable:
     return collective
 
 
+def _gloo_for_nccl(original: Callable) -> Callable:
+    """``init_process_group``: a group asked for on CUDA (``nccl``, what accelerate asks for when a GPU is there) is
+    a gloo group, which runs the collectives on the stand-in tensors' host data."""
+    def init_process_group(*args: Any, backend: str | None = None, **kwargs: Any) -> Any:
+        if args:
+            backend, args = args[0], args[1:]
+        if backend is None or "nccl" in str(backend):
+            backend = "gloo"
+        return original(backend, *args, **kwargs)
+    return init_process_group
+
+
 _COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor",
                 "reduce", "gather", "scatter", "all_to_all_single")
 
@@ -592,6 +642,7 @@ def cuda_standin() -> Iterator[StandInDevice]:
     if torch.distributed.is_available():
         for name in _COLLECTIVES:
             patch(torch.distributed, name, _guard_collective(getattr(torch.distributed, name)))
+        patch(torch.distributed, "init_process_group", _gloo_for_nccl(torch.distributed.init_process_group))
     _forget_accelerate_state()  # accelerate keeps the device it found in a process-wide singleton
     # module.to("cuda") swaps each parameter in place, as it does for real CUDA tensors (it can not set .data of a
     # host parameter to a stand-in tensor, so it would make new parameters and untie tied weights)
