@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -216,3 +217,9 @@ def test_a_schedule_free_run_on_cuda_uses_foreach_one_read_a_step_and_resumes_bi
     assert per_step[:2] + per_step[3:] == [1] * 4  # (step 3's checkpoint reads the weights)
     assert_same_tree(final_state(tmp_path / "whole")[0], final_state(cut)[0])
     assert_same_tree(final_state(tmp_path / "whole")[1]["optimizer"], final_state(cut)[1]["optimizer"])
+
+
+def test_without_the_package_the_option_is_one_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "schedulefree", None)  # import fails as if not installed
+    with pytest.raises(ConfigError, match=r"^optimizer: schedulefree needs the schedulefree package; pip install"):
+        schedule_free.sgd([torch.nn.Parameter(torch.zeros(2))], 0.1, RunConfig().schedulefree, momentum=0.9)
