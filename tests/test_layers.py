@@ -11,7 +11,6 @@ Layers, from the bottom (a module belongs to the first layer with a prefix match
 from __future__ import annotations
 
 import ast
-from collections import defaultdict
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lawa_suite"

@@ -283,8 +283,9 @@ class CifarTask(Task):
 
     def export(self, weights: Mapping[str, Tensor], out: Path) -> None:
         """A timm model trained here: timm's Hub folder (``_timm.export_folder``). The suite's PreAct-ResNet-18: its
-        weights, builder and arguments, and a README with the lines that load it (``module_folders.write_module_folder``).
-        The classes and channels come from the weights (export runs without the data)."""
+        weights, builder and arguments, and a README with the lines that load it
+        (``module_folders.write_module_folder``). The classes and channels come from the weights (export runs without
+        the data)."""
         if self.config.model == _timm.PREACT:
             from lawa_suite.module_folders import write_module_folder
 
