@@ -136,8 +136,6 @@ def run(
         base = dotted(read_saved(Path(given["out"]) / "config.yaml"))
     cfg = resolve(words, base=base)
     if dry_run:
-        import os
-
         from lawa_suite import memory_plan
 
         typer.echo(cfg.to_yaml(), nl=False)
@@ -150,7 +148,8 @@ def run(
             else memory_plan.DEFAULT_GPU_MEMORY_GIB
         typer.echo(memory_plan.plan_text(cfg, processes, memory), nl=False)
         return
-    if not overrides:  # `suite run` alone starts minutes of work: say which, and how to see or change it first
+    first_process = int(os.environ.get("RANK", "0") or 0) == 0  # torchrun and accelerate launch set it per process
+    if not overrides and first_process:  # `suite run` alone starts minutes of work: say which, and how to see it
         rc = cfg.run
         typer.echo(f"suite run with no settings: task={rc.task} preset={rc.preset or 'default'}, {rc.steps} steps, "
                    f"averager={','.join(rc.averager) or 'none'}, out={rc.out} (`suite run --dry-run` shows every "
@@ -158,7 +157,8 @@ def run(
     from lawa_suite.train import train
 
     result = train(cfg)
-    typer.echo(f"done: {result.step} steps; report: {result.out / 'report.md'}")
+    if first_process:  # one line for the run, not one per process
+        typer.echo(f"done: {result.step} steps; report: {result.out / 'report.md'}")
 
 
 @app.command("list")
