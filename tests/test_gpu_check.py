@@ -416,3 +416,25 @@ def test_time_left_by_early_parts_goes_to_later_ones_but_never_the_time_kept_for
     assert check.part_cap(args, 1, 400) == 400 - caps["averagers-774M"]  # cuda-tests finished early
     assert check.part_cap(args, 1, 100) == 100                          # never past the budget
     assert check.part_cap(args, 2, 300) == 300                          # the last part: what is left
+
+
+# -- what the GPU machine gets installed ----------------------------------------------------------------------
+def _wheels_and_needs() -> tuple[list[str], list[str]]:
+    """The distributions wheels.sh downloads and the modules check.sh makes sure of, read from the scripts."""
+    import ast
+    import re
+    wheels_py = re.search(r"WHEELS = (\(.*?\))", (GPU / "wheels.sh").read_text(), re.S)
+    need_py = re.search(r"need = (\[.*?\])", (GPU / "check.sh").read_text(), re.S)
+    assert wheels_py and need_py, "wheels.sh's WHEELS or check.sh's need list moved; update this reader"
+    return list(ast.literal_eval(wheels_py.group(1))), ast.literal_eval(need_py.group(1))
+
+
+def test_schedulefree_a_core_dependency_travels_with_the_gpu_check():
+    wheels, need = _wheels_and_needs()
+    assert "schedulefree" in wheels and "schedulefree" in need
+
+
+def test_every_wheel_the_check_ships_is_a_module_it_checks_for():
+    wheels, need = _wheels_and_needs()
+    backports = {"importlib-metadata"}  # needed by another wheel, imported by no part itself
+    assert [w for w in wheels if w not in backports and w.replace("-", "_") not in need] == []

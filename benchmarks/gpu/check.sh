@@ -30,7 +30,7 @@ missing() {
     "$PY" - <<'EOF'
 import importlib.util
 need = ["torch", "numpy", "omegaconf", "accelerate", "transformers", "diffusers", "torch_fidelity", "tiktoken",
-        "typer", "safetensors", "yaml", "pytest"]
+        "typer", "safetensors", "yaml", "pytest", "schedulefree"]
 print(" ".join(n for n in need if importlib.util.find_spec(n) is None))
 EOF
 }

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Fill .gpu-wheels/ with what a lent GPU machine lacks, here, where PyPI is reachable (the GPU machine reaches no
 # network). Its image has torch, transformers, accelerate, tiktoken, timm and pytest, but not omegaconf, diffusers,
-# torch-fidelity or importlib-metadata; all four are pure Python, so one wheel of each serves any Python 3. GPT-2's
-# BPE files for tiktoken are copied beside them. Then carry the folder with the check:
+# torch-fidelity, importlib-metadata or schedulefree (a core dependency: optimizer=schedulefree); all five are pure
+# Python, so one wheel of each serves any Python 3. GPT-2's BPE files for tiktoken are copied beside them. Then carry
+# the folder with the check:
 #
 #   bash benchmarks/gpu/wheels.sh             # once, here (about 5 MB)
 #   bash benchmarks/gpu/check.sh              # there, with .gpu-wheels carried along
@@ -16,7 +17,8 @@ grep -qx "/.gpu-wheels/" .git/info/exclude 2>/dev/null || echo "/.gpu-wheels/" >
 # the versions this checkout is tested with
 specs=$("$PY" - <<'EOF'
 from importlib.metadata import version
-print(" ".join(f"{n}=={version(n)}" for n in ("omegaconf", "diffusers", "torch-fidelity", "importlib-metadata")))
+WHEELS = ("omegaconf", "diffusers", "torch-fidelity", "importlib-metadata", "schedulefree")
+print(" ".join(f"{n}=={version(n)}" for n in WHEELS))
 EOF
 )
 # shellcheck disable=SC2086
