@@ -112,8 +112,8 @@ def test_bench_report_markdown_html_and_claims(tmp_path):
     # phases: lawa not ready at step 10 (raw was scored there); the same gain in both seeds: no spread
     assert "| lawa | not ready yet | +0.2500 [+0.2500, +0.2500] over 2 seeds: inconclusive |" in text
     page = (folder / "report.html").read_text()
-    # two PNGs embedded (curves, gain against lr), none left as a link
-    assert page.count("data:image/png;base64,") == 2 and "<table>" in page and 'src="gpt2-cpu.png"' not in page
+    # four PNGs embedded (forest plot, gain curves, curves, gain against lr), none left as a link
+    assert page.count("data:image/png;base64,") == 4 and "<table>" in page and 'src="gpt2-cpu.png"' not in page
     assert (folder / "gpt2-cpu.png").stat().st_size > 1000
 
 
@@ -179,7 +179,7 @@ def test_only_true_replicates_are_averaged_as_seeds(tmp_path):
                      f"gpt2 (cpu) [data.path=c.tgz, data.source=imagefolder] [{again}]": [1]}
     report = write_bench_report([tmp_path], tmp_path / "out").read_text()
     assert "## gpt2 (cpu) [data.path=, data.source=embedded]" in report
-    assert len(list((tmp_path / "out").glob("gpt2-cpu-*.png"))) == 3  # a figure each, none overwritten
+    assert len(list((tmp_path / "out").glob("gpt2-cpu-????????.png"))) == 3  # a figure each, none overwritten
 
 
 def test_a_single_runs_fewer_steps_compare_with_raws_own_step(tmp_path):
@@ -309,7 +309,7 @@ def test_claim_a_compares_the_highest_lr_that_still_trains_with_the_lowest(tmp_p
     assert "| 1 | 2.9000 | higher, raw 20.8% off the tuned: trains worse |" in text
 
 
-def test_claim_f_judges_each_averagers_fid_against_raw(tmp_path):
+def test_claim_f_judges_each_averagers_fid_against_raw_where_no_loss_was_recorded(tmp_path):
     root = tmp_path / "bench"
     for seed, shift in ((0, 0.0), (1, 3.0)):  # final gains 4.0 and 4.1: seeds differ, so the interval means something
         run = make_run(root, 1e-3, seed, {"raw": [90 + shift, 70 + shift, 60 + shift, 55 + shift, 52 + shift],
@@ -320,9 +320,11 @@ def test_claim_f_judges_each_averagers_fid_against_raw(tmp_path):
         metrics = (run / "metrics.jsonl").read_text().replace('"loss"', '"fid_standin"')
         (run / "metrics.jsonl").write_text(metrics)
     text = write_bench_report([root], tmp_path / "out").read_text()
-    assert "**(f) averaging improves a diffusion model's FID (each averager against raw, at the end): " \
-           "1 held (of 1).**" in text
-    assert "ddpm (cpu) lr=0.001, lawa: held; final fid_standin gain over raw: +4.05 [+3.41, +4.69] over 2 seeds" in text
+    # at the end and early-mid (steps 20, 30: gains 5 and 5 in both seeds: no spread, inconclusive)
+    assert "held, 1 inconclusive (of 2); carried by fid_standin in 1, no metric (inconclusive on all) in 1.**" in text
+    assert "ddpm (cpu) lr=0.001, lawa, end: held; gain over raw at the end, fid_standin (its sample count not saved) " \
+           "through the offline random-feature stand-in network, not Inception: +4.05 [+3.41, +4.69] over 2 seeds " \
+           "(held)" in text
 
 
 def test_a_key_added_to_the_suite_later_counts_at_its_default_so_old_and_new_runs_stay_one_experiment():

@@ -1,9 +1,11 @@
 """The cross-run report: many runs (a bench), grouped by task and learning rate, mean over seeds.
 
 ``suite report <bench dir or run dirs> out=DIR`` writes report.md, report.html (the same content, the PNGs
-embedded) and one PNG per task. Gains over raw are paired within each run (``paired.py``); steps to target are
-too: each run's own raw curve gives the targets, crossings are interpolated, and the steps saved are a fraction of
-raw's own steps to the same target (``targets.py``).
+embedded, the verdict matrix coloured) and PNGs per task. It opens with answers at a glance (``glance.py``: the
+verdict matrix, forest plots, gain curves with interval bands), then the claims' record, then a section per task.
+Gains over raw are paired within each run (``paired.py``); steps to target are too: each run's own raw curve gives
+the targets, crossings are interpolated, and the steps saved are a fraction of raw's own steps to the same target
+(``targets.py``).
 """
 
 from __future__ import annotations
@@ -16,13 +18,18 @@ from typing import Any
 
 from lawa_suite.files import write_text_atomic
 from lawa_suite.plotting import figure, palette, save, wide_range
-from lawa_suite.report.claims import claims, claims_section
+from lawa_suite.report.claims import CLAIM_TEXT, claims, claims_section
 from lawa_suite.report.curves import SIZE_KEYS, best_point, direction_of, fmt, metric_directions, metric_notes, ordered
+from lawa_suite.report.diffusion import DENOISING_LOSS, fid_metric, fid_note
+from lawa_suite.report.gainplots import GainPanel
+from lawa_suite.report.glance import glance_section
 from lawa_suite.report.html import to_html
 from lawa_suite.report.lrs import lr_section
-from lawa_suite.report.paired import gain, phase_table
+from lawa_suite.report.matrix import MATRIX_BLOCK, matrix_html
+from lawa_suite.report.paired import phase_table
 from lawa_suite.report.records import Band, LrSummary, RunRecord, Verdict, experiment_key, read_run
 from lawa_suite.report.run import find_runs
+from lawa_suite.report.schedulefree import claim_h
 from lawa_suite.report.schedules import claim_g
 from lawa_suite.report.sweeps import sweep_section
 from lawa_suite.report.targets import SMOOTH, steps_table
@@ -69,7 +76,7 @@ def plot_task(task: str, by_lr: list[LrSummary], metrics: list[str], directions:
               colour_names: Iterable[str] = ()) -> None:
     """Rows: metrics; columns: learning rates; a line per weights (seed mean) with a min-max band. ``colour_names``:
     every weights name the report draws, for its one palette."""
-    rows = len(metrics) + 1  # the last row: each averager's gain over raw on the headline metric, zoomed in
+    rows = len(metrics)  # the gains over raw, with their intervals, open the report (glance.py)
     fig, axes = figure(rows, len(by_lr), (5.2 * len(by_lr), 3.4 * rows))
     names = ordered({w: None for s in by_lr for r in s.runs for w in r.curves})  # type: ignore[arg-type]
     colours = palette([*colour_names, *names])
@@ -92,24 +99,6 @@ def plot_task(task: str, by_lr: list[LrSummary], metrics: list[str], directions:
             ax.grid(alpha=0.3)
             if row == 0 and col == 0 and ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=8)
-    for col, s in enumerate(by_lr):
-        ax, raw = axes[-1][col], s.bands.get("raw")
-        for w, band in s.bands.items():
-            if w == "raw" or raw is None:
-                continue
-            points = [(st, gain(s.direction, raw.at(st), v)) for st, v in zip(band.steps, band.mean)  # type: ignore
-                      if raw.at(st) is not None]
-            if points:
-                ax.plot(*zip(*points), marker=".", lw=1.4, color=colours[w], label=w)
-        ax.axhline(0, color="black", lw=1)
-        tail = [y for line in ax.get_lines()[:-1] for x, y in zip(line.get_xdata(), line.get_ydata())
-                if x > 0.3 * s.steps]
-        if tail:  # early gains can be hugely negative (an average still holding the random init): zoom on the rest
-            span = max(abs(min(tail)), abs(max(tail))) * 1.3 or 1.0
-            ax.set_ylim(-span, span)
-        ax.set_title(f"lr={s.lr:g}: gain over raw in {s.headline} (above 0: better)", fontsize=10)
-        ax.set_xlabel("optimizer step")
-        ax.grid(alpha=0.3)
     fig.suptitle(f"{task}: mean over {by_lr[0].bands['raw'].seeds if 'raw' in by_lr[0].bands else '?'} seed(s), "
                  f"band = min-max")
     save(fig, path, dpi=100)
@@ -149,10 +138,22 @@ def _metrics_of(by_lr_runs: dict[float, list[RunRecord]], directions: dict[str, 
     return [m for m in dict.fromkeys([*directions, *present]) if m in present][:2]
 
 
+def _gain_panels(label: str, by_lr: list[LrSummary], directions: dict[str, str]) -> list[GainPanel]:
+    """The gains drawn at the top: the headline; for an FID-scored task also the denoising loss, which answers."""
+    names = [w for w in ordered({w: None for s in by_lr for w in s.bands}) if w != "raw"]  # type: ignore[arg-type]
+    s = by_lr[0]
+    panels = [GainPanel(label, s.headline, s.direction, by_lr, names)]
+    if fid_metric(s.runs) and any(DENOISING_LOSS in r.curves.get("raw", {}) for r in s.runs):
+        panels.append(GainPanel(f"{label} (denoising loss)", DENOISING_LOSS,
+                                direction_of(DENOISING_LOSS, directions), by_lr, names))
+    return panels
+
+
 def task_section(label: str, by_lr_runs: dict[float, list[RunRecord]], out: Path,
-                 colour_names: Iterable[str] = ()) -> tuple[list[str], list[Verdict]]:
-    """One task's Markdown (plot, a table per learning rate, the high-vs-low gap) and its claims' verdicts;
-    ``colour_names``: every weights name the report draws, for its one palette."""
+                 colour_names: Iterable[str] = ()) -> tuple[list[str], list[Verdict], tuple[str, str, list[GainPanel]]]:
+    """One task's Markdown (plot, a table per learning rate, the high-vs-low gap), its claims' verdicts, and what
+    the report's opening draws of it: ``(label, png base name, gain panels)``. ``colour_names``: every weights name
+    the report draws, for its one palette."""
     first = next(iter(by_lr_runs.values()))[0]
     directions = metric_directions(first.task)
     metrics = _metrics_of(by_lr_runs, directions)  # the headline and one more (FID and loss; accuracy and loss)
@@ -160,17 +161,18 @@ def task_section(label: str, by_lr_runs: dict[float, list[RunRecord]], out: Path
     direction = direction_of(headline, directions)
     by_lr = [summarise_lr(lr, sorted(runs, key=lambda r: r.seed), headline, direction)
              for lr, runs in sorted(by_lr_runs.items(), reverse=True)]
-    png = f"{first.task}{'-' + first.preset if first.preset else ''}"
+    base = f"{first.task}{'-' + first.preset if first.preset else ''}"
     if "[" in label:  # one task run two ways: a figure each
-        png += "-" + hashlib.sha1(label.encode()).hexdigest()[:8]
-    png += ".png"
+        base += "-" + hashlib.sha1(label.encode()).hexdigest()[:8]
+    png = base + ".png"
     plot_task(label, by_lr, metrics, directions, out / png, colour_names)
     lines = [f"## {label}", ""]
     seeds = sorted({r.seed for runs in by_lr_runs.values() for r in runs})
+    fid = fid_metric([first])
     lines += [f"{len(by_lr)} learning rate(s) x seeds {', '.join(map(str, seeds))}; {first.steps} steps; headline "
               f"metric `{headline}` ({'higher' if direction == 'max' else 'lower'} is better). Unfinished runs are "
-              f"left out of the means (listed under Runs).", *metric_notes(first.task, metrics), "",
-              f"![{label}]({png})", ""]
+              f"left out of the means (listed under Runs).", *metric_notes(first.task, metrics),
+              *([f"FID here: {fid_note(first, fid)}."] if fid else []), "", f"![{label}]({png})", ""]
     for s in by_lr:
         lines += [f"### lr={s.lr:g}", ""]
         lines += [lr_table(s), ""]
@@ -182,13 +184,13 @@ def task_section(label: str, by_lr_runs: dict[float, list[RunRecord]], out: Path
                       f"is interpolated between evaluations, and the steps saved are a fraction of raw's own steps "
                       f"to the same target (a run that never reaches it counts its full length).", "",
                       steps_table(s.runs, averagers, s.headline, s.direction), ""]
-    lines += sweep_section(by_lr, out, png.removesuffix(".png"), colour_names)
-    lines += lr_section(by_lr, out, png.removesuffix(".png") + "-lrs.png", colour_names)
-    return lines, claims(label, by_lr)
+    lines += sweep_section(by_lr, out, base, colour_names)
+    lines += lr_section(by_lr, out, base + "-lrs.png", colour_names)
+    return lines, claims(label, by_lr), (label, base, _gain_panels(label, by_lr, directions))
 
 
 def write_bench_report(paths: list[Path], out: Path, title: str = "") -> Path:
-    """Write ``report.md``, ``report.html`` and one PNG per task into ``out``; returns the Markdown path."""
+    """Write ``report.md``, ``report.html`` and the PNGs into ``out``; returns the Markdown path."""
     runs = [read_run(p) for p in find_runs(paths)]
     if not runs:
         raise ValueError(f"{', '.join(map(str, paths))}: no run folders (config.yaml + metrics.jsonl) found")
@@ -200,14 +202,21 @@ def write_bench_report(paths: list[Path], out: Path, title: str = "") -> Path:
              f"raw are paired within each run and given with a 95% t-interval over seeds.", ""]
     verdicts: list[Verdict] = []
     sections: list[str] = []
-    if not group_runs(runs):
+    groups = group_runs(runs)
+    if not groups:
         lines += ["No run has finished yet.", ""]
     names = ordered({w: None for r in runs for w in r.curves})  # type: ignore[arg-type]  # one palette for all
-    for label, by_lr in group_runs(runs).items():
-        text, found = task_section(label, by_lr, out, names)
+    experiments = []
+    for label, by_lr in groups.items():
+        text, found, drawn = task_section(label, by_lr, out, names)
         sections += text
         verdicts += found
-    verdicts += claim_g([r for r in runs if r.last_step >= r.steps])
+        experiments.append(drawn)
+    labels = {run.path: label for label, by_lr in groups.items() for seeds in by_lr.values() for run in seeds}
+    finished = [r for r in runs if r.last_step >= r.steps]
+    verdicts += claim_g(finished, labels) + claim_h(finished, labels)
+    order = [f"{label} lr={lr:g}" for label, by_lr in groups.items() for lr in sorted(by_lr, reverse=True)]
+    lines += glance_section(verdicts, order, CLAIM_TEXT, experiments, out, palette(names))
     lines += claims_section(verdicts) + sections
     lines += ["## Runs", "", *(f"- `{r.path}`: {r.task} lr={r.lr:g} seed={r.seed}, {r.last_step}/{r.steps} steps, "
                                   f"averagers {', '.join(r.config.get('averager', [])) or 'none'}"
@@ -215,5 +224,6 @@ def write_bench_report(paths: list[Path], out: Path, title: str = "") -> Path:
                                   for r in runs), ""]
     markdown = "\n".join(lines)
     write_text_atomic(out / "report.md", markdown)
-    write_text_atomic(out / "report.html", to_html(markdown, out, title or "Benchmark report"))
+    page = to_html(markdown, out, title or "Benchmark report", {MATRIX_BLOCK: matrix_html(verdicts, order)})
+    write_text_atomic(out / "report.html", page)
     return out / "report.md"

@@ -1,5 +1,6 @@
-"""The LAWA papers' claims, each judged per task (and learning rate) on paired per-seed differences (claim (g),
-averaging against learning-rate decay, lives in ``schedules.py``).
+"""The LAWA papers' claims, each judged per task (and learning rate) on paired per-seed differences (claim (e) lives in
+``connectivity.py``, (f), averaging a diffusion model, in ``diffusion.py``, (g), averaging against learning-rate
+decay, in ``schedules.py``, and (h), against schedule-free training, in ``schedulefree.py``).
 
 Every number is a within-run difference computed per seed, summarised over seeds with a 95% t-interval
 (``paired.py``), and every claim is stated as held, did not hold or inconclusive, with the numbers, whichever way
@@ -11,6 +12,7 @@ of the run; the end-of-training comparison is reported beside them, not instead.
 from __future__ import annotations
 
 from lawa_suite.report.connectivity import claim_e
+from lawa_suite.report.diffusion import claim_f
 from lawa_suite.report.lrs import TRAINS_WITHIN, still_trains, tuned
 from lawa_suite.report.paired import EARLY_MID, INTERVAL_NOTE, Interval, combined, final_gains, phase_gains, t_interval
 from lawa_suite.report.records import LrSummary, Verdict
@@ -81,7 +83,9 @@ def claim_a(task: str, by_lr: list[LrSummary]) -> list[Verdict]:
     return [Verdict("a", task, interval.verdict,
                     f"LAWA's early-mid gain at lr={high.lr:g} minus at lr={low.lr:g}: {interval.text()}; "
                     f"early-mid gain itself {_beside(_early_mid(high, 'raw', 'lawa'))} vs "
-                    f"{_beside(_early_mid(low, 'raw', 'lawa'))}; at the end: {_beside(t_interval(finals))}{note}")]
+                    f"{_beside(_early_mid(low, 'raw', 'lawa'))}; at the end: {_beside(t_interval(finals))}{note}",
+                    row=f"{task} lr={high.lr:g}", entry=f"vs lr={low.lr:g}", summary=f"{interval.text()} "
+                    f"({high.headline}, early-mid gain minus lr={low.lr:g}'s)", metric=high.headline)]
 
 
 def claim_b(where: str, s: LrSummary) -> list[Verdict]:
@@ -102,7 +106,9 @@ def claim_b(where: str, s: LrSummary) -> list[Verdict]:
     outcome = combined([i.verdict for i in duels.values()])
     evidence = "; ".join(f"LAWA over {r}: {i.text()} ({i.verdict}), at the end {_beside(_final(s, r, 'lawa'))}"
                          for r, i in duels.items())
-    return [Verdict("b", where, outcome, evidence + (f" ({', '.join(absent)} not yet averaging)" if absent else ""))]
+    summary = "; ".join(f"over {r}: {i.text()}" for r, i in duels.items()) + f" ({s.headline})"
+    return [Verdict("b", where, outcome, evidence + (f" ({', '.join(absent)} not yet averaging)" if absent else ""),
+                    row=where, summary=summary, metric=s.headline)]
 
 
 def claim_c(where: str, s: LrSummary) -> list[Verdict]:
@@ -115,7 +121,8 @@ def claim_c(where: str, s: LrSummary) -> list[Verdict]:
     if interval is None:
         return []
     return [Verdict("c", where, interval.verdict, f"final {s.headline} advantage of {late} (from {late_start:.0%}) "
-                                                  f"over {early} (from {early_start:.0%}): {interval.text()}")]
+                                                  f"over {early} (from {early_start:.0%}): {interval.text()}",
+                    row=where, summary=f"{interval.text()} ({s.headline}, {late} over {early})", metric=s.headline)]
 
 
 def claim_d(where: str, s: LrSummary) -> list[Verdict]:
@@ -129,22 +136,8 @@ def claim_d(where: str, s: LrSummary) -> list[Verdict]:
         return []
     note = f" (LAWA never reached it in {never} seed(s): counted as needing the whole run)" if never else ""
     return [Verdict("d", where, interval.verdict, f"steps saved to reach raw's smoothed final {s.headline}, as a "
-                                                  f"fraction of raw's own: {interval.text('{:+.0%}')}{note}")]
-
-
-def claim_f(where: str, s: LrSummary) -> list[Verdict]:
-    """Averaging improves a diffusion model's FID (EMA is standard practice there): each averager's paired FID gain
-    over raw at the end, and in the first 75% beside it. Only for tasks scored by an FID."""
-    if "fid" not in s.headline:
-        return []
-    found = []
-    for name in [w for w in s.bands if w != "raw"]:
-        interval = _final(s, "raw", name)
-        if interval is not None:
-            found.append(Verdict("f", f"{where}, {name}", interval.verdict,
-                                 f"final {s.headline} gain over raw: {interval.text('{:+.2f}')}; in the first "
-                                 f"{EARLY_MID[1]:.0%}: {_beside(_early_mid(s, 'raw', name))}"))
-    return found
+                                                  f"fraction of raw's own: {interval.text('{:+.0%}')}{note}",
+                    row=where, summary=f"{interval.text('{:+.0%}')} steps saved", metric=s.headline)]
 
 
 def claims(task: str, by_lr: list[LrSummary]) -> list[Verdict]:
@@ -162,10 +155,19 @@ CLAIM_TEXT = {
     "d": "the averaged (LAWA) run reaches raw's final metric in fewer steps",
     "e": "after an early phase, a run's checkpoints are linearly connected: the average of two scores better than "
          "their mean (bench key lmc)",
-    "f": "averaging improves a diffusion model's FID (each averager against raw, at the end)",
+    "f": f"averaging improves a diffusion model (each averager against raw, at the end and in the first "
+         f"{EARLY_MID[1]:.0%}), judged on FID and on the held-out denoising loss: the first whose interval excludes "
+         f"zero carries the verdict, FID first",
     "g": "averaging replaces learning-rate decay: the averagers of a constant (or WSD) run reach the cosine run's raw "
          "final value in fewer steps",
+    "h": "averaging a constant-lr run matches schedule-free training: the constant run's averagers (and the cosine "
+         "run's raw) against the schedule-free run's raw weights (its eval sequence), at the end and in the first "
+         f"{EARLY_MID[1]:.0%}, paired by seed (different runs: seed i against seed i); held = the averaged run is "
+         "better",
 }
+
+# claims judged on more than one metric: the section says which carried each verdict
+BY_METRIC = ("f", "h")
 
 
 def claims_section(verdicts: list[Verdict]) -> list[str]:
@@ -176,6 +178,17 @@ def claims_section(verdicts: list[Verdict]) -> list[str]:
         counts = ", ".join(f"{sum(v.outcome == o for v in found)} {o}" for o in OUTCOMES
                            if any(v.outcome == o for v in found))
         summary = f"{counts} (of {len(found)})" if found else "not testable with these runs"
-        lines.append(f"- **({key}) {text}: {summary}.**")
+        lines.append(f"- **({key}) {text}: {summary}{_carried_by(found) if key in BY_METRIC else ''}.**")
         lines += [f"  - {v.where}: {v.outcome}; {v.evidence}" for v in found]
     return lines + [""]
+
+
+def _carried_by(found: list[Verdict]) -> str:
+    """How many verdicts each metric carried (``""``: none settled it)."""
+    counts: dict[str, int] = {}
+    for verdict in found:
+        counts[verdict.metric] = counts.get(verdict.metric, 0) + 1
+    if not counts:
+        return ""
+    return "; carried by " + ", ".join(f"{m or 'no metric (inconclusive on all)'} in {n}"
+                                       for m, n in sorted(counts.items(), key=lambda kv: (not kv[0], kv[0])))

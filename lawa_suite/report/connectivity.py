@@ -48,4 +48,5 @@ def claim_e(where: str, s: LrSummary) -> list[Verdict]:
     if early:
         evidence += "; early, for contrast: " + "; ".join(f"{k.replace('-', ' and ')}: {i.text()} ({i.verdict})"
                                                           for k, i in sorted(early.items()))
-    return [Verdict("e", where, outcome, evidence)]
+    summary = "; ".join(f"{k}: {i.text()}" for k, i in sorted(later.items())) + f" ({s.headline}, midpoint over ends)"
+    return [Verdict("e", where, outcome, evidence, row=where, summary=summary, metric=s.headline)]

@@ -1,18 +1,24 @@
 """Markdown -> one self-contained HTML page, for the subset the reports write: headings, paragraphs, lists
-(one level of nesting), tables and images; PNGs are embedded as base64 so the page travels alone."""
+(one level of nesting), tables and images; PNGs are embedded as base64 so the page travels alone. A region between
+``<!-- name -->`` and ``<!-- /name -->`` is replaced by ready HTML given for ``name`` (the coloured verdict matrix
+in place of its Markdown table); other comment lines are dropped."""
 
 from __future__ import annotations
 
 import base64
 import html
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 __all__ = ["to_html"]
 
 _STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.4}table{border-collapse:"
           "collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
-          "li.sub{margin-left:2em;list-style:circle}code{background:#f4f4f4}")
+          "li.sub{margin-left:2em;list-style:circle}code{background:#f4f4f4}"
+          "table.matrix td,table.matrix th{font-size:85%;vertical-align:top}"
+          ".v{display:inline-block;margin:1px 2px;padding:1px 5px;border-radius:3px;white-space:nowrap;cursor:help}"
+          ".v.held{background:#b7e1b9}.v.not{background:#f4b6b6}.v.inc{background:#e6e6e6;color:#444}")
 
 
 def _inline(text: str) -> str:
@@ -28,14 +34,23 @@ def _image(line: str, folder: Path) -> str:
     return f'<p><img alt="{html.escape(alt)}" src="{data}" style="max-width:100%"></p>'
 
 
-def to_html(markdown: str, folder: Path, title: str) -> str:
-    """A self-contained HTML page of ``markdown``: PNGs referenced from ``folder`` are embedded as base64."""
+def to_html(markdown: str, folder: Path, title: str, blocks: Mapping[str, str] | None = None) -> str:
+    """A self-contained HTML page of ``markdown``: PNGs referenced from ``folder`` are embedded as base64; each
+    marked region named in ``blocks`` becomes that HTML."""
     body: list[str] = []
     lines = markdown.splitlines()
     i = 0
     while i < len(lines):
         line = lines[i]
-        if line.startswith("#"):
+        marker = re.fullmatch(r"<!-- (\S+) -->", line.strip())
+        if marker and marker.group(1) in (blocks or {}):
+            body.append(blocks[marker.group(1)])  # type: ignore[index]
+            end = f"<!-- /{marker.group(1)} -->"
+            while i < len(lines) and lines[i].strip() != end:
+                i += 1
+        elif line.startswith("<!--"):
+            pass
+        elif line.startswith("#"):
             level = len(line) - len(line.lstrip("#"))
             body.append(f"<h{level}>{_inline(line[level:].strip())}</h{level}>")
         elif line.startswith("!["):

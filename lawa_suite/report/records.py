@@ -75,10 +75,23 @@ class LrSummary:
 
 @dataclass
 class Verdict:
+    """One claim judged at one place. The optional fields place it in the report's verdict matrix: ``row`` (the
+    experiment and lr), ``column`` (the claim, with its phase where a claim is judged by phase), ``entry`` (which
+    averager or comparison, when a cell holds several), ``summary`` (the gain and interval behind it, short) and
+    ``metric`` (the metric that carried it)."""
     claim: str
     where: str
     outcome: str           # held | did not hold | inconclusive
     evidence: str
+    row: str = ""
+    entry: str = ""
+    phase: str = ""
+    summary: str = ""
+    metric: str = ""
+
+    @property
+    def column(self) -> str:
+        return f"({self.claim}) {self.phase}".strip()
 
 
 # Keys in which true replicates may differ: where the run lives and how it was watched, not what it computed.

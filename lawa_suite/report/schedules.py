@@ -9,13 +9,15 @@ seed and summarised with 95% intervals.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
 from lawa_suite.report.curves import direction_of, metric_directions
 from lawa_suite.report.paired import gain, t_interval
 from lawa_suite.report.records import RunRecord, Verdict, experiment_key
 from lawa_suite.report.targets import saved_fraction
 
-__all__ = ["SCHEDULE_KEYS", "claim_g"]
+__all__ = ["SCHEDULE_KEYS", "headline_of", "claim_g"]
 
 # what may differ between a run and its cosine reference: the schedule and its own keys
 SCHEDULE_KEYS = {"schedule", "decay_fraction", "decay_shape", "min_lr"}
@@ -38,11 +40,20 @@ def _pairs(runs: Sequence[RunRecord]) -> dict[tuple[str, float, str], list[tuple
     return found
 
 
-def claim_g(runs: Sequence[RunRecord]) -> list[Verdict]:
+def headline_of(run: RunRecord, directions: Mapping[str, str]) -> str:
+    """The first of the evaluator's metrics the run recorded (a reference scored by ``fid_standin`` has no ``fid``),
+    else the first metric it recorded."""
+    recorded = run.curves.get("raw", {})
+    return next((m for m in directions if m in recorded), None) or next(iter(recorded))
+
+
+def claim_g(runs: Sequence[RunRecord], labels: Mapping[Path, str] | None = None) -> list[Verdict]:
+    """``labels``: run folder -> its experiment's label in the report (the row of the verdict matrix); the task's
+    name when absent."""
     verdicts = []
     for (task, lr, schedule), pairs in sorted(_pairs(runs).items()):
         directions = metric_directions(task)
-        metric = next(iter(directions), None) or next(iter(pairs[0][1].curves["raw"]))
+        metric = headline_of(pairs[0][1], directions)
         direction = direction_of(metric, directions)
         names = sorted({w for run, _ in pairs for w in run.curves if w != "raw"})
         for name in ["raw", *names]:
@@ -62,8 +73,11 @@ def claim_g(runs: Sequence[RunRecord]) -> list[Verdict]:
             if steps is None or final is None:
                 continue
             note = f", never reached in {never} seed(s) (counted as needing the whole run)" if never else ""
+            row = f"{(labels or {}).get(pairs[0][0].path, task)} lr={lr:g}"
             verdicts.append(Verdict("g", f"{task} lr={lr:g}, {schedule} run's {name}", steps.verdict,
                                     f"steps saved to reach the cosine run's raw smoothed final {metric}, as a fraction "
                                     f"of that run's own: {steps.text('{:+.0%}')}{note}; final {metric} against the "
-                                    f"cosine run's raw final: {final.text()} ({final.verdict})"))
+                                    f"cosine run's raw final: {final.text()} ({final.verdict})",
+                                    row=row, entry=name, summary=f"{steps.text('{:+.0%}')} steps",
+                                    metric=metric))
     return verdicts

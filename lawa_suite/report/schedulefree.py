@@ -1,0 +1,142 @@
+"""Claim (h): averaging a constant-lr run matches schedule-free training (Defazio et al., "The Road Less Scheduled",
+NeurIPS 2024), the optimizer built on the same idea as claim (g): no decay, an average inside the optimizer.
+
+For every experiment with schedule-free runs (``<task>.optimizer: schedulefree`` in the saved config), its raw
+weights (the optimizer's eval sequence, which is what the loop scores as raw) are the reference. Against them: each
+averager of the constant-lr run and the raw weights of the cosine run, of the same task, lr and settings otherwise.
+Runs of different optimizers or schedules are different runs, so they are paired by seed (seed i against seed i:
+the same initialisation and data order, not the same trajectory), as claim (g) pairs them; per seed, the gain at
+the final evaluation and the mean gain over the evaluations in the first 75%, then a 95% t-interval over seeds.
+Held: the averaged constant run is better (interval above zero); did not hold: schedule-free is better; inconclusive
+otherwise (an interval across zero does not show a match, only no difference this many seeds can see). Beside
+them, as in (g), the steps each needs to reach the cosine run's raw smoothed final value, as a fraction of the
+cosine run's own, and the schedule-free run's raw for the same target.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from lawa_suite.report.curves import direction_of, metric_directions
+from lawa_suite.report.diffusion import carried, describe, metrics_that_answer, number_format
+from lawa_suite.report.paired import EARLY_MID, gain, t_interval
+from lawa_suite.report.records import RunRecord, Verdict, experiment_key
+from lawa_suite.report.schedules import SCHEDULE_KEYS, headline_of
+from lawa_suite.report.targets import saved_fraction
+
+__all__ = ["SCHEDULE_FREE", "optimizer_of", "claim_h", "H_PHASES"]
+
+SCHEDULE_FREE = "schedulefree"  # the optimizer's name in a saved config (config.SCHEDULE_FREE: not imported here)
+H_PHASES = {"end": None, "early-mid": EARLY_MID}
+
+Triple = tuple[RunRecord, RunRecord | None, RunRecord | None]  # (schedule-free, constant, cosine) of one seed
+
+
+def optimizer_of(run: RunRecord) -> str:
+    """The run's optimizer: its task section's ``optimizer`` (where ``optimizer=`` on the command line lands)."""
+    section = run.config.get(run.task)
+    if isinstance(section, dict) and "optimizer" in section:
+        return str(section["optimizer"])
+    return str(run.config.get("optimizer", ""))
+
+
+def _rest(run: RunRecord) -> str:
+    """What must match between the runs set against each other: everything but the optimizer, the schedule and the
+    averagers watching (their sections are named in the run's ``averager`` list)."""
+    watching = {str(name) for name in run.config.get("averager") or []}
+    kept = {k: v for k, v in experiment_key(run).items()
+            if k not in SCHEDULE_KEYS and k not in ("averager", "optimizer", f"{run.task}.optimizer")
+            and not k.startswith("schedulefree.") and k.split(".")[0] not in watching}
+    return repr(sorted((k, repr(v)) for k, v in kept.items()))
+
+
+def _triples(runs: Sequence[RunRecord]) -> dict[tuple[str, float, Path], list[Triple]]:
+    """(task, lr, a schedule-free run's folder's parent) -> one (schedule-free, constant, cosine) triple per seed."""
+    others: dict[tuple[str, float, int, str], RunRecord] = {}
+    for run in runs:
+        schedule = run.config.get("schedule")
+        if optimizer_of(run) != SCHEDULE_FREE and schedule in ("constant", "cosine"):
+            others.setdefault((_rest(run), run.lr, run.seed, schedule), run)
+    found: dict[tuple[str, float, Path], list[Triple]] = defaultdict(list)
+    for run in sorted((r for r in runs if optimizer_of(r) == SCHEDULE_FREE), key=lambda r: r.seed):
+        key = (_rest(run), run.lr, run.seed)
+        constant, cosine = others.get((*key, "constant")), others.get((*key, "cosine"))
+        if constant is not None or cosine is not None:
+            found[(run.task, run.lr, run.path.parent)].append((run, constant, cosine))
+    return found
+
+
+def _gains(pairs: list[tuple[RunRecord, RunRecord]], name: str, metric: str, direction: str,
+           window: tuple[float, float] | None) -> list[float]:
+    """Per seed: ``name`` of the other run against the schedule-free run's raw, at the end or over the window."""
+    found = []
+    for free, other in pairs:
+        reference = dict(free.curves.get("raw", {}).get(metric, []))
+        mine = dict(other.curves.get(name, {}).get(metric, []))
+        shared = sorted(set(reference) & set(mine))
+        if window is None:
+            if free.steps in shared and other.steps == free.steps:
+                found.append(gain(direction, reference[free.steps], mine[free.steps]))
+            continue
+        inside = [s for s in shared if window[0] * free.steps < s <= window[1] * free.steps]
+        if inside:
+            found.append(sum(gain(direction, reference[s], mine[s]) for s in inside) / len(inside))
+    return found
+
+
+def _steps(triples: list[Triple], side: int, name: str, metric: str, direction: str) -> list[float]:
+    """Per seed: the fraction of the cosine run's raw steps saved by ``name`` of the run at ``side`` of the triple
+    (0: schedule-free, 1: constant) reaching the cosine raw's smoothed final ``metric``."""
+    found = []
+    for triple in triples:
+        run, cosine = triple[side], triple[2]
+        target = cosine.curves.get("raw", {}).get(metric) if cosine is not None else None
+        mine = run.curves.get(name, {}).get(metric) if run is not None else None
+        result = saved_fraction(target, mine, run.steps, direction) if target and mine else None
+        if result is not None:
+            found.append(result[0])
+    return found
+
+
+def _steps_text(triples: list[Triple], side: int, name: str, metric: str, direction: str) -> str:
+    mine, free = (_steps(triples, s, n, metric, direction) for s, n in ((side, name), (0, "raw")))
+    if not mine or not free:
+        return ""
+    differences = [a - b for a, b in zip(mine, free)] if len(mine) == len(free) else []
+    text = (f"; steps saved to reach the cosine run's raw smoothed final {metric}, as a fraction of that run's own: "
+            f"this one {t_interval(mine).text('{:+.0%}')}, the schedule-free raw {t_interval(free).text('{:+.0%}')}")
+    return text + (f", difference {t_interval(differences).text('{:+.0%}')}" if differences else "")
+
+
+def claim_h(runs: Sequence[RunRecord], labels: Mapping[Path, str] | None = None) -> list[Verdict]:
+    """``labels``: run folder -> its experiment's label in the report (the row of the verdict matrix); the task's
+    name when absent."""
+    verdicts = []
+    for (task, lr, _), triples in sorted(_triples(runs).items(), key=lambda item: (item[0][0], -item[0][1])):
+        free = triples[0][0]
+        row = f"{(labels or {}).get(free.path, task)} lr={lr:g}"
+        directions = metric_directions(task)
+        metrics = metrics_that_answer([t[0] for t in triples], headline_of(free, directions))
+        constant_names = sorted({w for _, c, _ in triples if c is not None for w in c.curves if w != "raw"})
+        sides = [(1, "constant", name) for name in constant_names] + [(2, "cosine", "raw")]
+        for side, schedule, name in sides:
+            pairs = [(t[0], t[side]) for t in triples if t[side] is not None]
+            entry = f"{schedule} {name}"
+            for phase, window in H_PHASES.items():
+                intervals = {m: t_interval(_gains(pairs, name, m, direction_of(m, directions), window))
+                             for m in metrics}
+                if all(i is None for i in intervals.values()):
+                    continue
+                outcome, by = carried(intervals)
+                shown = by or metrics[-1]
+                summary = intervals[shown].text(number_format(shown)) + f" ({shown})" if intervals[shown] else ""
+                steps = _steps_text(triples, side, name, metrics[0], direction_of(metrics[0], directions)) \
+                    if side == 1 and window is None else ""
+                verdicts.append(Verdict(
+                    "h", f"{row}, {entry} against the schedule-free run's raw (eval sequence), {phase}", outcome,
+                    f"gain over the schedule-free raw {'at the end' if window is None else 'in the first 75%'}, "
+                    f"paired by seed over {len(pairs)} seed(s): " + describe(intervals, by, {}) + steps,
+                    row=row, entry=entry, phase=phase, summary=summary, metric=by))
+    return verdicts
