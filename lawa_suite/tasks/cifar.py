@@ -14,19 +14,18 @@ the step and the batch's example indices, never from global RNG, so a resumed ru
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lawa_suite import registry
 from lawa_suite.config import SCHEDULE_FREE, ConfigError, choice, require
+from lawa_suite.data.batches import batch_generator  # noqa: F401  (its public path before data/ held it)
 from lawa_suite.data.images import ImageSet, load_image_set
 from lawa_suite.data.stream import IndexStream, TensorStream
 from lawa_suite.errors import CheckpointError
@@ -112,14 +111,6 @@ PREACT_NOTES = ("Inputs: {channels}-channel images of {size} px (any size works:
 
 
 # -- augmentation -----------------------------------------------------------------------------------
-def batch_generator(seed: int, step: int, indices: Tensor) -> torch.Generator:
-    """A CPU generator determined by (seed, step, the batch's example indices) alone: resume-exact, and
-    different for every micro-batch of a step (they hold different examples)."""
-    digest = hashlib.blake2b(np.asarray([seed, step], dtype=np.int64).tobytes() +
-                             indices.cpu().numpy().astype(np.int64).tobytes(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
-
-
 def _reflect(index: Tensor, size: int) -> Tensor:
     """Map coordinates of a reflect-padded axis (``F.pad(mode="reflect")``) back into ``[0, size)``."""
     index = index.abs()

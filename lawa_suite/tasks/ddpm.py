@@ -44,12 +44,12 @@ from torch import Tensor, nn
 from lawa_suite import registry
 from lawa_suite.config import SCHEDULE_FREE, ConfigError, choice, require
 from lawa_suite.data.images import ImageFiles, ImageSet, imagefolder_files, load_image_set, load_imagefolder
+from lawa_suite.data.batches import batch_generator, generator_seed
 from lawa_suite.data.imagestream import FileImageStream, decode_batches, fixed_subset
 from lawa_suite.data.stream import IndexStream, TensorStream
 from lawa_suite.evaluators.fid import FidConfig
 from lawa_suite.tasks import schedule_free
 from lawa_suite.tasks.base import Task, parameter_count
-from lawa_suite.tasks.cifar import batch_generator
 
 EVAL_ORDER_SEED = 1234            # which held-out images a bounded evaluation sees, whatever the run seed
 EVAL_NOISE_SEED = 4321            # the held-out loss's timesteps and noise
@@ -338,7 +338,7 @@ class DdpmTask(Task):
     def loss(self, model: nn.Module, batch: Batch, step: int) -> Tensor:
         images = batch["images"]
         device = next(model.parameters()).device
-        seed = _seed_of(batch_generator(self.run.seed, step, batch["indices"]))
+        seed = generator_seed(batch_generator(self.run.seed, step, batch["indices"]))
         if batch["augment"] and self.config.flip:
             flip = torch.rand(len(images), generator=torch.Generator().manual_seed(seed)) < 0.5
             images = torch.where(flip[:, None, None, None], images.flip(-1), images)
@@ -407,8 +407,3 @@ class DdpmTask(Task):
         return (f"{self.name}: UNet2DModel {params:,} parameters{adm}, {cfg.image_size}px, widths {cfg.channels}; "
                 f"{data}, {len(self.eval_images):,} held-out; T={cfg.timesteps} {cfg.beta_schedule} betas; "
                 f"FID of {cfg.fid.samples:,} {cfg.sample_steps}-step DDIM samples ({cfg.fid.extractor})")
-
-
-def _seed_of(generator: torch.Generator) -> int:
-    """A 63-bit seed out of a seeded generator, to seed generators on other devices."""
-    return int(torch.randint(0, 2**62, (), generator=generator))
