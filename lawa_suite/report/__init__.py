@@ -4,9 +4,11 @@ code is imported (``meaning.py`` holds what a saved config and a metric mean), a
 
 Modules, each importing only those above it: ``meaning.py`` (tables: keys added later, built-in metrics),
 ``curves.py`` (a run's curves and metric helpers), ``records.py`` (``RunRecord``, ``Band``, ``LrSummary``,
-``Verdict``, ``experiment_key``), ``paired.py``, ``targets.py``, ``lrs.py``, ``sweeps.py``, ``connectivity.py``,
-``schedules.py``, ``claims.py`` (the claims a bench tests), ``findings.py`` and ``run.py`` (one run's page:
-``report.md`` and ``curves.png``), ``bench.py`` (the cross-run report), ``html.py`` (Markdown -> one HTML page).
+``Verdict``, ``experiment_key``), ``paired.py``, ``targets.py``, ``lrs.py``, ``sweeps.py``, ``connectivity.py``
+(claim e), ``diffusion.py`` (claim f), ``schedules.py`` (g), ``schedulefree.py`` (h), ``claims.py`` (the claims a
+bench tests), ``matrix.py`` (the verdict matrix), ``gainplots.py`` (forest plots, gain curves with bands),
+``glance.py`` (the report's opening), ``findings.py`` and ``run.py`` (one run's page: ``report.md`` and
+``curves.png``), ``bench.py`` (the cross-run report), ``html.py`` (Markdown -> one HTML page).
 """
 
 from __future__ import annotations
