@@ -22,9 +22,9 @@ from typer.testing import CliRunner
 from lawa_suite import registry
 from lawa_suite.cli import app
 from lawa_suite.config import resolve
-from lawa_suite.memory_plan import (GIB, Setup, averager_checkpoint_bytes, averager_parts, build_model, example_loss,
-                                    fake_device, measure_activations, model_facts)
-from lawa_suite.memory_plan import _facts_of, _optimizer_bytes  # the plan's own facts of a given model
+from lawa_suite.memory_facts import (_facts_of, averager_checkpoint_bytes, averager_parts, build_model, example_loss,
+                                     fake_device, measure_activations, model_facts)
+from lawa_suite.memory_plan import GIB, Setup, _optimizer_bytes
 from lawa_suite.testing.cuda_standin import StandInTensor, cuda_standin
 
 TASKS = ("gpt2", "ddpm", "cifar")
