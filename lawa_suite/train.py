@@ -153,18 +153,7 @@ class Run:
                      f"{micro_batch // world} per process and step (the global batch stays {rc.batch_size})")
         self.stream = self.task.train_stream(micro_batch, self.accelerator.process_index, world)
         self.averagers: dict[str, Averager] = cfg.build_averagers()
-        folders: dict[str, str] = {}  # snapshot folder -> the averager using it
-        for name, avg in self.averagers.items():
-            folder = getattr(avg.config, "dir", "") if getattr(avg.config, "store", "") == "disk" else ""
-            if not folder:
-                continue
-            if self.sharded:
-                raise ConfigError(f"{name}.dir: one folder would mix every rank's shards with distributed=fsdp; "
-                                  f"leave it empty (a temporary folder per process), got {folder!r}")
-            if os.path.abspath(folder) in folders:  # (each would delete the other's snapshots)
-                raise ConfigError(f"{name}.dir: {folder!r} is {folders[os.path.abspath(folder)]}'s snapshot folder "
-                                  f"too; give each averager its own folder, or leave dir empty")
-            folders[os.path.abspath(folder)] = name
+        self.check_snapshot_folders()
         for avg in self.averagers.values():
             avg.start_run(rc.steps)
         self.state = TrainState()
@@ -188,6 +177,38 @@ class Run:
     def log(self, message: str) -> None:
         if self.is_main:
             print(message, file=sys.stderr, flush=True)
+
+    # -- the averagers' own resources --
+    def check_snapshot_folders(self) -> None:
+        """Refuse folders the averagers name for their files (``Averager.snapshot_folder``) that would mix them: one
+        shared by two averagers (each would delete the other's files), any with distributed=fsdp (every rank would
+        write its shards into it)."""
+        owners: dict[str, str] = {}  # folder -> the averager keeping its files there
+        for name, avg in self.averagers.items():
+            named = avg.snapshot_folder()
+            if named is None:
+                continue
+            key, folder = f"{name}.{named.key}", os.path.abspath(named.path)
+            if self.sharded:
+                raise ConfigError(f"{key}: one folder would mix every rank's shards with distributed=fsdp; leave it "
+                                  f"empty (a temporary folder per process), got {str(named.path)!r}")
+            if folder in owners:
+                raise ConfigError(f"{key}: {str(named.path)!r} is {owners[folder]}'s snapshot folder too; give each "
+                                  f"averager its own folder, or leave it empty")
+            owners[folder] = name
+
+    def close_averagers(self) -> list[BaseException]:
+        """End every averager's background work as the run ends (``Averager.close``: LAWA's and wma's threads, their
+        queued file writes); a plugin written before ``close`` existed has none. Every averager is closed whatever
+        another's close raised: the errors are said here and returned, for a run that ended well to raise."""
+        errors = []
+        for name, avg in self.averagers.items():
+            try:
+                getattr(avg, "close", lambda: None)()
+            except Exception as exc:  # noqa: BLE001 - said and returned: the caller raises it on a clean end
+                self.log(f"warning: closing averager {name} failed: {type(exc).__name__}: {exc}")
+                errors.append(exc)
+        return errors
 
     # -- several processes --
     def stop_requested(self) -> bool:
@@ -439,6 +460,7 @@ def _train(cfg: ResolvedConfig) -> RunResult:
     bar = ProgressBar(rc.steps, run.state.step, rc.eval.every, rc.task, run.is_main and rc.progress)
     run.stop.install()
     ended_together = False  # every process reached the end, or a stop all of them agreed on
+    unclosed: list[BaseException] = []  # errors of the averagers' close(), raised only if nothing else is
     try:
         while run.state.step < rc.steps:
             loss = run.optimizer_step()
@@ -480,6 +502,7 @@ def _train(cfg: ResolvedConfig) -> RunResult:
         run.settle()  # (the final evaluation has settled the last step already)
         ended_together = True
     finally:
+        unclosed = run.close_averagers()  # success, error or stop: no averager's thread outlives its run
         run.stop.uninstall()
         bar.close()
         metrics.close()
@@ -487,6 +510,8 @@ def _train(cfg: ResolvedConfig) -> RunResult:
             tracker.finish()
         if ended_together:
             run.release_process_group()
+    if unclosed:
+        raise unclosed[0]
     if run.is_main:
         from lawa_suite.report import write_report
         write_report(run.out)

@@ -25,13 +25,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from lawa_suite.averagers.base import ReplayTrack, is_count
+from lawa_suite.averagers.base import ReplayTrack, SnapshotFolder, is_count
 from lawa_suite.config import choice, require
 from lawa_suite.files import lock_beside, write_atomic
 
-__all__ = ["WindowConfig", "window_store", "window_replay", "snapshot_copy", "pinned_snapshot_copy", "pinned_like",
-           "DeviceToHost", "WindowWorker", "SnapshotStore", "StepWindow", "MemorySnapshots", "ReadBackWindow",
-           "DiskSnapshots", "RereadSnapshots"]
+__all__ = ["WindowConfig", "window_store", "window_folder", "window_replay", "snapshot_copy", "pinned_snapshot_copy",
+           "pinned_like", "DeviceToHost", "WindowWorker", "SnapshotStore", "StepWindow", "MemorySnapshots",
+           "ReadBackWindow", "DiskSnapshots", "RereadSnapshots"]
 
 
 # -- the keys of a window of snapshots (LAWA's, wma's) -------------------------------------------------------
@@ -54,6 +54,11 @@ class WindowConfig:
 def window_store(config: WindowConfig, worker: WindowWorker) -> SnapshotStore:
     """The empty window ``config.store`` asks for; ``worker`` (the averager's) writes the disk store's files."""
     return DiskSnapshots(config.dir, worker) if config.store == "disk" else MemorySnapshots()
+
+
+def window_folder(config: WindowConfig) -> SnapshotFolder | None:
+    """The folder a window keeps its files in, when the user named one (``store=disk`` with ``dir``)."""
+    return SnapshotFolder("dir", Path(config.dir)) if config.store == "disk" and config.dir else None
 
 
 # -- host copies ---------------------------------------------------------------------------------------------

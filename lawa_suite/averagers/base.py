@@ -29,7 +29,8 @@ import dataclasses
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
@@ -55,6 +56,14 @@ class Synthesis:
     step: int
     coefficients: list[float]
     notes: dict[str, Any]
+
+
+class SnapshotFolder(NamedTuple):
+    """A folder an averager keeps files in for a whole run, named by the user: the key that named it (``dir``
+    for LAWA's ``<name>.dir``) and the folder. The loop refuses two averagers of a run sharing one, and any with
+    ``distributed=fsdp`` (every rank would write its shards into it)."""
+    key: str
+    path: Path
 
 
 @dataclasses.dataclass
@@ -265,6 +274,11 @@ class Averager(ABC):
         self._others = [t.clone() for t in state["others"]]
         self._load_extra_state(state["state"])
 
+    def snapshot_folder(self) -> SnapshotFolder | None:
+        """The folder this averager keeps its files in during a run, when the user named one (LAWA's
+        ``store=disk dir=...``); None when it keeps none or only a private temporary one (nothing to collide with)."""
+        return None
+
     def close(self) -> None:
         """Finish queued work (copies, files) and end any background thread this averager started; the state is
         kept (``average()`` and ``state_dict()`` still work). The training loop calls it at the end of a run;
@@ -279,7 +293,7 @@ class Averager(ABC):
 CONTRACT = ("Config", "start_run", "wants", "observe", "refuse", "ready", "average", "load_average_into",
             "state_dict", "load_state_dict", "needs_bn_recalibration", "elementwise", "posthoc_clock", "plan_replay",
             "replay_from", "averaged_clocks", "span_hint", "stored_averages", "documented_profile", "is_average",
-            "stored_format", "plan_synthesis")
+            "stored_format", "plan_synthesis", "snapshot_folder")
 
 
 def contract_problem(obj: Any) -> str | None:

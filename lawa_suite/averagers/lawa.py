@@ -43,9 +43,9 @@ from torch import Tensor
 
 from lawa_suite import registry
 from lawa_suite.averagers._window import (MemorySnapshots, RereadSnapshots, SnapshotStore, WindowConfig,
-                                          WindowWorker, window_replay, window_store)
-from lawa_suite.averagers.base import (Averager, ReplayTrack, accumulation_dtype, cast_like, follow_devices,
-                                       staged_like)
+                                          WindowWorker, window_folder, window_replay, window_store)
+from lawa_suite.averagers.base import (Averager, ReplayTrack, SnapshotFolder, accumulation_dtype, cast_like,
+                                       follow_devices, staged_like)
 
 __all__ = ["LAWA", "window_push_", "window_resum_", "window_mean"]
 
@@ -201,6 +201,9 @@ class LAWA(Averager):
         and arithmetic of the last snapshot: after this the host may read the copies and the sum."""
         self._finish_job()
         self._store.flush()
+
+    def snapshot_folder(self) -> SnapshotFolder | None:
+        return window_folder(self.config)
 
     def close(self) -> None:
         """Finish the queued work (files on disk included) and end the background thread."""

@@ -27,9 +27,9 @@ import torch
 from torch import Tensor
 
 from lawa_suite import registry
-from lawa_suite.averagers._window import (RereadSnapshots, SnapshotStore, WindowConfig, WindowWorker, window_replay,
-                                          window_store)
-from lawa_suite.averagers.base import Averager, ReplayTrack, accumulation_dtype
+from lawa_suite.averagers._window import (RereadSnapshots, SnapshotStore, WindowConfig, WindowWorker, window_folder,
+                                          window_replay, window_store)
+from lawa_suite.averagers.base import Averager, ReplayTrack, SnapshotFolder, accumulation_dtype
 from lawa_suite.config import choice, require
 
 __all__ = ["WMA", "SHAPES", "merge_coefficients"]
@@ -124,6 +124,9 @@ class WMA(Averager):
 
     def _extra_state(self) -> dict[str, Any]:
         return {"steps": self._store.steps, "snapshots": list(self._store)}  # (iterating waits for queued copies)
+
+    def snapshot_folder(self) -> SnapshotFolder | None:
+        return window_folder(self.config)
 
     def close(self) -> None:
         """Finish the queued copies and file writes, and end the background thread."""
