@@ -1,9 +1,12 @@
 """The run folder: created once, never overwritten by accident; its ``config.yaml`` and ``metrics.jsonl``.
 
 ``out`` holds one run. Starting again there is refused unless resuming it with the same config (the keys that
-may change on resume are ``RESUMABLE_CHANGES``); a folder holding only the config of a run that stopped before
+may change on resume are ``RESUMABLE_CHANGES``; a key the saved config lacks because the suite gained it later counts
+as the value it was added with, ``ADDED_KEYS``); a folder holding only the config of a run that stopped before
 its first step may be reused. A saved ``config.yaml`` resolves again to the config that made the run.
-``metrics.jsonl`` is appended and flushed line by line; on resume the lines after the checkpoint's step are
+``metrics.jsonl`` is appended and flushed line by line, and ``metrics-meta.json`` beside it, written as the run starts,
+says what its metrics mean (``write_metrics_meta``: which way is better, the headline, notes), so a report reads a
+plugin evaluator's metrics from the folder alone; on resume the lines after the checkpoint's step are
 dropped, since the resumed run computes them again. A process killed mid-write may leave its last line cut
 short: readers skip that line with a warning (``read_metrics``); anything else that is not the suite's records is
 a one-line error naming the file and the line. Resuming needs the suite's own ``config.yaml`` in ``out``: a
@@ -31,7 +34,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,11 +47,13 @@ from lawa_suite.files import OUTPUT_MARK, inside, lock_beside, made_by, write_te
 
 __all__ = ["MetricsLog", "read_metrics", "truncate_metrics", "prepare_run_dir", "lock_run", "unlock_run",
            "lock_file", "holds_run", "claim_out", "find_run_config", "read_saved", "load_resolved",
-           "config_differences", "dotted", "RESUMABLE_CHANGES", "CONFIG_FILE", "METRICS_FILE", "SWEEPS_DIR", "LMC_DIR"]
+           "config_differences", "dotted", "RESUMABLE_CHANGES", "ADDED_KEYS", "with_added_keys", "CONFIG_FILE",
+           "METRICS_FILE", "METRICS_META_FILE", "write_metrics_meta", "read_metrics_meta", "SWEEPS_DIR", "LMC_DIR"]
 
 # What a run folder holds, by name: the trainer, the bench's post-hoc sweeps and the reports all name them from here.
 CONFIG_FILE = "config.yaml"      # the fully resolved config, written before training starts
 METRICS_FILE = "metrics.jsonl"   # one JSON record a line
+METRICS_META_FILE = "metrics-meta.json"  # what those records' metrics mean (``write_metrics_meta``)
 SWEEPS_DIR = "posthoc"           # a bench cell's post-hoc sweeps: one folder per sweep (``sweeps.run_sweeps``)
 LMC_DIR = "lmc"                  # a bench cell's linear paths: one folder per pair of fractions (``sweeps.run_lmc``)
 
@@ -56,6 +61,29 @@ LMC_DIR = "lmc"                  # a bench cell's linear paths: one folder per p
 # refused.
 RESUMABLE_CHANGES = {"resume", "reset_averagers", "progress", "trackers", "out", "data.cache", "checkpoint.every",
                      "checkpoint.keep"}
+
+# Keys the suite gained after runs were made with it: dotted key -> (the task whose runs have it, None for every run;
+# the value a run made before the key existed computed with; when the key was added). A saved config lacking one
+# holds that value, for resuming it (``config_differences``) and for reports grouping runs of two versions as one
+# experiment (``report.meaning``).
+ADDED_KEYS: dict[str, tuple[str | None, Any, str]] = {
+    "distributed": (None, "ddp", "2026-12-02"),
+    "cifar.model": ("cifar", "preact_resnet18", "2026-12-02"),
+    "cifar.patch_size": ("cifar", 0, "2026-12-02"),
+    "compile": (None, False, "2026-12-05"),
+    "tf32": (None, True, "2026-12-07"),
+    "deterministic": (None, False, "2026-12-07"),
+    "schedulefree.r": (None, 0.0, "2026-12-07"),              # used only by optimizer=schedulefree, added with it
+    "schedulefree.weight_lr_power": (None, 2.0, "2026-12-07"),
+    "gpt2.optimizer": ("gpt2", "adamw", "2026-12-07"),
+    "ddpm.optimizer": ("ddpm", "adamw", "2026-12-07"),
+}
+
+
+def with_added_keys(task: str, config: Mapping[str, Any]) -> dict[str, Any]:
+    """A saved config's dotted keys, with every ``ADDED_KEYS`` entry of its task it lacks at the value it had."""
+    added = {key: value for key, (of, value, _) in ADDED_KEYS.items() if of in (None, task)}
+    return {**added, **config}
 
 
 class MetricsLog:
@@ -122,6 +150,41 @@ def truncate_metrics(path: Path, last_step: int) -> None:
         return
     kept = [line for line, record in _metrics_lines(path, _warn) if record["step"] <= last_step]
     write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+
+METRICS_META_FORMAT = "lawa-suite-metrics-meta/1"
+
+
+def write_metrics_meta(out: Path, evaluator: str, metrics: Mapping[str, str], notes: Mapping[str, str]) -> None:
+    """Record in run folder ``out`` what the metrics of its ``metrics.jsonl`` mean, as the run starts: its
+    evaluator's name, ``metric -> "max"|"min"`` (which way is better; the first is the headline) and the sentences
+    for metrics whose name alone could mislead. A file of its own, not part of ``config.yaml`` (the user's settings,
+    which resume compares) nor a line of ``metrics.jsonl`` (whose every line is a record with a step, as readers
+    and other tools expect); rewritten on resume, by the evaluator that writes the records from then on."""
+    record = {"format": METRICS_META_FORMAT, "evaluator": evaluator, "metrics": dict(metrics), "notes": dict(notes)}
+    write_text_atomic(Path(out) / METRICS_META_FILE, json.dumps(record, indent=1, ensure_ascii=False) + "\n")
+
+
+def read_metrics_meta(out: Path) -> dict[str, Any] | None:
+    """``{"evaluator", "metrics", "notes"}`` as ``write_metrics_meta`` recorded them in run folder ``out``, or None
+    for a run made before runs recorded them (a report then falls back on its own table). A file that is not such a
+    record is a one-line error naming it."""
+    path = Path(out) / METRICS_META_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError both
+        raise DamagedFile(f"{path} is not JSON ({exc.__class__.__name__}); suite run writes it whole, so it was "
+                          f"damaged since; delete it to read the run with the report's own table") from None
+    record = record if isinstance(record, dict) else {}
+    metrics, notes = record.get("metrics"), record.get("notes", {})
+    if not (record.get("format") == METRICS_META_FORMAT and isinstance(metrics, dict) and metrics
+            and all(isinstance(k, str) and v in ("max", "min") for k, v in metrics.items())
+            and isinstance(notes, dict) and all(isinstance(v, str) for v in notes.values())):
+        raise ConfigError(f"{path} is not a lawa-suite metrics record (expected format {METRICS_META_FORMAT}, "
+                          f"metrics mapping each metric to 'max' or 'min', notes to sentences)")
+    return {"evaluator": record.get("evaluator", ""), "metrics": metrics, "notes": notes}
 
 
 # -- one process writes a run folder --------------------------------------------------------------------------
@@ -270,9 +333,10 @@ def prepare_run_dir(cfg: ResolvedConfig, is_main: bool) -> Path:
 
 
 def _never_started(cfg: ResolvedConfig, out: Path) -> bool:
-    # A run that stopped before its first step (missing data, a bad tokenizer) left only config.yaml: starting
-    # again there loses nothing, so it is allowed and the config is rewritten.
-    return out.is_dir() and {p.name for p in out.iterdir()} == {"config.yaml"} and not cfg.run.resume
+    # A run that stopped before its first step (missing data, a bad tokenizer) left only config.yaml (and what its
+    # metrics mean): starting again there loses nothing, so it is allowed and the config is rewritten.
+    names = {p.name for p in out.iterdir()} if out.is_dir() else set()
+    return CONFIG_FILE in names and names <= {CONFIG_FILE, METRICS_META_FILE} and not cfg.run.resume
 
 
 def _check_run_dir(cfg: ResolvedConfig, out: Path, is_main: bool) -> None:
@@ -388,9 +452,10 @@ def load_resolved(path: str | os.PathLike[str]) -> ResolvedConfig:
 
 
 def config_differences(saved: dict[str, Any], now: dict[str, Any], reset_averagers: bool = False) -> list[str]:
-    """Dotted keys whose values differ between two configs, except ``RESUMABLE_CHANGES``; with
+    """Dotted keys whose values differ between a saved config and a new one, except ``RESUMABLE_CHANGES``; a key the
+    saved config lacks because the suite gained it later is the value it was added with (``ADDED_KEYS``). With
     ``reset_averagers`` the averager list and the averagers' sections may change too."""
-    a, b = dotted(saved), dotted(now)
+    a, b = with_added_keys(saved.get("task", ""), dotted(saved)), dotted(now)
     averager_keys = {"averager"} | {f"{n}." for n in list(saved.get("averager", [])) + list(now.get("averager", []))}
     diffs = []
     for key in sorted(set(a) | set(b)):

@@ -45,7 +45,7 @@ from lawa_suite.config import ResolvedConfig, RunConfig, accumulation, dotted
 from lawa_suite.errors import EXIT_NONFINITE, EXIT_PREEMPTED, ConfigError, Interrupted, NonFiniteTraining, Preempted
 from lawa_suite.preemption import StopFlag
 from lawa_suite.progress import ProgressBar
-from lawa_suite.rundir import MetricsLog, prepare_run_dir
+from lawa_suite.rundir import MetricsLog, prepare_run_dir, write_metrics_meta
 from lawa_suite.run_checkpoints import RunCheckpointer
 from lawa_suite.run_state import TrainState
 from lawa_suite.scoring import Scorer, score_line, seed_everything
@@ -164,6 +164,9 @@ class Run:
                              schedule_free.EvalSequence(self.optimizer) if self.schedule_free else None)
         if self.is_main:
             prepare_run_dir(cfg, is_main=True)
+            # what the records' metrics mean, beside them: a report of a plugin evaluator's run need not guess
+            write_metrics_meta(self.out, self.task.evaluator, self.scorer.metrics,
+                               getattr(self.scorer.evaluator, "notes", None) or {})
         self.accelerator.wait_for_everyone()
         # said before the minutes of training, not found missing from the report after them
         for name, why in never_ready(cfg.averagers, cfg.averager_of, rc.steps).items():
