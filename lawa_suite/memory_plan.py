@@ -35,6 +35,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+from lawa_suite import registry
+from lawa_suite.config import accumulation
+from lawa_suite.errors import ConfigError
 from lawa_suite.memory_facts import (Activations, ModelFacts, Part, averager_checkpoint_bytes, averager_parts,
                                      dtype_name, fake_device, itemsize, measure_activations,
                                      model_facts)
@@ -90,8 +93,6 @@ class Plan:
 
 
 def parse_processes(text: str) -> tuple[int, ...]:
-    from lawa_suite.errors import ConfigError
-
     try:
         values = tuple(int(v) for v in str(text).replace(" ", "").split(",") if v)
     except ValueError:
@@ -102,8 +103,6 @@ def parse_processes(text: str) -> tuple[int, ...]:
 
 
 def parse_gpu_memory(text: str) -> float:
-    from lawa_suite.errors import ConfigError
-
     try:
         value = float(text)
     except ValueError:
@@ -117,8 +116,6 @@ def parse_gpu_memory(text: str) -> float:
 def memory_plan(cfg: Any, processes: tuple[int, ...] = DEFAULT_PROCESSES,
                 gpu_memory_gib: float = DEFAULT_GPU_MEMORY_GIB) -> Plan:
     """The plan of ``cfg`` (a ``ResolvedConfig``) for each process count: 1 process, then ddp and fsdp for more."""
-    from lawa_suite import registry
-
     rc = cfg.run
     task = registry.tasks.get(rc.task)(cfg.task, rc)
     facts, model, mode = model_facts(task, rc.lr)
@@ -270,8 +267,6 @@ def _verdict(setup: Setup, total: int | None, usable: int, rc: Any, micro: int |
 def _split(batch_size: int, grad_accum: int, processes: int) -> tuple[int, int] | None:
     """``(micro-batches a step, examples a micro-batch on each rank)`` as the loop splits a batch
     (``config.accumulation``), or None where it does not split."""
-    from lawa_suite.config import ConfigError, accumulation
-
     try:
         steps, micro = accumulation(batch_size, grad_accum, processes)
     except ConfigError:

@@ -11,6 +11,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from lawa_suite import registry
+from lawa_suite.averagers.base import Averager
+
 __all__ = ["has_average", "steps_needed", "never_ready", "never_ready_in_saved"]
 
 SEARCH_LIMIT = 100_000  # steps: beyond this "needs more than", so a far-off start costs no long search
@@ -19,8 +22,6 @@ SEARCH_LIMIT = 100_000  # steps: beyond this "needs more than", so a far-off sta
 def has_average(cls: Any, config: Any, total: int) -> bool | None:
     """Whether an averager of ``cls`` with ``config`` holds an average after ``total`` steps (every step
     observed); None when the class documents no profile to tell by."""
-    from lawa_suite.averagers.base import Averager
-
     documented = getattr(cls, "documented_profile", None)
     if documented is None or getattr(documented, "__func__", None) is Averager.documented_profile.__func__:
         return None  # the base's None means "no closed form", not "not ready"
@@ -54,8 +55,6 @@ def _why(cls: Any, config: Any, steps: int) -> str | None:
 def never_ready(averagers: Mapping[str, Any], registered: Mapping[str, str], steps: int) -> dict[str, str]:
     """``name -> why`` for each averager (name -> its Config) that its settings leave without an average after
     ``steps``; ``registered`` maps an instance's name to the averager it runs."""
-    from lawa_suite import registry
-
     found = {}
     for name, config in averagers.items():
         try:
@@ -71,8 +70,6 @@ def never_ready(averagers: Mapping[str, Any], registered: Mapping[str, str], ste
 def never_ready_in_saved(config: Mapping[str, Any]) -> dict[str, str]:
     """``never_ready`` for a saved config.yaml's tree (each averager's section, ``of`` naming an instance's
     averager); an averager whose settings cannot be read back (a plugin no longer installed) is left out."""
-    from lawa_suite import registry
-
     steps = config.get("steps")
     if not isinstance(steps, int) or steps < 1:
         return {}

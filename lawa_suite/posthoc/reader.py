@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from lawa_suite.posthoc.discover import Snapshot
+from lawa_suite.sharded_checkpoints import ShardedWeights
 from lawa_suite.posthoc.peers import (NoWeights, WeightsAt, find_weights, lightning_hint, load_torch, rename,
                                       torch_error)
 
@@ -145,8 +146,6 @@ class Reader:
         return out
 
     def _open_dcp(self, file: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], Any]]:
-        from lawa_suite.sharded_checkpoints import ShardedWeights
-
         weights = ShardedWeights(file.parent)
         out = {}
         for name, (dtype, shape) in weights.layout.items():

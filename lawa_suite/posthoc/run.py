@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lawa_suite import __version__ as version
 from lawa_suite.errors import PosthocError
 from lawa_suite.files import (Recorded, commit_folder, fsync_dir, inside, owned_sibling, owner_of, record_sha256s,
                               remove_dead_leftovers, require_new_out, write_text_atomic)
@@ -317,8 +318,6 @@ def _write_manifests(staging: Path, jobs: Sequence[Job], outputs: list[Output], 
                      entries: Mapping[Path, dict[str, Any]], root: Path, interval: int | None, warnings: list[str],
                      reconstructing: bool, at: WeightsAt, left_out: Mapping[int, tuple[str, str]],
                      dropped: Sequence[tuple[str, int, str]]) -> None:
-    from lawa_suite import __version__ as version
-
     snapshots = [r.snapshot for r in readers]
     read = {r.snapshot.label: {**({"key": r.where} if r.where else {}), **({"renamed": r.renamed} if r.renamed else {})}
             for r in readers}
