@@ -9,11 +9,12 @@
   paper's diversity measure).
 
 The task and its settings come from the ``config.yaml`` of the run the inputs lie in, or from ``task=`` and
-overrides; checkpoints that are Hugging Face causal-LM folders outside any run are scored by perplexity on a text
-(``causal_lm.py``). Scoring follows the training loop: the model in eval mode under the run's autocast, the task's
-evaluator on the task's fixed held-out batches, and, for averaged (and interpolated) weights of a model with
-BatchNorm, running statistics recomputed on ``eval.bn_batches`` training batches first; raw checkpoints keep
-the statistics they were saved with.
+overrides; checkpoints that are Hugging Face causal-LM folders outside any run are scored by perplexity on a text,
+by the ``hf-causal-lm`` task (``tasks/causal_lm.py``; ``causal_lm.py`` finds the folders and its settings): every
+task is scored the same way, through its ``fit_weights`` and ``describe_scoring``. Scoring follows the training
+loop: the model in eval mode under the run's autocast, the task's evaluator on the task's fixed held-out batches,
+and, for averaged (and interpolated) weights of a model with BatchNorm, running statistics recomputed on
+``eval.bn_batches`` training batches first; raw checkpoints keep the statistics they were saved with.
 
 Predictions for the disagreement rate come from the task: ``predictions(model, batch)`` if it defines one,
 else the arg-max of ``logits_and_targets(model, batch)``'s logits (classes for images, next tokens for text).
@@ -40,7 +41,7 @@ from torch import Tensor
 
 from lawa_suite import posthoc, registry
 from lawa_suite.averagers.base import accumulation_dtype
-from lawa_suite.causal_lm import CausalLMConfig, CausalLMTask, causal_lm_config, causal_lm_folder
+from lawa_suite.causal_lm import causal_lm_config, causal_lm_folder
 from lawa_suite.config import ResolvedConfig, dotted, parse_overrides, resolve
 from lawa_suite.errors import AnalysisError, ConfigError
 from lawa_suite.files import commit_folder, mark_output, staged_folder, write_text_atomic
@@ -57,10 +58,10 @@ __all__ = ["AnalysisError", "Evaluation", "eval_config", "evaluate", "evaluate_p
 
 
 # -- configuration ---------------------------------------------------------------------------------------
-def eval_config(near: str | os.PathLike[str], overrides: Sequence[str] = ()) -> ResolvedConfig | CausalLMConfig:
+def eval_config(near: str | os.PathLike[str], overrides: Sequence[str] = ()) -> ResolvedConfig:
     """The config to score weights lying at ``near``: its run's ``config.yaml`` (the nearest one above it) plus
     ``overrides``; with ``task=<another task>``, the overrides alone; where no run config exists and the
-    checkpoints are Hugging Face causal-LM folders, their scoring settings (``causal_lm.py``)."""
+    checkpoints are Hugging Face causal-LM folders, the ``hf-causal-lm`` task's (``causal_lm.py``)."""
     pairs = parse_overrides(list(overrides))
     try:
         saved: dict[str, Any] | None = read_saved(find_run_config(Path(near)))
@@ -88,20 +89,15 @@ class Evaluation:
     """A task's model, fixed held-out batches, calibration batches and evaluator, built once from a config;
     ``score`` then rates any state_dict of that model as the training loop would (``scoring.Scorer``)."""
 
-    def __init__(self, cfg: ResolvedConfig | CausalLMConfig) -> None:
+    def __init__(self, cfg: ResolvedConfig) -> None:
         from accelerate import Accelerator
 
         self.cfg = cfg
-        if isinstance(cfg, CausalLMConfig):  # Hugging Face causal-LM folders outside any suite run
-            self.task: Any = CausalLMTask(cfg)
-            self.name, seed, precision, self.bn_batches = self.task.name, 0, cfg.mixed_precision, 0
-        else:
-            self.task = registry.tasks.get(cfg.run.task)(cfg.task, cfg.run)
-            self.name, seed, precision, self.bn_batches = (f"task '{cfg.run.task}'", cfg.run.seed,
-                                                           cfg.run.mixed_precision, cfg.run.eval.bn_batches)
+        self.task = registry.tasks.get(cfg.run.task)(cfg.task, cfg.run)
+        self.name, self.bn_batches = f"task '{cfg.run.task}'", cfg.run.eval.bn_batches
         self.task.setup()
-        seed_everything(seed)
-        self.accelerator = Accelerator(mixed_precision=precision)
+        seed_everything(cfg.run.seed)
+        self.accelerator = Accelerator(mixed_precision=cfg.run.mixed_precision)
         self.model = self.task.build_model().to(self.accelerator.device)
         calibration = self.task.calibration_batches(self.bn_batches) if has_batchnorm(self.model) else []
         self.scorer = Scorer(self.task, self.accelerator, self.model, self.task.eval_batches(), calibration)
@@ -125,15 +121,11 @@ class Evaluation:
     @property
     def description(self) -> str:
         """What scores the weights, for reports: the task and preset, or the causal LM, tokenizer and text."""
-        if isinstance(self.cfg, CausalLMConfig):
-            return self.task.describe()
-        return f"task {self.cfg.run.task} ({self.cfg.run.preset})"
+        return self.task.describe_scoring()
 
     def load(self, weights: Mapping[str, Tensor]) -> None:
         """Copy ``weights`` into the model; a key or shape the model does not have is a one-line error."""
-        fit = getattr(self.task, "fit_weights", None)  # a Hugging Face model reads checkpoints its own way
-        if fit is not None:
-            weights = fit(self.model, weights)
+        weights = self.task.fit_weights(self.model, weights)  # a Hugging Face model reads checkpoints its own way
         missing = sorted(set(self._expected) - set(weights))
         extra = sorted(set(weights) - set(self._expected))
         shapes = sorted(n for n in set(weights) & set(self._expected)
@@ -141,9 +133,8 @@ class Evaluation:
         if missing or extra or shapes:
             parts = [f"{what} {_short(names)}" for what, names in
                      (("missing", missing), ("unexpected", extra), ("other shapes for", shapes)) if names]
-            hint = getattr(self.task, "weights_hint", "check task= and its keys (e.g. the width) against the run "
-                                                      "that saved them")
-            raise AnalysisError(f"the weights do not fit {self.name}'s model ({'; '.join(parts)}); {hint}")
+            raise AnalysisError(f"the weights do not fit {self.name}'s model ({'; '.join(parts)}); "
+                                f"{self.task.weights_hint}")
         self.model.load_state_dict(dict(weights))
 
     @torch.no_grad()

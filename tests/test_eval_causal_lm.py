@@ -121,7 +121,7 @@ def test_suite_eval_scores_every_gpt_neox_checkpoint_against_an_independent_loss
     assert f"windows of {SEQ_LEN} tokens from {text}" in report
     assert all(f"| {s} | raw | {losses[s]:.4f} |" in report for s in STEPS)
     config = (out / "config.yaml").read_text()
-    assert "scorer: hf-causal-lm" in config and f"seq_len: {SEQ_LEN}" in config
+    assert "task: hf-causal-lm" in config and f"seq_len: {SEQ_LEN}" in config
 
     again = runner.invoke(app, ["eval", str(ckpts), f"data.path={text}", f"seq_len={SEQ_LEN}", f"out={out}"])
     one_line_error(again, str(out))  # a non-empty out is refused without --force

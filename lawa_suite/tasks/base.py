@@ -44,6 +44,8 @@ class Task(ABC):
     default_preset: ClassVar[str] = "cpu"
     evaluator: ClassVar[str]                        # registered evaluator name
     data_sources: ClassVar[tuple[str, ...]]         # values `data=` accepts; the first is the default
+    # what the one-line error about saved weights that do not fit the model tells the user to check
+    weights_hint: ClassVar[str] = "check task= and its keys (e.g. the width) against the run that saved them"
 
     def __init__(self, config: Any, run: "RunConfig") -> None:
         self.config = config
@@ -87,6 +89,16 @@ class Task(ABC):
         raise ExportUnsupported(f"task '{self.name}' has no export format; its weights are plain safetensors "
                                 f"(the checkpoint's model.safetensors)")
 
+    def fit_weights(self, model: nn.Module, weights: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+        """Saved ``weights`` as ``model``'s state_dict, before ``suite eval`` and ``suite analyze lmc`` load them. The
+        suite's checkpoints hold the model's own state_dict, taken as it is; a task that scores another tool's
+        checkpoints maps their names here (``tasks/causal_lm.py``: as ``from_pretrained`` reads them)."""
+        return weights
+
+    def describe_scoring(self) -> str:
+        """What scores the weights, for the reports of ``suite eval``: by default the task and its preset."""
+        return f"task {self.run.task} ({self.run.preset})"
+
     def summary(self, model: nn.Module) -> str:
         """One line printed at start: what model, how many parameters, what data."""
         params = sum(p.numel() for p in model.parameters())
@@ -104,7 +116,8 @@ def parameter_count(model: nn.Module) -> int:
 
 #: What the loop, config resolution, evaluation, analysis and export use of a task class.
 CONTRACT = ("Config", "presets", "default_preset", "evaluator", "data_sources", "setup", "build_model",
-            "build_optimizer", "train_stream", "eval_batches", "calibration_batches", "loss", "export", "summary")
+            "build_optimizer", "train_stream", "eval_batches", "calibration_batches", "loss", "export", "summary",
+            "fit_weights", "describe_scoring", "weights_hint")
 
 
 def contract_problem(obj: Any) -> str | None:
