@@ -1,4 +1,6 @@
-"""Shared fixtures: a tiny test-only task (``toy``) so the loop's tests run in milliseconds.
+"""Shared fixtures: a tiny test-only task (``toy``) so the loop's tests run in milliseconds, a test-only averager
+(``spy``) that records what it is shown, and ``tiny_run``, one ``suite run`` shared by a module's tests. Plain
+helper functions are in helpers.py.
 
 The toy model is the reliability harness's: Linear -> BatchNorm1d -> ReLU -> Dropout -> Linear, so it has a
 float buffer, an integer buffer and a consumer of global RNG (dropout), which exact resume must restore.
@@ -9,14 +11,18 @@ from __future__ import annotations
 import os
 import signal
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from typer.testing import CliRunner
 
 from lawa_suite import registry
+from lawa_suite.averagers.base import Averager
+from lawa_suite.cli import app
 from lawa_suite.data.stream import IndexStream, TensorStream
 from lawa_suite.tasks.base import Task
 
@@ -115,8 +121,41 @@ class Thing(Averager):
 """
 
 
+@dataclass
+class SpyConfig:
+    pass
+
+
+class Spy(Averager):
+    """An averager (``averager=spy``) that records the steps it is shown; never ready."""
+    name = "spy"
+    Config = SpyConfig
+    seen: ClassVar[list[int]] = []
+
+    @property
+    def ready(self):
+        return False
+
+    def wants(self, step):
+        return True
+
+    def _update(self, step, floats):
+        Spy.seen.append(step)
+
+    def _averaged_floats(self):
+        return []
+
+    def _extra_state(self):
+        return {}
+
+    def _load_extra_state(self, state):
+        pass
+
+
 if "toy" not in registry.tasks._builtins:
     registry.tasks.register("toy")(ToyTask)
+if "spy" not in registry.averagers._builtins:
+    registry.averagers.register("spy")(Spy)
 
 
 def reset_toy_faults() -> None:
@@ -129,3 +168,15 @@ def _reset_toy_faults():
     reset_toy_faults()
     yield
     reset_toy_faults()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(request, tmp_path_factory) -> Path:
+    """One ``suite run`` through the CLI for a module's tests: the words are the module's ``TINY_RUN``; the run's
+    folder is ``<tmp>/run`` and its data cache ``<tmp>/cache`` beside it."""
+    words = request.module.TINY_RUN
+    root = tmp_path_factory.mktemp("tiny-run")
+    result = CliRunner().invoke(app, ["run", *words, f"out={root / 'run'}", f"data.cache={root / 'cache'}",
+                                      "progress=false"])
+    assert result.exit_code == 0, result.output
+    return root / "run"

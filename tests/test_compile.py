@@ -26,7 +26,7 @@ from lawa_suite.scoring import Scorer, forked_rng
 from lawa_suite.train import Run, train
 
 from conftest import SimulatedCrash, ToyTask
-from test_train import assert_same_tree, final_state, run_toy
+from helpers import assert_same, final_state, run_toy
 
 pytestmark = pytest.mark.slow
 
@@ -64,7 +64,7 @@ def test_the_compiled_model_scores_the_averaged_weights_swapped_into_it(tmp_path
     raw = {k: v.clone() for k, v in run.unwrapped.state_dict().items()}
     compiled = run.scorer.score_all(run.averagers, run.state.step)
     assert compiled_graphs() >= 2  # training and evaluation both ran compiled code
-    assert_same_tree(run.unwrapped.state_dict(), raw)  # the raw weights came back bit for bit
+    assert_same(run.unwrapped.state_dict(), raw)  # the raw weights came back bit for bit
 
     # The same weights loaded into an eager model of the same task by load_state_dict, not by the suite's swap, and
     # scored on the same batches after the same BatchNorm recalibration (same order, same forked RNG: dropout).
@@ -98,9 +98,9 @@ def test_resume_with_compile_is_bit_exact(tmp_path):
     assert compiled_graphs() >= 2
     weights_a, state_a = final_state(tmp_path / "whole")
     weights_b, state_b = final_state(tmp_path / "resumed")
-    assert_same_tree(weights_a, weights_b)
+    assert_same(weights_a, weights_b)
     for part in ("optimizer", "averagers", "stream", "train"):
-        assert_same_tree(state_a[part], state_b[part], part)
+        assert_same(state_a[part], state_b[part], part)
 
 
 def names_in(out: Path) -> dict[str, list[str]]:

@@ -22,16 +22,10 @@ from lawa_suite.testing.cuda_standin import cuda_standin
 from lawa_suite.config import accumulation
 from lawa_suite.train import Run, train
 
-from test_train import assert_same_tree, final_state
+from helpers import assert_same, final_state, final_state_at
 
 AVERAGERS = ["averager=lawa,ema,swa,wma,phema,bema", "lawa.k=2", "lawa.nu=1", "wma.k=2", "wma.nu=1", "swa.start=1",
              "phema.snapshot_every=2"]
-
-
-def final_state_at(out: Path, step: int) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(out / "checkpoints" / ckpt.step_dir_name(step) / "model.safetensors"))
 
 
 def tiny(task: str, out: Path, precision: str, *extra: str) -> list[str]:
@@ -50,9 +44,9 @@ def test_each_task_trains_evaluates_checkpoints_and_resumes_bit_for_bit_on_cuda(
         train(resolve([*tiny(task, cut, precision), "resume=auto"]))
     weights_a, state_a = final_state(tmp_path / "whole")
     weights_b, state_b = final_state(cut)
-    assert_same_tree(weights_a, weights_b)
-    assert_same_tree(state_a["averagers"], state_b["averagers"])
-    assert_same_tree(state_a["optimizer"], state_b["optimizer"])
+    assert_same(weights_a, weights_b)
+    assert_same(state_a["averagers"], state_b["averagers"])
+    assert_same(state_a["optimizer"], state_b["optimizer"])
     scored = (tmp_path / "whole" / "metrics.jsonl").read_text()
     assert all(f'"weights": "{name}"' in scored for name in ("raw", "lawa", "ema", "swa")), "every average scored"
     first, last = (final_state_at(tmp_path / "whole", step) for step in (2, 4))

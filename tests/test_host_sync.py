@@ -12,10 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -27,7 +23,8 @@ from lawa_suite.config import resolve
 from lawa_suite.testing.cuda_standin import cuda_standin
 from lawa_suite.train import Run, train
 
-from test_train import Spy, assert_same_tree, final_state, run_toy
+from conftest import Spy
+from helpers import assert_same, final_state, run_toy, torchrun
 
 
 def reads_per_step(monkeypatch, overrides: list[str], counter) -> list[int]:
@@ -82,8 +79,8 @@ def test_deferred_observations_equal_immediate_ones(tmp_path, monkeypatch):
     run_toy(tmp_path / "at-once", "checkpoint.every=0", "eval.every=100")
     weights_a, state_a = final_state(tmp_path / "deferred")
     weights_b, state_b = final_state(tmp_path / "at-once")
-    assert_same_tree(weights_a, weights_b)
-    assert_same_tree(state_a["averagers"], state_b["averagers"])
+    assert_same(weights_a, weights_b)
+    assert_same(state_a["averagers"], state_b["averagers"])
     assert state_a["averagers"]["ema"]["counters"]["updates"] == 20
 
 
@@ -120,12 +117,6 @@ def test_weights_that_turn_non_finite_reach_no_averager_through_the_one_read(tmp
     assert all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point())
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_one_host_synchronisation_a_step_on_each_of_two_processes(tmp_path):
     # One torchrun launch, four runs (a launch costs seconds): each task under DDP on two processes through the
@@ -135,12 +126,8 @@ def test_one_host_synchronisation_a_step_on_each_of_two_processes(tmp_path):
     runs = [{"name": task, "args": [*plain_run(task, tmp_path / task), f"mixed_precision={precision}"]}
             for task, precision in (("gpt2", "bf16"), ("cifar", "no"), ("ddpm", "bf16"))]
     runs.append({"name": "second_read", "second_read": True, "args": plain_run("gpt2", tmp_path / "second_read")})
-    torchrun = Path(sys.executable).with_name("torchrun")
-    child = Path(__file__).with_name("_host_sync_child.py")
-    done = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
-                           str(free_port()), str(child), str(tmp_path), json.dumps(runs)],
-                          cwd=child.parent.parent, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                          text=True, timeout=300)
+    done = torchrun(Path(__file__).with_name("_host_sync_child.py"), str(tmp_path), json.dumps(runs),
+                    env={"OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for rank in (0, 1):
         for run in runs:

@@ -9,14 +9,12 @@ same settings, bit for bit.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import pickle
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -31,11 +29,11 @@ from typer.testing import CliRunner
 from lawa_suite import checkpoints as ckpt
 from lawa_suite import posthoc, run_checkpoints
 from lawa_suite.cli import app
-from lawa_suite.config import resolve
 from lawa_suite.posthoc import PosthocError, average, parse_jobs
-from lawa_suite.train import NonFiniteTraining, train
+from lawa_suite.train import NonFiniteTraining
 
 from conftest import PLUGIN_AVERAGER, ToyTask
+from helpers import final_state, run_toy, same_tree, torchrun, tree_digest
 import _reliability_child  # noqa: F401  (registers the toyloader task here too)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,33 +42,6 @@ PYTHON = sys.executable
 runner = CliRunner()
 
 # -- helpers ------------------------------------------------------------------------------------------------
-
-
-def run_toy(out: Path, *overrides: str, task: str = "toy"):
-    return train(resolve([f"task={task}", f"out={out}", *overrides]))
-
-
-def tree_digest(folder: Path) -> dict[str, str]:
-    """sha256 of every file under ``folder`` by relative path (what must stay unchanged)."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def final_state(out: Path) -> tuple[dict, dict]:
-    last = ckpt.list_checkpoints(out / "checkpoints")[-1].path
-    return load_file(str(last / "model.safetensors")), ckpt.read_state(last, "state")
-
-
-def same_tree(a, b) -> bool:
-    if isinstance(a, torch.Tensor):
-        return a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(same_tree(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(same_tree(x, y) for x, y in zip(a, b))
-    if hasattr(a, "tolist"):  # numpy RNG state
-        return a.tolist() == b.tolist()
-    return a == b
 
 
 def same_run(a: Path, b: Path, rng: bool = True) -> bool:
@@ -563,18 +534,9 @@ def test_broken_plugins_never_break_the_installed_cli(tmp_path):
 
 
 # -- 8. several processes ----------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(out: Path, log: Path, *args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
-    command = [str(Path(PYTHON).with_name("torchrun")), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), str(CHILD), "run", "task=toy", f"out={out}", "steps=12",
-               "checkpoint.every=4", "eval.every=4", *args]
-    done = subprocess.run(command, cwd=ROOT, env={**os.environ, "REL_COMMITS": str(log), **(env or {})},
-                          capture_output=True, text=True, timeout=300)
+def torchrun_toy(out: Path, log: Path, *args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    done = torchrun(CHILD, "run", "task=toy", f"out={out}", "steps=12", "checkpoint.every=4", "eval.every=4", *args,
+                    env={"REL_COMMITS": str(log), **(env or {})})
     return done.returncode, done.stdout + done.stderr
 
 
@@ -593,10 +555,10 @@ def test_two_processes_agree_on_averagers_save_once_stop_together_and_resume(tmp
     out, log = tmp_path / "run", tmp_path / "commits"
     # rank 1 alone gets SIGTERM during step 6: both processes must stop after the same step and save once. They
     # vote at the end of each step and read the vote with the next step's one host read: they stop after step 7
-    code, output = torchrun(out, log, env={"REL_TERM_AT": "5:1"})
+    code, output = torchrun_toy(out, log, env={"REL_TERM_AT": "5:1"})
     assert code != 0 and output.count("stopped by SIGTERM after step 7") >= 1, output
     assert_group_ended(log)
-    code, output = torchrun(out, log, "resume=auto", env={"REL_READS": str(log)})
+    code, output = torchrun_toy(out, log, "resume=auto", env={"REL_READS": str(log)})
     assert code == 0, output
     assert_group_ended(log)
     for rank in (0, 1):  # steps 8-11 (evaluated and checkpointed at 8): the stop vote rides in the step's one read

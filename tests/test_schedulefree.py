@@ -22,7 +22,7 @@ from lawa_suite.tasks import schedule_free
 from lawa_suite.testing.cuda_standin import cuda_standin
 from lawa_suite.train import Run, lr_factor, train
 
-from test_train import assert_same_tree, final_state
+from helpers import assert_same, final_state
 
 
 def sf_run(task: str, out: Path, *extra: str) -> list[str]:
@@ -92,9 +92,9 @@ def test_a_schedule_free_run_resumes_bit_for_bit(tmp_path, task):
     train(resolve(sf_run(task, cut, "resume=auto")))
     weights_a, state_a = final_state(tmp_path / "whole")
     weights_b, state_b = final_state(cut)
-    assert_same_tree(weights_a, weights_b)
-    assert_same_tree(state_a["optimizer"], state_b["optimizer"])  # z, k, weight_sum, lr_max, train_mode
-    assert_same_tree(state_a["averagers"], state_b["averagers"])
+    assert_same(weights_a, weights_b)
+    assert_same(state_a["optimizer"], state_b["optimizer"])  # z, k, weight_sum, lr_max, train_mode
+    assert_same(state_a["averagers"], state_b["averagers"])
     assert raw_scores(tmp_path / "whole")[4] == raw_scores(cut)[4]
     assert all(group["train_mode"] for group in state_a["optimizer"]["param_groups"]), "saved in train mode"
 
@@ -106,8 +106,8 @@ def test_evaluating_never_moves_the_live_weights(tmp_path):
     train(resolve(sf_run("cifar", tmp_path / "once", "eval.every=100", "checkpoint.every=0")))
     weights_a, state_a = final_state(tmp_path / "often")
     weights_b, state_b = final_state(tmp_path / "once")
-    assert_same_tree(weights_a, weights_b)
-    assert_same_tree(state_a["optimizer"], state_b["optimizer"])
+    assert_same(weights_a, weights_b)
+    assert_same(state_a["optimizer"], state_b["optimizer"])
     assert len(raw_scores(tmp_path / "often")) == 4
 
 
@@ -121,7 +121,7 @@ def test_averagers_observe_the_live_weights_and_keep_their_profile(tmp_path):
     trajectory = [load_file(str(tmp_path / "run" / "trajectory" / f"step-{s:08d}.safetensors"))
                   for s in range(1, steps + 1)]
     weights, state = final_state(tmp_path / "run")
-    assert_same_tree(trajectory[-1], weights)
+    assert_same(trajectory[-1], weights)
     for name in ("ema", "swa"):
         averager = cfg.build_averagers()[name]
         averager.start_run(steps)
@@ -215,8 +215,8 @@ def test_a_schedule_free_run_on_cuda_uses_foreach_one_read_a_step_and_resumes_bi
         train(resolve(sf_run("gpt2", cut, *six, "resume=auto")))
     per_step = [b - a for a, b in zip(starts, starts[1:])]
     assert per_step[:2] + per_step[3:] == [1] * 4  # (step 3's checkpoint reads the weights)
-    assert_same_tree(final_state(tmp_path / "whole")[0], final_state(cut)[0])
-    assert_same_tree(final_state(tmp_path / "whole")[1]["optimizer"], final_state(cut)[1]["optimizer"])
+    assert_same(final_state(tmp_path / "whole")[0], final_state(cut)[0])
+    assert_same(final_state(tmp_path / "whole")[1]["optimizer"], final_state(cut)[1]["optimizer"])
 
 
 def test_without_the_package_the_option_is_one_line(monkeypatch):

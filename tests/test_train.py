@@ -2,51 +2,19 @@
 
 from __future__ import annotations
 
-import json
-import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from lawa_suite import checkpoints as ckpt
-from lawa_suite import registry, run_checkpoints
-from lawa_suite.averagers.base import Averager
+from lawa_suite import run_checkpoints
 from lawa_suite.config import ConfigError, resolve
 from lawa_suite.train import NonFiniteTraining, Preempted, lr_factor, train
 
-from conftest import SimulatedCrash, ToyTask
-
-
-def run_toy(out: Path, *overrides: str):
-    return train(resolve(["task=toy", f"out={out}", *overrides]))
-
-
-def read_metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def final_state(out: Path) -> tuple[dict, dict]:
-    last = ckpt.list_checkpoints(out / "checkpoints")[-1].path
-    return load_file(str(last / "model.safetensors")), ckpt.read_state(last, "state")
-
-
-def assert_same_tree(a, b, path=""):
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), f"tensors differ at {path}"
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), f"keys differ at {path}"
-        for key in a:
-            assert_same_tree(a[key], b[key], f"{path}/{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), f"lengths differ at {path}"
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same_tree(x, y, f"{path}/{i}")
-    else:
-        assert a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b)), f"{a!r} != {b!r} at {path}"
+from conftest import SimulatedCrash, Spy, ToyTask
+from helpers import assert_same, final_state, read_metrics, run_toy
 
 
 def test_run_writes_everything(tmp_path):
@@ -94,41 +62,6 @@ def test_wsd_schedule_warms_up_holds_then_decays_over_its_fraction(shape: str, a
         resolve(["task=toy", "schedule=wsd", "decay_fraction=0"])
 
 
-@dataclass
-class SpyConfig:
-    pass
-
-
-class Spy(Averager):
-    """Records the steps it is shown; never ready."""
-    name = "spy"
-    Config = SpyConfig
-    seen: list[int] = []
-
-    @property
-    def ready(self):
-        return False
-
-    def wants(self, step):
-        return True
-
-    def _update(self, step, floats):
-        Spy.seen.append(step)
-
-    def _averaged_floats(self):
-        return []
-
-    def _extra_state(self):
-        return {}
-
-    def _load_extra_state(self, state):
-        pass
-
-
-if "spy" not in registry.averagers._builtins:
-    registry.averagers.register("spy")(Spy)
-
-
 def test_averagers_see_optimizer_steps_not_micro_batches(tmp_path):
     Spy.seen = []
     run_toy(tmp_path / "run", "averager=spy", "grad_accum=4", "steps=6")
@@ -142,8 +75,8 @@ def test_evaluation_does_not_change_training(tmp_path):
     run_toy(tmp_path / "rarely", "eval.every=20")
     weights_often, state_often = final_state(tmp_path / "often")
     weights_rarely, state_rarely = final_state(tmp_path / "rarely")
-    assert_same_tree(weights_often, weights_rarely)
-    assert_same_tree(state_often["averagers"], state_rarely["averagers"])
+    assert_same(weights_often, weights_rarely)
+    assert_same(state_often["averagers"], state_rarely["averagers"])
 
 
 def crash_then_resume(out: Path, crash_at: int, *overrides: str):
@@ -161,9 +94,9 @@ def test_resume_is_bit_exact(tmp_path):
     crash_then_resume(tmp_path / "resumed", 13, "grad_accum=2")  # resumes from step 10, mid-epoch
     weights_a, state_a = final_state(tmp_path / "whole")
     weights_b, state_b = final_state(tmp_path / "resumed")
-    assert_same_tree(weights_a, weights_b)
+    assert_same(weights_a, weights_b)
     for part in ("optimizer", "averagers", "stream", "train"):
-        assert_same_tree(state_a[part], state_b[part], part)
+        assert_same(state_a[part], state_b[part], part)
     # The resumed run replays steps 11-13: the consumed samples are the uninterrupted sequence plus that replay.
     per_step = 16
     assert ToyTask.consumed[:13 * per_step] == uninterrupted[:13 * per_step]
@@ -251,8 +184,8 @@ def test_sigterm_saves_within_the_step_and_resume_is_exact(tmp_path):
     run_toy(tmp_path / "preempted", "checkpoint.every=5", "resume=auto")
     weights_a, state_a = final_state(tmp_path / "whole")
     weights_b, state_b = final_state(tmp_path / "preempted")
-    assert_same_tree(weights_a, weights_b)
-    assert_same_tree(state_a["averagers"], state_b["averagers"])
+    assert_same(weights_a, weights_b)
+    assert_same(state_a["averagers"], state_b["averagers"])
 
 
 def test_weights_are_checked_once_per_step_and_non_finite_ones_reach_no_averager(tmp_path, monkeypatch):

@@ -1,0 +1,127 @@
+"""Plain helpers the tests share (fixtures live in conftest.py): the toy run and its files, bitwise comparison of
+nested states, digests of folders, and launching a script on two processes with torchrun.
+
+Each helper exists once, with the strictest semantics of the copies it replaced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from lawa_suite import checkpoints as ckpt
+from lawa_suite.config import resolve
+from lawa_suite.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# -- runs and their files --------------------------------------------------------------------------------------
+def run_toy(out: Path, *overrides: str, task: str = "toy"):
+    """``suite run task=toy out=...`` in this process; returns the loop's result."""
+    return train(resolve([f"task={task}", f"out={out}", *overrides]))
+
+
+def read_metrics(out: Path) -> list[dict]:
+    """Every record of a run's metrics.jsonl, in order."""
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_state(out: Path) -> tuple[dict, dict]:
+    """The newest checkpoint's raw weights and its training state (optimizer, averagers, stream, rng, counters)."""
+    last = ckpt.list_checkpoints(out / "checkpoints")[-1].path
+    return load_file(str(last / "model.safetensors")), ckpt.read_state(last, "state")
+
+
+def final_state_at(out: Path, step: int) -> dict:
+    """The raw weights of the checkpoint of ``step``."""
+    return load_file(str(out / "checkpoints" / ckpt.step_dir_name(step) / "model.safetensors"))
+
+
+def tree_digest(folder: Path, ignore_sums_dates: bool = False) -> dict[str, str]:
+    """sha256 of every file under ``folder`` by relative path (so the list of files too): what must stay unchanged.
+
+    ``ignore_sums_dates``: of a SHA256SUMS record, its hash lines only; its '#' lines give each file's mtime, which
+    two separate runs never share (for comparing the outputs of two runs, not one folder before and after)."""
+    def content(p: Path) -> bytes:
+        if not (ignore_sums_dates and p.name == "SHA256SUMS"):
+            return p.read_bytes()
+        return b"".join(line for line in p.read_bytes().splitlines(keepends=True) if not line.startswith(b"#"))
+    return {str(p.relative_to(folder)): hashlib.sha256(content(p)).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# -- bitwise comparison --------------------------------------------------------------------------------------------
+def _raw_bytes(t: torch.Tensor) -> torch.Tensor:
+    # The bits themselves: -0.0 differs from 0.0 and a NaN equals only the same NaN (torch.equal says otherwise).
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+
+
+def assert_same(a: Any, b: Any, path: str = "") -> None:
+    """``a`` and ``b`` identical: nested dicts (same keys in the same order), lists and tuples (same length), tensors
+    and numpy arrays (same dtype, shape and bits), other values equal and of the same type (NaN equals NaN: the same
+    bits). Nested ``None`` equals ``None``; ``a`` or ``b`` itself ``None`` fails: nothing to compare (an averager's
+    ``average()`` before it is ready). ``path`` names where a difference is."""
+    where = path or "/"
+    if not path:
+        assert a is not None and b is not None, f"nothing to compare: {type(a)} and {type(b)}"
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        assert isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor), f"a tensor and a {type(b)} at {where}"
+        assert a.dtype == b.dtype, f"dtypes differ at {where}: {a.dtype} != {b.dtype}"
+        assert a.shape == b.shape, f"shapes differ at {where}: {tuple(a.shape)} != {tuple(b.shape)}"
+        assert torch.equal(_raw_bytes(a), _raw_bytes(b)), f"tensors differ at {where}"
+    elif isinstance(a, np.ndarray) or isinstance(b, np.ndarray):  # numpy's RNG state
+        assert isinstance(a, np.ndarray) and isinstance(b, np.ndarray), f"an array and a {type(b)} at {where}"
+        assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), f"arrays differ at {where}"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict), f"a dict and a {type(b)} at {where}"
+        assert list(a) == list(b), f"keys differ at {where}: {list(a)} != {list(b)}"
+        for key in a:
+            assert_same(a[key], b[key], f"{path}/{key}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)), f"a sequence and a {type(b)} at {where}"
+        assert len(a) == len(b), f"lengths differ at {where}: {len(a)} != {len(b)}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{path}/{i}")
+    else:
+        assert type(a) is type(b), f"{type(a)} != {type(b)} at {where}"
+        both_nan = isinstance(a, float) and math.isnan(a) and math.isnan(b)
+        assert a == b or both_nan, f"{a!r} != {b!r} at {where}"
+
+
+def same_tree(a: Any, b: Any) -> bool:
+    """``assert_same`` as a yes or no (for tests that expect a difference too)."""
+    try:
+        assert_same(a, b)
+    except AssertionError:
+        return False
+    return True
+
+
+# -- several processes ---------------------------------------------------------------------------------------------
+def free_port() -> int:
+    """A TCP port free on this machine now, for a torchrun rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(script: Path, *args: str, env: dict[str, str] | None = None, processes: int = 2,
+             timeout: float = 300) -> subprocess.CompletedProcess:
+    """``torchrun`` of ``script`` on ``processes`` local processes (the venv's torchrun, a free port, run from the
+    repository root); output captured as text. The caller checks the exit code: some tests expect a failure."""
+    command = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", str(processes), "--master_addr",
+               "127.0.0.1", "--master_port", str(free_port()), str(script), *args]
+    return subprocess.run(command, cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True,
+                          timeout=timeout)
