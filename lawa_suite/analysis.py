@@ -16,6 +16,12 @@ loop: the model in eval mode under the run's autocast, the task's evaluator on t
 and, for averaged (and interpolated) weights of a model with BatchNorm, running statistics recomputed on
 ``eval.bn_batches`` training batches first; raw checkpoints keep the statistics they were saved with.
 
+Raw weights of a schedule-free run (``tasks/schedule_free.py``) are what its own raw evaluation scored: a checkpoint's
+eval sequence ``x``, computed from its ``y`` and optimizer state (``export.EvalWeights``), BatchNorm statistics
+recomputed for it as the run did. A ``trajectory/`` file holds only ``y`` (no optimizer state): it is scored as ``y``,
+the iterate the averagers observed and ``suite average`` averages, so a post-hoc average of a trajectory is compared
+with what it averaged, rather than refused. Which sequence was scored is logged and written in the report.
+
 Predictions for the disagreement rate come from the task: ``predictions(model, batch)`` if it defines one,
 else the arg-max of ``logits_and_targets(model, batch)``'s logits (classes for images, next tokens for text).
 A task with neither (a diffusion model) gets the curve but no disagreement rate, and is told why.
@@ -44,6 +50,8 @@ from lawa_suite.averagers.base import accumulation_dtype
 from lawa_suite.causal_lm import causal_lm_config, causal_lm_folder
 from lawa_suite.config import ResolvedConfig, dotted, parse_overrides, resolve
 from lawa_suite.errors import AnalysisError, ConfigError
+from lawa_suite.export import (EVAL_SEQUENCE, TRAIN_SEQUENCE, EvalWeights, holds_schedule_free_state,
+                               trains_schedule_free)
 from lawa_suite.files import commit_folder, mark_output, staged_folder, write_text_atomic
 from lawa_suite.report import comparison_table, load_metrics, plot_curves, summarise
 from lawa_suite.report.curves import fmt
@@ -199,8 +207,8 @@ def evaluate_posthoc(out: str | os.PathLike[str], overrides: Sequence[str] = (),
     except (OSError, ValueError, KeyError, TypeError, AssertionError):
         raise AnalysisError(f"{out}: not a suite average output (no readable manifest.json of format "
                             f"{posthoc.FORMAT}), nor a folder of checkpoints named by step") from None
-    read = _reader(at or posthoc.WeightsAt(manifest.get("key"), manifest.get("prefix")), log)
     evaluation = Evaluation(eval_config(source, overrides))
+    read = RawReader(evaluation, at or posthoc.WeightsAt(manifest.get("key"), manifest.get("prefix")), log)
     derived: dict[int, dict[str, Path]] = {}
     for folder in folders:
         entries = json.loads((out / folder / "manifest.json").read_text())["outputs"]
@@ -214,12 +222,12 @@ def evaluate_posthoc(out: str | os.PathLike[str], overrides: Sequence[str] = (),
                             + "; ".join(problems + ([f"steps {', '.join(map(str, lost))} are gone"] if lost else [])))
     records = []
     for step in sorted(derived):
-        scores = {"raw": evaluation.score(read(by_step[step]), recalibrate=False)}
+        scores = {"raw": evaluation.score(*read(by_step[step]))}
         for folder, path in sorted(derived[step].items()):
             scores[folder] = evaluation.score(posthoc.read_checkpoint(path), recalibrate=True)
         records += [{"step": step, "weights": name, "split": "val", **values} for name, values in scores.items()]
         log(score_line(step, scores))
-    return _write_scores(out, records, evaluation, source, sorted(by_step), folders)
+    return _write_scores(out, records, evaluation, source, sorted(by_step), folders, notes=read.notes)
 
 
 def evaluate_checkpoints(source: str | os.PathLike[str], out: str | os.PathLike[str], overrides: Sequence[str] = (),
@@ -238,17 +246,18 @@ def evaluate_checkpoints(source: str | os.PathLike[str], out: str | os.PathLike[
     _, snapshots, problems, _ = posthoc.discover(source, allow_torch_load)
     if problems:
         raise AnalysisError(f"{source}: " + "; ".join(problems))
-    read = _reader(at or posthoc.WeightsAt(), log)
     evaluation = Evaluation(evaluation_config)
+    read = RawReader(evaluation, at or posthoc.WeightsAt(), log)
     records = []
     for snapshot in snapshots:
-        scores = {"raw": evaluation.score(read(snapshot), recalibrate=False)}
+        scores = {"raw": evaluation.score(*read(snapshot))}
         records.append({"step": snapshot.step, "weights": "raw", "split": "val", **scores["raw"]})
         log(score_line(snapshot.step, scores))
     # Written beside out and renamed into place (replacing, with --force, the earlier scores claim_out allowed)
     staging = staged_folder(out)
     try:
-        _write_scores(staging, records, evaluation, source, [s.step for s in snapshots], [], name=out.name)
+        _write_scores(staging, records, evaluation, source, [s.step for s in snapshots], [], name=out.name,
+                      notes=read.notes)
         mark_output(staging, "suite eval", source=source)
         commit_folder(staging, out)
     finally:
@@ -257,22 +266,45 @@ def evaluate_checkpoints(source: str | os.PathLike[str], out: str | os.PathLike[
     return out / "report.md"
 
 
-def _reader(at: posthoc.WeightsAt, log: Callable[[str], None]) -> Callable[[posthoc.Snapshot], dict[str, Tensor]]:
-    """Reads a raw checkpoint; where its weights were found is the same for every one, so that is said once."""
-    said: set[str] = set()
+class RawReader:
+    """Reads raw checkpoints as ``(weights, recalibrate)`` for ``Evaluation.score``: as saved, or, for a schedule-free
+    run, the weights its raw evaluation scored (the module's docstring says which). What is the same for every
+    checkpoint (where its weights were found, which sequence they are) is logged once and kept in ``notes`` for the
+    report."""
 
-    def once(line: str) -> None:
-        if line not in said:
-            said.add(line)
-            log(line)
+    def __init__(self, evaluation: Evaluation, at: posthoc.WeightsAt, log: Callable[[str], None]) -> None:
+        self.at, self.log = at, log
+        self.notes: list[str] = []
+        self.schedule_free = trains_schedule_free(evaluation.cfg)
+        self.eval_weights = EvalWeights(evaluation.task, evaluation.cfg.run.lr)
 
-    return lambda snapshot: posthoc.load_snapshot(snapshot, at, once)
+    def once(self, line: str) -> None:
+        if line not in self.notes:
+            self.notes.append(line)
+            self.log(line)
+
+    def __call__(self, snapshot: posthoc.Snapshot) -> tuple[dict[str, Tensor], bool]:
+        weights = posthoc.load_snapshot(snapshot, self.at, self.once)
+        folder = snapshot.files[0].parent  # a suite checkpoint's folder, where its optimizer state lies
+        if snapshot.dcp and self.schedule_free:
+            raise AnalysisError(f"{snapshot.label}: a distributed=fsdp checkpoint of a schedule-free run; its raw "
+                                f"weights (the eval sequence x) need the optimizer state, which it holds in shards, "
+                                f"and reading those whole is not supported; score the run's trajectory/ (the "
+                                f"training sequence y) instead")
+        if not snapshot.dcp and holds_schedule_free_state(folder):
+            self.once(f"raw: {EVAL_SEQUENCE}, computed from each checkpoint's weights and optimizer state, with "
+                      f"BatchNorm statistics recomputed for it (as the run's raw evaluation)")
+            return self.eval_weights(folder, weights), True
+        if self.schedule_free:
+            self.once(f"raw: {TRAIN_SEQUENCE}, as the files hold it ({snapshot.label}: no optimizer state beside it, "
+                      f"so not the eval sequence x the run scored as raw; its checkpoints/ give x)")
+        return weights, False
 
 
 def _write_scores(out: Path, records: list[dict[str, Any]], evaluation: Evaluation, source: Path, steps: list[int],
-                  folders: list[str], name: str | None = None) -> Path:
+                  folders: list[str], name: str | None = None, notes: Sequence[str] = ()) -> Path:
     """``metrics.jsonl``, ``config.yaml``, then ``report.md`` (and ``curves.png``) from them; ``name``: the
-    folder's name in the report (``out`` may be a staging folder)."""
+    folder's name in the report (``out`` may be a staging folder); ``notes``: how the raw checkpoints were read."""
     write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     write_text_atomic(out / "config.yaml", evaluation.cfg.to_yaml())
     curves, _ = load_metrics(out / "metrics.jsonl")
@@ -287,7 +319,8 @@ def _write_scores(out: Path, records: list[dict[str, Any]], evaluation: Evaluati
     kind = "Post-hoc averaging report" if folders else "Checkpoint scores"
     lines = [f"# {kind}: {name or out.name}", "",
              f"Source: `{source}` ({len(steps)} checkpoints, steps {steps[0]}..{steps[-1]}); "
-             f"{evaluation.description}, evaluator {evaluation.task.evaluator}; {compared}", ""]
+             f"{evaluation.description}, evaluator {evaluation.task.evaluator}; {compared}", "",
+             *(f"- {note}" for note in notes), *([""] if notes else [])]
     if rows:
         lines += [comparison_table(metrics, rows, headline), "", "## Every scored step", "",
                   step_table(records, metrics), ""]

@@ -8,6 +8,14 @@ Where the weights come from:
   averager's average, rebuilt from the state the checkpoint holds;
 - a ``.safetensors`` file (a ``trajectory/`` snapshot, a post-hoc derived checkpoint): the weights in it.
 
+The raw weights of a schedule-free run (``optimizer=schedulefree``, ``tasks/schedule_free.py``) are its eval sequence
+``x``, what the run scored as raw: a checkpoint's ``model.safetensors`` holds the training sequence ``y``, so ``x`` is
+computed from it and the checkpoint's optimizer state (``EvalWeights``: the task's optimizer, rebuilt on a scratch
+model, does its own ``eval()``; nothing saved makes a round trip). That needs the task set up (its data: the model's
+shape may come from it) where other exports read no data. BatchNorm statistics stay as saved (those of ``y``), as an
+average's do. A trajectory file holds ``y`` and no optimizer state; it is exported as it
+is, and the description says it is ``y``. ``suite eval`` reads a checkpoint's raw weights the same way.
+
 The task and its settings come from the ``config.yaml`` of the run the path lies in (or ``config=``).
 
 ``out`` is never an input, nor a folder holding one (``rundir.claim_out``). The export marks the folder it writes
@@ -21,21 +29,110 @@ writes and reads; ``load_model`` is re-exported here, where exported folders' RE
 
 from __future__ import annotations
 
+import json
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from lawa_suite import checkpoints as ckpt
 from lawa_suite import registry
-from lawa_suite.config import ResolvedConfig
+from lawa_suite.config import SCHEDULE_FREE, ResolvedConfig
 from lawa_suite.rundir import claim_out, find_run_config, load_resolved
 from lawa_suite.errors import CheckpointError, ConfigError
 from lawa_suite.files import commit_folder, mark_output, plain_modes, staged_folder
 from lawa_suite.module_folders import MODULE_FORMAT, load_model, write_module_folder
+from lawa_suite.scoring import forked_rng
 from lawa_suite.sharded_checkpoints import is_sharded_checkpoint, read_whole
+from lawa_suite.tasks.schedule_free import EvalSequence
 
-__all__ = ["select_weights", "export", "MODULE_FORMAT", "write_module_folder", "load_model"]
+__all__ = ["select_weights", "export", "MODULE_FORMAT", "write_module_folder", "load_model", "EvalWeights",
+           "holds_schedule_free_state", "trains_schedule_free", "EVAL_SEQUENCE", "TRAIN_SEQUENCE"]
+
+#: How outputs name the weights of a schedule-free run that they give as raw.
+EVAL_SEQUENCE = "the schedule-free eval sequence x"
+TRAIN_SEQUENCE = "the schedule-free training sequence y"
+
+
+# -- schedule-free checkpoints: the raw weights are x -------------------------------------------------------------
+def trains_schedule_free(cfg: Any) -> bool:
+    """Whether the run's config selects schedule-free training (``<task>.optimizer=schedulefree``)."""
+    return getattr(getattr(cfg, "task", None), "optimizer", None) == SCHEDULE_FREE
+
+
+def _optimizer_skeleton(folder: Path) -> Any:
+    """The optimizer part of the JSON skeleton of a whole checkpoint's ``state``, or None where it has none."""
+    try:
+        skeleton = json.loads((folder / "state.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return skeleton.get("__dict__", {}).get("optimizer") if isinstance(skeleton, dict) else None
+
+
+def holds_schedule_free_state(folder: Path) -> bool:
+    """Whether the checkpoint ``folder`` holds a schedule-free optimizer's state: its parameter groups carry the
+    ``train_mode`` flag (what ``tasks.schedule_free.is_schedule_free`` reads off a live optimizer, so a plugin's
+    schedule-free optimizer counts too). Read off the state's JSON skeleton alone: no tensor is loaded."""
+    node = _optimizer_skeleton(folder)
+    try:
+        groups = node["__dict__"]["param_groups"]
+        return "train_mode" in groups[0]["__dict__"]
+    except (TypeError, KeyError, IndexError):
+        return False
+
+
+def _optimizer_state(folder: Path) -> dict[str, Any]:
+    """The optimizer's state dict saved in the whole checkpoint ``folder``, reading only its own tensors."""
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "state.safetensors"), framework="pt") as saved:
+        return ckpt.unflatten_state(_optimizer_skeleton(folder), _Tensors(saved))
+
+
+class _Tensors(Mapping[str, Tensor]):
+    """The tensors of an open safetensors file, each read when asked for (``unflatten_state`` looks them up)."""
+
+    def __init__(self, saved: Any) -> None:
+        self.saved = saved
+
+    def __getitem__(self, key: str) -> Tensor:
+        return self.saved.get_tensor(key)
+
+    def __iter__(self) -> Any:
+        return iter(self.saved.keys())
+
+    def __len__(self) -> int:
+        return len(self.saved.keys())
+
+
+class EvalWeights:
+    """The eval sequence ``x`` of schedule-free checkpoints of one run: the checkpoint's ``y`` goes into a scratch
+    model of the task, the task's optimizer (built once, on that model) loads the checkpoint's state, and its own
+    ``eval()`` puts ``x`` in the parameters (``tasks.schedule_free.EvalSequence``), as the run's raw evaluation did.
+    The scratch model is never put back: nothing makes a ``train()``/``eval()`` round trip."""
+
+    def __init__(self, task: Any, lr: float) -> None:
+        self.task, self.lr = task, lr
+        self.model: nn.Module | None = None
+        self.optimizer: Any = None
+
+    def __call__(self, folder: Path, weights: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``x`` from the checkpoint ``folder``'s optimizer state and its ``weights`` (``y``, as read)."""
+        if self.model is None:
+            with forked_rng():  # building draws initial weights; whatever the caller seeded stays as it was
+                self.model = self.task.build_model()
+            self.optimizer = self.task.build_optimizer(self.model, self.lr)
+        try:
+            self.model.load_state_dict(dict(weights))
+            self.optimizer.load_state_dict(_optimizer_state(folder))
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"{folder}: its weights and optimizer state do not fit the run's model and "
+                                  f"optimizer ({str(exc).strip().splitlines()[0][:160]}); the eval sequence x "
+                                  f"needs both") from None
+        EvalSequence(self.optimizer).load()  # the parameters now hold x
+        return {name: tensor.detach().clone() for name, tensor in self.model.state_dict().items()}
 
 
 def _checkpoint_folder(path: Path) -> Path:
@@ -57,7 +154,9 @@ def select_weights(path: Path, weights_name: str, cfg: ResolvedConfig) -> tuple[
         if weights_name != "raw":
             raise ConfigError(f"weights: {path} is a single weights file; weights=raw is the only choice, "
                               f"got {weights_name!r}")
-        return load_file(str(path)), str(path)
+        trajectory = path.parent.name == "trajectory" and trains_schedule_free(cfg)  # (an average is no sequence)
+        said = f" ({TRAIN_SEQUENCE}: a trajectory file holds no optimizer state)" if trajectory else ""
+        return load_file(str(path)), f"{path}{said}"
     folder = _checkpoint_folder(path)
     problems = ckpt.verify(folder)
     if problems:
@@ -65,7 +164,18 @@ def select_weights(path: Path, weights_name: str, cfg: ResolvedConfig) -> tuple[
     sharded = is_sharded_checkpoint(folder)  # distributed=fsdp: every rank's shards, assembled whole here
     raw, saved = read_whole(folder) if sharded else (None, None)
     if weights_name == "raw":
-        return (raw if sharded else load_file(str(folder / "model.safetensors"))), f"{folder} (raw)"
+        if sharded and trains_schedule_free(cfg):
+            raise CheckpointError(f"{folder}: a distributed=fsdp checkpoint of a schedule-free run; its raw weights "
+                                  f"(the eval sequence x) need the optimizer state, which it holds in shards, and "
+                                  f"reading those whole is not supported; export a weights= average instead")
+        if sharded:
+            return raw, f"{folder} (raw)"
+        weights = load_file(str(folder / "model.safetensors"))
+        if not holds_schedule_free_state(folder):
+            return weights, f"{folder} (raw)"
+        task = registry.tasks.get(cfg.run.task)(cfg.task, cfg.run)
+        task.setup()  # x needs the task's model and optimizer, whose shapes may come from the data (cifar's classes)
+        return EvalWeights(task, cfg.run.lr)(folder, weights), f"{folder} (raw: {EVAL_SEQUENCE})"
     if not sharded:
         saved = ckpt.read_state(folder, "state")["averagers"]
     if weights_name not in saved:
