@@ -473,6 +473,12 @@ def analyze_lmc(
     check_out(out, force, inputs=[a, b])  # before the work, which may take long
     said: list[str] = []
     weights_a, weights_b = (read_checkpoint(p, allow_torch_load, at, log=said.append) for p in (a, b))
+    from lawa_suite.export import holds_schedule_free_state
+
+    for path in (a, b):  # its weights are the training sequence y; suite eval and export score x, the eval sequence
+        if holds_schedule_free_state(path if path.is_dir() else path.parent):
+            said.append(f"{path}: a schedule-free run's checkpoint; the path runs through its training sequence y "
+                        f"(the weights the averagers saw), not its eval sequence x")
     for line in dict.fromkeys(said):
         typer.echo(line, err=True)
     evaluation = Evaluation(cfg)
