@@ -88,3 +88,11 @@ def test_export_of_the_raw_weights_ships_x(sf, tmp_path):
         assert all(torch.equal(shipped[k], expected[k]) for k in expected)
     trajectory = run / "trajectory" / "step-00000004.safetensors"
     assert "training sequence y" in select_weights(trajectory, "raw", cfg)[1]
+
+
+def test_lmc_between_checkpoints_says_it_runs_through_y(sf, tmp_path):
+    _, run = sf
+    a, b = run / "checkpoints" / "step-00000002", run / "checkpoints" / "step-00000004"
+    result = runner.invoke(app, ["analyze", "lmc", str(a), str(b), "points=2", f"out={tmp_path / 'lmc'}"])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("a schedule-free run's checkpoint; the path runs through its training sequence y") == 2
