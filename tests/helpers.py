@@ -68,11 +68,12 @@ def _raw_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
 
 
-def assert_same(a: Any, b: Any, path: str = "") -> None:
+def assert_same(a: Any, b: Any, path: str = "", key_order: bool = True) -> None:
     """``a`` and ``b`` identical: nested dicts (same keys in the same order), lists and tuples (same length), tensors
     and numpy arrays (same dtype, shape and bits), other values equal and of the same type (NaN equals NaN: the same
     bits). Nested ``None`` equals ``None``; ``a`` or ``b`` itself ``None`` fails: nothing to compare (an averager's
-    ``average()`` before it is ready). ``path`` names where a difference is."""
+    ``average()`` before it is ready). ``path`` names where a difference is. ``key_order=False``: the same keys in
+    any order (a safetensors file does not keep the order its mapping had)."""
     where = path or "/"
     if not path:
         assert a is not None and b is not None, f"nothing to compare: {type(a)} and {type(b)}"
@@ -86,27 +87,33 @@ def assert_same(a: Any, b: Any, path: str = "") -> None:
         assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), f"arrays differ at {where}"
     elif isinstance(a, dict):
         assert isinstance(b, dict), f"a dict and a {type(b)} at {where}"
-        assert list(a) == list(b), f"keys differ at {where}: {list(a)} != {list(b)}"
+        keys_a, keys_b = (list(a), list(b)) if key_order else (sorted(a), sorted(b))
+        assert keys_a == keys_b, f"keys differ at {where}: {keys_a} != {keys_b}"
         for key in a:
-            assert_same(a[key], b[key], f"{path}/{key}")
+            assert_same(a[key], b[key], f"{path}/{key}", key_order)
     elif isinstance(a, (list, tuple)):
         assert isinstance(b, (list, tuple)), f"a sequence and a {type(b)} at {where}"
         assert len(a) == len(b), f"lengths differ at {where}: {len(a)} != {len(b)}"
         for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{path}/{i}")
+            assert_same(x, y, f"{path}/{i}", key_order)
     else:
         assert type(a) is type(b), f"{type(a)} != {type(b)} at {where}"
         both_nan = isinstance(a, float) and math.isnan(a) and math.isnan(b)
         assert a == b or both_nan, f"{a!r} != {b!r} at {where}"
 
 
-def same_tree(a: Any, b: Any) -> bool:
+def same_tree(a: Any, b: Any, key_order: bool = True) -> bool:
     """``assert_same`` as a yes or no (for tests that expect a difference too)."""
     try:
-        assert_same(a, b)
+        assert_same(a, b, key_order=key_order)
     except AssertionError:
         return False
     return True
+
+
+def same_bits(a: Any, b: Any) -> bool:
+    """Weights identical bit for bit (names, dtypes, shapes, bits), whatever order the names come in."""
+    return same_tree(a, b, key_order=False)
 
 
 # -- several processes ---------------------------------------------------------------------------------------------

@@ -31,6 +31,8 @@ from lawa_suite.averagers.phema import PowerEMA
 from lawa_suite.averagers.wma import WMA
 from lawa_suite.config import ConfigError, resolve
 
+from helpers import assert_same
+
 
 # -- helpers --------------------------------------------------------------------------------------------
 def bn_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -66,14 +68,6 @@ def float_items(weights: dict[str, Tensor]) -> dict[str, Tensor]:
     return {n: t for n, t in weights.items() if t.is_floating_point()}
 
 
-def assert_same(a: dict[str, Tensor] | None, b: dict[str, Tensor] | None) -> None:
-    assert a is not None and b is not None
-    assert list(a) == list(b)
-    for name in a:
-        assert a[name].dtype == b[name].dtype, name
-        assert torch.equal(a[name], b[name]), name
-
-
 def observe_all(averagers: list[Averager], model: nn.Module, steps: Iterator[int], n: int) -> None:
     """The next ``n`` steps of ``steps`` into every averager."""
     for _ in range(n):
@@ -91,22 +85,6 @@ def tensors_in(state: Any) -> list[Tensor]:
     if isinstance(state, (list, tuple)):
         return [t for value in state for t in tensors_in(value)]
     return []
-
-
-def assert_equal_states(a: Any, b: Any) -> None:
-    """Nested dicts and lists equal, tensors bitwise (dtype included)."""
-    if isinstance(a, Tensor):
-        assert isinstance(b, Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys()
-        for key in a:
-            assert_equal_states(a[key], b[key])
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b)
-        for x, y in zip(a, b):
-            assert_equal_states(x, y)
-    else:
-        assert a == b
 
 
 def through_safetensors(state: Any) -> Any:
@@ -398,7 +376,7 @@ def test_state_dict_round_trip_continues_identically(kind: str) -> None:
         resumed.observe(step, w)
     assert_same(resumed.average(), run_a.average())
     assert (resumed.updates, resumed.last_step) == (run_a.updates, run_a.last_step)
-    assert_equal_states(resumed.state_dict(), run_a.state_dict())
+    assert_same(resumed.state_dict(), run_a.state_dict())
 
 
 def test_lawa_round_trip_mid_recompute_cycle_and_disk_state_is_self_contained(tmp_path: Any) -> None:
@@ -673,7 +651,7 @@ def test_lawa_on_cuda_equals_lawa_on_cpu_bit_for_bit(dtype) -> None:
             restored = LAWA(k=3, nu=1)
             restored.load_state_dict(on_device.state_dict())
             on_device = restored
-    assert_equal_states(on_cpu(on_device.state_dict()), reference.state_dict())  # snapshots and sum, bitwise
+    assert_same(on_cpu(on_device.state_dict()), reference.state_dict())  # snapshots and sum, bitwise
     assert all(t.is_pinned() for snapshot in on_device._store for t in snapshot)
     average = on_device.average()
     assert average is not None and all(t.is_cuda for t in average.values())
@@ -706,7 +684,7 @@ def test_lawa_on_cuda_takes_a_snapshot_without_waiting_for_the_device() -> None:
     reference = LAWA(k=2, nu=1)
     for step, state in enumerate(states[:7], start=1):
         reference.observe(step, state)
-    assert_equal_states(on_cpu(lawa.state_dict()["state"]), reference.state_dict()["state"])
+    assert_same(on_cpu(lawa.state_dict()["state"]), reference.state_dict()["state"])
     torch.testing.assert_close(on_cpu(average), reference.average())
 
 

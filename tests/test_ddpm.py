@@ -6,7 +6,6 @@ torch-fidelity's ``register_feature_extractor``; the Inception path is tested fo
 
 from __future__ import annotations
 
-import json
 import math
 import resource
 import shutil
@@ -37,6 +36,8 @@ from lawa_suite.tasks.base import parameter_count
 from lawa_suite.tasks.ddpm import ADM_IMAGENET128_PARAMS, DdpmTask, build_unet
 from lawa_suite.train import train
 
+from helpers import assert_same, read_metrics
+
 runner = CliRunner()
 
 
@@ -51,10 +52,6 @@ def tiny_task(tmp_path: Path, *overrides: str) -> DdpmTask:
     task = DdpmTask(cfg.task, cfg.run)
     task.setup()
     return task
-
-
-def read_metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 class _Zero(torch.nn.Module):
@@ -369,15 +366,8 @@ def test_auto_uses_inception_once_its_file_is_in_the_hub_cache(tmp_path, offline
 
 
 # -- the whole loop -----------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """`suite run task=ddpm averager=lawa,ema,swa preset=tiny`, once for the tests below."""
-    tmp = tmp_path_factory.mktemp("ddpm")
-    out = tmp / "run"
-    result = runner.invoke(app, ["run", "task=ddpm", "averager=lawa,ema,swa", "preset=tiny", f"out={out}",
-                                 f"data.cache={tmp / 'cache'}", "progress=false", "checkpoint.every=4"])
-    assert result.exit_code == 0, result.output
-    return out
+# `suite run task=ddpm averager=lawa,ema,swa preset=tiny`, once for the tests below (conftest's tiny_run)
+TINY_RUN = ["task=ddpm", "averager=lawa,ema,swa", "preset=tiny", "checkpoint.every=4"]
 
 
 def test_tiny_run_scores_every_weights_and_writes_sample_grids(tiny_run):
@@ -407,21 +397,6 @@ def test_a_sample_grid_is_labelled_with_its_step_and_weights(tmp_path):
 
 class _Crash(Exception):
     """Stands in for a process dying mid-run."""
-
-
-def assert_same(a, b, path=""):
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), path
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for key in a:
-            assert_same(a[key], b[key], f"{path}/{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{path}/{i}")
-    else:
-        assert a == b, path
 
 
 def test_resume_of_a_ddpm_run_is_bit_exact(tiny_run, tmp_path, monkeypatch):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import re
 import math
 from pathlib import Path
@@ -28,6 +27,8 @@ from lawa_suite.data.text import (BytesTokenizer, embedded_text, load_tokens, pr
 from lawa_suite.tasks.base import parameter_count
 from lawa_suite.tasks.gpt2 import Gpt2Task, WindowStream, held_out_starts
 
+from helpers import read_metrics
+
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SHARED_TIKTOKEN = SHARED / "tiktoken-cache"
 needs_gpt2_vocab = pytest.mark.skipif(not (SHARED_TIKTOKEN / "6d1cbeee0f20b3d9449abfede4726ed8212e3aee").is_file(),
@@ -43,23 +44,13 @@ def tiny_task(tmp_path: Path, *overrides: str) -> Gpt2Task:
     return task
 
 
-def metric_rows(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> Path:
-    """The issue's tiny example through the CLI, with all three averagers."""
-    root = tmp_path_factory.mktemp("gpt2-tiny")
-    result = runner.invoke(app, ["run", "task=gpt2", "preset=tiny", "averager=lawa,ema,swa", f"out={root / 'run'}",
-                                 f"data.cache={root / 'cache'}", "progress=false"])
-    assert result.exit_code == 0, result.output
-    return root / "run"
+# The issue's tiny example through the CLI, with all three averagers (conftest's tiny_run)
+TINY_RUN = ["task=gpt2", "preset=tiny", "averager=lawa,ema,swa"]
 
 
 # -- the task end to end ------------------------------------------------------------------------------
 def test_tiny_run_scores_raw_and_every_averager_on_the_same_windows(tiny_run):
-    rows = [r for r in metric_rows(tiny_run) if r.get("split") == "val"]
+    rows = [r for r in read_metrics(tiny_run) if r.get("split") == "val"]
     final = {r["weights"]: r for r in rows if r["step"] == 16}
     assert set(final) == {"raw", "lawa", "ema", "swa"}
     for row in final.values():
@@ -344,7 +335,7 @@ def test_small_preset_builds_124m_and_takes_one_real_optimizer_step(tmp_path, mo
         "averager=lawa", "eval.batches=1", "gpt2.eval_batch_size=1", "progress=false", "log_every=1"])
     assert result.exit_code == 0, result.output
     assert "12 layers x 768 wide, 12 heads, context 1024, 124,439,808 parameters" in result.output
-    rows = metric_rows(tmp_path / "run")
+    rows = read_metrics(tmp_path / "run")
     train_loss = next(r["loss"] for r in rows if r.get("split") == "train" and r["step"] == 1)
     val_loss = next(r["loss"] for r in rows if r.get("split") == "val" and r["weights"] == "raw")
     assert math.isfinite(train_loss) and abs(train_loss - math.log(50257)) < 1.0   # GPT-2 init: near uniform

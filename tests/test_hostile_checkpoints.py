@@ -23,6 +23,8 @@ from lawa_suite.cli import app
 from lawa_suite.config import resolve
 from lawa_suite.train import train
 
+from helpers import same_bits
+
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -308,10 +310,6 @@ def online(name: str, saved, until: int, clock: str, **config):
         for i, step in enumerate(sorted(s for s in saved if s <= until), start=1):
             averager.observe(step if clock == "steps" else i, saved[step])
     return averager
-
-
-def same_bits(a, b) -> bool:
-    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_diverged_run_averages_its_healthy_steps_and_names_each_step_left_out(tmp_path):

@@ -24,6 +24,8 @@ from lawa_suite import registry
 from lawa_suite.errors import AnalysisError, ConfigError, RegistryError
 from lawa_suite.integrations import AveragingCallback, averaged_weights, build_averagers
 
+from helpers import assert_same
+
 transformers = pytest.importorskip("transformers", reason="the Trainer callback needs transformers")
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
@@ -51,12 +53,6 @@ def trainer_args(out: Path, **overrides: Any) -> TrainingArguments:
 
 def clone(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert list(a) == list(b)
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
 
 
 class Probe(TrainerCallback):
