@@ -33,6 +33,7 @@ def tiny(task: str, out: Path, precision: str, *extra: str) -> list[str]:
             "checkpoint.keep=5", f"mixed_precision={precision}", "progress=false", *AVERAGERS, *extra]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["gpt2", "cifar", "ddpm"])
 @pytest.mark.parametrize("precision", ["no", "bf16"])
 def test_each_task_trains_evaluates_checkpoints_and_resumes_bit_for_bit_on_cuda(tmp_path, task, precision):

@@ -21,7 +21,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch
 from safetensors.torch import load_file
 
 import _fsdp_child
+from helpers import torchrun
 from lawa_suite import checkpoints as ckpt
 from lawa_suite.config import ConfigError, resolve
 from lawa_suite.errors import CheckpointError
@@ -44,25 +44,15 @@ ARGS = ["task=toyflat", "hidden=17", f"steps={STEPS}", "eval.every=4", f"average
 FSDP = ["distributed=fsdp", "checkpoint.every=4", "checkpoint.keep=3", "trajectory.every=1"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(result: Path, out: Path, *args: str, env: dict[str, str] | None = None) -> None:
-    command = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_addr",
-               "127.0.0.1", "--master_port", str(free_port()), str(CHILD), str(result), *ARGS, *FSDP, f"out={out}",
-               *args]
-    done = subprocess.run(command, cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True,
-                          timeout=300)
+def torchrun_fsdp(result: Path, out: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    done = torchrun(CHILD, str(result), *ARGS, *FSDP, f"out={out}", *args, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
 
 
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory) -> Path:
     result = tmp_path_factory.mktemp("fsdp")
-    torchrun(result, result / "run", env={"FSDP_NAN_AT": f"{NAN_STEP}:1"})
+    torchrun_fsdp(result, result / "run", env={"FSDP_NAN_AT": f"{NAN_STEP}:1"})
     return result
 
 
@@ -98,6 +88,7 @@ def replayed_averages(result: Path) -> dict[str, dict[str, torch.Tensor]]:
     return {name: avg.average() for name, avg in averagers.items()}
 
 
+@pytest.mark.slow
 def test_parameters_are_sharded_and_nan_in_one_shard_is_refused_by_every_rank(fsdp_run):
     for rank in (0, 1):
         info = rank_info(fsdp_run, rank)
@@ -105,6 +96,7 @@ def test_parameters_are_sharded_and_nan_in_one_shard_is_refused_by_every_rank(fs
         assert info["refused"] == dict.fromkeys(NAMES, 1), info  # each wanted step 6 (lawa, wma: every 2nd)
 
 
+@pytest.mark.slow
 def test_shard_averages_equal_full_weight_averages_bit_for_bit(fsdp_run):
     reference = replayed_averages(fsdp_run)
     for name in NAMES:
@@ -117,6 +109,7 @@ def test_shard_averages_equal_full_weight_averages_bit_for_bit(fsdp_run):
     assert all(torch.equal(v, last[k]) for k, v in gathered(fsdp_run, "raw").items())
 
 
+@pytest.mark.slow
 def test_evaluation_scores_the_swapped_in_shards(fsdp_run):
     """The scores the sharded run logged for each averager are those of its average in a plain model (FSDP2 keeps
     the root's gathered weights after an eval forward: without a reshard it would score the previous weights)."""
@@ -142,6 +135,7 @@ def test_evaluation_scores_the_swapped_in_shards(fsdp_run):
             assert math.isclose(logged[name][metric], value, rel_tol=1e-6), (name, metric, logged[name], value)
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_and_each_rank_holds_half(fsdp_run, tmp_path):
     single = _fsdp_child.run_and_capture([*ARGS, f"out={tmp_path / 'one'}"], nan_at=(NAN_STEP, 0))
     raw = gathered(fsdp_run, "raw")
@@ -159,6 +153,7 @@ def test_two_processes_match_one_process_and_each_rank_holds_half(fsdp_run, tmp_
         assert max(ranks[0][name], ranks[1][name]) <= 0.53 * total, (name, ranks, total)
 
 
+@pytest.mark.slow
 def test_each_rank_writes_its_shards_into_one_committed_checkpoint(fsdp_run):
     folders = ckpt.list_checkpoints(fsdp_run / "run" / "checkpoints")
     assert [c.step for c in folders] == [4, 8, 12]
@@ -170,6 +165,7 @@ def test_each_rank_writes_its_shards_into_one_committed_checkpoint(fsdp_run):
         assert manifest["sharded"] == 2 and not (checkpoint.path / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_export_reads_a_sharded_checkpoint_whole(fsdp_run):
     """suite export's reader assembles raw weights and each average from every rank's shards, in one process."""
     from lawa_suite.export import select_weights
@@ -185,12 +181,13 @@ def test_export_reads_a_sharded_checkpoint_whole(fsdp_run):
 @pytest.mark.slow
 def test_resume_on_two_processes_is_bit_for_bit(fsdp_run, tmp_path):
     run = copy_without_last(fsdp_run / "run", tmp_path / "run")
-    torchrun(tmp_path, run, "resume=auto")
+    torchrun_fsdp(tmp_path, run, "resume=auto")
     ours, uninterrupted = (load_file(str(d / "averages.safetensors")) for d in (tmp_path, fsdp_run))
     assert ours.keys() == uninterrupted.keys()
     assert [k for k in ours if not torch.equal(ours[k], uninterrupted[k])] == []
 
 
+@pytest.mark.slow
 def test_resume_on_one_process_reads_the_shards_of_two(fsdp_run, tmp_path):
     run = copy_without_last(fsdp_run / "run", tmp_path / "run")
     single = _fsdp_child.run_and_capture([*ARGS, *FSDP, f"out={run}", "resume=auto"])
@@ -201,6 +198,7 @@ def test_resume_on_one_process_reads_the_shards_of_two(fsdp_run, tmp_path):
             torch.testing.assert_close(gathered(fsdp_run, name)[key], value, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_kill_while_committing_a_sharded_checkpoint_loses_nothing(tmp_path):
     """One process (distributed=fsdp: the same DCP save, without a process group) killed before the manifest of step
     8: the scratch and staging folders are leftovers, step 4 is intact, and resume=auto continues from it."""
@@ -239,6 +237,7 @@ def test_distributed_names_its_choices():
     assert "fsdp" in str(info.value) and "ddp" in str(info.value)
 
 
+@pytest.mark.slow
 def test_suite_average_reads_sharded_checkpoints(fsdp_run, tmp_path):
     """`suite average` takes a distributed=fsdp run's checkpoints (every rank's DCP files) as it takes any others,
     a tensor at a time: LAWA over steps 4, 8 and 12 equals, bit for bit, `suite average` of the same steps' whole
@@ -270,6 +269,7 @@ def test_suite_average_reads_sharded_checkpoints(fsdp_run, tmp_path):
     assert "__1_0.distcp" in inputs and "recorded" in inputs, "every rank's file is an input, hash from the manifest"
 
 
+@pytest.mark.slow
 def test_suite_average_names_a_missing_rank_file(fsdp_run, tmp_path):
     from typer.testing import CliRunner
 

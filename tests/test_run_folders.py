@@ -8,7 +8,6 @@ and the files below gave tracebacks.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -26,6 +25,7 @@ from lawa_suite.cli import app
 from lawa_suite.rundir import lock_file
 
 from conftest import ToyTask
+from helpers import tree_digest
 
 runner = CliRunner()
 TESTS = Path(__file__).resolve().parent
@@ -46,12 +46,6 @@ def one_line(result, code: int, *needles: str) -> str:
     return lines[0]
 
 
-def digest(folder: Path) -> dict[str, str]:
-    """sha256 of every file under ``folder`` (and so the list of them): what must stay as it was."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 def toy_run(out: Path, *words: str) -> Path:
     result = invoke("run", *TOY, f"out={out}", *words)
     assert result.exit_code == 0, result.output
@@ -70,15 +64,15 @@ def exportable(monkeypatch):
 def test_export_force_never_replaces_a_folder_holding_its_input_or_a_run(tmp_path, exportable):
     run = toy_run(tmp_path / "par" / "run")
     (tmp_path / "par" / "notes.txt").write_text("the user's")
-    before = digest(tmp_path / "par")
+    before = tree_digest(tmp_path / "par")
     # the user's case: out= is the folder holding the run (the old code deleted par/run and notes.txt, exit 0)
     one_line(invoke("export", run, f"out={tmp_path / 'par'}", "--force", "weights=raw"), 2, "holds the input")
     one_line(invoke("export", run, f"out={run}", "--force"), 2, "is or lies in the input")
     one_line(invoke("export", run, f"out={run / 'hf'}", "--force"), 2, "is or lies in the input")
     other = toy_run(tmp_path / "other")
-    other_before = digest(other)
+    other_before = tree_digest(other)
     one_line(invoke("export", run, f"out={other}", "--force"), 2, "was not made by suite export")
-    assert digest(tmp_path / "par") == before and digest(other) == other_before
+    assert tree_digest(tmp_path / "par") == before and tree_digest(other) == other_before
 
     # --force replaces what suite export made, and only that
     out = tmp_path / "hf"
@@ -91,7 +85,7 @@ def test_export_force_never_replaces_a_folder_holding_its_input_or_a_run(tmp_pat
     # a run the user later put inside an export is still a run
     shutil.copytree(other, out / "kept-run")
     one_line(invoke("export", run, f"out={out}", "--force"), 2, "holds a run")
-    assert digest(out / "kept-run") == other_before
+    assert tree_digest(out / "kept-run") == other_before
     # a folder of the user's: not made by export, so not replaced
     mine = tmp_path / "mine"
     mine.mkdir()
@@ -103,13 +97,13 @@ def test_export_force_never_replaces_a_folder_holding_its_input_or_a_run(tmp_pat
 def test_eval_force_never_writes_over_a_run_or_its_input(tmp_path):
     source = toy_run(tmp_path / "a")
     other = toy_run(tmp_path / "b")
-    before_source, before_other = digest(source), digest(other)
+    before_source, before_other = tree_digest(source), tree_digest(other)
     # the user's case: the old code replaced b's metrics.jsonl and report.md (exit 0)
     one_line(invoke("eval", source / "trajectory", f"out={other}", "--force"), 2, "was not made by suite eval")
     one_line(invoke("eval", source / "trajectory", f"out={source}", "--force"), 2, "holds the input")
     one_line(invoke("eval", source / "trajectory", f"out={source / 'trajectory' / 'x'}", "--force"), 2,
              "is or lies in the input")
-    assert digest(source) == before_source and digest(other) == before_other
+    assert tree_digest(source) == before_source and tree_digest(other) == before_other
 
     scores = tmp_path / "scores"
     assert invoke("eval", source / "trajectory", f"out={scores}").exit_code == 0
@@ -124,11 +118,11 @@ def test_eval_force_never_writes_over_a_run_or_its_input(tmp_path):
 def test_lmc_force_writes_only_into_its_own_folder(tmp_path):
     run = toy_run(tmp_path / "run")
     a, b = (run / "trajectory" / f"step-{s:08d}.safetensors" for s in (4, 2))
-    before = digest(run)
+    before = tree_digest(run)
     one_line(invoke("analyze", "lmc", a, b, f"out={run}", "points=2", "--force"), 2, "holds the input")
     other = toy_run(tmp_path / "other")
     one_line(invoke("analyze", "lmc", a, b, f"out={other}", "points=2", "--force"), 2, "not made by")
-    assert digest(run) == before
+    assert tree_digest(run) == before
     out = tmp_path / "lmc"
     assert invoke("analyze", "lmc", a, b, f"out={out}", "points=2").exit_code == 0
     assert invoke("analyze", "lmc", a, b, f"out={out}", "points=2", "--force").exit_code == 0
@@ -178,6 +172,7 @@ def wait_until_held(proc: subprocess.Popen, hold: Path) -> None:
         time.sleep(0.02)
 
 
+@pytest.mark.slow
 def test_a_second_process_on_the_same_out_is_refused_naming_the_first(tmp_path):
     out, hold = tmp_path / "run", tmp_path / "hold"
     hold.write_text("")
@@ -202,6 +197,7 @@ def test_a_second_process_on_the_same_out_is_refused_naming_the_first(tmp_path):
     assert not lock_file(out).exists()  # let go (and removed) when the run ended
 
 
+@pytest.mark.slow
 def test_a_killed_holder_leaves_no_lock_that_blocks_the_next_run(tmp_path):
     out, hold = tmp_path / "run", tmp_path / "hold"
     hold.write_text("")
@@ -236,27 +232,27 @@ def test_resume_refuses_a_folder_that_is_not_a_run_before_writing_anything(tmp_p
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "report.md").write_text("the user's report")
-    before = digest(mine)
+    before = tree_digest(mine)
     # the user's case: the old code trained there and replaced report.md
     one_line(invoke("run", *TOY, f"out={mine}", "resume=auto"), 2, "holds no config.yaml", "not a run")
-    assert digest(mine) == before
+    assert tree_digest(mine) == before
     # a config.yaml that is not the suite's (no task key) is not a run either
     (mine / "config.yaml").write_text("model: resnet\nepochs: 3\n")
-    before = digest(mine)
+    before = tree_digest(mine)
     one_line(invoke("run", *TOY, f"out={mine}", "resume=auto"), 2, "not a lawa-suite run config")
-    assert digest(mine) == before
+    assert tree_digest(mine) == before
 
 
 def test_resume_and_report_refuse_a_foreign_metrics_log_in_one_line(tmp_path):
     run = toy_run(tmp_path / "run")
     foreign = '{"epoch": 1, "acc": 0.5}\n{"epoch": 2, "acc": 0.6}\n'
     (run / "metrics.jsonl").write_text(foreign)
-    before = digest(run)
+    before = tree_digest(run)
     # the old code: a KeyError traceback from both
     one_line(invoke("run", *TOY, f"out={run}", "resume=auto"), 2, "metrics.jsonl line 1",
              "not a lawa-suite metrics record")
     one_line(invoke("report", run), 2, "metrics.jsonl line 1", "not a lawa-suite metrics record")
-    assert digest(run) == before
+    assert tree_digest(run) == before
 
 
 # -- one line for what users met as tracebacks -----------------------------------------------------------------
@@ -294,10 +290,10 @@ def test_a_damaged_line_in_the_middle_is_an_error_naming_file_and_line(tmp_path)
     lines = log.read_text().splitlines()
     lines[2] = lines[2][:20]
     log.write_text("\n".join(lines) + "\n")
-    before = digest(run)
+    before = tree_digest(run)
     one_line(invoke("report", run), 1, f"{log} line 3 is not JSON", "only the last line may be cut short")
     one_line(invoke("run", *TOY, f"out={run}", "resume=auto"), 1, f"{log} line 3 is not JSON")
-    assert digest(run) == before
+    assert tree_digest(run) == before
 
 
 def test_an_out_that_is_not_utf8_is_one_line(tmp_path):
@@ -317,6 +313,6 @@ def test_scores_are_not_a_run_to_resume(tmp_path):
     source = toy_run(tmp_path / "a")
     scores = tmp_path / "scores"
     assert invoke("eval", source / "trajectory", f"out={scores}").exit_code == 0
-    before = digest(scores)
+    before = tree_digest(scores)
     one_line(invoke("run", *TOY, f"out={scores}", "resume=auto"), 2, "written by suite eval, not by suite run")
-    assert digest(scores) == before
+    assert tree_digest(scores) == before
