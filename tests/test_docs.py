@@ -1,11 +1,13 @@
 """The README stays a first screen and the manual in docs/ stays reachable: README.md under 200 lines; every relative
 link in README.md and docs/*.md points at a file that exists, without an anchor (headings move, files are checked);
-every docs/*.md page is linked from README.md or docs/README.md; the README's test command is the line .ci/run runs.
+every docs/*.md page is linked from README.md or docs/README.md; the README's test command is the line .ci/run runs,
+and it installs the versions of constraints.txt.
 """
 
 from __future__ import annotations
 
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -67,3 +69,20 @@ def test_the_readme_commands_are_the_ones_ci_runs():
     ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
           if line.strip().startswith("python3 -m venv")]
     assert ci == [test], f".ci/run runs {ci}, the README says {test!r}"
+
+
+def test_ci_installs_the_versions_it_was_tested_with():
+    """The install of the test command is constrained by constraints.txt, which pins every dependency of the
+    package and its test extra to one version (``name==version``; a file URL would not install elsewhere)."""
+    test = next(b.strip() for b in bash_blocks(README) if "pytest" in b and b.strip().startswith("python3 -m venv"))
+    assert 'pip install -q -e ".[test]" -c constraints.txt' in test, test
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, sep, version = line.partition("==")
+            assert sep and version and "@" not in line, f"constraints.txt: {line!r} is not name==version"
+            pins[re.sub(r"[-_.]+", "-", name).lower()] = version
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    needed = [*project["dependencies"], *project["optional-dependencies"]["test"]]
+    names = {re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9._-]+", spec).group()).lower() for spec in needed}
+    assert not names - pins.keys(), f"constraints.txt pins no version of {sorted(names - pins.keys())}"
