@@ -86,3 +86,15 @@ def test_the_chunked_loss_and_gradient_equal_the_whole_one_to_fp32_rounding(monk
     assert chunked.dtype == torch.float32 and got.dtype == torch.float64
     torch.testing.assert_close(chunked.double(), whole, rtol=1e-6, atol=0)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-9)
+
+
+def test_fp32_logits_are_taken_in_one_piece(monkeypatch):
+    # no mixed precision, no cast copy to save: the recompute of a checkpointed chunk would only cost time
+    torch.manual_seed(0)
+    logits = torch.randn(100, 37, requires_grad=True)
+    targets = torch.randint(0, 37, (100,))
+    monkeypatch.setattr(gpt2, "LOSS_CHUNK_ROWS", 16)
+    assert torch.equal(gpt2.chunked_cross_entropy(logits, targets), F.cross_entropy(logits, targets))
+    chunk_sums = sum(F.cross_entropy(rows, wanted, reduction="sum")
+                     for rows, wanted in zip(logits.split(16), targets.split(16))) / 100
+    assert not torch.equal(chunk_sums, F.cross_entropy(logits, targets))  # so the check above tells the two apart

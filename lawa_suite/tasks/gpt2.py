@@ -100,8 +100,13 @@ def chunked_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     activation checkpointing, so at most one chunk's fp32 logits exist at once, forward or backward (issue 28):
     in one piece, bf16 autocast made four fp32 copies of the full logits (the cast, log_softmax's output kept for
     backward, both gradients; 354 MiB peak against 157 MiB at V=50,257 x 512 rows). The backward recomputes each
-    chunk's softmax (no RNG in it: nothing to preserve); the logits' gradient is one bf16 tensor (split's backward)."""
+    chunk's softmax (no RNG in it: nothing to preserve); the logits' gradient is one bf16 tensor (split's backward).
+    That recompute costs 1.3-1.4x a CPU step at V=50,257 (benchmarks/gpt2_loss_chunks.py), so fp32 logits, which
+    mixed precision did not make and which no cast copies, and logits of one chunk are taken in one piece."""
     from torch.utils.checkpoint import checkpoint
+
+    if logits.dtype == torch.float32 or len(logits) <= LOSS_CHUNK_ROWS:
+        return F.cross_entropy(logits.float(), targets)  # .float(): a no-op for fp32, and bf16 would lose the loss
 
     sums = [checkpoint(_chunk_loss_sum, rows, wanted, use_reentrant=False, preserve_rng_state=False)
             for rows, wanted in zip(logits.split(LOSS_CHUNK_ROWS), targets.split(LOSS_CHUNK_ROWS))]
