@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lawa_suite import registry
 from lawa_suite.averagers.base import Averager, find_aliases, named_tensors
+from lawa_suite.evaluators.base import EvaluationContext, create_evaluator
 from lawa_suite.sharding import gathered, is_sharded, reshard
 
 __all__ = ["rng_state", "set_rng_state", "seed_everything", "forked_rng", "recalibrate_batchnorm", "WeightSwap",
@@ -132,13 +132,15 @@ class RawWeights(Protocol):
 class Scorer:
     """Scores a model's weights on a task's held-out batches (this process's share of them) the way the loop
     does; ``calibration`` is empty when the model has no BatchNorm (the caller decides). ``raw_weights``: what
-    "raw" scores when it is not the live weights."""
+    "raw" scores when it is not the live weights. ``context``: what the evaluator is handed of the run (by default
+    read off the task's run config here, ``EvaluationContext.of_run``, so the evaluator never reads it)."""
 
     def __init__(self, task: Any, accelerator: Any, model: nn.Module, batches: list[Any], calibration: list[Any],
-                 raw_weights: RawWeights | None = None):
+                 raw_weights: RawWeights | None = None, context: EvaluationContext | None = None):
         self.task, self.accelerator, self.model = task, accelerator, model
         self.raw_weights = raw_weights
-        self.evaluator = registry.evaluators.create(task.evaluator, task=task)
+        self.context = context if context is not None else EvaluationContext.of_run(getattr(task, "run", None))
+        self.evaluator = create_evaluator(task.evaluator, task, self.context)
         # Each rank scores its share and the evaluator reduces the sums. A sharded model's forward is collective (each
         # unit all-gathers), so its parameters are gathered once for the whole evaluation (sharding.gathered).
         self.sharded = is_sharded(model)
@@ -159,13 +161,16 @@ class Scorer:
 
     @torch.no_grad()
     def score(self, step: int | None = None, weights_name: str | None = None) -> dict[str, float]:
-        """The evaluator's metrics for the weights now in the model. ``step`` and ``weights_name`` ("raw" or an
-        averager's name) tell evaluators that write per-evaluation artefacts (sample grids) what they score."""
+        """The evaluator's metrics for the weights now in the model, then its ``details`` (FID's sample count).
+        ``step`` and ``weights_name`` ("raw" or an averager's name) tell evaluators that write per-evaluation
+        artefacts (sample grids), or draw more samples at some steps, what they score."""
         if step is not None and weights_name is not None:
             self.evaluator.begin(step, weights_name)
         self.model.eval()
         with self.accelerator.autocast(), gathered(self.model) if self.sharded else nullcontext():
-            return self.evaluator.evaluate(self.model, self.batches, self.accelerator)
+            scores = self.evaluator.evaluate(self.model, self.batches, self.accelerator)
+        details = getattr(self.evaluator, "details", None)  # a plugin not built on Evaluator may lack it
+        return {**scores, **details()} if details is not None else scores
 
     @torch.no_grad()
     def score_all(self, averagers: Mapping[str, Averager], step: int) -> dict[str, dict[str, float]]:

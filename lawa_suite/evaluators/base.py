@@ -2,28 +2,76 @@
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 
+@dataclass(frozen=True)
+class EvaluationContext:
+    """What an evaluator may need of the run, handed in by whoever scores (the loop's ``Scorer``), so an evaluator
+    never reads the run's config through the task."""
+
+    out: Path | None = None   # the run folder: per-evaluation artefacts (sample grids) go under it; None = none
+    cache: Path | None = None  # the data cache: statistics worth keeping between runs (FID references); None = none
+    steps: int = 0            # the run's optimizer steps (to place points given as fractions of it); 0 = unknown
+    eval_every: int = 0       # evaluations every this many steps, and at ``steps``; 0 = unknown
+
+    @classmethod
+    def of_run(cls, run: Any) -> EvaluationContext:
+        """The context of a run config (``RunConfig``: ``out``, ``data.cache``, ``steps``, ``eval.every``); empty
+        for None (a Hugging Face folder scored by ``suite eval`` has no run config)."""
+        if run is None:
+            return cls()
+        out, cache = getattr(run, "out", ""), getattr(getattr(run, "data", None), "cache", "")
+        every = getattr(getattr(run, "eval", None), "every", 0)
+        return cls(out=Path(out) if out else None, cache=Path(cache) if cache else None,
+                   steps=int(getattr(run, "steps", 0) or 0), eval_every=int(every or 0))
+
+
+def create_evaluator(name: str, task: Any, context: EvaluationContext) -> "Evaluator":
+    """The registered evaluator ``name`` for ``task``, given ``context`` when its constructor takes one (a plugin
+    written for ``Evaluator(task)`` alone keeps working)."""
+    from lawa_suite import registry
+
+    return build_evaluator(registry.evaluators.get(name), task, context)
+
+
+def build_evaluator(factory: Any, task: Any, context: EvaluationContext) -> "Evaluator":
+    """``factory(task=task, context=context)``, or ``factory(task=task)`` when it takes no ``context``."""
+    parameters = inspect.signature(factory).parameters
+    takes = "context" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    return factory(task=task, context=context) if takes else factory(task=task)
+
+
 class Evaluator(ABC):
     """Base of every evaluator. ``metrics`` maps each metric it reports to "max" or "min" (which is better);
-    the first one is the headline metric of reports."""
+    the first one is the headline metric of reports. ``context`` holds what it may need of the run (run folder,
+    cache, length): the ``Scorer`` hands it in. Built without one (tests, older callers), it is read off the
+    task's run config here, the one place an evaluator's base still looks at ``task.run``."""
 
     name: ClassVar[str] = ""
     metrics: ClassVar[dict[str, str]]
     #: a sentence for a metric whose name alone could mislead; reports print it where the metric appears
     notes: ClassVar[dict[str, str]] = {}
 
-    def __init__(self, task: Any) -> None:
+    def __init__(self, task: Any, context: EvaluationContext | None = None) -> None:
         self.task = task
+        self.context = context if context is not None else EvaluationContext.of_run(getattr(task, "run", None))
 
     def begin(self, step: int, weights_name: str) -> None:
         """Called before each ``evaluate`` with the step and the weights' name ("raw" or an averager's) it
         scores, for evaluators that write per-evaluation artefacts (sample grids). Most ignore it."""
+
+    def details(self) -> dict[str, float]:
+        """Facts about the last ``evaluate`` that are not metrics (nothing better or worse about them), written
+        beside its scores in metrics.jsonl: FID's sample count (``fid_samples``). Most have none."""
+        return {}
 
     @abstractmethod
     def evaluate(self, model: nn.Module, batches: list[Any], accelerator: Any = None) -> dict[str, float]:
