@@ -17,13 +17,23 @@ weights; its scores rank samples but are not comparable with published FIDs). Th
 torch-fidelity's (``fid_statistics_to_metric``). The metric is named after its features, so the two never share
 a curve: ``fid`` with Inception, ``fid_standin`` with the stand-in (``fid_<extractor>`` for any other).
 
+What the run holds comes in the evaluator's ``EvaluationContext`` (never read off ``task.run``): the data cache,
+the run folder, the run's length and evaluation interval.
+
+Sample count per evaluation: ``fid.samples`` at every evaluation; with ``fid.final_samples`` set, the first
+evaluation at or after each fraction of ``fid.final_at`` (e.g. ``0.5,1.0``) draws that many instead. The larger
+set begins with the smaller (the task's sampling batches say where each starts; the first N share their noise),
+so a point of either count compares with the others, raw and every averager always draw the same noise, and each
+FID's count is recorded beside it (``fid_samples``).
+
 The reference statistics (mean and covariance of the real images' features) are computed once and cached
-in ``<data.cache>/fid/`` under a name holding the dataset key, the resolution, the count and the extractor.
+in ``<context.cache>/fid/`` (not at all without a cache) under a name holding the dataset key, the resolution, the
+count and the extractor.
 With several processes, each extracts features of its share of the images and the first and second moments
 are summed over processes (float64) before the mean and covariance are formed: exactly the statistics of
 the whole set, identical on every rank.
 
-Sample grids: each evaluation writes ``<run>/samples/step-NNNNNNNN-<weights>.png`` (the first ``fid.grid``
+Sample grids: each evaluation writes ``<context.out>/samples/step-NNNNNNNN-<weights>.png`` (the first ``fid.grid``
 samples; the same noise for raw weights and every averager), named from ``begin(step, weights_name)``, which the
 loop calls before each score; a caller that does not call it gets no grid.
 """
@@ -34,7 +44,7 @@ import hashlib
 import math
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +55,7 @@ from torch import Tensor, nn
 from lawa_suite import registry
 from lawa_suite.config import ConfigError, require
 from lawa_suite.data import DataUnavailable
-from lawa_suite.evaluators.base import Evaluator, reduce_sums
+from lawa_suite.evaluators.base import EvaluationContext, Evaluator, reduce_sums
 from lawa_suite.files import first_line, write_atomic, write_npz_atomic
 
 __all__ = ["FidConfig", "FID", "FeatureStats", "INCEPTION", "STANDIN", "inception_weights_path", "create_extractor",
@@ -63,6 +73,10 @@ INCEPTION_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb91
 @dataclass
 class FidConfig:
     samples: int = 10_000        # generated images per FID (for raw and for each averager); "FID-10K"
+    final_samples: int = 0       # images per FID at the evaluations of final_at (a superset: the first `samples`
+    #                              of them are the ones every other evaluation draws); 0 = `samples` everywhere
+    final_at: list[float] = field(default_factory=lambda: [1.0])  # fractions of the run (0.5,1.0): the first
+    #                              evaluation at or after each draws final_samples
     reference: int = 50_000      # real training images behind the reference statistics (all, if fewer); cached
     extractor: str = INCEPTION   # torch-fidelity feature extractor; "standin" = offline random convnet;
     #                              "auto" = Inception when its weights are on disk, else the stand-in
@@ -74,6 +88,10 @@ class FidConfig:
 
     def __post_init__(self) -> None:
         require(self.samples >= 2, "fid.samples", "an integer >= 2 (a covariance needs two samples)", self.samples)
+        require(self.final_samples == 0 or self.final_samples >= self.samples, "fid.final_samples",
+                f"0 (off) or an integer >= fid.samples={self.samples}", self.final_samples)
+        require(bool(self.final_at) and all(0.0 < f <= 1.0 for f in self.final_at), "fid.final_at",
+                "one or more fractions of the run in (0, 1], e.g. 0.5,1.0", self.final_at)
         require(self.reference >= 2, "fid.reference", "an integer >= 2", self.reference)
         require(bool(self.extractor.strip()), "fid.extractor",
                 f"auto, {INCEPTION}, {STANDIN} or another torch-fidelity feature extractor", self.extractor)
@@ -213,6 +231,15 @@ def _is_sample_batch(batch: Any) -> bool:
     return isinstance(batch, dict) and batch.get("kind") == "sample"
 
 
+def _first_of(batch: dict[str, Any], wanted: int) -> dict[str, Any] | None:
+    """A sampling batch cut to the images among the first ``wanted`` of the whole set (None: it holds none of
+    them). A batch without ``start`` (a task that draws exactly fid.samples) is used whole."""
+    if "start" not in batch:
+        return batch
+    take = min(int(batch["count"]), wanted - int(batch["start"]))
+    return None if take <= 0 else batch if take == batch["count"] else {**batch, "count": take}
+
+
 def _read_reference(path: Path) -> dict[str, np.ndarray] | None:
     """The cached reference statistics, or None (with a warning) when the file is damaged: a run killed while
     writing it once (before writes were atomic) left a truncated .npz that failed every later run; it is computed
@@ -245,14 +272,15 @@ class FID(Evaluator):
                                "(the Inception weights, or fid.extractor=inception-v3-compat, give the standard "
                                "FID)"}
 
-    def __init__(self, task: Any) -> None:
-        super().__init__(task)
+    def __init__(self, task: Any, context: EvaluationContext | None = None) -> None:
+        super().__init__(task, context)
         self.cfg: FidConfig = task.config.fid
         # Created now, before any training step, so a missing Inception file stops the run at once.
         self.extractor, self.extractor_name, self.layer = create_extractor(self.cfg)
         self.device = torch.device("cpu")  # where the extractor is (it may have no parameters to ask)
         self.reference: dict[str, np.ndarray] | None = None
         self._context: tuple[int, str] | None = None
+        self._details: dict[str, float] = {}
         if self.cfg.extractor == "auto":
             note = f" (auto: {inception_weights_path()} not found)" if self.extractor_name == STANDIN else " (auto)"
             print(f"fid: features from {self.extractor_name}{note}", file=sys.stderr, flush=True)
@@ -263,8 +291,24 @@ class FID(Evaluator):
         return fid_metric(self.extractor_name)
 
     def begin(self, step: int, weights_name: str) -> None:
-        """Say which step and weights the next ``evaluate`` scores (names the sample grid)."""
+        """Say which step and weights the next ``evaluate`` scores (names the sample grid, sets the sample count)."""
         self._context = (step, weights_name)
+
+    def details(self) -> dict[str, float]:
+        """``fid_samples``: how many generated images (over every process) the last FID is of."""
+        return dict(self._details)
+
+    def samples_at(self, step: int | None) -> int:
+        """How many samples the FID at ``step`` is of: ``fid.final_samples`` at the first evaluation at or after
+        each fraction of ``fid.final_at`` (evaluations fall every ``eval_every`` steps and at the last), else
+        ``fid.samples``. Decided by the step alone, so a resumed run draws what an uninterrupted one does."""
+        steps, every = self.context.steps, self.context.eval_every
+        if not self.cfg.final_samples or step is None or steps <= 0 or every <= 0:
+            return self.cfg.samples
+        previous = (step - 1) // every * every  # the evaluation before this one (step 0 has none)
+        if any(previous < math.ceil(f * steps - 1e-9) <= step for f in self.cfg.final_at):
+            return self.cfg.final_samples
+        return self.cfg.samples
 
     # -- features --
     @torch.no_grad()
@@ -285,8 +329,8 @@ class FID(Evaluator):
             return self.reference
         weights_tag = f"-{hashlib.sha1(self.cfg.weights.encode()).hexdigest()[:8]}" if self.cfg.weights else ""
         key = f"{self.task.fid_reference_key(self.cfg.reference)}-{self.extractor_name}{weights_tag}-{self.layer}"
-        path = Path(self.task.run.data.cache) / "fid" / f"{key}.npz"
-        loaded = _read_reference(path) if path.is_file() else None
+        path = self.context.cache / "fid" / f"{key}.npz" if self.context.cache is not None else None
+        loaded = _read_reference(path) if path is not None and path.is_file() else None
         if accelerator is not None and accelerator.num_processes > 1:  # rank 0's statistics for all ranks
             from accelerate.utils import broadcast_object_list
             loaded = broadcast_object_list([loaded])[0]
@@ -300,7 +344,7 @@ class FID(Evaluator):
         stats.reduce(accelerator, self._dim(), device)
         mu, sigma = stats.mean_cov()
         self.reference = {"mu": mu, "sigma": sigma}
-        if _is_main(accelerator):
+        if path is not None and _is_main(accelerator):
             path.parent.mkdir(parents=True, exist_ok=True)
             write_npz_atomic(path, durable=False, mu=mu, sigma=sigma, count=stats.count)
         if accelerator is not None:
@@ -311,6 +355,7 @@ class FID(Evaluator):
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: list[Any], accelerator: Any = None) -> dict[str, float]:
         context, self._context = self._context, None
+        wanted = self.samples_at(context[0] if context is not None else None)
         device = next(model.parameters()).device
         self.extractor.to(device)
         self.device = device
@@ -319,6 +364,9 @@ class FID(Evaluator):
         loss_sum, loss_count = 0.0, 0
         for batch in batches:
             if _is_sample_batch(batch):
+                batch = _first_of(batch, wanted)
+                if batch is None:
+                    continue
                 images = self.task.sample_images(model, batch)
                 generated.add(self.features(images))
                 if sum(len(g) for g in grid) < self.cfg.grid:
@@ -330,11 +378,12 @@ class FID(Evaluator):
         sums = reduce_sums({"loss": loss_sum, "count": float(loss_count)}, accelerator, device)
         mu, sigma = generated.mean_cov()
         scores = {self.metric: frechet_distance(reference, {"mu": mu, "sigma": sigma})}
+        self._details = {"fid_samples": float(generated.count)}
         if sums["count"] > 0:
             scores["loss"] = sums["loss"] / sums["count"]
-        if grid and context is not None and _is_main(accelerator):
+        if grid and context is not None and self.context.out is not None and _is_main(accelerator):
             step, weights_name = context
-            write_grid(torch.cat(grid), Path(self.task.run.out) / "samples" / f"step-{step:08d}-{weights_name}.png",
+            write_grid(torch.cat(grid), self.context.out / "samples" / f"step-{step:08d}-{weights_name}.png",
                        label=f"step {step}: {weights_name}")
         return scores
 

@@ -10,7 +10,9 @@ Evaluation (the ``fid`` evaluator) scores the same things for raw weights and ev
 
 - ``fid``: ``fid.samples`` images drawn with DDIM (``ddpm.sample_steps`` steps, eta ``ddpm.sample_eta``) from
   initial noise seeded by ``ddpm.sample_seed`` and the batch number alone, so every weights set, at every
-  evaluation, starts from the same noise; their Fréchet distance to the real training images' statistics;
+  evaluation, starts from the same noise; their Fréchet distance to the real training images' statistics. With
+  ``fid.final_samples``, the evaluations at ``fid.final_at`` draw that many, the first ``fid.samples`` of them from
+  the same noise as the others (``fid_samples`` in metrics.jsonl says how many each FID is of);
 - ``loss``: the training objective on held-out images with fixed timesteps (stratified over [0, T)) and
   fixed noise: cheap (one forward per image) and smooth, so it is worth having at every evaluation;
 - a PNG grid of the first ``fid.grid`` samples per weights: ``<run>/samples/step-NNNNNNNN-<weights>.png``.
@@ -253,13 +255,17 @@ class DdpmTask(Task):
         return TensorStream(indices, lambda idx: {"images": images[idx], "indices": idx, "augment": True})
 
     def eval_batches(self) -> list[Batch]:
-        """Sampling batches (``fid.samples`` images, ``eval_batch_size`` at a time), then held-out loss batches.
-        Both hold no randomness of their own: seeds derived from their position fix the noise."""
+        """Sampling batches, then held-out loss batches. Sampling: ``fid.samples`` images ``eval_batch_size`` at a
+        time, then up to ``fid.final_samples`` the same way; each batch says where it starts, and none straddles
+        ``fid.samples``, so an evaluation of either count draws whole batches and the larger set begins with exactly
+        the smaller one. Both kinds hold no randomness of their own: seeds derived from their position fix the noise."""
         if self._eval is None:
             self._require_setup()
-            size, total = self.config.eval_batch_size, self.config.fid.samples
-            sample = [{"kind": "sample", "index": i, "count": min(size, total - start)}
-                      for i, start in enumerate(range(0, total, size))]
+            size, fid = self.config.eval_batch_size, self.config.fid
+            starts = [*range(0, fid.samples, size), *range(fid.samples, max(fid.samples, fid.final_samples), size)]
+            ends = [*starts[1:], max(fid.samples, fid.final_samples)]
+            sample = [{"kind": "sample", "index": i, "start": start, "count": min(size, end - start)}
+                      for i, (start, end) in enumerate(zip(starts, ends))]
             held_out = [{"kind": "loss", "index": i, "images": chunk}
                         for i, chunk in enumerate(self.eval_images.split(size))]
             self._eval = sample + held_out
@@ -400,10 +406,12 @@ class DdpmTask(Task):
             data = f"{self.files.description} (streamed): {len(self.files.train):,} train images"
         else:
             data = f"{self.data.description}: {len(self.data.train_images):,} train images"
+        final = (f", {cfg.fid.final_samples:,} at {','.join(f'{f:g}' for f in cfg.fid.final_at)} of the run"
+                 if cfg.fid.final_samples else "")
         adm = ""
         if cfg.image_size == 128 and cfg.channels == [256, 256, 512, 768, 1024]:
             adm = (f" ({params / ADM_IMAGENET128_PARAMS - 1:+.2%} vs ADM ImageNet-128's 421.5M, "
                    f"class embedding included)")
         return (f"{self.name}: UNet2DModel {params:,} parameters{adm}, {cfg.image_size}px, widths {cfg.channels}; "
                 f"{data}, {len(self.eval_images):,} held-out; T={cfg.timesteps} {cfg.beta_schedule} betas; "
-                f"FID of {cfg.fid.samples:,} {cfg.sample_steps}-step DDIM samples ({cfg.fid.extractor})")
+                f"FID of {cfg.fid.samples:,} {cfg.sample_steps}-step DDIM samples ({cfg.fid.extractor}){final}")
