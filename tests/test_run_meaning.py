@@ -61,6 +61,15 @@ def test_a_plugin_evaluators_metrics_and_notes_are_recorded(tmp_path, bleu_toy):
     assert {r["bleu"] for r in records if r["split"] == "val"} == {1.0}  # the records it describes
 
 
+def test_the_report_reads_a_plugins_directions_and_notes_from_the_run(tmp_path, bleu_toy):
+    from lawa_suite.report.curves import metric_directions
+
+    run_toy(tmp_path / "run")
+    assert metric_directions("toy", tmp_path / "run") == {"bleu": "max", "ter": "min"}  # not a guess from the name
+    assert metric_directions("toy") == {}  # the report's own table knows no such task
+    assert "sacrebleu's corpus BLEU on 64 held-out sentences" in (tmp_path / "run" / "report.md").read_text()
+
+
 def test_a_run_made_before_runs_recorded_it_reads_as_none(tmp_path):
     run_toy(tmp_path / "run")
     (tmp_path / "run" / rundir.METRICS_META_FILE).unlink()

@@ -155,7 +155,7 @@ def task_section(label: str, by_lr_runs: dict[float, list[RunRecord]], out: Path
     the report's opening draws of it: ``(label, png base name, gain panels)``. ``colour_names``: every weights name
     the report draws, for its one palette."""
     first = next(iter(by_lr_runs.values()))[0]
-    directions = metric_directions(first.task)
+    directions = metric_directions(first.task, first.path)
     metrics = _metrics_of(by_lr_runs, directions)  # the headline and one more (FID and loss; accuracy and loss)
     headline = metrics[0]
     direction = direction_of(headline, directions)
@@ -171,7 +171,7 @@ def task_section(label: str, by_lr_runs: dict[float, list[RunRecord]], out: Path
     fid = fid_metric([first])
     lines += [f"{len(by_lr)} learning rate(s) x seeds {', '.join(map(str, seeds))}; {first.steps} steps; headline "
               f"metric `{headline}` ({'higher' if direction == 'max' else 'lower'} is better). Unfinished runs are "
-              f"left out of the means (listed under Runs).", *metric_notes(first.task, metrics),
+              f"left out of the means (listed under Runs).", *metric_notes(first.task, metrics, first.path),
               *([f"FID here: {fid_note(first, fid)}."] if fid else []), "", f"![{label}]({png})", ""]
     for s in by_lr:
         lines += [f"### lr={s.lr:g}", ""]

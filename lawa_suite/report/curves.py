@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from lawa_suite.report.meaning import METRICS, NOTES
-from lawa_suite.rundir import read_metrics
+from lawa_suite.rundir import read_metrics, read_metrics_meta
 
 __all__ = ["Curves", "SIZE_KEYS", "load_metrics", "metric_directions", "metric_notes", "ordered", "direction_of",
            "better", "first_reaching", "best_point", "fmt"]
@@ -35,15 +35,20 @@ def load_metrics(path: Path) -> tuple[Curves, list[tuple[int, float]]]:
     return curves, train
 
 
-def metric_directions(task: str) -> dict[str, str]:
-    """``metric -> "max"|"min"`` of the task's evaluator, the headline first; empty for a task the report does not
-    know (a plugin's): its metrics are then taken in the order its records give them (``direction_of``)."""
-    return dict(METRICS.get(task, {}))
+def metric_directions(task: str, run: Path | None = None) -> dict[str, str]:
+    """``metric -> "max"|"min"`` of the evaluator, the headline first: as the run folder ``run`` recorded them
+    (``metrics-meta.json``), else the built-in task's; empty for a task the report does not know and a run that
+    recorded none (a plugin's, from before runs recorded them): its metrics are then taken in the order its
+    records give them (``direction_of``)."""
+    meta = read_metrics_meta(run) if run is not None else None
+    return dict(meta["metrics"]) if meta else dict(METRICS.get(task, {}))
 
 
-def metric_notes(task: str, metrics: list[str]) -> list[str]:
-    """The sentence for each of ``metrics`` whose name alone could mislead."""
-    return [f"`{m}`: {NOTES[m]}." for m in metrics if m in NOTES]
+def metric_notes(task: str, metrics: list[str], run: Path | None = None) -> list[str]:
+    """The sentence for each of ``metrics`` whose name alone could mislead (the run's own notes first)."""
+    meta = read_metrics_meta(run) if run is not None else None
+    notes = {**NOTES, **(meta["notes"] if meta else {})}
+    return [f"`{m}`: {notes[m]}." for m in metrics if m in notes]
 
 
 def ordered(curves: Iterable[str]) -> list[str]:

@@ -84,7 +84,7 @@ def claim_f(row: str, s: LrSummary) -> list[Verdict]:
     fid = fid_metric(s.runs)
     if fid is None:
         return []
-    directions = metric_directions(s.runs[0].task)
+    directions = metric_directions(s.runs[0].task, s.runs[0].path)
     metrics = metrics_that_answer(s.runs, fid)
     names = {fid: fid_note(s.runs[0], fid), DENOISING_LOSS: "held-out denoising loss"}
     verdicts = []

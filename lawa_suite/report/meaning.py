@@ -9,25 +9,9 @@ equal to the evaluators'); a plugin's metrics fall back on their order in the re
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from lawa_suite.rundir import ADDED_KEYS, with_added_keys  # below the report: resuming reads them too
 
 __all__ = ["ADDED_KEYS", "METRICS", "NOTES", "with_added_keys"]
-
-# dotted key -> (the task whose runs have it, None for every run; the value a run made before the key existed
-# computed with; when the key was added)
-ADDED_KEYS: dict[str, tuple[str | None, Any, str]] = {
-    "distributed": (None, "ddp", "2026-12-02"),
-    "cifar.model": ("cifar", "preact_resnet18", "2026-12-02"),
-    "cifar.patch_size": ("cifar", 0, "2026-12-02"),
-    "compile": (None, False, "2026-12-05"),
-    "tf32": (None, True, "2026-12-07"),
-    "deterministic": (None, False, "2026-12-07"),
-    "schedulefree.r": (None, 0.0, "2026-12-07"),              # used only by optimizer=schedulefree, added with it
-    "schedulefree.weight_lr_power": (None, 2.0, "2026-12-07"),
-    "gpt2.optimizer": ("gpt2", "adamw", "2026-12-07"),
-    "ddpm.optimizer": ("ddpm", "adamw", "2026-12-07"),
-}
 
 # task -> its evaluator's metrics, "max" or "min" each; the first is the headline
 METRICS: dict[str, dict[str, str]] = {
@@ -42,9 +26,3 @@ NOTES: dict[str, str] = {
                    "ranks sample sets but is not comparable with published FIDs (the Inception weights, or "
                    "fid.extractor=inception-v3-compat, give the standard FID)",
 }
-
-
-def with_added_keys(task: str, config: Mapping[str, Any]) -> dict[str, Any]:
-    """A saved config's dotted keys, with every ``ADDED_KEYS`` entry of its task it lacks at the value it had."""
-    added = {key: value for key, (of, value, _) in ADDED_KEYS.items() if of in (None, task)}
-    return {**added, **config}

@@ -125,7 +125,7 @@ def write_report(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     config = read_saved(run_dir / CONFIG_FILE)  # one line for a foreign or hostile config.yaml, no traceback
     curves, train = load_metrics(run_dir / METRICS_FILE)
-    directions = metric_directions(config["task"])
+    directions = metric_directions(config["task"], run_dir)
     metrics, rows = summarise(curves, directions)
     headline = metrics[0] if metrics else None
     config = {"preset": "?", "lr": "?", "seed": "?", "averager": [], **config}  # a hand-written one may lack these
@@ -139,7 +139,7 @@ def write_report(run_dir: Path) -> Path:
     names = [*curves, *unscored]  # one palette for curves.png and gains.png
     if rows:
         lines += [comparison_table(metrics, rows, headline, unscored), ""]
-        notes = metric_notes(config["task"], metrics)
+        notes = metric_notes(config["task"], metrics, run_dir)
         lines += [*notes, ""] if notes else []
         plot_curves(curves, train, metrics, run_dir / "curves.png", title, names=names)
         lines += ["![metrics vs step](curves.png)", ""]

@@ -117,7 +117,7 @@ def claim_h(runs: Sequence[RunRecord], labels: Mapping[Path, str] | None = None)
     for (task, lr, _), triples in sorted(_triples(runs).items(), key=lambda item: (item[0][0], -item[0][1])):
         free = triples[0][0]
         row = f"{(labels or {}).get(free.path, task)} lr={lr:g}"
-        directions = metric_directions(task)
+        directions = metric_directions(task, free.path)
         metrics = metrics_that_answer([t[0] for t in triples], headline_of(free, directions))
         constant_names = sorted({w for _, c, _ in triples if c is not None for w in c.curves if w != "raw"})
         sides = [(1, "constant", name) for name in constant_names] + [(2, "cosine", "raw")]

@@ -52,7 +52,7 @@ def claim_g(runs: Sequence[RunRecord], labels: Mapping[Path, str] | None = None)
     name when absent."""
     verdicts = []
     for (task, lr, schedule), pairs in sorted(_pairs(runs).items()):
-        directions = metric_directions(task)
+        directions = metric_directions(task, pairs[0][1].path)
         metric = headline_of(pairs[0][1], directions)
         direction = direction_of(metric, directions)
         names = sorted({w for run, _ in pairs for w in run.curves if w != "raw"})
