@@ -17,8 +17,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lawa_suite"
 
 # (layer, module prefixes); prefixes are relative to lawa_suite. A prefix names a module or a package.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("foundation", ("errors", "files", "overrides", "registry", "config", "rundir", "checkpoints", "module_folders",
-                    "threads", "plotting")),
+    ("foundation", ("errors", "files", "overrides", "registry", "config", "run_lock", "rundir", "checkpoints",
+                    "module_folders", "threads", "plotting")),
     ("data", ("data",)),
     ("evaluators", ("evaluators",)),
     ("averagers", ("averagers", "profiles")),
