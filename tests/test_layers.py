@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("tasks", ("tasks",)),
     ("report", ("report",)),  # reads run folders; the training loop writes a run's report through it
     ("training", ("run_state", "sharding", "scoring", "sharded_checkpoints", "run_checkpoints", "preemption",
-                  "progress", "memory_facts", "memory_plan", "train", "integrations")),
+                  "progress", "run_settings", "memory_facts", "memory_plan", "train", "integrations")),
     ("posthoc", ("posthoc",)),
     ("evaluation", ("analysis", "causal_lm", "export")),
     ("bench", ("bench", "sweeps", "cluster")),
