@@ -251,4 +251,4 @@ print(at_import, [m for m in hooks if m.startswith("lawa_suite")], len(lawa._wor
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split("\n")[0] == f"([], []) {['lawa_suite.averagers._window'] * 3} 1"
+    assert done.stdout.split("\n")[0] == f"([], []) {['lawa_suite.averagers._window_worker'] * 3} 1"
