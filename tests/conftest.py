@@ -154,8 +154,6 @@ class Spy(Averager):
 
 if "toy" not in registry.tasks._builtins:
     registry.tasks.register("toy")(ToyTask)
-if "spy" not in registry.averagers._builtins:
-    registry.averagers.register("spy")(Spy)
 
 
 def reset_toy_faults() -> None:
@@ -168,6 +166,16 @@ def _reset_toy_faults():
     reset_toy_faults()
     yield
     reset_toy_faults()
+
+
+@pytest.fixture
+def spy():
+    """``averager=spy`` for one test, its record emptied. Registered only meanwhile: test_profiles holds every
+    registered averager to the averager contract, which a never-ready stand-in does not meet."""
+    Spy.seen = []
+    registry.averagers.register("spy")(Spy)
+    yield Spy
+    registry.averagers._builtins.pop("spy", None)
 
 
 @pytest.fixture(scope="module")

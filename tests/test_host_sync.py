@@ -23,7 +23,6 @@ from lawa_suite.config import resolve
 from lawa_suite.testing.cuda_standin import cuda_standin
 from lawa_suite.train import Run, train
 
-from conftest import Spy
 from helpers import assert_same, final_state, run_toy, torchrun
 
 
@@ -84,10 +83,9 @@ def test_deferred_observations_equal_immediate_ones(tmp_path, monkeypatch):
     assert state_a["averagers"]["ema"]["counters"]["updates"] == 20
 
 
-def test_weights_that_turn_non_finite_reach_no_averager_through_the_one_read(tmp_path, monkeypatch):
+def test_weights_that_turn_non_finite_reach_no_averager_through_the_one_read(tmp_path, monkeypatch, spy):
     # The weights after step 3 hold NaN (a BatchNorm statistic, so training goes on); they are checked in step 4's
     # one read and refused. The live statistic is repaired once the held copy is taken, so later steps are fine.
-    Spy.seen = []
     defer, hold = Run.defer, Run.hold_deferred
     repaired: list[float] = []
 
@@ -109,7 +107,7 @@ def test_weights_that_turn_non_finite_reach_no_averager_through_the_one_read(tmp
     monkeypatch.setattr(Run, "hold_deferred", repair_after_holding)
     result = run_toy(tmp_path / "run", "averager=spy,ema", "steps=6", "eval.every=100", "checkpoint.every=0")
     assert result.step == 6 and result.skipped_steps == 0
-    assert Spy.seen == [1, 2, 4, 5, 6]
+    assert spy.seen == [1, 2, 4, 5, 6]
     _, state = final_state(tmp_path / "run")
     ema = state["averagers"]["ema"]
     assert ema["counters"]["refused"] == 1 and ema["counters"]["updates"] == 5

@@ -13,7 +13,7 @@ from lawa_suite import run_checkpoints
 from lawa_suite.config import ConfigError, resolve
 from lawa_suite.train import NonFiniteTraining, Preempted, lr_factor, train
 
-from conftest import SimulatedCrash, Spy, ToyTask
+from conftest import SimulatedCrash, ToyTask
 from helpers import assert_same, final_state, read_metrics, run_toy
 
 
@@ -62,10 +62,9 @@ def test_wsd_schedule_warms_up_holds_then_decays_over_its_fraction(shape: str, a
         resolve(["task=toy", "schedule=wsd", "decay_fraction=0"])
 
 
-def test_averagers_see_optimizer_steps_not_micro_batches(tmp_path):
-    Spy.seen = []
+def test_averagers_see_optimizer_steps_not_micro_batches(tmp_path, spy):
     run_toy(tmp_path / "run", "averager=spy", "grad_accum=4", "steps=6")
-    assert Spy.seen == [1, 2, 3, 4, 5, 6]
+    assert spy.seen == [1, 2, 3, 4, 5, 6]
     assert len(ToyTask.consumed) == 6 * 16  # 4 micro-batches of 4 per step
 
 
@@ -153,12 +152,11 @@ def test_changing_averagers_on_resume_needs_consent(tmp_path):
     assert state["averagers"]["lawa"]["counters"]["updates"] == 8  # steps 6..20 divisible by nu=2, from step 5 on
 
 
-def test_non_finite_steps_are_skipped_and_never_averaged(tmp_path):
-    Spy.seen = []
+def test_non_finite_steps_are_skipped_and_never_averaged(tmp_path, spy):
     ToyTask.nan_at = {3}
     result = run_toy(tmp_path / "run", "averager=spy,ema", "steps=6")
     assert result.step == 6 and result.skipped_steps == 1
-    assert Spy.seen == [1, 2, 3, 4, 5, 6]  # the skipped attempt after step 3 never reached an averager
+    assert spy.seen == [1, 2, 3, 4, 5, 6]  # the skipped attempt after step 3 never reached an averager
     assert len(ToyTask.consumed) == 7 * 16  # ...but it did consume a batch
     skipped = [r for r in read_metrics(tmp_path / "run") if r.get("skipped")]
     assert len(skipped) == 1 and skipped[0]["step"] == 3
