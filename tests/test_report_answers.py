@@ -135,6 +135,20 @@ def test_claim_h_sets_the_constant_runs_averagers_and_the_cosine_raw_against_sch
     assert "steps saved" not in cosine.evidence          # the target's own run saves nothing against itself
 
 
+def test_claim_h_takes_each_family_at_its_own_tuned_lr(tmp_path):
+    from lawa_suite.report.schedulefree import claim_h
+
+    root = _schedule_free_bench(tmp_path / "bench")
+    for seed in range(3):  # cosine also at lr 0.003, where it ends ~0.2 better: its tuned lr, not the shared 0.01
+        free = [v + 0.05 * seed for v in SF_RAW]
+        _run(root / "cosine-0.003", "cosine", seed, "cosine", "adamw", {"raw": [v - 0.2 - 0.01 * seed for v in free]},
+             lr=0.003)
+    verdicts = {(v.entry, v.phase): v for v in claim_h([read_run(p) for p in find_runs([root])])}
+    cosine = verdicts[("cosine raw (lr=0.003)", "end")]  # named, since it is not the schedule-free run's lr
+    assert cosine.outcome == "held"  # ~0.2 better than schedule-free at every seed (at 0.01 it was inconclusive)
+    assert ("constant lawa", "end") in verdicts  # the constant family has one lr: that one, unnamed
+
+
 def test_claim_h_in_the_report_and_its_matrix(tmp_path):
     text = write_bench_report([_schedule_free_bench(tmp_path / "bench")], tmp_path / "out").read_text()
     assert "**(h) averaging a constant-lr run matches schedule-free training" in text
