@@ -17,10 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 import torch
 from safetensors.torch import load_file
 
 from lawa_suite import checkpoints as ckpt
+from lawa_suite import registry
 from lawa_suite.config import resolve
 from lawa_suite.train import train
 
@@ -132,3 +134,65 @@ def torchrun(script: Path, *args: str, env: dict[str, str] | None = None, proces
                "127.0.0.1", "--master_port", str(free_port()), str(script), *args]
     return subprocess.run(command, cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True,
                           timeout=timeout)
+
+
+# -- hand-written run folders for the report -----------------------------------------------------------------
+# held-out loss (lower is better) at steps 10..50: raw is noisy at the high lr; lawa settles below it sooner
+REPORT_CURVES = {
+    (0.1, 0): {"raw": [3.0, 2.5, 2.4, 2.2, 2.3], "lawa": [None, 2.3, 2.1, 2.0, 2.0],
+               "swa": [None, None, None, 2.1, 2.05], "swa_early": [None, 2.6, 2.4, 2.3, 2.25]},
+    (0.1, 1): {"raw": [3.2, 2.7, 2.6, 2.4, 2.5], "lawa": [None, 2.5, 2.3, 2.2, 2.2],
+               "swa": [None, None, None, 2.3, 2.25], "swa_early": [None, 2.8, 2.6, 2.5, 2.45]},
+    (0.01, 0): {"raw": [3.5, 3.0, 2.8, 2.7, 2.6], "lawa": [None, 3.1, 2.85, 2.72, 2.61],
+                "swa": [None, None, None, 2.7, 2.62], "swa_early": [None, 3.2, 2.9, 2.8, 2.7]},
+}
+
+
+def report_run(root: Path, lr: float, seed: int, curves: dict[str, list[float | None]]) -> Path:
+    """A gpt2 run folder written by hand (config.yaml, metrics.jsonl) for the report, at steps 10..50 of 50."""
+    run = root / f"lr{lr:g}-seed{seed}"
+    run.mkdir(parents=True)
+    config = {"task": "gpt2", "preset": "cpu", "lr": lr, "seed": seed, "steps": 50,
+              "averager": ["lawa", "swa", "swa_early"], "swa": {"start": 0.75, "every": 1},
+              "swa_early": {"of": "swa", "start": 0.2, "every": 1}, "lawa": {"k": 2, "nu": 5}}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    lines = [{"step": 10, "weights": "raw", "split": "train", "loss": 9.0, "lr": lr}]
+    for i, step in enumerate(range(10, 51, 10)):
+        for weights, values in curves.items():
+            if values[i] is not None:
+                lines.append({"step": step, "weights": weights, "split": "val", "loss": values[i]})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return run
+
+
+def report_bench(tmp_path: Path) -> Path:
+    """A bench folder of hand-written gpt2 runs: lr 0.1 (seeds 0, 1) and 0.01 (seed 0), curves ``REPORT_CURVES``."""
+    root = tmp_path / "bench" / "gpt2"
+    for (lr, seed), curves in REPORT_CURVES.items():
+        report_run(root, lr, seed, curves)
+    return tmp_path / "bench"
+
+
+# -- schedule-free runs -----------------------------------------------------------------------------------------
+def sf_run(task: str, out: Path, *extra: str) -> list[str]:
+    """A tiny schedule-free run's overrides; ``extra`` ones replace the defaults of the same key."""
+    words = [f"task={task}", "preset=tiny", "optimizer=schedulefree", f"out={out}", "steps=4", "eval.every=2",
+             "checkpoint.every=2", "checkpoint.keep=5", "progress=false", "averager=ema,swa", "swa.start=1", *extra]
+    return [f"{k}={v}" for k, v in dict(word.split("=", 1) for word in words).items()]
+
+
+def raw_scores(out: Path) -> dict[int, dict]:
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in lines if r.get("weights") == "raw" and r.get("split") == "val"}
+
+
+def restored(cfg, out: Path, step: int):
+    """The task, its model and optimizer as saved at ``step``, rebuilt by hand (the live, train-mode weights)."""
+    folder = out / "checkpoints" / ckpt.step_dir_name(step)
+    task = registry.tasks.get(cfg.run.task)(cfg.task, cfg.run)
+    task.setup()
+    model = task.build_model()
+    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    optimizer = task.build_optimizer(model, cfg.run.lr)
+    optimizer.load_state_dict(ckpt.read_state(folder, "state")["optimizer"])
+    return task, model, optimizer

@@ -23,10 +23,10 @@ TOTAL = 1000  # steps: every built-in's defaults are ready by then
 
 # -- the contract, for every registered averager -------------------------------------------------------------
 def contract_names() -> list[str]:
-    """Every registered averager but the test suite's own stand-ins (test_train's never-ready ``spy``, registered
-    when another test module imports test_train), which are not averagers users could pick."""
+    """Every registered averager but the test suite's own stand-ins (the never-ready ``spy`` of conftest, registered
+    only while a test that asks for it runs, and any a test module registers), which users could not pick."""
     return [n for n in registry.averagers.names()
-            if not registry.averagers.get(n).__module__.split(".")[-1].startswith("test_")]
+            if not registry.averagers.get(n).__module__.split(".")[-1].startswith(("test_", "conftest"))]
 
 
 @pytest.mark.parametrize("name", contract_names())

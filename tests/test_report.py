@@ -15,44 +15,12 @@ from lawa_suite.report import find_runs, read_run, seed_band, summarise_lr, to_h
 from lawa_suite.report.claims import swa_like
 from lawa_suite.report.targets import crossing, saved_fractions, steps_table
 
+from helpers import REPORT_CURVES, report_run, report_bench
+
 runner = CliRunner()
 
-# held-out loss (lower is better) at steps 10..50: raw is noisy at the high lr; lawa settles below it sooner
-CURVES = {
-    (0.1, 0): {"raw": [3.0, 2.5, 2.4, 2.2, 2.3], "lawa": [None, 2.3, 2.1, 2.0, 2.0],
-               "swa": [None, None, None, 2.1, 2.05], "swa_early": [None, 2.6, 2.4, 2.3, 2.25]},
-    (0.1, 1): {"raw": [3.2, 2.7, 2.6, 2.4, 2.5], "lawa": [None, 2.5, 2.3, 2.2, 2.2],
-               "swa": [None, None, None, 2.3, 2.25], "swa_early": [None, 2.8, 2.6, 2.5, 2.45]},
-    (0.01, 0): {"raw": [3.5, 3.0, 2.8, 2.7, 2.6], "lawa": [None, 3.1, 2.85, 2.72, 2.61],
-                "swa": [None, None, None, 2.7, 2.62], "swa_early": [None, 3.2, 2.9, 2.8, 2.7]},
-}
-
-
-def make_run(root: Path, lr: float, seed: int, curves: dict[str, list[float | None]]) -> Path:
-    run = root / f"lr{lr:g}-seed{seed}"
-    run.mkdir(parents=True)
-    config = {"task": "gpt2", "preset": "cpu", "lr": lr, "seed": seed, "steps": 50,
-              "averager": ["lawa", "swa", "swa_early"], "swa": {"start": 0.75, "every": 1},
-              "swa_early": {"of": "swa", "start": 0.2, "every": 1}, "lawa": {"k": 2, "nu": 5}}
-    (run / "config.yaml").write_text(yaml.safe_dump(config))
-    lines = [{"step": 10, "weights": "raw", "split": "train", "loss": 9.0, "lr": lr}]
-    for i, step in enumerate(range(10, 51, 10)):
-        for weights, values in curves.items():
-            if values[i] is not None:
-                lines.append({"step": step, "weights": weights, "split": "val", "loss": values[i]})
-    (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    return run
-
-
-def bench(tmp_path: Path) -> Path:
-    root = tmp_path / "bench" / "gpt2"
-    for (lr, seed), curves in CURVES.items():
-        make_run(root, lr, seed, curves)
-    return tmp_path / "bench"
-
-
 def test_seed_band_is_the_mean_and_range_over_common_steps(tmp_path):
-    runs = [read_run(p) for p in find_runs([bench(tmp_path)]) if "lr0.1-" in p.name]
+    runs = [read_run(p) for p in find_runs([report_bench(tmp_path)]) if "lr0.1-" in p.name]
     band = seed_band(runs, "raw", "loss")
     assert band.steps == [10, 20, 30, 40, 50] and band.seeds == 2
     assert band.mean[0] == 3.1 and band.low[0] == 3.0 and band.high[0] == 3.2
@@ -60,7 +28,7 @@ def test_seed_band_is_the_mean_and_range_over_common_steps(tmp_path):
 
 
 def test_steps_to_target_interpolates_crossings_of_each_runs_own_raw_targets(tmp_path):
-    runs = [read_run(p) for p in find_runs([bench(tmp_path)]) if "lr0.1-" in p.name]
+    runs = [read_run(p) for p in find_runs([report_bench(tmp_path)]) if "lr0.1-" in p.name]
     # seed 0: raw 3.0 2.5 2.4 2.2 2.3 at steps 10..50; smoothed final mean(2.4, 2.2, 2.3) = 2.3, first reached
     # between step 30 (2.4) and 40 (2.2): at 35. LAWA is at 2.3 at its first evaluation, step 20: 1 - 20/35 saved.
     # Best 2.2 (raw at 40); LAWA crosses it between 20 (2.3) and 30 (2.1): at 25, so 1 - 25/40. Seed 1 is seed 0
@@ -82,7 +50,7 @@ def test_steps_to_target_interpolates_crossings_of_each_runs_own_raw_targets(tmp
 
 
 def test_swa_instances_are_found_by_of_not_by_name(tmp_path):
-    run = make_run(tmp_path, 0.1, 0, {"raw": [3.0, 2.5, 2.4, 2.2, 2.3], "swa": [None, None, 2.4, 2.2, 2.1],
+    run = report_run(tmp_path, 0.1, 0, {"raw": [3.0, 2.5, 2.4, 2.2, 2.3], "swa": [None, None, 2.4, 2.2, 2.1],
                                       "late": [None, None, None, 2.2, 2.15], "swap_thing": [None, 2.6, 2.4, 2.3, 2.2]})
     config = yaml.safe_load((run / "config.yaml").read_text())
     config.update(swa={"start": 0.5}, late={"of": "swa", "start": 0.8}, swap_thing={"start": 0.2})
@@ -93,7 +61,7 @@ def test_swa_instances_are_found_by_of_not_by_name(tmp_path):
 
 
 def test_bench_report_markdown_html_and_claims(tmp_path):
-    folder = bench(tmp_path)
+    folder = report_bench(tmp_path)
     result = runner.invoke(app, ["report", str(folder), "title=synthetic"])
     assert result.exit_code == 0, result.output
     text = (folder / "report.md").read_text()
@@ -118,7 +86,7 @@ def test_bench_report_markdown_html_and_claims(tmp_path):
 
 
 def test_report_of_several_run_dirs_and_single_run_unchanged(tmp_path):
-    folder = bench(tmp_path)
+    folder = report_bench(tmp_path)
     runs = sorted(str(p) for p in (folder / "gpt2").iterdir())
     out = tmp_path / "together"
     result = runner.invoke(app, ["report", *runs, f"out={out}"])
@@ -150,8 +118,8 @@ def test_write_bench_report_without_runs_raises(tmp_path):
 
 
 def test_an_unfinished_run_is_left_out_of_the_means_and_flagged(tmp_path):
-    folder = bench(tmp_path)
-    partial = make_run(folder / "gpt2", 0.1, 7, {"raw": [9.0, 9.0, None, None, None]})  # stopped at step 20 of 50
+    folder = report_bench(tmp_path)
+    partial = report_run(folder / "gpt2", 0.1, 7, {"raw": [9.0, 9.0, None, None, None]})  # stopped at step 20 of 50
     result = runner.invoke(app, ["report", str(folder)])
     assert result.exit_code == 0, result.output
     text = (folder / "report.md").read_text()
@@ -163,7 +131,7 @@ def test_only_true_replicates_are_averaged_as_seeds(tmp_path):
     from lawa_suite.report.bench import group_runs
 
     def run(folder: str, seed: int, **changes: object) -> Path:
-        path = make_run(tmp_path / folder, 0.1, seed, CURVES[(0.1, 0)])
+        path = report_run(tmp_path / folder, 0.1, seed, REPORT_CURVES[(0.1, 0)])
         config = yaml.safe_load((path / "config.yaml").read_text())
         config.update(changes, out=str(path), progress=seed % 2 == 0)  # where a run lives is not the experiment
         (path / "config.yaml").write_text(yaml.safe_dump(config))
@@ -220,7 +188,7 @@ def gains_bench(root: Path, per_seed: dict[str, list[float]]) -> Path:
     for seed in range(3):
         raw = [3.0 - 0.2 * i + 0.3 * seed for i in range(5)]
         curves = {"raw": raw, **{case: [v - g[seed] for v in raw] for case, g in per_seed.items()}}
-        make_run(root / "gpt2", 0.1, seed, curves)
+        report_run(root / "gpt2", 0.1, seed, curves)
     return root
 
 
@@ -251,7 +219,7 @@ def test_claim_b_is_judged_on_paired_early_mid_gains_whichever_way_they_fall(tmp
 
 
 def test_the_tuned_lr_is_raws_best_final_and_gains_are_drawn_against_lr(tmp_path):
-    report = write_bench_report([bench(tmp_path)], tmp_path / "out")
+    report = write_bench_report([report_bench(tmp_path)], tmp_path / "out")
     text = report.read_text()
     # raw's seed-mean final: 2.4 at lr=0.1 (2.3, 2.5), 2.6 at lr=0.01: 0.1 is tuned, 0.01 lies 8.3% off it
     assert "### Gain against the learning rate (tuned lr = 0.1: raw's best final loss)" in text
@@ -263,12 +231,11 @@ def test_the_tuned_lr_is_raws_best_final_and_gains_are_drawn_against_lr(tmp_path
 def test_claim_g_sets_a_constant_runs_averagers_against_the_cosine_runs_raw(tmp_path):
     root = tmp_path / "bench"
     for seed, shift in ((0, 0.0), (1, 0.1)):  # seed 1's cosine raw a little higher at step 40: a spread over seeds
-        cosine = make_run(root / "cosine", 0.1, seed, {"raw": [3.0 + shift, 2.6 + shift, 2.3 + shift,
-                                                               2.1 + shift + 0.2 * shift, 2.0 + shift]})
-        constant = make_run(root / "constant", 0.1, seed, {"raw": [3.0 + shift, 2.7 + shift, 2.5 + shift, 2.45 + shift,
-                                                                   2.4 + shift],
-                                                           "lawa": [None, 2.4 + shift, 2.1 + shift, 2.0 + shift,
-                                                                    1.9 + shift]})
+        cosine = report_run(root / "cosine", 0.1, seed, {"raw": [3.0 + shift, 2.6 + shift, 2.3 + shift,
+                                                                 2.1 + shift + 0.2 * shift, 2.0 + shift]})
+        constant = report_run(root / "constant", 0.1, seed,
+                              {"raw": [3.0 + shift, 2.7 + shift, 2.5 + shift, 2.45 + shift, 2.4 + shift],
+                               "lawa": [None, 2.4 + shift, 2.1 + shift, 2.0 + shift, 1.9 + shift]})
         for run, schedule in ((cosine, "cosine"), (constant, "constant")):
             config = yaml.safe_load((run / "config.yaml").read_text())
             config["schedule"] = schedule
@@ -287,20 +254,20 @@ def test_a_single_run_report_names_the_phase_where_averaging_helped_or_says_it_d
     from lawa_suite.report.run import write_report
 
     # steps 10..50 of 50: early = step 10, mid = 20 and 30, late = 40 and 50
-    helped = make_run(tmp_path / "a", 0.1, 0, {"raw": [3.0, 2.8, 2.6, 2.3, 2.2], "lawa": [3.1, 2.6, 2.5, 2.3, 2.25]})
+    helped = report_run(tmp_path / "a", 0.1, 0, {"raw": [3.0, 2.8, 2.6, 2.3, 2.2], "lawa": [3.1, 2.6, 2.5, 2.3, 2.25]})
     text = write_report(helped).read_text()
     assert "Averaging helped most in the mid phase (25%-75% of the steps): lawa was ahead of raw at 2 of 2 " \
            "evaluations, by +0.1500 loss on average" in text
     assert "| lawa | -0.1000 (ahead at 0/1) | +0.1500 (ahead at 2/2) | -0.0250 (ahead at 0/2) |" in text
     assert (helped / "gains.png").stat().st_size > 5_000
-    did_not = make_run(tmp_path / "b", 0.1, 0, {"raw": [3.0, 2.8, 2.6, 2.3, 2.2], "lawa": [3.1, 2.9, 2.7, 2.4, 2.2]})
+    did_not = report_run(tmp_path / "b", 0.1, 0, {"raw": [3.0, 2.8, 2.6, 2.3, 2.2], "lawa": [3.1, 2.9, 2.7, 2.4, 2.2]})
     text = write_report(did_not).read_text()
     assert "In this run no averager was ahead of raw in loss on average in any phase" in text
 
 
 def test_claim_a_compares_the_highest_lr_that_still_trains_with_the_lowest(tmp_path):
-    root = bench(tmp_path)
-    make_run(root / "gpt2", 1.0, 0, {"raw": [3.5, 3.2, 3.0, 2.9, 2.9], "lawa": [None, 2.9, 2.7, 2.6, 2.6],
+    root = report_bench(tmp_path)
+    report_run(root / "gpt2", 1.0, 0, {"raw": [3.5, 3.2, 3.0, 2.9, 2.9], "lawa": [None, 2.9, 2.7, 2.6, 2.6],
                                      "swa": [None, None, None, 2.8, 2.8], "swa_early": [None, 3.1, 2.9, 2.8, 2.8]})
     text = write_bench_report([root], tmp_path / "out").read_text()
     # lr=1.0 ends at 2.9, 21% worse than the tuned lr=0.1 (2.4): another regime, left out of (a)
@@ -312,7 +279,7 @@ def test_claim_a_compares_the_highest_lr_that_still_trains_with_the_lowest(tmp_p
 def test_claim_f_judges_each_averagers_fid_against_raw_where_no_loss_was_recorded(tmp_path):
     root = tmp_path / "bench"
     for seed, shift in ((0, 0.0), (1, 3.0)):  # final gains 4.0 and 4.1: seeds differ, so the interval means something
-        run = make_run(root, 1e-3, seed, {"raw": [90 + shift, 70 + shift, 60 + shift, 55 + shift, 52 + shift],
+        run = report_run(root, 1e-3, seed, {"raw": [90 + shift, 70 + shift, 60 + shift, 55 + shift, 52 + shift],
                                           "lawa": [None, 65 + shift, 55 + shift, 50 + shift, 48 + shift - shift / 30]})
         config = yaml.safe_load((run / "config.yaml").read_text())
         config.update(task="ddpm", averager=["lawa"])

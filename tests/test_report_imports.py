@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import yaml
-from test_report import bench
+from helpers import report_bench
 
 from lawa_suite import registry
 from lawa_suite.config import dotted, resolve
@@ -30,7 +30,7 @@ print("loaded:", *sorted(m for m in sys.modules if m.startswith(("lawa_suite.tas
 
 
 def test_suite_report_of_a_bench_imports_no_task_and_no_trainer(tmp_path):
-    done = subprocess.run([sys.executable, "-c", _REPORT_AND_LIST_MODULES, str(bench(tmp_path)),
+    done = subprocess.run([sys.executable, "-c", _REPORT_AND_LIST_MODULES, str(report_bench(tmp_path)),
                            str(tmp_path / "out")], capture_output=True, text=True, check=True)
     assert done.stdout.strip().splitlines()[-1] == "loaded:", done.stdout
     text = (tmp_path / "out" / "report.md").read_text()
@@ -73,7 +73,7 @@ print(matplotlib.get_backend(), "matplotlib.pyplot" in sys.modules)
 
 def test_drawing_a_report_keeps_the_processs_plotting_backend(tmp_path):
     env = {**os.environ, "MPLBACKEND": "svg"}  # a backend the process chose: a report must not switch it
-    done = subprocess.run([sys.executable, "-c", _DRAW, str(bench(tmp_path)), str(tmp_path / "out")],
+    done = subprocess.run([sys.executable, "-c", _DRAW, str(report_bench(tmp_path)), str(tmp_path / "out")],
                           capture_output=True, text=True, check=True, env=env)
     assert done.stdout.split() == ["svg", "False"]
     assert list((tmp_path / "out").glob("*.png"))

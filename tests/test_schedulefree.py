@@ -4,10 +4,8 @@ warm-up applies, any other schedule is refused, and evaluation and resume leave 
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
-from pathlib import Path
 
 import pytest
 import schedulefree
@@ -22,31 +20,7 @@ from lawa_suite.tasks import schedule_free
 from lawa_suite.testing.cuda_standin import cuda_standin
 from lawa_suite.train import Run, lr_factor, train
 
-from helpers import assert_same, final_state
-
-
-def sf_run(task: str, out: Path, *extra: str) -> list[str]:
-    """A tiny schedule-free run's overrides; ``extra`` ones replace the defaults of the same key."""
-    words = [f"task={task}", "preset=tiny", "optimizer=schedulefree", f"out={out}", "steps=4", "eval.every=2",
-             "checkpoint.every=2", "checkpoint.keep=5", "progress=false", "averager=ema,swa", "swa.start=1", *extra]
-    return [f"{k}={v}" for k, v in dict(word.split("=", 1) for word in words).items()]
-
-
-def raw_scores(out: Path) -> dict[int, dict]:
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r for r in lines if r.get("weights") == "raw" and r.get("split") == "val"}
-
-
-def restored(cfg, out: Path, step: int):
-    """The task, its model and optimizer as saved at ``step``, rebuilt by hand (the live, train-mode weights)."""
-    folder = out / "checkpoints" / ckpt.step_dir_name(step)
-    task = registry.tasks.get(cfg.run.task)(cfg.task, cfg.run)
-    task.setup()
-    model = task.build_model()
-    model.load_state_dict(load_file(str(folder / "model.safetensors")))
-    optimizer = task.build_optimizer(model, cfg.run.lr)
-    optimizer.load_state_dict(ckpt.read_state(folder, "state")["optimizer"])
-    return task, model, optimizer
+from helpers import assert_same, final_state, raw_scores, restored, sf_run
 
 
 def by_hand(task, model, calibration: bool) -> dict[str, float]:

@@ -16,7 +16,7 @@ from lawa_suite.cli import app
 from lawa_suite.config import resolve
 from lawa_suite.train import train
 
-from test_schedulefree import raw_scores, restored, sf_run
+from helpers import raw_scores, restored, sf_run
 
 runner = CliRunner()
 
