@@ -17,3 +17,16 @@ def test_the_code_passes_ruff():
     result = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "lawa_suite", "tests", "benchmarks"],
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_test_files_share_helpers_only_through_helpers_and_conftest():
+    # a helper another test file imports lives in tests/helpers.py (or is a conftest fixture), once
+    import ast
+
+    importing = []
+    for path in sorted((ROOT / "tests").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            importing += [f"{path.name} imports {n}" for n in names if n.startswith(("test_", "_fsdp", "_reliability"))]
+    assert importing == []
