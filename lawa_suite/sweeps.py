@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lawa_suite.config import ConfigError, ResolvedConfig, parse_overrides
+from lawa_suite.errors import SuiteError
 from lawa_suite.rundir import LMC_DIR, SWEEPS_DIR  # re-exported: the folder names' old home
 
 __all__ = ["SWEEPS_DIR", "LMC_DIR", "Sweep", "parse_sweeps", "check_sweeps", "run_sweeps", "parse_lmc", "check_lmc",
@@ -89,7 +90,6 @@ def check_sweeps(sweeps: list[Sweep], cfg: ResolvedConfig) -> None:
 def run_sweeps(cell_out: Path, sweeps: list[Sweep], log: Callable[[str], None]) -> list[str]:
     """Average and score every sweep of a finished cell; returns the failures (one line each)."""
     from lawa_suite.analysis import evaluate_posthoc
-    from lawa_suite.errors import SuiteError
     from lawa_suite.posthoc import average
 
     failures = []
@@ -145,7 +145,6 @@ def check_lmc(pairs: list[tuple[float, float]], cfg: ResolvedConfig) -> None:
 def run_lmc(cell_out: Path, pairs: list[tuple[float, float]], log: Callable[[str], None]) -> list[str]:
     """The path between the saved weights of each pair, scored at its ends and midpoint; returns the failures."""
     from lawa_suite.analysis import Evaluation, eval_config, lmc, write_lmc
-    from lawa_suite.errors import SuiteError
     from lawa_suite.posthoc import read_checkpoint
 
     todo = [p for p in pairs if not (cell_out / LMC_DIR / f"{p[0]:g}-{p[1]:g}" / "lmc.json").is_file()]

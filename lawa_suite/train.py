@@ -45,6 +45,7 @@ from lawa_suite.errors import EXIT_NONFINITE, EXIT_PREEMPTED, ConfigError, Inter
 from lawa_suite.preemption import StopFlag
 from lawa_suite.progress import ProgressBar
 from lawa_suite.run_settings import cuda_settings, lr_factor
+from lawa_suite.report import write_report
 from lawa_suite.rundir import MetricsLog, prepare_run_dir, write_metrics_meta
 from lawa_suite.run_checkpoints import RunCheckpointer
 from lawa_suite.run_state import TrainState
@@ -462,6 +463,5 @@ def _train(cfg: ResolvedConfig) -> RunResult:
     if unclosed:
         raise unclosed[0]
     if run.is_main:
-        from lawa_suite.report import write_report
         write_report(run.out)
     return RunResult(run.out, run.state.step, run.state.skipped)

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from lawa_suite.averagers.base import ReplayTrack, SnapshotFolder, is_count
 from lawa_suite.config import choice, require
+from lawa_suite.errors import ConfigError
 from lawa_suite.files import lock_beside, write_atomic
 from lawa_suite.averagers._host_copies import DeviceToHost, pinned_like, pinned_snapshot_copy, snapshot_copy
 from lawa_suite.averagers._window_worker import WindowWorker
@@ -301,7 +302,6 @@ def _hold_folder(folder: str) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        from lawa_suite.errors import ConfigError
         raise ConfigError(f"dir: {folder} holds the snapshots of another window in use (another run, or another "
                           f"averager of this run); give each its own folder, or leave dir empty for a temporary "
                           f"one") from None

@@ -35,6 +35,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
+from lawa_suite.registry import class_contract_problem
 from lawa_suite.averagers._tensors import (  # noqa: F401 - re-exported: plugins import these from base
     NonFiniteWarning, Weights, named_tensors, local_shard, accumulation_dtype, finite_flag, all_finite, is_count,
     accumulator_copy, cast_like, staged_like, storage_key, find_aliases, follow_devices, Layout)
@@ -300,6 +301,4 @@ def contract_problem(obj: Any) -> str | None:
     """Why ``obj`` cannot serve as an averager (checked by the registry when it is selected), or None: before any
     work, so a plugin missing a piece fails with one line naming it, never with an AttributeError mid-run.
     Subclassing ``Averager`` provides everything but the method itself."""
-    from lawa_suite.registry import class_contract_problem
-
     return class_contract_problem(obj, "averager", CONTRACT, "lawa_suite.Averager")

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 import torch
 from torch import Tensor, nn
 
+from lawa_suite.registry import class_contract_problem
 from lawa_suite.errors import DataUnavailable, ExportUnsupported  # re-exported: tasks raise them
 
 if TYPE_CHECKING:
@@ -122,8 +123,6 @@ CONTRACT = ("Config", "presets", "default_preset", "evaluator", "data_sources", 
 
 def contract_problem(obj: Any) -> str | None:
     """Why ``obj`` cannot serve as a task (checked by the registry when it is selected), or None."""
-    from lawa_suite.registry import class_contract_problem
-
     problem = class_contract_problem(obj, "task", CONTRACT, "lawa_suite.Task")
     if problem is None and obj.default_preset not in obj.presets:
         problem = (f"{obj.__qualname__}: default_preset {obj.default_preset!r} is not one of its presets "
