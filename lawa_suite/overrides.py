@@ -67,10 +67,18 @@ def _omegaconf_message(exc: OmegaConfBaseException) -> str:
     return f"{key}: {msg}"
 
 
-def list_fields(schema: type) -> set[str]:
-    """The fields of dataclass ``schema`` typed as lists (``phema.sigma_rel``)."""
+def list_fields(schema: type, prefix: str = "") -> set[str]:
+    """The fields of dataclass ``schema`` typed as lists (``phema.sigma_rel``), dotted, nested configs' too
+    (``fid.final_at`` in the ddpm task's config)."""
     hints = typing.get_type_hints(schema)
-    return {f.name for f in dataclasses.fields(schema) if typing.get_origin(hints.get(f.name)) is list}
+    found = set()
+    for f in dataclasses.fields(schema):
+        hint = hints.get(f.name)
+        if typing.get_origin(hint) is list:
+            found.add(prefix + f.name)
+        elif dataclasses.is_dataclass(hint):
+            found |= list_fields(hint, f"{prefix}{f.name}.")
+    return found
 
 
 def _as_lists(schema: type, values: dict[str, Any]) -> dict[str, Any]:

@@ -70,6 +70,8 @@ ADDED_KEYS: dict[str, tuple[str | None, Any, str]] = {
     "schedulefree.weight_lr_power": (None, 2.0, "2026-12-07"),
     "gpt2.optimizer": ("gpt2", "adamw", "2026-12-07"),
     "ddpm.optimizer": ("ddpm", "adamw", "2026-12-07"),
+    "ddpm.fid.final_samples": ("ddpm", 0, "2026-12-07"),     # one sample count at every evaluation before
+    "ddpm.fid.final_at": ("ddpm", [1.0], "2026-12-07"),
 }
 
 

@@ -38,8 +38,6 @@ def test_the_keys_are_typed_and_checked():
             resolve(["task=ddpm", "preset=tiny", "fid.samples=32", word])
 
 
-@pytest.mark.xfail(strict=True, raises=ConfigError, reason="overrides.list_fields sees only a section's top-level "
-                   "list fields, not fid.final_at inside DdpmConfig.fid: a comma list or one value is refused")
 def test_a_list_key_of_a_nested_config_takes_a_comma_list_or_one_value():
     assert resolve(["task=ddpm", "preset=tiny", "fid.final_at=0.5,1.0"]).task.fid.final_at == [0.5, 1.0]
     assert resolve(["task=ddpm", "preset=tiny", "fid.final_at=1.0"]).task.fid.final_at == [1.0]

@@ -349,3 +349,16 @@ def test_gain_curves_show_every_point_and_their_band_is_the_paired_t_interval(tm
     (panel,) = limits["gpt2-cpu-gains.png"]
     (low, high), values = panel
     assert min(values) == pytest.approx(-2.0) and low <= -2.0 and high >= max(values)  # the early point is on it
+
+
+def test_the_fid_note_states_each_sample_count_the_run_drew():
+    from types import SimpleNamespace
+
+    from lawa_suite.report.diffusion import fid_note
+
+    def note(fid: dict) -> str:
+        return fid_note(SimpleNamespace(config={"task": "ddpm", "ddpm": {"fid": fid}}), "fid_standin")
+
+    assert note({"samples": 64}).startswith("fid_standin on 64 samples through the offline")
+    assert note({"samples": 64, "final_samples": 512, "final_at": [0.5, 1.0]}).startswith(
+        "fid_standin on 64 samples (512 from 50%, 100% of the run) through")

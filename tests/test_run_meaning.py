@@ -142,3 +142,19 @@ def test_the_report_and_resume_read_one_table():
     assert rundir.with_added_keys("toy", saved)["schedulefree.r"] == 0.0
     assert "gpt2.optimizer" not in rundir.with_added_keys("toy", saved)  # another task's key
     assert json.loads(json.dumps(rundir.ADDED_KEYS))  # plain values: a table a report can print
+
+
+def test_numbers_beside_the_metrics_are_not_curves(tmp_path):
+    # FID's fid_samples (how many samples a score drew) sits beside the scores in metrics.jsonl: not a metric
+    from lawa_suite.report.curves import load_metrics
+
+    run = tmp_path / "run"
+    run.mkdir()
+    rundir.write_metrics_meta(run, "fid", {"fid_standin": "min", "loss": "min"}, {})
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 5, "weights": "raw", "split": "val", "fid_standin": 90.0,
+                                                   "loss": 0.1, "fid_samples": 512}) + "\n")
+    curves, _ = load_metrics(run / "metrics.jsonl")
+    assert set(curves["raw"]) == {"fid_standin", "loss"}
+    (run / "metrics-meta.json").unlink()  # a run from before runs recorded their metrics: every number, as before
+    assert "fid_samples" in load_metrics(run / "metrics.jsonl")[0]["raw"]
+

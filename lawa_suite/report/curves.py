@@ -20,9 +20,13 @@ SIZE_KEYS = ("images", "examples", "windows", "tokens")
 
 
 def load_metrics(path: Path) -> tuple[Curves, list[tuple[int, float]]]:
-    """Validation curves per weights and metric, and the training-loss curve, from ``metrics.jsonl``."""
+    """Validation curves per weights and metric, and the training-loss curve, from ``metrics.jsonl``. Where the run
+    recorded its metrics (``metrics-meta.json``), only those are curves: an evaluator's other numbers beside them
+    (FID's ``fid_samples``) are facts about a score, not scores."""
     curves: Curves = defaultdict(lambda: defaultdict(list))
     train: list[tuple[int, float]] = []
+    meta = read_metrics_meta(Path(path).parent)
+    kept = set(meta["metrics"]) if meta else None
     for record in read_metrics(Path(path)):  # a cut-short last line is skipped with a warning; others are errors
         step, split, weights = record["step"], record.get("split"), record.get("weights", "raw")
         if split == "train":
@@ -30,7 +34,8 @@ def load_metrics(path: Path) -> tuple[Curves, list[tuple[int, float]]]:
                 train.append((step, record["loss"]))
             continue
         for key, value in record.items():
-            if key not in ("step", "split", "weights") and isinstance(value, (int, float)):
+            if key not in ("step", "split", "weights") and isinstance(value, (int, float)) \
+                    and (kept is None or key in kept):
                 curves[weights][key].append((step, float(value)))
     return curves, train
 

@@ -34,8 +34,13 @@ def fid_metric(runs: Sequence[RunRecord]) -> str | None:
 def fid_note(run: RunRecord, metric: str) -> str:
     """``metric`` with the sample count it rests on (the run's ``<task>.fid.samples``) and, for the stand-in, what
     scored it."""
-    samples = next((v for k, v in dotted(run.config).items() if k.endswith("fid.samples")), None)
+    keys = dotted(run.config)
+    samples = next((v for k, v in keys.items() if k.endswith("fid.samples")), None)
+    final = next((v for k, v in keys.items() if k.endswith("fid.final_samples")), 0)
+    at = next((v for k, v in keys.items() if k.endswith("fid.final_at")), [1.0])
     text = f"{metric} on {samples} samples" if samples is not None else f"{metric} (its sample count not saved)"
+    if samples is not None and final:  # fid.final_samples: a larger set at the first evaluation from each fraction
+        text += f" ({final} from {', '.join(f'{float(f):.0%}' for f in at)} of the run)"
     if metric == "fid_standin":
         text += " through the offline random-feature stand-in network, not Inception"
     return text
