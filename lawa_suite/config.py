@@ -19,7 +19,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from lawa_suite.errors import ConfigError
+from lawa_suite import registry
+from lawa_suite.errors import ConfigError, RegistryError
 from lawa_suite.overrides import build_section, parse_overrides, parse_value, split_list
 
 __all__ = ["ConfigError", "accumulation", "RunConfig", "DataConfig", "EvalConfig", "CheckpointConfig",
@@ -191,8 +192,6 @@ class ResolvedConfig:
 
     def build_averagers(self) -> dict[str, Any]:
         """A fresh averager per selected name, named as selected (an instance reports its own name)."""
-        from lawa_suite import registry
-
         built = {}
         for name, cfg in self.averagers.items():
             averager = registry.averagers.create(self.registered(name), **dataclasses.asdict(cfg))
@@ -225,8 +224,6 @@ def _keys_of(schema: Any, prefix: str = "") -> list[str]:
 
 
 def _lookup(registry_name: str, name: str, key: str) -> Any:
-    from lawa_suite import registry
-    from lawa_suite.errors import RegistryError
     try:
         return getattr(registry, registry_name).get(name)
     except RegistryError as exc:  # unknown name or a plugin that cannot be used: already one line
@@ -262,7 +259,6 @@ def resolve(overrides: list[str] | dict[str, Any], base: dict[str, Any] | None =
     run_keys = set(_keys_of(RunConfig))
     task_keys = set(_keys_of(task_cls.Config))
     sections: dict[str, dict[str, Any]] = {"": {}, task_name: {}, **{n: {} for n in averager_cls}}
-    from lawa_suite import registry
     unused_averagers = set(registry.averagers.names()) - set(averager_cls)
     for key, value in values.items():
         head, _, rest = key.partition(".")
@@ -348,8 +344,6 @@ def averager_bases(names: list[str], values: Mapping[str, Any]) -> dict[str, str
     An instance is a second configuration of a registered averager under its own name, for ``suite run``,
     ``suite average``, resume and export alike: the name keys its settings, metrics, state and output folder.
     """
-    from lawa_suite import registry
-
     known = set(registry.averagers.names())
     bases = {}
     for name in names:
@@ -385,7 +379,6 @@ def dotted(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def _unknown_key_message(key: str, run_keys: set[str], task: str, task_keys: set[str],
                          averagers: dict[str, Any]) -> str:
     head, _, rest = key.partition(".")
-    from lawa_suite import registry
     if (head in registry.averagers.names() or rest == "of") and head not in averagers:
         return (f"{key}: averager '{head}' is not selected (averager={','.join(averagers) or '(none)'}); "
                 f"add it to averager= or drop the key")

@@ -31,7 +31,17 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("bench", ("bench", "sweeps", "cluster")),
     ("interface", ("cli", "testing")),
 ]
-TOP = ("lawa_suite",)  # the package's own __init__: lazy re-exports only, above everything
+TOP = ("lawa_suite",)
+
+# Modules that may import the package inside a function, and why: each keeps a light path from loading torch or
+# another slow import. Anywhere else an import goes at the top, where the next reader sees the dependency.
+DEFERRED_ALLOWED = {
+    "lawa_suite.cli": "`suite --help` imports no torch (tests/test_config.py checks it)",
+    "lawa_suite.bench": "`suite bench --dry-run` and `emit=` plan cells and write scripts without torch",
+    "lawa_suite.sweeps": "imported by bench's planning; the sweeps themselves need torch only when they run",
+    "lawa_suite.report.run": "a run's report reads files: torch loads only to say why an averager was never ready",
+    "lawa_suite.evaluators.fid": "its offline stand-in network imports torch-fidelity (seconds) only when used",
+}  # the package's own __init__: lazy re-exports only, above everything
 
 __doc__ += "\n".join(f"  {name}: {', '.join(prefixes)}" for name, prefixes in LAYERS)
 
@@ -144,6 +154,24 @@ def test_no_import_cycle_even_through_deferred_imports():
     assert cycles(import_graph()) == []
 
 
+def deferred_imports(package: Path = PACKAGE) -> dict[str, list[str]]:
+    """module -> the package modules it imports inside a function."""
+    found: dict[str, list[str]] = {}
+    for name, path in module_files(package).items():
+        for function in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(function):
+                targets = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+                found.setdefault(name, []).extend(t for t in targets if t.split(".")[0] == "lawa_suite")
+    return {name: sorted(set(targets)) for name, targets in found.items() if targets}
+
+
+def test_package_imports_inside_functions_only_where_start_up_needs_them():
+    assert {m: t for m, t in deferred_imports().items() if m not in DEFERRED_ALLOWED} == {}
+
+
 def test_the_contract_catches_a_wrong_way_import_a_deferred_one_and_a_cycle(tmp_path):
     package = tmp_path / "lawa_suite"
     (package / "averagers").mkdir(parents=True)
@@ -158,3 +186,4 @@ def test_the_contract_catches_a_wrong_way_import_a_deferred_one_and_a_cycle(tmp_
     assert graph["lawa_suite.train"] == {"lawa_suite.averagers", "lawa_suite.averagers.ema"}
     assert upward_imports(graph) == ["lawa_suite.averagers.ema (averagers) imports lawa_suite.train (training)"]
     assert cycles(graph) == [["lawa_suite.averagers", "lawa_suite.averagers.ema", "lawa_suite.train"]]
+    assert deferred_imports(package) == {"lawa_suite.averagers.ema": ["lawa_suite"]}

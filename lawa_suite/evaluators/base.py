@@ -11,6 +11,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from lawa_suite import registry
+from lawa_suite.registry import class_contract_problem
+
 
 @dataclass(frozen=True)
 class EvaluationContext:
@@ -37,8 +40,6 @@ class EvaluationContext:
 def create_evaluator(name: str, task: Any, context: EvaluationContext) -> "Evaluator":
     """The registered evaluator ``name`` for ``task``, given ``context`` when its constructor takes one (a plugin
     written for ``Evaluator(task)`` alone keeps working)."""
-    from lawa_suite import registry
-
     return build_evaluator(registry.evaluators.get(name), task, context)
 
 
@@ -93,8 +94,6 @@ def reduce_sums(sums: dict[str, float], accelerator: Any = None, device: Any = N
 
 def contract_problem(obj: Any) -> str | None:
     """Why ``obj`` cannot serve as an evaluator (checked by the registry when it is selected), or None."""
-    from lawa_suite.registry import class_contract_problem
-
     problem = class_contract_problem(obj, "evaluator", ("metrics", "begin", "evaluate"), "lawa_suite.Evaluator")
     if problem is None and (not isinstance(obj.metrics, dict) or not obj.metrics):
         problem = f"{obj.__qualname__}.metrics must map each metric it reports to 'max' or 'min'"

@@ -29,6 +29,7 @@ from lawa_suite.data.batches import batch_generator  # noqa: F401  (its public p
 from lawa_suite.data.images import ImageSet, load_image_set
 from lawa_suite.data.stream import IndexStream, TensorStream
 from lawa_suite.errors import CheckpointError
+from lawa_suite.module_folders import write_module_folder
 from lawa_suite.tasks import _timm
 from lawa_suite.tasks import schedule_free
 from lawa_suite.tasks.base import Task, parameter_count
@@ -278,8 +279,6 @@ class CifarTask(Task):
         (``module_folders.write_module_folder``). The classes and channels come from the weights (export runs without
         the data)."""
         if self.config.model == _timm.PREACT:
-            from lawa_suite.module_folders import write_module_folder
-
             args = preact_args(weights)
             write_module_folder(PreActResNet18, args, weights, out,
                                 f"A lawa-suite image classifier: PreAct-ResNet-18 of width {args['width']}, "
