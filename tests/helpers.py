@@ -196,3 +196,21 @@ def restored(cfg, out: Path, step: int):
     optimizer = task.build_optimizer(model, cfg.run.lr)
     optimizer.load_state_dict(ckpt.read_state(folder, "state")["optimizer"])
     return task, model, optimizer
+
+
+# -- the ddpm task at its tiny preset ----------------------------------------------------------------------------
+def ddpm_tiny_config(tmp_path: Path, *overrides: str):
+    """ddpm's tiny preset with its cache and run folder in ``tmp_path``."""
+    return resolve(["task=ddpm", "preset=tiny", f"data.cache={tmp_path / 'cache'}", f"out={tmp_path / 'run'}",
+                    "progress=false", *overrides])
+
+
+def ddpm_tiny_task(tmp_path: Path, *overrides: str):
+    """The ddpm task of ``ddpm_tiny_config``, set up (its data read)."""
+    from lawa_suite.tasks.ddpm import DdpmTask
+
+    cfg = ddpm_tiny_config(tmp_path, *overrides)
+    task = DdpmTask(cfg.task, cfg.run)
+    task.setup()
+    return task
+

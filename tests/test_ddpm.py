@@ -38,22 +38,12 @@ from lawa_suite.train import train
 
 from helpers import assert_same, read_metrics
 
+from helpers import ddpm_tiny_config, ddpm_tiny_task
+
 runner = CliRunner()
 
 
 # -- helpers ----------------------------------------------------------------------------------------
-def tiny_config(tmp_path: Path, *overrides: str):
-    return resolve(["task=ddpm", "preset=tiny", f"data.cache={tmp_path / 'cache'}", f"out={tmp_path / 'run'}",
-                    "progress=false", *overrides])
-
-
-def tiny_task(tmp_path: Path, *overrides: str) -> DdpmTask:
-    cfg = tiny_config(tmp_path, *overrides)
-    task = DdpmTask(cfg.task, cfg.run)
-    task.setup()
-    return task
-
-
 class _Zero(torch.nn.Module):
     """A "UNet" that predicts no noise at all: DDIM then only rescales its starting noise."""
 
@@ -105,14 +95,14 @@ def test_config_errors_name_the_key_and_what_is_allowed(tmp_path):
             resolve(["task=ddpm", "preset=tiny", override])
         assert message in str(error.value) and "\n" not in str(error.value), override
     with pytest.raises(ConfigError, match="ddpm.loader: stream reads data=imagefolder only"):
-        tiny_task(tmp_path, "ddpm.loader=stream")
+        ddpm_tiny_task(tmp_path, "ddpm.loader=stream")
     with pytest.raises(ConfigError, match="fid.extractor: expected one of auto, .*standin.*, got 'nope'"):
         create_extractor(FidConfig(extractor="nope"))
 
 
 # -- training objective and sampling ----------------------------------------------------------------
 def test_loss_depends_on_seed_step_and_examples_only(tmp_path):
-    task = tiny_task(tmp_path, "ddpm.flip=true")
+    task = ddpm_tiny_task(tmp_path, "ddpm.flip=true")
     torch.manual_seed(0)
     model = task.build_model()
     batch = task.train_stream(16, 0, 1).next_batch()
@@ -125,7 +115,7 @@ def test_loss_depends_on_seed_step_and_examples_only(tmp_path):
 
 
 def test_tiny_model_learns_to_denoise_a_fixed_batch(tmp_path):
-    cfg = tiny_config(tmp_path)
+    cfg = ddpm_tiny_config(tmp_path)
     task = DdpmTask(cfg.task, cfg.run)
     task.setup()
     torch.manual_seed(0)
@@ -144,7 +134,7 @@ def test_tiny_model_learns_to_denoise_a_fixed_batch(tmp_path):
 
 
 def test_samples_start_from_the_same_noise_for_every_weights(tmp_path):
-    task = tiny_task(tmp_path)
+    task = ddpm_tiny_task(tmp_path)
     sample_batches = [b for b in task.eval_batches() if b["kind"] == "sample"]
     assert [b["count"] for b in sample_batches] == [16, 16]  # fid.samples=32 in batches of 16
     torch.manual_seed(5)
@@ -192,7 +182,7 @@ class _Oracle(DdpmTask):
 
 
 def test_fid_separates_real_samples_from_noise(tmp_path):
-    cfg = tiny_config(tmp_path, "fid.samples=128", "fid.reference=1000")
+    cfg = ddpm_tiny_config(tmp_path, "fid.samples=128", "fid.reference=1000")
     task = _Oracle(cfg.task, cfg.run)
     task.setup()
     fid = FID(task)
@@ -244,7 +234,7 @@ def test_fid_equals_torch_fidelity_calculate_metrics_with_a_registered_extractor
 
     if "test-pixels" not in FEATURE_EXTRACTORS_REGISTRY:
         torch_fidelity.register_feature_extractor("test-pixels", _PixelFeatures.make())
-    cfg = tiny_config(tmp_path, "fid.extractor=test-pixels", "fid.samples=64", "fid.reference=300")
+    cfg = ddpm_tiny_config(tmp_path, "fid.extractor=test-pixels", "fid.samples=64", "fid.reference=300")
     task = _Oracle(cfg.task, cfg.run)
     task.setup()
     task.noise = True
@@ -269,7 +259,7 @@ def test_fid_equals_torch_fidelity_calculate_metrics_with_a_registered_extractor
 
 
 def test_reference_statistics_are_computed_once_and_cached_by_count(tmp_path, monkeypatch):
-    task = tiny_task(tmp_path)
+    task = ddpm_tiny_task(tmp_path)
     first = FID(task).reference_stats(None, torch.device("cpu"))
     files = list((tmp_path / "cache" / "fid").glob("*.npz"))
     assert len(files) == 1 and "digits-16px-256-" in files[0].name and STANDIN in files[0].name
@@ -277,13 +267,13 @@ def test_reference_statistics_are_computed_once_and_cached_by_count(tmp_path, mo
     again = FID(task).reference_stats(None, torch.device("cpu"))
     assert np.array_equal(first["mu"], again["mu"]) and np.array_equal(first["sigma"], again["sigma"])
     monkeypatch.undo()
-    other = tiny_task(tmp_path, "fid.reference=200")
+    other = ddpm_tiny_task(tmp_path, "fid.reference=200")
     FID(other).reference_stats(None, torch.device("cpu"))
     assert len(list((tmp_path / "cache" / "fid").glob("*.npz"))) == 2  # another count, another file
 
 
 def test_a_truncated_reference_cache_is_computed_again_not_a_traceback_on_every_run(tmp_path, capsys):
-    task = tiny_task(tmp_path)
+    task = ddpm_tiny_task(tmp_path)
     first = FID(task).reference_stats(None, torch.device("cpu"))
     cached = next((tmp_path / "cache" / "fid").glob("*.npz"))
     cached.write_bytes(cached.read_bytes()[:100])  # a kill while it was written (was: BadZipFile every run after)
@@ -353,7 +343,7 @@ def test_auto_uses_inception_once_its_file_is_in_the_hub_cache(tmp_path, offline
     Fréchet distance itself is checked against torch-fidelity above; on 2048 features it costs ~10 s here.)"""
     random_inception_weights(offline / INCEPTION_FILE)
     # few images: Inception takes ~0.2 s an image on one CPU core
-    task = tiny_task(tmp_path, "fid.extractor=auto", "fid.reference=8")
+    task = ddpm_tiny_task(tmp_path, "fid.extractor=auto", "fid.reference=8")
     fid = FID(task)
     assert fid.extractor_name == INCEPTION and fid.layer == "2048"
     sample = task.sample_images(_Zero(), {"kind": "sample", "index": 0, "count": 3})
@@ -510,9 +500,9 @@ def test_streamed_folder_matches_the_in_memory_one_and_resumes(tmp_path):
 def test_task_streams_a_big_folder_and_keeps_a_small_one_in_memory(tmp_path, monkeypatch):
     write_tree(tmp_path / "tree")
     common = ["data=imagefolder", f"data.path={tmp_path / 'tree'}", "ddpm.workers=0"]
-    small = tiny_task(tmp_path, *common)
+    small = ddpm_tiny_task(tmp_path, *common)
     assert small.data is not None and small.files is None
-    big = tiny_task(tmp_path, *common, "ddpm.memory_gb=1e-6")  # "bigger than memory": stream it
+    big = ddpm_tiny_task(tmp_path, *common, "ddpm.memory_gb=1e-6")  # "bigger than memory": stream it
     assert big.data is None and isinstance(big.train_stream(4, 0, 1), FileImageStream)
     assert torch.equal(big.eval_images, small.eval_images)  # the same held-out images, decoded the same way
     streamed = torch.cat(list(big.fid_reference_batches(8, 3)))

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,20 +11,11 @@ import torch
 from lawa_suite.config import ConfigError, resolve
 from lawa_suite.evaluators.base import EvaluationContext, Evaluator, build_evaluator
 from lawa_suite.evaluators.fid import FID
-from lawa_suite.tasks.ddpm import DdpmTask
 from lawa_suite.train import train
 
-
-def tiny(tmp_path: Path, *overrides: str):
-    return resolve(["task=ddpm", "preset=tiny", f"data.cache={tmp_path / 'cache'}", f"out={tmp_path / 'run'}",
-                    "progress=false", *overrides])
+from helpers import ddpm_tiny_config, ddpm_tiny_task
 
 
-def tiny_task(tmp_path: Path, *overrides: str) -> DdpmTask:
-    cfg = tiny(tmp_path, *overrides)
-    task = DdpmTask(cfg.task, cfg.run)
-    task.setup()
-    return task
 
 
 def test_the_keys_are_typed_and_checked():
@@ -44,7 +34,7 @@ def test_a_list_key_of_a_nested_config_takes_a_comma_list_or_one_value():
 
 
 def test_the_larger_count_falls_on_the_first_evaluation_at_or_after_each_fraction(tmp_path):
-    task = tiny_task(tmp_path, "fid.samples=16", "fid.final_samples=32", "fid.final_at=[0.5,1.0]")
+    task = ddpm_tiny_task(tmp_path, "fid.samples=16", "fid.final_samples=32", "fid.final_at=[0.5,1.0]")
     fid = FID(task, context=EvaluationContext(steps=250, eval_every=25))
     counts = {step: fid.samples_at(step) for step in range(25, 251, 25)}
     assert {step for step, n in counts.items() if n == 32} == {125, 250} and set(counts.values()) == {16, 32}
@@ -58,15 +48,15 @@ def test_the_larger_set_begins_with_the_batches_of_the_smaller_one(tmp_path):
     def sampling(task):
         return [b for b in task.eval_batches() if b.get("kind") == "sample"]
 
-    small = sampling(tiny_task(tmp_path, "fid.samples=24"))  # eval_batch_size 16: 16 + 8
-    large = sampling(tiny_task(tmp_path, "fid.samples=24", "fid.final_samples=60"))
+    small = sampling(ddpm_tiny_task(tmp_path, "fid.samples=24"))  # eval_batch_size 16: 16 + 8
+    large = sampling(ddpm_tiny_task(tmp_path, "fid.samples=24", "fid.final_samples=60"))
     assert large[:len(small)] == small and [b["count"] for b in small] == [16, 8]
     assert [(b["start"], b["count"]) for b in large[len(small):]] == [(24, 16), (40, 16), (56, 4)]
 
 
 def test_a_small_point_of_a_run_with_final_samples_scores_what_a_run_without_them_does(tmp_path):
-    plain = tiny_task(tmp_path, "fid.samples=24")
-    both = tiny_task(tmp_path, "fid.samples=24", "fid.final_samples=40", "fid.final_at=[1.0]")
+    plain = ddpm_tiny_task(tmp_path, "fid.samples=24")
+    both = ddpm_tiny_task(tmp_path, "fid.samples=24", "fid.final_samples=40", "fid.final_at=[1.0]")
     torch.manual_seed(0)
     model = plain.build_model().eval()
     context = EvaluationContext(steps=8, eval_every=4)
@@ -83,7 +73,8 @@ def test_a_small_point_of_a_run_with_final_samples_scores_what_a_run_without_the
 
 
 def test_a_run_records_how_many_samples_each_fid_is_of(tmp_path):
-    train(tiny(tmp_path, "averager=lawa,ema", "fid.samples=16", "fid.final_samples=32", "fid.final_at=[1.0]"))
+    train(ddpm_tiny_config(tmp_path, "averager=lawa,ema", "fid.samples=16", "fid.final_samples=32",
+                           "fid.final_at=[1.0]"))
     evals = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
              if r["split"] == "val"]
     assert {(r["step"], r["weights"], r["fid_samples"]) for r in evals} == {
@@ -91,7 +82,7 @@ def test_a_run_records_how_many_samples_each_fid_is_of(tmp_path):
 
 
 def test_the_evaluator_writes_where_its_context_says_not_where_the_task_run_points(tmp_path):
-    task = tiny_task(tmp_path, "fid.samples=16")
+    task = ddpm_tiny_task(tmp_path, "fid.samples=16")
     elsewhere = tmp_path / "elsewhere"
     fid = FID(task, context=EvaluationContext(out=elsewhere / "run", cache=elsewhere / "cache"))
     fid.begin(3, "raw")
