@@ -119,7 +119,7 @@ def run(
 ) -> None:
     """Train a task while averagers watch; score raw and averaged weights on the same data."""
     from lawa_suite.config import dotted, resolve
-    from lawa_suite.rundir import read_saved
+    from lawa_suite.rundir import read_saved, with_added_keys
 
     own, words = take(words_of(overrides, "--dry-run"), "config", "processes", "gpu_memory")
     plan_words = [key for key in ("processes", "gpu_memory") if key in own]
@@ -132,8 +132,10 @@ def run(
         config = Path(own["config"])
         base = dotted(read_saved(config / "config.yaml" if config.is_dir() else config))
     elif given.get("resume") and given.get("out") and (Path(given["out"]) / "config.yaml").is_file():
-        # resuming a run: its saved config is the base, and the words on top are checked against it
-        base = dotted(read_saved(Path(given["out"]) / "config.yaml"))
+        # resuming a run: its saved config is the base (keys the suite gained since at the values the run had), and
+        # the words on top are checked against it
+        saved = dotted(read_saved(Path(given["out"]) / "config.yaml"))
+        base = with_added_keys(str(saved.get("task", "")), saved)
     cfg = resolve(words, base=base)
     if dry_run:
         from lawa_suite import memory_plan

@@ -64,7 +64,7 @@ ADDED_KEYS: dict[str, tuple[str | None, Any, str]] = {
     "cifar.model": ("cifar", "preact_resnet18", "2026-12-02"),
     "cifar.patch_size": ("cifar", 0, "2026-12-02"),
     "compile": (None, False, "2026-12-05"),
-    "tf32": (None, True, "2026-12-07"),
+    "tf32": (None, False, "2026-12-07"),          # before the key, a CUDA run kept PyTorch's defaults: tf32=false
     "deterministic": (None, False, "2026-12-07"),
     "schedulefree.r": (None, 0.0, "2026-12-07"),              # used only by optimizer=schedulefree, added with it
     "schedulefree.weight_lr_power": (None, 2.0, "2026-12-07"),

@@ -115,13 +115,19 @@ def saved_before_the_keys(out: Path, *dropped: str) -> None:
 
 
 def test_a_run_saved_before_tf32_and_schedulefree_existed_resumes(tmp_path):
+    from typer.testing import CliRunner
+
+    from lawa_suite.cli import app
+
     out = tmp_path / "run"
     ToyTask.crash_at = 6
     with pytest.raises(SimulatedCrash):
         run_toy(out, "checkpoint.every=4")
     ToyTask.crash_at = None
     saved_before_the_keys(out, "tf32", "deterministic", "schedulefree")
-    assert run_toy(out, "checkpoint.every=4", "resume=auto").step == 8
+    # `suite run out=... resume=auto` continues it as it ran: tf32 off (PyTorch's defaults, before the key existed)
+    result = CliRunner().invoke(app, ["run", "task=toy", f"out={out}", "resume=auto", "progress=false"])
+    assert result.exit_code == 0, result.output
     resumed = [r["step"] for r in rundir.read_metrics(out / "metrics.jsonl") if r["split"] == "train"]
     assert resumed == list(range(1, 9))  # continued from step 4's checkpoint
 
@@ -131,7 +137,8 @@ def test_a_missing_key_is_the_value_it_was_added_with_not_any_value(tmp_path):
     run_toy(out)
     saved_before_the_keys(out, "tf32")
     with pytest.raises(ConfigError, match=r"differs from the saved run's in tf32;"):
-        run_toy(out, "resume=auto", "tf32=false")  # the old run computed with tf32 on: false is a change
+        run_toy(out, "resume=auto", "tf32=true")  # the old run computed without the tf32 switch: true is a change
+    assert run_toy(out, "resume=auto", "tf32=false").step == 8  # the value it was added with is no change
 
 
 def test_the_report_and_resume_read_one_table():
