@@ -126,6 +126,8 @@ def test_claim_h_sets_the_constant_runs_averagers_and_the_cosine_raw_against_sch
     assert lawa.outcome == "held" and "paired by seed over 3 seed(s)" in lawa.evidence
     assert ema.outcome == "did not hold"                 # schedule-free's eval weights beat the constant run's EMA
     assert cosine.outcome == "inconclusive"              # -0.02, +0.03, -0.01: an interval across zero
+    # the cosine raw is the reference (h) is read against, not an answer to it: its own tag, out of (h)'s counts
+    assert (lawa.claim, ema.claim, cosine.claim) == ("h", "h", "h-ref")
     # early-mid (steps 10..30): LAWA was not ready at 10, so its mean over 20 and 30 is the same 0.1 + 0.01 * seed
     assert verdicts[("constant lawa", "early-mid")].outcome == "held"
     # steps to the cosine raw's target: LAWA, below the schedule-free raw all along, gets there sooner than it

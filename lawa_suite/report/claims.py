@@ -160,14 +160,17 @@ CLAIM_TEXT = {
          f"zero carries the verdict, FID first",
     "g": "averaging replaces learning-rate decay: the averagers of a constant (or WSD) run reach the cosine run's raw "
          "final value in fewer steps",
-    "h": "averaging a constant-lr run matches schedule-free training: the constant run's averagers (and the cosine "
-         "run's raw) against the schedule-free run's raw weights (its eval sequence), at the end and in the first "
+    "h": "averaging a constant-lr run matches schedule-free training: the constant run's averagers against the "
+         "schedule-free run's raw weights (its eval sequence), at the end and in the first "
          f"{EARLY_MID[1]:.0%}, paired by seed (different runs: seed i against seed i); held = the averaged run is "
-         "better",
+         "better, did not hold = schedule-free is, inconclusive = no difference these seeds can see (not a "
+         "shown match)",
+    "h-ref": "for (h), the reference it is read against: the cosine run's raw weights against the schedule-free "
+             "run's raw, same pairing; held = the cosine schedule is better (not counted in (h))",
 }
 
 # claims judged on more than one metric: the section says which carried each verdict
-BY_METRIC = ("f", "h")
+BY_METRIC = ("f", "h", "h-ref")
 
 
 def claims_section(verdicts: list[Verdict]) -> list[str]:

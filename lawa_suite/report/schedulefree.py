@@ -163,8 +163,9 @@ def claim_h(runs: Sequence[RunRecord], labels: Mapping[Path, str] | None = None)
                 summary = intervals[shown].text(number_format(shown)) + f" ({shown})" if intervals[shown] else ""
                 steps = _steps_text(triples, side, name, metrics[0], direction_of(metrics[0], directions)) \
                     if side == 1 and window is None else ""
+                claim = "h" if side == 1 else "h-ref"  # the cosine raw is the reference (h) is read against
                 verdicts.append(Verdict(
-                    "h", f"{row}, {entry} against the schedule-free run's raw (eval sequence), {phase}", outcome,
+                    claim, f"{row}, {entry} against the schedule-free run's raw (eval sequence), {phase}", outcome,
                     f"gain over the schedule-free raw {'at the end' if window is None else 'in the first 75%'}, "
                     f"paired by seed over {len(pairs)} seed(s): " + describe(intervals, by, {}) + steps,
                     row=row, entry=entry, phase=phase, summary=summary, metric=by))
