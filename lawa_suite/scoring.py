@@ -181,20 +181,24 @@ class Scorer:
             swapping = bool(ready) or self.raw_weights is not None
             if swapping:
                 self.swap.save_raw()  # every tensor of the state_dict: BatchNorm statistics come back too
-            if self.raw_weights is not None:
-                self.raw_weights.load()
-                self.recalibrate()  # the statistics gathered in training belong to the live weights, not these
-            scores = {"raw": self.score(step, "raw")}
-            for name, avg in ready.items():
-                self.swap.load(avg)
-                if avg.needs_bn_recalibration:
-                    self.recalibrate()
-                scores[name] = self.score(step, name)
-            if self.raw_weights is not None:
-                self.raw_weights.release()
-            if swapping:
-                self.swap.restore_raw()
-        self.model.train(was_training)
+            # however scoring ends (an out-of-memory error, missing FID data), the live weights and the optimizer's
+            # mode come back: a caller that goes on, or saves, must not hold x or an average in the model
+            try:
+                if self.raw_weights is not None:
+                    self.raw_weights.load()
+                    self.recalibrate()  # the statistics gathered in training belong to the live weights, not these
+                scores = {"raw": self.score(step, "raw")}
+                for name, avg in ready.items():
+                    self.swap.load(avg)
+                    if avg.needs_bn_recalibration:
+                        self.recalibrate()
+                    scores[name] = self.score(step, name)
+            finally:
+                if self.raw_weights is not None:
+                    self.raw_weights.release()
+                if swapping:
+                    self.swap.restore_raw()
+                self.model.train(was_training)
         return scores
 
 

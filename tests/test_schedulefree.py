@@ -197,3 +197,25 @@ def test_without_the_package_the_option_is_one_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "schedulefree", None)  # import fails as if not installed
     with pytest.raises(ConfigError, match=r"^optimizer: schedulefree needs the schedulefree package; pip install"):
         schedule_free.sgd([torch.nn.Parameter(torch.zeros(2))], 0.1, RunConfig().schedulefree, momentum=0.9)
+
+
+def test_a_score_that_fails_leaves_the_live_weights_and_the_optimizer_in_train_mode(tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    from lawa_suite.scoring import Scorer
+    from lawa_suite.tasks.schedule_free import EvalSequence
+
+    cfg = resolve(sf_run("gpt2", tmp_path / "run"))
+    train(cfg)
+    task, model, optimizer = restored(cfg, tmp_path / "run", 4)
+    live = {k: v.clone() for k, v in model.state_dict().items()}
+    scorer = Scorer(task, Accelerator(cpu=True), model, task.eval_batches(), [], raw_weights=EvalSequence(optimizer))
+
+    def fails(step, weights):  # an out-of-memory error, missing FID data: the evaluation stops halfway
+        raise RuntimeError("evaluation failed")
+
+    monkeypatch.setattr(scorer, "score", fails)
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        scorer.score_all({}, 4)
+    assert_same(model.state_dict(), live)  # y, exactly, not x
+    assert all(group["train_mode"] for group in optimizer.param_groups)
