@@ -56,7 +56,7 @@ from lawa_suite.files import commit_folder, mark_output, staged_folder, write_te
 from lawa_suite.report import comparison_table, load_metrics, plot_curves, summarise
 from lawa_suite.report.curves import fmt
 from lawa_suite.plotting import figure, save
-from lawa_suite.rundir import claim_out, find_run_config, read_saved
+from lawa_suite.rundir import claim_out, find_run_config, read_saved, write_metrics_meta
 from lawa_suite.scoring import Scorer, forked_rng, score_line, seed_everything
 from lawa_suite.tasks.base import has_batchnorm
 
@@ -307,6 +307,9 @@ def _write_scores(out: Path, records: list[dict[str, Any]], evaluation: Evaluati
     folder's name in the report (``out`` may be a staging folder); ``notes``: how the raw checkpoints were read."""
     write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     write_text_atomic(out / "config.yaml", evaluation.cfg.to_yaml())
+    # what the records' metrics mean, as a run records it: numbers beside them (FID's fid_samples) are no metric
+    write_metrics_meta(out, evaluation.task.evaluator, evaluation.metrics,
+                       getattr(evaluation.scorer.evaluator, "notes", None) or {})
     curves, _ = load_metrics(out / "metrics.jsonl")
     metrics, rows = summarise(curves, evaluation.metrics)
     headline = metrics[0] if metrics else None

@@ -79,6 +79,17 @@ def test_a_run_records_how_many_samples_each_fid_is_of(tmp_path):
              if r["split"] == "val"]
     assert {(r["step"], r["weights"], r["fid_samples"]) for r in evals} == {
         (s, w, n) for s, n in ((4, 16), (8, 32)) for w in ("raw", "lawa", "ema")}
+    # the run's report, and suite eval's of its checkpoints, keep the count out of their metrics
+    from typer.testing import CliRunner
+
+    from lawa_suite.cli import app
+
+    assert "fid_samples" not in (tmp_path / "run" / "report.md").read_text()
+    scored = tmp_path / "scored"
+    result = CliRunner().invoke(app, ["eval", str(tmp_path / "run" / "checkpoints"), f"out={scored}"])
+    assert result.exit_code == 0, result.output
+    assert "fid_samples" in (scored / "metrics.jsonl").read_text()  # recorded beside the scores
+    assert "fid_samples" not in (scored / "report.md").read_text()   # but no metric of the report
 
 
 def test_the_evaluator_writes_where_its_context_says_not_where_the_task_run_points(tmp_path):
