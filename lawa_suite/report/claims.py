@@ -157,7 +157,8 @@ CLAIM_TEXT = {
          "their mean (bench key lmc)",
     "f": f"averaging improves a diffusion model (each averager against raw, at the end and in the first "
          f"{EARLY_MID[1]:.0%}), judged on FID and on the held-out denoising loss: the first whose interval excludes "
-         f"zero carries the verdict, FID first",
+         f"zero carries the verdict, FID first; each interval at 97.5%, so that the two looks together keep a 5% "
+         f"chance of a false verdict (Bonferroni)",
     "g": "averaging replaces learning-rate decay: the averagers of a constant (or WSD) run reach the cosine run's raw "
          "final value in fewer steps",
     "h": "averaging a constant-lr run matches schedule-free training: the constant run's averagers against the "

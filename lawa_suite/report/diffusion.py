@@ -56,6 +56,12 @@ def metrics_that_answer(runs: Sequence[RunRecord], headline: str) -> list[str]:
     return [fid, *([DENOISING_LOSS] if DENOISING_LOSS in recorded else [])]
 
 
+def joint_level(metrics: Sequence[str]) -> float:
+    """The confidence of each metric's interval when a verdict looks at ``metrics`` in turn: 95% shared among them
+    (Bonferroni), so the chance that any of them declares a difference that is not there stays at 5%."""
+    return 1 - 0.05 / len(metrics)
+
+
 def carried(intervals: dict[str, Interval | None]) -> tuple[str, str]:
     """(outcome, the metric that carried it): the first metric, in order, whose interval is conclusive; else
     inconclusive, carried by none (``""``)."""
@@ -76,6 +82,7 @@ def describe(intervals: dict[str, Interval | None], by: str, names: dict[str, st
              for m, i in intervals.items()]
     if len(parts) == 1:
         return parts[0]
+    parts[0] = f"{joint_level(list(intervals)):.1%} intervals, {len(parts)} metrics looked at; " + parts[0]
     conclusive = {i.verdict for i in intervals.values() if i is not None and i.verdict != "inconclusive"}
     head = f"carried by {by}" if by else "neither metric settles it"
     if len(conclusive) > 1:
@@ -100,7 +107,7 @@ def claim_f(row: str, s: LrSummary) -> list[Verdict]:
                 direction = direction_of(metric, directions)
                 gains = (final_gains(s.runs, "raw", name, metric, direction) if window is None
                          else phase_gains(s.runs, "raw", name, metric, direction, *window))
-                intervals[metric] = t_interval(gains)
+                intervals[metric] = t_interval(gains, joint_level(metrics))
             if all(i is None for i in intervals.values()):
                 continue  # not averaging in this phase (SWA from 75% has no early-mid evaluation)
             outcome, by = carried(intervals)

@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from lawa_suite.report.curves import direction_of, metric_directions
-from lawa_suite.report.diffusion import carried, describe, metrics_that_answer, number_format
+from lawa_suite.report.diffusion import carried, describe, joint_level, metrics_that_answer, number_format
 from lawa_suite.report.paired import EARLY_MID, gain, t_interval
 from lawa_suite.report.records import RunRecord, Verdict, experiment_key
 from lawa_suite.report.schedules import SCHEDULE_KEYS, headline_of
@@ -154,8 +154,8 @@ def claim_h(runs: Sequence[RunRecord], labels: Mapping[Path, str] | None = None)
             pairs = [(t[0], t[side]) for t in triples if t[side] is not None]
             entry = f"{schedule} {name}" + (f" (lr={pairs[0][1].lr:g})" if pairs and pairs[0][1].lr != lr else "")
             for phase, window in H_PHASES.items():
-                intervals = {m: t_interval(_gains(pairs, name, m, direction_of(m, directions), window))
-                             for m in metrics}
+                intervals = {m: t_interval(_gains(pairs, name, m, direction_of(m, directions), window),
+                                           joint_level(metrics)) for m in metrics}
                 if all(i is None for i in intervals.values()):
                     continue
                 outcome, by = carried(intervals)
