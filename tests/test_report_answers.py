@@ -148,6 +148,7 @@ def test_claim_h_takes_each_family_at_its_own_tuned_lr(tmp_path):
              lr=0.003)
     verdicts = {(v.entry, v.phase): v for v in claim_h([read_run(p) for p in find_runs([root])])}
     cosine = verdicts[("cosine raw (lr=0.003)", "end")]  # named, since it is not the schedule-free run's lr
+    assert "its lr chosen on these seeds' raw finals" in cosine.evidence  # the selection's edge, said
     assert cosine.outcome == "held"  # ~0.2 better than schedule-free at every seed (at 0.01 it was inconclusive)
     assert ("constant lawa", "end") in verdicts  # the constant family has one lr: that one, unnamed
 
