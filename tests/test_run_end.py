@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 from lawa_suite import registry
 from lawa_suite.averagers.base import Averager, SnapshotFolder
@@ -144,3 +145,22 @@ def test_lawa_and_wma_name_their_folder_only_when_they_keep_files_in_one(tmp_pat
     assert wma(store="disk", dir=str(tmp_path)).snapshot_folder() == SnapshotFolder("dir", tmp_path)
     assert lawa(store="disk").snapshot_folder() is None   # a private temporary folder: nothing to collide with
     assert lawa(store="cpu", dir=str(tmp_path)).snapshot_folder() is None
+
+
+def test_a_window_job_that_failed_still_ends_its_thread_at_close(tmp_path, monkeypatch):
+    # a queued disk write that failed (a full disk): close() raises it, and the thread and its folder lock still end
+    lawa = registry.averagers.create("lawa", k=2, nu=1)
+    wma = registry.averagers.create("wma", k=2, nu=1, store="disk", dir=str(tmp_path / "wma"))
+    before = set(threading.enumerate())
+    for avg in (lawa, wma):
+        avg.observe(1, {"w": torch.ones(3)})
+    assert sorted(name.split("_")[0] for name in window_threads(before)) == ["lawa-window", "wma-window"]
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(lawa, "wait", full_disk)
+    monkeypatch.setattr(wma._store, "flush", full_disk)
+    for avg in (lawa, wma):
+        with pytest.raises(OSError, match="No space left"):
+            avg.close()
+    assert window_threads(before) == []

@@ -206,9 +206,12 @@ class LAWA(Averager):
         return window_folder(self.config)
 
     def close(self) -> None:
-        """Finish the queued work (files on disk included) and end the background thread."""
-        self.wait()
-        self._worker.close()
+        """Finish the queued work (files on disk included) and end the background thread, also when that work
+        failed (its error is raised after)."""
+        try:
+            self.wait()
+        finally:
+            self._worker.close()
 
     def _averaged_floats(self) -> list[Tensor]:
         self._finish_job()

@@ -129,9 +129,12 @@ class WMA(Averager):
         return window_folder(self.config)
 
     def close(self) -> None:
-        """Finish the queued copies and file writes, and end the background thread."""
-        self._store.flush()
-        self._worker.close()
+        """Finish the queued copies and file writes, and end the background thread, also when a write failed (its
+        error is raised after)."""
+        try:
+            self._store.flush()
+        finally:
+            self._worker.close()
 
     def _load_extra_state(self, state: Mapping[str, Any]) -> None:
         self._store.clear()
