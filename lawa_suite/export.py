@@ -46,7 +46,7 @@ from lawa_suite.files import commit_folder, mark_output, plain_modes, staged_fol
 from lawa_suite.module_folders import MODULE_FORMAT, load_model, write_module_folder
 from lawa_suite.scoring import forked_rng
 from lawa_suite.sharded_checkpoints import is_sharded_checkpoint, read_whole
-from lawa_suite.tasks.schedule_free import EvalSequence
+from lawa_suite.tasks.schedule_free import EvalSequence, is_schedule_free
 
 __all__ = ["select_weights", "export", "MODULE_FORMAT", "write_module_folder", "load_model", "EvalWeights",
            "holds_schedule_free_state", "trains_schedule_free", "EVAL_SEQUENCE", "TRAIN_SEQUENCE"]
@@ -124,6 +124,10 @@ class EvalWeights:
             with forked_rng():  # building draws initial weights; whatever the caller seeded stays as it was
                 self.model = self.task.build_model()
             self.optimizer = self.task.build_optimizer(self.model, self.lr)
+        if not is_schedule_free(self.optimizer):  # the config in use is not the run's (config= elsewhere)
+            raise CheckpointError(f"{folder}: holds a schedule-free optimizer's state, but the config in use builds "
+                                  f"{type(self.optimizer).__name__}; use the run's own config.yaml (or "
+                                  f"optimizer=schedulefree) to get its eval sequence x")
         try:
             self.model.load_state_dict(dict(weights))
             self.optimizer.load_state_dict(_optimizer_state(folder))

@@ -96,3 +96,17 @@ def test_lmc_between_checkpoints_says_it_runs_through_y(sf, tmp_path):
     result = runner.invoke(app, ["analyze", "lmc", str(a), str(b), "points=2", f"out={tmp_path / 'lmc'}"])
     assert result.exit_code == 0, result.output
     assert result.output.count("a schedule-free run's checkpoint; the path runs through its training sequence y") == 2
+
+
+def test_x_from_a_checkpoint_with_another_optimizers_config_is_one_line(sf, tmp_path):
+    from lawa_suite import registry
+    from lawa_suite.errors import CheckpointError
+    from lawa_suite.export import EvalWeights
+
+    cfg, run = sf
+    other = resolve([f"task={cfg.run.task}", "preset=tiny", f"out={tmp_path / 'x'}"])  # the task's default optimizer
+    task = registry.tasks.get(other.run.task)(other.task, other.run)
+    task.setup()
+    folder = run / "checkpoints" / "step-00000004"
+    with pytest.raises(CheckpointError, match="holds a schedule-free optimizer's state, but the config in use builds"):
+        EvalWeights(task, other.run.lr)(folder, load_file(str(folder / "model.safetensors")))
