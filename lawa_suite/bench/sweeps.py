@@ -89,7 +89,7 @@ def check_sweeps(sweeps: list[Sweep], cfg: ResolvedConfig) -> None:
 
 def run_sweeps(cell_out: Path, sweeps: list[Sweep], log: Callable[[str], None]) -> list[str]:
     """Average and score every sweep of a finished cell; returns the failures (one line each)."""
-    from lawa_suite.analysis import evaluate_posthoc
+    from lawa_suite.evaluation import evaluate_posthoc
     from lawa_suite.posthoc import average
 
     failures = []
@@ -144,7 +144,7 @@ def check_lmc(pairs: list[tuple[float, float]], cfg: ResolvedConfig) -> None:
 
 def run_lmc(cell_out: Path, pairs: list[tuple[float, float]], log: Callable[[str], None]) -> list[str]:
     """The path between the saved weights of each pair, scored at its ends and midpoint; returns the failures."""
-    from lawa_suite.analysis import Evaluation, eval_config, lmc, write_lmc
+    from lawa_suite.evaluation import Evaluation, eval_config, lmc, write_lmc
     from lawa_suite.posthoc import read_checkpoint
 
     todo = [p for p in pairs if not (cell_out / LMC_DIR / f"{p[0]:g}-{p[1]:g}" / "lmc.json").is_file()]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from lawa_suite.bench import Bench, validate, write_spec
+from lawa_suite.bench.spec import Bench, validate, write_spec
 
 __all__ = ["emit"]
 
