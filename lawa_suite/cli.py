@@ -244,7 +244,7 @@ def bench(
     Example: suite bench benchmarks/cpu-reference.yaml, or suite bench tasks=gpt2 lrs=1e-2,1e-3 seeds=0,1 preset=tiny
     """
     from lawa_suite.bench import cell_status, load_bench, run_bench, validate
-    from lawa_suite.cluster import emit as emit_jobs
+    from lawa_suite.bench.cluster import emit as emit_jobs
 
     words = words_of(words, "--dry-run")
     spec_file = Path(words.pop(0)) if words and "=" not in words[0] else None
@@ -356,7 +356,7 @@ def average(
 
     command = parse_command(words_of(overrides, "--force, --allow-torch-load, --hash-inputs"))
     if command.evaluate:  # a bad task or run key stops the command before the averaging, not after it
-        from lawa_suite.analysis import eval_config
+        from lawa_suite.evaluation import eval_config
 
         eval_config(source, command.eval_overrides)
     result = average_trajectory(source, command.jobs, command.out, command.interval, force, allow_torch_load,
@@ -370,7 +370,7 @@ def average(
 
 
 def _evaluate(out: Path, overrides: list[str], allow_torch_load: bool, at: Any = None) -> None:
-    from lawa_suite.analysis import evaluate_posthoc
+    from lawa_suite.evaluation import evaluate_posthoc
 
     report_path = evaluate_posthoc(out, overrides, allow_torch_load, log=lambda m: typer.echo(m, err=True), at=at)
     typer.echo(f"report: {report_path}")
@@ -396,7 +396,7 @@ def evaluate(
 
     Example: suite eval ~/pythia data.path=corpus.txt out=runs/pythia-raw
     """
-    from lawa_suite.analysis import evaluate as evaluate_folder
+    from lawa_suite.evaluation import evaluate as evaluate_folder
     from lawa_suite.posthoc import weights_at
 
     own, words = take(words_of(overrides, "--allow-torch-load, --force"), "key", "prefix", "out")
@@ -422,7 +422,7 @@ def profile(
     """Draw the weight each averager gives every step of a run (its profile), read off the averager class itself."""
     from lawa_suite.config import parse_overrides, split_list
     from lawa_suite.posthoc import parse_jobs
-    from lawa_suite.profiles import MAX_STEPS, draw, profile as profile_of
+    from lawa_suite.averagers.weight_profiles import MAX_STEPS, draw, profile as profile_of
 
     pairs = parse_overrides(words_of(overrides))
     names = split_list(pairs.pop("averager", "lawa,ema,swa"))
@@ -461,7 +461,7 @@ def analyze_lmc(
     allow_torch_load: Annotated[bool, typer.Option("--allow-torch-load", help=TORCH_LOAD_HELP)] = False,
 ) -> None:
     """Scores along alpha*A + (1-alpha)*B (is there a barrier?) and how often A and B predict differently."""
-    from lawa_suite.analysis import Evaluation, check_out, default_out, eval_config, lmc, lmc_lines, write_lmc
+    from lawa_suite.evaluation import Evaluation, check_out, default_out, eval_config, lmc, lmc_lines, write_lmc
     from lawa_suite.config import parse_overrides
     from lawa_suite.posthoc import read_checkpoint, weights_at
 

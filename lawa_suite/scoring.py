@@ -1,4 +1,4 @@
-"""Scoring weights the one way the suite does it, in training (``train.py``) and after it (``analysis.py``).
+"""Scoring weights the one way the suite does it, in training (``train.py``) and after it (``evaluation.py``).
 
 Raw weights and every averager are scored on the same fixed held-out batches, in eval mode under the run's
 autocast, by the task's evaluator. Averaged weights of a BatchNorm model first get fresh running statistics

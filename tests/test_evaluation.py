@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from lawa_suite.analysis import AnalysisError, Evaluation, eval_config, interpolate, lmc
+from lawa_suite.evaluation import AnalysisError, Evaluation, eval_config, interpolate, lmc
 from lawa_suite.cli import app
 from lawa_suite.config import ConfigError, resolve
 from lawa_suite.train import train

@@ -194,7 +194,7 @@ def test_suite_profile_draws_ema_on_a_scale_that_shows_its_shape(tmp_path, monke
     spike and leaves the exponential rise of the other 63% as a flat line at its foot."""
     import numpy as np
 
-    import lawa_suite.profiles as profiles
+    import lawa_suite.averagers.weight_profiles as profiles
 
     figures = []
     real_save = profiles.save

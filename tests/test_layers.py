@@ -21,14 +21,14 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                     "module_folders", "threads", "plotting")),
     ("data", ("data",)),
     ("evaluators", ("evaluators",)),
-    ("averagers", ("averagers", "profiles")),
+    ("averagers", ("averagers",)),
     ("tasks", ("tasks",)),
     ("report", ("report",)),  # reads run folders; the training loop writes a run's report through it
     ("training", ("run_state", "sharding", "scoring", "sharded_checkpoints", "run_checkpoints", "preemption",
                   "progress", "run_settings", "memory_facts", "memory_plan", "train", "integrations")),
     ("posthoc", ("posthoc",)),
-    ("evaluation", ("analysis", "causal_lm", "export")),
-    ("bench", ("bench", "sweeps", "cluster")),
+    ("evaluation", ("evaluation", "causal_lm", "export")),
+    ("bench", ("bench",)),
     ("interface", ("cli", "testing")),
 ]
 TOP = ("lawa_suite",)
@@ -37,8 +37,8 @@ TOP = ("lawa_suite",)
 # another slow import. Anywhere else an import goes at the top, where the next reader sees the dependency.
 DEFERRED_ALLOWED = {
     "lawa_suite.cli": "`suite --help` imports no torch (tests/test_config.py checks it)",
-    "lawa_suite.bench": "`suite bench --dry-run` and `emit=` plan cells and write scripts without torch",
-    "lawa_suite.sweeps": "imported by bench's planning; the sweeps themselves need torch only when they run",
+    "lawa_suite.bench.runner": "`suite bench --dry-run` and `emit=` plan cells and write scripts without torch",
+    "lawa_suite.bench.sweeps": "imported by bench's planning; the sweeps themselves need torch only when they run",
     "lawa_suite.report.run": "a run's report reads files: torch loads only to say why an averager was never ready",
     "lawa_suite.evaluators.fid": "its offline stand-in network imports torch-fidelity (seconds) only when used",
 }  # the package's own __init__: lazy re-exports only, above everything

@@ -16,7 +16,7 @@ from lawa_suite import registry
 from lawa_suite.averagers.base import Averager
 from lawa_suite.averagers.phema import PowerEMA, gamma_to_sigma, sigma_to_gamma
 from lawa_suite.cli import app
-from lawa_suite.profiles import profile
+from lawa_suite.averagers.weight_profiles import profile
 
 TOTAL = 1000  # steps: every built-in's defaults are ready by then
 

@@ -17,7 +17,7 @@ from lawa_suite.averagers.phema import (PowerEMA, gamma_to_sigma, profile_inner,
 from lawa_suite.checkpoints import save_tensors_atomic
 from lawa_suite.errors import PosthocError
 from lawa_suite.posthoc import average, parse_jobs
-from lawa_suite.profiles import profile
+from lawa_suite.averagers.weight_profiles import profile
 
 
 def numeric_inner(t_a: float, g_a: float, t_b: float, g_b: float) -> float:

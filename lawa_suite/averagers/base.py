@@ -179,7 +179,7 @@ class Averager(ABC):
     def documented_profile(cls, config: Any, total: int) -> list[float] | None:
         """The weight the average after ``total`` online steps (every step observed) gives each step ``1..total``,
         by the formula the method documents, computed without the update code: the contract tests compare it with
-        the profile the class itself produces from a one-hot trajectory (``lawa_suite.profiles``). None: no
+        the profile the class itself produces from a one-hot trajectory (``averagers/weight_profiles.py``). None: no
         closed form to check against."""
         return None
 
