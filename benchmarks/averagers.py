@@ -216,7 +216,7 @@ def ours_eval_swap(model: nn.Module, dtype: torch.dtype) -> Built:
     """What the loop's Scorer does per averager at an evaluation (its WeightSwap): save raw, load the average,
     restore."""
     from lawa_suite import registry
-    from lawa_suite.scoring import WeightSwap
+    from lawa_suite.training.scoring import WeightSwap
     avg = registry.averagers.create("ema", decay=DECAY)
     avg.observe(1, model)
     swap = WeightSwap(model)

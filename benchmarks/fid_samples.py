@@ -29,7 +29,7 @@ def measure(seeds: list[int], out: Path, extra: list[str]) -> None:
 
     from lawa_suite.config import resolve
     from lawa_suite.evaluators import fid as fid_module
-    from lawa_suite.train import train
+    from lawa_suite.training.loop import train
 
     torch.set_num_threads(1)  # two of these share the two cores
     records: list[dict] = []

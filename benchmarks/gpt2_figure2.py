@@ -33,7 +33,7 @@ import torch
 
 from lawa_suite.config import resolve
 from lawa_suite.report import load_metrics
-from lawa_suite.train import train
+from lawa_suite.training.loop import train
 
 HERE = Path(__file__).resolve().parent
 SHARED_TEXT = HERE.parents[1] / "shared" / "data" / "tinyshakespeare.txt"

@@ -8,7 +8,7 @@ Variants:
 - ``bare+floor``: the same plus hand-written fused averaging at its floor (one ``_foreach_lerp_`` over the unique
   parameters for EMA and one for SWA every step, one ``_foreach_copy_`` into a preallocated ring every ``lawa.nu``
   steps): what attaching lawa+ema+swa could cost;
-- ``suite``: ``lawa_suite.train.train`` with no averager;
+- ``suite``: ``lawa_suite.training.loop.train`` with no averager;
 - ``suite+<averagers>``: the same with averagers attached (EMA every step; ``swa.start=1`` so SWA averages every
   step of the timed window instead of the preset's last quarter only).
 
@@ -157,7 +157,7 @@ THREADS = [1]                 # torch.set_num_threads of every participant threa
 
 def instrument() -> None:
     """Wrap the suite's ``Run.optimizer_step`` and ``Averager.observe`` (no file of the suite is changed)."""
-    from lawa_suite import train as train_module
+    from lawa_suite.training import loop as train_module
     from lawa_suite.averagers.base import Averager
 
     step_fn, observe_fn = train_module.Run.optimizer_step, Averager.observe
@@ -198,7 +198,7 @@ def on_standin() -> bool:
 def run_suite(task: str, steps: int, averagers: str, work: Path, preset: str = "cpu",
               extra: tuple[str, ...] = ()) -> None:
     from lawa_suite.config import resolve
-    from lawa_suite.train import train
+    from lawa_suite.training.loop import train
 
     out = Path(tempfile.mkdtemp(dir=work))
     out.rmdir()

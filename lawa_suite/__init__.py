@@ -23,7 +23,7 @@ __all__ = ["registry", "resolve", "train", "Averager", "Task", "Evaluator", "Con
 _LAZY = {
     "resolve": ("lawa_suite.config", "resolve"),
     "ConfigError": ("lawa_suite.config", "ConfigError"),
-    "train": ("lawa_suite.train", "train"),
+    "train": ("lawa_suite.training.loop", "train"),
     "Averager": ("lawa_suite.averagers.base", "Averager"),
     "Task": ("lawa_suite.tasks.base", "Task"),
     "Evaluator": ("lawa_suite.evaluators.base", "Evaluator"),

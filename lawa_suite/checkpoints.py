@@ -198,9 +198,10 @@ def commit_checkpoint(root: Path, step: int, files: dict[str, Callable[[Path], N
     return final
 
 
-# What the run's writer (``run_checkpoints.py``, ``sharded_checkpoints.py``) puts into a checkpoint besides the
-# manifest: a whole one holds WHOLE_FILES; a sharded one SHARDED_FILES and one ``__<rank>_0.distcp`` per process (the
-# manifest's ``sharded`` says how many). A checkpoint holding or naming any of them must list every one it needs.
+# What the run's writer (``training/checkpointing.py``, ``training/sharded_checkpoints.py``) puts into a checkpoint
+# besides the manifest: a whole one holds WHOLE_FILES; a sharded one SHARDED_FILES and one ``__<rank>_0.distcp`` per
+# process (the manifest's ``sharded`` says how many). A checkpoint holding or naming any of them must list every one
+# it needs.
 DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's index of a sharded checkpoint's .distcp files
 WHOLE_FILES = ("model.safetensors", "state.json", "state.safetensors")
 SHARDED_FILES = (DCP_METADATA, "state.json", "state.safetensors")

@@ -138,7 +138,7 @@ def run(
         base = with_added_keys(str(saved.get("task", "")), saved)
     cfg = resolve(words, base=base)
     if dry_run:
-        from lawa_suite import memory_plan
+        from lawa_suite.training import memory_plan
 
         typer.echo(cfg.to_yaml(), nl=False)
         # A plan for the machine it is meant for, not the one it is typed on: one GPU and one 8-GPU machine unless
@@ -156,7 +156,7 @@ def run(
         typer.echo(f"suite run with no settings: task={rc.task} preset={rc.preset or 'default'}, {rc.steps} steps, "
                    f"averager={','.join(rc.averager) or 'none'}, out={rc.out} (`suite run --dry-run` shows every "
                    f"setting; Ctrl-C stops it with a checkpoint)", err=True)
-    from lawa_suite.train import train
+    from lawa_suite.training.loop import train
 
     result = train(cfg)
     if first_process:  # one line for the run, not one per process

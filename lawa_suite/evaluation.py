@@ -57,7 +57,7 @@ from lawa_suite.report import comparison_table, load_metrics, plot_curves, summa
 from lawa_suite.report.curves import fmt
 from lawa_suite.plotting import figure, save
 from lawa_suite.rundir import claim_out, find_run_config, read_saved, write_metrics_meta
-from lawa_suite.scoring import Scorer, forked_rng, score_line, seed_everything
+from lawa_suite.training.scoring import Scorer, forked_rng, score_line, seed_everything
 from lawa_suite.tasks.base import has_batchnorm
 
 __all__ = ["AnalysisError", "Evaluation", "eval_config", "evaluate", "evaluate_posthoc", "evaluate_checkpoints",

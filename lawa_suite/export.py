@@ -44,8 +44,8 @@ from lawa_suite.rundir import claim_out, find_run_config, load_resolved
 from lawa_suite.errors import CheckpointError, ConfigError
 from lawa_suite.files import commit_folder, mark_output, plain_modes, staged_folder
 from lawa_suite.module_folders import MODULE_FORMAT, load_model, write_module_folder
-from lawa_suite.scoring import forked_rng
-from lawa_suite.sharded_checkpoints import is_sharded_checkpoint, read_whole
+from lawa_suite.training.scoring import forked_rng
+from lawa_suite.training.sharded_checkpoints import is_sharded_checkpoint, read_whole
 from lawa_suite.tasks.schedule_free import EvalSequence, is_schedule_free
 
 __all__ = ["select_weights", "export", "MODULE_FORMAT", "write_module_folder", "load_model", "EvalWeights",

@@ -22,7 +22,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from conftest import ToyTask  # noqa: E402
-from lawa_suite import checkpoints as ckpt, registry, train as train_module  # noqa: E402
+from lawa_suite import checkpoints as ckpt, registry  # noqa: E402
+from lawa_suite.training import loop as train_module  # noqa: E402
 from lawa_suite.averagers.base import Averager, named_tensors  # noqa: E402
 from lawa_suite.config import resolve  # noqa: E402
 
@@ -79,7 +80,7 @@ def run_and_capture(args: list[str], nan_at: tuple[int, int] | None = None) -> A
 def main() -> None:
     from safetensors.torch import save_file
 
-    from lawa_suite.sharding import gather_full
+    from lawa_suite.training.sharding import gather_full
 
     result = Path(sys.argv[1])
     nan_at = os.environ.get("FSDP_NAN_AT")  # "step:rank"

@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
 from lawa_suite.config import resolve  # noqa: E402
 from lawa_suite.testing.cuda_standin import cuda_standin  # noqa: E402
-from lawa_suite.train import Run, train  # noqa: E402
+from lawa_suite.training.loop import Run, train  # noqa: E402
 
 
 def count_run(args: list[str], second_read: bool) -> dict[str, list[int]]:

@@ -33,10 +33,11 @@ import torch  # noqa: E402
 from torch.utils.data import Dataset  # noqa: E402
 
 from conftest import ToyTask  # noqa: E402  (registers the toy task)
-from lawa_suite import checkpoints as ckpt, registry, train as train_module  # noqa: E402
+from lawa_suite import checkpoints as ckpt, registry  # noqa: E402
+from lawa_suite.training import loop as train_module  # noqa: E402
 from lawa_suite.data import imagestream  # noqa: E402
 from lawa_suite.data.stream import IndexStream  # noqa: E402
-from lawa_suite.run_checkpoints import RunCheckpointer  # noqa: E402
+from lawa_suite.training.checkpointing import RunCheckpointer  # noqa: E402
 
 
 class _Rows(Dataset):

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from lawa_suite import checkpoints as ckpt
 from lawa_suite import registry
 from lawa_suite.config import resolve
-from lawa_suite.train import train
+from lawa_suite.training.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -748,7 +748,7 @@ def test_two_windows_in_one_folder_are_refused(tmp_path: Any) -> None:
 
 
 def test_two_averagers_of_one_run_may_not_share_a_snapshot_folder(tmp_path: Any) -> None:
-    from lawa_suite.train import train
+    from lawa_suite.training.loop import train
 
     folder = tmp_path / "snaps"
     with pytest.raises(ConfigError, match=r"^lawa_b\.dir: .* is lawa's snapshot folder too") as info:

@@ -63,7 +63,7 @@ def test_sigterm_stops_the_bench_and_a_second_start_resumes_only_that_cell(tmp_p
         if message.startswith("[2/4]") and "starting" in message:
             ToyTask.sigterm_at = 4  # SIGTERM during its 5th step: the loop checkpoints step 5 and stops
 
-    from lawa_suite.train import Preempted
+    from lawa_suite.training.loop import Preempted
     with pytest.raises(Preempted):
         run_bench(bench, log=preempt_the_second_cell)
     second = cells(bench)[1].out

@@ -123,7 +123,7 @@ def test_a_batch_larger_than_the_data_is_one_line_and_creates_nothing(tmp_path):
 
 
 def test_suite_run_alone_says_what_it_starts(monkeypatch):
-    import lawa_suite.train as train_module
+    import lawa_suite.training.loop as train_module
 
     monkeypatch.setattr(train_module, "train", lambda cfg: (_ for _ in ()).throw(SystemExit(0)))
     result = runner.invoke(app, ["run"])

@@ -22,8 +22,8 @@ from lawa_suite import checkpoints as ckpt
 from lawa_suite import registry
 from lawa_suite.config import resolve
 from lawa_suite.export import export
-from lawa_suite.scoring import Scorer, forked_rng
-from lawa_suite.train import Run, train
+from lawa_suite.training.scoring import Scorer, forked_rng
+from lawa_suite.training.loop import Run, train
 
 from conftest import SimulatedCrash, ToyTask
 from helpers import assert_same, final_state, run_toy

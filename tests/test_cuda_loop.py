@@ -20,7 +20,7 @@ from lawa_suite.config import resolve
 from lawa_suite.errors import ConfigError
 from lawa_suite.testing.cuda_standin import cuda_standin
 from lawa_suite.config import accumulation
-from lawa_suite.train import Run, train
+from lawa_suite.training.loop import Run, train
 
 from helpers import assert_same, final_state, final_state_at
 

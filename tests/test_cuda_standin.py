@@ -19,8 +19,8 @@ from torch import nn
 
 from lawa_suite.averagers.base import finite_flag
 from lawa_suite.config import resolve
-from lawa_suite.run_checkpoints import any_rank_poisoned, nonfinite_parts
-from lawa_suite.scoring import WeightSwap
+from lawa_suite.training.checkpointing import any_rank_poisoned, nonfinite_parts
+from lawa_suite.training.scoring import WeightSwap
 from lawa_suite.testing.cuda_standin import DEVICE, StandInTensor, cuda_standin
 
 NAMES = ("lawa", "ema", "swa", "phema", "wma", "bema")

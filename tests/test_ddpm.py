@@ -34,7 +34,7 @@ from lawa_suite.evaluators.fid import (FID, INCEPTION, INCEPTION_FILE, STANDIN, 
                                        create_extractor, resolve_extractor)
 from lawa_suite.tasks.base import parameter_count
 from lawa_suite.tasks.ddpm import ADM_IMAGENET128_PARAMS, DdpmTask, build_unet
-from lawa_suite.train import train
+from lawa_suite.training.loop import train
 
 from helpers import assert_same, read_metrics
 

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from lawa_suite.evaluation import AnalysisError, Evaluation, eval_config, interpolate, lmc
 from lawa_suite.cli import app
 from lawa_suite.config import ConfigError, resolve
-from lawa_suite.train import train
+from lawa_suite.training.loop import train
 
 runner = CliRunner()
 

@@ -145,7 +145,7 @@ def eta_of(bar) -> float | None:
 def test_the_time_to_go_leaves_the_start_up_step_out(monkeypatch):
     """A 4-minute run (800 steps of 0.3 s) whose first step pays 60 s of start-up: after a few steps the
     time-to-go is about 4 minutes, not a quarter of an hour."""
-    from lawa_suite import progress
+    from lawa_suite.training import progress
 
     clock = FakeClock()
     monkeypatch.setattr(progress, "time", clock)
@@ -163,7 +163,7 @@ def test_the_time_to_go_leaves_the_start_up_step_out(monkeypatch):
 
 
 def test_the_bar_says_it_is_evaluating_and_counts_that_evaluation(monkeypatch):
-    from lawa_suite import progress
+    from lawa_suite.training import progress
 
     clock = FakeClock()
     monkeypatch.setattr(progress, "time", clock)

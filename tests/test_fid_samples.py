@@ -11,7 +11,7 @@ import torch
 from lawa_suite.config import ConfigError, resolve
 from lawa_suite.evaluators.base import EvaluationContext, Evaluator, build_evaluator
 from lawa_suite.evaluators.fid import FID
-from lawa_suite.train import train
+from lawa_suite.training.loop import train
 
 from helpers import ddpm_tiny_config, ddpm_tiny_task
 

@@ -21,7 +21,7 @@ import torch
 from lawa_suite import checkpoints as ckpt
 from lawa_suite.config import resolve
 from lawa_suite.testing.cuda_standin import cuda_standin
-from lawa_suite.train import Run, train
+from lawa_suite.training.loop import Run, train
 
 from helpers import assert_same, final_state, run_toy, torchrun
 

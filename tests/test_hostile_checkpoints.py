@@ -21,7 +21,7 @@ from lawa_suite import checkpoints as ckpt, files, registry
 from lawa_suite.averagers.base import NonFiniteWarning
 from lawa_suite.cli import app
 from lawa_suite.config import resolve
-from lawa_suite.train import train
+from lawa_suite.training.loop import train
 
 from helpers import same_bits
 

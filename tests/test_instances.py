@@ -16,7 +16,7 @@ from lawa_suite.config import ConfigError, resolve
 from lawa_suite.export import select_weights
 from lawa_suite.posthoc import average, parse_jobs
 from lawa_suite.rundir import load_resolved
-from lawa_suite.train import train
+from lawa_suite.training.loop import train
 
 runner = CliRunner()
 INSTANCE = ["averager=swa,swa_early", "swa.start=0.75", "swa_early.of=swa", "swa_early.start=0.1"]

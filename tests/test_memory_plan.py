@@ -1,4 +1,4 @@
-"""The memory plan that ``suite run --dry-run`` prints (``lawa_suite.memory_plan``), checked against real tensors.
+"""The memory plan that ``suite run --dry-run`` prints (``training/memory_plan.py``), checked against real tensors.
 
 The plan builds nothing real: it reads a fake-device model. Here the tiny presets are built for real on the CPU (and
 through the CUDA stand-in, for where things live on a GPU) and the plan's byte counts must equal theirs exactly:
@@ -22,9 +22,9 @@ from typer.testing import CliRunner
 from lawa_suite import registry
 from lawa_suite.cli import app
 from lawa_suite.config import resolve
-from lawa_suite.memory_facts import (_facts_of, averager_checkpoint_bytes, averager_parts, build_model, example_loss,
-                                     fake_device, measure_activations, model_facts)
-from lawa_suite.memory_plan import GIB, Setup, _optimizer_bytes
+from lawa_suite.training.memory_facts import (_facts_of, averager_checkpoint_bytes, averager_parts, build_model,
+                                              example_loss, fake_device, measure_activations, model_facts)
+from lawa_suite.training.memory_plan import GIB, Setup, _optimizer_bytes
 from lawa_suite.testing.cuda_standin import StandInTensor, cuda_standin
 
 TASKS = ("gpt2", "ddpm", "cifar")

@@ -30,7 +30,7 @@ from lawa_suite.config import ConfigError, resolve
 from lawa_suite.export import select_weights
 from lawa_suite.posthoc import PosthocError, average, parse_jobs
 from lawa_suite.posthoc.writer import in_memory
-from lawa_suite.train import train
+from lawa_suite.training.loop import train
 
 from helpers import same_bits, tree_digest
 

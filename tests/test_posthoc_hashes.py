@@ -25,7 +25,7 @@ from lawa_suite.config import resolve
 from lawa_suite.files import SUMS, read_sha256s, record_sha256s
 from lawa_suite.posthoc import PosthocError, average, parse_jobs
 from lawa_suite.posthoc.checks import slice_finite
-from lawa_suite.train import train
+from lawa_suite.training.loop import train
 
 runner = CliRunner()
 LAWA = {"lawa.k": "2", "lawa.nu": "5"}

@@ -27,10 +27,11 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from lawa_suite import checkpoints as ckpt
-from lawa_suite import posthoc, run_checkpoints
+from lawa_suite import posthoc
+from lawa_suite.training import checkpointing as run_checkpoints
 from lawa_suite.cli import app
 from lawa_suite.posthoc import PosthocError, average, parse_jobs
-from lawa_suite.train import NonFiniteTraining
+from lawa_suite.training.loop import NonFiniteTraining
 
 from conftest import PLUGIN_AVERAGER, ToyTask
 from helpers import final_state, run_toy, same_tree, torchrun, tree_digest
@@ -331,7 +332,7 @@ def test_too_many_bad_steps_exit_3_keep_the_last_good_checkpoint_and_resume(tmp_
 
 
 def test_a_checkpoint_holding_nan_is_never_committed(tmp_path, monkeypatch):
-    from lawa_suite.run_checkpoints import RunCheckpointer
+    from lawa_suite.training.checkpointing import RunCheckpointer
 
     real_state = RunCheckpointer.state
 

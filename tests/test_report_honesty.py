@@ -39,7 +39,7 @@ def hand_run(root: Path, steps: int, curves: dict[str, dict[int, float]], averag
 def test_an_averager_never_ready_is_warned_of_before_training_and_given_a_row_saying_why(tmp_path, monkeypatch):
     import sys
 
-    import lawa_suite.train as train_module
+    import lawa_suite.training.loop as train_module
 
     real_step, said_before = train_module.Run.optimizer_step, []
 
@@ -65,7 +65,7 @@ def test_an_averager_never_ready_is_warned_of_before_training_and_given_a_row_sa
 
 
 def test_every_averager_ready_in_time_draws_no_warning(tmp_path, monkeypatch):
-    import lawa_suite.train as train_module
+    import lawa_suite.training.loop as train_module
 
     reached = []  # the run was built (the warnings are said there), and stops before its first step
     monkeypatch.setattr(train_module.Run, "optimizer_step",

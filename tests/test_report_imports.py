@@ -25,7 +25,7 @@ _REPORT_AND_LIST_MODULES = '''
 import sys
 from lawa_suite.cli import app
 app(["report", sys.argv[1], "out=" + sys.argv[2]], standalone_mode=False)
-print("loaded:", *sorted(m for m in sys.modules if m.startswith(("lawa_suite.tasks", "lawa_suite.train"))))
+print("loaded:", *sorted(m for m in sys.modules if m.startswith(("lawa_suite.tasks", "lawa_suite.training.loop"))))
 '''
 
 

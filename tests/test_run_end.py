@@ -13,7 +13,7 @@ import torch
 from lawa_suite import registry
 from lawa_suite.averagers.base import Averager, SnapshotFolder
 from lawa_suite.config import ConfigError, resolve
-from lawa_suite.train import Preempted, train
+from lawa_suite.training.loop import Preempted, train
 
 from conftest import SimulatedCrash, ToyTask
 

@@ -142,7 +142,7 @@ from pathlib import Path
 sys.path.insert(0, {tests!r})
 import conftest
 hold = Path(sys.argv[1])
-from lawa_suite import run_checkpoints
+from lawa_suite.training import checkpointing as run_checkpoints
 init = run_checkpoints.RunCheckpointer.__init__
 def held(self, *args):  # the run waits here, its folder prepared and locked, until the hold file is gone
     init(self, *args)

@@ -11,11 +11,11 @@ import pytest
 import yaml
 
 from lawa_suite import registry, rundir
-from lawa_suite import train as train_module
+from lawa_suite.training import loop as train_module
 from lawa_suite.config import ConfigError, resolve
 from lawa_suite.errors import DamagedFile
 from lawa_suite.evaluators.base import Evaluator
-from lawa_suite.train import train
+from lawa_suite.training.loop import train
 
 from conftest import SimulatedCrash, ToyTask
 

@@ -15,10 +15,10 @@ from safetensors.torch import load_file
 from lawa_suite import checkpoints as ckpt
 from lawa_suite import registry
 from lawa_suite.config import ConfigError, RunConfig, resolve
-from lawa_suite.scoring import Scorer
+from lawa_suite.training.scoring import Scorer
 from lawa_suite.tasks import schedule_free
 from lawa_suite.testing.cuda_standin import cuda_standin
-from lawa_suite.train import Run, lr_factor, train
+from lawa_suite.training.loop import Run, lr_factor, train
 
 from helpers import assert_same, final_state, raw_scores, restored, sf_run
 
@@ -202,7 +202,7 @@ def test_without_the_package_the_option_is_one_line(monkeypatch):
 def test_a_score_that_fails_leaves_the_live_weights_and_the_optimizer_in_train_mode(tmp_path, monkeypatch):
     from accelerate import Accelerator
 
-    from lawa_suite.scoring import Scorer
+    from lawa_suite.training.scoring import Scorer
     from lawa_suite.tasks.schedule_free import EvalSequence
 
     cfg = resolve(sf_run("gpt2", tmp_path / "run"))

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from lawa_suite.cli import app
 from lawa_suite.config import resolve
-from lawa_suite.train import train
+from lawa_suite.training.loop import train
 
 from helpers import raw_scores, restored, sf_run
 

@@ -108,7 +108,7 @@ def test_reconstruction_and_trajectory_replay_are_two_commands(tmp_path: Path) -
 
 def test_the_loop_stores_every_track_with_its_step_sigma_and_gamma(tmp_path: Path) -> None:
     from lawa_suite.config import resolve
-    from lawa_suite.train import train
+    from lawa_suite.training.loop import train
 
     cfg = resolve(["task=gpt2", "preset=tiny", "averager=phema", "phema.sigma_rel=0.05,0.1", "phema.every=2",
                    "phema.snapshot_every=10", "steps=20", "eval.every=20", f"out={tmp_path / 'run'}",

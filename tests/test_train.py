@@ -9,9 +9,9 @@ import torch
 import yaml
 
 from lawa_suite import checkpoints as ckpt
-from lawa_suite import run_checkpoints
+from lawa_suite.training import checkpointing as run_checkpoints
 from lawa_suite.config import ConfigError, resolve
-from lawa_suite.train import NonFiniteTraining, Preempted, lr_factor, train
+from lawa_suite.training.loop import NonFiniteTraining, Preempted, lr_factor, train
 
 from conftest import SimulatedCrash, ToyTask
 from helpers import assert_same, final_state, read_metrics, run_toy
@@ -188,7 +188,7 @@ def test_sigterm_saves_within_the_step_and_resume_is_exact(tmp_path):
 
 def test_weights_are_checked_once_per_step_and_non_finite_ones_reach_no_averager(tmp_path, monkeypatch):
     import lawa_suite.averagers.base as base
-    from lawa_suite.train import Run
+    from lawa_suite.training.loop import Run
 
     run = Run(resolve(["task=toy", f"out={tmp_path / 'run'}", "averager=lawa,ema,swa", "lawa.nu=1", "swa.start=0"]))
     # the loop checks (train.all_finite), not each averager (base.all_finite, inside observe)
@@ -220,7 +220,7 @@ def test_tensorboard_overlays_raw_and_every_averager_on_one_chart_per_metric(tmp
 
 
 def test_the_time_to_go_counts_the_evaluations_left():
-    from lawa_suite.progress import eta_seconds, evaluations_left
+    from lawa_suite.training.progress import eta_seconds, evaluations_left
 
     assert evaluations_left(0, 100, 10) == 10 and evaluations_left(95, 100, 10) == 1
     assert evaluations_left(0, 105, 10) == 11 and evaluations_left(100, 105, 10) == 1  # the final one too

@@ -97,7 +97,7 @@ def suite_run(words: list[str], counter: Callable[[], int], stop_at: int | None)
     """``suite run WORDS`` in this process: its exit code, where its parameters were, the syncs between step
     starts, the first step it trained, its error's last line. SIGTERM to itself as step ``stop_at`` starts."""
     from lawa_suite import cli
-    from lawa_suite.train import Run
+    from lawa_suite.training.loop import Run
 
     seen: dict[str, Any] = {"starts": [], "first_step": None, "device": None}
     step_fn = Run.optimizer_step

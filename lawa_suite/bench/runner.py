@@ -54,7 +54,7 @@ def run_bench(bench: Bench, log: Callable[[str], None] = print, only: int | None
     A failure in one cell (non-finite training, missing data) is recorded and the next cell runs; a SIGTERM
     (``Preempted``) stops the bench at once, its cell checkpointed, to be continued by running the bench again.
     """
-    from lawa_suite.train import train  # lazily: the training stack only when a bench runs
+    from lawa_suite.training.loop import train  # lazily: the training stack only when a bench runs
 
     planned = validate(bench)
     # a cell=N job reads the spec and never rewrites it (many processes, one file); two processes running parts of

@@ -24,7 +24,7 @@ from torch import nn
 
 from lawa_suite.averagers.base import Averager
 from lawa_suite.errors import AnalysisError
-from lawa_suite.scoring import WeightSwap, forked_rng, recalibrate_batchnorm
+from lawa_suite.training.scoring import WeightSwap, forked_rng, recalibrate_batchnorm
 from lawa_suite.tasks.base import has_batchnorm
 
 __all__ = ["averaged_weights", "default_forward", "check_fits"]

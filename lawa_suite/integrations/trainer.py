@@ -50,7 +50,7 @@ from lawa_suite.averagers.base import Averager, NonFiniteWarning, all_finite
 from lawa_suite.config import averager_bases, build_section
 from lawa_suite.errors import ConfigError
 from lawa_suite.integrations.loops import averaged_weights
-from lawa_suite.scoring import forked_rng
+from lawa_suite.training.scoring import forked_rng
 from lawa_suite.tasks.base import has_batchnorm
 
 __all__ = ["AveragingCallback", "build_averagers", "AVERAGER_STATE"]

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from lawa_suite.posthoc.discover import Snapshot
-from lawa_suite.sharded_checkpoints import ShardedWeights
+from lawa_suite.training.sharded_checkpoints import ShardedWeights
 from lawa_suite.posthoc.peers import (NoWeights, WeightsAt, find_weights, lightning_hint, load_torch, rename,
                                       torch_error)
 

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from lawa_suite.averagers.base import Averager, find_aliases, named_tensors
 from lawa_suite.evaluators.base import EvaluationContext, create_evaluator
-from lawa_suite.sharding import gathered, is_sharded, reshard
+from lawa_suite.training.sharding import gathered, is_sharded, reshard
 
 __all__ = ["rng_state", "set_rng_state", "seed_everything", "forked_rng", "recalibrate_batchnorm", "WeightSwap",
            "RawWeights", "Scorer", "score_line"]

@@ -42,15 +42,15 @@ from lawa_suite.averagers._readiness import never_ready
 from lawa_suite.averagers.base import Averager, finite_flag, named_tensors
 from lawa_suite.config import ResolvedConfig, accumulation, dotted
 from lawa_suite.errors import EXIT_NONFINITE, EXIT_PREEMPTED, ConfigError, Interrupted, NonFiniteTraining, Preempted
-from lawa_suite.preemption import StopFlag
-from lawa_suite.progress import ProgressBar
-from lawa_suite.run_settings import cuda_settings, lr_factor
+from lawa_suite.training.preemption import StopFlag
+from lawa_suite.training.progress import ProgressBar
+from lawa_suite.training.settings import cuda_settings, lr_factor
 from lawa_suite.report import write_report
 from lawa_suite.rundir import MetricsLog, prepare_run_dir, write_metrics_meta
-from lawa_suite.run_checkpoints import RunCheckpointer
-from lawa_suite.run_state import TrainState
-from lawa_suite.scoring import Scorer, score_line, seed_everything
-from lawa_suite.sharding import agree_finite, gather_full, shard_model
+from lawa_suite.training.checkpointing import RunCheckpointer
+from lawa_suite.training.state import TrainState
+from lawa_suite.training.scoring import Scorer, score_line, seed_everything
+from lawa_suite.training.sharding import agree_finite, gather_full, shard_model
 from lawa_suite.tasks import schedule_free
 from lawa_suite.tasks.base import Task, has_batchnorm, parameter_count
 
@@ -113,7 +113,7 @@ class Run:
         unique = parameter_count(model)
         tied = sum(p.numel() for p in model.parameters()) - unique
         self.log(self.task.summary(model) + (f" ({unique:,} unique: {tied:,} tied)" if tied else ""))
-        # distributed=fsdp: FSDP2 shards the parameters (lawa_suite.sharding) before the optimizer is built on them;
+        # distributed=fsdp: FSDP2 shards the parameters (training/sharding.py) before the optimizer is built on them;
         # accelerate then prepares only the optimizer (on CPU it would wrap the model in DDP as well).
         self.sharded = rc.distributed == "fsdp" and self.accelerator.num_processes > 1
         if rc.distributed == "fsdp" and not self.sharded:

@@ -34,7 +34,7 @@ from lawa_suite.averagers.base import Averager, named_tensors
 from lawa_suite.errors import CheckpointError
 
 if TYPE_CHECKING:
-    from lawa_suite.run_state import Checkpointable
+    from lawa_suite.training.state import Checkpointable
 
 __all__ = ["is_sharded_checkpoint", "save_sharded", "load_sharded", "read_whole", "ShardedWeights"]
 

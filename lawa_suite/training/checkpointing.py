@@ -20,13 +20,13 @@ import torch
 from lawa_suite import checkpoints as ckpt
 from lawa_suite.averagers.base import all_finite, local_shard
 from lawa_suite.errors import CheckpointError, ConfigError, NonFiniteTraining
-from lawa_suite.run_state import TrainState
+from lawa_suite.training.state import TrainState
 from lawa_suite.rundir import truncate_metrics
-from lawa_suite.scoring import rng_state, set_rng_state
-from lawa_suite.sharded_checkpoints import is_sharded_checkpoint, load_sharded, save_sharded
+from lawa_suite.training.scoring import rng_state, set_rng_state
+from lawa_suite.training.sharded_checkpoints import is_sharded_checkpoint, load_sharded, save_sharded
 
 if TYPE_CHECKING:
-    from lawa_suite.run_state import Checkpointable
+    from lawa_suite.training.state import Checkpointable
 
 __all__ = ["RunCheckpointer", "nonfinite_parts", "any_rank_poisoned"]
 

@@ -38,7 +38,7 @@ from typing import Any
 from lawa_suite import registry
 from lawa_suite.config import accumulation
 from lawa_suite.errors import ConfigError
-from lawa_suite.memory_facts import (Activations, ModelFacts, Part, averager_checkpoint_bytes, averager_parts,
+from lawa_suite.training.memory_facts import (Activations, ModelFacts, Part, averager_checkpoint_bytes, averager_parts,
                                      dtype_name, fake_device, itemsize, measure_activations,
                                      model_facts)
 
