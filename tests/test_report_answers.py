@@ -304,8 +304,9 @@ def test_a_bench_page_opens_with_the_matrix_and_every_image_shows_something(tmp_
     assert first_table < min(i for i, line in enumerate(markdown) if line.startswith(("![", "- ")))
 
 
-def test_the_committed_reference_page_opens_with_the_matrix_and_every_image_shows_something():
-    assert check_page((REFERENCE / "report.html").read_text()) == []
+@pytest.mark.parametrize("version", ["cpu-reference-v2", "cpu-reference-v3"])
+def test_the_committed_reference_page_opens_with_the_matrix_and_every_image_shows_something(version):
+    assert check_page((REFERENCE.parent / version / "report.html").read_text()) == []
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="no chromium installed (apt-get install chromium)")
