@@ -367,5 +367,29 @@ def tensor_writer(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | N
 def read_state(folder: Path, stem: str) -> Any:
     """Read back what ``state_writers(stem, ...)`` wrote into ``folder``."""
     tensors = load_file(str(folder / f"{stem}.safetensors"))
-    skeleton = json.loads((folder / f"{stem}.json").read_text())
-    return unflatten_state(skeleton, tensors)
+    return unflatten_state(read_state_skeleton(folder, stem), tensors)
+
+
+def read_state_skeleton(folder: Path, stem: str) -> Any:
+    """The JSON skeleton of what ``state_writers(stem, ...)`` wrote (its structure and plain values, no tensor)."""
+    return json.loads((folder / f"{stem}.json").read_text())
+
+
+def read_state_part(folder: Path, stem: str, key: str) -> Any:
+    """``read_state(folder, stem)[key]``, reading only the tensors that part holds (an optimizer's state, without
+    every averager's snapshots beside it)."""
+    from safetensors import safe_open
+
+    part = read_state_skeleton(folder, stem)["__dict__"][key]
+    with safe_open(str(folder / f"{stem}.safetensors"), framework="pt") as saved:
+        return unflatten_state(part, _TensorsOnDemand(saved))
+
+
+class _TensorsOnDemand:
+    """The tensors of an open safetensors file, each read when ``unflatten_state`` looks it up."""
+
+    def __init__(self, saved: Any) -> None:
+        self.saved = saved
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.saved.get_tensor(key)

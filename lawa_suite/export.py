@@ -29,7 +29,6 @@ writes and reads; ``load_model`` is re-exported here, where exported folders' RE
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -65,7 +64,7 @@ def trains_schedule_free(cfg: Any) -> bool:
 def _optimizer_skeleton(folder: Path) -> Any:
     """The optimizer part of the JSON skeleton of a whole checkpoint's ``state``, or None where it has none."""
     try:
-        skeleton = json.loads((folder / "state.json").read_text())
+        skeleton = ckpt.read_state_skeleton(folder, "state")
     except (OSError, ValueError):
         return None
     return skeleton.get("__dict__", {}).get("optimizer") if isinstance(skeleton, dict) else None
@@ -81,30 +80,6 @@ def holds_schedule_free_state(folder: Path) -> bool:
         return "train_mode" in groups[0]["__dict__"]
     except (TypeError, KeyError, IndexError):
         return False
-
-
-def _optimizer_state(folder: Path) -> dict[str, Any]:
-    """The optimizer's state dict saved in the whole checkpoint ``folder``, reading only its own tensors."""
-    from safetensors import safe_open
-
-    with safe_open(str(folder / "state.safetensors"), framework="pt") as saved:
-        return ckpt.unflatten_state(_optimizer_skeleton(folder), _Tensors(saved))
-
-
-class _Tensors(Mapping[str, Tensor]):
-    """The tensors of an open safetensors file, each read when asked for (``unflatten_state`` looks them up)."""
-
-    def __init__(self, saved: Any) -> None:
-        self.saved = saved
-
-    def __getitem__(self, key: str) -> Tensor:
-        return self.saved.get_tensor(key)
-
-    def __iter__(self) -> Any:
-        return iter(self.saved.keys())
-
-    def __len__(self) -> int:
-        return len(self.saved.keys())
 
 
 class EvalWeights:
@@ -130,7 +105,7 @@ class EvalWeights:
                                   f"optimizer=schedulefree) to get its eval sequence x")
         try:
             self.model.load_state_dict(dict(weights))
-            self.optimizer.load_state_dict(_optimizer_state(folder))
+            self.optimizer.load_state_dict(ckpt.read_state_part(folder, "state", "optimizer"))
         except (RuntimeError, ValueError, KeyError) as exc:
             raise CheckpointError(f"{folder}: its weights and optimizer state do not fit the run's model and "
                                   f"optimizer ({str(exc).strip().splitlines()[0][:160]}); the eval sequence x "
