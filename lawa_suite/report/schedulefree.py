@@ -24,8 +24,8 @@ from pathlib import Path
 from lawa_suite.report.curves import direction_of, metric_directions
 from lawa_suite.report.diffusion import carried, describe, joint_level, metrics_that_answer, number_format
 from lawa_suite.report.paired import EARLY_MID, gain, t_interval
-from lawa_suite.report.records import RunRecord, Verdict, experiment_key
-from lawa_suite.report.schedules import SCHEDULE_KEYS, headline_of
+from lawa_suite.report.records import RunRecord, Verdict
+from lawa_suite.report.schedules import headline_of, matching_key
 from lawa_suite.report.targets import saved_fraction
 
 __all__ = ["SCHEDULE_FREE", "optimizer_of", "claim_h", "H_PHASES"]
@@ -48,10 +48,8 @@ def _rest(run: RunRecord) -> str:
     """What must match between the runs set against each other: everything but the optimizer, the schedule and the
     averagers watching (their sections are named in the run's ``averager`` list)."""
     watching = {str(name) for name in run.config.get("averager") or []}
-    kept = {k: v for k, v in experiment_key(run).items()
-            if k not in SCHEDULE_KEYS and k not in ("averager", "optimizer", f"{run.task}.optimizer")
-            and not k.startswith("schedulefree.") and k.split(".")[0] not in watching}
-    return repr(sorted((k, repr(v)) for k, v in kept.items()))
+    return matching_key(run, lambda k: k in ("averager", "optimizer", f"{run.task}.optimizer")
+                        or k.startswith("schedulefree.") or k.split(".")[0] in watching)
 
 
 def _final_raw(run: RunRecord, metric: str) -> float | None:
@@ -60,8 +58,9 @@ def _final_raw(run: RunRecord, metric: str) -> float | None:
 
 
 def _tuned_lr(by_lr: Mapping[float, list[RunRecord]]) -> float:
-    """The lr whose runs' raw weights end best, mean over seeds, on the first metric the runs record (the headline):
-    each family is compared at its own tuned lr, as a practitioner would run it. One lr: that one."""
+    """The lr whose runs' raw weights end best, mean over seeds, on the quietest metric that answers (the headline;
+    a diffusion task's denoising loss): each family is compared at its own tuned lr, as a practitioner would run it.
+    One lr: that one."""
     if len(by_lr) == 1:
         return next(iter(by_lr))
     first = next(iter(by_lr.values()))[0]

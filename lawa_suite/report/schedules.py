@@ -9,7 +9,7 @@ seed and summarised with 95% intervals.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from lawa_suite.report.curves import direction_of, metric_directions
@@ -17,22 +17,26 @@ from lawa_suite.report.paired import gain, t_interval
 from lawa_suite.report.records import RunRecord, Verdict, experiment_key
 from lawa_suite.report.targets import saved_fraction
 
-__all__ = ["SCHEDULE_KEYS", "headline_of", "claim_g"]
+__all__ = ["SCHEDULE_KEYS", "matching_key", "headline_of", "claim_g"]
 
 # what may differ between a run and its cosine reference: the schedule and its own keys
 SCHEDULE_KEYS = {"schedule", "decay_fraction", "decay_shape", "min_lr"}
 
 
+def matching_key(run: RunRecord, ignored: Callable[[str], bool] = lambda key: False) -> str:
+    """What must match between runs set against each other: the experiment's keys but the schedule's and
+    ``ignored`` ones, as one comparable string."""
+    return repr(sorted((k, repr(v)) for k, v in experiment_key(run).items()
+                       if k not in SCHEDULE_KEYS and not ignored(k)))
+
+
 def _pairs(runs: Sequence[RunRecord]) -> dict[tuple[str, float, str], list[tuple[RunRecord, RunRecord]]]:
     """(task, lr, schedule) -> [(run, the cosine run it is set against)], one pair per seed."""
-    def rest(run: RunRecord) -> str:
-        return repr(sorted((k, repr(v)) for k, v in experiment_key(run).items() if k not in SCHEDULE_KEYS))
-
-    cosine = {(rest(r), r.lr, r.seed): r for r in runs if r.config.get("schedule") == "cosine"}
+    cosine = {(matching_key(r), r.lr, r.seed): r for r in runs if r.config.get("schedule") == "cosine"}
     found: dict[tuple[str, float, str], list[tuple[RunRecord, RunRecord]]] = defaultdict(list)
     for run in runs:
         schedule = run.config.get("schedule")
-        reference = cosine.get((rest(run), run.lr, run.seed))
+        reference = cosine.get((matching_key(run), run.lr, run.seed))
         if schedule not in (None, "cosine") and reference is not None:
             label = schedule if schedule != "wsd" else f"wsd ({run.config.get('decay_shape')}, last " \
                                                        f"{float(run.config.get('decay_fraction', 0)):.0%})"
