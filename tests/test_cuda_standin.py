@@ -263,7 +263,7 @@ def test_the_finite_flag_finds_nan_and_inf_on_either_device_without_overflow(val
 def test_a_snapshot_is_one_pinned_block_per_dtype():
     """LAWA's host snapshots: one pinned buffer a dtype, each weight a view into it (the caching host allocator
     rounds every block up to a power of two: a block per weight cost about 1.5x the model in pinned memory)."""
-    from lawa_suite.averagers._window import pinned_snapshot_copy
+    from lawa_suite.averagers._host_copies import pinned_snapshot_copy
 
     with cuda_standin():
         weights = [torch.randn(5, 3, device="cuda"), torch.randn(7, device="cuda"),

@@ -25,12 +25,11 @@ from lawa_suite.averagers.base import ReplayTrack, SnapshotFolder, is_count
 from lawa_suite.config import choice, require
 from lawa_suite.errors import ConfigError
 from lawa_suite.files import lock_beside, write_atomic
-from lawa_suite.averagers._host_copies import DeviceToHost, pinned_like, pinned_snapshot_copy, snapshot_copy
+from lawa_suite.averagers._host_copies import DeviceToHost, snapshot_copy
 from lawa_suite.averagers._window_worker import WindowWorker
 
-__all__ = ["WindowConfig", "window_store", "window_folder", "window_replay", "snapshot_copy", "pinned_snapshot_copy",
-           "pinned_like", "DeviceToHost", "WindowWorker", "SnapshotStore", "StepWindow", "MemorySnapshots",
-           "ReadBackWindow", "DiskSnapshots", "RereadSnapshots"]
+__all__ = ["WindowConfig", "window_store", "window_folder", "window_replay", "SnapshotStore", "StepWindow",
+           "MemorySnapshots", "ReadBackWindow", "DiskSnapshots", "RereadSnapshots"]
 
 
 # -- the keys of a window of snapshots (LAWA's, wma's) -------------------------------------------------------

@@ -43,7 +43,8 @@ from torch import Tensor
 
 from lawa_suite import registry
 from lawa_suite.averagers._window import (MemorySnapshots, RereadSnapshots, SnapshotStore, WindowConfig,
-                                          WindowWorker, window_folder, window_replay, window_store)
+                                          window_folder, window_replay, window_store)
+from lawa_suite.averagers._window_worker import WindowWorker
 from lawa_suite.averagers.base import (Averager, ReplayTrack, SnapshotFolder, accumulation_dtype, cast_like,
                                        follow_devices, staged_like)
 

@@ -27,8 +27,9 @@ import torch
 from torch import Tensor
 
 from lawa_suite import registry
-from lawa_suite.averagers._window import (RereadSnapshots, SnapshotStore, WindowConfig, WindowWorker, window_folder,
-                                          window_replay, window_store)
+from lawa_suite.averagers._window import (RereadSnapshots, SnapshotStore, WindowConfig, window_folder, window_replay,
+                                          window_store)
+from lawa_suite.averagers._window_worker import WindowWorker
 from lawa_suite.averagers.base import Averager, ReplayTrack, SnapshotFolder, accumulation_dtype
 from lawa_suite.config import choice, require
 
