@@ -18,7 +18,8 @@ from lawa_suite.config import ConfigError, RunConfig, resolve
 from lawa_suite.training.scoring import Scorer
 from lawa_suite.tasks import schedule_free
 from lawa_suite.testing.cuda_standin import cuda_standin
-from lawa_suite.training.loop import Run, lr_factor, train
+from lawa_suite.training.loop import Run, train
+from lawa_suite.training.settings import lr_factor
 
 from helpers import assert_same, final_state, raw_scores, restored, sf_run
 

@@ -11,7 +11,8 @@ import yaml
 from lawa_suite import checkpoints as ckpt
 from lawa_suite.training import checkpointing as run_checkpoints
 from lawa_suite.config import ConfigError, resolve
-from lawa_suite.training.loop import NonFiniteTraining, Preempted, lr_factor, train
+from lawa_suite.training.loop import NonFiniteTraining, Preempted, train
+from lawa_suite.training.settings import lr_factor
 
 from conftest import SimulatedCrash, ToyTask
 from helpers import assert_same, final_state, read_metrics, run_toy

@@ -22,9 +22,9 @@ from typing import Any
 
 from lawa_suite.config import ConfigError, ResolvedConfig, parse_overrides
 from lawa_suite.errors import SuiteError
-from lawa_suite.rundir import LMC_DIR, SWEEPS_DIR  # re-exported: the folder names' old home
+from lawa_suite.rundir import LMC_DIR, SWEEPS_DIR
 
-__all__ = ["SWEEPS_DIR", "LMC_DIR", "Sweep", "parse_sweeps", "check_sweeps", "run_sweeps", "parse_lmc", "check_lmc",
+__all__ = ["Sweep", "parse_sweeps", "check_sweeps", "run_sweeps", "parse_lmc", "check_lmc",
            "run_lmc"]
 
 

@@ -13,20 +13,11 @@ bench tests), ``matrix.py`` (the verdict matrix), ``gainplots.py`` (forest plots
 
 from __future__ import annotations
 
-from lawa_suite.report.bench import read_run, seed_band, summarise_lr, write_bench_report
+from lawa_suite.report.bench import seed_band, summarise_lr, write_bench_report
+from lawa_suite.report.curves import best_point, first_reaching, load_metrics, metric_directions
 from lawa_suite.report.html import to_html
-from lawa_suite.report.run import (
-    best_point,
-    comparison_table,
-    find_runs,
-    first_reaching,
-    is_run_dir,
-    load_metrics,
-    metric_directions,
-    plot_curves,
-    summarise,
-    write_report,
-)
+from lawa_suite.report.records import read_run
+from lawa_suite.report.run import comparison_table, find_runs, is_run_dir, plot_curves, summarise, write_report
 
 __all__ = ["load_metrics", "metric_directions", "summarise", "comparison_table", "plot_curves", "write_report",
            "write_bench_report", "find_runs", "is_run_dir", "read_run", "seed_band", "summarise_lr",

@@ -34,10 +34,7 @@ from lawa_suite.report.schedules import claim_g
 from lawa_suite.report.sweeps import sweep_section
 from lawa_suite.report.targets import SMOOTH, steps_table
 
-# RunRecord, Band, LrSummary, read_run and experiment_key are re-exported: this module was their home
-__all__ = ["RunRecord", "read_run", "Band", "seed_band", "LrSummary", "experiment_key",
-           "summarise_lr", "lr_table", "plot_task", "group_runs", "task_section",
-           "write_bench_report"]
+__all__ = ["seed_band", "summarise_lr", "lr_table", "plot_task", "group_runs", "task_section", "write_bench_report"]
 
 
 def seed_band(runs: list[RunRecord], weights_name: str, metric: str) -> Band | None:

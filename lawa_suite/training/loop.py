@@ -54,8 +54,7 @@ from lawa_suite.training.sharding import agree_finite, gather_full, shard_model
 from lawa_suite.tasks import schedule_free
 from lawa_suite.tasks.base import Task, has_batchnorm, parameter_count
 
-__all__ = ["train", "Run", "RunResult", "TrainState", "NonFiniteTraining", "Preempted", "lr_factor",
-           "EXIT_NONFINITE", "EXIT_PREEMPTED"]
+__all__ = ["train", "Run", "RunResult", "NonFiniteTraining", "Preempted", "EXIT_NONFINITE", "EXIT_PREEMPTED"]
 
 
 @dataclass
