@@ -42,17 +42,17 @@ from lawa_suite.averagers._readiness import never_ready
 from lawa_suite.averagers.base import Averager, finite_flag, named_tensors
 from lawa_suite.config import ResolvedConfig, accumulation, dotted
 from lawa_suite.errors import EXIT_NONFINITE, EXIT_PREEMPTED, ConfigError, Interrupted, NonFiniteTraining, Preempted
-from lawa_suite.training.preemption import StopFlag
-from lawa_suite.training.progress import ProgressBar
-from lawa_suite.training.settings import cuda_settings, lr_factor
 from lawa_suite.report import write_report
 from lawa_suite.rundir import MetricsLog, prepare_run_dir, write_metrics_meta
-from lawa_suite.training.checkpointing import RunCheckpointer
-from lawa_suite.training.state import TrainState
-from lawa_suite.training.scoring import Scorer, score_line, seed_everything
-from lawa_suite.training.sharding import agree_finite, gather_full, shard_model
 from lawa_suite.tasks import schedule_free
 from lawa_suite.tasks.base import Task, has_batchnorm, parameter_count
+from lawa_suite.training.checkpointing import RunCheckpointer
+from lawa_suite.training.preemption import StopFlag
+from lawa_suite.training.progress import ProgressBar
+from lawa_suite.training.scoring import Scorer, score_line, seed_everything
+from lawa_suite.training.settings import cuda_settings, lr_factor
+from lawa_suite.training.sharding import agree_finite, gather_full, shard_model
+from lawa_suite.training.state import TrainState
 
 __all__ = ["train", "Run", "RunResult", "NonFiniteTraining", "Preempted", "EXIT_NONFINITE", "EXIT_PREEMPTED"]
 
