@@ -113,12 +113,16 @@ def test_resuming_another_models_checkpoint_is_one_line(tmp_path):
     assert lines[-1].startswith("error: resume: ") and "holds another model's state (saved by task cifar;" in lines[-1]
 
 
-def test_a_batch_larger_than_the_data_is_one_line_and_creates_nothing(tmp_path):
-    result = runner.invoke(app, ["run", "task=cifar", "preset=tiny", "batch_size=1000000000", "averager=",
+@pytest.mark.parametrize("task, what", [("cifar", "examples"), ("ddpm", "examples"), ("gpt2", "sequences")])
+def test_a_batch_larger_than_the_data_is_one_line_and_creates_nothing(tmp_path, task, what):
+    # cifar's was a ValueError traceback; gpt2's a MemoryError traceback or the kernel's kill (exit 137) at the
+    # first step, after config.yaml, metrics-meta.json and metrics.jsonl were written
+    result = runner.invoke(app, ["run", f"task={task}", "preset=tiny", "batch_size=1000000000", "averager=",
                                  f"out={tmp_path / 'run'}"])
     lines = result.output.strip().splitlines()
-    assert result.exit_code == 2 and "Traceback" not in result.output, result.output  # (was a ValueError traceback)
-    assert lines[-1].startswith("error: batch_size: a micro-batch of 1000000000 examples")
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert lines[-1].startswith(f"error: batch_size: a micro-batch of 1000000000 {what}"), lines[-1]
+    assert "holds" in lines[-1] or "larger than the training set" in lines[-1]  # says what the data holds
     assert not (tmp_path / "run").exists()
 
 

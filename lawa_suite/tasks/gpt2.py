@@ -184,8 +184,17 @@ class Gpt2Task(Task):
         return self.tokens
 
     def train_stream(self, micro_batch: int, rank: int, world: int) -> "WindowStream":
-        return WindowStream(self._require_tokens().train, self.config.seq_len + 1, micro_batch, self.run.seed,
-                            rank, world)
+        """Random windows of the train split. A micro-batch of more tokens than the split holds is refused here,
+        before the run writes anything (its window offsets alone would take 8 bytes each: a huge ``batch_size``
+        was a MemoryError, or the kernel's kill, at the first step)."""
+        train, window = self._require_tokens().train, self.config.seq_len + 1
+        if micro_batch * window > len(train):
+            most = len(train) // window
+            raise ConfigError(f"batch_size: a micro-batch of {micro_batch} sequences of seq_len+1={window} tokens "
+                              f"(batch_size / grad_accum) needs {micro_batch * window:,} tokens, more than the "
+                              f"training split holds ({len(train):,} tokens); expected at most {most:,} sequences, "
+                              f"or a larger grad_accum")
+        return WindowStream(train, window, micro_batch, self.run.seed, rank, world)
 
     def eval_batches(self) -> list[Batch]:
         if self._eval is None:
