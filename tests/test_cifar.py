@@ -215,7 +215,8 @@ def write_fake_cifar(root: Path, hundred: bool = False, per_batch: int = 4) -> N
         entry = {b"data": data, label_key: [(b + i) % 10 for i in range(per_batch)]}
         (folder / name).write_bytes(pickle.dumps(entry))
     meta_name, meta_key = ("meta", b"fine_label_names") if hundred else ("batches.meta", b"label_names")
-    (folder / meta_name).write_bytes(pickle.dumps({meta_key: [f"c{i}".encode() for i in range(10)]}))
+    names = [f"c{i}".encode() for i in range(100 if hundred else 10)]
+    (folder / meta_name).write_bytes(pickle.dumps({meta_key: names}))
 
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
@@ -225,7 +226,8 @@ def test_cifar_from_local_batches(tmp_path, offline, name):
     data = load_cifar(name, str(root))
     train_batches = 1 if name == "cifar100" else 5
     assert data.train_images.shape == (4 * train_batches, 3, 32, 32) and data.test_images.shape == (4, 3, 32, 32)
-    assert data.train_images.dtype == torch.uint8 and data.classes == [f"c{i}" for i in range(10)]
+    assert data.train_images.dtype == torch.uint8 and data.classes == [f"c{i}" for i in range(len(data.classes))]
+    assert len(data.classes) == (100 if name == "cifar100" else 10)
     assert data.train_labels.tolist() == [(b + i) % 10 for b in range(train_batches) for i in range(4)]
     assert int(data.train_images[0, 1, 5, 5]) == 100 and int(data.train_images[-1, 0, 0, 0]) == train_batches - 1
 

@@ -1,5 +1,7 @@
 """Files a run reads but must not run: CIFAR batch pickles (``data.path``) and the Inception weights
-(``fid.weights``). A hostile file is refused with a one-line error before any of its code runs."""
+(``fid.weights``). A hostile file is refused
+with a one-line error before any of its code runs; a malformed but harmless one with a one-line error naming the
+file and what it should hold (never a traceback)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ import hashlib
 import io
 import os
 import pickle
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +20,7 @@ import torch
 from typer.testing import CliRunner
 
 from lawa_suite.cli import app
-from lawa_suite.data.images import load_cifar
+from lawa_suite.data.images import load_cifar, load_image_set
 from lawa_suite.errors import ConfigError, DataPathError
 from lawa_suite.evaluators import fid
 from lawa_suite.evaluators.fid import INCEPTION, INCEPTION_FILE, STANDIN, FidConfig, create_extractor
@@ -138,6 +142,118 @@ def test_a_hostile_cifar_batch_through_the_cli_is_one_line_and_exit_2(tmp_path):
     assert not marker.exists()
 
 
+def no_downloads(monkeypatch) -> None:
+    """Every download path raises URLError: torchvision's and urllib underneath it (nothing here goes online)."""
+    import torchvision.datasets.utils as tv_utils
+
+    def refuse(*args, **kwargs):
+        raise urllib.error.URLError("network is unreachable (test)")
+    monkeypatch.setattr(tv_utils, "download_url", refuse)
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+
+
+def rewrite(folder: Path, name: str, change) -> None:
+    """Replace the batch ``name`` with ``change(its entry)`` (pickled as the originals were)."""
+    labels = [i % 10 for i in range(3)]
+    entry = {b"batch_label": b"spoilt", b"labels": labels, b"data": np.full((3, 3072), 7, dtype=np.uint8)}
+    (folder / name).write_bytes(py2_pickle(change(entry)))
+
+
+def without(key: bytes):
+    return lambda entry: {k: v for k, v in entry.items() if k != key}
+
+
+def setting(key: bytes, value):
+    return lambda entry: {**entry, key: value}
+
+
+A_BATCH = "a CIFAR-10 batch is a dict with b'data' (a uint8 numpy array, N x 3072: N 32x32 RGB images) and " \
+          "b'labels' (N ints in 0..9)"
+BAD_DTYPE = b"\x80\x02cnumpy\ndtype\nq\x00U\x04nopeq\x01\x85q\x02Rq\x03."  # numpy.dtype("nope"): a TypeError
+
+MALFORMED = {  # case: (file, how it is spoilt, what the message says was wrong, what it says a file holds)
+    "no data": ("data_batch_3", without(b"data"), "it has no b'data' (its keys: batch_label, labels)", A_BATCH),
+    "data of the wrong size": ("data_batch_3", setting(b"data", np.arange(35, dtype=np.uint8)),
+                               "b'data' is a uint8 array of shape (35,)", A_BATCH),
+    "data of 3 x 3071": ("data_batch_3", setting(b"data", np.zeros((3, 3071), np.uint8)),
+                         "b'data' is a uint8 array of shape (3, 3071)", A_BATCH),
+    "data not uint8": ("data_batch_3", setting(b"data", np.zeros((3, 3072), np.int64)),
+                       "b'data' is a int64 array of shape (3, 3072)", A_BATCH),
+    "data as a string": ("data_batch_3", setting(b"data", bytes(3 * 3072)), "b'data' is a str", A_BATCH),
+    "no images": ("test_batch", lambda e: {**e, b"data": np.zeros((0, 3072), np.uint8), b"labels": []},
+                  "b'data' holds no images", A_BATCH),
+    "string labels": ("data_batch_3", setting(b"labels", [b"cat", b"dog", b"cat"]),
+                      "b'labels' is a list of <U3, not a list of ints", A_BATCH),
+    "float labels": ("data_batch_3", setting(b"labels", [0.0, 1.0, 2.0]),
+                     "b'labels' is a list of float64, not a list of ints", A_BATCH),
+    "labels a number": ("data_batch_3", setting(b"labels", 3), "b'labels' is a int, not a list of ints", A_BATCH),
+    "no labels": ("data_batch_1", without(b"labels"), "it has no b'labels' (its keys: batch_label, data)",
+                  A_BATCH),
+    "a label of 10": ("data_batch_3", setting(b"labels", [0, 10, 1]), "b'labels' holds 10 (label 1)", A_BATCH),
+    "a label of -1": ("test_batch", setting(b"labels", [0, 1, -1]), "b'labels' holds -1 (label 2)", A_BATCH),
+    "fewer labels than images": ("data_batch_5", setting(b"labels", [0, 1]),
+                                 "b'data' holds 3 images but b'labels' 2 labels", A_BATCH),
+    "more labels than images": ("data_batch_5", setting(b"labels", [0, 1, 2, 3]),
+                                "b'data' holds 3 images but b'labels' 4 labels", A_BATCH),
+    "a list, not a dict": ("data_batch_2", lambda e: [e[b"data"], e[b"labels"]], "it holds a list, expected a dict",
+                           A_BATCH),
+    "meta without names": ("batches.meta", without(b"label_names"), "is not a CIFAR meta file: it holds no "
+                           "b'label_names'", "expected a dict with b'label_names' (a list of 10 class names)"),
+    "meta with 9 names": ("batches.meta", lambda e: {b"label_names": [b"c"] * 9},
+                          "is not a CIFAR meta file: it holds 9 names", "(a list of 10 class names)"),
+}
+DAMAGED = {  # case: (file, its new bytes or None to delete it, what the message says)
+    "a truncated batch": ("data_batch_2", lambda raw: raw[:len(raw) // 2], "cannot unpickle it (UnpicklingError"),
+    "an empty batch": ("data_batch_2", lambda raw: b"", "cannot unpickle it (EOFError"),
+    "numpy given a bad dtype": ("data_batch_4", lambda raw: BAD_DTYPE, "cannot unpickle it (TypeError"),
+    "a missing batch": ("data_batch_4", None, "data_batch_4 is missing; expected"),
+    "a missing meta file": ("batches.meta", None, "batches.meta is missing; expected"),
+}
+
+
+@pytest.mark.parametrize("case", [*MALFORMED, *DAMAGED])
+def test_a_malformed_cifar_folder_is_one_line_naming_the_file_and_what_it_holds(tmp_path, monkeypatch, case):
+    """data.path=DIR with batches that are harmless but not CIFAR-10's shape: a one-line DataPathError (exit 2)
+    naming the file, what was wrong and what a batch holds; nothing downloaded into the user's folder."""
+    no_downloads(monkeypatch)
+    folder = write_py2_cifar10(tmp_path / "c10")
+    if case in MALFORMED:
+        name, change, wrong, holds = MALFORMED[case]
+        if name == "batches.meta":
+            meta = {b"label_names": [f"c{i}".encode() for i in range(10)], b"num_vis": 3072}
+            (folder / name).write_bytes(py2_pickle(change(meta)))
+        else:
+            rewrite(folder, name, change)
+    else:
+        name, damage, wrong = DAMAGED[case]
+        holds = "fetch https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz" if damage is None else A_BATCH
+        if damage is None:
+            (folder / name).unlink()
+        else:
+            (folder / name).write_bytes(damage((folder / name).read_bytes()))
+    before = sorted(p.name for p in (tmp_path / "c10").rglob("*"))
+    with pytest.raises(DataPathError) as error:
+        load_image_set("cifar10", str(tmp_path / "c10"), str(tmp_path / "cache"))
+    message = str(error.value)
+    assert "\n" not in message and error.value.exit_code == 2
+    assert message.startswith(f"cifar10: {folder / name} "), message
+    assert wrong in message and holds in message, message
+    assert sorted(p.name for p in (tmp_path / "c10").rglob("*")) == before  # nothing added to data.path
+
+
+@pytest.mark.parametrize("case", ["no data", "data of the wrong size", "string labels", "a label of 10"])
+def test_a_malformed_cifar_batch_through_the_cli_is_one_line_and_exit_2(tmp_path, monkeypatch, case):
+    no_downloads(monkeypatch)
+    name, change, wrong, _ = MALFORMED[case]
+    rewrite(write_py2_cifar10(tmp_path / "c10"), name, change)
+    result = runner.invoke(app, ["run", "task=cifar", "data=cifar10", f"data.path={tmp_path / 'c10'}", "averager=",
+                                 f"out={tmp_path / 'run'}", f"data.cache={tmp_path / 'cache'}", "progress=false"])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: cifar10: {tmp_path / 'c10'}") and wrong in lines[0]
+    assert "Traceback" not in result.output and not (tmp_path / "run").exists()
+
+
 # -- fid.weights ------------------------------------------------------------------------------------------
 @pytest.fixture
 def handed(monkeypatch):
@@ -228,3 +344,4 @@ def test_hostile_weights_through_the_cli_are_one_line_and_exit_2(tmp_path, hande
     assert lines[1].startswith(f"error: fid.weights: {weights} is not the published Inception weights")
     assert not marker.exists() and handed == []
     assert not (tmp_path / "run" / "checkpoints").exists()
+
