@@ -118,7 +118,7 @@ def run(
         "gpu_memory=GiB of the device, 80 by default: an H100); then exit."))] = False,
 ) -> None:
     """Train a task while averagers watch; score raw and averaged weights on the same data."""
-    from lawa_suite.config import dotted, resolve
+    from lawa_suite.config import dotted, parse_overrides, resolve
     from lawa_suite.rundir import read_saved, with_added_keys
 
     own, words = take(words_of(overrides, "--dry-run"), "config", "processes", "gpu_memory")
@@ -127,14 +127,21 @@ def run(
         raise ConfigError(f"{plan_words[0]}: a setting of the --dry-run memory plan; a run takes its processes from "
                           f"its launcher (torchrun, accelerate launch) and its memory from the GPU")
     base = None
-    given = dict(w.split("=", 1) for w in words if "=" in w)
+    given = parse_overrides(words)
+    task = str(given.get("task", "")).strip()
     if "config" in own:
         config = Path(own["config"])
         base = dotted(read_saved(config / "config.yaml" if config.is_dir() else config))
+        if task and task != str(base.get("task", "")):  # its task's keys would be "unknown keys" of another task
+            raise ConfigError(f"task: config={own['config']} is a run of task {base.get('task')}, whose settings do "
+                              f"not carry over to task {task}; drop task= or start without config=")
     elif given.get("resume") and given.get("out") and (Path(given["out"]) / "config.yaml").is_file():
         # resuming a run: its saved config is the base (keys the suite gained since at the values the run had), and
         # the words on top are checked against it
         saved = dotted(read_saved(Path(given["out"]) / "config.yaml"))
+        if task and task != str(saved.get("task", "")):
+            raise ConfigError(f"task: the run at {given['out']} is task {saved.get('task')}; resume it without task= "
+                              f"(or task={saved.get('task')}), or choose another out= for a {task} run")
         base = with_added_keys(str(saved.get("task", "")), saved)
     cfg = resolve(words, base=base)
     if dry_run:
@@ -151,9 +158,12 @@ def run(
         typer.echo(memory_plan.plan_text(cfg, processes, memory), nl=False)
         return
     first_process = int(os.environ.get("RANK", "0") or 0) == 0  # torchrun and accelerate launch set it per process
-    if not overrides and first_process:  # `suite run` alone starts minutes of work: say which, and how to see it
+    # `suite run` alone starts minutes of work: say which, and how to see it; so does a resume of a folder that holds
+    # no run (out= mistyped, say), which starts the same default job there
+    what = "suite run with no settings" if not overrides else _default_run_on_resume(given, base, own)
+    if first_process and what:
         rc = cfg.run
-        typer.echo(f"suite run with no settings: task={rc.task} preset={rc.preset or 'default'}, {rc.steps} steps, "
+        typer.echo(f"{what}: task={rc.task} preset={rc.preset or 'default'}, {rc.steps} steps, "
                    f"averager={','.join(rc.averager) or 'none'}, out={rc.out} (`suite run --dry-run` shows every "
                    f"setting; Ctrl-C stops it with a checkpoint)", err=True)
     from lawa_suite.training.loop import train
@@ -161,6 +171,19 @@ def run(
     result = train(cfg)
     if first_process:  # one line for the run, not one per process
         typer.echo(f"done: {result.step} steps; report: {result.out / 'report.md'}")
+
+
+def _default_run_on_resume(given: dict[str, str], base: Any, own: dict[str, str]) -> str:
+    """What to say when ``resume=`` (with ``out=`` at most) finds no run to resume and so starts the default run; ''
+    for any other command line (its words say what it runs, or the folder's own refusal follows)."""
+    if base is not None or own or not given.get("resume") or not set(given) <= {"out", "resume"}:
+        return ""
+    if not given.get("out"):
+        return "suite run: resume= without out= has no run to resume, so a new run with the default settings starts"
+    out = Path(given["out"])
+    if out.is_dir() and any(out.iterdir()):  # not a run, yet not empty: the run folder's check refuses it
+        return ""
+    return f"suite run: {out} holds no run yet (nothing to resume), so a new run with the default settings starts there"
 
 
 @app.command("list")

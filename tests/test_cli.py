@@ -132,3 +132,29 @@ def test_suite_run_alone_says_what_it_starts(monkeypatch):
     monkeypatch.setattr(train_module, "train", lambda cfg: (_ for _ in ()).throw(SystemExit(0)))
     result = runner.invoke(app, ["run"])
     assert "suite run with no settings: task=cifar" in result.stderr and "--dry-run" in result.stderr, result.stderr
+
+
+def test_a_resume_that_finds_no_run_says_it_starts_the_default_run(tmp_path, monkeypatch):
+    # out= mistyped: resume=auto there quietly started the default 500-step cifar job
+    import lawa_suite.training.loop as train_module
+
+    monkeypatch.setattr(train_module, "train", lambda cfg: (_ for _ in ()).throw(SystemExit(0)))
+    result = runner.invoke(app, ["run", f"out={tmp_path / 'typo'}", "resume=auto"])
+    said = result.stderr
+    assert f"{tmp_path / 'typo'} holds no run yet" in said and "task=cifar preset=cpu" in said, said
+    assert "--dry-run" in said
+    chosen = runner.invoke(app, ["run", f"out={tmp_path / 'typo'}", "resume=auto", "task=toy"])
+    assert "holds no run yet" not in chosen.stderr  # settings given: they say what runs
+
+
+def test_resuming_a_run_as_another_task_names_the_runs_task(tmp_path):
+    out = tmp_path / "run"
+    assert runner.invoke(app, ["run", "task=toy", f"out={out}", "steps=2", "averager="]).exit_code == 0
+    result = runner.invoke(app, ["run", f"out={out}", "resume=auto", "task=cifar"])
+    lines = result.output.strip().splitlines()
+    # was "toy.<key>: unknown key for task 'cifar'; known keys: ..." (a key the user never typed, and 60 more)
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert lines[0].startswith(f"error: task: the run at {out} is task toy; resume it without task="), lines[0]
+    again = runner.invoke(app, ["run", f"config={out}", "task=cifar", f"out={tmp_path / 'other'}"])
+    assert again.exit_code == 2 and again.output.startswith(f"error: task: config={out} is a run of task toy")
+    assert not (tmp_path / "other").exists()
