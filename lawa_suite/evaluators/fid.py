@@ -10,9 +10,11 @@ What a generative task supplies (``ddpm`` does):
   reference statistics come from (uint8 batches) and a key naming them (dataset, resolution, count).
 
 Features come from a feature extractor registered with torch-fidelity and created the way torch-fidelity
-creates it: ``inception-v3-compat`` (the standard FID network; torch-fidelity loads its weights,
-``weights-inception-2015-12-05-6726825d.pth``, from torch's hub cache, downloading them there when missing)
-or ``standin`` (registered by this file: a fixed random conv net for machines without the Inception
+creates it: ``inception-v3-compat`` (the standard FID network; its weights,
+``weights-inception-2015-12-05-6726825d.pth``, are ``fid.weights`` or the file in torch's hub cache where
+torch-fidelity keeps them, downloaded there when missing; either is accepted only with the published sha256,
+checked before torch-fidelity, which unpickles it with ``weights_only=False``, is handed its path) or ``standin``
+(registered by this file: a fixed random conv net for machines without the Inception
 weights; its scores rank samples but are not comparable with published FIDs). The Fréchet distance itself is
 torch-fidelity's (``fid_statistics_to_metric``). The metric is named after its features, so the two never share
 a curve: ``fid`` with Inception, ``fid_standin`` with the stand-in (``fid_<extractor>`` for any other).
@@ -55,11 +57,13 @@ from torch import Tensor, nn
 from lawa_suite import registry
 from lawa_suite.config import ConfigError, require
 from lawa_suite.data import DataUnavailable
+from lawa_suite.errors import DataPathError
 from lawa_suite.evaluators.base import EvaluationContext, Evaluator, reduce_sums
 from lawa_suite.files import first_line, write_atomic, write_npz_atomic
 
 __all__ = ["FidConfig", "FID", "FeatureStats", "INCEPTION", "STANDIN", "inception_weights_path", "create_extractor",
-           "check_inception_weights", "register_standin", "frechet_distance", "fid_metric", "write_grid"]
+           "inception_weights", "check_inception_weights", "register_standin", "frechet_distance", "fid_metric",
+           "write_grid"]
 
 INCEPTION = "inception-v3-compat"        # torch-fidelity's name for the standard FID network
 STANDIN = "standin"                      # the offline stand-in registered below
@@ -138,40 +142,76 @@ def create_extractor(cfg: FidConfig) -> tuple[nn.Module, str, str]:
     if cfg.weights and name == STANDIN:  # its weights are fixed random numbers: the file is never opened
         print(f"fid: fid.weights={cfg.weights} is ignored: the {STANDIN} extractor has no weights to load",
               file=sys.stderr, flush=True)
-    elif cfg.weights:
-        if name != INCEPTION:  # torch-fidelity would torch.load it unchecked too, running any pickled code
-            raise ConfigError(f"fid.weights: expected fid.extractor={INCEPTION} (or auto), the only extractor "
-                              f"whose weights file can be verified, got fid.extractor={name}")
-        if not Path(cfg.weights).is_file():
-            raise DataUnavailable(f"fid.weights: {cfg.weights} does not exist; point it at {INCEPTION_FILE} "
-                                  f"(from {_inception_url()})")
-        check_inception_weights(Path(cfg.weights))
-        kwargs["feature_extractor_weights_path"] = cfg.weights
+    elif cfg.weights and name != INCEPTION:  # torch-fidelity would torch.load it unchecked too, running its code
+        raise ConfigError(f"fid.weights: expected fid.extractor={INCEPTION} (or auto), the only extractor "
+                          f"whose weights file can be verified, got fid.extractor={name}")
+    elif name == INCEPTION:
+        # Always the path of a file checked here: torch-fidelity never loads (or downloads) one on its own.
+        kwargs["feature_extractor_weights_path"] = str(inception_weights(cfg))
     try:
         with torch.random.fork_rng(devices=[]):  # default inits must not move the training run's global RNG
             extractor = create_feature_extractor(name, [layer], cuda=False, **kwargs)
     except (OSError, RuntimeError, ValueError) as exc:  # URLError and HTTPError are OSErrors
-        if name != INCEPTION:
-            raise DataUnavailable(f"fid.extractor: cannot create {name!r}: {first_line(exc)}") from None
-        target = inception_weights_path()
-        raise DataUnavailable(
-            f"fid: the Inception weights {target} are missing and could not be downloaded ({first_line(exc)}); "
-            f"fetch {_inception_url()} into {target.parent} (torch hub cache: $TORCH_HOME/hub/checkpoints), or set "
-            f"fid.weights=<file>, or use fid.extractor={STANDIN} to score offline with the stand-in") from None
+        raise DataUnavailable(f"fid.extractor: cannot create {name!r}: {first_line(exc)}") from None
     return extractor, name, layer
 
 
-def check_inception_weights(path: Path) -> None:
+def inception_weights(cfg: FidConfig) -> Path:
+    """The Inception weights file to hand torch-fidelity, checked: ``fid.weights``, else the file in torch's hub
+    cache that torch-fidelity itself would load (``load_state_dict_from_url``: ``inception_weights_path()``),
+    downloaded there first when missing. torch-fidelity reads either with ``torch.load(weights_only=False)``, so
+    no file reaches it but the published one: the caller passes the returned path on explicitly, and torch-fidelity
+    neither looks in its cache nor downloads on its own."""
+    if cfg.weights:
+        path = Path(cfg.weights).expanduser()
+        if not path.is_file():
+            raise DataPathError(f"fid.weights: {cfg.weights} does not exist (or is not a file); expected the "
+                                f"Inception weights {INCEPTION_FILE} (from {_inception_url()}), or leave "
+                                f"fid.weights empty to use torch's hub cache")
+        check_inception_weights(path, "fid.weights")
+        return path
+    path = inception_weights_path()
+    if not path.exists():
+        _download_inception(path)
+    elif not path.is_file():
+        raise DataPathError(f"fid: {path} (torch hub's cache, where torch-fidelity keeps the Inception weights) "
+                            f"is not a file; remove it to download {INCEPTION_FILE} again from {_inception_url()}")
+    check_inception_weights(path, "fid")
+    return path
+
+
+def _download_inception(path: Path) -> None:
+    """Download the Inception weights to ``path`` as torch-fidelity would, but with their sha256 checked before
+    the file is moved into place (torch.hub writes a partial file beside it and removes it on a mismatch)."""
+    print(f"fid: downloading {_inception_url()} to {path}", file=sys.stderr, flush=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(_inception_url(), str(path), hash_prefix=INCEPTION_SHA256, progress=True)
+    except (OSError, RuntimeError, ValueError) as exc:  # URLError and HTTPError are OSErrors; a bad hash, Runtime
+        raise DataUnavailable(
+            f"fid: the Inception weights {path} are missing and could not be downloaded ({first_line(exc)}); "
+            f"fetch {_inception_url()} into {path.parent} (torch hub cache: $TORCH_HOME/hub/checkpoints), or set "
+            f"fid.weights=<file>, or use fid.extractor={STANDIN} to score offline with the stand-in") from None
+
+
+def check_inception_weights(path: Path, key: str = "fid.weights") -> None:
     """Refuse any file but the published Inception weights, before anything reads it as a pickle:
-    torch-fidelity loads ``fid.weights`` with ``torch.load(weights_only=False)``, which runs a pickle's code."""
+    torch-fidelity loads its weights with ``torch.load(weights_only=False)``, which runs a pickle's code. ``key``
+    names where the file came from: ``fid.weights``, or ``fid`` for torch hub's cache."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):  # 1 MiB at a time: the real file is 96 MB
-            digest.update(chunk)
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):  # 1 MiB at a time: the real file is 96 MB
+                digest.update(chunk)
+    except OSError as exc:
+        raise DataUnavailable(f"{key}: cannot read {path} ({first_line(exc)})") from None
     if digest.hexdigest() != INCEPTION_SHA256:
-        raise ConfigError(f"fid.weights: {path} is not the published Inception weights (sha256 "
+        where = "" if key == "fid.weights" else " (torch hub's cache, where torch-fidelity loads them from)"
+        fix = ("" if key == "fid.weights" else
+               "; delete it to download the right one, or set fid.weights=<the right file>")
+        raise ConfigError(f"{key}: {path}{where} is not the published Inception weights (sha256 "
                           f"{digest.hexdigest()}); expected {INCEPTION_FILE} from {_inception_url()} (sha256 "
-                          f"{INCEPTION_SHA256}): torch-fidelity would run code held in any other file")
+                          f"{INCEPTION_SHA256}){fix}: torch-fidelity would run code held in any other file")
 
 
 def _inception_url() -> str:
