@@ -30,8 +30,10 @@ from lawa_suite.data import images as images_module
 from lawa_suite.data.images import load_imagefolder
 from lawa_suite.data.imagestream import FileImageStream
 from lawa_suite.data.stream import IndexStream
+from lawa_suite.evaluators import fid as fid_module
 from lawa_suite.evaluators.fid import (FID, INCEPTION, INCEPTION_FILE, STANDIN, FeatureStats, FidConfig,
                                        create_extractor, resolve_extractor)
+from lawa_suite.files import sha256_file
 from lawa_suite.tasks.base import parameter_count
 from lawa_suite.tasks.ddpm import ADM_IMAGENET128_PARAMS, DdpmTask, build_unet
 from lawa_suite.training.loop import train
@@ -337,11 +339,14 @@ def random_inception_weights(path: Path) -> None:
     torch.save(state, path)
 
 
-def test_auto_uses_inception_once_its_file_is_in_the_hub_cache(tmp_path, offline):
+def test_auto_uses_inception_once_its_file_is_in_the_hub_cache(tmp_path, offline, monkeypatch):
     """torch-fidelity's own Inception code path, offline, with random weights in the file: the evaluator picks
     it, feeds it the task's uint8 images and caches 2048-feature reference statistics under its name. (The
-    Fréchet distance itself is checked against torch-fidelity above; on 2048 features it costs ~10 s here.)"""
+    Fréchet distance itself is checked against torch-fidelity above; on 2048 features it costs ~10 s here.)
+    The random file stands in for the published one, so its digest is the one expected (a file with any other
+    digest is refused unread: tests/test_hostile_files.py)."""
     random_inception_weights(offline / INCEPTION_FILE)
+    monkeypatch.setattr(fid_module, "INCEPTION_SHA256", sha256_file(offline / INCEPTION_FILE))
     # few images: Inception takes ~0.2 s an image on one CPU core
     task = ddpm_tiny_task(tmp_path, "fid.extractor=auto", "fid.reference=8")
     fid = FID(task)
