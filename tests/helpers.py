@@ -29,6 +29,15 @@ from lawa_suite.training.loop import train
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# -- real data some tests read (nothing downloads at test time) ---------------------------------------------------
+def local_data() -> Path:
+    """The folder of real data files a few tests read (``cifar10-jpg.tar.gz``, ``tiktoken-cache/``):
+    ``$LAWA_SUITE_TEST_DATA``, else ``../shared/data`` beside this checkout (where this project's workspace keeps
+    it). A test needing a file that is not there skips, naming the file and this variable; ``.ci/run`` says which."""
+    given = os.environ.get("LAWA_SUITE_TEST_DATA")
+    return Path(given).expanduser() if given else ROOT.parent / "shared" / "data"
+
+
 # -- runs and their files --------------------------------------------------------------------------------------
 def run_toy(out: Path, *overrides: str, task: str = "toy"):
     """``suite run task=toy out=...`` in this process; returns the loop's result."""

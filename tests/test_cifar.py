@@ -24,7 +24,9 @@ from lawa_suite.evaluators.accuracy import Accuracy
 from lawa_suite.tasks.base import DataUnavailable, parameter_count
 from lawa_suite.tasks.cifar import CifarConfig, CifarTask, PreActResNet18, batch_generator, random_crop_flip
 
-SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpg.tar.gz"
+from helpers import local_data
+
+LOCAL_CIFAR = local_data() / "cifar10-jpg.tar.gz"
 CLASSES = ["cat", "dog", "frog"]
 
 
@@ -360,13 +362,14 @@ def test_accuracy_matches_brute_force():
     assert Accuracy.metrics == {"accuracy": "max", "loss": "min"} and "accuracy" in registry.evaluators.names()
 
 
-# -- optional: real CIFAR-10 JPEGs from the shared folder ----------------------------------------------
-@pytest.mark.skipif(not SHARED_CIFAR.exists(), reason=f"shared CIFAR-10 JPEGs not found at {SHARED_CIFAR}")
+# -- optional: real CIFAR-10 JPEGs from the local test data (helpers.local_data) --------------------
+@pytest.mark.skipif(not LOCAL_CIFAR.exists(),
+                    reason=f"the CIFAR-10 JPEGs are not at {LOCAL_CIFAR} (set LAWA_SUITE_TEST_DATA)")
 def test_real_cifar10_jpegs_subset(tmp_path):
-    """200 real images (15 train + 5 test a class), copied out of the shared archive without extracting it."""
+    """200 real images (15 train + 5 test a class), copied out of the archive without extracting it."""
     wanted = {"train": 15, "test": 5}
     taken: dict[tuple[str, str], int] = {}
-    with tarfile.open(SHARED_CIFAR, "r:gz") as tar:
+    with tarfile.open(LOCAL_CIFAR, "r:gz") as tar:
         for member in tar:
             parts = Path(member.name).parts[-3:]
             if not member.isfile() or len(parts) != 3 or parts[0] not in wanted:
