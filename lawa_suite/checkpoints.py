@@ -35,7 +35,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lawa_suite.errors import CheckpointError
-from lawa_suite.files import (first_line, fsync_dir, fsync_file, os_reason, owned_sibling, record_sha256s,
+from lawa_suite.files import (first_line, fsync_dir, fsync_file, os_reason, owned_sibling, plain_mode, record_sha256s,
                               remove_dead_leftovers, sha256_file, write_atomic)
 
 __all__ = ["CheckpointError", "Checkpoint", "FAULT_POINTS", "fault_point", "flatten_state", "unflatten_state",
@@ -134,8 +134,7 @@ def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: 
         tensor_writer(tensors, metadata)(tmp)
         digest.append(sha256_file(tmp))
 
-    remove_dead_leftovers(path.parent)  # a save killed mid-write left its temporary file: no one will finish it
-    write_atomic(path, write)
+    write_atomic(path, write)  # (which first removes the temporary files of saves killed mid-write)
     record_sha256s(path.parent, {path.name: digest[0]})
     return digest[0]
 
@@ -155,6 +154,7 @@ def _write_into(staging: Path, name: str, write: Callable[[Path], None]) -> dict
     target = staging / name
     try:
         write(target)
+        plain_mode(target)  # safetensors writes 0600: a checkpoint's files get a plain open()'s mode, as their siblings
         fsync_file(target)
     except Exception as exc:  # OSError, or safetensors' own error for a failed write (full disk, size limit)
         raise CheckpointError(f"could not write {target}: {os_reason(exc)}") from exc
@@ -238,10 +238,15 @@ def _needed_files(manifest: dict[str, Any], present: set[str], manifest_path: Pa
 
 
 def verify(path: Path) -> list[str]:
-    """Problems with the checkpoint at ``path`` (empty if valid), one line each: a missing or malformed manifest, a
-    name that leaves the folder, a file the writer produces that the manifest does not list (a run checkpoint must
-    list every file it needs, and every such file present), a missing, truncated or corrupted file."""
+    """Problems with the checkpoint at ``path`` (empty if valid), one line each: a folder that is a link (a
+    checkpoint is a real folder of its run, never another run's reached through a link), a missing or malformed
+    manifest, a name that leaves the folder, a file the writer produces that the manifest does not list (a run
+    checkpoint must list every file it needs, and every such file present), a missing, truncated or corrupted file,
+    and a step in the manifest or the saved training state other than the one the folder's name gives."""
     path = Path(path)
+    if path.is_symlink():
+        return [f"{path}: a link (to {os.readlink(path)}); a checkpoint is a real folder of its run, never a link to "
+                f"another one"]
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         return [f"{manifest_path}: missing (the checkpoint was never committed)"]
@@ -287,7 +292,33 @@ def verify(path: Path) -> list[str]:
             problems.append(f"{file}: {file.stat().st_size} bytes, the manifest says {entry['size']} (truncated?)")
         elif sha256_file(file) != entry["sha256"]:
             problems.append(f"{file}: sha256 differs from the manifest (corrupted)")
-    return problems
+    return problems or _step_problems(path, manifest, manifest_path)
+
+
+def _step_problems(path: Path, manifest: dict[str, Any], manifest_path: Path) -> list[str]:
+    """A checkpoint folder named ``step-N`` holds step N: the manifest's ``step`` and the training state's step (the
+    loop's counter in ``state.json``, whose sha256 the manifest has just verified) must say N. A folder of another
+    name is not checked (a checkpoint copied elsewhere under a name of the user's)."""
+    named = _STEP_DIR.match(path.name)
+    if named is None:
+        return []
+    step = int(named.group(1))
+    said = manifest.get("step", step)
+    if said != step or isinstance(said, bool):
+        return [f"{manifest_path}: step {json.dumps(said)[:40]}, while the folder is named for step {step}; a "
+                f"checkpoint's folder is named by the step it holds (renamed or copied from another step?)"]
+    if "state.json" not in manifest["files"]:
+        return []
+    try:
+        train = read_state_skeleton(path, "state")["__dict__"]["train"]["__dict__"]
+    except (OSError, ValueError, KeyError, TypeError):  # a state of another shape: the files verified, nothing to say
+        return []
+    said = train.get("step", step) if isinstance(train, dict) else step
+    if said != step or isinstance(said, bool):
+        return [f"{path / 'state.json'}: the training state is at step {json.dumps(said)[:40]}, while the folder is "
+                f"named for step {step}; a checkpoint's folder is named by the step it holds (renamed or copied from "
+                f"another step?)"]
+    return []
 
 
 def quarantine(path: Path) -> Path:
@@ -321,8 +352,10 @@ def latest_valid(root: Path, warn: Callable[[str], None] = print) -> Checkpoint 
 
 
 def apply_retention(root: Path, keep: int, warn: Callable[[str], None] = print) -> list[Path]:
-    """Delete the oldest committed checkpoints beyond ``keep``; a failed delete is reported, not fatal."""
-    doomed = list_checkpoints(root)[:-keep] if keep > 0 else []
+    """Delete the oldest committed checkpoints beyond ``keep``; a failed delete is reported, not fatal. A folder that
+    is a link is neither counted nor deleted (nor anything through it: it leads to another run's checkpoint)."""
+    committed = [c for c in list_checkpoints(root) if not c.path.is_symlink()]
+    doomed = committed[:-keep] if keep > 0 else []
     deleted = []
     for ckpt in doomed:
         fault_point("during_retention_delete", ckpt.step)

@@ -70,17 +70,29 @@ def eval_config(near: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
     """The config to score weights lying at ``near``: its run's ``config.yaml`` (the nearest one above it) plus
     ``overrides``; with ``task=<another task>``, the overrides alone; where no run config exists and the
     checkpoints are Hugging Face causal-LM folders, the ``hf-causal-lm`` task's (``causal_lm.py``)."""
+    if not Path(near).exists():  # as every command says it (exit 2), not as a path without a run config
+        raise ConfigError(f"{near}: does not exist (expected checkpoints: a run's, a folder of them, or Hugging Face "
+                          f"causal-LM folders)")
     pairs = parse_overrides(list(overrides))
     try:
-        saved: dict[str, Any] | None = read_saved(find_run_config(Path(near)))
-    except ConfigError:
-        saved = None
+        config_file: Path | None = find_run_config(Path(near))
+    except ConfigError:  # no run config.yaml at or above near
+        config_file = None
+    saved: dict[str, Any] | None = None
+    unreadable: ConfigError | None = None
+    if config_file is not None:
+        try:
+            saved = read_saved(config_file)
+        except ConfigError as exc:  # a damaged, foreign or hostile config.yaml: its own line, unless not needed
+            unreadable = exc
     if saved is not None and pairs.get("task", saved["task"]) == saved["task"]:
         base, values = dotted(saved), {**pairs, "progress": "false"}
     elif "task" in pairs:
         base, values = {}, {**pairs, "progress": "false"}
     elif (folder := causal_lm_folder(near)) is not None:
         return causal_lm_config(folder, pairs)
+    elif unreadable is not None:
+        raise unreadable
     else:
         raise ConfigError(f"task: no run config.yaml at {near} or above it, nor Hugging Face causal-LM folders; pass "
                           f"task=<name> (and its keys, e.g. preset=, data.path=)")
@@ -185,12 +197,28 @@ def evaluate(path: str | os.PathLike[str], overrides: Sequence[str] = (), allow_
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"path: {path} does not exist")
-    if not (path / "manifest.json").exists() and posthoc.discover(path, allow_torch_load=True).snapshots:
+    if posthoc.is_average_output(path):  # by what suite average writes: its mark, or its manifest's format
+        if out is not None:
+            raise ConfigError(f"out: {path} is a suite average output, scored in place (its report.md and "
+                              f"metrics.jsonl); out= is for a folder of checkpoints")
+        return evaluate_posthoc(path, overrides, allow_torch_load, log, at)
+    if posthoc.discover(path, allow_torch_load=True).snapshots:
         return evaluate_checkpoints(path, out or default_out("eval"), overrides, allow_torch_load, log, at, force)
-    if out is not None:
-        raise ConfigError(f"out: {path} is a suite average output, scored in place; out= is for a folder of "
-                          f"checkpoints")
-    return evaluate_posthoc(path, overrides, allow_torch_load, log, at)
+    if _is_checkpoint(path):
+        raise AnalysisError(f"{path}: one checkpoint of a run (its manifest.json is a checkpoint's), not a suite "
+                            f"average output nor a folder of checkpoints; suite eval scores every checkpoint of a "
+                            f"folder: pass {path.parent} (and out=DIR for its scores)")
+    return evaluate_posthoc(path, overrides, allow_torch_load, log, at)  # says what the folder is not
+
+
+def _is_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is a checkpoint folder a run wrote: its ``manifest.json`` is ``checkpoints.commit_checkpoint``'s
+    (a step and the files it lists), not an average output's."""
+    try:
+        manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and isinstance(manifest.get("files"), dict) and "step" in manifest
 
 
 def evaluate_posthoc(out: str | os.PathLike[str], overrides: Sequence[str] = (), allow_torch_load: bool = False,
@@ -254,7 +282,7 @@ def evaluate_checkpoints(source: str | os.PathLike[str], out: str | os.PathLike[
         records.append({"step": snapshot.step, "weights": "raw", "split": "val", **scores["raw"]})
         log(score_line(snapshot.step, scores))
     # Written beside out and renamed into place (replacing, with --force, the earlier scores claim_out allowed)
-    staging = staged_folder(out)
+    staging = staged_folder(out, log=log)  # (what killed evals left beside it goes first)
     try:
         _write_scores(staging, records, evaluation, source, [s.step for s in snapshots], [], name=out.name,
                       notes=read.notes)

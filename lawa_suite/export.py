@@ -3,7 +3,7 @@ it to the task, which writes it in its domain's standard format (``Task.export``
 
 Where the weights come from:
 
-- a run folder: its newest valid checkpoint;
+- a run folder: its newest valid checkpoint (a newer one that is not valid is named in a warning, with why);
 - a checkpoint folder (``checkpoints/step-NNNNNNNN``): the raw weights, or with ``weights=<averager>`` that
   averager's average, rebuilt from the state the checkpoint holds;
 - a ``.safetensors`` file (a ``trajectory/`` snapshot, a post-hoc derived checkpoint): the weights in it.
@@ -30,7 +30,8 @@ writes and reads; ``load_model`` is re-exported here, where exported folders' RE
 from __future__ import annotations
 
 import shutil
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -114,19 +115,26 @@ class EvalWeights:
         return {name: tensor.detach().clone() for name, tensor in self.model.state_dict().items()}
 
 
-def _checkpoint_folder(path: Path) -> Path:
+def warn(message: str) -> None:
+    """A warning line on stderr (the command's result goes to stdout)."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _checkpoint_folder(path: Path, warn: Callable[[str], None]) -> Path:
     if (path / ckpt.MANIFEST).is_file():
         return path
-    found = ckpt.latest_valid(path / "checkpoints", warn=lambda message: None)
+    found = ckpt.latest_valid(path / "checkpoints", warn=warn)  # a newer invalid one is named, as resume names it
     if found is None:
         raise CheckpointError(f"{path}: neither a checkpoint folder (manifest.json) nor a run folder "
                               f"holding a valid checkpoint in checkpoints/")
     return found.path
 
 
-def select_weights(path: Path, weights_name: str, cfg: ResolvedConfig) -> tuple[dict[str, Tensor], str]:
+def select_weights(path: Path, weights_name: str, cfg: ResolvedConfig,
+                   warn: Callable[[str], None] = warn) -> tuple[dict[str, Tensor], str]:
     """``(state_dict, description)`` of the weights named ``weights_name`` ("raw" or an averager of the run) found
-    at ``path``: a weights file, a checkpoint folder, or a run folder (its newest valid checkpoint)."""
+    at ``path``: a weights file, a checkpoint folder, or a run folder (its newest valid checkpoint; each newer one
+    that is not valid is skipped with a ``warn`` line saying why)."""
     from safetensors.torch import load_file
 
     if path.is_file():
@@ -136,7 +144,7 @@ def select_weights(path: Path, weights_name: str, cfg: ResolvedConfig) -> tuple[
         trajectory = path.parent.name == "trajectory" and trains_schedule_free(cfg)  # (an average is no sequence)
         said = f" ({TRAIN_SEQUENCE}: a trajectory file holds no optimizer state)" if trajectory else ""
         return load_file(str(path)), f"{path}{said}"
-    folder = _checkpoint_folder(path)
+    folder = _checkpoint_folder(path, warn)
     problems = ckpt.verify(folder)
     if problems:
         raise CheckpointError(problems[0])
@@ -171,18 +179,21 @@ def select_weights(path: Path, weights_name: str, cfg: ResolvedConfig) -> tuple[
     return average, f"{folder} ({weights_name})"
 
 
-def export(path: Path, out: Path, weights_name: str = "raw", config: Path | None = None, force: bool = False) -> str:
-    """Export the chosen weights to ``out``; returns a one-line description of what was written."""
+def export(path: Path, out: Path, weights_name: str = "raw", config: Path | None = None, force: bool = False,
+           warn: Callable[[str], None] = warn) -> str:
+    """Export the chosen weights to ``out``; returns a one-line description of what was written. ``warn`` says which
+    newer checkpoints were skipped and why, and what killed exports left beside ``out`` (removed)."""
     path, out = Path(path), Path(out)
     if not path.exists():
         raise ConfigError(f"path: {path} does not exist")
     config = Path(config) if config else find_run_config(path)
     claim_out(out, "suite export", [path, config], force)
     cfg = load_resolved(config)
-    state, source = select_weights(path, weights_name, cfg)
+    state, source = select_weights(path, weights_name, cfg, warn)
     task = registry.tasks.get(cfg.run.task)(cfg.task, cfg.run)
-    # Written next to the target and renamed into place: a failed export leaves nothing half-written.
-    staging = staged_folder(out)
+    # Written next to the target and renamed into place: a failed export leaves nothing half-written (and a killed
+    # one's staging folder goes the next time: staged_folder removes what dead processes left beside out).
+    staging = staged_folder(out, log=warn)
     try:
         task.export(state, staging)
         mark_output(staging, "suite export", source=path, weights=weights_name, config=config)

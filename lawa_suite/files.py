@@ -1,10 +1,11 @@
 """File helpers every module shares (one copy each): atomic writes, fsyncs, sha256 and its records, staged
-folders, the "out must be new" rule, the mark saying which command made a folder, and the one-line reason of an
-exception.
+folders, the mark saying which command made a folder (the rule built on it is ``rundir.claim_out``), removing what
+killed processes left, the modes a plain ``open()`` gives, and the one-line reason of an exception.
 
 Atomic means: written under a temporary sibling name, fsynced, renamed into place, and the folder fsynced, so
 a reader (or a crash) sees the old file or the new one, never half of one. Temporary names start with a dot
-and carry a random token, so concurrent writers of one file never collide and listings skip them.
+and carry a random token, so concurrent writers of one file never collide and listings skip them; they also carry
+the writer's pid and host, so the next write into the folder removes those a killed process left (and only those).
 """
 
 from __future__ import annotations
@@ -24,11 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lawa_suite.errors import SuiteError, WriteError
+from lawa_suite.errors import WriteError
 
 __all__ = ["first_line", "os_reason", "fsync_dir", "fsync_file", "temporary_sibling", "write_atomic",
            "write_text_atomic", "write_npz_atomic", "sha256_file", "SUMS", "Recorded", "record_sha256s",
-           "read_sha256s", "inside", "require_new_out", "staged_folder", "commit_folder", "OUTPUT_MARK",
+           "read_sha256s", "inside", "staged_folder", "commit_folder", "OUTPUT_MARK",
            "mark_output", "made_by"]
 
 
@@ -99,10 +100,12 @@ def process_alive(pid: int, host: str) -> bool:
     return True
 
 
-def remove_dead_leftovers(folder: Path, kind: str = "tmp") -> list[Path]:
+def remove_dead_leftovers(folder: Path, kind: str = "tmp", log: Callable[[str], None] | None = None) -> list[Path]:
     """Remove from ``folder`` the ``owned_sibling`` entries of ``kind`` whose maker, on this host, is no longer
     running: a temporary ("tmp") file or staging folder of a dead process is never renamed into place. Returns
-    what was removed. A live process's entries, another host's, and every other name are kept."""
+    what was removed, each also said through ``log`` when given. A live process's entries, another host's, and every
+    other name are kept. (Every atomic write and every staged folder calls it for the folder it writes into, so what
+    a killed process left goes the next time the suite writes there.)"""
     removed = []
     try:
         entries = list(os.scandir(folder))
@@ -117,6 +120,8 @@ def remove_dead_leftovers(folder: Path, kind: str = "tmp") -> list[Path]:
         else:
             Path(entry.path).unlink(missing_ok=True)
         removed.append(Path(entry.path))
+        if log is not None:
+            log(f"removed {entry.path}: left behind by process {owner[2]}, which is no longer running")
     return removed
 
 
@@ -141,10 +146,11 @@ def write_atomic(path: Path, write: Callable[[Path], None], durable: bool = True
     the temporary file and raises ``WriteError`` naming ``path`` and the reason.
     """
     path = Path(path)
+    remove_dead_leftovers(path.parent)  # a write of this file (or a sibling) killed midway: no one will finish it
     tmp = temporary_sibling(path)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~current_umask())  # (mkstemp and safetensors leave 0600: a plain open()'s mode)
+        plain_mode(tmp)
         if durable:
             fsync_file(tmp)
         os.replace(tmp, path)
@@ -258,18 +264,11 @@ def inside(path: Path, root: Path) -> bool:
     return path == root or path.is_relative_to(root)
 
 
-def require_new_out(out: Path, force: bool, error: type[SuiteError], key: str = "out") -> None:
-    """Refuse an ``out`` that exists as a file or a non-empty folder unless ``force``: nothing is overwritten by
-    accident. ``error`` is the caller's error class (its exit code)."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise error(f"{key}: {out} already exists and is not empty; choose another folder or pass --force "
-                    f"to replace it")
-
-
-def staged_folder(out: Path) -> Path:
-    """A new, empty, hidden folder beside ``out`` to write into before ``commit_folder`` renames it."""
+def staged_folder(out: Path, log: Callable[[str], None] | None = None) -> Path:
+    """A new, empty, hidden folder beside ``out`` to write into before ``commit_folder`` renames it; what dead
+    processes left beside it (their staging folders, temporary files) is removed first, and said through ``log``."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_leftovers(out.parent, log=log)
     staging = temporary_sibling(out)
     staging.mkdir()
     return staging
@@ -295,8 +294,8 @@ OUTPUT_MARK = "suite-output.json"
 
 def mark_output(folder: Path, command: str, **details: Any) -> None:
     """Write ``folder/suite-output.json``: ``{"command": command, ...details}``. A command that writes a whole
-    folder (``suite export``, ``suite eval out=``, ``suite analyze lmc``) marks it, so that its ``--force`` later
-    replaces that folder and nothing else (``rundir.claim_out``)."""
+    folder (``suite average``, ``suite export``, ``suite eval out=``, ``suite analyze lmc``) marks it, so that its
+    ``--force`` later replaces that folder and nothing else (``rundir.claim_out``)."""
     record = {"command": command, **{k: str(v) for k, v in details.items()}}
     write_text_atomic(Path(folder) / OUTPUT_MARK, json.dumps(record, indent=1) + "\n")
 
@@ -329,6 +328,13 @@ def current_umask() -> int:
     return mask
 
 
+def plain_mode(path: Path) -> None:
+    """Give the file ``path`` the mode a plain ``open()`` gives a new file: 0666 less the umask. Every file the suite
+    writes goes through this (``write_atomic``; each file of a checkpoint, ``checkpoints.commit_checkpoint``):
+    safetensors' ``save_file`` and ``mkstemp`` make theirs 0600."""
+    os.chmod(path, 0o666 & ~current_umask())
+
+
 def plain_modes(root: Path) -> None:
     """Give ``root`` and everything below it the mode a plain ``open()`` or ``mkdir()`` would have: 0666 (files;
     0777 where any execute bit is set) and 0777 (folders), less the umask. Symbolic links are left alone."""
@@ -346,4 +352,4 @@ def plain_modes(root: Path) -> None:
     os.chmod(root, 0o777 & ~mask)
 
 
-__all__ += ["current_umask", "plain_modes"]
+__all__ += ["current_umask", "plain_mode", "plain_modes"]

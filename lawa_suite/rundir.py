@@ -16,9 +16,13 @@ One process writes a run folder at a time: the main process of a run holds its l
 ``prepare_run_dir`` until the run ends (``MetricsLog.close``) or the process exits.
 
 What marks a run (``holds_run``): a ``config.yaml`` in a folder that no other command marked as its output
-(``files.OUTPUT_MARK``). Commands that write a folder (``suite export``, ``suite eval``, ``suite analyze lmc``)
-go through ``claim_out``: an ``out=`` that is, holds or lies in one of their inputs is refused, and ``--force``
-replaces only a folder the same command made before and that holds no run.
+(``files.OUTPUT_MARK``). Commands that write a folder (``suite average``, ``suite export``, ``suite eval``,
+``suite analyze lmc``) go through ``claim_out``: an ``out=`` that is, holds or lies in one of their inputs is
+refused, and ``--force`` replaces only a folder the same command made before and that holds no run.
+
+What a killed process left in a run folder (the temporary file of an atomic write it never renamed into place) is
+removed when a run starts or resumes there (``prepare_run_dir``) and whenever the suite writes a file there
+atomically (a report), once that process is gone (``files.remove_dead_leftovers``).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import yaml
 
 from lawa_suite.config import ResolvedConfig, dotted, resolve
 from lawa_suite.errors import ConfigError, DamagedFile, SuiteError
-from lawa_suite.files import OUTPUT_MARK, inside, made_by, write_text_atomic
+from lawa_suite.files import OUTPUT_MARK, inside, made_by, remove_dead_leftovers, write_text_atomic
 from lawa_suite.run_lock import lock_file, lock_run, refuse_if_locked, unlock_run
 
 __all__ = ["MetricsLog", "read_metrics", "truncate_metrics", "prepare_run_dir", "lock_run", "unlock_run",
@@ -196,6 +200,7 @@ def prepare_run_dir(cfg: ResolvedConfig, is_main: bool) -> Path:
     try:  # the checks again, under the lock: another process may have written out= since
         _check_run_dir(cfg, out, True)
         out.mkdir(parents=True, exist_ok=True)
+        remove_dead_leftovers(out)  # atomic writes (metrics.jsonl, report.md, ...) a killed process never finished
         if not (out / "config.yaml").exists() or _never_started(cfg, out):
             write_text_atomic(out / "config.yaml", cfg.to_yaml())
     except BaseException:

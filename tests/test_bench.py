@@ -17,6 +17,7 @@ import yaml
 from typer.testing import CliRunner
 
 from conftest import ToyTask
+from helpers import tree_digest
 from lawa_suite.bench import cells, load_bench, run_bench
 from lawa_suite.cli import app
 from lawa_suite.config import resolve
@@ -171,6 +172,31 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, words, expected):
     error = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(error) == 1 and expected in error[0], result.output
     assert not (tmp_path / "b").exists() or not list((tmp_path / "b").rglob("config.yaml"))
+
+
+def test_a_bench_out_is_never_a_run_inside_one_or_holding_one(tmp_path):
+    """The audit: out=RUN exited 0, wrote bench.yaml and the cells inside a training run, then suggested `suite
+    report RUN` (which rewrites the run's own report)."""
+    run = tmp_path / "run"
+    made = runner.invoke(app, ["run", "task=toy", "steps=4", "eval.every=2", f"out={run}", "progress=false"])
+    assert made.exit_code == 0, made.output
+    holder = tmp_path / "holder"
+    shutil.copytree(run, holder / "someone" / "run")
+    before = {folder: tree_digest(folder) for folder in (run, holder)}
+    for out, said in ((run, "is the run folder"), (run / "bench", f"lies inside the run {run}"),
+                      (holder, f"holds a run ({holder / 'someone' / 'run'}) and is not a bench's folder")):
+        for switches in ([], ["--dry-run"], ["emit=slurm"]):
+            result = runner.invoke(app, ["bench", *toy_words(out), *switches])
+            lines = result.output.strip().splitlines()
+            assert result.exit_code == 2 and len(lines) == 1, result.output
+            assert lines[0].startswith(f"error: out: {out} {said}"), lines[0]
+    assert {folder: tree_digest(folder) for folder in before} == before
+    # a bench's own folder holds runs (its cells): running it again there resumes it, as before
+    bench = tmp_path / "bench"
+    words = ["tasks=toy", "lrs=0.05", "seeds=0", "steps=2", "eval.every=1", f"out={bench}"]
+    assert runner.invoke(app, ["bench", *words]).exit_code == 0
+    again = runner.invoke(app, ["bench", *words])
+    assert again.exit_code == 0 and "0 cell(s) run, 1 finished before" in again.output, again.output
 
 
 def test_bad_bench_file_keys(tmp_path):

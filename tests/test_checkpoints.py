@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from lawa_suite import checkpoints as ckpt
 from lawa_suite.cli import app
 
+runner = CliRunner()
 
 def commit(root, step, payload=b"x" * 100):
     return ckpt.commit_checkpoint(root, step, {"model.bin": lambda p: p.write_bytes(payload),
@@ -158,3 +159,25 @@ def test_atomic_writes_get_the_mode_a_plain_open_gives(tmp_path):
         os.umask(old)
     assert stat.S_IMODE(os.stat(tmp_path / "w.safetensors").st_mode) == 0o640
     assert sorted(p.name for p in tmp_path.iterdir()) == ["SHA256SUMS", "w.safetensors"]
+
+
+def test_every_file_of_a_run_has_the_mode_a_plain_open_gives(tmp_path):
+    """The audit: a checkpoint's model.safetensors and state.safetensors were 0600 (safetensors' own writes) among
+    0644 siblings. Under umask 027 every file a run writes is 0640, every folder 0750."""
+    import os
+    import stat
+
+    old = os.umask(0o027)
+    try:
+        result = runner.invoke(app, ["run", "task=toy", "steps=4", "eval.every=2", "trajectory.every=2",
+                                     "averager=lawa,ema", "lawa.k=2", "lawa.nu=1", f"out={tmp_path / 'run'}"])
+    finally:
+        os.umask(old)
+    assert result.exit_code == 0, result.output
+    found = {p.relative_to(tmp_path).as_posix(): stat.S_IMODE(p.lstat().st_mode) for p in tmp_path.rglob("*")}
+    checkpoint = "run/checkpoints/step-00000004"
+    assert {f"{checkpoint}/{name}" for name in ("model.safetensors", "state.safetensors", "state.json",
+                                                "manifest.json")} <= set(found)
+    wrong = {name: oct(mode) for name, mode in found.items()
+             if mode != (0o750 if (tmp_path / name).is_dir() else 0o640)}
+    assert wrong == {}

@@ -104,6 +104,25 @@ def test_eval_config_comes_from_the_run_or_from_task(toy_run, tmp_path):
         eval_config(tmp_path)
 
 
+def test_eval_of_one_run_checkpoint_says_what_it_is_with_or_without_out(toy_run, tmp_path):
+    """The audit: with out= it was "a suite average output, scored in place", without "not a suite average output"
+    (any folder holding a manifest.json counted as an average output)."""
+    checkpoint = toy_run / "checkpoints" / "step-00000020"
+    for words in ([], [f"out={tmp_path / 'scores'}"]):
+        result = runner.invoke(app, ["eval", str(checkpoint), *words])
+        lines = result.output.strip().splitlines()
+        assert result.exit_code == 2 and len(lines) == 1, result.output
+        assert lines[0].startswith(f"error: {checkpoint}: one checkpoint of a run"), lines[0]
+        assert "not a suite average output nor a folder of checkpoints" in lines[0], lines[0]
+        assert f"pass {checkpoint.parent}" in lines[0], lines[0]
+    assert not (tmp_path / "scores").exists()
+    # an average output is told by what suite average writes, and out= is refused for it as before
+    avg = tmp_path / "avg"
+    assert runner.invoke(app, ["average", str(toy_run), "averager=ema", f"out={avg}"]).exit_code == 0
+    result = runner.invoke(app, ["eval", str(avg), f"out={tmp_path / 'scores'}"])
+    assert result.exit_code == 2 and "is a suite average output, scored in place" in result.output, result.output
+
+
 def test_cli_analyze_lmc(toy_run, tmp_path):
     a, b = toy_run / "trajectory" / "step-00000020.safetensors", toy_run / "trajectory" / "step-00000010.safetensors"
     out = tmp_path / "lmc"

@@ -128,6 +128,25 @@ def test_exported_files_have_the_modes_a_plain_open_gives(tmp_path, monkeypatch)
     assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o750
 
 
+def test_an_invalid_newest_checkpoint_is_named_when_export_takes_the_one_before(tmp_path, monkeypatch):
+    """The audit: export of a run whose newest checkpoint is damaged exported the step before, exit 0, silently."""
+    from conftest import ToyTask
+
+    monkeypatch.setattr(ToyTask, "export", lambda self, weights, out: (out / "w.json").write_text("{}"),
+                        raising=False)
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["run", "task=toy", "steps=4", "eval.every=2", f"out={run}", "progress=false"])
+    assert result.exit_code == 0, result.output
+    newest = run / "checkpoints" / "step-00000004" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:-8])
+    result = runner.invoke(app, ["export", str(run), f"out={tmp_path / 'out'}"])
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.output.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "skipping checkpoint step-00000004" in warnings[0], result.output
+    assert f"{newest}:" in warnings[0] and "truncated" in warnings[0], warnings
+    assert "step-00000002 (raw)" in result.output.splitlines()[-1], result.output
+
+
 # -- item 18: the progress bar ---------------------------------------------------------------------------------
 class FakeClock:
     def __init__(self) -> None:

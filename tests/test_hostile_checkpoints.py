@@ -23,7 +23,8 @@ from lawa_suite.cli import app
 from lawa_suite.config import resolve
 from lawa_suite.training.loop import train
 
-from helpers import same_bits
+from conftest import ToyTask
+from helpers import same_bits, tree_digest
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parent.parent
@@ -124,6 +125,61 @@ def test_resume_auto_continues_from_the_last_checkpoint_whose_manifest_holds(toy
     train(resolve(["task=toy", f"out={out}", "steps=6", "checkpoint.every=3", "checkpoint.keep=5", "resume=auto"]))
     assert ckpt.verify(newest) == []  # step 6 again, from step 3
     assert len(list((out / "checkpoints").glob("step-00000006.invalid-*"))) == 1  # the tampered one: evidence
+
+
+# -- a checkpoint folder is a real folder of its run, holding the step its name gives (audit finding 3) ------------
+def linked_to_another_run(folder: Path, theirs: Path) -> str:
+    """The audit's case: checkpoints/step-00000009 -> another run's step-00000003 (which verifies on its own)."""
+    folder.symlink_to(theirs / "checkpoints" / "step-00000003", target_is_directory=True)
+    return "a link (to "
+
+
+def copied_from_another_step(folder: Path, theirs: Path) -> str:
+    shutil.copytree(theirs / "checkpoints" / "step-00000003", folder)
+    return "step 3, while the folder is named for step 9"
+
+
+def copied_with_the_manifest_step_edited(folder: Path, theirs: Path) -> str:
+    copied_from_another_step(folder, theirs)
+    edit_manifest(folder, lambda m: m.update(step=9))  # the manifest's own step is not covered by a hash
+    return "the training state is at step 3, while the folder is named for step 9"
+
+
+@pytest.mark.parametrize("plant", [linked_to_another_run, copied_from_another_step,
+                                   copied_with_the_manifest_step_edited])
+def test_a_checkpoint_of_another_step_or_run_fails_verify_and_resume_auto_skips_it(toy_run, tmp_path, plant):
+    out, theirs = tmp_path / "run", tmp_path / "theirs"
+    shutil.copytree(toy_run, out)
+    shutil.copytree(toy_run, theirs)
+    before = tree_digest(theirs)
+    planted = out / "checkpoints" / "step-00000009"
+    expected = plant(planted, theirs)
+    problems = ckpt.verify(planted)
+    assert len(problems) == 1 and expected in problems[0], problems
+    verdict = runner.invoke(app, ["verify", str(out)])  # the old code said "ok" for each
+    lines = verdict.output.strip().splitlines()
+    assert verdict.exit_code == 1 and len(lines) == 3, verdict.output
+    assert lines[-1].startswith(f"{planted}: INVALID: ") and expected in lines[-1], verdict.output
+    assert lines[0].endswith("step-00000003: ok") and lines[1].endswith("step-00000006: ok"), verdict.output
+    # resume=auto skips it with its warning (the old code said "resumed from .../step-00000009 at step 3")
+    resumed = runner.invoke(app, ["run", "task=toy", f"out={out}", "steps=6", "checkpoint.every=3",
+                                  "checkpoint.keep=5", "resume=auto", "progress=false"])
+    assert resumed.exit_code == 0, resumed.output
+    assert "skipping checkpoint step-00000009" in resumed.output and expected in resumed.output, resumed.output
+    assert f"resumed from {out / 'checkpoints' / 'step-00000006'} at step 6" in resumed.output, resumed.output
+    assert tree_digest(theirs) == before
+
+
+def test_retention_neither_counts_nor_deletes_through_a_linked_checkpoint(toy_run, tmp_path):
+    out, theirs = tmp_path / "run", tmp_path / "theirs"
+    shutil.copytree(toy_run, out)
+    shutil.copytree(toy_run, theirs)
+    before = tree_digest(theirs)
+    link = out / "checkpoints" / "step-00000009"
+    linked_to_another_run(link, theirs)
+    assert ckpt.apply_retention(out / "checkpoints", keep=1) == [out / "checkpoints" / "step-00000003"]
+    assert link.is_symlink() and (out / "checkpoints" / "step-00000006").is_dir()
+    assert tree_digest(theirs) == before  # the old code unlinked their manifest through the link
 
 
 def sharded(root: Path, ranks: int) -> Path:
@@ -280,6 +336,59 @@ def test_a_killed_suite_average_leaves_staging_the_next_one_removes(tmp_path, pi
     assert not staged.exists() and not also_dead.exists() and alive.exists() and all(p.exists() for p in others)
     assert f"removed {staged}" in result.output and "no longer running" in result.output
     assert (tmp_path / "out" / "manifest.json").is_file()
+
+
+TOY = ("task=toy", "steps=4", "eval.every=2", "trajectory.every=2", "progress=false")
+
+
+def toy_cli_run(out: Path, *words: str):
+    result = runner.invoke(app, ["run", *TOY, f"out={out}", *words])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def plant_leftovers(folder: Path, target: str, dead: int, live: int, is_dir: bool = False) -> tuple[list, list]:
+    """A dead process's leftover for ``target`` and another target's (both ours, both to go), and what must stay: a
+    live process's and the strangers'."""
+    gone = [leftover(folder, target, dead, is_dir), leftover(folder, f"{target}2", dead, is_dir)]
+    return gone, [leftover(folder, f"{target}3", live, is_dir), *strangers(folder, target, dead, is_dir)]
+
+
+def test_export_removes_what_killed_exports_left_beside_out_and_nothing_else(tmp_path, pids, monkeypatch):
+    monkeypatch.setattr(ToyTask, "export", lambda self, weights, out: (out / "w.json").write_text("{}"),
+                        raising=False)
+    run = tmp_path / "run"
+    toy_cli_run(run)
+    gone, kept = plant_leftovers(tmp_path, "hf", *pids, is_dir=True)
+    result = runner.invoke(app, ["export", str(run), f"out={tmp_path / 'hf'}"])
+    assert result.exit_code == 0, result.output
+    assert not any(p.exists() for p in gone) and all(p.exists() for p in kept), result.output
+    assert f"removed {gone[0]}" in result.output and "no longer running" in result.output
+
+
+def test_eval_removes_what_killed_evals_left_beside_out_and_nothing_else(tmp_path, pids):
+    run = tmp_path / "run"
+    toy_cli_run(run)
+    gone, kept = plant_leftovers(tmp_path, "scores", *pids, is_dir=True)
+    result = runner.invoke(app, ["eval", str(run / "trajectory"), f"out={tmp_path / 'scores'}"])
+    assert result.exit_code == 0, result.output
+    assert not any(p.exists() for p in gone) and all(p.exists() for p in kept), result.output
+    assert f"removed {gone[0]}" in result.output
+
+
+@pytest.mark.parametrize("how", ["report", "resume"])
+def test_a_report_or_a_resume_removes_what_killed_writes_left_in_the_run_and_nothing_else(tmp_path, pids, how):
+    dead, live = pids
+    run = tmp_path / "run"
+    toy_cli_run(run)
+    gone = [leftover(run, name, dead) for name in ("metrics.jsonl", "report.md", "curves.png")]
+    kept = [leftover(run, "report.md", live), *strangers(run, "metrics.jsonl", dead)]
+    if how == "report":
+        result = runner.invoke(app, ["report", str(run)])
+    else:
+        result = runner.invoke(app, ["run", *TOY, f"out={run}", "resume=auto"])
+    assert result.exit_code == 0, result.output
+    assert not any(p.exists() for p in gone) and all(p.exists() for p in kept)
 
 
 # -- 7. a diverged trajectory: its healthy steps are averaged, each one left out is named ---------------------------

@@ -603,18 +603,24 @@ def test_bad_settings_are_one_line_config_errors():
 def test_output_inside_or_around_the_input_or_existing_is_refused(traj, tmp_path):
     folder, _ = traj
     jobs = parse_jobs(["ema"], {})
-    with pytest.raises(PosthocError, match=r"lies inside the input folder"):
+    with pytest.raises(PosthocError, match=r"is or lies in the input"):
         average(folder, jobs, folder / "avg")
-    with pytest.raises(PosthocError, match=r"contains the input folder"):
+    with pytest.raises(PosthocError, match=r"holds the input"):
         average(folder, jobs, tmp_path)
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep.txt").write_text("mine")
     with pytest.raises(PosthocError, match=r"already exists and is not empty; choose another folder or pass --force"):
         average(folder, jobs, tmp_path / "taken")
+    # --force replaces only a folder suite average made: the old code deleted the user's keep.txt here
+    with pytest.raises(PosthocError, match=r"was not made by suite average \(no suite-output.json says"):
+        average(folder, jobs, tmp_path / "taken", force=True)
+    assert sorted(p.name for p in (tmp_path / "taken").iterdir()) == ["keep.txt"]
     assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
-    average(folder, jobs, tmp_path / "taken", force=True)
-    assert sorted(p.name for p in (tmp_path / "taken").iterdir()) == ["ema", "manifest.json"]
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".taken")]  # no staging or old copy left
+    average(folder, jobs, tmp_path / "made")
+    assert json.loads((tmp_path / "made" / "suite-output.json").read_text())["command"] == "suite average"
+    average(folder, parse_jobs(["swa"], {}), tmp_path / "made", force=True)
+    assert sorted(p.name for p in (tmp_path / "made").iterdir()) == ["manifest.json", "suite-output.json", "swa"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith((".taken", ".made"))]  # no staging or old copy
 
 
 def test_manifests_record_inputs_outputs_and_settings(traj, tmp_path):
@@ -645,7 +651,7 @@ def test_output_bytes_do_not_depend_on_runs_or_directory_order(traj, tmp_path, m
     monkeypatch.setattr(os, "listdir", lambda path: list(reversed(listdir(path))))
     average(folder, jobs, tmp_path / "reversed", interval=300)
     first = tree_digest(tmp_path / "first", ignore_sums_dates=True)
-    assert len(first) == 1 + 3 * 5  # top manifest + per averager: manifest, SHA256SUMS and 3 derived checkpoints
+    assert len(first) == 2 + 3 * 5  # top manifest and mark + per averager: manifest, SHA256SUMS, 3 derived checkpoints
     assert all(tree_digest(tmp_path / name, ignore_sums_dates=True) == first for name in ("second", "reversed"))
 
 

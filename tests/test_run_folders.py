@@ -128,6 +128,38 @@ def test_lmc_force_writes_only_into_its_own_folder(tmp_path):
     assert invoke("analyze", "lmc", a, b, f"out={out}", "points=2", "--force").exit_code == 0
 
 
+def test_average_force_never_replaces_a_run_a_users_folder_or_another_commands(tmp_path):
+    run = toy_run(tmp_path / "run")
+    other = toy_run(tmp_path / "other")
+    scores = tmp_path / "scores"
+    assert invoke("eval", run / "trajectory", f"out={scores}").exit_code == 0
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("mine")
+    kept = {folder: tree_digest(folder) for folder in (run, other, scores, mine)}
+    average = ("average", run / "trajectory", "averager=ema")
+    # the audit's case: the old code deleted the other run (checkpoints, config, metrics) with exit 0
+    one_line(invoke(*average, f"out={other}", "--force"), 2, "was not made by suite average")
+    one_line(invoke(*average, f"out={mine}", "--force"), 2, "was not made by suite average")
+    one_line(invoke(*average, f"out={scores}", "--force"), 2, "suite eval made it", "not made by suite average")
+    one_line(invoke(*average, f"out={run}", "--force"), 2, "holds the input")
+    one_line(invoke(*average, f"out={run / 'trajectory' / 'avg'}", "--force"), 2, "is or lies in the input")
+    assert {folder: tree_digest(folder) for folder in kept} == kept
+
+    # --force replaces what suite average made (scored in place or not), and only that
+    out = tmp_path / "avg"
+    made = invoke(*average, f"out={out}", "eval=true")
+    assert made.exit_code == 0, made.output
+    assert json.loads((out / "suite-output.json").read_text())["command"] == "suite average"
+    one_line(invoke(*average, f"out={out}"), 2, "not empty", "--force")
+    again = invoke("average", run / "trajectory", "averager=swa", f"out={out}", "--force")
+    assert again.exit_code == 0, again.output
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "suite-output.json", "swa"]
+    shutil.copytree(other, out / "kept-run")  # a run the user later put inside an average output is still a run
+    one_line(invoke(*average, f"out={out}", "--force"), 2, "holds a run")
+    assert tree_digest(out / "kept-run") == kept[other]
+
+
 def test_a_cross_run_report_is_not_written_into_a_run(tmp_path):
     a, b = toy_run(tmp_path / "a"), toy_run(tmp_path / "b")
     before = (a / "report.md").read_bytes()
@@ -267,7 +299,9 @@ def test_a_python_yaml_tag_is_one_line_everywhere_and_never_runs(tmp_path, expor
     one_line(invoke("report", run, toy_run(tmp_path / "other")), 2, *needles)
     one_line(invoke("run", f"config={run}", f"out={tmp_path / 'again'}"), 2, *needles)
     one_line(invoke("export", run, f"out={tmp_path / 'hf'}"), 2, *needles)
-    assert not marker.exists()
+    one_line(invoke("eval", run, f"out={tmp_path / 'scores'}"), 2, *needles)  # was "no run config.yaml at RUN"
+    one_line(invoke("eval", run / "trajectory", f"out={tmp_path / 'scores'}"), 2, *needles)
+    assert not marker.exists() and not (tmp_path / "scores").exists()
 
 
 def test_a_cut_short_last_line_is_read_past_with_a_warning(tmp_path):
@@ -303,10 +337,21 @@ def test_an_out_that_is_not_utf8_is_one_line(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.mark.parametrize("command", [["verify"], ["report"], ["eval"], ["export", "out=x"]])
+@pytest.mark.parametrize("command", [["verify"], ["report"], ["eval"], ["export", "out=x"],
+                                     ["average", "averager=ema", "out=x"],
+                                     ["average", "averager=ema", "out=x", "eval=true"]])
 def test_a_path_that_does_not_exist_is_exit_2_for_every_command(tmp_path, command):
     missing = tmp_path / "nope"
     one_line(invoke(command[0], missing, *command[1:]), 2, str(missing), "does not exist")
+
+
+def test_analyze_lmc_of_paths_that_do_not_exist_says_so(tmp_path):
+    a, b = tmp_path / "nope1", tmp_path / "nope2"
+    one_line(invoke("analyze", "lmc", a, b, f"out={tmp_path / 'lmc'}"), 2, str(a), "does not exist")
+    run = toy_run(tmp_path / "run")
+    one_line(invoke("analyze", "lmc", run / "trajectory" / "step-00000004.safetensors", b, f"out={tmp_path / 'lmc'}"),
+             2, str(b), "does not exist")
+    assert not (tmp_path / "lmc").exists()
 
 
 def test_scores_are_not_a_run_to_resume(tmp_path):

@@ -41,10 +41,11 @@ from typing import Any, Callable
 import yaml
 
 from lawa_suite.config import ConfigError, ResolvedConfig, parse_overrides, resolve, split_list
-from lawa_suite.files import first_line, write_text_atomic
+from lawa_suite.files import first_line, made_by, write_text_atomic
+from lawa_suite.rundir import CONFIG_FILE, METRICS_FILE, holds_run
 from lawa_suite.bench.sweeps import Sweep, check_lmc, check_sweeps, parse_lmc, parse_sweeps
 
-__all__ = ["Bench", "Cell", "load_bench", "cells", "cell_config", "validate", "write_spec", "BENCH_FILE"]
+__all__ = ["Bench", "Cell", "load_bench", "cells", "cell_config", "check_out", "validate", "write_spec", "BENCH_FILE"]
 
 BENCH_FILE = "bench.yaml"          # the resolved bench spec, written into ``out`` (what `suite report` finds)
 TOP_KEYS = {"out", "tasks", "averager", "variants", "lrs", "seeds", "threads", "set", "slurm", "accelerate",
@@ -318,8 +319,41 @@ def cell_config(cell: Cell) -> ResolvedConfig:
     return resolve(list(cell.overrides))
 
 
+def _is_run(folder: Path) -> bool:
+    """A folder ``suite run`` wrote: its ``config.yaml`` (no other command's output) beside its metrics or
+    checkpoints. (A folder above ``out`` holding only a ``config.yaml`` may be anything: a project's settings.)"""
+    return ((folder / CONFIG_FILE).is_file() and made_by(folder) is None
+            and any((folder / name).exists() for name in (METRICS_FILE, "checkpoints", "trajectory")))
+
+
+def check_out(bench: Bench) -> None:
+    """A bench's ``out`` holds its cells, each a run: it may not be a run, lie inside one, or hold one unless it is a
+    bench's folder already (its ``bench.yaml``: benches resume there), nor be another command's output. One line
+    (exit 2) before anything is written; the bench would otherwise write its spec and cells into the run and point
+    ``suite report`` at it, which rewrites the run's own report."""
+    out = Path(bench.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out: {out} is a file; out= names the bench's folder")
+    real = out.resolve()
+    for folder in (real, *real.parents):
+        if _is_run(folder):
+            where = "is the run folder" if folder == real else f"lies inside the run {folder}"
+            raise ConfigError(f"out: {out} {where}; a bench writes its cells (runs of their own) into a folder of its "
+                              f"own: choose another out=")
+    if not out.is_dir() or (out / BENCH_FILE).is_file():  # new, or a bench's folder: its runs are its cells
+        return
+    if (owner := made_by(out)) is not None:
+        raise ConfigError(f"out: {out} was written by {owner}; a bench writes into a folder of its own: choose "
+                          f"another out=")
+    if (run := holds_run(out)) is not None:
+        raise ConfigError(f"out: {out} holds a run ({run}) and is not a bench's folder (no {BENCH_FILE}); a bench "
+                          f"writes its cells into a folder of its own: choose another out=")
+
+
 def validate(bench: Bench) -> list[tuple[Cell, ResolvedConfig]]:
-    """Resolve every cell before any work, so a typo in the last task stops the bench at once (exit 2)."""
+    """Check ``out`` (``check_out``) and resolve every cell before any work, so a typo in the last task stops the
+    bench at once (exit 2)."""
+    check_out(bench)
     planned = [(cell, cell_config(cell)) for cell in cells(bench)]
     for _, cfg in planned:
         check_sweeps(bench.posthoc, cfg)

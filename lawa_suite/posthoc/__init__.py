@@ -36,9 +36,9 @@ from lawa_suite.posthoc.load import load_snapshot, read_checkpoint
 from lawa_suite.posthoc.peers import WeightsAt, weights_at
 from lawa_suite.posthoc.reader import Reader
 from lawa_suite.posthoc.replay import DERIVED_FORMAT
-from lawa_suite.posthoc.run import FORMAT, PosthocResult, average
+from lawa_suite.posthoc.run import FORMAT, PosthocResult, average, is_average_output
 from lawa_suite.posthoc.writer import hash_input
 
 __all__ = ["PosthocError", "Snapshot", "Found", "discover", "Reader", "nonfinite_keys", "Job", "parse_jobs", "Command",
            "parse_command", "Limits", "PosthocResult", "average", "hash_input", "read_checkpoint", "load_snapshot",
-           "FORMAT", "DERIVED_FORMAT", "WeightsAt", "weights_at"]
+           "FORMAT", "DERIVED_FORMAT", "WeightsAt", "weights_at", "is_average_output"]

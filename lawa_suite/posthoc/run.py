@@ -9,10 +9,12 @@ diverged run's start is averaged), and the log and the manifests name each input
 written, and why. Only then is anything committed. (Stored averages a reconstruction combines are checked up front,
 in threads, and one holding NaN or Inf stops the command; so do the inputs of a command with other problems, whose
 error lists them too.) The output folder is staged beside its target and renamed
-into place only at the end (``force`` replaces an existing one the same way); it may not lie inside the input or
-contain it. Inputs are never written. The staging folder's name carries this process's pid and host: a run killed
-mid-way leaves it behind, and the next ``suite average`` into the same parent folder removes it once that process
-is gone (and nothing a live process is writing).
+into place only at the end. ``out`` follows the rule of every command that writes a folder (``rundir.claim_out``): it
+may not be, hold or lie in the input; an existing one is replaced only with ``force``, and only if ``suite average``
+made it (its ``suite-output.json``, written with the manifests, says so) and it holds no run. Inputs are never
+written. The staging folder's name carries this process's pid and host: a run killed mid-way leaves it behind, and
+the next ``suite average`` into the same parent folder removes it once that process is gone (and nothing a live
+process is writing).
 
 Every averager folder carries ``manifest.json`` (input steps and files, averager and keys, suite version, each
 output's sha256, the inputs left out and the outputs not written) and ``SHA256SUMS`` (each output's sha256, size
@@ -38,8 +40,8 @@ from typing import Any
 
 from lawa_suite import __version__ as version
 from lawa_suite.errors import PosthocError
-from lawa_suite.files import (Recorded, commit_folder, fsync_dir, inside, owned_sibling, owner_of, record_sha256s,
-                              remove_dead_leftovers, require_new_out, write_text_atomic)
+from lawa_suite.files import (Recorded, commit_folder, fsync_dir, made_by, mark_output, owned_sibling,
+                              record_sha256s, remove_dead_leftovers, write_text_atomic)
 from lawa_suite.posthoc.checks import check_layouts, nonfinite_keys, nonfinite_problem, problem_list
 from lawa_suite.posthoc.discover import Snapshot, discover, find_stored
 from lawa_suite.posthoc.jobs import Job
@@ -51,10 +53,26 @@ from lawa_suite.posthoc.reader import Reader, describe_found
 from lawa_suite.posthoc.replay import NonFiniteInput, average_all
 from lawa_suite.posthoc.synthesis import plan_syntheses, synthesize_all
 from lawa_suite.posthoc.writer import hash_input, ordered_layout
+from lawa_suite.rundir import claim_out
 
-__all__ = ["FORMAT", "PosthocResult", "average"]
+__all__ = ["FORMAT", "COMMAND", "PosthocResult", "average", "is_average_output"]
 
 FORMAT = "lawa-suite-posthoc/1"
+COMMAND = "suite average"  # the command its suite-output.json names (files.mark_output)
+
+
+def is_average_output(folder: Path) -> bool:
+    """Whether ``folder`` is what ``suite average`` wrote: its ``suite-output.json`` says so, or (an output written
+    before outputs were marked) its top ``manifest.json`` is of this module's ``FORMAT`` and lists the averagers.
+    A run's checkpoint also holds a ``manifest.json``, of another format: it is not one."""
+    folder = Path(folder)
+    if made_by(folder) == COMMAND:
+        return True
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT and "averagers" in manifest
 
 
 @dataclass
@@ -82,11 +100,13 @@ def average(source: str | os.PathLike[str], jobs: Sequence[Job], out: str | os.P
     if not jobs:
         raise PosthocError("averager: expected at least one averager")
     out = Path(out)
+    if not Path(source).exists():  # as every command says it (exit 2), not as a folder that cannot be read
+        raise PosthocError(f"{source}: does not exist (expected a trajectory: a run folder, its trajectory/ or "
+                           f"checkpoints/, or a folder of checkpoints named by step)")
     folder, snapshots, problems, reconstructing = _inputs(Path(source), jobs, allow_torch_load, log)
-    if folder.is_dir():
-        _check_out(out, folder, force)
-    for leftover in remove_dead_leftovers(out.parent):
-        log(f"removed {leftover}: left behind by process {owner_of(leftover.name)[2]}, which is no longer running")
+    if folder.is_dir():  # the rule of every command that writes a folder: never an input, --force only its own
+        claim_out(out, COMMAND, [folder], force, PosthocError)
+    remove_dead_leftovers(out.parent, log=log)
     readers = [Reader(s, at) for s in snapshots]
     # unmapping gigabytes of inputs takes the kernel a while: done on a thread of its own once the pass is over,
     # alongside the outputs' fsyncs and the manifests
@@ -128,16 +148,6 @@ def _inputs(source: Path, jobs: Sequence[Job], allow_torch_load: bool,
                            f"averages stored in {source}; run them as two commands")
     log(f"reconstructing from {len(stored)} stored averages in {source} (steps {stored[0].step}..{stored[-1].step})")
     return folder, stored, [], True
-
-
-def _check_out(out: Path, source: Path, force: bool) -> None:
-    real_out, real_src = out.resolve(), source.resolve()
-    if inside(real_out, real_src):
-        raise PosthocError(f"out: {out} lies inside the input folder {source}; inputs are never written, "
-                           f"choose a folder outside it")
-    if inside(real_src, real_out):
-        raise PosthocError(f"out: {out} contains the input folder {source}; choose a folder outside it")
-    require_new_out(out, force, PosthocError)
 
 
 def _validated_run(pool: ThreadPoolExecutor, folder: Path, found: list[str], readers: list[Reader],
@@ -221,6 +231,7 @@ def _validated_run(pool: ThreadPoolExecutor, folder: Path, found: list[str], rea
         _write_manifests(staging, jobs, outputs, readers, _input_entries(readers, stats, digests), folder.resolve(),
                          interval, warnings, reconstructing, at, left_out, dropped)
         _record_outputs(outputs)
+        mark_output(staging, COMMAND, source=folder)  # what lets a later --force replace this folder, and only it
         commit_folder(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
