@@ -174,7 +174,7 @@ def test_the_findings_state_the_end_result_and_what_each_phase_rests_on(tmp_path
            "lawa -0.0200." in found
     assert "Averaging helped most in the early phase (0%-25% of the steps): ema was ahead of raw at 1 of 1 " \
            "evaluations (a single evaluation), by +0.1000 accuracy on average." in found
-    assert "Evaluations per phase: early 1, mid 2, late 2; each scores 1,000 images." in found
+    assert "Evaluations per phase: early 1, mid 2, late 2; each scores 1,000 held-out images." in found
     assert "final images" not in text  # what an evaluation rests on is not a metric
 
 

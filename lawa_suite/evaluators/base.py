@@ -71,7 +71,10 @@ class Evaluator(ABC):
 
     def details(self) -> dict[str, float]:
         """Facts about the last ``evaluate`` that are not metrics (nothing better or worse about them), written
-        beside its scores in metrics.jsonl: FID's sample count (``fid_samples``). Most have none."""
+        beside its scores in metrics.jsonl (the ``Scorer`` adds them; metrics-meta.json lists the metrics alone).
+        Every built-in evaluator says here what the evaluation rests on, summed over processes: ``examples``
+        (``accuracy``), ``tokens`` (``perplexity``), ``fid_samples`` (``fid``); a report reads ``examples``,
+        ``tokens``, ``windows``, ``images`` and ``fid_samples`` as such sizes, never as metrics. None by default."""
         return {}
 
     @abstractmethod

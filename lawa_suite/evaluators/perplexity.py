@@ -3,7 +3,8 @@
 The task supplies ``logits_and_targets(model, batch) -> (logits (N, V), targets (N,))`` (the same contract as
 ``accuracy``). Summed loss and token counts are reduced over processes before dividing, so every rank
 reports the figures of the whole held-out set; perplexity is ``exp`` of that mean loss (not a mean of
-per-batch perplexities).
+per-batch perplexities). How many held-out tokens were scored (over every process) is recorded beside the scores as
+``tokens`` (``details``): what each evaluation rests on.
 """
 
 from __future__ import annotations
@@ -21,10 +22,16 @@ from lawa_suite.evaluators.base import Evaluator, reduce_sums
 
 @registry.evaluators.register("perplexity")
 class Perplexity(Evaluator):
-    """``loss`` (mean cross-entropy in nats per token) and ``perplexity`` (``exp(loss)``)."""
+    """``loss`` (mean cross-entropy in nats per token) and ``perplexity`` (``exp(loss)``); ``details``: ``tokens``,
+    the held-out tokens (predicted positions) the last evaluation scored over every process."""
 
     name = "perplexity"
     metrics = {"loss": "min", "perplexity": "min"}
+    _tokens: int | None = None
+
+    def details(self) -> dict[str, float]:
+        """``tokens``: how many held-out tokens (summed over processes) the last evaluation scored."""
+        return {} if self._tokens is None else {"tokens": self._tokens}
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: list[Any], accelerator: Any = None) -> dict[str, float]:
@@ -36,6 +43,7 @@ class Perplexity(Evaluator):
             count += targets.numel()
         sums = {"loss": float(torch.stack(losses).sum()) if losses else 0.0, "count": float(count)}
         sums = reduce_sums(sums, accelerator)
+        self._tokens = int(sums["count"])
         if sums["count"] == 0:
             raise ValueError("perplexity: no held-out tokens to evaluate (the task returned no batches)")
         loss = sums["loss"] / sums["count"]

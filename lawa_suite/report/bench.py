@@ -19,7 +19,15 @@ from typing import Any
 from lawa_suite.files import write_text_atomic
 from lawa_suite.plotting import figure, palette, save, wide_range
 from lawa_suite.report.claims import CLAIM_TEXT, claims, claims_section
-from lawa_suite.report.curves import SIZE_KEYS, best_point, direction_of, fmt, metric_directions, metric_notes, ordered
+from lawa_suite.report.curves import (
+    best_point,
+    direction_of,
+    fmt,
+    metric_directions,
+    metric_names,
+    metric_notes,
+    ordered,
+)
 from lawa_suite.report.diffusion import DENOISING_LOSS, fid_metric, fid_note
 from lawa_suite.report.gainplots import GainPanel
 from lawa_suite.report.glance import glance_section
@@ -130,8 +138,8 @@ def _plain(value: Any) -> str:
 
 
 def _metrics_of(by_lr_runs: dict[float, list[RunRecord]], directions: dict[str, str]) -> list[str]:
-    present = [m for runs in by_lr_runs.values() for r in runs for c in r.curves.values() for m in c
-               if m not in SIZE_KEYS]  # what an evaluation rests on, not a metric
+    present = metric_names([m for runs in by_lr_runs.values() for r in runs for c in r.curves.values() for m in c],
+                           directions)  # what an evaluation rests on (a size) is no metric
     return [m for m in dict.fromkeys([*directions, *present]) if m in present][:2]
 
 

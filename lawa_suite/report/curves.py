@@ -4,26 +4,46 @@ is the headline): the types and small helpers every report module shares."""
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from lawa_suite.report.meaning import METRICS, NOTES
 from lawa_suite.rundir import read_metrics, read_metrics_meta
 
-__all__ = ["Curves", "SIZE_KEYS", "load_metrics", "metric_directions", "metric_notes", "ordered", "direction_of",
-           "better", "first_reaching", "best_point", "fmt"]
+__all__ = ["Curves", "SIZE_KEYS", "SIZE_WORDS", "load_metrics", "load_sizes", "load_curves_and_sizes",
+           "metric_names", "metric_directions", "metric_notes", "ordered", "direction_of", "better", "first_reaching",
+           "best_point", "fmt"]
 
 Curves = dict[str, dict[str, list[tuple[int, float]]]]  # weights -> metric -> [(step, value)]
 
-# what an evaluation rests on (how many images, windows, tokens it scored), when a record says so: not a metric
-SIZE_KEYS = ("images", "examples", "windows", "tokens")
+# What an evaluation rests on, when a record says so (an evaluator's ``details``), and the words for it: how many
+# held-out examples (``accuracy``), tokens (``perplexity``), images or windows it scored, or generated samples an FID
+# is of (``fid``'s ``fid_samples``). A size, not a metric: never drawn, a table column, a gain or a claim.
+SIZE_WORDS = {"fid_samples": "generated samples for FID", "examples": "held-out examples",
+              "tokens": "held-out tokens", "windows": "held-out windows", "images": "held-out images"}
+SIZE_KEYS = tuple(SIZE_WORDS)
 
 
 def load_metrics(path: Path) -> tuple[Curves, list[tuple[int, float]]]:
     """Validation curves per weights and metric, and the training-loss curve, from ``metrics.jsonl``. Where the run
     recorded its metrics (``metrics-meta.json``), only those are curves: an evaluator's other numbers beside them
-    (FID's ``fid_samples``) are facts about a score, not scores."""
+    (its sizes, ``SIZE_KEYS``: ``load_sizes`` reads those) are facts about a score, not scores. A run from before runs
+    recorded their metrics gives every number, as it always did: ``metric_names`` leaves its sizes out."""
+    curves, train, _ = load_curves_and_sizes(path)
+    return curves, train
+
+
+def load_sizes(path: Path) -> Curves:
+    """``weights -> size key -> [(step, size)]``: what each evaluation of ``metrics.jsonl`` rests on, where its
+    records say (``SIZE_KEYS``); empty for a run whose evaluator recorded none (runs made before they did)."""
+    return load_curves_and_sizes(path)[2]
+
+
+def load_curves_and_sizes(path: Path) -> tuple[Curves, list[tuple[int, float]], Curves]:
+    """``load_metrics``'s curves and training loss, and ``load_sizes``'s sizes, from one read of ``metrics.jsonl``.
+    A key the run recorded as a metric (``metrics-meta.json``) is a metric even if a size shares its name."""
     curves: Curves = defaultdict(lambda: defaultdict(list))
+    sizes: Curves = defaultdict(lambda: defaultdict(list))
     train: list[tuple[int, float]] = []
     meta = read_metrics_meta(Path(path).parent)
     kept = set(meta["metrics"]) if meta else None
@@ -34,10 +54,19 @@ def load_metrics(path: Path) -> tuple[Curves, list[tuple[int, float]]]:
                 train.append((step, record["loss"]))
             continue
         for key, value in record.items():
-            if key not in ("step", "split", "weights") and isinstance(value, (int, float)) \
-                    and (kept is None or key in kept):
+            if key in ("step", "split", "weights") or not isinstance(value, (int, float)):
+                continue
+            if kept is None or key in kept:
                 curves[weights][key].append((step, float(value)))
-    return curves, train
+            if key in SIZE_WORDS and (kept is None or key not in kept):
+                sizes[weights][key].append((step, float(value)))
+    return curves, train, sizes
+
+
+def metric_names(names: Iterable[str], directions: Mapping[str, str]) -> list[str]:
+    """``names`` (keys of a run's curves) less the sizes (``SIZE_KEYS``) that are no metric: a size is one unless
+    the evaluator declared a metric of that name (``directions``)."""
+    return [m for m in names if m in directions or m not in SIZE_WORDS]
 
 
 def metric_directions(task: str, run: Path | None = None) -> dict[str, str]:

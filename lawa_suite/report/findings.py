@@ -1,6 +1,7 @@
 """What one run found, in words: each averager's gain over raw by phase of training (early: the first 25% of the
 steps, mid: 25-75%, late: the last 25%), drawn as a gain curve with the phases shaded, and a plain paragraph: how
-each averager ended against raw, where averaging helped most, and how many evaluations each phase rests on.
+each averager ended against raw, where averaging helped most, and how many evaluations each phase rests on, with
+what one evaluation scored (held-out examples, tokens or images, generated samples) where the evaluator recorded it.
 
 One run is one seed: the numbers are observations (how often and by how much an averager was ahead of raw at the
 evaluations of a phase), not intervals; ``suite bench ... seeds=0,1,2,3,4`` gives the intervals.
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lawa_suite.report.paired import PHASES, gain
-from lawa_suite.report.curves import SIZE_KEYS, Curves, ordered
+from lawa_suite.report.curves import SIZE_WORDS, Curves, ordered
 from lawa_suite.plotting import figure, palette, save
 
 __all__ = ["PhaseGain", "phase_gains_of_run", "findings_lines"]
@@ -90,21 +91,44 @@ def _end(curves: Curves, metric: str, direction: str, unscored: dict[str, str]) 
     return text.strip()
 
 
-def _rests_on(curves: Curves, steps: int, metric: str) -> str:
-    """How many evaluations each phase's numbers rest on, and what one evaluation scores when the records say."""
+def _rests_on(curves: Curves, steps: int, metric: str, sizes: Curves) -> str:
+    """How many evaluations each phase's numbers rest on, and what one evaluation scores where the records say
+    (``sizes``: the evaluator's recorded sizes, ``load_sizes``)."""
     raw_steps = [s for s, _ in curves.get("raw", {}).get(metric, [])]
     counts = [f"{phase} {sum(lo * steps < s <= hi * steps for s in raw_steps)}" for phase, (lo, hi) in PHASES.items()]
-    sizes = [f"{int(points[-1][1]):,} {key}" for key in SIZE_KEYS
-             if (points := curves.get("raw", {}).get(key))]
-    each = f"; each scores {' and '.join(sizes)}" if sizes else ""
+    recorded = sizes.get("raw", {})
+    described = [text for key, words in SIZE_WORDS.items()
+                 if (text := _size(recorded.get(key, []), raw_steps, words))]
+    each = f"; each scores {' and '.join(described)}" if described else ""
     return f"Evaluations per phase: {', '.join(counts)}{each}."
 
 
+def _size(points: list[tuple[int, float]], raw_steps: list[int], words: str) -> str:
+    """``"1,000 held-out examples"``: the size of raw's evaluations of the headline metric; a size some of them
+    differ in (FID's larger sample set at the end) is named with its steps, evaluations that recorded none counted."""
+    evaluated = set(raw_steps)
+    at = {step: int(value) for step, value in points if step in evaluated}
+    if not at:
+        return ""
+    values = list(at.values())
+    usual = max(sorted(set(values)), key=values.count)  # the most common; a tie goes to the smaller
+    others: dict[int, list[int]] = {}
+    for step, value in sorted(at.items()):
+        if value != usual:
+            others.setdefault(value, []).append(step)
+    notes = [f"{value:,} at step{'s' if len(at_steps) > 1 else ''} {', '.join(map(str, at_steps))}"
+             for value, at_steps in sorted(others.items())]
+    if missing := len(evaluated) - len(at):
+        notes.append(f"not recorded at {missing} evaluation{'s' if missing > 1 else ''}")
+    return f"{usual:,} {words}" + (f" ({'; '.join(notes)})" if notes else "")
+
+
 def findings_lines(curves: Curves, steps: int, metric: str, direction: str, path: Path,
-                   names: Iterable[str] | None = None, unscored: dict[str, str] | None = None) -> list[str]:
+                   names: Iterable[str] | None = None, unscored: dict[str, str] | None = None,
+                   sizes: Curves | None = None) -> list[str]:
     """Markdown: the plain paragraph, the phase table, and the gain curve (drawn to ``path``). ``names``: every
     weights name the report draws, for its one palette; ``unscored``: the run's averagers no evaluation scored,
-    name -> why."""
+    name -> why; ``sizes``: what each evaluation scored, as its records say (``load_sizes``)."""
     unscored = unscored or {}
     gains = phase_gains_of_run(curves, steps, metric, direction)
     if not gains:
@@ -112,7 +136,7 @@ def findings_lines(curves: Curves, steps: int, metric: str, direction: str, path
     raw_steps = [s for s, _ in curves.get("raw", {}).get(metric, [])]
     names_found = list(dict.fromkeys(g.weights for g in gains))
     paragraph = " ".join(part for part in (_end(curves, metric, direction, unscored), _sentence(gains, metric),
-                                           _rests_on(curves, steps, metric)) if part)
+                                           _rests_on(curves, steps, metric, sizes or {})) if part)
     lines = ["## What this run found", "",
              f"{paragraph} One run is one seed: these are observations, not intervals (`suite bench ... "
              f"seeds=0,1,2,3,4` gives intervals).", "",

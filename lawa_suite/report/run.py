@@ -20,8 +20,10 @@ from lawa_suite.report.curves import (
     direction_of,
     first_reaching,
     fmt,
+    load_curves_and_sizes,
     load_metrics,
     metric_directions,
+    metric_names,
     metric_notes,
     ordered,
 )
@@ -38,7 +40,7 @@ __all__ = ["Curves", "load_metrics", "metric_directions", "metric_notes", "wide_
 def summarise(curves: Curves, directions: dict[str, str]) -> tuple[list[str], list[dict[str, Any]]]:
     """The metric order and one row per weights (raw first) with final/best values and steps-to-target."""
     metrics = list(dict.fromkeys([m for m in directions] + [m for c in curves.values() for m in c]))
-    metrics = [m for m in metrics if any(m in c for c in curves.values()) and m not in SIZE_KEYS]
+    metrics = metric_names([m for m in metrics if any(m in c for c in curves.values())], directions)
     headline = metrics[0] if metrics else None
     raw_headline = curves.get("raw", {}).get(headline, []) if headline else []
     raw_final = raw_headline[-1][1] if raw_headline else None
@@ -124,7 +126,7 @@ def write_report(run_dir: Path) -> Path:
     """Write ``report.md`` and ``curves.png`` into ``run_dir``; returns the report's path."""
     run_dir = Path(run_dir)
     config = read_saved(run_dir / CONFIG_FILE)  # one line for a foreign or hostile config.yaml, no traceback
-    curves, train = load_metrics(run_dir / METRICS_FILE)
+    curves, train, sizes = load_curves_and_sizes(run_dir / METRICS_FILE)
     directions = metric_directions(config["task"], run_dir)
     metrics, rows = summarise(curves, directions)
     headline = metrics[0] if metrics else None
@@ -144,7 +146,7 @@ def write_report(run_dir: Path) -> Path:
         plot_curves(curves, train, metrics, run_dir / "curves.png", title, names=names)
         lines += ["![metrics vs step](curves.png)", ""]
         lines += findings_lines(curves, int(config["steps"]), headline, direction_of(headline, directions),
-                                run_dir / "gains.png", names=names, unscored=unscored)
+                                run_dir / "gains.png", names=names, unscored=unscored, sizes=sizes)
     else:
         lines += ["No evaluation was recorded.", ""]
     report = run_dir / "report.md"

@@ -12,7 +12,7 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from lawa_suite.report.curves import direction_of, metric_directions
+from lawa_suite.report.curves import direction_of, metric_directions, metric_names
 from lawa_suite.report.paired import gain, t_interval
 from lawa_suite.report.records import RunRecord, Verdict, experiment_key
 from lawa_suite.report.targets import saved_fraction
@@ -47,8 +47,8 @@ def _pairs(runs: Sequence[RunRecord]) -> dict[tuple[str, float, str], list[tuple
 def headline_of(run: RunRecord, directions: Mapping[str, str]) -> str:
     """The first of the evaluator's metrics the run recorded (a reference scored by ``fid_standin`` has no ``fid``),
     else the first metric it recorded."""
-    recorded = run.curves.get("raw", {})
-    return next((m for m in directions if m in recorded), None) or next(iter(recorded))
+    recorded = metric_names(run.curves.get("raw", {}), directions)  # a size (FID's sample count) is no metric
+    return next((m for m in directions if m in recorded), None) or recorded[0]
 
 
 def claim_g(runs: Sequence[RunRecord], labels: Mapping[Path, str] | None = None) -> list[Verdict]:
