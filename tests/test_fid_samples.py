@@ -63,13 +63,14 @@ def test_a_small_point_of_a_run_with_final_samples_scores_what_a_run_without_the
     small = FID(both, context=context)
     small.begin(4, "raw")
     scores = small.evaluate(model, both.eval_batches())
-    assert small.details() == {"fid_samples": 24.0}
+    held_out = float(sum(len(b["images"]) for b in both.eval_batches() if b.get("kind") != "sample"))
+    assert small.details() == {"fid_samples": 24.0, "images": held_out}  # the denoising loss's images, unchanged
     reference = FID(plain, context=context)
     reference.begin(4, "raw")
     assert scores == reference.evaluate(model, plain.eval_batches())
     small.begin(8, "raw")
     large = small.evaluate(model, both.eval_batches())
-    assert small.details() == {"fid_samples": 40.0} and large["fid_standin"] != scores["fid_standin"]
+    assert small.details() == {"fid_samples": 40.0, "images": held_out} and large["fid_standin"] != scores["fid_standin"]
 
 
 def test_a_run_records_how_many_samples_each_fid_is_of(tmp_path):

@@ -335,7 +335,8 @@ class FID(Evaluator):
         self._context = (step, weights_name)
 
     def details(self) -> dict[str, float]:
-        """``fid_samples``: how many generated images (over every process) the last FID is of."""
+        """``fid_samples``: how many generated images the last FID is of; ``images``: how many held-out images its
+        denoising loss is of (both over every process)."""
         return dict(self._details)
 
     def samples_at(self, step: int | None) -> int:
@@ -421,6 +422,7 @@ class FID(Evaluator):
         self._details = {"fid_samples": float(generated.count)}
         if sums["count"] > 0:
             scores["loss"] = sums["loss"] / sums["count"]
+            self._details["images"] = float(sums["count"])  # held-out images of the denoising loss, every process's
         if grid and context is not None and self.context.out is not None and _is_main(accelerator):
             step, weights_name = context
             write_grid(torch.cat(grid), self.context.out / "samples" / f"step-{step:08d}-{weights_name}.png",
