@@ -4,6 +4,11 @@ A second process is refused in one line naming the holder (``RunInUse``). The lo
 beside the folder (``files.lock_beside``: not in it, so a run folder's listing is only the run's files), holding the
 holder's pid, host and start time: the kernel drops it when the holder dies, so a killed run never leaves a lock
 behind that blocks the next one. The holder removes the file as it lets go (and at exit).
+
+The same lock guards a folder an averager keeps its files in for a run (LAWA's ``lawa.dir``: ``lock_folder``), so that
+two windows never delete each other's snapshots. The training loop takes it before the run writes anything
+(``reserve_folder``), and the averager's store adopts it when it first writes there; either lets go of it, removing
+its file, when it is done (``FolderLock.release``).
 """
 
 from __future__ import annotations
@@ -15,13 +20,14 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from lawa_suite.errors import RunInUse
+from lawa_suite.errors import RunInUse, SuiteError
 from lawa_suite.files import lock_beside
 
-__all__ = ["lock_file", "lock_run", "unlock_run", "refuse_if_locked"]
+__all__ = ["lock_file", "lock_run", "unlock_run", "refuse_if_locked", "FolderLock", "lock_folder", "reserve_folder"]
 
 
 def _warn(message: str) -> None:
@@ -81,32 +87,27 @@ def refuse_if_locked(out: Path) -> None:
         os.close(fd)  # (drops the shared lock, if taken)
 
 
-def lock_run(out: Path) -> bool:
-    """Lock run folder ``out`` for this process until ``unlock_run`` or its exit; True if taken now, False if this
-    process held it already. Another holder is a ``RunInUse`` naming it. Where the file system has no ``flock``
-    (or the lock cannot be created) the run goes on unlocked, with a warning."""
-    path = lock_file(out)
-    held = _held.get(path)
-    if held is not None and held.pid == os.getpid():
-        return False
+def _take(path: Path, folder: Path, in_use: Callable[[int], SuiteError], unguarded: str) -> _Lock | None:
+    """An exclusive ``flock`` on the lock file ``path`` (created if need be) holding this process's record, or the
+    error ``in_use(fd)`` (given the holder's open file, for its record) when another holds it. Where the file system
+    has no ``flock`` (or the file cannot be created): None, with a warning ending in ``unguarded`` (what that means).
+    """
     while True:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
-            _warn(f"could not create the lock {path} ({exc.strerror}); this run is not guarded against another "
-                  f"one writing {out}")
-            return False
+            _warn(f"could not create the lock {path} ({exc.strerror}); {unguarded}")
+            return None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            error = _in_use(out, path, fd)
+            error = in_use(fd)
             os.close(fd)
             raise error from None
         except OSError as exc:  # ENOLCK, EOPNOTSUPP: a file system without flock
             os.close(fd)
-            _warn(f"could not lock {path} ({exc.strerror}); this run is not guarded against another one writing "
-                  f"{out}")
-            return False
+            _warn(f"could not lock {path} ({exc.strerror}); {unguarded}")
+            return None
         # The holder before us removes the file as it lets go: a lock on a removed file guards nothing, so open
         # the new one and lock again.
         try:
@@ -118,15 +119,28 @@ def lock_run(out: Path) -> bool:
             break
         os.close(fd)
     record = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-              "out": str(out)}
+              "out": str(folder)}
     os.ftruncate(fd, 0)
     os.pwrite(fd, (json.dumps(record) + "\n").encode("utf-8"), 0)
     global _exit_hook
     if not _exit_hook:  # registered with the first lock, not at import: importing the module changes nothing
         _exit_hook = True
         atexit.register(_unlock_all)
-    _held[path] = _Lock(path, fd, os.getpid())
-    return True
+    lock = _Lock(path, fd, os.getpid())
+    _held[path] = lock
+    return lock
+
+
+def lock_run(out: Path) -> bool:
+    """Lock run folder ``out`` for this process until ``unlock_run`` or its exit; True if taken now, False if this
+    process held it already. Another holder is a ``RunInUse`` naming it. Where the file system has no ``flock``
+    (or the lock cannot be created) the run goes on unlocked, with a warning."""
+    path = lock_file(out)
+    held = _held.get(path)
+    if held is not None and held.pid == os.getpid():
+        return False
+    return _take(path, out, lambda fd: _in_use(out, path, fd),
+                 f"this run is not guarded against another one writing {out}") is not None
 
 
 def unlock_run(out: Path) -> None:
@@ -138,7 +152,7 @@ def unlock_run(out: Path) -> None:
 
 
 def _release(held: _Lock) -> None:
-    if held.pid != os.getpid():
+    if held.pid != os.getpid() or _held.get(held.path) is not held:
         return
     del _held[held.path]
     try:
@@ -151,3 +165,47 @@ def _release(held: _Lock) -> None:
 def _unlock_all() -> None:  # the kernel drops the locks anyway; this also removes the files
     for held in list(_held.values()):
         _release(held)
+
+
+# -- folders an averager keeps its files in ----------------------------------------------------------------------
+class FolderLock:
+    """This process's lock of a folder an averager keeps its files in (``.<name>.lock`` beside it, as a run folder's),
+    until ``release`` (idempotent; also at exit, or when the kernel drops it with the process)."""
+
+    def __init__(self, folder: Path, lock: _Lock | None) -> None:
+        self.folder, self._lock = folder, lock
+
+    def release(self) -> None:
+        """Let go of the lock and remove its file (a reservation adopted by ``lock_folder`` is the adopter's now)."""
+        if _reserved.get(lock_beside(self.folder)) is self:
+            del _reserved[lock_beside(self.folder)]
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            _release(lock)
+
+
+_reserved: dict[Path, FolderLock] = {}  # lock path -> a lock the loop took that no store has adopted yet
+
+
+def lock_folder(folder: Path, in_use: Callable[[str], SuiteError]) -> FolderLock:
+    """Lock ``folder`` (which must exist, or its parent) for this process: the lock ``reserve_folder`` took for it
+    in this process, if any and not adopted yet, else a new one; ``in_use(holder)`` is raised (naming who holds it)
+    when another holds it, another process or another user in this one."""
+    path = lock_beside(Path(folder))
+    reserved = _reserved.pop(path, None)
+    if reserved is not None and reserved._lock is not None and reserved._lock.pid == os.getpid():
+        lock, reserved._lock = reserved._lock, None  # adopted: the new holder lets go of it, the reserver no more
+        return FolderLock(Path(folder), lock)
+    if path in _held and _held[path].pid == os.getpid():
+        raise in_use(f"this process (pid {os.getpid()})")
+    lock = _take(path, Path(folder), lambda fd: in_use(_holder(fd)), f"{folder} is not guarded against another user")
+    return FolderLock(Path(folder), lock)
+
+
+def reserve_folder(folder: Path, in_use: Callable[[str], SuiteError]) -> FolderLock:
+    """Lock ``folder`` now for a user in this process that locks it later (``lock_folder``: an averager's store,
+    on its first write), so that a folder in use elsewhere is refused before a run writes anything. ``release``
+    lets go of it only while no one has adopted it."""
+    reserved = lock_folder(folder, in_use)
+    _reserved[lock_beside(Path(folder))] = reserved
+    return reserved

@@ -745,6 +745,11 @@ def test_two_windows_in_one_folder_are_refused(tmp_path: Any) -> None:
     gc.collect()
     third = LAWA(k=2, nu=1, store="disk", dir=str(tmp_path / "snaps"))
     third.observe(2, weights[1])
+    third.close()
+    assert (tmp_path / ".snaps.lock").exists()
+    del third
+    gc.collect()
+    assert sorted(os.listdir(tmp_path)) == ["snaps"]  # its holder gone, the lock file goes too (it was left behind)
 
 
 def test_two_averagers_of_one_run_may_not_share_a_snapshot_folder(tmp_path: Any) -> None:

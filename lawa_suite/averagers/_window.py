@@ -24,12 +24,13 @@ from torch import Tensor
 from lawa_suite.averagers.base import ReplayTrack, SnapshotFolder, is_count
 from lawa_suite.config import choice, require
 from lawa_suite.errors import ConfigError
-from lawa_suite.files import lock_beside, write_atomic
+from lawa_suite.files import write_atomic
+from lawa_suite.run_lock import lock_folder
 from lawa_suite.averagers._host_copies import DeviceToHost, snapshot_copy
 from lawa_suite.averagers._window_worker import WindowWorker
 
 __all__ = ["WindowConfig", "window_store", "window_folder", "window_replay", "SnapshotStore", "StepWindow",
-           "MemorySnapshots", "ReadBackWindow", "DiskSnapshots", "RereadSnapshots"]
+           "MemorySnapshots", "ReadBackWindow", "DiskSnapshots", "RereadSnapshots", "snapshots_in_use"]
 
 
 # -- the keys of a window of snapshots (LAWA's, wma's) -------------------------------------------------------
@@ -239,8 +240,8 @@ class DiskSnapshots(ReadBackWindow):
         if not self._made:
             if self._folder:
                 os.makedirs(self._folder, exist_ok=True)
-                self._lock = _hold_folder(self._folder)
-                weakref.finalize(self, os.close, self._lock)
+                self._lock = lock_folder(Path(self._folder), snapshots_in_use(self._folder))
+                weakref.finalize(self, self._lock.release)  # (its file goes with it)
             else:
                 self._folder = tempfile.mkdtemp(prefix="lawa-snapshots-")
                 weakref.finalize(self, shutil.rmtree, self._folder, True)
@@ -290,23 +291,13 @@ class DiskSnapshots(ReadBackWindow):
         return [by_index[str(i)] for i in range(len(by_index))]
 
 
-def _hold_folder(folder: str) -> int:
-    """An exclusive ``flock`` on ``.<folder name>.lock`` beside ``folder``, held while the store lives (the kernel
-    drops it when the process dies): two windows in one folder, of two runs or two averagers of one run, would
-    delete each other's snapshots. Returns the open descriptor."""
-    import fcntl
-
-    fd = os.open(lock_beside(Path(folder)), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise ConfigError(f"dir: {folder} holds the snapshots of another window in use (another run, or another "
-                          f"averager of this run); give each its own folder, or leave dir empty for a temporary "
-                          f"one") from None
-    except OSError:  # a file system without flock: nothing to hold
-        pass
-    return fd
+def snapshots_in_use(folder: str | Path) -> Callable[[str], ConfigError]:
+    """The error for a window folder whose lock (``run_lock.lock_folder``: ``.<name>.lock`` beside it, held while the
+    store lives) another holds: two windows in one folder, of two runs or two averagers of one run, would delete each
+    other's snapshots."""
+    return lambda holder: ConfigError(f"dir: {folder} holds the snapshots of another window in use (held by "
+                                      f"{holder}: another run, or another averager of this run); give each its own "
+                                      f"folder, or leave dir empty for a temporary one")
 
 
 class RereadSnapshots(ReadBackWindow):

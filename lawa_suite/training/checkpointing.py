@@ -12,6 +12,7 @@ fsync) is ``checkpoints.py``'s.
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +29,7 @@ from lawa_suite.training.sharded_checkpoints import is_sharded_checkpoint, load_
 if TYPE_CHECKING:
     from lawa_suite.training.state import Checkpointable
 
-__all__ = ["RunCheckpointer", "nonfinite_parts", "any_rank_poisoned"]
+__all__ = ["RunCheckpointer", "resume_source", "check_fits", "nonfinite_parts", "any_rank_poisoned"]
 
 
 def nonfinite_parts(state: Any) -> list[str]:
@@ -109,25 +110,14 @@ class RunCheckpointer:
             ckpt.apply_retention(self.folder, run.cfg.run.checkpoint.keep, warn=run.log)
         run.accelerator.wait_for_everyone()
 
-    def resume(self, run: Checkpointable) -> None:
-        """Continue from ``resume=auto`` (the newest valid checkpoint, if any) or ``resume=<checkpoint folder>``."""
-        if run.cfg.run.resume == "auto":
-            found = ckpt.latest_valid(self.folder, warn=run.log)
-            if found is None:
-                run.log(f"resume=auto: no valid checkpoint in {self.folder}; starting from step 0")
-                if run.is_main:
-                    truncate_metrics(run.out / "metrics.jsonl", 0)
-                return
-            path = found.path
-        else:
-            path = Path(run.cfg.run.resume)
-            if not path.is_dir():
-                raise ConfigError(f"resume: {path} does not exist or is not a folder; pass resume=auto (the newest "
-                                  f"valid checkpoint of out=) or a checkpoint folder such as "
-                                  f"{self.folder / ckpt.step_dir_name(1000)}")
-            problems = ckpt.verify(path)
-            if problems:
-                raise CheckpointError(f"resume: {problems[0]}")
+    def resume(self, run: Checkpointable, path: Path | None) -> None:
+        """Continue from ``path``, the checkpoint ``resume_source`` found and checked before the run wrote anything
+        (None: ``resume=auto`` found none, and the run starts from step 0)."""
+        if path is None:
+            run.log(f"resume=auto: no valid checkpoint in {self.folder}; starting from step 0")
+            if run.is_main:
+                truncate_metrics(run.out / "metrics.jsonl", 0)
+            return
         self.load(run, path)
         run.log(f"resumed from {path} at step {run.state.step}")
 
@@ -137,10 +127,6 @@ class RunCheckpointer:
         reset = run.cfg.run.reset_averagers
         state = ckpt.read_state(path, "state")
         sharded = run.cfg.run.distributed == "fsdp"
-        if sharded != is_sharded_checkpoint(path):
-            saved = "sharded (distributed=fsdp)" if not sharded else "whole (distributed=ddp)"
-            raise CheckpointError(f"resume: {path} was saved {saved}; resume it with distributed="
-                                  f"{'fsdp' if not sharded else 'ddp'}")
         if sharded:  # weights, optimizer and averager shards, on this run's number of processes
             load_sharded(run, path, state)
         else:
@@ -173,6 +159,146 @@ class RunCheckpointer:
         _restore_rng(run, state, path)
         if run.is_main:
             truncate_metrics(run.out / "metrics.jsonl", run.state.step)
+
+
+# -- the checkpoint to resume, checked before the run writes anything -------------------------------------------
+def resume_source(run: Checkpointable) -> Path | None:
+    """The checkpoint ``resume=`` names, checked against the built run before anything is written into ``out``: it
+    exists, is a checkpoint folder (a run folder, or its ``checkpoints/``, is named as such, with its newest valid
+    checkpoint), verifies against its manifest, and fits the run (``check_fits``). ``resume=auto``: the newest
+    valid checkpoint of ``out``, or None (the run starts from step 0)."""
+    rc = run.cfg.run
+    folder = run.out / "checkpoints"
+    if rc.resume == "auto":
+        found = ckpt.latest_valid(folder, warn=run.log)
+        if found is None:
+            return None
+        path = found.path
+    else:
+        path = Path(rc.resume)
+        if not path.is_dir():
+            raise ConfigError(f"resume: {path} does not exist or is not a folder; pass resume=auto (the newest "
+                              f"valid checkpoint of out=) or a checkpoint folder such as "
+                              f"{folder / ckpt.step_dir_name(1000)}")
+        if not (path / ckpt.MANIFEST).exists():
+            _refuse_a_folder_of_checkpoints(path)
+        problems = ckpt.verify(path)
+        if problems:
+            raise CheckpointError(f"resume: {problems[0]}")
+    check_fits(run, path)
+    return path
+
+
+def _refuse_a_folder_of_checkpoints(path: Path) -> None:
+    """``resume=`` names a folder without a manifest: a run folder or a folder of checkpoints is a ``ConfigError``
+    saying what resume= takes (and naming the newest valid checkpoint there); a ``step-N`` folder is left to
+    ``verify`` (a checkpoint never committed); anything else is not a checkpoint."""
+    is_run = (path / "config.yaml").is_file() or (path / "checkpoints").is_dir()
+    inner = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    if is_run or ckpt.list_checkpoints(inner):
+        newest = ckpt.latest_valid(inner, warn=lambda message: None)
+        what = "a run folder" if is_run else "a folder of checkpoints"
+        which = f"the newest valid one here is {newest.path}" if newest else "it holds no valid checkpoint"
+        raise ConfigError(f"resume: {path} is {what}; resume= takes one checkpoint folder ({which}), or auto to "
+                          f"continue the run in out= from its newest valid checkpoint")
+    if not re.match(r"^step-\d+$", path.name):
+        raise ConfigError(f"resume: {path} is not a checkpoint folder (no {ckpt.MANIFEST}); resume= takes a "
+                          f"checkpoint folder (<run>/checkpoints/step-N) or auto")
+
+
+class _NoTensors:
+    """What ``unflatten_state`` finds for every tensor of a skeleton read without its tensors: None."""
+
+    def __getitem__(self, key: str) -> None:
+        return None
+
+
+def check_fits(run: Checkpointable, path: Path) -> None:
+    """A ``CheckpointError`` unless the checkpoint at ``path`` (verified) can be loaded into the run as built, read
+    from its manifest, its state's skeleton and its weights' shapes (no tensor is read): saved whole or sharded as the
+    run is, by the run's task, the same weights by name and shape, the optimizer's parameter groups of the same
+    sizes, and state for every averager (unless ``reset_averagers``) made with the same settings. So a checkpoint of
+    another task or width is refused before the run writes anything (``load`` found it after config.yaml)."""
+    rc = run.cfg.run
+    sharded = rc.distributed == "fsdp"
+    if sharded != is_sharded_checkpoint(path):
+        saved = "sharded (distributed=fsdp)" if not sharded else "whole (distributed=ddp)"
+        raise CheckpointError(f"resume: {path} was saved {saved}; resume it with distributed="
+                              f"{'fsdp' if not sharded else 'ddp'}")
+    task = _saved_task(path)
+    if task not in ("?", rc.task):
+        raise _another_model(run, path, f"this run is task {rc.task}")
+    try:
+        _check_state_fits(run, path, ckpt.unflatten_state(ckpt.read_state_skeleton(path, "state"), _NoTensors()))
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:  # verified, yet not the state the suite writes
+        raise CheckpointError(f"resume: {path / 'state.json'} is not a lawa-suite training state "
+                              f"({type(exc).__name__}: {str(exc)[:100]}); resume a checkpoint suite run "
+                              f"wrote") from None
+
+
+def _check_state_fits(run: Checkpointable, path: Path, skeleton: dict[str, Any]) -> None:
+    """``check_fits`` for the weights, the optimizer and the averagers, given the state's skeleton."""
+    rc = run.cfg.run
+    sharded = rc.distributed == "fsdp"
+    if not sharded:
+        from safetensors import safe_open
+
+        with safe_open(str(path / "model.safetensors"), framework="pt") as saved_weights:
+            shapes = {name: list(saved_weights.get_slice(name).get_shape()) for name in saved_weights.keys()}
+        mismatch = _weights_mismatch(shapes, {name: list(t.shape) for name, t in run.unwrapped.state_dict().items()})
+        if mismatch:
+            raise _another_model(run, path, mismatch)
+        groups = [len(group["params"]) for group in skeleton["optimizer"]["param_groups"]]
+        ours = [len(group["params"]) for group in run.optimizer.state_dict()["param_groups"]]
+        if groups != ours:
+            raise _another_model(run, path, f"its optimizer has parameter groups of {groups} tensors, this run's "
+                                            f"{ours}")
+    saved_averagers = ({name: info["skeleton"] for name, info in skeleton.get("sharded_averagers", {}).items()}
+                       if sharded else skeleton["averagers"])
+    if sharded:
+        saved_averagers = {name: ckpt.unflatten_state(part, _NoTensors()) for name, part in saved_averagers.items()}
+    missing = sorted(set(run.averagers) - set(saved_averagers))
+    if missing and not rc.reset_averagers:
+        raise CheckpointError(f"resume: {path} holds no state for averager(s) {', '.join(missing)}; "
+                              f"pass reset_averagers=true to start them afresh at its step")
+    for name, avg in run.averagers.items():
+        saved = saved_averagers.get(name)
+        if isinstance(saved, dict) and "config" in saved and not rc.reset_averagers:
+            differ = _settings_differ(avg, saved["config"])
+            if differ:
+                raise CheckpointError(f"resume: averager {name} in {path} was made with other settings "
+                                      f"({', '.join(differ)}); pass reset_averagers=true to start it afresh")
+
+
+def _weights_mismatch(saved: dict[str, list[int]], model: dict[str, list[int]]) -> str:
+    """What keeps weights of ``saved`` shapes from loading into a model of ``model`` shapes (by name), or ''."""
+    missing, unexpected = sorted(set(model) - set(saved)), sorted(set(saved) - set(model))
+    other = [f"{name} {saved[name]} (the model's: {model[name]})" for name in sorted(set(saved) & set(model))
+             if saved[name] != model[name]]
+    parts = ([f"{len(other)} tensor(s) of another shape, such as {other[0]}"] if other else []) + \
+        ([f"{len(missing)} missing, such as {missing[0]}"] if missing else []) + \
+        ([f"{len(unexpected)} the model lacks, such as {unexpected[0]}"] if unexpected else [])
+    return "; ".join(parts)
+
+
+def _settings_differ(avg: Any, saved: Any) -> list[str]:
+    """The settings that affect the average in which ``avg`` differs from a saved state's ``config``, by the rule of
+    ``Averager.load_state_dict``, which refuses such a state (keys marked ``affects_average=False`` may change)."""
+    config = getattr(avg, "config", None)
+    if not dataclasses.is_dataclass(config):  # a plugin keeping its settings otherwise: its load_state_dict decides
+        return []
+    try:
+        made = type(config)(**saved)
+    except Exception:  # noqa: BLE001 - not this averager's settings at all (load_state_dict would fail on them)
+        return ["config"]
+    return [f.name for f in dataclasses.fields(config) if f.metadata.get("affects_average", True)
+            and getattr(made, f.name) != getattr(config, f.name)]
+
+
+def _another_model(run: Checkpointable, path: Path, why: str) -> CheckpointError:
+    return CheckpointError(f"resume: {path} holds another model's state (saved by task {_saved_task(path)}; "
+                           f"{why}); resume a checkpoint of this run's model, task {run.cfg.run.task} as "
+                           f"configured")
 
 
 def any_rank_poisoned(poisoned: bool, device: torch.device) -> bool:

@@ -43,10 +43,11 @@ from lawa_suite.averagers.base import Averager, finite_flag, named_tensors
 from lawa_suite.config import ResolvedConfig, accumulation, dotted
 from lawa_suite.errors import EXIT_NONFINITE, EXIT_PREEMPTED, ConfigError, Interrupted, NonFiniteTraining, Preempted
 from lawa_suite.report import write_report
+from lawa_suite.run_lock import FolderLock, reserve_folder
 from lawa_suite.rundir import MetricsLog, prepare_run_dir, write_metrics_meta
 from lawa_suite.tasks import schedule_free
 from lawa_suite.tasks.base import Task, has_batchnorm, parameter_count
-from lawa_suite.training.checkpointing import RunCheckpointer
+from lawa_suite.training.checkpointing import RunCheckpointer, resume_source
 from lawa_suite.training.preemption import StopFlag
 from lawa_suite.training.progress import ProgressBar
 from lawa_suite.training.scoring import Scorer, score_line, seed_everything
@@ -96,7 +97,8 @@ class Run:
         self.is_main = self.accelerator.is_main_process
         # Every process checks the folder before the main one writes to it (else the others would find its
         # fresh config.yaml and refuse to overwrite "an earlier run"); the main one writes it once everything that
-        # can refuse the config (data, tokenizer, model, averagers) has said yes: a refused command creates nothing.
+        # can refuse the config (data, tokenizer, model, averagers and their folders, the checkpoint to resume) has
+        # said yes: a refused command creates nothing.
         self.out = prepare_run_dir(cfg, is_main=False)
         self.accelerator.wait_for_everyone()
 
@@ -134,15 +136,27 @@ class Run:
                      f"{micro_batch // world} per process and step (the global batch stays {rc.batch_size})")
         self.stream = self.task.train_stream(micro_batch, self.accelerator.process_index, world)
         self.averagers: dict[str, Averager] = cfg.build_averagers()
-        self.check_snapshot_folders()
+        self.folders: list[FolderLock] = []  # locks of the averagers' snapshot folders, until an averager adopts one
+        try:
+            self.check_snapshot_folders()
+            self._set_up(cfg)
+        except BaseException:  # refused: another run may use those folders now
+            self.release_folders()
+            raise
+
+    def _set_up(self, cfg: ResolvedConfig) -> None:
+        """The rest of ``__init__``: what can still refuse the config, then the run folder, written last."""
+        rc = cfg.run
         for avg in self.averagers.values():
             avg.start_run(rc.steps)
         self.state = TrainState()
         self.pending: int | None = None  # a step whose weights the averagers want and have not yet observed
         self.parameter_names = {name for name, _ in self.unwrapped.named_parameters(remove_duplicate=False)}
         self.scorer = Scorer(self.task, self.accelerator, self.unwrapped, self.task.eval_batches(),
-                             self.task.calibration_batches(rc.eval.bn_batches) if has_batchnorm(model) else [],
+                             self.task.calibration_batches(rc.eval.bn_batches) if has_batchnorm(self.unwrapped) else [],
                              schedule_free.EvalSequence(self.optimizer) if self.schedule_free else None)
+        # the checkpoint to resume, checked against the model, optimizer and averagers just built (every process)
+        self.resume_from = resume_source(self) if rc.resume else None
         if self.is_main:
             prepare_run_dir(cfg, is_main=True)
             # what the records' metrics mean, beside them: a report of a plugin evaluator's run need not guess
@@ -165,9 +179,13 @@ class Run:
     # -- the averagers' own resources --
     def check_snapshot_folders(self) -> None:
         """Refuse folders the averagers name for their files (``Averager.snapshot_folder``) that would mix them: one
-        shared by two averagers (each would delete the other's files), any with distributed=fsdp (every rank would
-        write its shards into it)."""
+        shared by two averagers (each would delete the other's files), the run folder itself (its files and lock are
+        the run's), any in a run of several processes (each would write its files into it; with distributed=fsdp its
+        shards), and one another run uses: its lock (``run_lock.reserve_folder``) is taken here, before the run writes
+        anything, for the averager to adopt when it first writes there (``release_folders`` lets go of the rest)."""
         owners: dict[str, str] = {}  # folder -> the averager keeping its files there
+        keys: dict[str, str] = {}    # folder -> the key naming it (lawa.dir)
+        out = Path(self.cfg.run.out).resolve()
         for name, avg in self.averagers.items():
             named = avg.snapshot_folder()
             if named is None:
@@ -176,10 +194,30 @@ class Run:
             if self.sharded:
                 raise ConfigError(f"{key}: one folder would mix every rank's shards with distributed=fsdp; leave it "
                                   f"empty (a temporary folder per process), got {str(named.path)!r}")
+            if self.accelerator.num_processes > 1:
+                raise ConfigError(f"{key}: each of the {self.accelerator.num_processes} processes would keep its "
+                                  f"files in this one folder; leave it empty (a temporary folder per process), got "
+                                  f"{str(named.path)!r}")
             if folder in owners:
                 raise ConfigError(f"{key}: {str(named.path)!r} is {owners[folder]}'s snapshot folder too; give each "
                                   f"averager its own folder, or leave it empty")
-            owners[folder] = name
+            if Path(named.path).resolve() == out:
+                raise ConfigError(f"{key}: {str(named.path)!r} is the run folder itself (out=); its files would mix "
+                                  f"with the run's; give it a folder of its own (a subfolder such as "
+                                  f"{os.path.join(self.cfg.run.out, name + '-snapshots')} is fine), or leave it empty "
+                                  f"for a temporary one")
+            owners[folder], keys[folder] = name, key
+        for folder, key in keys.items():
+            if Path(folder).resolve().parent.is_dir():  # (else no other run can hold it: the averager locks it later)
+                self.folders.append(reserve_folder(Path(folder), lambda holder, key=key, folder=folder: ConfigError(
+                    f"{key}: {folder} is in use by another run's averager (held by {holder}); give each run its own "
+                    f"folder, or leave it empty for a temporary one")))
+
+    def release_folders(self) -> None:
+        """Let go of the snapshot-folder locks ``check_snapshot_folders`` took that no averager adopted."""
+        for lock in self.folders:
+            lock.release()
+        self.folders = []
 
     def close_averagers(self) -> list[BaseException]:
         """End every averager's background work as the run ends (``Averager.close``: LAWA's and wma's threads, their
@@ -402,7 +440,12 @@ def _train(cfg: ResolvedConfig) -> RunResult:
     run = Run(cfg)
     rc = cfg.run
     if rc.resume:
-        run.checkpoints.resume(run)
+        try:
+            run.checkpoints.resume(run, run.resume_from)
+        except BaseException:  # (a file unreadable since it was checked): nothing of this run lives on
+            run.close_averagers()
+            run.release_folders()
+            raise
     if rc.trackers:
         run.start_trackers()
     metrics = MetricsLog(run.out / "metrics.jsonl", run.is_main)
@@ -452,6 +495,7 @@ def _train(cfg: ResolvedConfig) -> RunResult:
         ended_together = True
     finally:
         unclosed = run.close_averagers()  # success, error or stop: no averager's thread outlives its run
+        run.release_folders()  # (an averager that adopted its folder's lock lets go of it itself)
         run.stop.uninstall()
         bar.close()
         metrics.close()
