@@ -126,3 +126,36 @@ def test_a_run_leaves_no_lock_file_beside_its_snapshot_folder(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert os.listdir(folder) and sorted(os.listdir(tmp_path)) == ["run", "snaps"]
+
+
+# -- the checks issue 29 item 16 named (they refused only after out/config.yaml was written) ------------------------
+def _offline_tiktoken(monkeypatch, tmp_path):
+    import tiktoken.load
+    import tiktoken.registry
+
+    def offline(url: str) -> bytes:
+        raise ConnectionError(f"no network for {url}")
+
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(tiktoken.load, "read_file", offline)
+    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})
+
+
+REFUSED = {
+    "compile=true on tiny cifar": (["task=cifar", "preset=tiny", "compile=true"], 2, "cifar.width: expected >= 8"),
+    "a missing data.path": (["task=gpt2", "preset=tiny", "data=text", "data.path={tmp}/nope.txt"], 2,
+                            "data.path: "),
+    "tokenizer=gpt2 offline": (["task=gpt2", "preset=tiny", "gpt2.tokenizer=gpt2"], 1, "TIKTOKEN_CACHE_DIR"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_a_refused_run_creates_nothing(tmp_path, monkeypatch, case):
+    words, code, said = REFUSED[case]
+    _offline_tiktoken(monkeypatch, tmp_path)
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["run", *[w.format(tmp=tmp_path) for w in words], "averager=", f"out={out}"])
+    line = result.output.strip().splitlines()[-1]
+    assert result.exit_code == code and "Traceback" not in result.output, result.output
+    assert line.startswith("error: ") and said in line, line
+    assert not out.exists()
