@@ -364,7 +364,8 @@ def average(
                                                 "folder of step-N.safetensors files, step-N/ model folders, or "
                                                 "(with --allow-torch-load) torch checkpoints named by step.")],
     overrides: Annotated[Optional[list[str]], typer.Argument(help=AVERAGE_HELP, show_default=False)] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing out folder (atomically).")] = False,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Replace an out folder that suite average wrote (atomically).")] = False,
     allow_torch_load: Annotated[bool, typer.Option("--allow-torch-load", help=TORCH_LOAD_HELP)] = False,
     hash_inputs: Annotated[bool, typer.Option("--hash-inputs", help=(
         "Read every input in full for its sha256 (for the manifest) and check it against the sha256 recorded when "
