@@ -1,7 +1,7 @@
 """The gpt2 task, its text data and tokenizers, the perplexity evaluator and export. Offline: nothing downloads.
 
-Tests that need the real GPT-2 BPE files use ``../shared/data/tiktoken-cache`` and are skipped (with the reason)
-where that folder is absent; everything else builds its own data.
+Tests that need the real GPT-2 BPE files read ``tiktoken-cache/`` of the local test data (``helpers.local_data``:
+``$LAWA_SUITE_TEST_DATA``) and are skipped (with the reason) where it is absent; everything else builds its own data.
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ from lawa_suite.data.text import (BytesTokenizer, embedded_text, load_tokens, pr
 from lawa_suite.tasks.base import parameter_count
 from lawa_suite.tasks.gpt2 import Gpt2Task, WindowStream, held_out_starts
 
-from helpers import read_metrics
+from helpers import local_data, read_metrics
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-SHARED_TIKTOKEN = SHARED / "tiktoken-cache"
-needs_gpt2_vocab = pytest.mark.skipif(not (SHARED_TIKTOKEN / "6d1cbeee0f20b3d9449abfede4726ed8212e3aee").is_file(),
-                                      reason=f"the GPT-2 BPE files are not in {SHARED_TIKTOKEN} (no network here)")
+LOCAL_TIKTOKEN = local_data() / "tiktoken-cache"
+needs_gpt2_vocab = pytest.mark.skipif(not (LOCAL_TIKTOKEN / "6d1cbeee0f20b3d9449abfede4726ed8212e3aee").is_file(),
+                                      reason=f"the GPT-2 BPE files are not in {LOCAL_TIKTOKEN} (set "
+                                             "LAWA_SUITE_TEST_DATA; nothing downloads in tests)")
 runner = CliRunner()
 
 
@@ -167,7 +167,7 @@ def test_gpt2_tokenizer_offline_without_cache_names_the_missing_files(tmp_path, 
 def test_gpt2_tokenizer_reads_tiktoken_cache_dir(monkeypatch):
     import tiktoken.registry
 
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(SHARED_TIKTOKEN))
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(LOCAL_TIKTOKEN))
     monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})
     tokenizer = textdata.get_tokenizer("gpt2")
     assert tokenizer.encode("Hello world").tolist() == [15496, 995]
@@ -372,7 +372,7 @@ def test_export_with_gpt2_tokens_carries_a_matching_tokenizer(tmp_path, monkeypa
     import tiktoken.registry
     from transformers import AutoTokenizer
 
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(SHARED_TIKTOKEN))
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(LOCAL_TIKTOKEN))
     monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})
     cfg = resolve(["task=gpt2", "preset=tiny", "gpt2.tokenizer=gpt2", f"out={tmp_path / 'run'}"])
     task = Gpt2Task(cfg.task, cfg.run)
