@@ -254,7 +254,7 @@ def evaluate_posthoc(out: str | os.PathLike[str], overrides: Sequence[str] = (),
         for folder, path in sorted(derived[step].items()):
             scores[folder] = evaluation.score(posthoc.read_checkpoint(path), recalibrate=True)
         records += [{"step": step, "weights": name, "split": "val", **values} for name, values in scores.items()]
-        log(score_line(step, scores))
+        log(score_line(step, scores, evaluation.metrics))
     return _write_scores(out, records, evaluation, source, sorted(by_step), folders, notes=read.notes)
 
 
@@ -280,7 +280,7 @@ def evaluate_checkpoints(source: str | os.PathLike[str], out: str | os.PathLike[
     for snapshot in snapshots:
         scores = {"raw": evaluation.score(*read(snapshot))}
         records.append({"step": snapshot.step, "weights": "raw", "split": "val", **scores["raw"]})
-        log(score_line(snapshot.step, scores))
+        log(score_line(snapshot.step, scores, evaluation.metrics))
     # Written beside out and renamed into place (replacing, with --force, the earlier scores claim_out allowed)
     staging = staged_folder(out, log=log)  # (what killed evals left beside it goes first)
     try:

@@ -144,3 +144,20 @@ def test_a_metric_that_shares_a_size_name_stays_a_metric(tmp_path):
                for s in (10, 20, 30, 40) for w, v in (("raw", s * 1.0), ("ema", s + 1.0))]
     text = write_report(_hand_run(tmp_path, records, meta, task="plugin")).read_text()
     assert "final tokens" in text and "each scores" not in text
+
+
+def test_the_evaluation_line_says_what_every_weights_share_once():
+    """The console line of an evaluation: the sizes every weights share after the step, once, not beside each
+    weights' scores (the main job printed `examples=1000` four times a line); sizes that differ stay with theirs."""
+    from lawa_suite.training.scoring import score_line
+
+    metrics = {"accuracy": "max", "loss": "min"}
+    same = {"raw": {"accuracy": 0.25, "loss": 2.5, "examples": 1000.0}, "ema": {"accuracy": 0.3, "loss": 2.0,
+                                                                                 "examples": 1000.0}}
+    assert score_line(50, same, metrics) == ("step 50 (1,000 examples) | raw: accuracy=0.25 loss=2.5 | "
+                                             "ema: accuracy=0.3 loss=2")
+    differ = {"raw": {"accuracy": 0.25, "examples": 1000.0}, "ema": {"accuracy": 0.3, "examples": 500.0}}
+    assert score_line(50, differ, metrics) == ("step 50 | raw: accuracy=0.25 examples=1000 | "
+                                               "ema: accuracy=0.3 examples=500")
+    assert score_line(50, same) == ("step 50 | raw: accuracy=0.25 loss=2.5 examples=1000 | "
+                                    "ema: accuracy=0.3 loss=2 examples=1000")  # no metrics named: every number

@@ -476,7 +476,7 @@ def _train(cfg: ResolvedConfig) -> RunResult:
                 run.settle()
                 started = time.perf_counter()
                 scores = run.evaluate(metrics)
-                bar.evaluated(time.perf_counter() - started, score_line(step, scores))
+                bar.evaluated(time.perf_counter() - started, score_line(step, scores, run.scorer.metrics))
             saved = due(step, rc.checkpoint.every) or step == rc.steps
             if saved:
                 run.settle()
