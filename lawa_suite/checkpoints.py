@@ -238,15 +238,13 @@ def _needed_files(manifest: dict[str, Any], present: set[str], manifest_path: Pa
 
 
 def verify(path: Path) -> list[str]:
-    """Problems with the checkpoint at ``path`` (empty if valid), one line each: a folder that is a link (a
-    checkpoint is a real folder of its run, never another run's reached through a link), a missing or malformed
-    manifest, a name that leaves the folder, a file the writer produces that the manifest does not list (a run
-    checkpoint must list every file it needs, and every such file present), a missing, truncated or corrupted file,
-    and a step in the manifest or the saved training state other than the one the folder's name gives."""
+    """Problems with the checkpoint at ``path`` (empty if valid), one line each: a missing or malformed manifest, a name
+    that leaves the folder, a file the writer produces that the manifest does not list (a run checkpoint must list
+    every file it needs, and every such file present), a missing, truncated or corrupted file, and a step in the
+    manifest or the saved training state other than the one the folder's name gives (another step's checkpoint
+    copied or linked in). The folder itself may be a link (checkpoints moved to another disk and linked back); its
+    files may not, and retention never deletes through it."""
     path = Path(path)
-    if path.is_symlink():
-        return [f"{path}: a link (to {os.readlink(path)}); a checkpoint is a real folder of its run, never a link to "
-                f"another one"]
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         return [f"{manifest_path}: missing (the checkpoint was never committed)"]

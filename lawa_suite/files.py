@@ -71,7 +71,22 @@ def temporary_sibling(path: Path, kind: str = "tmp") -> Path:
 # A process killed mid-write leaves its temporary file or staging folder behind. One named by ``owned_sibling``
 # carries its maker's pid and host, so a later process removes what a dead process left (``remove_dead_leftovers``)
 # and keeps what a live writer is still writing, and anything not named so.
-HOST = re.sub(r"\W", "_", socket.gethostname(), flags=re.ASCII)[:64] or "localhost"  # a word: "tmp-\w+" matches
+def _this_kernel() -> str:
+    """This host's name as a word (``tmp-\\w+`` matches it), with a digest of this boot and this PID namespace: a pid
+    means something only to the kernel and namespace that gave it, and two machines or containers sharing a file
+    system may share a host name (Docker with the host's UTS namespace, ``unshare -p``, VMs all named ``ubuntu``)."""
+    name = re.sub(r"\W", "_", socket.gethostname(), flags=re.ASCII)[:48] or "localhost"
+    ids = []
+    for read in (lambda: Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
+                 lambda: os.readlink("/proc/self/ns/pid")):
+        try:
+            ids.append(read())
+        except OSError:
+            pass
+    return f"{name}_{hashlib.sha256('|'.join(ids).encode()).hexdigest()[:8]}" if ids else name
+
+
+HOST = _this_kernel()  # what temporary names carry: only a process of this kernel and namespace is asked if it lives
 _OWNED = re.compile(r"^\.(?P<target>.+)\.(?P<kind>[a-z]+)-(?P<pid>\d+)_(?P<host>\w+)_[0-9a-f]{8}$", re.ASCII)
 
 
@@ -115,10 +130,13 @@ def remove_dead_leftovers(folder: Path, kind: str = "tmp", log: Callable[[str], 
         owner = owner_of(entry.name)
         if owner is None or owner[1] != kind or process_alive(owner[2], owner[3]):
             continue
-        if entry.is_dir(follow_symlinks=False):
-            shutil.rmtree(entry.path, ignore_errors=True)
-        else:
-            Path(entry.path).unlink(missing_ok=True)
+        try:  # (one that cannot be removed, another user's in a sticky folder, is left: never the writer's problem)
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                Path(entry.path).unlink(missing_ok=True)
+        except OSError:
+            continue
         removed.append(Path(entry.path))
         if log is not None:
             log(f"removed {entry.path}: left behind by process {owner[2]}, which is no longer running")

@@ -131,7 +131,7 @@ def test_resume_auto_continues_from_the_last_checkpoint_whose_manifest_holds(toy
 def linked_to_another_run(folder: Path, theirs: Path) -> str:
     """The audit's case: checkpoints/step-00000009 -> another run's step-00000003 (which verifies on its own)."""
     folder.symlink_to(theirs / "checkpoints" / "step-00000003", target_is_directory=True)
-    return "a link (to "
+    return "step 3, while the folder is named for step 9"
 
 
 def copied_from_another_step(folder: Path, theirs: Path) -> str:
@@ -168,6 +168,40 @@ def test_a_checkpoint_of_another_step_or_run_fails_verify_and_resume_auto_skips_
     assert "skipping checkpoint step-00000009" in resumed.output and expected in resumed.output, resumed.output
     assert f"resumed from {out / 'checkpoints' / 'step-00000006'} at step 6" in resumed.output, resumed.output
     assert tree_digest(theirs) == before
+
+
+def test_checkpoints_moved_to_another_disk_and_linked_back_verify_and_resume(toy_run, tmp_path):
+    """A checkpoint folder that is a link to its own files elsewhere is a user's choice, not an attack: it verifies,
+    and resume=auto continues from it (refusing links made such a finished run start again from step 0)."""
+    out, elsewhere = tmp_path / "run", tmp_path / "other-disk"
+    shutil.copytree(toy_run, out)
+    elsewhere.mkdir()
+    for folder in sorted((out / "checkpoints").glob("step-*")):
+        shutil.move(str(folder), elsewhere / folder.name)
+        folder.symlink_to(elsewhere / folder.name, target_is_directory=True)
+    verdict = runner.invoke(app, ["verify", str(out)])
+    assert verdict.exit_code == 0 and verdict.output.count(": ok") == 2, verdict.output
+    resumed = runner.invoke(app, ["run", "task=toy", f"out={out}", "steps=6", "checkpoint.every=3",
+                                  "checkpoint.keep=5", "resume=auto", "progress=false"])
+    assert resumed.exit_code == 0, resumed.output
+    assert f"resumed from {out / 'checkpoints' / 'step-00000006'} at step 6" in resumed.output, resumed.output
+
+
+def test_resume_auto_where_every_checkpoint_is_invalid_changes_nothing(toy_run, tmp_path):
+    """Every checkpoint skipped: starting over from step 0 would truncate the run's metrics and rewrite its report,
+    so resume=auto refuses in one line, naming what to do, and the folder is left as it was."""
+    out = tmp_path / "run"
+    shutil.copytree(toy_run, out)
+    for folder in (out / "checkpoints").glob("step-*"):
+        (folder / "model.safetensors").write_bytes(b"truncated")
+    before = tree_digest(out)
+    resumed = runner.invoke(app, ["run", "task=toy", f"out={out}", "steps=6", "checkpoint.every=3",
+                                  "checkpoint.keep=5", "resume=auto", "progress=false"])
+    assert resumed.exit_code == 1, resumed.output
+    last = resumed.output.strip().splitlines()[-1]
+    assert "none of the 2 checkpoint(s)" in last and "nothing was changed" in last, resumed.output
+    assert "skipping checkpoint step-00000006" in resumed.output and "Traceback" not in resumed.output
+    assert tree_digest(out) == before
 
 
 def test_retention_neither_counts_nor_deletes_through_a_linked_checkpoint(toy_run, tmp_path):
@@ -289,6 +323,43 @@ def test_clean_leftovers_removes_dead_staging_and_keeps_live_and_strangers(tmp_p
     # a staging name without an owner (a sharded save's scratch, an older version's): removed, as before
     assert sorted(ckpt.clean_leftovers(root)) == sorted([gone, no_owner])
     assert all(p.exists() for p in kept)
+
+
+def test_a_process_of_another_pid_namespace_with_this_host_name_never_removes_a_live_staging_folder(tmp_path):
+    """A pid means something only in its own namespace: a writer in a container sharing this host's name (``unshare
+    -p``; Docker with the host's UTS namespace) found this process's live staging folder 'dead' and removed it."""
+    import shutil as shell
+
+    if shell.which("unshare") is None:
+        pytest.skip("needs unshare(1) to start a process in a PID namespace of its own")
+    live = files.staged_folder(tmp_path / "out")  # this process's, still being written
+    (live / "model.safetensors").write_bytes(b"half of an output")
+    code = ("import sys\nfrom pathlib import Path\nfrom lawa_suite import files\n"
+            "files.write_text_atomic(Path(sys.argv[1]) / 'report.md', 'a report beside it')\n")
+    done = subprocess.run(["unshare", "-p", "-f", "--mount-proc", sys.executable, "-c", code, str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    if done.returncode != 0 and "Operation not permitted" in done.stderr:
+        pytest.skip(f"unshare -p is not permitted here: {done.stderr.strip().splitlines()[-1]}")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "report.md").read_text() == "a report beside it"
+    assert (live / "model.safetensors").read_bytes() == b"half of an output"  # the old code removed the folder
+
+
+def test_a_leftover_that_cannot_be_removed_does_not_fail_the_write(tmp_path, pids, monkeypatch):
+    """Another user's dead leftover in a shared sticky folder cannot be removed: the write goes on, and it is not
+    reported as removed (the old code raised PermissionError from every atomic write into that folder)."""
+    dead, _ = pids
+    stuck = leftover(tmp_path, "report.md", dead)
+    real = Path.unlink
+
+    def refuse(path, missing_ok=False):
+        if path == stuck:
+            raise PermissionError(1, "Operation not permitted", str(path))
+        real(path, missing_ok=missing_ok)
+    monkeypatch.setattr(Path, "unlink", refuse)
+    assert files.remove_dead_leftovers(tmp_path) == []
+    files.write_text_atomic(tmp_path / "report.md", "written")
+    assert (tmp_path / "report.md").read_text() == "written" and stuck.exists()
 
 
 def test_a_staging_folder_names_its_process(tmp_path):

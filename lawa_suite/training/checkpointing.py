@@ -166,12 +166,19 @@ def resume_source(run: Checkpointable) -> Path | None:
     """The checkpoint ``resume=`` names, checked against the built run before anything is written into ``out``: it
     exists, is a checkpoint folder (a run folder, or its ``checkpoints/``, is named as such, with its newest valid
     checkpoint), verifies against its manifest, and fits the run (``check_fits``). ``resume=auto``: the newest
-    valid checkpoint of ``out``, or None (the run starts from step 0)."""
+    valid checkpoint of ``out``, or None where ``out`` holds no checkpoint (the run starts from step 0); where it
+    holds only invalid ones, a ``CheckpointError`` (starting over would write over the run)."""
     rc = run.cfg.run
     folder = run.out / "checkpoints"
     if rc.resume == "auto":
         found = ckpt.latest_valid(folder, warn=run.log)
         if found is None:
+            committed = ckpt.list_checkpoints(folder)
+            if committed:  # starting over would truncate the run's records: a run is never written over
+                raise CheckpointError(
+                    f"resume=auto: none of the {len(committed)} checkpoint(s) in {folder} is valid (each is named "
+                    f"above); nothing was changed: repair them, move them out of {folder} to start this run again "
+                    f"from step 0, or pass resume=<a checkpoint folder>")
             return None
         path = found.path
     else:
