@@ -217,6 +217,13 @@ def _never_started(cfg: ResolvedConfig, out: Path) -> bool:
     return CONFIG_FILE in names and names <= {CONFIG_FILE, METRICS_META_FILE} and not cfg.run.resume
 
 
+def _holds_files(out: Path) -> bool:
+    """Whether ``out`` holds anything but lock files of folders inside it (``lawa.dir=out/snapshots`` is locked, by a
+    ``.snapshots.lock`` beside it, before the run writes anything)."""
+    return any(not (entry.name.startswith(".") and entry.name.endswith(".lock") and entry.is_file())
+               for entry in out.iterdir())
+
+
 def _check_run_dir(cfg: ResolvedConfig, out: Path, is_main: bool) -> None:
     refuse_if_locked(out)  # first: a run in progress is named as such, not as "a folder that holds a run"
     config_file = out / "config.yaml"
@@ -240,7 +247,7 @@ def _check_run_dir(cfg: ResolvedConfig, out: Path, is_main: bool) -> None:
                               f"resume with the same settings or start a new out={hint}")
         if cfg.run.reset_averagers and is_main:  # the run's record follows the averagers it now has
             write_text_atomic(config_file, cfg.to_yaml())
-    elif out.is_dir() and any(out.iterdir()) and not never_started:
+    elif out.is_dir() and _holds_files(out) and not never_started:
         if cfg.run.resume:  # resume continues only what the suite made: another folder's files are not a run
             raise ConfigError(f"resume: {out} holds no config.yaml, so it is not a run of the suite; resume "
                               f"continues a folder suite run made (config.yaml, metrics.jsonl, checkpoints/); "

@@ -114,6 +114,12 @@ def test_the_run_folder_itself_is_no_snapshot_folder(tmp_path):
     assert inside.exit_code == 0, inside.output
     assert sorted(p.name for p in (out / "lawa-snapshots").iterdir()) == ["snapshot-0000000003.safetensors",
                                                                           "snapshot-0000000004.safetensors"]
+    # the same into an empty out= made beforehand (its subfolder's lock, taken first, is not "a folder not empty")
+    made = tmp_path / "made-before"
+    made.mkdir()
+    again = runner.invoke(app, ["run", *WORDS[:-1], "averager=lawa", "lawa.k=2", "lawa.nu=1", "lawa.store=disk",
+                                f"lawa.dir={made / 'lawa-snapshots'}", f"out={made}"])
+    assert again.exit_code == 0, again.output
 
 
 def test_a_run_leaves_no_lock_file_beside_its_snapshot_folder(tmp_path):
