@@ -269,10 +269,11 @@ def holds_run(folder: Path) -> Path | None:
 
 
 def claim_out(out: Path, command: str, inputs: Iterable[Path], force: bool,
-              error: type[SuiteError] = ConfigError) -> None:
+              error: type[SuiteError] = ConfigError, made: Callable[[Path], bool] | None = None) -> None:
     """The rule for every command that writes a folder ``out``: never an ``out`` that is, holds or lies in one of
     ``inputs``; a non-empty ``out`` only with ``force``, and then only one that ``command`` made before (its
-    ``files.OUTPUT_MARK`` says so) and that holds no run. Refusals are one line, as ``error`` (its exit code)."""
+    ``files.OUTPUT_MARK`` says so, or ``made``: a command whose older outputs carry no mark knows them by their own
+    files) and that holds no run. Refusals are one line, as ``error`` (its exit code)."""
     out = Path(out)
     real = out.resolve()
     for given in inputs:
@@ -288,7 +289,7 @@ def claim_out(out: Path, command: str, inputs: Iterable[Path], force: bool,
         raise error(f"out: {out} already exists and is not empty; choose another folder or pass --force to replace "
                     f"a folder {command} made")
     owner = made_by(out) if out.is_dir() else None
-    if owner != command:
+    if owner != command and not (owner is None and made is not None and out.is_dir() and made(out)):
         what = f"{owner} made it" if owner else f"no {OUTPUT_MARK} says {command} made it"
         raise error(f"out: {out} was not made by {command} ({what}); --force replaces only a folder {command} made "
                     f"before; choose another out=")

@@ -158,6 +158,11 @@ def test_average_force_never_replaces_a_run_a_users_folder_or_another_commands(t
     shutil.copytree(other, out / "kept-run")  # a run the user later put inside an average output is still a run
     one_line(invoke(*average, f"out={out}", "--force"), 2, "holds a run")
     assert tree_digest(out / "kept-run") == kept[other]
+    shutil.rmtree(out / "kept-run")
+    (out / "suite-output.json").unlink()  # an output made before outputs were marked: its manifest says what it is
+    older = invoke(*average, f"out={out}", "--force")
+    assert older.exit_code == 0, older.output
+    assert sorted(p.name for p in out.iterdir()) == ["ema", "manifest.json", "suite-output.json"]
 
 
 def test_a_cross_run_report_is_not_written_into_a_run(tmp_path):

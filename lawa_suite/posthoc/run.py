@@ -105,7 +105,7 @@ def average(source: str | os.PathLike[str], jobs: Sequence[Job], out: str | os.P
                            f"checkpoints/, or a folder of checkpoints named by step)")
     folder, snapshots, problems, reconstructing = _inputs(Path(source), jobs, allow_torch_load, log)
     if folder.is_dir():  # the rule of every command that writes a folder: never an input, --force only its own
-        claim_out(out, COMMAND, [folder], force, PosthocError)
+        claim_out(out, COMMAND, [folder], force, PosthocError, made=is_average_output)
     remove_dead_leftovers(out.parent, log=log)
     readers = [Reader(s, at) for s in snapshots]
     # unmapping gigabytes of inputs takes the kernel a while: done on a thread of its own once the pass is over,
