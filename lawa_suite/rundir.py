@@ -43,7 +43,7 @@ from lawa_suite.files import OUTPUT_MARK, inside, made_by, remove_dead_leftovers
 from lawa_suite.run_lock import lock_file, lock_run, refuse_if_locked, unlock_run
 
 __all__ = ["MetricsLog", "read_metrics", "truncate_metrics", "prepare_run_dir", "lock_run", "unlock_run",
-           "lock_file", "holds_run", "claim_out", "find_run_config", "read_saved", "load_resolved",
+           "lock_file", "holds_run", "is_run_folder", "claim_out", "find_run_config", "read_saved", "load_resolved",
            "config_differences", "dotted", "RESUMABLE_CHANGES", "ADDED_KEYS", "with_added_keys", "CONFIG_FILE",
            "METRICS_FILE", "METRICS_META_FILE", "write_metrics_meta", "read_metrics_meta", "SWEEPS_DIR", "LMC_DIR"]
 
@@ -266,6 +266,22 @@ def holds_run(folder: Path) -> Path | None:
         if config.is_file() and made_by(config.parent) is None:
             return config.parent
     return None
+
+
+def is_run_folder(folder: Path) -> bool:
+    """Whether ``suite run`` wrote ``folder``: a ``config.yaml`` of the suite (a mapping with a ``task``; no other
+    command's output) beside its metrics, checkpoints or trajectory. (Stricter than ``holds_run``, which keeps any
+    ``config.yaml`` below a folder safe: this one tells whether a folder *above* a new one is a run, where a project's
+    own ``config.yaml`` and ``checkpoints/`` are common.)"""
+    folder = Path(folder)
+    if made_by(folder) is not None or not any((folder / name).exists()
+                                              for name in (METRICS_FILE, "checkpoints", "trajectory")):
+        return False
+    try:
+        read_saved(folder / CONFIG_FILE)
+    except ConfigError:
+        return False
+    return True
 
 
 def claim_out(out: Path, command: str, inputs: Iterable[Path], force: bool,

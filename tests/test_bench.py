@@ -191,6 +191,12 @@ def test_a_bench_out_is_never_a_run_inside_one_or_holding_one(tmp_path):
             assert result.exit_code == 2 and len(lines) == 1, result.output
             assert lines[0].startswith(f"error: out: {out} {said}"), lines[0]
     assert {folder: tree_digest(folder) for folder in before} == before
+    # a project folder with its own config.yaml and checkpoints/ is no run: a bench may live inside it
+    project = tmp_path / "project"
+    (project / "checkpoints").mkdir(parents=True)
+    (project / "config.yaml").write_text("lr: 1\n")
+    inside = runner.invoke(app, ["bench", *toy_words(project / "bench"), "--dry-run"])
+    assert inside.exit_code == 0, inside.output
     # a bench's own folder holds runs (its cells): running it again there resumes it, as before
     bench = tmp_path / "bench"
     words = ["tasks=toy", "lrs=0.05", "seeds=0", "steps=2", "eval.every=1", f"out={bench}"]

@@ -42,7 +42,7 @@ import yaml
 
 from lawa_suite.config import ConfigError, ResolvedConfig, parse_overrides, resolve, split_list
 from lawa_suite.files import first_line, made_by, write_text_atomic
-from lawa_suite.rundir import CONFIG_FILE, METRICS_FILE, holds_run
+from lawa_suite.rundir import holds_run, is_run_folder
 from lawa_suite.bench.sweeps import Sweep, check_lmc, check_sweeps, parse_lmc, parse_sweeps
 
 __all__ = ["Bench", "Cell", "load_bench", "cells", "cell_config", "check_out", "validate", "write_spec", "BENCH_FILE"]
@@ -319,13 +319,6 @@ def cell_config(cell: Cell) -> ResolvedConfig:
     return resolve(list(cell.overrides))
 
 
-def _is_run(folder: Path) -> bool:
-    """A folder ``suite run`` wrote: its ``config.yaml`` (no other command's output) beside its metrics or
-    checkpoints. (A folder above ``out`` holding only a ``config.yaml`` may be anything: a project's settings.)"""
-    return ((folder / CONFIG_FILE).is_file() and made_by(folder) is None
-            and any((folder / name).exists() for name in (METRICS_FILE, "checkpoints", "trajectory")))
-
-
 def check_out(bench: Bench) -> None:
     """A bench's ``out`` holds its cells, each a run: it may not be a run, lie inside one, or hold one unless it is a
     bench's folder already (its ``bench.yaml``: benches resume there), nor be another command's output. One line
@@ -336,7 +329,7 @@ def check_out(bench: Bench) -> None:
         raise ConfigError(f"out: {out} is a file; out= names the bench's folder")
     real = out.resolve()
     for folder in (real, *real.parents):
-        if _is_run(folder):
+        if is_run_folder(folder):
             where = "is the run folder" if folder == real else f"lies inside the run {folder}"
             raise ConfigError(f"out: {out} {where}; a bench writes its cells (runs of their own) into a folder of its "
                               f"own: choose another out=")
