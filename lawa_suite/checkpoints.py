@@ -39,7 +39,7 @@ from lawa_suite.files import (first_line, fsync_dir, fsync_file, os_reason, owne
                               remove_dead_leftovers, sha256_file, write_atomic)
 
 __all__ = ["CheckpointError", "Checkpoint", "FAULT_POINTS", "fault_point", "flatten_state", "unflatten_state",
-           "save_tensors_atomic", "commit_checkpoint", "verify", "list_checkpoints", "latest_valid",
+           "save_tensors_atomic", "step_in_name", "commit_checkpoint", "verify", "list_checkpoints", "latest_valid",
            "apply_retention", "clean_leftovers", "quarantine", "state_writers", "tensor_writer", "read_state",
            "sha256_file", "step_dir_name"]
 
@@ -148,6 +148,12 @@ class Checkpoint:
 
 def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
+
+
+def step_in_name(name: str) -> int | None:
+    """The step a checkpoint folder's name gives (``step-N``), or None for any other name."""
+    named = _STEP_DIR.match(name)
+    return int(named.group(1)) if named else None
 
 
 def _write_into(staging: Path, name: str, write: Callable[[Path], None]) -> dict[str, Any]:
@@ -297,10 +303,9 @@ def _step_problems(path: Path, manifest: dict[str, Any], manifest_path: Path) ->
     """A checkpoint folder named ``step-N`` holds step N: the manifest's ``step`` and the training state's step (the
     loop's counter in ``state.json``, whose sha256 the manifest has just verified) must say N. A folder of another
     name is not checked (a checkpoint copied elsewhere under a name of the user's)."""
-    named = _STEP_DIR.match(path.name)
-    if named is None:
+    step = step_in_name(path.name)
+    if step is None:
         return []
-    step = int(named.group(1))
     said = manifest.get("step", step)
     if said != step or isinstance(said, bool):
         return [f"{manifest_path}: step {json.dumps(said)[:40]}, while the folder is named for step {step}; a "
@@ -333,9 +338,9 @@ def list_checkpoints(root: Path) -> list[Checkpoint]:
         return []
     found = []
     for child in root.iterdir():
-        match = _STEP_DIR.match(child.name)
-        if match and child.is_dir() and (child / MANIFEST).is_file():
-            found.append(Checkpoint(int(match.group(1)), child))
+        step = step_in_name(child.name)
+        if step is not None and child.is_dir() and (child / MANIFEST).is_file():
+            found.append(Checkpoint(step, child))
     return sorted(found, key=lambda c: c.step)
 
 

@@ -15,6 +15,8 @@ nothing heavy, so any module (and ``suite --help``) may import it.
 
 from __future__ import annotations
 
+import sys
+
 from typing import ClassVar
 
 __all__ = ["SuiteError", "ConfigError", "RegistryError", "UnknownNameError", "PluginError", "PosthocError",
@@ -117,3 +119,13 @@ class Interrupted(Preempted):
     """Ctrl-C (SIGINT) arrived; a checkpoint was committed before stopping."""
 
     exit_code = EXIT_INTERRUPTED
+
+
+# -- warnings: what a command goes on past -----------------------------------------------------------------------
+def warn(message: str) -> None:
+    """A ``warning: ...`` line on stderr (a command's results go to stdout): the one way commands say what they went
+    on past (a skipped checkpoint, a cut-short log line, a stale lock)."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+__all__ += ["warn"]

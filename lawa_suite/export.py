@@ -30,7 +30,6 @@ writes and reads; ``load_model`` is re-exported here, where exported folders' RE
 from __future__ import annotations
 
 import shutil
-import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,7 @@ from lawa_suite import checkpoints as ckpt
 from lawa_suite import registry
 from lawa_suite.config import SCHEDULE_FREE, ResolvedConfig
 from lawa_suite.rundir import claim_out, find_run_config, load_resolved
-from lawa_suite.errors import CheckpointError, ConfigError
+from lawa_suite.errors import CheckpointError, ConfigError, warn
 from lawa_suite.files import commit_folder, mark_output, plain_modes, staged_folder
 from lawa_suite.module_folders import MODULE_FORMAT, load_model, write_module_folder
 from lawa_suite.training.scoring import forked_rng
@@ -114,10 +113,6 @@ class EvalWeights:
         EvalSequence(self.optimizer).load()  # the parameters now hold x
         return {name: tensor.detach().clone() for name, tensor in self.model.state_dict().items()}
 
-
-def warn(message: str) -> None:
-    """A warning line on stderr (the command's result goes to stdout)."""
-    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def _checkpoint_folder(path: Path, warn: Callable[[str], None]) -> Path:

@@ -18,20 +18,16 @@ import fcntl
 import json
 import os
 import socket
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from lawa_suite.errors import RunInUse, SuiteError
+from lawa_suite.errors import RunInUse, SuiteError, warn
 from lawa_suite.files import lock_beside
 
 __all__ = ["lock_file", "lock_run", "unlock_run", "refuse_if_locked", "FolderLock", "lock_folder", "reserve_folder"]
 
-
-def _warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -96,7 +92,7 @@ def _take(path: Path, folder: Path, in_use: Callable[[int], SuiteError], unguard
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
-            _warn(f"could not create the lock {path} ({exc.strerror}); {unguarded}")
+            warn(f"could not create the lock {path} ({exc.strerror}); {unguarded}")
             return None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -106,7 +102,7 @@ def _take(path: Path, folder: Path, in_use: Callable[[int], SuiteError], unguard
             raise error from None
         except OSError as exc:  # ENOLCK, EOPNOTSUPP: a file system without flock
             os.close(fd)
-            _warn(f"could not lock {path} ({exc.strerror}); {unguarded}")
+            warn(f"could not lock {path} ({exc.strerror}); {unguarded}")
             return None
         # The holder before us removes the file as it lets go: a lock on a removed file guards nothing, so open
         # the new one and lock again.

@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,7 @@ from typing import Any
 import yaml
 
 from lawa_suite.config import ResolvedConfig, dotted, resolve
-from lawa_suite.errors import ConfigError, DamagedFile, SuiteError
+from lawa_suite.errors import ConfigError, DamagedFile, SuiteError, warn
 from lawa_suite.files import OUTPUT_MARK, inside, made_by, remove_dead_leftovers, write_text_atomic
 from lawa_suite.run_lock import lock_file, lock_run, refuse_if_locked, unlock_run
 
@@ -105,9 +104,6 @@ class MetricsLog:
             unlock_run(self.path.parent)  # the run has ended: its folder is free for the next process
 
 
-def _warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr, flush=True)
-
 
 def _metrics_lines(path: Path, warn: Callable[[str], None]) -> list[tuple[str, dict[str, Any]]]:
     """``(line, record)`` for each record of ``metrics.jsonl`` (see ``read_metrics``)."""
@@ -134,7 +130,7 @@ def _metrics_lines(path: Path, warn: Callable[[str], None]) -> list[tuple[str, d
     return found
 
 
-def read_metrics(path: Path, warn: Callable[[str], None] = _warn) -> list[dict[str, Any]]:
+def read_metrics(path: Path, warn: Callable[[str], None] = warn) -> list[dict[str, Any]]:
     """The records of a ``metrics.jsonl``. A last line that is not JSON (a process killed mid-write) is skipped
     and ``warn``-ed about; a line before the last that is not JSON is a ``DamagedFile`` (exit 1); a JSON line that
     is not the suite's record (an object with an integer ``step``) is a ``ConfigError`` (exit 2: the folder is
@@ -147,7 +143,7 @@ def truncate_metrics(path: Path, last_step: int) -> None:
     line a kill cut short."""
     if not path.exists():
         return
-    kept = [line for line, record in _metrics_lines(path, _warn) if record["step"] <= last_step]
+    kept = [line for line, record in _metrics_lines(path, warn) if record["step"] <= last_step]
     write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 

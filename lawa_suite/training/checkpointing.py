@@ -12,7 +12,6 @@ fsync) is ``checkpoints.py``'s.
 from __future__ import annotations
 
 import dataclasses
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -208,7 +207,7 @@ def _refuse_a_folder_of_checkpoints(path: Path) -> None:
         which = f"the newest valid one here is {newest.path}" if newest else "it holds no valid checkpoint"
         raise ConfigError(f"resume: {path} is {what}; resume= takes one checkpoint folder ({which}), or auto to "
                           f"continue the run in out= from its newest valid checkpoint")
-    if not re.match(r"^step-\d+$", path.name):
+    if ckpt.step_in_name(path.name) is None:
         raise ConfigError(f"resume: {path} is not a checkpoint folder (no {ckpt.MANIFEST}); resume= takes a "
                           f"checkpoint folder (<run>/checkpoints/step-N) or auto")
 
