@@ -188,3 +188,20 @@ def tiny_run(request, tmp_path_factory) -> Path:
                                       "progress=false"])
     assert result.exit_code == 0, result.output
     return root / "run"
+
+
+@pytest.fixture
+def offline_hub(monkeypatch, tmp_path):
+    """A private, empty torch hub cache (``$TORCH_HOME``) and no network (every download raises URLError); returns
+    the hub's checkpoints folder, where torch-fidelity looks for its Inception weights."""
+    import urllib.error
+    import urllib.request
+
+    import torch.hub
+
+    def refuse(*args, **kwargs):
+        raise urllib.error.URLError("network is unreachable (test)")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    return tmp_path / "torch-home" / "hub" / "checkpoints"

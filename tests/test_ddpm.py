@@ -10,8 +10,6 @@ import math
 import resource
 import shutil
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -284,37 +282,24 @@ def test_a_truncated_reference_cache_is_computed_again_not_a_traceback_on_every_
     assert FID(task).reference_stats(None, torch.device("cpu"))["sigma"].shape == first["sigma"].shape  # rewritten
 
 
-@pytest.fixture
-def offline(monkeypatch, tmp_path):
-    """An empty torch hub cache and no network: every download raises URLError."""
-    import torch.hub
-
-    def refuse(*args, **kwargs):
-        raise urllib.error.URLError("network is unreachable (test)")
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
-    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
-    monkeypatch.setattr(urllib.request, "urlopen", refuse)
-    return tmp_path / "torch-home" / "hub" / "checkpoints"
-
-
-def test_inception_offline_names_the_missing_file_and_where_to_put_it(offline):
+def test_inception_offline_names_the_missing_file_and_where_to_put_it(offline_hub):
     with pytest.raises(DataUnavailable) as error:
         create_extractor(FidConfig(extractor=INCEPTION))
     message = str(error.value)
     assert "\n" not in message
-    assert str(offline / INCEPTION_FILE) in message and f"into {offline}" in message
+    assert str(offline_hub / INCEPTION_FILE) in message and f"into {offline_hub}" in message
     assert "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_FILE in message
     assert "fid.extractor=standin" in message and "network is unreachable" in message
     with pytest.raises(DataUnavailable, match="fid.weights: /nowhere.pth does not exist"):
         create_extractor(FidConfig(extractor=INCEPTION, weights="/nowhere.pth"))
     # auto: the stand-in while the file is missing, Inception once it is where torch-fidelity looks
     assert resolve_extractor(FidConfig(extractor="auto")) == STANDIN
-    offline.mkdir(parents=True, exist_ok=True)
-    (offline / INCEPTION_FILE).write_bytes(b"")
+    offline_hub.mkdir(parents=True, exist_ok=True)
+    (offline_hub / INCEPTION_FILE).write_bytes(b"")
     assert resolve_extractor(FidConfig(extractor="auto")) == INCEPTION
 
 
-def test_a_run_fails_before_training_without_the_inception_weights(tmp_path, offline):
+def test_a_run_fails_before_training_without_the_inception_weights(tmp_path, offline_hub):
     result = runner.invoke(app, ["run", "task=ddpm", "preset=tiny", f"fid.extractor={INCEPTION}", "averager=",
                                  f"out={tmp_path / 'run'}", f"data.cache={tmp_path / 'cache'}", "progress=false"])
     assert result.exit_code == 1 and INCEPTION_FILE in result.output
@@ -339,14 +324,14 @@ def random_inception_weights(path: Path) -> None:
     torch.save(state, path)
 
 
-def test_auto_uses_inception_once_its_file_is_in_the_hub_cache(tmp_path, offline, monkeypatch):
+def test_auto_uses_inception_once_its_file_is_in_the_hub_cache(tmp_path, offline_hub, monkeypatch):
     """torch-fidelity's own Inception code path, offline, with random weights in the file: the evaluator picks
     it, feeds it the task's uint8 images and caches 2048-feature reference statistics under its name. (The
     Fréchet distance itself is checked against torch-fidelity above; on 2048 features it costs ~10 s here.)
     The random file stands in for the published one, so its digest is the one expected (a file with any other
     digest is refused unread: tests/test_hostile_files.py)."""
-    random_inception_weights(offline / INCEPTION_FILE)
-    monkeypatch.setattr(fid_module, "INCEPTION_SHA256", sha256_file(offline / INCEPTION_FILE))
+    random_inception_weights(offline_hub / INCEPTION_FILE)
+    monkeypatch.setattr(fid_module, "INCEPTION_SHA256", sha256_file(offline_hub / INCEPTION_FILE))
     # few images: Inception takes ~0.2 s an image on one CPU core
     task = ddpm_tiny_task(tmp_path, "fid.extractor=auto", "fid.reference=8")
     fid = FID(task)

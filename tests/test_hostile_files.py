@@ -349,35 +349,22 @@ def test_hostile_weights_through_the_cli_are_one_line_and_exit_2(tmp_path, hande
 
 
 # -- torch hub's cache: the file torch-fidelity loads when fid.weights is empty ---------------------------------
-@pytest.fixture
-def hub(monkeypatch, tmp_path):
-    """A private torch hub cache (``$TORCH_HOME``) and no network; returns the checkpoints folder."""
-    import torch.hub
-
-    def refuse(*args, **kwargs):
-        raise urllib.error.URLError("network is unreachable (test)")
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
-    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
-    monkeypatch.setattr(urllib.request, "urlopen", refuse)
-    return tmp_path / "torch-home" / "hub" / "checkpoints"
-
-
-def test_the_file_checked_is_the_one_torch_fidelity_would_load(hub):
+def test_the_file_checked_is_the_one_torch_fidelity_would_load(offline_hub):
     """torch-fidelity's default: ``load_state_dict_from_url(URL_INCEPTION_V3)``, which keeps the file in
     ``torch.hub.get_dir()/checkpoints`` under the URL's last path component."""
     from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 
     assert os.path.basename(urlparse(URL_INCEPTION_V3).path) == INCEPTION_FILE
     loaded_by_torch_fidelity = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
-    assert inception_weights_path() == loaded_by_torch_fidelity == hub / INCEPTION_FILE
+    assert inception_weights_path() == loaded_by_torch_fidelity == offline_hub / INCEPTION_FILE
 
 
 @pytest.mark.parametrize("extractor", [INCEPTION, "auto"])
-def test_a_hostile_file_in_the_hub_cache_is_refused_before_torch_fidelity_reads_it(hub, tmp_path, handed,
+def test_a_hostile_file_in_the_hub_cache_is_refused_before_torch_fidelity_reads_it(offline_hub, tmp_path, handed,
                                                                                   extractor):
     marker = tmp_path / "ran"
-    hub.mkdir(parents=True)
-    cached = hostile_pth(hub / INCEPTION_FILE, marker)
+    offline_hub.mkdir(parents=True)
+    cached = hostile_pth(offline_hub / INCEPTION_FILE, marker)
     with pytest.raises(ConfigError) as error:
         create_extractor(FidConfig(extractor=extractor))
     message = str(error.value)
@@ -388,10 +375,10 @@ def test_a_hostile_file_in_the_hub_cache_is_refused_before_torch_fidelity_reads_
     assert not marker.exists() and handed == []
 
 
-def test_a_hostile_file_in_the_hub_cache_through_the_cli_is_one_line_and_exit_2(hub, tmp_path, handed):
+def test_a_hostile_file_in_the_hub_cache_through_the_cli_is_one_line_and_exit_2(offline_hub, tmp_path, handed):
     marker = tmp_path / "ran"
-    hub.mkdir(parents=True)
-    cached = hostile_pth(hub / INCEPTION_FILE, marker)
+    offline_hub.mkdir(parents=True)
+    cached = hostile_pth(offline_hub / INCEPTION_FILE, marker)
     result = runner.invoke(app, ["run", "task=ddpm", "preset=tiny", f"fid.extractor={INCEPTION}", "averager=",
                                  f"out={tmp_path / 'run'}", f"data.cache={tmp_path / 'cache'}", "progress=false"])
     assert result.exit_code == 2, result.output
@@ -402,21 +389,22 @@ def test_a_hostile_file_in_the_hub_cache_through_the_cli_is_one_line_and_exit_2(
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_the_hub_cache_file_with_the_expected_sha256_is_handed_on_by_path(hub, monkeypatch, handed):
+def test_the_hub_cache_file_with_the_expected_sha256_is_handed_on_by_path(offline_hub, monkeypatch, handed):
     """torch-fidelity gets the checked file's path, so it never opens (or downloads) one on its own."""
     import torch_fidelity.utils
 
-    hub.mkdir(parents=True)
-    (hub / INCEPTION_FILE).write_bytes(b"stands in for the Inception weights")
-    monkeypatch.setattr(fid, "INCEPTION_SHA256", hashlib.sha256((hub / INCEPTION_FILE).read_bytes()).hexdigest())
+    offline_hub.mkdir(parents=True)
+    (offline_hub / INCEPTION_FILE).write_bytes(b"stands in for the Inception weights")
+    digest = hashlib.sha256((offline_hub / INCEPTION_FILE).read_bytes()).hexdigest()
+    monkeypatch.setattr(fid, "INCEPTION_SHA256", digest)
     made = torch.nn.Identity()
     monkeypatch.setattr(torch_fidelity.utils, "create_feature_extractor", lambda name, layers, **kwargs: (
         handed.append((name, kwargs.get("feature_extractor_weights_path"))) or made))
     assert create_extractor(FidConfig(extractor="auto"))[:2] == (made, INCEPTION)
-    assert handed == [(INCEPTION, str(hub / INCEPTION_FILE))]
+    assert handed == [(INCEPTION, str(offline_hub / INCEPTION_FILE))]
 
 
-def test_a_missing_hub_file_is_downloaded_with_its_sha256_checked_before_anything_reads_it(hub, tmp_path,
+def test_a_missing_hub_file_is_downloaded_with_its_sha256_checked_before_anything_reads_it(offline_hub, tmp_path,
                                                                                          monkeypatch, handed):
     """The download is made here, with the published sha256 (torch.hub checks it before moving the file into
     place); a download that is not the published file (a stand-in for torch.hub here) is refused unread."""
@@ -429,9 +417,10 @@ def test_a_missing_hub_file_is_downloaded_with_its_sha256_checked_before_anythin
         asked.append((url, dst, hash_prefix))
         hostile_pth(Path(dst), marker)
     monkeypatch.setattr(torch.hub, "download_url_to_file", download)
-    with pytest.raises(ConfigError, match=f"fid: {hub / INCEPTION_FILE} .* is not the published Inception weights"):
+    refused = f"fid: {offline_hub / INCEPTION_FILE} .* is not the published Inception weights"
+    with pytest.raises(ConfigError, match=refused):
         create_extractor(FidConfig(extractor=INCEPTION))
-    assert asked == [(fid._inception_url(), str(hub / INCEPTION_FILE), fid.INCEPTION_SHA256)]
+    assert asked == [(fid._inception_url(), str(offline_hub / INCEPTION_FILE), fid.INCEPTION_SHA256)]
     assert not marker.exists() and handed == []
 
 
