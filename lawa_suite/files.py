@@ -10,6 +10,8 @@ the writer's pid and host, so the next write into the folder removes those a kil
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import mmap
@@ -292,11 +294,32 @@ def staged_folder(out: Path, log: Callable[[str], None] | None = None) -> Path:
     return staging
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the system or the file system
+    cannot, an ``OSError`` for any other failure."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # not Linux, or a C library without it
+        return False
+    at_cwd, rename_exchange = -100, 2
+    if renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(a))
+
+
 def commit_folder(staging: Path, out: Path) -> None:
-    """Rename the staged folder to ``out`` durably; an existing ``out`` (``--force``) is moved aside first and
-    removed only once the new one is in place."""
+    """Rename the staged folder to ``out`` durably. An existing ``out`` (``--force``) is swapped with it in one step
+    where the system can (``out`` is never missing: a kill leaves the old one under the staging name, removed as a
+    dead process's leftover), else moved aside first and removed once the new one is in place."""
     fsync_dir(staging)
     old = None
+    if out.exists() and _exchange(staging, out):
+        fsync_dir(out.parent)
+        shutil.rmtree(staging) if staging.is_dir() else staging.unlink()  # (it holds the old out now)
+        return
     if out.exists():
         old = temporary_sibling(out, "old")
         os.rename(out, old)

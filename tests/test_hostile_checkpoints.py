@@ -577,3 +577,33 @@ def test_healthy_inputs_are_read_in_one_pass(tmp_path, monkeypatch):
                                  "lawa.nu=1", f"out={tmp_path / 'out'}"])
     assert result.exit_code == 0, result.output
     assert calls == ["average_all"] and "left out" not in result.output
+
+
+def test_a_forced_output_is_never_missing_while_it_is_replaced(tmp_path, monkeypatch):
+    """--force swaps the new folder with the old one in one step (renameat2 RENAME_EXCHANGE): a kill at any moment
+    leaves out= whole, old or new. The old code renamed out aside, then the new one in: killed between the two, out=
+    was gone, its new version hidden in a staging folder the next write removes and the old one in a hidden .old-*."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "scores.json").write_text("old")
+    staging = files.staged_folder(out)
+    (staging / "scores.json").write_text("new")
+
+    renames, real_rename = [], os.rename
+
+    def killed_at_the_second_rename(src, dst):  # a kill between two renames: nothing after it runs
+        renames.append(src)
+        if len(renames) == 2:
+            raise KeyboardInterrupt("killed")
+        real_rename(src, dst)
+
+    def killed_here(*args, **kwargs):
+        raise KeyboardInterrupt("killed")
+    monkeypatch.setattr(os, "rename", killed_at_the_second_rename)
+    monkeypatch.setattr(shutil, "rmtree", killed_here)  # or killed right after the swap
+    with pytest.raises(KeyboardInterrupt):
+        files.commit_folder(staging, out)
+    assert (out / "scores.json").read_text() in ("old", "new")
+    monkeypatch.undo()
+    assert (out / "scores.json").read_text() == "new"  # the swap took place; the old one waits under the staging name
+    assert (staging / "scores.json").read_text() == "old" and files.owner_of(staging.name)[2] == os.getpid()
