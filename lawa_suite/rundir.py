@@ -220,6 +220,21 @@ def _holds_files(out: Path) -> bool:
                for entry in out.iterdir())
 
 
+def _refuse_a_config_among_other_files(out: Path) -> None:
+    """A folder holding a run's ``config.yaml`` but none of its records (``metrics.jsonl``, ``checkpoints/``) has
+    nothing to resume; with other files beside it (a user's report.md next to a copied config), a resume starting from
+    step 0 would write over them: refused, naming them."""
+    if (out / METRICS_FILE).exists() or (out / "checkpoints").exists():
+        return
+    own = {CONFIG_FILE, METRICS_META_FILE}
+    others = sorted(e.name for e in out.iterdir() if e.name not in own and not (e.name.startswith(".")
+                                                                                and e.name.endswith(".lock")))
+    if others:
+        raise ConfigError(f"resume: {out} holds a config.yaml but no run records ({METRICS_FILE}, checkpoints/), "
+                          f"beside {', '.join(others[:3])}{' ...' if len(others) > 3 else ''}: it is not a run to "
+                          f"continue, and starting one there would write over those; choose another out=")
+
+
 def _check_run_dir(cfg: ResolvedConfig, out: Path, is_main: bool) -> None:
     refuse_if_locked(out)  # first: a run in progress is named as such, not as "a folder that holds a run"
     config_file = out / "config.yaml"
@@ -232,6 +247,7 @@ def _check_run_dir(cfg: ResolvedConfig, out: Path, is_main: bool) -> None:
         if not cfg.run.resume:
             raise ConfigError(f"out: {out} already holds a run; pass resume=auto to continue it, or another out=")
         saved = read_saved(config_file)
+        _refuse_a_config_among_other_files(out)
         if (out / "metrics.jsonl").is_file():  # a foreign or damaged log stops the resume before it writes
             read_metrics(out / "metrics.jsonl", warn=lambda message: None)
         diffs = config_differences(saved, cfg.as_dict(), cfg.run.reset_averagers)

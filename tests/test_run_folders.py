@@ -278,6 +278,14 @@ def test_resume_refuses_a_folder_that_is_not_a_run_before_writing_anything(tmp_p
     before = tree_digest(mine)
     one_line(invoke("run", *TOY, f"out={mine}", "resume=auto"), 2, "not a lawa-suite run config")
     assert tree_digest(mine) == before
+    # a run's config.yaml copied beside the user's report.md: no records to resume, and a fresh start would
+    # replace report.md (the audit's case; the old code did, exit 0)
+    run = toy_run(tmp_path / "run")
+    shutil.copy(run / "config.yaml", mine / "config.yaml")
+    before = tree_digest(mine)
+    one_line(invoke("run", *TOY, f"out={mine}", "resume=auto"), 2, "holds a config.yaml but no run records",
+             "report.md")
+    assert tree_digest(mine) == before
 
 
 def test_resume_and_report_refuse_a_foreign_metrics_log_in_one_line(tmp_path):
