@@ -264,11 +264,9 @@ class Averager(ABC):
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        saved = self.Config(**state["config"])
-        differ = [f.name for f in dataclasses.fields(self.config) if f.metadata.get("affects_average", True)
-                  and getattr(saved, f.name) != getattr(self.config, f.name)]
-        if differ:  # fields marked affects_average=False (where snapshots are stored) may change
-            raise ValueError(f"{self.name}: the saved state was made with {saved}, this averager has {self.config}")
+        if settings_that_differ(self.config, state["config"]):
+            raise ValueError(f"{self.name}: the saved state was made with {self.Config(**state['config'])}, this "
+                             f"averager has {self.config}")
         self.layout = Layout.from_json(state["layout"]) if state["layout"] else None
         counters = state["counters"]
         self.refused, self.updates, self.last_step = counters["refused"], counters["updates"], counters["last_step"]
@@ -295,6 +293,16 @@ CONTRACT = ("Config", "start_run", "wants", "observe", "refuse", "ready", "avera
             "state_dict", "load_state_dict", "needs_bn_recalibration", "elementwise", "posthoc_clock", "plan_replay",
             "replay_from", "averaged_clocks", "span_hint", "stored_averages", "documented_profile", "is_average",
             "stored_format", "plan_synthesis", "snapshot_folder")
+
+
+def settings_that_differ(config: Any, saved: Mapping[str, Any]) -> list[str]:
+    """The settings of the dataclass ``config`` that affect the average and differ from a saved state's ``config``
+    (``saved``, its fields by name): a state made so is not this averager's (``Averager.load_state_dict`` refuses it).
+    Fields marked ``affects_average=False`` (where snapshots are stored) may change. ``saved`` that are not settings of
+    ``config``'s class raise as that class's constructor does (TypeError, ValueError, ConfigError)."""
+    made = type(config)(**saved)
+    return [f.name for f in dataclasses.fields(config) if f.metadata.get("affects_average", True)
+            and getattr(made, f.name) != getattr(config, f.name)]
 
 
 def contract_problem(obj: Any) -> str | None:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lawa_suite import checkpoints as ckpt
-from lawa_suite.averagers.base import all_finite, local_shard
+from lawa_suite.averagers.base import all_finite, local_shard, settings_that_differ
 from lawa_suite.errors import CheckpointError, ConfigError, NonFiniteTraining
 from lawa_suite.training.state import TrainState
 from lawa_suite.rundir import truncate_metrics
@@ -294,11 +294,9 @@ def _settings_differ(avg: Any, saved: Any) -> list[str]:
     if not dataclasses.is_dataclass(config):  # a plugin keeping its settings otherwise: its load_state_dict decides
         return []
     try:
-        made = type(config)(**saved)
+        return settings_that_differ(config, saved)
     except Exception:  # noqa: BLE001 - not this averager's settings at all (load_state_dict would fail on them)
         return ["config"]
-    return [f.name for f in dataclasses.fields(config) if f.metadata.get("affects_average", True)
-            and getattr(made, f.name) != getattr(config, f.name)]
 
 
 def _another_model(run: Checkpointable, path: Path, why: str) -> CheckpointError:
