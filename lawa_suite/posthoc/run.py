@@ -40,8 +40,8 @@ from typing import Any
 
 from lawa_suite import __version__ as version
 from lawa_suite.errors import PosthocError
-from lawa_suite.files import (Recorded, commit_folder, fsync_dir, made_by, mark_output, owned_sibling,
-                              record_sha256s, remove_dead_leftovers, write_text_atomic)
+from lawa_suite.files import (Recorded, commit_folder, fsync_dir, made_by, mark_output, record_sha256s, staged_folder,
+                              write_text_atomic)
 from lawa_suite.posthoc.checks import check_layouts, nonfinite_keys, nonfinite_problem, problem_list
 from lawa_suite.posthoc.discover import Snapshot, discover, find_stored
 from lawa_suite.posthoc.jobs import Job
@@ -106,7 +106,6 @@ def average(source: str | os.PathLike[str], jobs: Sequence[Job], out: str | os.P
     folder, snapshots, problems, reconstructing = _inputs(Path(source), jobs, allow_torch_load, log)
     if folder.is_dir():  # the rule of every command that writes a folder: never an input, --force only its own
         claim_out(out, COMMAND, [folder], force, PosthocError, made=is_average_output)
-    remove_dead_leftovers(out.parent, log=log)
     readers = [Reader(s, at) for s in snapshots]
     # unmapping gigabytes of inputs takes the kernel a while: done on a thread of its own once the pass is over,
     # alongside the outputs' fsyncs and the manifests
@@ -199,9 +198,8 @@ def _validated_run(pool: ThreadPoolExecutor, folder: Path, found: list[str], rea
     if not hash_inputs and (changed := _changed_since_recorded(snapshots, stats)):
         log(f"note: {_short(changed)} changed since their sha256 was recorded (size or mtime differ): the manifest "
             f"gives their size and mtime only; --hash-inputs reads them and checks them against the record")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = owned_sibling(out)  # names this process: a later run removes it if this one is killed
-    staging.mkdir()
+    # names this process: a later run removes it if this one is killed (and what killed runs left goes first)
+    staging = staged_folder(out, log=log)
     left_out: dict[int, tuple[str, str]] = {}
     dropped: list[tuple[str, int, str]] = []
     try:
