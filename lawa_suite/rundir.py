@@ -213,11 +213,15 @@ def _never_started(cfg: ResolvedConfig, out: Path) -> bool:
     return CONFIG_FILE in names and names <= {CONFIG_FILE, METRICS_META_FILE} and not cfg.run.resume
 
 
+def _is_lock_file(entry: Path) -> bool:
+    """Whether ``entry`` is the lock file of a folder beside it (``files.lock_beside``: ``.<name>.lock``), such as
+    ``lawa.dir=out/snapshots``'s, taken before the run writes anything: not a file of the run's, nor the user's."""
+    return entry.name.startswith(".") and entry.name.endswith(".lock") and entry.is_file()
+
+
 def _holds_files(out: Path) -> bool:
-    """Whether ``out`` holds anything but lock files of folders inside it (``lawa.dir=out/snapshots`` is locked, by a
-    ``.snapshots.lock`` beside it, before the run writes anything)."""
-    return any(not (entry.name.startswith(".") and entry.name.endswith(".lock") and entry.is_file())
-               for entry in out.iterdir())
+    """Whether ``out`` holds anything but lock files of folders inside it."""
+    return any(not _is_lock_file(entry) for entry in out.iterdir())
 
 
 def _refuse_a_config_among_other_files(out: Path) -> None:
@@ -227,8 +231,7 @@ def _refuse_a_config_among_other_files(out: Path) -> None:
     if (out / METRICS_FILE).exists() or (out / "checkpoints").exists():
         return
     own = {CONFIG_FILE, METRICS_META_FILE}
-    others = sorted(e.name for e in out.iterdir() if e.name not in own and not (e.name.startswith(".")
-                                                                                and e.name.endswith(".lock")))
+    others = sorted(e.name for e in out.iterdir() if e.name not in own and not _is_lock_file(e))
     if others:
         raise ConfigError(f"resume: {out} holds a config.yaml but no run records ({METRICS_FILE}, checkpoints/), "
                           f"beside {', '.join(others[:3])}{' ...' if len(others) > 3 else ''}: it is not a run to "

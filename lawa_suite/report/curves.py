@@ -10,7 +10,7 @@ from pathlib import Path
 from lawa_suite.report.meaning import METRICS, NOTES
 from lawa_suite.rundir import read_metrics, read_metrics_meta
 
-__all__ = ["Curves", "SIZE_KEYS", "SIZE_WORDS", "load_metrics", "load_sizes", "load_curves_and_sizes",
+__all__ = ["Curves", "SIZE_KEYS", "SIZE_WORDS", "load_metrics", "load_curves_and_sizes",
            "metric_names", "metric_directions", "metric_notes", "ordered", "direction_of", "better", "first_reaching",
            "best_point", "fmt"]
 
@@ -27,20 +27,17 @@ SIZE_KEYS = tuple(SIZE_WORDS)
 def load_metrics(path: Path) -> tuple[Curves, list[tuple[int, float]]]:
     """Validation curves per weights and metric, and the training-loss curve, from ``metrics.jsonl``. Where the run
     recorded its metrics (``metrics-meta.json``), only those are curves: an evaluator's other numbers beside them
-    (its sizes, ``SIZE_KEYS``: ``load_sizes`` reads those) are facts about a score, not scores. A run from before runs
-    recorded their metrics gives every number, as it always did: ``metric_names`` leaves its sizes out."""
+    (its sizes, ``SIZE_KEYS``: ``load_curves_and_sizes`` reads those) are facts about a score, not scores. A run
+    from before runs recorded their metrics gives every number, as it always did: ``metric_names`` leaves its sizes
+    out."""
     curves, train, _ = load_curves_and_sizes(path)
     return curves, train
 
 
-def load_sizes(path: Path) -> Curves:
-    """``weights -> size key -> [(step, size)]``: what each evaluation of ``metrics.jsonl`` rests on, where its
-    records say (``SIZE_KEYS``); empty for a run whose evaluator recorded none (runs made before they did)."""
-    return load_curves_and_sizes(path)[2]
-
-
 def load_curves_and_sizes(path: Path) -> tuple[Curves, list[tuple[int, float]], Curves]:
-    """``load_metrics``'s curves and training loss, and ``load_sizes``'s sizes, from one read of ``metrics.jsonl``.
+    """``load_metrics``'s curves and training loss, and the sizes (``weights -> size key -> [(step, size)]``: what
+    each evaluation rests on, where its records say; empty for runs made before evaluators recorded them), from one
+    read of ``metrics.jsonl``.
     A key the run recorded as a metric (``metrics-meta.json``) is a metric even if a size shares its name."""
     curves: Curves = defaultdict(lambda: defaultdict(list))
     sizes: Curves = defaultdict(lambda: defaultdict(list))

@@ -93,7 +93,7 @@ def _end(curves: Curves, metric: str, direction: str, unscored: dict[str, str]) 
 
 def _rests_on(curves: Curves, steps: int, metric: str, sizes: Curves) -> str:
     """How many evaluations each phase's numbers rest on, and what one evaluation scores where the records say
-    (``sizes``: the evaluator's recorded sizes, ``load_sizes``)."""
+    (``sizes``: the evaluator's recorded sizes, ``curves.load_curves_and_sizes``)."""
     raw_steps = [s for s, _ in curves.get("raw", {}).get(metric, [])]
     counts = [f"{phase} {sum(lo * steps < s <= hi * steps for s in raw_steps)}" for phase, (lo, hi) in PHASES.items()]
     recorded = sizes.get("raw", {})
@@ -128,7 +128,7 @@ def findings_lines(curves: Curves, steps: int, metric: str, direction: str, path
                    sizes: Curves | None = None) -> list[str]:
     """Markdown: the plain paragraph, the phase table, and the gain curve (drawn to ``path``). ``names``: every
     weights name the report draws, for its one palette; ``unscored``: the run's averagers no evaluation scored,
-    name -> why; ``sizes``: what each evaluation scored, as its records say (``load_sizes``)."""
+    name -> why; ``sizes``: what each evaluation scored, as its records say (``curves.load_curves_and_sizes``)."""
     unscored = unscored or {}
     gains = phase_gains_of_run(curves, steps, metric, direction)
     if not gains:

@@ -206,10 +206,9 @@ def score_line(step: int, scores: Mapping[str, Mapping[str, float]], metrics: Co
     """``step 100 | raw: accuracy=0.91 loss=0.3 | lawa: ...``: one evaluation on one line. Given the evaluator's
     ``metrics``, the other numbers (its details: what a score rests on) that every weights share are said once, after
     the step (``step 100 (1,000 examples) | raw: ...``), instead of beside each weights' scores."""
-    names = [k for values in scores.values() for k in values]
     shared = {} if metrics is None else {
         k: v for k, v in next(iter(scores.values()), {}).items()
-        if k not in metrics and names.count(k) == len(scores) and all(vals[k] == v for vals in scores.values())}
+        if k not in metrics and all(vals.get(k) == v for vals in scores.values())}
     parts = [f"{w}: " + " ".join(f"{k}={v:.4g}" for k, v in values.items() if k not in shared)
              for w, values in scores.items()]
     said = ", ".join(f"{int(v):,} {k}" if float(v).is_integer() else f"{k}={v:.4g}" for k, v in shared.items())
